@@ -1,0 +1,15 @@
+//! Types and decisions shared by the eBPF programs and the userspace daemon.
+//!
+//! Everything here is `no_std` and `#[repr(C)]` so the kernel and userspace agree on the
+//! layout of every map key and value. The capture decisions live here as pure functions so
+//! that the eBPF programs and the unit tests run the very same logic.
+#![no_std]
+
+pub mod addr;
+pub mod counters;
+pub mod maps;
+pub mod ports;
+pub mod verdict;
+
+pub use addr::Addr;
+pub use counters::Counter;

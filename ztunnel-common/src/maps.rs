@@ -1,0 +1,120 @@
+//! Names, keys and values of the maps shared by the eBPF programs and the daemon.
+
+use crate::Addr;
+
+/// Map names: the eBPF statics carry these names and the daemon pins them under them.
+pub mod names {
+    pub const PODS: &str = "ZT_PODS";
+    pub const PENDING_ORIG_DST: &str = "ZT_PENDING_ORIG_DST";
+    pub const ORIG_DST: &str = "ZT_ORIG_DST";
+    pub const INBOUND_LISTENERS: &str = "ZT_INBOUND_LISTENERS";
+    pub const EXCLUDED_CIDRS: &str = "ZT_EXCLUDED_CIDRS";
+    pub const EXCLUDED_PORTS: &str = "ZT_EXCLUDED_PORTS";
+    pub const SETTINGS: &str = "ZT_SETTINGS";
+    pub const COUNTERS: &str = "ZT_COUNTERS";
+
+    pub const ALL: [&str; 8] = [
+        PODS,
+        PENDING_ORIG_DST,
+        ORIG_DST,
+        INBOUND_LISTENERS,
+        EXCLUDED_CIDRS,
+        EXCLUDED_PORTS,
+        SETTINGS,
+        COUNTERS,
+    ];
+}
+
+/// Program names (the functions in the eBPF crate).
+pub mod programs {
+    pub const CONNECT4: &str = "zt_connect4";
+    pub const CONNECT6: &str = "zt_connect6";
+    pub const SOCK_OPS: &str = "zt_sock_ops";
+    pub const SK_LOOKUP: &str = "zt_sk_lookup";
+}
+
+pub const MAX_PODS: u32 = 4096;
+/// Connections between `connect()` and the proxy's `accept()`; LRU so a burst evicts the oldest.
+pub const MAX_IN_FLIGHT_CONNECTS: u32 = 65536;
+pub const MAX_EXCLUDED_CIDRS: u32 = 1024;
+pub const MAX_EXCLUDED_PORTS: u32 = 1024;
+
+/// `PodInfo.flags`
+pub const POD_HAS_IP4: u32 = 1 << 0;
+pub const POD_HAS_IP6: u32 = 1 << 1;
+
+/// Value of `PODS`, keyed by the pod's network namespace cookie.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PodInfo {
+    pub ip4: Addr,
+    pub ip6: Addr,
+    pub flags: u32,
+    /// The daemon's index of the pod, for diagnostics.
+    pub pod_index: u32,
+}
+
+impl PodInfo {
+    pub fn has_ip4(&self) -> bool {
+        self.flags & POD_HAS_IP4 != 0
+    }
+
+    pub fn has_ip6(&self) -> bool {
+        self.flags & POD_HAS_IP6 != 0
+    }
+
+    /// Whether `addr` is one of the pod's own addresses.
+    pub fn owns(&self, addr: &Addr) -> bool {
+        (self.has_ip4() && self.ip4 == *addr) || (self.has_ip6() && self.ip6 == *addr)
+    }
+}
+
+/// Original destination of a captured connection (value of `PENDING_ORIG_DST` and `ORIG_DST`).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct OrigDst {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// Key of `ORIG_DST`: the client end of the captured connection, as the proxy sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct SocketKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+impl SocketKey {
+    pub const fn new(addr: Addr, port: u16) -> SocketKey {
+        SocketKey { addr, port, _pad: [0; 2] }
+    }
+}
+
+/// `EXCLUDED_PORTS` values: which direction a port is excluded from.
+pub const EXCLUDE_OUTBOUND: u8 = 1 << 0;
+pub const EXCLUDE_INBOUND: u8 = 1 << 1;
+
+/// The single entry of `SETTINGS`.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Settings {
+    /// Sockets carrying this `SO_MARK` belong to the proxy and are never captured.
+    pub proxy_mark: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod_impls {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, and have no implicit padding (explicit
+    // `_pad` fields fill every gap), so any byte pattern the kernel returns is a valid value.
+    unsafe impl aya::Pod for super::PodInfo {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::SocketKey {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for crate::Addr {}
+}

@@ -1,0 +1,33 @@
+//! Well-known ports and marks of the node proxy (Istio's ztunnel values).
+
+/// Where captured outbound connections land, inside the pod netns.
+pub const OUTBOUND: u16 = 15001;
+/// Where inbound plaintext connections are steered, inside the pod netns.
+pub const INBOUND_PLAINTEXT: u16 = 15006;
+/// HBONE (HTTP/2 CONNECT over mTLS), inside the pod netns.
+pub const HBONE: u16 = 15008;
+pub const ADMIN: u16 = 15000;
+pub const METRICS: u16 = 15020;
+pub const READINESS: u16 = 15021;
+pub const DNS: u16 = 15053;
+
+/// Ports owned by the proxy: never captured, never steered.
+pub const PROXY_PORTS: [u16; 7] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE, ADMIN, METRICS, READINESS, DNS];
+
+pub fn is_proxy_port(port: u16) -> bool {
+    let mut i = 0;
+    // A plain loop keeps the eBPF verifier's view simple (no iterator adaptors).
+    while i < PROXY_PORTS.len() {
+        if PROXY_PORTS[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// `SO_MARK` carried by every socket the proxy opens (0x539).
+pub const DEFAULT_MARK: u32 = 1337;
+
+/// Interface index of `lo`, the same in every network namespace.
+pub const LOOPBACK_IFINDEX: u32 = 1;

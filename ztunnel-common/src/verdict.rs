@@ -1,0 +1,188 @@
+//! The capture decisions, as pure functions of what the programs read from the kernel.
+
+use crate::maps::PodInfo;
+use crate::{Addr, Counter, ports};
+
+/// What `cgroup/connect4|6` knows about a `connect()` from a pod.
+#[derive(Clone, Copy, Debug)]
+pub struct Connect {
+    pub is_tcp: bool,
+    /// The socket carries the proxy's `SO_MARK`.
+    pub marked: bool,
+    pub dst: Addr,
+    /// Host byte order.
+    pub dst_port: u16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Outbound {
+    /// Rewrite the destination to `<to>:15001` and remember the original one.
+    Capture { to: Addr },
+    /// Leave the connection alone; the counter says why.
+    Bypass(Counter),
+}
+
+/// Decides whether a pod's `connect()` goes to the proxy.
+///
+/// `pod` is the calling netns's entry in `PODS` (absent while the pod is being enrolled or
+/// disenrolled). The map lookups for exclusions are closures so that they only run when the
+/// cheap checks did not already decide.
+pub fn outbound(
+    connect: &Connect,
+    pod: Option<&PodInfo>,
+    port_excluded: impl FnOnce(u16) -> bool,
+    cidr_excluded: impl FnOnce(&Addr) -> bool,
+) -> Outbound {
+    let Some(pod) = pod else {
+        return Outbound::Bypass(Counter::OutboundBypassNotEnrolled);
+    };
+    let dst = &connect.dst;
+    if !connect.is_tcp {
+        return Outbound::Bypass(Counter::OutboundBypassNotTcp);
+    }
+    if connect.marked {
+        return Outbound::Bypass(Counter::OutboundBypassMarked);
+    }
+    if dst.is_loopback() || dst.is_unspecified() {
+        return Outbound::Bypass(Counter::OutboundBypassLoopback);
+    }
+    if pod.owns(dst) {
+        return Outbound::Bypass(Counter::OutboundBypassOwnIp);
+    }
+    if ports::is_proxy_port(connect.dst_port) {
+        return Outbound::Bypass(Counter::OutboundBypassProxyPort);
+    }
+    if port_excluded(connect.dst_port) {
+        return Outbound::Bypass(Counter::OutboundBypassExcludedPort);
+    }
+    if cidr_excluded(dst) {
+        return Outbound::Bypass(Counter::OutboundBypassExcludedCidr);
+    }
+    // The proxy listens on the pod's address of the destination's family.
+    match (dst.is_v4_mapped(), pod.has_ip4(), pod.has_ip6()) {
+        (true, true, _) => Outbound::Capture { to: pod.ip4 },
+        (false, _, true) => Outbound::Capture { to: pod.ip6 },
+        _ => Outbound::Bypass(Counter::OutboundBypassNoPodAddress),
+    }
+}
+
+/// What `sk_lookup` knows about a connection arriving in a pod netns.
+#[derive(Clone, Copy, Debug)]
+pub struct Lookup {
+    pub is_tcp: bool,
+    pub ingress_ifindex: u32,
+    /// Host byte order.
+    pub local_port: u16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Inbound {
+    /// Assign the connection to the pod's 15006 listener (if one is registered).
+    Steer,
+    /// Let the normal socket lookup run; the counter says why.
+    Pass(Counter),
+}
+
+/// Decides whether a connection arriving in a pod netns is steered to the proxy.
+///
+/// Traffic on `lo` is the pod talking to itself or the proxy delivering to the app: never steer
+/// it, or delivery would loop back into the proxy.
+pub fn inbound(lookup: &Lookup, port_excluded: impl FnOnce(u16) -> bool) -> Inbound {
+    if !lookup.is_tcp {
+        return Inbound::Pass(Counter::InboundBypassNotTcp);
+    }
+    if lookup.ingress_ifindex == ports::LOOPBACK_IFINDEX {
+        return Inbound::Pass(Counter::InboundBypassLoopback);
+    }
+    if ports::is_proxy_port(lookup.local_port) {
+        return Inbound::Pass(Counter::InboundBypassProxyPort);
+    }
+    if port_excluded(lookup.local_port) {
+        return Inbound::Pass(Counter::InboundBypassExcludedPort);
+    }
+    Inbound::Steer
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    extern crate std;
+    use super::*;
+    use crate::maps::{POD_HAS_IP4, POD_HAS_IP6};
+    use std::net::IpAddr;
+
+    fn addr(s: &str) -> Addr {
+        Addr::from(s.parse::<IpAddr>().unwrap())
+    }
+
+    fn pod_v4() -> PodInfo {
+        PodInfo { ip4: addr("10.244.1.2"), flags: POD_HAS_IP4, ..Default::default() }
+    }
+
+    fn tcp_to(dst: &str, port: u16) -> Connect {
+        Connect { is_tcp: true, marked: false, dst: addr(dst), dst_port: port }
+    }
+
+    fn decide(connect: Connect, pod: Option<&PodInfo>) -> Outbound {
+        outbound(&connect, pod, |p| p == 22, |a| *a == addr("10.96.0.10"))
+    }
+
+    #[test]
+    fn captures_tcp_to_another_pod_on_the_pod_address() {
+        let pod = pod_v4();
+        assert_eq!(decide(tcp_to("10.244.2.2", 8080), Some(&pod)), Outbound::Capture { to: pod.ip4 });
+    }
+
+    #[test]
+    fn each_bypass_reason() {
+        let pod = pod_v4();
+        let cases = [
+            (tcp_to("10.244.2.2", 80), None, Counter::OutboundBypassNotEnrolled),
+            (Connect { is_tcp: false, ..tcp_to("10.244.2.2", 53) }, Some(&pod), Counter::OutboundBypassNotTcp),
+            (Connect { marked: true, ..tcp_to("10.244.2.2", 80) }, Some(&pod), Counter::OutboundBypassMarked),
+            (tcp_to("127.0.0.1", 80), Some(&pod), Counter::OutboundBypassLoopback),
+            (tcp_to("::1", 80), Some(&pod), Counter::OutboundBypassLoopback),
+            (tcp_to("0.0.0.0", 80), Some(&pod), Counter::OutboundBypassLoopback),
+            (tcp_to("10.244.1.2", 80), Some(&pod), Counter::OutboundBypassOwnIp),
+            (tcp_to("10.244.2.2", 15008), Some(&pod), Counter::OutboundBypassProxyPort),
+            (tcp_to("10.244.2.2", 15001), Some(&pod), Counter::OutboundBypassProxyPort),
+            (tcp_to("10.244.2.2", 22), Some(&pod), Counter::OutboundBypassExcludedPort),
+            (tcp_to("10.96.0.10", 443), Some(&pod), Counter::OutboundBypassExcludedCidr),
+            (tcp_to("fd00::5", 80), Some(&pod), Counter::OutboundBypassNoPodAddress),
+        ];
+        for (connect, pod, expected) in cases {
+            assert_eq!(decide(connect, pod), Outbound::Bypass(expected), "{connect:?}");
+        }
+    }
+
+    #[test]
+    fn ipv6_destinations_land_on_the_pod_ipv6_address() {
+        let pod = PodInfo {
+            ip4: addr("10.244.1.2"),
+            ip6: addr("fd00:244:1::2"),
+            flags: POD_HAS_IP4 | POD_HAS_IP6,
+            pod_index: 0,
+        };
+        assert_eq!(decide(tcp_to("fd00:244:2::2", 80), Some(&pod)), Outbound::Capture { to: pod.ip6 });
+        assert_eq!(decide(tcp_to("fd00:244:1::2", 80), Some(&pod)), Outbound::Bypass(Counter::OutboundBypassOwnIp));
+        // A dual-stack socket connecting to a v4-mapped address goes to the IPv4 listener.
+        assert_eq!(decide(tcp_to("::ffff:10.244.2.2", 80), Some(&pod)), Outbound::Capture { to: pod.ip4 });
+    }
+
+    #[test]
+    fn exclusion_lookups_run_only_when_needed() {
+        let pod = pod_v4();
+        let verdict = outbound(&tcp_to("127.0.0.1", 80), Some(&pod), |_| panic!("port looked up"), |_| panic!("cidr looked up"));
+        assert_eq!(verdict, Outbound::Bypass(Counter::OutboundBypassLoopback));
+    }
+
+    #[test]
+    fn inbound_decisions() {
+        let lookup = |is_tcp, ingress_ifindex, local_port| Lookup { is_tcp, ingress_ifindex, local_port };
+        let excluded = |p: u16| p == 9090;
+        assert_eq!(inbound(&lookup(true, 2, 8080), excluded), Inbound::Steer);
+        assert_eq!(inbound(&lookup(false, 2, 8080), excluded), Inbound::Pass(Counter::InboundBypassNotTcp));
+        assert_eq!(inbound(&lookup(true, 1, 8080), excluded), Inbound::Pass(Counter::InboundBypassLoopback));
+        assert_eq!(inbound(&lookup(true, 2, 15008), excluded), Inbound::Pass(Counter::InboundBypassProxyPort));
+        assert_eq!(inbound(&lookup(true, 2, 9090), excluded), Inbound::Pass(Counter::InboundBypassExcludedPort));
+    }
+}

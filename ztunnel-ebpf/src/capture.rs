@@ -1,0 +1,178 @@
+//! The four programs. Each reads what the decision needs, asks `ztunnel_common::verdict`, and
+//! counts the outcome.
+
+use aya_ebpf::bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr};
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
+use aya_ebpf::macros::{cgroup_sock_addr, sk_lookup, sock_ops};
+use aya_ebpf::programs::{SkLookupContext, SockAddrContext, SockOpsContext};
+use aya_ebpf::EbpfContext as _;
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use ztunnel_common::maps::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, OrigDst, SocketKey};
+use ztunnel_common::verdict::{self, Connect, Inbound, Lookup, Outbound};
+use ztunnel_common::{Addr, Counter, ports};
+
+use crate::maps::{
+    INBOUND_LISTENERS, ORIG_DST, PENDING_ORIG_DST, PODS, cidr_excluded, count, port_excluded,
+    proxy_mark,
+};
+
+const AF_INET: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const ENOENT: i32 = 2;
+
+/// `cgroup/connect*` return values.
+const CONNECT_ALLOW: i32 = 1;
+const CONNECT_REFUSE: i32 = 0;
+/// `sk_lookup` return value that lets the normal lookup (or our assignment) stand.
+const SK_PASS: u32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands us a valid context; 4-byte loads as the verifier requires.
+    let dst = Addr::from_ip4_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) });
+    connect(&ctx, dst)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: as above; each word is read on its own because the verifier only allows 4-byte
+    // loads of user_ip6.
+    let dst = unsafe {
+        Addr::from_ip6_be([
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+        ])
+    };
+    connect(&ctx, dst)
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, dst: Addr) -> i32 {
+    let sa: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: plain context reads; `sk` is always set for connect hooks.
+    let (sock_type, protocol, user_port, mark) = unsafe {
+        let sk = (*sa).__bindgen_anon_1.sk;
+        ((*sa).type_, (*sa).protocol, (*sa).user_port, (*sk).mark)
+    };
+    let facts = Connect {
+        is_tcp: sock_type == SOCK_STREAM && protocol == IPPROTO_TCP,
+        marked: mark == proxy_mark(),
+        dst,
+        dst_port: u16::from_be(user_port as u16),
+    };
+    // SAFETY: the helper only reads the context.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out before the map can change it.
+    let pod = unsafe { PODS.get(&netns) }.copied();
+    let decision = verdict::outbound(
+        &facts,
+        pod.as_ref(),
+        |port| port_excluded(port, EXCLUDE_OUTBOUND),
+        cidr_excluded,
+    );
+    let to = match decision {
+        Outbound::Bypass(reason) => {
+            count(reason);
+            return CONNECT_ALLOW;
+        }
+        Outbound::Capture { to } => to,
+    };
+
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let orig = OrigDst { addr: dst, port: facts.dst_port, _pad: [0; 6] };
+    if PENDING_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+        // Without the original destination the proxy could not route the connection: refuse
+        // it rather than let it through uncaptured.
+        count(Counter::OutboundRefusedMapFull);
+        return CONNECT_REFUSE;
+    }
+    // SAFETY: 4-byte stores into the writable user_* fields.
+    unsafe {
+        match to.ip4_be() {
+            Some(ip4) if (*sa).user_family == AF_INET => {
+                write_volatile(addr_of_mut!((*sa).user_ip4), ip4)
+            }
+            _ => {
+                write_volatile(addr_of_mut!((*sa).user_ip6[0]), to.words[0]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[1]), to.words[1]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[2]), to.words[2]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[3]), to.words[3]);
+            }
+        }
+        write_volatile(addr_of_mut!((*sa).user_port), u32::from(ports::OUTBOUND.to_be()));
+    }
+    count(Counter::OutboundCaptured);
+    CONNECT_ALLOW
+}
+
+/// Once the SYN is about to leave, the local port is known: re-key the original destination
+/// by the client's (address, port), which is what the proxy sees as its peer after `accept()`.
+#[sock_ops]
+pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() != BPF_SOCK_OPS_TCP_CONNECT_CB {
+        return 1;
+    }
+    // SAFETY: the helper only reads the context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    let Some(orig) = (unsafe { PENDING_ORIG_DST.get(&cookie) }).copied() else {
+        // Bypassed connections have no entry; only a captured one (sent to 15001) is a miss.
+        if u32::from_be(ctx.remote_port()) as u16 == ports::OUTBOUND {
+            count(Counter::OrigDstMiss);
+        }
+        return 1;
+    };
+    let local = if ctx.family() == AF_INET {
+        Addr::from_ip4_be(ctx.local_ip4())
+    } else {
+        Addr::from_ip6_be(ctx.local_ip6())
+    };
+    let key = SocketKey::new(local, ctx.local_port() as u16);
+    if ORIG_DST.insert(&key, &orig, 0).is_ok() {
+        count(Counter::OrigDstRecorded);
+    } else {
+        count(Counter::OrigDstMiss);
+    }
+    let _ = PENDING_ORIG_DST.remove(&cookie);
+    1
+}
+
+/// Steers TCP connections arriving from outside the pod to the proxy's 15006 listener.
+#[sk_lookup]
+pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: plain context reads.
+    let (family, protocol, local_port, ingress_ifindex) =
+        unsafe { ((*l).family, (*l).protocol, (*l).local_port, (*l).ingress_ifindex) };
+    let facts = Lookup { is_tcp: protocol == IPPROTO_TCP, ingress_ifindex, local_port: local_port as u16 };
+    if let Inbound::Pass(reason) =
+        verdict::inbound(&facts, |port| port_excluded(port, EXCLUDE_INBOUND))
+    {
+        count(reason);
+        return SK_PASS;
+    }
+    // SAFETY: 4-byte context reads.
+    let local = unsafe {
+        if family == AF_INET {
+            Addr::from_ip4_be((*l).local_ip4)
+        } else {
+            Addr::from_ip6_be([
+                read_volatile(addr_of!((*l).local_ip6[0])),
+                read_volatile(addr_of!((*l).local_ip6[1])),
+                read_volatile(addr_of!((*l).local_ip6[2])),
+                read_volatile(addr_of!((*l).local_ip6[3])),
+            ])
+        }
+    };
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+        Ok(()) => count(Counter::InboundSteered),
+        Err(err) if err == -ENOENT => count(Counter::InboundNoListener),
+        Err(_) => count(Counter::InboundAssignFailed),
+    }
+    SK_PASS
+}

@@ -1,0 +1,67 @@
+//! The maps, named as `ztunnel_common::maps::names` says, and the counter helper.
+
+use aya_ebpf::macros::map;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash};
+use ztunnel_common::Counter;
+use ztunnel_common::maps::{
+    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_IN_FLIGHT_CONNECTS, MAX_PODS, OrigDst, PodInfo,
+    Settings, SocketKey,
+};
+use ztunnel_common::Addr;
+
+/// Enrolled pods by network namespace cookie.
+#[map(name = "ZT_PODS")]
+pub static PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(MAX_PODS, 0);
+
+/// Original destination by socket cookie, between `connect()` and `TCP_CONNECT_CB`.
+#[map(name = "ZT_PENDING_ORIG_DST")]
+pub static PENDING_ORIG_DST: LruHashMap<u64, OrigDst> =
+    LruHashMap::with_max_entries(MAX_IN_FLIGHT_CONNECTS, 0);
+
+/// Original destination by the client's (address, port), read and deleted by the proxy.
+#[map(name = "ZT_ORIG_DST")]
+pub static ORIG_DST: LruHashMap<SocketKey, OrigDst> =
+    LruHashMap::with_max_entries(MAX_IN_FLIGHT_CONNECTS, 0);
+
+/// The proxy's 15006 listener of each enrolled pod, keyed by the pod's address.
+#[map(name = "ZT_INBOUND_LISTENERS")]
+pub static INBOUND_LISTENERS: SockHash<Addr> = SockHash::with_max_entries(MAX_PODS * 2, 0);
+
+/// Destinations never captured (16-byte addresses, IPv4 as v4-mapped).
+#[map(name = "ZT_EXCLUDED_CIDRS")]
+pub static EXCLUDED_CIDRS: LpmTrie<[u8; 16], u8> =
+    LpmTrie::with_max_entries(MAX_EXCLUDED_CIDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Ports never captured, with the directions as `EXCLUDE_*` bits.
+#[map(name = "ZT_EXCLUDED_PORTS")]
+pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUDED_PORTS, 0);
+
+#[map(name = "ZT_SETTINGS")]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map(name = "ZT_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter.index()) {
+        // SAFETY: per-CPU slot, and programs do not migrate CPUs while running.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn port_excluded(port: u16, direction: u8) -> bool {
+    // SAFETY: the value is a plain u8 read in place.
+    matches!(unsafe { EXCLUDED_PORTS.get(&port) }, Some(bits) if bits & direction != 0)
+}
+
+#[inline(always)]
+pub fn cidr_excluded(addr: &Addr) -> bool {
+    EXCLUDED_CIDRS.get(aya_ebpf::maps::lpm_trie::Key::new(128, addr.octets())).is_some()
+}
+
+#[inline(always)]
+pub fn proxy_mark() -> u32 {
+    SETTINGS.get(0).map_or(ztunnel_common::ports::DEFAULT_MARK, |s| s.proxy_mark)
+}

@@ -1,0 +1,134 @@
+//! The daemon's local control API: one JSON request and one JSON response per connection on a
+//! Unix socket. The CNI plugin enrolls and disenrolls pods through it; the CLI reads status.
+
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
+
+/// A pod as the CNI plugin knows it at ADD time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    /// The sandbox container id (`CNI_CONTAINERID`).
+    pub container_id: String,
+    /// Path of the pod's network namespace (`CNI_NETNS`).
+    pub netns: PathBuf,
+    /// The pod's addresses, from the previous plugin's result.
+    pub ips: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Capture the pod; answered only once its traffic is captured.
+    Enroll { pod: PodSpec },
+    /// Release the pod. Only the enrollment of this sandbox is removed (a stale DEL for an older
+    /// sandbox of the same pod leaves the current one alone).
+    Disenroll { uid: String, container_id: String },
+    /// Is this sandbox of the pod enrolled?
+    Check { uid: String, container_id: String },
+    Status,
+    /// Recent captured connections, newest last.
+    Connections,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolledPod {
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub container_id: String,
+    pub netns: PathBuf,
+    pub cgroup: PathBuf,
+    pub ips: Vec<IpAddr>,
+    /// The pinned bpf_links that capture this pod.
+    pub links: Vec<PathBuf>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterValue {
+    pub name: String,
+    pub value: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub pods: Vec<EnrolledPod>,
+    /// Kernel decision counters, summed over CPUs.
+    pub counters: Vec<CounterValue>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// One proxied connection, as the daemon recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    pub direction: Direction,
+    /// The pod (namespace/name) the proxy served this connection for.
+    pub pod: String,
+    pub source: SocketAddr,
+    pub original_destination: SocketAddr,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Still open when the record was read.
+    pub open: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Enrolled { pod: EnrolledPod },
+    Disenrolled { was_enrolled: bool },
+    Checked { enrolled: bool },
+    Status(Status),
+    Connections { connections: Vec<ConnectionRecord> },
+    Error { message: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot reach the ztunnel daemon at {path}: {source} (is `ztunnel run` running on this node?)")]
+    Unreachable { path: PathBuf, source: std::io::Error },
+    #[error("talking to the ztunnel daemon at {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the ztunnel daemon at {path} sent an unreadable response: {source}")]
+    Decode { path: PathBuf, source: serde_json::Error },
+    #[error("the ztunnel daemon refused: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and waits (at most `timeout`) for the response. A `Response::Error` is
+/// returned as `ApiError::Refused`.
+pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+
+    let io = |source| ApiError::Io { path: socket.to_owned(), source };
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ApiError::Unreachable { path: socket.to_owned(), source })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_vec(request).expect("requests always serialize");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    match serde_json::from_str(&answer)
+        .map_err(|source| ApiError::Decode { path: socket.to_owned(), source })?
+    {
+        Response::Error { message } => Err(ApiError::Refused(message)),
+        response => Ok(response),
+    }
+}

@@ -1,0 +1,3 @@
+//! The ztunnel node proxy: daemon, eBPF loader, proxy and the CNI plugin's logic.
+
+pub mod api;
