@@ -32,8 +32,9 @@ impl Addr {
         if self.is_v4_mapped() { Some(self.words[3]) } else { None }
     }
 
+    /// `::` or `0.0.0.0` (a connect to either reaches the local host).
     pub fn is_unspecified(&self) -> bool {
-        self.words == [0; 4]
+        self.words[3] == 0 && (self.words == [0; 4] || self.is_v4_mapped())
     }
 
     /// 127.0.0.0/8 or ::1.
