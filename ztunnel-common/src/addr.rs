@@ -16,7 +16,9 @@ impl Addr {
 
     /// From an IPv4 address as the kernel holds it (`user_ip4`, network byte order).
     pub const fn from_ip4_be(ip4: u32) -> Addr {
-        Addr { words: [0, 0, V4_MAPPED_MARKER, ip4] }
+        Addr {
+            words: [0, 0, V4_MAPPED_MARKER, ip4],
+        }
     }
 
     pub const fn from_ip6_be(words: [u32; 4]) -> Addr {
@@ -29,7 +31,11 @@ impl Addr {
 
     /// The IPv4 address in network byte order, if this is a v4-mapped address.
     pub fn ip4_be(&self) -> Option<u32> {
-        if self.is_v4_mapped() { Some(self.words[3]) } else { None }
+        if self.is_v4_mapped() {
+            Some(self.words[3])
+        } else {
+            None
+        }
     }
 
     /// `::` or `0.0.0.0` (a connect to either reaches the local host).
@@ -75,7 +81,9 @@ mod std_conversions {
             };
             let o = v6.octets();
             let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            Addr { words: [word(0), word(4), word(8), word(12)] }
+            Addr {
+                words: [word(0), word(4), word(8), word(12)],
+            }
         }
     }
 
@@ -119,10 +127,13 @@ mod tests {
         let addr = Addr::from(ip);
         assert!(!addr.is_v4_mapped());
         assert_eq!(IpAddr::from(addr), ip);
-        assert_eq!(addr.octets(), match ip {
-            IpAddr::V6(v6) => v6.octets(),
-            IpAddr::V4(_) => unreachable!(),
-        });
+        assert_eq!(
+            addr.octets(),
+            match ip {
+                IpAddr::V6(v6) => v6.octets(),
+                IpAddr::V4(_) => unreachable!(),
+            }
+        );
     }
 
     #[test]

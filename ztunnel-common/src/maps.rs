@@ -12,8 +12,9 @@ pub mod names {
     pub const EXCLUDED_PORTS: &str = "ZT_EXCLUDED_PORTS";
     pub const SETTINGS: &str = "ZT_SETTINGS";
     pub const COUNTERS: &str = "ZT_COUNTERS";
+    pub const DELIVERIES: &str = "ZT_DELIVERIES";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         PODS,
         PENDING_ORIG_DST,
         ORIG_DST,
@@ -22,6 +23,7 @@ pub mod names {
         EXCLUDED_PORTS,
         SETTINGS,
         COUNTERS,
+        DELIVERIES,
     ];
 }
 
@@ -91,7 +93,11 @@ pub struct SocketKey {
 
 impl SocketKey {
     pub const fn new(addr: Addr, port: u16) -> SocketKey {
-        SocketKey { addr, port, _pad: [0; 2] }
+        SocketKey {
+            addr,
+            port,
+            _pad: [0; 2],
+        }
     }
 }
 

@@ -12,7 +12,15 @@ pub const READINESS: u16 = 15021;
 pub const DNS: u16 = 15053;
 
 /// Ports owned by the proxy: never captured, never steered.
-pub const PROXY_PORTS: [u16; 7] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE, ADMIN, METRICS, READINESS, DNS];
+pub const PROXY_PORTS: [u16; 7] = [
+    OUTBOUND,
+    INBOUND_PLAINTEXT,
+    HBONE,
+    ADMIN,
+    METRICS,
+    READINESS,
+    DNS,
+];
 
 pub fn is_proxy_port(port: u16) -> bool {
     let mut i = 0;
@@ -28,6 +36,12 @@ pub fn is_proxy_port(port: u16) -> bool {
 
 /// `SO_MARK` carried by every socket the proxy opens (0x539).
 pub const DEFAULT_MARK: u32 = 1337;
+
+/// `SO_MARK` of the proxy's delivery sockets (bound to a client's address inside a pod). A
+/// policy rule in the pod netns routes packets with this mark to the local table, which brings
+/// the app's replies back to the proxy. Distinct from `DEFAULT_MARK` so the proxy's own
+/// outbound connections are routed normally.
+pub const DELIVERY_MARK: u32 = 0x111;
 
 /// Interface index of `lo`, the same in every network namespace.
 pub const LOOPBACK_IFINDEX: u32 = 1;

@@ -71,6 +71,8 @@ pub fn outbound(
 pub struct Lookup {
     pub is_tcp: bool,
     pub ingress_ifindex: u32,
+    pub remote: Addr,
+    pub local: Addr,
     /// Host byte order.
     pub local_port: u16,
 }
@@ -85,20 +87,33 @@ pub enum Inbound {
 
 /// Decides whether a connection arriving in a pod netns is steered to the proxy.
 ///
-/// Traffic on `lo` is the pod talking to itself or the proxy delivering to the app: never steer
-/// it, or delivery would loop back into the proxy.
-pub fn inbound(lookup: &Lookup, port_excluded: impl FnOnce(u16) -> bool) -> Inbound {
+/// Two kinds of connection must never be steered, or they would loop back into the proxy:
+/// the pod talking to itself (from loopback or from its own address; `ingress_ifindex` is not
+/// `lo` for a pod's own address, so the addresses are compared too), and the proxy's
+/// deliveries to the app, which come from a client's address and which the proxy announces
+/// beforehand (`is_delivery`, consulted only when needed since it consumes the announcement).
+pub fn inbound(
+    lookup: &Lookup,
+    port_excluded: impl FnOnce(u16) -> bool,
+    is_delivery: impl FnOnce() -> bool,
+) -> Inbound {
     if !lookup.is_tcp {
         return Inbound::Pass(Counter::InboundBypassNotTcp);
     }
-    if lookup.ingress_ifindex == ports::LOOPBACK_IFINDEX {
-        return Inbound::Pass(Counter::InboundBypassLoopback);
+    if lookup.ingress_ifindex == ports::LOOPBACK_IFINDEX
+        || lookup.remote == lookup.local
+        || lookup.remote.is_loopback()
+    {
+        return Inbound::Pass(Counter::InboundBypassLocal);
     }
     if ports::is_proxy_port(lookup.local_port) {
         return Inbound::Pass(Counter::InboundBypassProxyPort);
     }
     if port_excluded(lookup.local_port) {
         return Inbound::Pass(Counter::InboundBypassExcludedPort);
+    }
+    if is_delivery() {
+        return Inbound::Pass(Counter::InboundBypassDelivery);
     }
     Inbound::Steer
 }
@@ -115,11 +130,20 @@ mod tests {
     }
 
     fn pod_v4() -> PodInfo {
-        PodInfo { ip4: addr("10.244.1.2"), flags: POD_HAS_IP4, ..Default::default() }
+        PodInfo {
+            ip4: addr("10.244.1.2"),
+            flags: POD_HAS_IP4,
+            ..Default::default()
+        }
     }
 
     fn tcp_to(dst: &str, port: u16) -> Connect {
-        Connect { is_tcp: true, marked: false, dst: addr(dst), dst_port: port }
+        Connect {
+            is_tcp: true,
+            marked: false,
+            dst: addr(dst),
+            dst_port: port,
+        }
     }
 
     fn decide(connect: Connect, pod: Option<&PodInfo>) -> Outbound {
@@ -129,28 +153,89 @@ mod tests {
     #[test]
     fn captures_tcp_to_another_pod_on_the_pod_address() {
         let pod = pod_v4();
-        assert_eq!(decide(tcp_to("10.244.2.2", 8080), Some(&pod)), Outbound::Capture { to: pod.ip4 });
+        assert_eq!(
+            decide(tcp_to("10.244.2.2", 8080), Some(&pod)),
+            Outbound::Capture { to: pod.ip4 }
+        );
     }
 
     #[test]
     fn each_bypass_reason() {
         let pod = pod_v4();
         let cases = [
-            (tcp_to("10.244.2.2", 80), None, Counter::OutboundBypassNotEnrolled),
-            (Connect { is_tcp: false, ..tcp_to("10.244.2.2", 53) }, Some(&pod), Counter::OutboundBypassNotTcp),
-            (Connect { marked: true, ..tcp_to("10.244.2.2", 80) }, Some(&pod), Counter::OutboundBypassMarked),
-            (tcp_to("127.0.0.1", 80), Some(&pod), Counter::OutboundBypassLoopback),
-            (tcp_to("::1", 80), Some(&pod), Counter::OutboundBypassLoopback),
-            (tcp_to("0.0.0.0", 80), Some(&pod), Counter::OutboundBypassLoopback),
-            (tcp_to("10.244.1.2", 80), Some(&pod), Counter::OutboundBypassOwnIp),
-            (tcp_to("10.244.2.2", 15008), Some(&pod), Counter::OutboundBypassProxyPort),
-            (tcp_to("10.244.2.2", 15001), Some(&pod), Counter::OutboundBypassProxyPort),
-            (tcp_to("10.244.2.2", 22), Some(&pod), Counter::OutboundBypassExcludedPort),
-            (tcp_to("10.96.0.10", 443), Some(&pod), Counter::OutboundBypassExcludedCidr),
-            (tcp_to("fd00::5", 80), Some(&pod), Counter::OutboundBypassNoPodAddress),
+            (
+                tcp_to("10.244.2.2", 80),
+                None,
+                Counter::OutboundBypassNotEnrolled,
+            ),
+            (
+                Connect {
+                    is_tcp: false,
+                    ..tcp_to("10.244.2.2", 53)
+                },
+                Some(&pod),
+                Counter::OutboundBypassNotTcp,
+            ),
+            (
+                Connect {
+                    marked: true,
+                    ..tcp_to("10.244.2.2", 80)
+                },
+                Some(&pod),
+                Counter::OutboundBypassMarked,
+            ),
+            (
+                tcp_to("127.0.0.1", 80),
+                Some(&pod),
+                Counter::OutboundBypassLoopback,
+            ),
+            (
+                tcp_to("::1", 80),
+                Some(&pod),
+                Counter::OutboundBypassLoopback,
+            ),
+            (
+                tcp_to("0.0.0.0", 80),
+                Some(&pod),
+                Counter::OutboundBypassLoopback,
+            ),
+            (
+                tcp_to("10.244.1.2", 80),
+                Some(&pod),
+                Counter::OutboundBypassOwnIp,
+            ),
+            (
+                tcp_to("10.244.2.2", 15008),
+                Some(&pod),
+                Counter::OutboundBypassProxyPort,
+            ),
+            (
+                tcp_to("10.244.2.2", 15001),
+                Some(&pod),
+                Counter::OutboundBypassProxyPort,
+            ),
+            (
+                tcp_to("10.244.2.2", 22),
+                Some(&pod),
+                Counter::OutboundBypassExcludedPort,
+            ),
+            (
+                tcp_to("10.96.0.10", 443),
+                Some(&pod),
+                Counter::OutboundBypassExcludedCidr,
+            ),
+            (
+                tcp_to("fd00::5", 80),
+                Some(&pod),
+                Counter::OutboundBypassNoPodAddress,
+            ),
         ];
         for (connect, pod, expected) in cases {
-            assert_eq!(decide(connect, pod), Outbound::Bypass(expected), "{connect:?}");
+            assert_eq!(
+                decide(connect, pod),
+                Outbound::Bypass(expected),
+                "{connect:?}"
+            );
         }
     }
 
@@ -162,27 +247,102 @@ mod tests {
             flags: POD_HAS_IP4 | POD_HAS_IP6,
             pod_index: 0,
         };
-        assert_eq!(decide(tcp_to("fd00:244:2::2", 80), Some(&pod)), Outbound::Capture { to: pod.ip6 });
-        assert_eq!(decide(tcp_to("fd00:244:1::2", 80), Some(&pod)), Outbound::Bypass(Counter::OutboundBypassOwnIp));
+        assert_eq!(
+            decide(tcp_to("fd00:244:2::2", 80), Some(&pod)),
+            Outbound::Capture { to: pod.ip6 }
+        );
+        assert_eq!(
+            decide(tcp_to("fd00:244:1::2", 80), Some(&pod)),
+            Outbound::Bypass(Counter::OutboundBypassOwnIp)
+        );
         // A dual-stack socket connecting to a v4-mapped address goes to the IPv4 listener.
-        assert_eq!(decide(tcp_to("::ffff:10.244.2.2", 80), Some(&pod)), Outbound::Capture { to: pod.ip4 });
+        assert_eq!(
+            decide(tcp_to("::ffff:10.244.2.2", 80), Some(&pod)),
+            Outbound::Capture { to: pod.ip4 }
+        );
     }
 
     #[test]
     fn exclusion_lookups_run_only_when_needed() {
         let pod = pod_v4();
-        let verdict = outbound(&tcp_to("127.0.0.1", 80), Some(&pod), |_| panic!("port looked up"), |_| panic!("cidr looked up"));
+        let verdict = outbound(
+            &tcp_to("127.0.0.1", 80),
+            Some(&pod),
+            |_| panic!("port looked up"),
+            |_| panic!("cidr looked up"),
+        );
         assert_eq!(verdict, Outbound::Bypass(Counter::OutboundBypassLoopback));
     }
 
     #[test]
     fn inbound_decisions() {
-        let lookup = |is_tcp, ingress_ifindex, local_port| Lookup { is_tcp, ingress_ifindex, local_port };
-        let excluded = |p: u16| p == 9090;
-        assert_eq!(inbound(&lookup(true, 2, 8080), excluded), Inbound::Steer);
-        assert_eq!(inbound(&lookup(false, 2, 8080), excluded), Inbound::Pass(Counter::InboundBypassNotTcp));
-        assert_eq!(inbound(&lookup(true, 1, 8080), excluded), Inbound::Pass(Counter::InboundBypassLoopback));
-        assert_eq!(inbound(&lookup(true, 2, 15008), excluded), Inbound::Pass(Counter::InboundBypassProxyPort));
-        assert_eq!(inbound(&lookup(true, 2, 9090), excluded), Inbound::Pass(Counter::InboundBypassExcludedPort));
+        let pod = addr("10.244.2.2");
+        let lookup = |is_tcp, ingress_ifindex, remote: &str, local_port| Lookup {
+            is_tcp,
+            ingress_ifindex,
+            remote: addr(remote),
+            local: pod,
+            local_port,
+        };
+        let decide = |l: Lookup, delivery: bool| inbound(&l, |p| p == 9090, || delivery);
+        assert_eq!(
+            decide(lookup(true, 2, "10.244.1.2", 8080), false),
+            Inbound::Steer
+        );
+        let passes = [
+            (
+                lookup(false, 2, "10.244.1.2", 8080),
+                false,
+                Counter::InboundBypassNotTcp,
+            ),
+            (
+                lookup(true, 1, "10.244.1.2", 8080),
+                false,
+                Counter::InboundBypassLocal,
+            ),
+            (
+                lookup(true, 2, "10.244.2.2", 8080),
+                false,
+                Counter::InboundBypassLocal,
+            ),
+            (
+                lookup(true, 2, "127.0.0.1", 8080),
+                false,
+                Counter::InboundBypassLocal,
+            ),
+            (
+                lookup(true, 2, "10.244.1.2", 15008),
+                false,
+                Counter::InboundBypassProxyPort,
+            ),
+            (
+                lookup(true, 2, "10.244.1.2", 9090),
+                false,
+                Counter::InboundBypassExcludedPort,
+            ),
+            (
+                lookup(true, 2, "10.244.1.2", 8080),
+                true,
+                Counter::InboundBypassDelivery,
+            ),
+        ];
+        for (l, delivery, expected) in passes {
+            assert_eq!(decide(l, delivery), Inbound::Pass(expected), "{l:?}");
+        }
+    }
+
+    #[test]
+    fn a_delivery_announcement_is_only_consumed_for_app_ports() {
+        let l = Lookup {
+            is_tcp: true,
+            ingress_ifindex: 2,
+            remote: addr("10.244.1.2"),
+            local: addr("10.244.2.2"),
+            local_port: 15008,
+        };
+        assert_eq!(
+            inbound(&l, |_| false, || panic!("consumed")),
+            Inbound::Pass(Counter::InboundBypassProxyPort)
+        );
     }
 }

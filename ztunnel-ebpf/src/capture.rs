@@ -1,19 +1,19 @@
 //! The four programs. Each reads what the decision needs, asks `ztunnel_common::verdict`, and
 //! counts the outcome.
 
+use aya_ebpf::EbpfContext as _;
 use aya_ebpf::bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_addr};
 use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sock_addr, sk_lookup, sock_ops};
 use aya_ebpf::programs::{SkLookupContext, SockAddrContext, SockOpsContext};
-use aya_ebpf::EbpfContext as _;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use ztunnel_common::maps::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, OrigDst, SocketKey};
 use ztunnel_common::verdict::{self, Connect, Inbound, Lookup, Outbound};
 use ztunnel_common::{Addr, Counter, ports};
 
 use crate::maps::{
-    INBOUND_LISTENERS, ORIG_DST, PENDING_ORIG_DST, PODS, cidr_excluded, count, port_excluded,
-    proxy_mark,
+    DELIVERIES, INBOUND_LISTENERS, ORIG_DST, PENDING_ORIG_DST, PODS, cidr_excluded, count,
+    port_excluded, proxy_mark,
 };
 
 const AF_INET: u32 = 2;
@@ -31,7 +31,13 @@ const SK_PASS: u32 = 1;
 pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid context; 4-byte loads as the verifier requires.
     let dst = Addr::from_ip4_be(unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_ip4)) });
-    connect(&ctx, dst)
+    connect(&ctx, dst, |sa, to| {
+        // An IPv4 destination is always captured to the pod's IPv4 address.
+        if let Some(ip4) = to.ip4_be() {
+            // SAFETY: 4-byte store into the writable user_ip4.
+            unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), ip4) }
+        }
+    })
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -39,19 +45,25 @@ pub fn zt_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: as above; each word is read on its own because the verifier only allows 4-byte
     // loads of user_ip6.
-    let dst = unsafe {
-        Addr::from_ip6_be([
-            read_volatile(addr_of!((*sa).user_ip6[0])),
-            read_volatile(addr_of!((*sa).user_ip6[1])),
-            read_volatile(addr_of!((*sa).user_ip6[2])),
-            read_volatile(addr_of!((*sa).user_ip6[3])),
-        ])
-    };
-    connect(&ctx, dst)
+    let dst = unsafe { Addr::from_ip6_be(read_words(addr_of!((*sa).user_ip6))) };
+    connect(&ctx, dst, |sa, to| {
+        // SAFETY: 4-byte stores into the writable user_ip6 words (connect4 may not touch them,
+        // which is why each program brings its own writer).
+        unsafe {
+            write_volatile(addr_of_mut!((*sa).user_ip6[0]), to.words[0]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[1]), to.words[1]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[2]), to.words[2]);
+            write_volatile(addr_of_mut!((*sa).user_ip6[3]), to.words[3]);
+        }
+    })
 }
 
 #[inline(always)]
-fn connect(ctx: &SockAddrContext, dst: Addr) -> i32 {
+fn connect(
+    ctx: &SockAddrContext,
+    dst: Addr,
+    write_dst: impl FnOnce(*mut bpf_sock_addr, Addr),
+) -> i32 {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: plain context reads; `sk` is always set for connect hooks.
     let (sock_type, protocol, user_port, mark) = unsafe {
@@ -84,28 +96,25 @@ fn connect(ctx: &SockAddrContext, dst: Addr) -> i32 {
 
     // SAFETY: the helper only reads the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst { addr: dst, port: facts.dst_port, _pad: [0; 6] };
+    let orig = OrigDst {
+        addr: dst,
+        port: facts.dst_port,
+        _pad: [0; 6],
+    };
     if PENDING_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
         // Without the original destination the proxy could not route the connection: refuse
         // it rather than let it through uncaptured.
         count(Counter::OutboundRefusedMapFull);
         return CONNECT_REFUSE;
     }
-    // SAFETY: 4-byte stores into the writable user_* fields.
+    write_dst(sa, to);
+    // SAFETY: 4-byte store into the writable user_port.
     unsafe {
-        match to.ip4_be() {
-            Some(ip4) if (*sa).user_family == AF_INET => {
-                write_volatile(addr_of_mut!((*sa).user_ip4), ip4)
-            }
-            _ => {
-                write_volatile(addr_of_mut!((*sa).user_ip6[0]), to.words[0]);
-                write_volatile(addr_of_mut!((*sa).user_ip6[1]), to.words[1]);
-                write_volatile(addr_of_mut!((*sa).user_ip6[2]), to.words[2]);
-                write_volatile(addr_of_mut!((*sa).user_ip6[3]), to.words[3]);
-            }
-        }
-        write_volatile(addr_of_mut!((*sa).user_port), u32::from(ports::OUTBOUND.to_be()));
-    }
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u32::from(ports::OUTBOUND.to_be()),
+        )
+    };
     count(Counter::OutboundCaptured);
     CONNECT_ALLOW
 }
@@ -127,10 +136,20 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
         }
         return 1;
     };
+    // Read both forms unconditionally: a branch per family lets the compiler compute the field
+    // offset at run time, and the verifier refuses context access through a moved pointer.
+    let ops = ctx.ops;
+    // SAFETY: 4-byte context reads, one per word.
+    let (ip4, ip6) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).local_ip4)),
+            read_words(addr_of!((*ops).local_ip6)),
+        )
+    };
     let local = if ctx.family() == AF_INET {
-        Addr::from_ip4_be(ctx.local_ip4())
+        Addr::from_ip4_be(ip4)
     } else {
-        Addr::from_ip6_be(ctx.local_ip6())
+        Addr::from_ip6_be(ip6)
     };
     let key = SocketKey::new(local, ctx.local_port() as u16);
     if ORIG_DST.insert(&key, &orig, 0).is_ok() {
@@ -146,33 +165,75 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
 #[sk_lookup]
 pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
-    // SAFETY: plain context reads.
-    let (family, protocol, local_port, ingress_ifindex) =
-        unsafe { ((*l).family, (*l).protocol, (*l).local_port, (*l).ingress_ifindex) };
-    let facts = Lookup { is_tcp: protocol == IPPROTO_TCP, ingress_ifindex, local_port: local_port as u16 };
-    if let Inbound::Pass(reason) =
-        verdict::inbound(&facts, |port| port_excluded(port, EXCLUDE_INBOUND))
-    {
+    // SAFETY: 4-byte context reads. Both address forms are read unconditionally, for the same
+    // reason as in `zt_sock_ops`.
+    let (
+        family,
+        protocol,
+        ingress_ifindex,
+        local_port,
+        remote_port,
+        local4,
+        local6,
+        remote4,
+        remote6,
+    ) = unsafe {
+        (
+            (*l).family,
+            (*l).protocol,
+            (*l).ingress_ifindex,
+            (*l).local_port,
+            (*l).remote_port,
+            read_volatile(addr_of!((*l).local_ip4)),
+            read_words(addr_of!((*l).local_ip6)),
+            read_volatile(addr_of!((*l).remote_ip4)),
+            read_words(addr_of!((*l).remote_ip6)),
+        )
+    };
+    let (local, remote) = if family == AF_INET {
+        (Addr::from_ip4_be(local4), Addr::from_ip4_be(remote4))
+    } else {
+        (Addr::from_ip6_be(local6), Addr::from_ip6_be(remote6))
+    };
+    let facts = Lookup {
+        is_tcp: protocol == IPPROTO_TCP,
+        ingress_ifindex,
+        remote,
+        local,
+        local_port: local_port as u16,
+    };
+    let delivery = SocketKey::new(remote, u16::from_be(remote_port));
+    let decision = verdict::inbound(
+        &facts,
+        |port| port_excluded(port, EXCLUDE_INBOUND),
+        || DELIVERIES.remove(&delivery).is_ok(),
+    );
+    if let Inbound::Pass(reason) = decision {
         count(reason);
         return SK_PASS;
     }
-    // SAFETY: 4-byte context reads.
-    let local = unsafe {
-        if family == AF_INET {
-            Addr::from_ip4_be((*l).local_ip4)
-        } else {
-            Addr::from_ip6_be([
-                read_volatile(addr_of!((*l).local_ip6[0])),
-                read_volatile(addr_of!((*l).local_ip6[1])),
-                read_volatile(addr_of!((*l).local_ip6[2])),
-                read_volatile(addr_of!((*l).local_ip6[3])),
-            ])
-        }
-    };
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => count(Counter::InboundSteered),
         Err(err) if err == -ENOENT => count(Counter::InboundNoListener),
         Err(_) => count(Counter::InboundAssignFailed),
     }
     SK_PASS
+}
+
+/// Reads an IPv6 address from a context field word by word: the verifier only allows 4-byte
+/// loads there, and volatile keeps the compiler from merging them.
+///
+/// # Safety
+/// `field` must point into the program's context.
+#[inline(always)]
+unsafe fn read_words(field: *const [u32; 4]) -> [u32; 4] {
+    // SAFETY: per the contract above.
+    unsafe {
+        [
+            read_volatile(addr_of!((*field)[0])),
+            read_volatile(addr_of!((*field)[1])),
+            read_volatile(addr_of!((*field)[2])),
+            read_volatile(addr_of!((*field)[3])),
+        ]
+    }
 }

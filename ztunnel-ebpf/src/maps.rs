@@ -2,12 +2,12 @@
 
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash};
+use ztunnel_common::Addr;
 use ztunnel_common::Counter;
 use ztunnel_common::maps::{
     MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_IN_FLIGHT_CONNECTS, MAX_PODS, OrigDst, PodInfo,
     Settings, SocketKey,
 };
-use ztunnel_common::Addr;
 
 /// Enrolled pods by network namespace cookie.
 #[map(name = "ZT_PODS")]
@@ -36,6 +36,12 @@ pub static EXCLUDED_CIDRS: LpmTrie<[u8; 16], u8> =
 #[map(name = "ZT_EXCLUDED_PORTS")]
 pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUDED_PORTS, 0);
 
+/// Deliveries the proxy is about to make into a pod, by the client (address, port) its socket
+/// is bound to; `sk_lookup` consumes the entry and lets that one SYN through to the app.
+#[map(name = "ZT_DELIVERIES")]
+pub static DELIVERIES: LruHashMap<SocketKey, u8> =
+    LruHashMap::with_max_entries(MAX_IN_FLIGHT_CONNECTS, 0);
+
 #[map(name = "ZT_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -58,10 +64,14 @@ pub fn port_excluded(port: u16, direction: u8) -> bool {
 
 #[inline(always)]
 pub fn cidr_excluded(addr: &Addr) -> bool {
-    EXCLUDED_CIDRS.get(aya_ebpf::maps::lpm_trie::Key::new(128, addr.octets())).is_some()
+    EXCLUDED_CIDRS
+        .get(aya_ebpf::maps::lpm_trie::Key::new(128, addr.octets()))
+        .is_some()
 }
 
 #[inline(always)]
 pub fn proxy_mark() -> u32 {
-    SETTINGS.get(0).map_or(ztunnel_common::ports::DEFAULT_MARK, |s| s.proxy_mark)
+    SETTINGS
+        .get(0)
+        .map_or(ztunnel_common::ports::DEFAULT_MARK, |s| s.proxy_mark)
 }

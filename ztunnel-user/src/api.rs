@@ -26,12 +26,20 @@ pub struct PodSpec {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Capture the pod; answered only once its traffic is captured.
-    Enroll { pod: PodSpec },
+    Enroll {
+        pod: PodSpec,
+    },
     /// Release the pod. Only the enrollment of this sandbox is removed (a stale DEL for an older
     /// sandbox of the same pod leaves the current one alone).
-    Disenroll { uid: String, container_id: String },
+    Disenroll {
+        uid: String,
+        container_id: String,
+    },
     /// Is this sandbox of the pod enrolled?
-    Check { uid: String, container_id: String },
+    Check {
+        uid: String,
+        container_id: String,
+    },
     Status,
     /// Recent captured connections, newest last.
     Connections,
@@ -99,12 +107,23 @@ pub enum Response {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot reach the ztunnel daemon at {path}: {source} (is `ztunnel run` running on this node?)")]
-    Unreachable { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot reach the ztunnel daemon at {path}: {source} (is `ztunnel run` running on this node?)"
+    )]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to the ztunnel daemon at {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the ztunnel daemon at {path} sent an unreadable response: {source}")]
-    Decode { path: PathBuf, source: serde_json::Error },
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("the ztunnel daemon refused: {0}")]
     Refused(String),
 }
@@ -115,9 +134,14 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
 
-    let io = |source| ApiError::Io { path: socket.to_owned(), source };
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|source| ApiError::Unreachable { path: socket.to_owned(), source })?;
+    let io = |source| ApiError::Io {
+        path: socket.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Unreachable {
+        path: socket.to_owned(),
+        source,
+    })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(request).expect("requests always serialize");
@@ -125,9 +149,10 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     stream.write_all(&line).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer).map_err(io)?;
-    match serde_json::from_str(&answer)
-        .map_err(|source| ApiError::Decode { path: socket.to_owned(), source })?
-    {
+    match serde_json::from_str(&answer).map_err(|source| ApiError::Decode {
+        path: socket.to_owned(),
+        source,
+    })? {
         Response::Error { message } => Err(ApiError::Refused(message)),
         response => Ok(response),
     }

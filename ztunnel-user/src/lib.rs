@@ -1,4 +1,14 @@
 //! The ztunnel node proxy: daemon, eBPF loader, proxy and the CNI plugin's logic.
 
 pub mod api;
+pub mod api_server;
+pub mod cgroup;
 pub mod cni;
+pub mod connections;
+pub mod datapath;
+pub mod features;
+pub mod netlink;
+pub mod netns;
+pub mod output;
+pub mod pods;
+pub mod proxy;

@@ -1,1 +1,167 @@
-fn main() {}
+//! `ztunnel`: the node proxy daemon and the operator's CLI.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use ztunnel_user::api::{self, Request, Response};
+use ztunnel_user::api_server::{self, ApiServer};
+use ztunnel_user::connections::ConnectionLog;
+use ztunnel_user::datapath::{Datapath, DatapathSettings};
+use ztunnel_user::netns::Netns;
+use ztunnel_user::pods::Pods;
+use ztunnel_user::proxy::ProxyContext;
+use ztunnel_user::{features, output};
+
+#[derive(Parser)]
+#[command(
+    name = "ztunnel",
+    version,
+    about = "Istio ambient node proxy with eBPF traffic capture"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon: load the capture programs and serve enrolled pods.
+    Run(RunArgs),
+    /// Show the enrolled pods and the kernel counters of a running daemon.
+    Status(ClientArgs),
+    /// Show the connections a running daemon proxied (open and recent).
+    Connections(ClientArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Name of this node (shown in status output).
+    #[arg(long, env = "NODE_NAME", default_value = "node")]
+    node: String,
+    /// Unix socket for the CNI plugin and the CLI.
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+    /// The cgroup-v2 directory under which the kubelet creates pod cgroups.
+    #[arg(long, default_value = "/sys/fs/cgroup/kubepods")]
+    cgroup_root: PathBuf,
+    /// bpffs directory for this daemon's maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
+    bpffs: PathBuf,
+    /// SO_MARK on every proxy socket; capture skips sockets carrying it.
+    #[arg(long, default_value_t = ztunnel_common::ports::DEFAULT_MARK)]
+    mark: u32,
+    /// Destinations never captured (repeatable), e.g. the API server's address.
+    #[arg(long = "exclude-cidr", value_name = "CIDR")]
+    exclude_cidrs: Vec<IpNet>,
+    /// Destination ports never captured outbound (repeatable).
+    #[arg(long = "exclude-port", value_name = "PORT")]
+    exclude_ports: Vec<u16>,
+    /// Pod ports never captured inbound (repeatable).
+    #[arg(long = "exclude-inbound-port", value_name = "PORT")]
+    exclude_inbound_ports: Vec<u16>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ztunnel_user=debug`.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log_level: String,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    #[arg(long, default_value = api::DEFAULT_SOCKET)]
+    api_socket: PathBuf,
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status(args) => show(&args, Request::Status),
+        Command::Connections(args) => show(&args, Request::Connections),
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?,
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    features::check(&args.cgroup_root)?;
+
+    let datapath = Datapath::load(&DatapathSettings {
+        pin_dir: args.bpffs.clone(),
+        mark: args.mark,
+        excluded_cidrs: args.exclude_cidrs,
+        excluded_outbound_ports: args.exclude_ports,
+        excluded_inbound_ports: args.exclude_inbound_ports,
+    })
+    .context("loading the capture programs")?;
+    let ctx = Arc::new(ProxyContext {
+        home: Netns::current()?,
+        datapath: Arc::new(datapath),
+        connections: ConnectionLog::default(),
+        mark: args.mark,
+    });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = api_server::bind(&args.api_socket)?;
+        let server = Arc::new(ApiServer {
+            node: args.node.clone(),
+            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), args.cgroup_root)),
+            ctx,
+        });
+        tracing::info!(node = %args.node, api = %args.api_socket.display(), bpffs = %args.bpffs.display(), "ztunnel ready");
+        tokio::select! {
+            () = server.serve(listener) => {}
+            signal = shutdown_signal() => {
+                tracing::info!(signal, "shutting down; enrolled pods stay captured (their connections are refused until ztunnel is back)");
+            }
+        }
+        let _ = std::fs::remove_file(&args.api_socket);
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+fn show(args: &ClientArgs, request: Request) -> Result<()> {
+    let response = api::call(&args.api_socket, &request, Duration::from_secs(10))?;
+    match args.output {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&response)?),
+        Format::Table => match response {
+            Response::Status(status) => print!("{}", output::status_table(&status)),
+            Response::Connections { connections } => {
+                print!("{}", output::connections_table(&connections))
+            }
+            other => anyhow::bail!("unexpected response from the daemon: {other:?}"),
+        },
+    }
+    Ok(())
+}

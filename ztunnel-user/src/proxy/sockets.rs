@@ -1,0 +1,120 @@
+//! Sockets the proxy opens inside a pod's netns: its listeners and its upstream connections.
+//! Every one carries a mark of the proxy: its own mark, which the capture programs skip, or, for
+//! delivery sockets bound to a client's address, the delivery mark that routes replies back.
+
+use super::ProxyContext;
+use crate::netns::{Netns, NetnsError};
+use socket2::{Domain, Socket};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use tokio::net::{TcpListener, TcpStream};
+use ztunnel_common::ports;
+
+const LISTEN_BACKLOG: i32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("listening on {addr} in {netns}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        netns: String,
+        source: io::Error,
+    },
+}
+
+fn domain_of(ip: IpAddr) -> Domain {
+    if ip.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    }
+}
+
+fn listen(
+    ctx: &ProxyContext,
+    netns: &Netns,
+    addr: SocketAddr,
+) -> Result<TcpListener, ListenerError> {
+    let err = |source| ListenerError::Listen {
+        addr,
+        netns: netns.path().display().to_string(),
+        source,
+    };
+    let socket = netns.tcp_socket(&ctx.home, domain_of(addr.ip()))?;
+    let setup = || -> io::Result<TcpListener> {
+        socket.set_mark(ctx.mark)?;
+        socket.set_reuse_address(true)?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true)?;
+        }
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        TcpListener::from_std(socket.into())
+    };
+    setup().map_err(err)
+}
+
+/// Where `connect4/6` sends the pod's captured connections: `<pod ip>:15001`.
+pub fn outbound_listener(
+    ctx: &ProxyContext,
+    netns: &Netns,
+    pod_ip: IpAddr,
+) -> Result<TcpListener, ListenerError> {
+    listen(ctx, netns, SocketAddr::new(pod_ip, ports::OUTBOUND))
+}
+
+/// Where `sk_lookup` assigns inbound connections. Bound to the wildcard address: the program
+/// hands it connections for any local address and port, and the accepted socket's local
+/// address is the original destination.
+pub fn inbound_listener(
+    ctx: &ProxyContext,
+    netns: &Netns,
+    pod_ip: IpAddr,
+) -> Result<TcpListener, ListenerError> {
+    let wildcard = match pod_ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    listen(
+        ctx,
+        netns,
+        SocketAddr::new(wildcard, ports::INBOUND_PLAINTEXT),
+    )
+}
+
+/// Connects from inside `netns` to `dst`, optionally from a foreign `source` address
+/// (transparent bind, so the destination sees the original client).
+pub async fn connect_from(
+    ctx: &ProxyContext,
+    netns: &Netns,
+    source: Option<IpAddr>,
+    dst: SocketAddr,
+) -> io::Result<TcpStream> {
+    let socket: Socket = netns
+        .tcp_socket(&ctx.home, domain_of(dst.ip()))
+        .map_err(io::Error::other)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.set_mark(if source.is_some() {
+        ports::DELIVERY_MARK
+    } else {
+        ctx.mark
+    })?;
+    if let Some(source) = source {
+        match source {
+            IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        let bound = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::other("bound to a non-IP address"))?;
+        ctx.datapath
+            .announce_delivery(bound)
+            .map_err(io::Error::other)?;
+    }
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
+    socket.connect(dst).await
+}
