@@ -42,7 +42,7 @@ counters! {
     InboundBypassDelivery => "inbound_bypass_delivery",
     InboundBypassProxyPort => "inbound_bypass_proxy_port",
     InboundBypassExcludedPort => "inbound_bypass_excluded_port",
-    InboundNoListener => "inbound_no_listener",
+    InboundRefusedNoProxy => "inbound_refused_no_proxy",
     InboundAssignFailed => "inbound_assign_failed",
 }
 

@@ -24,8 +24,9 @@ const ENOENT: i32 = 2;
 /// `cgroup/connect*` return values.
 const CONNECT_ALLOW: i32 = 1;
 const CONNECT_REFUSE: i32 = 0;
-/// `sk_lookup` return value that lets the normal lookup (or our assignment) stand.
+/// `sk_lookup` return values: let the normal lookup (or our assignment) stand, or drop.
 const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn zt_connect4(ctx: SockAddrContext) -> i32 {
@@ -213,11 +214,22 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
-        Ok(()) => count(Counter::InboundSteered),
-        Err(err) if err == -ENOENT => count(Counter::InboundNoListener),
-        Err(_) => count(Counter::InboundAssignFailed),
+        Ok(()) => {
+            count(Counter::InboundSteered);
+            SK_PASS
+        }
+        // This program is only attached while the pod is enrolled, and the listener is
+        // registered before it is attached: no listener means the proxy is down. Drop rather
+        // than let the connection reach the app unproxied.
+        Err(err) if err == -ENOENT => {
+            count(Counter::InboundRefusedNoProxy);
+            SK_DROP
+        }
+        Err(_) => {
+            count(Counter::InboundAssignFailed);
+            SK_DROP
+        }
     }
-    SK_PASS
 }
 
 /// Reads an IPv6 address from a context field word by word: the verifier only allows 4-byte
