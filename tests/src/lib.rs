@@ -1,1 +1,31 @@
+//! The ztunnel lab: network namespaces standing in for two Kubernetes nodes and their pods,
+//! wired by the real CNI plugins, with a ztunnel daemon per node. Used by `cargo xtask lab` and
+//! by the end-to-end tests.
+//!
+//! Everything is fixed by name (see [`topology`]): nodes `node1` and `node2`, pods `a1` and
+//! `a2` on node1, `b1` and the unenrolled `u1` (namespace `legacy`) on node2.
 
+mod bringup;
+mod cgroup;
+mod cni;
+mod command;
+mod daemon;
+mod endpoints;
+mod error;
+mod exec;
+mod netns;
+mod state;
+mod status;
+mod teardown;
+pub mod topology;
+pub mod traffic;
+
+pub use bringup::{up, up_without_ztunnel};
+pub use cni::{CniResult, cni_add, cni_check, cni_del};
+pub use daemon::{daemon_log, daemon_pid, daemon_status, kill_daemon, start_daemon, stop_daemon};
+pub use endpoints::{PodServer, send_from};
+pub use error::{LabError, Result};
+pub use exec::{exec, exec_node};
+pub use state::{Lab, Node, Pod, state_path};
+pub use status::status;
+pub use teardown::{down, leftovers};

@@ -1,1 +1,45 @@
-fn main() {}
+//! Developer commands: `cargo xtask <command>`.
+
+mod demo;
+mod lab;
+mod setup;
+mod test;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Developer commands for the ztunnel workspace"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install and check what building and running the project needs (idempotent; run as root).
+    Setup,
+    /// Run the whole test suite: setup, format and lint checks, unit tests, CNI conformance,
+    /// and the end-to-end tests on the lab (serially; they need root).
+    Test,
+    /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
+    Demo,
+    /// The local lab: two nodes and four pods in network namespaces, wired by real CNI plugins.
+    Lab {
+        #[command(subcommand)]
+        command: lab::LabCommand,
+    },
+}
+
+fn main() -> Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Setup => setup::run().map(|()| ExitCode::SUCCESS),
+        Command::Lab { command } => lab::run(command),
+        Command::Test => test::run().map(|()| ExitCode::SUCCESS),
+        Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
+    }
+}

@@ -1,0 +1,65 @@
+//! `lab-tool`: the traffic endpoints the tests and the demo run inside lab pods.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::net::SocketAddrV4;
+use std::time::Duration;
+use ztunnel_lab::traffic;
+
+#[derive(Parser)]
+#[command(name = "lab-tool", about = "Traffic endpoints for the ztunnel lab")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Accept connections, hash everything received, reply with one JSON report per connection.
+    Serve {
+        /// TCP port to listen on (all addresses).
+        #[arg(long)]
+        port: u16,
+        /// Exit after the first connection.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Stream deterministic pseudo-random bytes to a server and check its report.
+    Send {
+        /// The server, as IP:PORT.
+        #[arg(long)]
+        to: SocketAddrV4,
+        /// How many bytes to send.
+        #[arg(long)]
+        bytes: u64,
+        /// SO_MARK to set on the socket before connecting.
+        #[arg(long)]
+        mark: Option<u32>,
+        /// Bound on connecting and on every read or write.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Serve { port, once } => traffic::serve(port, once, || {
+            // The caller waits for this line before connecting.
+            println!("ready");
+            let _ = std::io::stdout().flush();
+        })
+        .context("lab-tool serve"),
+        Command::Send {
+            to,
+            bytes,
+            mark,
+            timeout_secs,
+        } => {
+            let report = traffic::send(to, bytes, mark, Duration::from_secs(timeout_secs))
+                .context("lab-tool send")?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}

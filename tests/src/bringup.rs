@@ -1,0 +1,225 @@
+//! `up`: nodes, underlay, daemons and pods, in the order a cluster would come up.
+
+use crate::cgroup;
+use crate::cni;
+use crate::command::ip_in;
+use crate::daemon;
+use crate::error::{LabError, Result};
+use crate::netns;
+use crate::state::{Lab, Node, Pod};
+use crate::teardown::down;
+use crate::topology::{
+    self, BPFFS_MOUNT, CGROUP2_MOUNT, NODES, NodeSpec, PODS, PodSpec, UNDERLAY_IFNAME,
+};
+use std::path::Path;
+
+/// Brings the whole lab up from scratch (tearing down leftovers first): two nodes, each with
+/// its ztunnel daemon, and the four pods added through the CNI chain including ztunnel-cni.
+/// On failure everything is torn down again.
+pub fn up() -> Result<Lab> {
+    bring_up(true)
+}
+
+/// The same nodes and pods on a plain pod network: no daemons, no ztunnel-cni plugin. A
+/// baseline for measurements, and a way to debug the wiring on its own.
+pub fn up_without_ztunnel() -> Result<Lab> {
+    bring_up(false)
+}
+
+fn bring_up(with_ztunnel: bool) -> Result<Lab> {
+    down()?;
+    preflight(with_ztunnel)?;
+    match build(with_ztunnel) {
+        Ok(lab) => Ok(lab),
+        Err(error) => {
+            println!("up: failed, tearing down what was built");
+            if let Err(cleanup) = down() {
+                println!("up: teardown after the failure failed too: {cleanup}");
+            }
+            Err(error)
+        }
+    }
+}
+
+fn preflight(with_ztunnel: bool) -> Result<()> {
+    let controllers = Path::new(CGROUP2_MOUNT).join("cgroup.controllers");
+    if !controllers.is_file() {
+        return Err(LabError::NotSetUp(format!(
+            "no cgroup v2 hierarchy at {CGROUP2_MOUNT}"
+        )));
+    }
+    if with_ztunnel {
+        topology::binary("ztunnel")?;
+        topology::binary("ztunnel-cni")?;
+        if !is_bpffs_mounted() {
+            return Err(LabError::NotSetUp(format!(
+                "bpffs is not mounted at {BPFFS_MOUNT}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn is_bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next() == Some(BPFFS_MOUNT) && fields.next() == Some("bpf")
+        })
+    })
+}
+
+fn build(with_ztunnel: bool) -> Result<Lab> {
+    for node in &NODES {
+        create_node(node, with_ztunnel)?;
+    }
+    connect_underlay()?;
+    let mut nodes = Vec::new();
+    for node in &NODES {
+        let daemon_pid = if with_ztunnel {
+            let pid = daemon::start_daemon(node.name)?;
+            println!("up: node {}: ztunnel daemon ready (pid {pid})", node.name);
+            Some(pid)
+        } else {
+            None
+        };
+        nodes.push(Node {
+            name: node.name.to_owned(),
+            netns: node.netns_path(),
+            underlay_ip: node.underlay_ip,
+            pod_subnet: node.subnet_cidr(),
+            conflist: node.conflist_path(),
+            api_socket: node.api_socket(),
+            log: node.log_path(),
+            bpffs: node.bpffs_dir(),
+            cgroup_root: node.kubepods_cgroup(),
+            daemon_pid,
+        });
+    }
+    let mut pods = Vec::new();
+    for pod in &PODS {
+        pods.push(add_pod(pod, with_ztunnel)?);
+    }
+    let lab = Lab {
+        with_ztunnel,
+        nodes,
+        pods,
+    };
+    lab.save()?;
+    println!(
+        "up: lab ready, state in {}",
+        crate::state::state_path().display()
+    );
+    Ok(lab)
+}
+
+fn create_node(node: &NodeSpec, with_ztunnel: bool) -> Result<()> {
+    for dir in [node.dir(), node.ipam_dir()] {
+        std::fs::create_dir_all(&dir).map_err(|e| LabError::io("creating", dir, e))?;
+    }
+    netns::create(&node.netns_name())?;
+    // A new namespace starts from the kernel defaults, not the host's settings.
+    for (key, value) in [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.default.rp_filter", "0"),
+    ] {
+        netns::set_sysctl(&node.netns_path(), key, value)?;
+    }
+    for dir in [
+        node.kubepods_cgroup(),
+        node.daemon_cgroup(),
+        node.system_cgroup(),
+    ] {
+        cgroup::create(&dir)?;
+    }
+    cni::write_conflist(node, with_ztunnel)?;
+    println!(
+        "up: node {}: netns {}, pod subnet {}, CNI config {}",
+        node.name,
+        node.netns_name(),
+        node.subnet_cidr(),
+        node.conflist_path().display()
+    );
+    Ok(())
+}
+
+/// One veth pair between the two nodes, and a route on each to the other's pod subnet.
+fn connect_underlay() -> Result<()> {
+    let [first, second] = &NODES;
+    ip_in(
+        &first.netns_name(),
+        &[
+            "link",
+            "add",
+            UNDERLAY_IFNAME,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            UNDERLAY_IFNAME,
+            "netns",
+            &second.netns_name(),
+        ],
+    )?;
+    for node in &NODES {
+        let netns = node.netns_name();
+        let address = format!("{}/24", node.underlay_ip);
+        ip_in(&netns, &["addr", "add", &address, "dev", UNDERLAY_IFNAME])?;
+        ip_in(&netns, &["link", "set", UNDERLAY_IFNAME, "up"])?;
+        let peer = node.peer();
+        ip_in(
+            &netns,
+            &[
+                "route",
+                "add",
+                &peer.subnet_cidr(),
+                "via",
+                &peer.underlay_ip.to_string(),
+            ],
+        )?;
+    }
+    println!(
+        "up: underlay {UNDERLAY_IFNAME}: {} {} <-> {} {}",
+        first.name, first.underlay_ip, second.name, second.underlay_ip
+    );
+    Ok(())
+}
+
+fn add_pod(pod: &PodSpec, with_ztunnel: bool) -> Result<Pod> {
+    netns::create(&pod.netns_name())?;
+    cgroup::create(&pod.cgroup_path())?;
+    let result = cni::cni_add(pod.name).map_err(|error| {
+        if with_ztunnel {
+            LabError::WithDaemonLog {
+                error: Box::new(error),
+                node: pod.node.name.to_owned(),
+                tail: daemon::log_tail(pod.node),
+            }
+        } else {
+            error
+        }
+    })?;
+    let captured = with_ztunnel && !pod.excluded_from_capture();
+    println!(
+        "up: pod {} ({}/{} on {}): {}, {}",
+        pod.name,
+        pod.namespace,
+        pod.name,
+        pod.node.name,
+        result.ip,
+        if captured { "captured" } else { "not captured" }
+    );
+    Ok(Pod {
+        name: pod.name.to_owned(),
+        node: pod.node.name.to_owned(),
+        namespace: pod.namespace.to_owned(),
+        uid: pod.uid.to_owned(),
+        container_id: pod.container_id(),
+        service_account: pod.service_account.to_owned(),
+        ip: result.ip,
+        netns: pod.netns_path(),
+        cgroup: pod.cgroup_path(),
+        captured,
+    })
+}

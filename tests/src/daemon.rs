@@ -1,0 +1,251 @@
+//! Each node's ztunnel daemon: started detached inside the node's netns and its own cgroup,
+//! logging to the node's `ztunnel.log`, tracked by a pid file.
+
+use crate::command;
+use crate::error::{LabError, Result};
+use crate::exec::Placement;
+use crate::state;
+use crate::topology::{self, NodeSpec};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, waitpid};
+use nix::unistd::Pid;
+use std::fs::OpenOptions;
+use std::os::unix::ffi::OsStrExt;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+const LOG_TAIL_LINES: usize = 30;
+
+/// Starts the node's daemon and waits until it answers `ztunnel status`. Returns its pid.
+pub fn start_daemon(node: &str) -> Result<u32> {
+    let node = topology::node_spec(node)?;
+    if let Some(pid) = daemon_pid(node.name) {
+        return Err(daemon_error(
+            node,
+            format!("is already running (pid {pid})"),
+        ));
+    }
+    let binary = topology::binary("ztunnel")?;
+    let log_path = node.log_path();
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| LabError::io("opening", &log_path, e))?;
+    let log_for_stderr = log
+        .try_clone()
+        .map_err(|e| LabError::io("duplicating", &log_path, e))?;
+
+    let mut command = Placement::new(&node.daemon_cgroup(), &node.netns_path(), true)?
+        .command(binary.as_os_str());
+    command
+        .arg("run")
+        .arg("--node")
+        .arg(node.name)
+        .arg("--api-socket")
+        .arg(node.api_socket())
+        .arg("--cgroup-root")
+        .arg(node.kubepods_cgroup())
+        .arg("--bpffs")
+        .arg(node.bpffs_dir())
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_for_stderr);
+    let child = command
+        .spawn()
+        .map_err(|e| daemon_error(node, format!("could not be started: {e}")))?;
+    let pid = child.id();
+    // The child is deliberately not waited for: it outlives us. `is_alive` reaps it if it dies
+    // while we are still its parent.
+    drop(child);
+    let pid_file = node.pid_file();
+    std::fs::write(&pid_file, pid.to_string()).map_err(|e| LabError::io("writing", pid_file, e))?;
+    state::record_daemon_pid(node.name, Some(pid))?;
+
+    if let Err(error) = wait_ready(node, pid) {
+        signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT);
+        forget_pid(node)?;
+        return Err(error);
+    }
+    Ok(pid)
+}
+
+/// SIGKILLs the daemon, leaving whatever it set up behind (to test crash recovery).
+pub fn kill_daemon(node: &str) -> Result<()> {
+    let node = topology::node_spec(node)?;
+    let pid = daemon_pid(node.name).ok_or_else(|| LabError::DaemonNotRunning {
+        node: node.name.to_owned(),
+    })?;
+    if !signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT) {
+        return Err(daemon_error(node, "survived SIGKILL".to_owned()));
+    }
+    forget_pid(node)
+}
+
+/// SIGTERMs the daemon and waits for it to exit; after `STOP_TIMEOUT` it is SIGKILLed and the
+/// slow shutdown reported as an error.
+pub fn stop_daemon(node: &str) -> Result<()> {
+    let node = topology::node_spec(node)?;
+    let pid = daemon_pid(node.name).ok_or_else(|| LabError::DaemonNotRunning {
+        node: node.name.to_owned(),
+    })?;
+    let stopped = signal_and_wait(pid, Signal::SIGTERM, STOP_TIMEOUT);
+    if !stopped {
+        signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT);
+    }
+    forget_pid(node)?;
+    if stopped {
+        Ok(())
+    } else {
+        Err(daemon_error(
+            node,
+            format!(
+                "did not exit within {}s of SIGTERM; killed it",
+                STOP_TIMEOUT.as_secs()
+            ),
+        ))
+    }
+}
+
+/// The whole log of the node's daemon (kept across restarts within one `up`).
+pub fn daemon_log(node: &str) -> Result<String> {
+    let path = topology::node_spec(node)?.log_path();
+    std::fs::read_to_string(&path).map_err(|e| LabError::io("reading", path, e))
+}
+
+/// The pid of the node's daemon, if it is running.
+pub fn daemon_pid(node: &str) -> Option<u32> {
+    let node = topology::node_spec(node).ok()?;
+    let pid = std::fs::read_to_string(node.pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    is_daemon_of(pid, node).then_some(pid)
+}
+
+/// `ztunnel status` against the node's daemon.
+pub fn daemon_status(node: &str) -> Result<Output> {
+    let node = topology::node_spec(node)?;
+    let binary = topology::binary("ztunnel")?;
+    let mut status = Command::new(&binary);
+    status
+        .arg("status")
+        .arg("--api-socket")
+        .arg(node.api_socket());
+    let described = command::describe(&status);
+    let child = status
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| LabError::Command {
+            command: described.clone(),
+            detail: e.to_string(),
+        })?;
+    command::output_within(child, STATUS_TIMEOUT)
+        .map_err(|e| LabError::Command {
+            command: described.clone(),
+            detail: e.to_string(),
+        })?
+        .ok_or_else(|| LabError::Command {
+            command: described,
+            detail: format!("no answer within {}s", STATUS_TIMEOUT.as_secs()),
+        })
+}
+
+/// The last lines of the node's daemon log, for error messages.
+pub fn log_tail(node: &NodeSpec) -> String {
+    let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+fn wait_ready(node: &NodeSpec, pid: u32) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if !is_alive(pid) {
+            return Err(daemon_error(node, "exited while starting".to_owned()));
+        }
+        if daemon_status(node.name).is_ok_and(|output| output.status.success()) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(daemon_error(
+                node,
+                format!(
+                    "did not answer `ztunnel status` within {}s",
+                    READY_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn forget_pid(node: &NodeSpec) -> Result<()> {
+    let pid_file = node.pid_file();
+    match std::fs::remove_file(&pid_file) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(LabError::io("removing", pid_file, e));
+        }
+        _ => {}
+    }
+    state::record_daemon_pid(node.name, None)
+}
+
+fn daemon_error(node: &NodeSpec, problem: String) -> LabError {
+    LabError::Daemon {
+        node: node.name.to_owned(),
+        problem,
+        log: node.log_path(),
+        tail: log_tail(node),
+    }
+}
+
+/// Is `pid` alive and serving this node's API socket? Matching the command line keeps a
+/// recycled pid from a stale pid file from being mistaken for the daemon.
+fn is_daemon_of(pid: u32, node: &NodeSpec) -> bool {
+    let socket = node.api_socket();
+    let socket = socket.as_os_str().as_bytes();
+    is_alive(pid)
+        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+            let argv: Vec<&[u8]> = cmdline.split(|byte| *byte == 0).collect();
+            argv.windows(2)
+                .any(|pair| pair[0] == b"--api-socket" && pair[1] == socket)
+        })
+}
+
+/// Alive and not a zombie. A dead child of ours is reaped on the way.
+pub(crate) fn is_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    // Fails harmlessly (ECHILD) when the process is not our child.
+    let _ = waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG));
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Sends `signal` and waits, bounded, for the process to be gone. True if it is.
+pub(crate) fn signal_and_wait(pid: u32, signal: Signal, timeout: Duration) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return true;
+    };
+    let _ = kill(Pid::from_raw(raw), signal);
+    let deadline = Instant::now() + timeout;
+    while is_alive(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}

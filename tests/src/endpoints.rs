@@ -1,0 +1,121 @@
+//! `lab-tool` processes inside pods, driven from outside: the demo's and the tests' traffic.
+
+use crate::error::{LabError, Result};
+use crate::topology;
+use crate::traffic::{SendReport, ServerReport};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddrV4;
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+/// How long a server may take to start listening.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `lab-tool serve` running inside a pod; killed when dropped.
+pub struct PodServer {
+    pod: String,
+    child: Child,
+    reports: Receiver<ServerReport>,
+}
+
+impl PodServer {
+    /// Starts the server and waits until it listens.
+    pub fn start(pod: &str, port: u16) -> Result<PodServer> {
+        let lab_tool = topology::binary("lab-tool")?;
+        let port = port.to_string();
+        let argv = [
+            lab_tool.as_os_str(),
+            "serve".as_ref(),
+            "--port".as_ref(),
+            port.as_ref(),
+        ];
+        let mut command = crate::exec(pod, &argv)?;
+        let mut child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| LabError::io("starting lab-tool serve in pod", pod, e))?;
+        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let (ready_tx, ready_rx) = channel();
+        let (report_tx, reports) = channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(std::result::Result::ok) {
+                if line == "ready" {
+                    let _ = ready_tx.send(());
+                } else if let Ok(report) = serde_json::from_str(&line) {
+                    let _ = report_tx.send(report);
+                }
+            }
+        });
+        let mut server = PodServer {
+            pod: pod.to_owned(),
+            child,
+            reports,
+        };
+        if ready_rx.recv_timeout(READY_TIMEOUT).is_err() {
+            let _ = server.child.kill();
+            return Err(LabError::Command {
+                command: format!("lab-tool serve --port {port} in {pod}"),
+                detail: "did not start listening".into(),
+            });
+        }
+        Ok(server)
+    }
+
+    /// The report of the next connection the server finished, waiting up to `timeout`.
+    pub fn next_report(&self, timeout: Duration) -> Result<ServerReport> {
+        self.reports
+            .recv_timeout(timeout)
+            .map_err(|_| LabError::Command {
+                command: format!("lab-tool serve in {}", self.pod),
+                detail: format!("reported no connection within {timeout:?}"),
+            })
+    }
+}
+
+impl Drop for PodServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `lab-tool send` inside `pod`: `bytes` pseudo-random bytes to `to`, checked by the
+/// server's report (length and SHA-256). `mark` sets SO_MARK on the socket; `timeout` bounds
+/// the connect and every read and write.
+pub fn send_from(
+    pod: &str,
+    to: SocketAddrV4,
+    bytes: u64,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> Result<SendReport> {
+    let lab_tool = topology::binary("lab-tool")?;
+    let mut argv = vec![
+        lab_tool.display().to_string(),
+        "send".into(),
+        "--to".into(),
+        to.to_string(),
+        "--bytes".into(),
+        bytes.to_string(),
+        "--timeout-secs".into(),
+        timeout.as_secs().max(1).to_string(),
+    ];
+    if let Some(mark) = mark {
+        argv.extend(["--mark".into(), mark.to_string()]);
+    }
+    let described = format!("lab-tool send from {pod} to {to}");
+    let output = crate::exec(pod, &argv)?
+        .output()
+        .map_err(|e| LabError::io("running lab-tool send in pod", pod, e))?;
+    if !output.status.success() {
+        return Err(LabError::Command {
+            command: described,
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| LabError::Command {
+        command: described,
+        detail: format!("unreadable report: {e}"),
+    })
+}

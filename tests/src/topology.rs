@@ -1,0 +1,242 @@
+//! The fixed shape of the lab: two nodes, four pods, and where each of their pieces lives.
+//! Scripts and tests rely on these names, so they are constants rather than configuration.
+
+use crate::error::{LabError, Result};
+use sha2::{Digest, Sha256};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+/// Everything the lab writes outside the kernel's own trees lives here.
+pub const STATE_DIR: &str = "/run/ztunnel-lab";
+/// Prefix of every network namespace the lab creates (`/run/netns/ztlab-*`).
+pub const NETNS_PREFIX: &str = "ztlab-";
+/// Where `ip netns add` mounts named namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+/// The cgroup-v2 hierarchy (hybrid layout) and the lab's subtree in it.
+pub const CGROUP2_MOUNT: &str = "/sys/fs/cgroup/unified";
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/ztunnel-lab";
+/// The same subtree as `/proc/<pid>/cgroup` names it.
+pub const CGROUP_SUBTREE: &str = "/ztunnel-lab";
+/// bpffs, and the lab's directory in it that holds every daemon's pins.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf/ztunnel-lab";
+/// Namespaces the ztunnel-cni plugin is told to leave alone.
+pub const EXCLUDED_NAMESPACES: [&str; 2] = ["kube-system", "legacy"];
+/// The interface every pod gets from the CNI chain.
+pub const POD_IFNAME: &str = "eth0";
+/// Name of the underlay veth at both ends.
+pub const UNDERLAY_IFNAME: &str = "ul0";
+/// Where Debian's containernetworking-plugins installs ptp, host-local, ...
+pub const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
+
+#[derive(Debug)]
+pub struct NodeSpec {
+    pub name: &'static str,
+    pub underlay_ip: Ipv4Addr,
+    /// The /24 the node's pods get their addresses from.
+    pub pod_subnet: Ipv4Addr,
+}
+
+#[derive(Debug)]
+pub struct PodSpec {
+    pub name: &'static str,
+    pub node: &'static NodeSpec,
+    pub namespace: &'static str,
+    pub uid: &'static str,
+    pub service_account: &'static str,
+}
+
+pub const NODES: [NodeSpec; 2] = [
+    NodeSpec {
+        name: "node1",
+        underlay_ip: Ipv4Addr::new(10, 99, 0, 1),
+        pod_subnet: Ipv4Addr::new(10, 244, 1, 0),
+    },
+    NodeSpec {
+        name: "node2",
+        underlay_ip: Ipv4Addr::new(10, 99, 0, 2),
+        pod_subnet: Ipv4Addr::new(10, 244, 2, 0),
+    },
+];
+
+/// In the order they are added, which fixes their addresses (a1 .1.2, a2 .1.3, b1 .2.2, u1 .2.3).
+pub const PODS: [PodSpec; 4] = [
+    PodSpec {
+        name: "a1",
+        node: &NODES[0],
+        namespace: "demo",
+        uid: "00000000-0000-4000-8000-0000000000a1",
+        service_account: "default",
+    },
+    PodSpec {
+        name: "a2",
+        node: &NODES[0],
+        namespace: "demo",
+        uid: "00000000-0000-4000-8000-0000000000a2",
+        service_account: "default",
+    },
+    PodSpec {
+        name: "b1",
+        node: &NODES[1],
+        namespace: "demo",
+        uid: "00000000-0000-4000-8000-0000000000b1",
+        service_account: "default",
+    },
+    PodSpec {
+        name: "u1",
+        node: &NODES[1],
+        namespace: "legacy",
+        uid: "00000000-0000-4000-8000-0000000000c1",
+        service_account: "default",
+    },
+];
+
+pub fn node_spec(name: &str) -> Result<&'static NodeSpec> {
+    NODES
+        .iter()
+        .find(|node| node.name == name)
+        .ok_or_else(|| LabError::UnknownName(name.to_owned()))
+}
+
+pub fn pod_spec(name: &str) -> Result<&'static PodSpec> {
+    PODS.iter()
+        .find(|pod| pod.name == name)
+        .ok_or_else(|| LabError::UnknownName(name.to_owned()))
+}
+
+impl NodeSpec {
+    pub fn netns_name(&self) -> String {
+        format!("{NETNS_PREFIX}{}", self.name)
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(self.netns_name())
+    }
+
+    pub fn subnet_cidr(&self) -> String {
+        format!("{}/24", self.pod_subnet)
+    }
+
+    /// The other node: the underlay is a single link between the two.
+    pub fn peer(&self) -> &'static NodeSpec {
+        if self.name == NODES[0].name {
+            &NODES[1]
+        } else {
+            &NODES[0]
+        }
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &'static PodSpec> + use<'_> {
+        PODS.iter().filter(move |pod| pod.node.name == self.name)
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        Path::new(STATE_DIR).join(self.name)
+    }
+
+    pub fn conflist_path(&self) -> PathBuf {
+        self.dir().join("10-ztlab.conflist")
+    }
+
+    pub fn network_name(&self) -> String {
+        format!("ztlab-{}", self.name)
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir().join("ztunnel.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir().join("ztunnel.log")
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir().join("ztunnel.pid")
+    }
+
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.dir().join("ipam")
+    }
+
+    pub fn cni_cache_dir(&self) -> PathBuf {
+        self.dir().join("cni-results")
+    }
+
+    pub fn bpffs_dir(&self) -> PathBuf {
+        Path::new(BPFFS_ROOT).join(self.name)
+    }
+
+    pub fn cgroup_dir(&self) -> PathBuf {
+        Path::new(CGROUP_ROOT).join(self.name)
+    }
+
+    /// What the kubelet would call the node's pod cgroup root.
+    pub fn kubepods_cgroup(&self) -> PathBuf {
+        self.cgroup_dir().join("kubepods")
+    }
+
+    /// Where commands run "on the node" go, like systemd's system.slice on a real node.
+    pub fn system_cgroup(&self) -> PathBuf {
+        self.cgroup_dir().join("system")
+    }
+
+    /// The daemon's own cgroup, outside kubepods so capture never applies to it.
+    pub fn daemon_cgroup(&self) -> PathBuf {
+        self.cgroup_dir().join("ztunnel")
+    }
+}
+
+impl PodSpec {
+    pub fn netns_name(&self) -> String {
+        format!("{NETNS_PREFIX}{}", self.name)
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        Path::new(NETNS_DIR).join(self.netns_name())
+    }
+
+    /// kubelet's cgroupfs naming: `<kubepods>/pod<uid>`.
+    pub fn cgroup_path(&self) -> PathBuf {
+        self.node.kubepods_cgroup().join(format!("pod{}", self.uid))
+    }
+
+    /// A stable 64-hex-digit sandbox id, like a container runtime's, derived from the name.
+    pub fn container_id(&self) -> String {
+        let digest = Sha256::digest(format!("ztlab-sandbox-{}", self.name));
+        digest.iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// The ztunnel-cni plugin's config skips these namespaces, so the pod stays out of the mesh.
+    pub fn excluded_from_capture(&self) -> bool {
+        EXCLUDED_NAMESPACES.contains(&self.namespace)
+    }
+}
+
+/// Where `ztunnel`, `ztunnel-cni` and `lab-tool` are: `ZTUNNEL_BIN_DIR`, else the `debug`
+/// directory of cargo's target dir (`CARGO_TARGET_DIR` or the workspace's `target`).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ZTUNNEL_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => std::path::absolute(&dir).unwrap_or_else(|_| PathBuf::from(dir)),
+        None => workspace_root().join("target"),
+    };
+    target.join("debug")
+}
+
+/// The workspace this crate was built from.
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// A binary of the project, which must already be built.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(LabError::MissingBinary { path })
+    }
+}

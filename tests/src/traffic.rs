@@ -1,0 +1,239 @@
+//! The traffic endpoints `lab-tool` runs inside pods: a server that hashes what it receives and
+//! a client that streams deterministic bytes and checks the server saw exactly those.
+
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+};
+use nix::sys::time::TimeVal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::time::Duration;
+
+const CHUNK: usize = 256 * 1024;
+/// A server connection that stays silent this long is given up.
+pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrafficError {
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
+    #[error("the server's reply {reply:?} is not a report: {cause}")]
+    BadReply {
+        reply: String,
+        cause: serde_json::Error,
+    },
+    #[error(
+        "the server received different data: sent {sent_bytes} bytes with sha256 {sent_sha256}, \
+         the server got {} bytes with sha256 {}", server.bytes, server.sha256
+    )]
+    Mismatch {
+        sent_bytes: u64,
+        sent_sha256: String,
+        server: Box<ServerReport>,
+    },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrafficError {
+    let what = what.into();
+    move |cause| TrafficError::Io { what, cause }
+}
+
+/// What the server saw on one connection; sent back to the client as one JSON line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerReport {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// What the client prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendReport {
+    pub sent_bytes: u64,
+    pub sent_sha256: String,
+    pub local: SocketAddr,
+    pub server: ServerReport,
+}
+
+/// A xorshift64 stream: the same bytes on every run, cheap enough for gigabytes.
+pub struct PseudoRandom(u64);
+
+impl Default for PseudoRandom {
+    fn default() -> Self {
+        PseudoRandom(0x9E37_79B9_7F4A_7C15)
+    }
+}
+
+impl PseudoRandom {
+    fn next_word(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Fills `buffer`; the stream stays deterministic as long as only the last buffer is not
+    /// a multiple of 8 bytes long.
+    pub fn fill(&mut self, buffer: &mut [u8]) {
+        for chunk in buffer.chunks_mut(8) {
+            let word = self.next_word().to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Listens on 0.0.0.0:`port` and reports every connection (to the client and to stdout);
+/// `on_ready` runs once the socket listens. With `once`, returns after the first connection.
+pub fn serve(port: u16, once: bool, on_ready: impl FnOnce()) -> Result<(), TrafficError> {
+    // std sets SO_REUSEADDR on listening sockets, so a restarted server can rebind at once.
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .map_err(io_error(format!("listening on 0.0.0.0:{port}")))?;
+    on_ready();
+    for stream in listener.incoming() {
+        let stream = stream.map_err(io_error("accepting"))?;
+        if once {
+            return answer(stream);
+        }
+        std::thread::spawn(move || {
+            if let Err(error) = answer(stream) {
+                eprintln!("lab-tool serve: {error}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn answer(mut stream: TcpStream) -> Result<(), TrafficError> {
+    let peer = stream
+        .peer_addr()
+        .map_err(io_error("reading the peer address"))?;
+    let local = stream
+        .local_addr()
+        .map_err(io_error("reading the local address"))?;
+    stream
+        .set_read_timeout(Some(SERVER_IDLE_TIMEOUT))
+        .map_err(io_error("setting the idle timeout"))?;
+    stream
+        .set_write_timeout(Some(SERVER_IDLE_TIMEOUT))
+        .map_err(io_error("setting the idle timeout"))?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buffer = vec![0u8; CHUNK];
+    loop {
+        let read = stream
+            .read(&mut buffer)
+            .map_err(io_error(format!("receiving from {peer}")))?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+        bytes += read as u64;
+    }
+    let report = ServerReport {
+        peer,
+        local,
+        bytes,
+        sha256: hex(&hasher.finalize()),
+    };
+    let line = serde_json::to_string(&report).unwrap_or_default();
+    println!("{line}");
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .map_err(io_error(format!("replying to {peer}")))
+}
+
+/// Connects (with SO_MARK `mark` if given), streams `bytes` pseudo-random bytes, and checks the
+/// server's report against what was sent. `timeout` bounds the connect and every read/write.
+pub fn send(
+    to: SocketAddrV4,
+    bytes: u64,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> Result<SendReport, TrafficError> {
+    let mut stream = connect_marked(to, mark, timeout)?;
+    let local = stream
+        .local_addr()
+        .map_err(io_error("reading the local address"))?;
+    let mut hasher = Sha256::new();
+    let mut generator = PseudoRandom::default();
+    let mut buffer = vec![0u8; CHUNK];
+    let mut remaining = bytes;
+    while remaining > 0 {
+        let size = usize::try_from(remaining).map_or(CHUNK, |left| left.min(CHUNK));
+        let chunk = &mut buffer[..size];
+        generator.fill(chunk);
+        hasher.update(&*chunk);
+        stream
+            .write_all(chunk)
+            .map_err(io_error(format!("sending to {to}")))?;
+        remaining -= size as u64;
+    }
+    stream
+        .shutdown(Shutdown::Write)
+        .map_err(io_error("closing the sending side"))?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(io_error(format!("reading the report of {to}")))?;
+    let server: ServerReport =
+        serde_json::from_str(reply.trim()).map_err(|cause| TrafficError::BadReply {
+            reply: reply.trim().to_owned(),
+            cause,
+        })?;
+    let sent_sha256 = hex(&hasher.finalize());
+    if server.bytes != bytes || server.sha256 != sent_sha256 {
+        return Err(TrafficError::Mismatch {
+            sent_bytes: bytes,
+            sent_sha256,
+            server: Box::new(server),
+        });
+    }
+    Ok(SendReport {
+        sent_bytes: bytes,
+        sent_sha256,
+        local,
+        server,
+    })
+}
+
+/// std cannot set a socket option between socket() and connect(), so the socket is made here.
+fn connect_marked(
+    to: SocketAddrV4,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> Result<TcpStream, TrafficError> {
+    let nix_error = |what: &str| {
+        let what = what.to_owned();
+        move |errno: nix::errno::Errno| TrafficError::Io {
+            what,
+            cause: errno.into(),
+        }
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(nix_error("creating a socket"))?;
+    if let Some(mark) = mark {
+        setsockopt(&fd, sockopt::Mark, &mark).map_err(nix_error("setting SO_MARK"))?;
+    }
+    // Linux bounds a blocking connect() by the send timeout.
+    let limit = TimeVal::new(
+        i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+        i64::from(timeout.subsec_micros()),
+    );
+    setsockopt(&fd, sockopt::SendTimeout, &limit).map_err(nix_error("setting the timeout"))?;
+    setsockopt(&fd, sockopt::ReceiveTimeout, &limit).map_err(nix_error("setting the timeout"))?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))
+        .map_err(nix_error(&format!("connecting to {to}")))?;
+    Ok(TcpStream::from(fd))
+}

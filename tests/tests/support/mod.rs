@@ -1,0 +1,170 @@
+//! Helpers for the end-to-end tests: a lab per test, traffic endpoints inside pods, and views of
+//! the daemons and the kernel.
+
+#![allow(dead_code, reason = "each test binary uses its own subset")]
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+use ztunnel_common::maps::names;
+use ztunnel_lab::traffic::{SendReport, ServerReport};
+use ztunnel_lab::{Lab, PodServer, send_from};
+use ztunnel_user::api::{self, ConnectionRecord, Direction, Request, Response, Status};
+
+pub const APP_PORT: u16 = 8080;
+pub const MIB: u64 = 1024 * 1024;
+
+/// A lab brought up for one test and torn down when the test ends, pass or fail.
+pub struct LabSession {
+    pub lab: Lab,
+}
+
+impl LabSession {
+    pub fn start() -> LabSession {
+        // A previous test that was killed may have left a lab behind; `up` clears it first.
+        let lab = ztunnel_lab::up().expect("bringing the lab up");
+        LabSession { lab }
+    }
+
+    pub fn ip(&self, pod: &str) -> IpAddr {
+        IpAddr::V4(self.lab.pod(pod).expect("pod").ip)
+    }
+
+    pub fn addr(&self, pod: &str, port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(self.lab.pod(pod).expect("pod").ip, port)
+    }
+}
+
+impl Drop for LabSession {
+    fn drop(&mut self) {
+        if let Err(err) = ztunnel_lab::down() {
+            // Do not panic while unwinding from a failed assertion; the next `up` cleans again.
+            eprintln!("lab down failed: {err}");
+        }
+    }
+}
+
+/// A server in `pod` on `port`, ready to accept.
+pub fn serve(pod: &str, port: u16) -> PodServer {
+    PodServer::start(pod, port).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The next connection `server` finished.
+pub fn report(server: &PodServer) -> ServerReport {
+    server
+        .next_report(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends `bytes` from `pod` to `to` and returns the report; the tool itself checks that the
+/// server received exactly those bytes (length and SHA-256).
+pub fn send(pod: &str, to: SocketAddrV4, bytes: u64) -> SendReport {
+    send_from(pod, to, bytes, None, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn call(lab: &Lab, node: &str, request: Request) -> Response {
+    let socket = &lab.node(node).expect("node").api_socket;
+    api::call(socket, &request, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("API of {node}: {e}"))
+}
+
+pub fn status(lab: &Lab, node: &str) -> Status {
+    match call(lab, node, Request::Status) {
+        Response::Status(status) => status,
+        other => panic!("unexpected response {other:?}"),
+    }
+}
+
+pub fn counters(lab: &Lab, node: &str) -> BTreeMap<String, u64> {
+    status(lab, node)
+        .counters
+        .into_iter()
+        .map(|c| (c.name, c.value))
+        .collect()
+}
+
+pub fn connections(lab: &Lab, node: &str) -> Vec<ConnectionRecord> {
+    match call(lab, node, Request::Connections) {
+        Response::Connections { connections } => connections,
+        other => panic!("unexpected response {other:?}"),
+    }
+}
+
+/// The records of `direction` on `node`, once none of them is still open (a relay finishes
+/// its record just after the client saw the server's reply).
+pub fn closed_connections(lab: &Lab, node: &str, direction: Direction) -> Vec<ConnectionRecord> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<_> = connections(lab, node)
+            .into_iter()
+            .filter(|c| c.direction == direction)
+            .collect();
+        if records.iter().all(|c| !c.open) || Instant::now() > deadline {
+            return records;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn socket(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// Number of entries in one of a node's pinned maps (hash-like maps only).
+pub fn pinned_map_len<K: aya::Pod, V: aya::Pod>(lab: &Lab, node: &str, name: &str) -> usize {
+    let path = lab.node(node).expect("node").bpffs.join("maps").join(name);
+    let data =
+        MapData::from_pin(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let map = match name {
+        names::PODS | names::EXCLUDED_PORTS => Map::HashMap(data),
+        _ => Map::LruHashMap(data),
+    };
+    let map: BpfHashMap<_, K, V> = BpfHashMap::try_from(map).expect("a hash map");
+    map.keys().count()
+}
+
+/// The ids of the capture programs loaded in the kernel (any daemon's).
+fn our_program_ids() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("zt_")))
+        .map(|p| p.id())
+        .collect()
+}
+
+pub fn our_program_count() -> usize {
+    our_program_ids().len()
+}
+
+/// bpf_links in the kernel that run one of our programs.
+pub fn our_link_count() -> usize {
+    let ours = our_program_ids();
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter(|l| ours.contains(&l.program_id()))
+        .count()
+}
+
+/// Waits until `condition` holds (kernel objects are freed asynchronously).
+pub fn eventually(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Output of a command run inside a pod (or node) netns.
+pub fn run_in(pod: &str, argv: &[&str]) -> String {
+    let output = ztunnel_lab::exec(pod, argv)
+        .expect("exec")
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{argv:?} in {pod}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

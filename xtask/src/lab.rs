@@ -1,0 +1,98 @@
+//! `cargo xtask lab ...`: drives the lab library.
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, ExitCode};
+use ztunnel_lab::topology;
+
+#[derive(Subcommand)]
+pub enum LabCommand {
+    /// Tear down any previous lab, then create nodes, daemons and pods from scratch.
+    Up {
+        /// Use the binaries already built instead of running `cargo build` first.
+        #[arg(long)]
+        no_build: bool,
+        /// A plain pod network without ztunnel (no daemons, no ztunnel-cni plugin): a baseline
+        /// for measurements and for debugging the wiring.
+        #[arg(long)]
+        without_ztunnel: bool,
+    },
+    /// Remove everything the lab and ztunnel created (also after a crashed or killed run).
+    Down,
+    /// Show nodes, pods, daemons and what each daemon reports.
+    Status,
+    /// Run a command inside a pod (its netns and cgroup) or a node, e.g. `lab exec a1 -- ping 10.244.2.2`.
+    Exec {
+        /// Pod (a1, a2, b1, u1) or node (node1, node2).
+        target: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+pub fn run(command: LabCommand) -> Result<ExitCode> {
+    match command {
+        LabCommand::Up {
+            no_build,
+            without_ztunnel,
+        } => {
+            if !no_build {
+                build_binaries(without_ztunnel)?;
+            }
+            if without_ztunnel {
+                ztunnel_lab::up_without_ztunnel()?;
+            } else {
+                ztunnel_lab::up()?;
+            }
+        }
+        LabCommand::Down => {
+            ztunnel_lab::down()?;
+            println!("down: nothing of the lab is left");
+        }
+        LabCommand::Status => ztunnel_lab::status()?,
+        LabCommand::Exec { target, command } => return exec(&target, &command),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The binaries `up` runs. A plain-network lab needs no ztunnel, so it also needs no eBPF
+/// toolchain.
+pub fn build_binaries(without_ztunnel: bool) -> Result<()> {
+    let mut packages = vec!["-p", "ztunnel-lab"];
+    if !without_ztunnel {
+        packages.extend(["-p", "ztunnel-user"]);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    println!("up: cargo build {} --bins", packages.join(" "));
+    let status = Command::new(cargo)
+        .current_dir(topology::workspace_root())
+        .arg("build")
+        .args(&packages)
+        .arg("--bins")
+        .status()
+        .context("running cargo build")?;
+    if !status.success() {
+        bail!("building the lab's binaries failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs interactively with our stdio and exits with the command's status (128 + signal if it
+/// was killed, as shells report it).
+fn exec(target: &str, argv: &[String]) -> Result<ExitCode> {
+    let mut command = if topology::pod_spec(target).is_ok() {
+        ztunnel_lab::exec(target, argv)?
+    } else {
+        ztunnel_lab::exec_node(target, argv)?
+    };
+    let status = command
+        .status()
+        .with_context(|| format!("running {:?} in {target}", argv.join(" ")))?;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}

@@ -1,0 +1,205 @@
+//! `cargo xtask setup`: installs and checks what building and running the project needs.
+//! Idempotent and non-interactive (it runs in CI as root without a terminal).
+
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const DEBIAN_PACKAGES: [&str; 9] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "containernetworking-plugins",
+    "iproute2",
+    "iperf3",
+    "tcpdump",
+    // `ping`, for checking the lab's wiring by hand.
+    "iputils-ping",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPFFS: &str = "/sys/fs/bpf";
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+pub fn run() -> Result<()> {
+    debian_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    cgroup2()?;
+    println!("setup: done");
+    Ok(())
+}
+
+fn step(name: &str, state: &str) {
+    println!("setup: {name}: {state}");
+}
+
+/// Runs a command with no stdin; returns its output, failing only if it could not start.
+fn output(command: &mut Command) -> std::io::Result<Output> {
+    command.stdin(Stdio::null()).output()
+}
+
+/// Runs a command with no stdin and our stdout/stderr, failing unless it succeeds.
+fn run_visibly(command: &mut Command, what: &str) -> Result<()> {
+    let status = command
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("{what}: could not start it"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn debian_packages() -> Result<()> {
+    const STEP: &str = "debian packages";
+    let missing = missing_packages()?;
+    if missing.is_empty() {
+        step(STEP, "present");
+        return Ok(());
+    }
+    step(STEP, &format!("installing {}...", missing.join(" ")));
+    run_visibly(
+        Command::new("apt-get").arg("update"),
+        "apt-get update (are you root, is the network up?)",
+    )?;
+    run_visibly(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(&missing),
+        "apt-get install (are you root?)",
+    )?;
+    let still_missing = missing_packages()?;
+    if !still_missing.is_empty() {
+        bail!(
+            "apt-get reported success but these are still not installed: {}",
+            still_missing.join(" ")
+        );
+    }
+    step(STEP, "installed");
+    Ok(())
+}
+
+fn missing_packages() -> Result<Vec<&'static str>> {
+    let mut missing = Vec::new();
+    for package in DEBIAN_PACKAGES {
+        let query = output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+            .context("running dpkg-query (setup supports Debian and its derivatives)")?;
+        if String::from_utf8_lossy(&query.stdout).trim() != "install ok installed" {
+            missing.push(package);
+        }
+    }
+    Ok(missing)
+}
+
+fn nightly_rust_src() -> Result<()> {
+    const STEP: &str = "rust-src for nightly";
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("running rustup (install it from https://rustup.rs)")?;
+    if !installed.status.success() {
+        bail!(
+            "the nightly toolchain is missing (the eBPF programs need it): run \
+             `rustup toolchain install nightly`, then `cargo xtask setup` again\n{}",
+            String::from_utf8_lossy(&installed.stderr).trim()
+        );
+    }
+    let listed = String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|line| line.trim() == "rust-src" || line.starts_with("rust-src-"));
+    if listed {
+        step(STEP, "present");
+        return Ok(());
+    }
+    step(STEP, "installing...");
+    run_visibly(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "rustup component add rust-src --toolchain nightly",
+    )?;
+    step(STEP, "installed");
+    Ok(())
+}
+
+fn bpf_linker() -> Result<()> {
+    let step_name = format!("bpf-linker {BPF_LINKER_VERSION}");
+    if installed_bpf_linker().as_deref() == Some(BPF_LINKER_VERSION) {
+        step(&step_name, "present");
+        return Ok(());
+    }
+    step(
+        &step_name,
+        "installing with cargo install (builds against LLVM 22, takes about 4 minutes)...",
+    );
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_visibly(
+        Command::new(cargo)
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"]),
+        "cargo install bpf-linker",
+    )?;
+    match installed_bpf_linker() {
+        Some(version) if version == BPF_LINKER_VERSION => {
+            step(&step_name, "installed");
+            Ok(())
+        }
+        found => bail!(
+            "bpf-linker was installed but `bpf-linker --version` reports {found:?}: \
+             put cargo's bin directory (usually ~/.cargo/bin) first in PATH"
+        ),
+    }
+}
+
+/// The version `bpf-linker --version` reports ("bpf-linker 0.13.0"), if it runs at all.
+fn installed_bpf_linker() -> Option<String> {
+    let reported = output(Command::new("bpf-linker").arg("--version")).ok()?;
+    let text = String::from_utf8_lossy(&reported.stdout);
+    text.split_whitespace().nth(1).map(str::to_owned)
+}
+
+fn is_mounted(target: &str, fstype: &str) -> Result<bool> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    Ok(mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        fields.next() == Some(target) && fields.next() == Some(fstype)
+    }))
+}
+
+fn bpffs() -> Result<()> {
+    let step_name = format!("bpffs at {BPFFS}");
+    if is_mounted(BPFFS, "bpf")? {
+        step(&step_name, "present");
+        return Ok(());
+    }
+    step(&step_name, "mounting...");
+    std::fs::create_dir_all(BPFFS).with_context(|| format!("creating {BPFFS}"))?;
+    run_visibly(
+        Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]),
+        "mount -t bpf (are you root?)",
+    )?;
+    step(&step_name, "mounted");
+    Ok(())
+}
+
+fn cgroup2() -> Result<()> {
+    let step_name = format!("cgroup2 at {CGROUP2}");
+    if is_mounted(CGROUP2, "cgroup2")? && Path::new(CGROUP2).join("cgroup.controllers").is_file() {
+        step(&step_name, "present");
+        return Ok(());
+    }
+    bail!(
+        "no cgroup v2 hierarchy at {CGROUP2}: the lab puts pods in cgroup-v2 directories there \
+         (systemd's hybrid layout) and ztunnel attaches its capture programs to them. Boot with \
+         the hybrid layout, or mount it: `mkdir -p {CGROUP2} && mount -t cgroup2 none {CGROUP2}`"
+    )
+}
