@@ -22,23 +22,37 @@ fn add_check_del_against_a_running_daemon() {
     let links = our_link_count();
 
     ztunnel_lab::cni_check("a1").expect("CHECK of an enrolled pod succeeds");
-    ztunnel_lab::cni_add("a1").expect("ADD of the same sandbox again is idempotent");
+    ztunnel_lab::cni_check("u1").expect("CHECK of an excluded pod passes");
+
+    // The daemon answers a repeated enrollment of the same sandbox (a runtime retrying an ADD
+    // whose answer it lost) without creating anything new. (A repeated CNI ADD through the
+    // chain is refused by ptp itself, whose interface already exists.)
+    let a1 = s.lab.pod("a1").unwrap();
+    let socket = &s.lab.node("node1").unwrap().api_socket;
+    let spec = PodSpec {
+        name: a1.name.clone(),
+        namespace: a1.namespace.clone(),
+        uid: a1.uid.clone(),
+        container_id: a1.container_id.clone(),
+        netns: a1.netns.clone(),
+        ips: vec![a1.ip.into()],
+    };
+    match api::call(
+        socket,
+        &Request::Enroll { pod: spec },
+        Duration::from_secs(10),
+    ) {
+        Ok(Response::Enrolled { pod }) => assert_eq!(pod.links.len(), 4),
+        other => panic!("repeated enrollment: {other:?}"),
+    }
     assert_eq!(
         our_link_count(),
         links,
-        "a repeated ADD creates no new links"
+        "a repeated enrollment creates no new links"
     );
-    ztunnel_lab::cni_check("u1").expect("CHECK of an excluded pod passes");
 
     // The daemon lost the pod (as after a restart): CHECK reports it as not captured.
-    let a1 = s.lab.pod("a1").unwrap();
-    let socket = &s.lab.node("node1").unwrap().api_socket;
-    let request = Request::Disenroll {
-        uid: a1.uid.clone(),
-        container_id: a1.container_id.clone(),
-    };
-    let response = api::call(socket, &request, Duration::from_secs(10)).expect("disenroll via API");
-    assert_eq!(response, Response::Disenrolled { was_enrolled: true });
+    disenroll(&s.lab, "node1", &a1.uid, &a1.container_id);
     assert_eq!(plugin_error_code(ztunnel_lab::cni_check("a1")), 999);
 
     ztunnel_lab::cni_del("a1").expect("DEL of a pod the daemon does not know succeeds");

@@ -23,7 +23,7 @@ fn assert_captured_transfer(
 ) {
     let server = serve(server_pod, APP_PORT);
     let report = send(client, s.addr(server_pod, APP_PORT), bytes);
-    let seen = report(&server);
+    let seen = next_report(&server);
     assert_eq!(
         seen.peer.ip(),
         s.ip(client),
@@ -93,7 +93,7 @@ fn unenrolled_client_reaches_an_enrolled_pod_through_the_inbound_listener() {
     let s = LabSession::start();
     let server = serve("b1", APP_PORT);
     send("u1", s.addr("b1", APP_PORT), 10 * MIB);
-    assert_eq!(report(&server).peer.ip(), s.ip("u1"));
+    assert_eq!(next_report(&server).peer.ip(), s.ip("u1"));
 
     let inbound = closed_connections(&s.lab, "node2", Direction::Inbound);
     assert_eq!(inbound.len(), 1, "{inbound:?}");
@@ -112,7 +112,7 @@ fn unenrolled_pod_is_untouched() {
     let s = LabSession::start();
     let server = serve("u1", APP_PORT);
     send("a1", s.addr("u1", APP_PORT), MIB);
-    assert_eq!(report(&server).peer.ip(), s.ip("a1"));
+    assert_eq!(next_report(&server).peer.ip(), s.ip("a1"));
 
     // Node2's daemon never saw the connection, and u1 has none of our state.
     assert!(connections(&s.lab, "node2").is_empty());
@@ -141,7 +141,7 @@ fn proxy_connections_are_never_captured_again() {
     let server = serve("b1", APP_PORT);
     for _ in 0..5 {
         send("a1", s.addr("b1", APP_PORT), 64 * 1024);
-        report(&server);
+        next_report(&server);
     }
     // One capture per application connection: the proxy's upstream connections, made from
     // inside a1's netns, were not captured a second time.
@@ -166,14 +166,14 @@ fn proxy_connections_are_never_captured_again() {
         Duration::from_secs(30),
     )
     .expect("marked send");
-    report(&server);
+    next_report(&server);
     let kernel = counters(&s.lab, "node1");
     assert_eq!(kernel["outbound_bypass_marked"], 1);
     assert_eq!(kernel["outbound_captured"], 5);
 }
 
 #[test]
-fn disenroll_restores_direct_traffic_and_leaves_nothing_behind() {
+fn cni_del_leaves_nothing_behind_and_add_captures_again() {
     let s = LabSession::start();
     let enrolled = 3; // a1, a2, b1
     assert_eq!(our_link_count(), 4 * enrolled);
@@ -185,16 +185,14 @@ fn disenroll_restores_direct_traffic_and_leaves_nothing_behind() {
     ztunnel_lab::cni_del("a1").expect("CNI DEL of a1");
     let a1 = s.lab.pod("a1").unwrap();
     assert!(status(&s.lab, "node1").pods.iter().all(|p| p.name != "a1"));
-    assert!(
-        !s.lab
-            .node("node1")
-            .unwrap()
-            .bpffs
-            .join("pods")
-            .join(&a1.uid)
-            .exists(),
-        "a1's pins are gone"
-    );
+    let pins = s
+        .lab
+        .node("node1")
+        .unwrap()
+        .bpffs
+        .join("pods")
+        .join(&a1.uid);
+    assert!(!pins.exists(), "a1's pins are gone");
     eventually("a1's links are released", || {
         our_link_count() == 4 * (enrolled - 1)
     });
@@ -212,17 +210,36 @@ fn disenroll_restores_direct_traffic_and_leaves_nothing_behind() {
         "{listening}"
     );
 
-    // Traffic from a1 now goes direct (b1's side still steers it, and sees a1).
+    // A new sandbox for the pod (host-local gives it a new address) is captured again.
+    let readded = ztunnel_lab::cni_add("a1").expect("CNI ADD of a1");
     let server = serve("b1", APP_PORT);
     send("a1", s.addr("b1", APP_PORT), MIB);
-    assert_eq!(report(&server).peer.ip(), s.ip("a1"));
-    assert!(closed_connections(&s.lab, "node1", Direction::Outbound).is_empty());
-    assert_eq!(counters(&s.lab, "node1")["outbound_captured"], 0);
+    assert_eq!(next_report(&server).peer.ip(), readded.ip);
+    assert_eq!(
+        closed_connections(&s.lab, "node1", Direction::Outbound).len(),
+        1
+    );
+}
 
-    // Enrolling again captures again.
-    ztunnel_lab::cni_add("a1").expect("CNI ADD of a1");
-    send("a1", s.addr("b1", APP_PORT), MIB);
-    report(&server);
+#[test]
+fn disenrolled_pod_talks_directly_again() {
+    let s = LabSession::start();
+    let server = serve("b1", APP_PORT);
+    send("a2", s.addr("b1", APP_PORT), MIB);
+    next_report(&server);
+    assert_eq!(counters(&s.lab, "node1")["outbound_captured"], 1);
+
+    // What the plugin's DEL asks of the daemon, for a pod whose network stays up (as when a
+    // pod leaves the mesh while it runs).
+    let a2 = s.lab.pod("a2").unwrap();
+    disenroll(&s.lab, "node1", &a2.uid, &a2.container_id);
+    send("a2", s.addr("b1", APP_PORT), MIB);
+    assert_eq!(next_report(&server).peer.ip(), s.ip("a2"));
+    assert_eq!(
+        counters(&s.lab, "node1")["outbound_captured"],
+        1,
+        "no longer captured"
+    );
     assert_eq!(
         closed_connections(&s.lab, "node1", Direction::Outbound).len(),
         1

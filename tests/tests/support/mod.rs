@@ -51,7 +51,7 @@ pub fn serve(pod: &str, port: u16) -> PodServer {
 }
 
 /// The next connection `server` finished.
-pub fn report(server: &PodServer) -> ServerReport {
+pub fn next_report(server: &PodServer) -> ServerReport {
     server
         .next_report(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"))
@@ -67,6 +67,18 @@ fn call(lab: &Lab, node: &str, request: Request) -> Response {
     let socket = &lab.node(node).expect("node").api_socket;
     api::call(socket, &request, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("API of {node}: {e}"))
+}
+
+/// Asks `node`'s daemon to release a pod, as the CNI plugin's DEL does.
+pub fn disenroll(lab: &Lab, node: &str, uid: &str, container_id: &str) {
+    let request = Request::Disenroll {
+        uid: uid.to_owned(),
+        container_id: container_id.to_owned(),
+    };
+    assert_eq!(
+        call(lab, node, request),
+        Response::Disenrolled { was_enrolled: true }
+    );
 }
 
 pub fn status(lab: &Lab, node: &str) -> Status {
