@@ -4,12 +4,11 @@
 //! `pod<uid>` with the cgroupfs driver or `kubepods-<qos>-pod<uid_with_underscores>.slice`
 //! with the systemd driver, somewhere below the kubepods cgroup (under a QoS level or not).
 
+use crate::mounts::{Filesystem, is_on};
 use std::path::{Path, PathBuf};
 
 /// How deep below the root to look (root / qos / pod is the deepest kubelet layout).
 const MAX_DEPTH: usize = 3;
-/// `statfs` magic of cgroup v2.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -41,11 +40,11 @@ pub fn is_pod_cgroup_name(name: &str, uid: &str) -> bool {
 }
 
 pub fn check_cgroup2(root: &Path) -> Result<(), CgroupError> {
-    let stat = nix::sys::statfs::statfs(root).map_err(|e| CgroupError::Read {
+    let on_cgroup2 = is_on(root, Filesystem::Cgroup2).map_err(|source| CgroupError::Read {
         path: root.to_owned(),
-        source: e.into(),
+        source,
     })?;
-    if stat.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC {
+    if on_cgroup2 {
         Ok(())
     } else {
         Err(CgroupError::NotCgroup2(root.to_owned()))

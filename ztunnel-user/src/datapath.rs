@@ -8,6 +8,7 @@
 //! <dir>/pods/<uid>/{connect4,connect6,sock_ops,sk_lookup}   one pinned link per hook
 //! ```
 
+use crate::mounts::{Filesystem, is_on};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
@@ -24,12 +25,6 @@ use ztunnel_common::maps::{
 use ztunnel_common::{Addr, Counter};
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel"));
-
-/// `statfs` magic of bpffs.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-/// The hooks of one pod, in attach order. Detaching goes in reverse.
-const HOOKS: [&str; 4] = ["sk_lookup", "sock_ops", "connect6", "connect4"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -235,9 +230,9 @@ impl Datapath {
             paths: Vec::new(),
         };
         let mut ebpf = lock(&self.ebpf);
-        for hook in HOOKS {
-            match attach_hook(&mut ebpf, hook, cgroup, netns).and_then(|link| {
-                let path = links.dir.join(hook);
+        for hook in Hook::ALL {
+            match hook.attach(&mut ebpf, cgroup, netns).and_then(|link| {
+                let path = links.dir.join(hook.pin_name());
                 link.pin(&path)
                     .map(|_| path.clone())
                     .map_err(|source| DatapathError::Pin { path, source })
@@ -308,55 +303,77 @@ pub fn detach_pod(links: &PodLinks) {
     }
 }
 
-fn attach_hook(
-    ebpf: &mut Ebpf,
-    hook: &str,
-    cgroup: &impl AsFd,
-    netns: &impl AsFd,
-) -> Result<FdLink, DatapathError> {
-    let fd_link = |name: &'static str, r: Result<FdLink, aya::programs::links::LinkError>| {
-        r.map_err(|source| DatapathError::Link {
-            path: PathBuf::from(name),
-            source,
-        })
-    };
-    match hook {
-        "connect4" | "connect6" => {
-            let name = if hook == "connect4" {
-                programs::CONNECT4
-            } else {
-                programs::CONNECT6
-            };
-            let prog = program::<CgroupSockAddr>(ebpf, name)?;
-            let id = prog
-                .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            fd_link(name, link.try_into())
+/// One of the four attachments that capture a pod.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    SkLookup,
+    SockOps,
+    Connect6,
+    Connect4,
+}
+
+impl Hook {
+    /// Attach order: steering and re-keying are in place before `connect()` is rewritten.
+    /// Detaching goes in reverse.
+    const ALL: [Hook; 4] = [
+        Hook::SkLookup,
+        Hook::SockOps,
+        Hook::Connect6,
+        Hook::Connect4,
+    ];
+
+    /// The pin's file name.
+    fn pin_name(self) -> &'static str {
+        match self {
+            Hook::SkLookup => "sk_lookup",
+            Hook::SockOps => "sock_ops",
+            Hook::Connect6 => "connect6",
+            Hook::Connect4 => "connect4",
         }
-        "sock_ops" => {
-            let name = programs::SOCK_OPS;
-            let prog = program::<SockOps>(ebpf, name)?;
-            let id = prog
-                .attach(cgroup.as_fd(), CgroupAttachMode::Single)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            fd_link(name, link.try_into())
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Hook::SkLookup => programs::SK_LOOKUP,
+            Hook::SockOps => programs::SOCK_OPS,
+            Hook::Connect6 => programs::CONNECT6,
+            Hook::Connect4 => programs::CONNECT4,
         }
-        _ => {
-            let name = programs::SK_LOOKUP;
-            let prog = program::<SkLookup>(ebpf, name)?;
-            let id = prog
-                .attach(netns.as_fd())
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            Ok(link.into())
+    }
+
+    /// Creates the bpf_link (cgroup hooks on the pod cgroup, `sk_lookup` on its netns).
+    fn attach(
+        self,
+        ebpf: &mut Ebpf,
+        cgroup: &impl AsFd,
+        netns: &impl AsFd,
+    ) -> Result<FdLink, DatapathError> {
+        let name = self.program();
+        let program_error = |source| DatapathError::Program { name, source };
+        let fd_link = |link: Result<FdLink, _>| {
+            link.map_err(|source| DatapathError::Link {
+                path: PathBuf::from(name),
+                source,
+            })
+        };
+        // The two cgroup program types share no attach trait; the steps are the same.
+        macro_rules! attach_to_cgroup {
+            ($kind:ty) => {{
+                let prog = program::<$kind>(ebpf, name)?;
+                let id = prog
+                    .attach(cgroup.as_fd(), CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                fd_link(prog.take_link(id).map_err(program_error)?.try_into())
+            }};
+        }
+        match self {
+            Hook::Connect4 | Hook::Connect6 => attach_to_cgroup!(CgroupSockAddr),
+            Hook::SockOps => attach_to_cgroup!(SockOps),
+            Hook::SkLookup => {
+                let prog = program::<SkLookup>(ebpf, name)?;
+                let id = prog.attach(netns.as_fd()).map_err(program_error)?;
+                Ok(prog.take_link(id).map_err(program_error)?.into())
+            }
         }
     }
 }
@@ -422,12 +439,12 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
         .ancestors()
         .find(|p| p.exists())
         .unwrap_or(Path::new("/"));
-    let stat = nix::sys::statfs::statfs(existing).map_err(|e| DatapathError::Fs {
+    let on_bpffs = is_on(existing, Filesystem::Bpffs).map_err(|source| DatapathError::Fs {
         what: "statfs",
         path: existing.to_owned(),
-        source: e.into(),
+        source,
     })?;
-    if stat.filesystem_type().0 as i64 == BPF_FS_MAGIC {
+    if on_bpffs {
         Ok(())
     } else {
         Err(DatapathError::NotBpffs(dir.to_owned()))

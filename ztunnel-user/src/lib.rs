@@ -7,6 +7,7 @@ pub mod cni;
 pub mod connections;
 pub mod datapath;
 pub mod features;
+pub mod mounts;
 pub mod netlink;
 pub mod netns;
 pub mod output;

@@ -7,21 +7,15 @@ use super::{PodProxy, ProxyContext};
 use crate::api::Direction;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use ztunnel_common::ports;
 
-pub async fn serve(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
-            }
-            Err(err) => super::accept_failed(&pod, "inbound", err).await,
-        }
-    }
-}
-
-async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, stream: TcpStream, client: SocketAddr) {
+pub(super) async fn handle(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    stream: TcpStream,
+    client: SocketAddr,
+) {
     // sk_lookup keeps the original destination as the accepted socket's local address.
     let destination = match stream.local_addr() {
         Ok(addr) => addr,

@@ -13,8 +13,10 @@ mod sockets;
 use crate::connections::ConnectionLog;
 use crate::datapath::Datapath;
 use crate::netns::Netns;
-use std::net::IpAddr;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 pub use sockets::ListenerError;
@@ -37,8 +39,8 @@ pub struct PodProxy {
 
 /// The listeners of one pod, open inside its netns.
 pub struct PodListeners {
-    pub outbound: Vec<tokio::net::TcpListener>,
-    pub inbound: Vec<(IpAddr, tokio::net::TcpListener)>,
+    pub outbound: Vec<TcpListener>,
+    pub inbound: Vec<(IpAddr, TcpListener)>,
 }
 
 impl PodListeners {
@@ -68,17 +70,48 @@ impl PodListeners {
 pub fn serve(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, listeners: PodListeners) -> JoinSet<()> {
     let mut tasks = JoinSet::new();
     for listener in listeners.outbound {
-        tasks.spawn(outbound::serve(ctx.clone(), pod.clone(), listener));
+        tasks.spawn(accept_loop(
+            ctx.clone(),
+            pod.clone(),
+            listener,
+            "outbound",
+            outbound::handle,
+        ));
     }
     for (_, listener) in listeners.inbound {
-        tasks.spawn(inbound::serve(ctx.clone(), pod.clone(), listener));
+        tasks.spawn(accept_loop(
+            ctx.clone(),
+            pod.clone(),
+            listener,
+            "inbound",
+            inbound::handle,
+        ));
     }
     tasks
 }
 
-/// An accept error is usually transient (out of file descriptors, a connection reset while
-/// queued): log it and back off briefly so a persistent one cannot spin a core.
-async fn accept_failed(pod: &PodProxy, listener: &str, err: std::io::Error) {
-    tracing::warn!(pod = %pod.label, listener, %err, "accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+/// Accepts until aborted, handing each connection to `handle` on a task of its own.
+async fn accept_loop<Handle, Handled>(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    listener: TcpListener,
+    kind: &'static str,
+    handle: Handle,
+) where
+    Handle: Fn(Arc<ProxyContext>, Arc<PodProxy>, TcpStream, SocketAddr) -> Handled,
+    Handled: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
+            }
+            Err(err) => {
+                // Usually transient (out of file descriptors, a connection reset while queued):
+                // back off briefly so a persistent one cannot spin a core.
+                tracing::warn!(pod = %pod.label, listener = kind, %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

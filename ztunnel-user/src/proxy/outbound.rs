@@ -6,20 +6,14 @@ use super::{PodProxy, ProxyContext};
 use crate::api::Direction;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-pub async fn serve(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
-            }
-            Err(err) => super::accept_failed(&pod, "outbound", err).await,
-        }
-    }
-}
-
-async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, stream: TcpStream, client: SocketAddr) {
+pub(super) async fn handle(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    stream: TcpStream,
+    client: SocketAddr,
+) {
     // Only connections the kernel captured have an original destination; anything else that
     // reached 15001 (a direct connection to the port) is refused.
     let Some(destination) = ctx.datapath.take_orig_dst(client) else {
