@@ -1,59 +1,127 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
 
-use anyhow::{Result, bail};
-use std::process::Command;
+use anyhow::{Context, Result, bail};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use ztunnel_lab::topology;
 
 /// The crates whose tests need no lab (the eBPF crate only builds for the BPF target).
 const HOST_CRATES: [&str; 6] = ["-p", "ztunnel-common", "-p", "ztunnel-user", "-p", "xtask"];
 
+/// Test counts summed over every `test result:` line cargo printed.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+}
+
+impl Tally {
+    /// Adds the counts of a line like `test result: ok. 10 passed; 0 failed; 0 ignored; ...`.
+    fn add_line(&mut self, line: &str) {
+        let Some(summary) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in summary.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match kind {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                _ => {}
+            }
+        }
+    }
+}
+
 pub fn run() -> Result<()> {
     crate::setup::run()?;
-    cargo("format check", &["fmt", "--all", "--check"])?;
-    cargo(
+    cargo("format check", &["fmt", "--all", "--check"], None)?;
+    let clippy = [
         "clippy",
-        &[
-            "clippy",
-            "--all-targets",
-            "--features",
-            "ztunnel-common/user",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    )?;
+        "--all-targets",
+        "--features",
+        "ztunnel-common/user",
+        "--",
+        "-D",
+        "warnings",
+    ];
+    cargo("clippy", &clippy, None)?;
     crate::lab::build_binaries(false)?;
-    cargo(
-        "unit and CNI plugin tests",
-        &[
-            &["test"][..],
-            &HOST_CRATES,
-            &["--features", "ztunnel-common/user"],
-        ]
-        .concat(),
-    )?;
+
+    let mut tally = Tally::default();
+    let host_tests = [
+        &["test", "--lib", "--bins", "--tests"][..],
+        &HOST_CRATES,
+        &["--features", "ztunnel-common/user"],
+    ]
+    .concat();
+    let host = cargo("unit and CNI plugin tests", &host_tests, Some(&mut tally));
     // Each end-to-end test brings up its own lab in the same fixed namespaces: one at a time.
-    let end_to_end = cargo(
-        "end-to-end tests on the lab",
-        &["test", "-p", "ztunnel-lab", "--", "--test-threads=1"],
-    );
+    let lab_tests = [
+        "test",
+        "-p",
+        "ztunnel-lab",
+        "--lib",
+        "--bins",
+        "--tests",
+        "--",
+        "--test-threads=1",
+    ];
+    let end_to_end =
+        host.and_then(|()| cargo("end-to-end tests on the lab", &lab_tests, Some(&mut tally)));
     // Whatever happened, leave the machine clean.
     let down = ztunnel_lab::down();
+    println!("test: {} passed, {} failed", tally.passed, tally.failed);
     end_to_end?;
     down?;
-    println!("test: all suites passed");
     Ok(())
 }
 
-fn cargo(what: &str, args: &[&str]) -> Result<()> {
+/// Runs cargo in the workspace; with a tally, also counts the tests its output reports.
+fn cargo(what: &str, args: &[&str], tally: Option<&mut Tally>) -> Result<()> {
     println!("test: {what}: cargo {}", args.join(" "));
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(topology::workspace_root())
-        .args(args)
-        .status()?;
+    let mut command = Command::new(cargo);
+    command.current_dir(topology::workspace_root()).args(args);
+    let status = match tally {
+        None => command.status().context("running cargo")?,
+        Some(tally) => {
+            let mut child = command
+                .stdout(Stdio::piped())
+                .spawn()
+                .context("running cargo")?;
+            let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+            for line in stdout.lines() {
+                let line = line.context("reading cargo's output")?;
+                println!("{line}");
+                tally.add_line(&line);
+            }
+            child.wait().context("waiting for cargo")?
+        }
+    };
     if !status.success() {
         bail!("{what} failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn tallies_cargo_result_lines() {
+        let mut tally = Tally::default();
+        tally.add_line("test result: ok. 10 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
+        tally.add_line(
+            "test result: FAILED. 6 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        tally.add_line("test foo ... ok");
+        assert_eq!((tally.passed, tally.failed), (16, 2));
+    }
 }
