@@ -1,0 +1,1 @@
+//! Workload identities (SPIFFE), the built-in CA, and the mutual-TLS configuration of HBONE.
