@@ -3,8 +3,9 @@
 use crate::cgroup;
 use crate::cni;
 use crate::command::ip_in;
-use crate::daemon;
+use crate::daemon::{self, DaemonOptions};
 use crate::error::{LabError, Result};
+use crate::mesh;
 use crate::netns;
 use crate::state::{Lab, Node, Pod};
 use crate::teardown::down;
@@ -17,19 +18,25 @@ use std::path::Path;
 /// its ztunnel daemon, and the four pods added through the CNI chain including ztunnel-cni.
 /// On failure everything is torn down again.
 pub fn up() -> Result<Lab> {
-    bring_up(true)
+    up_with(&DaemonOptions::default())
+}
+
+/// `up` with daemons started with `options` (kept for daemons restarted later, too).
+pub fn up_with(options: &DaemonOptions) -> Result<Lab> {
+    bring_up(Some(options))
 }
 
 /// The same nodes and pods on a plain pod network: no daemons, no ztunnel-cni plugin. A
 /// baseline for measurements, and a way to debug the wiring on its own.
 pub fn up_without_ztunnel() -> Result<Lab> {
-    bring_up(false)
+    bring_up(None)
 }
 
-fn bring_up(with_ztunnel: bool) -> Result<Lab> {
+fn bring_up(daemons: Option<&DaemonOptions>) -> Result<Lab> {
+    let with_ztunnel = daemons.is_some();
     down()?;
     preflight(with_ztunnel)?;
-    match build(with_ztunnel) {
+    match build(daemons) {
         Ok(lab) => Ok(lab),
         Err(error) => {
             println!("up: failed, tearing down what was built");
@@ -69,11 +76,16 @@ fn is_bpffs_mounted() -> bool {
     })
 }
 
-fn build(with_ztunnel: bool) -> Result<Lab> {
+fn build(daemons: Option<&DaemonOptions>) -> Result<Lab> {
+    let with_ztunnel = daemons.is_some();
     for node in &NODES {
         create_node(node, with_ztunnel)?;
     }
     connect_underlay()?;
+    if let Some(options) = daemons {
+        mesh::write_mesh_config()?;
+        options.save()?;
+    }
     let mut nodes = Vec::new();
     for node in &NODES {
         let daemon_pid = if with_ztunnel {
@@ -200,6 +212,17 @@ fn add_pod(pod: &PodSpec, with_ztunnel: bool) -> Result<Pod> {
             error
         }
     })?;
+    if with_ztunnel && result.ip != pod.expected_ip() {
+        // The mesh config was written with the expected addresses.
+        return Err(LabError::Command {
+            command: format!("CNI ADD of {}", pod.name),
+            detail: format!(
+                "host-local gave {} instead of {}, which the mesh config lists",
+                result.ip,
+                pod.expected_ip()
+            ),
+        });
+    }
     let captured = with_ztunnel && !pod.excluded_from_capture();
     println!(
         "up: pod {} ({}/{} on {}): {}, {}",

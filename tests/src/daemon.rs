@@ -19,6 +19,35 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TAIL_LINES: usize = 30;
 
+/// How the lab starts its daemons; saved by `up` so daemons restarted later match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DaemonOptions {
+    /// `--cert-lifetime-secs` (the daemon's default when absent).
+    pub cert_lifetime_secs: Option<u64>,
+}
+
+impl DaemonOptions {
+    fn path() -> std::path::PathBuf {
+        std::path::Path::new(topology::STATE_DIR).join("daemon-options.json")
+    }
+
+    pub(crate) fn save(&self) -> Result<()> {
+        let text = serde_json::to_string(self).expect("options serialize");
+        std::fs::write(Self::path(), text).map_err(|e| LabError::io("writing", Self::path(), e))
+    }
+
+    fn load() -> Result<DaemonOptions> {
+        match std::fs::read_to_string(Self::path()) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| LabError::State {
+                path: Self::path(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DaemonOptions::default()),
+            Err(e) => Err(LabError::io("reading", Self::path(), e)),
+        }
+    }
+}
+
 /// Starts the node's daemon and waits until it answers `ztunnel status`. Returns its pid.
 pub fn start_daemon(node: &str) -> Result<u32> {
     let node = topology::node_spec(node)?;
@@ -51,6 +80,19 @@ pub fn start_daemon(node: &str) -> Result<u32> {
         .arg(node.kubepods_cgroup())
         .arg("--bpffs")
         .arg(node.bpffs_dir())
+        .arg("--config")
+        .arg(topology::MESH_CONFIG)
+        .arg("--ca-dir")
+        .arg(topology::CA_DIR)
+        .arg("--trust-domain")
+        .arg(topology::TRUST_DOMAIN)
+        .args(
+            DaemonOptions::load()?
+                .cert_lifetime_secs
+                .map(|secs| ["--cert-lifetime-secs".to_owned(), secs.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_for_stderr);

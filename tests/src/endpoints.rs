@@ -2,7 +2,8 @@
 
 use crate::error::{LabError, Result};
 use crate::topology;
-use crate::traffic::{SendReport, ServerReport};
+use crate::traffic::{BurstReport, SendReport, ServerReport};
+use serde::de::DeserializeOwned;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddrV4;
 use std::process::{Child, Stdio};
@@ -90,24 +91,57 @@ pub fn send_from(
     mark: Option<u32>,
     timeout: Duration,
 ) -> Result<SendReport> {
-    let lab_tool = topology::binary("lab-tool")?;
-    let mut argv = vec![
-        lab_tool.display().to_string(),
-        "send".into(),
+    let mut args = vec![
+        "send".to_owned(),
         "--to".into(),
         to.to_string(),
         "--bytes".into(),
         bytes.to_string(),
-        "--timeout-secs".into(),
-        timeout.as_secs().max(1).to_string(),
     ];
     if let Some(mark) = mark {
-        argv.extend(["--mark".into(), mark.to_string()]);
+        args.extend(["--mark".into(), mark.to_string()]);
     }
-    let described = format!("lab-tool send from {pod} to {to}");
+    run_lab_tool(pod, args, timeout)
+}
+
+/// Runs `lab-tool burst` inside `pod`: `connections` connections to `to` held open at once,
+/// each exchanging `bytes`.
+pub fn burst_from(
+    pod: &str,
+    to: SocketAddrV4,
+    connections: usize,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<BurstReport> {
+    let args = vec![
+        "burst".to_owned(),
+        "--to".into(),
+        to.to_string(),
+        "--connections".into(),
+        connections.to_string(),
+        "--bytes".into(),
+        bytes.to_string(),
+    ];
+    run_lab_tool(pod, args, timeout)
+}
+
+/// Runs a `lab-tool` client command in `pod` and reads its one-line JSON report.
+fn run_lab_tool<Report: DeserializeOwned>(
+    pod: &str,
+    mut args: Vec<String>,
+    timeout: Duration,
+) -> Result<Report> {
+    let described = format!("lab-tool {} in {pod}", args.join(" "));
+    args.extend([
+        "--timeout-secs".into(),
+        timeout.as_secs().max(1).to_string(),
+    ]);
+    let lab_tool = topology::binary("lab-tool")?;
+    let mut argv = vec![lab_tool.display().to_string()];
+    argv.extend(args);
     let output = crate::exec(pod, &argv)?
         .output()
-        .map_err(|e| LabError::io("running lab-tool send in pod", pod, e))?;
+        .map_err(|e| LabError::io("running lab-tool in pod", pod, e))?;
     if !output.status.success() {
         return Err(LabError::Command {
             command: described,

@@ -16,7 +16,7 @@ pub enum LabError {
     NotSetUp(String),
     #[error("no command given")]
     EmptyCommand,
-    #[error("no pod or node named `{0}` in the lab (pods: a1 a2 b1 u1, nodes: node1 node2)")]
+    #[error("no pod or node named `{0}` in the lab (pods: a1 a2 b1 u1 w1, nodes: node1 node2)")]
     UnknownName(String),
     #[error("{} is missing; build it first (`cargo build -p ztunnel-user -p ztunnel-lab --bins`) or point ZTUNNEL_BIN_DIR at it", path.display())]
     MissingBinary { path: PathBuf },

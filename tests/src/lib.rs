@@ -6,6 +6,7 @@
 //! `a2` on node1, `b1` and the unenrolled `u1` (namespace `legacy`) on node2.
 
 mod bringup;
+pub mod capture;
 mod cgroup;
 mod cni;
 mod command;
@@ -13,6 +14,7 @@ mod daemon;
 mod endpoints;
 mod error;
 mod exec;
+mod mesh;
 mod netns;
 mod state;
 mod status;
@@ -20,10 +22,12 @@ mod teardown;
 pub mod topology;
 pub mod traffic;
 
-pub use bringup::{up, up_without_ztunnel};
+pub use bringup::{up, up_with, up_without_ztunnel};
 pub use cni::{CniResult, cni_add, cni_check, cni_del};
-pub use daemon::{daemon_log, daemon_pid, daemon_status, kill_daemon, start_daemon, stop_daemon};
-pub use endpoints::{PodServer, send_from};
+pub use daemon::{
+    DaemonOptions, daemon_log, daemon_pid, daemon_status, kill_daemon, start_daemon, stop_daemon,
+};
+pub use endpoints::{PodServer, burst_from, send_from};
 pub use error::{LabError, Result};
 pub use exec::{exec, exec_node};
 pub use state::{Lab, Node, Pod, state_path};

@@ -21,13 +21,18 @@ pub const CGROUP_SUBTREE: &str = "/ztunnel-lab";
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 pub const BPFFS_ROOT: &str = "/sys/fs/bpf/ztunnel-lab";
 /// Namespaces the ztunnel-cni plugin is told to leave alone.
-pub const EXCLUDED_NAMESPACES: [&str; 2] = ["kube-system", "legacy"];
+pub const EXCLUDED_NAMESPACES: [&str; 3] = ["kube-system", "legacy", "foreign"];
 /// The interface every pod gets from the CNI chain.
 pub const POD_IFNAME: &str = "eth0";
 /// Name of the underlay veth at both ends.
 pub const UNDERLAY_IFNAME: &str = "ul0";
 /// Where Debian's containernetworking-plugins installs ptp, host-local, ...
 pub const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
+/// The mesh config every node's daemon runs from.
+pub const MESH_CONFIG: &str = "/run/ztunnel-lab/mesh.yaml";
+/// The built-in CA's directory, shared by the nodes so they trust one root.
+pub const CA_DIR: &str = "/run/ztunnel-lab/ca";
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug)]
 pub struct NodeSpec {
@@ -44,6 +49,10 @@ pub struct PodSpec {
     pub namespace: &'static str,
     pub uid: &'static str,
     pub service_account: &'static str,
+    /// Listed as an HBONE workload in the mesh config. True for the captured pods, and for
+    /// `w1`, whose 15008 is served by the independent HBONE peer (standing in for a pod behind
+    /// Istio's own ztunnel) rather than by our daemon.
+    pub hbone: bool,
 }
 
 pub const NODES: [NodeSpec; 2] = [
@@ -59,34 +68,47 @@ pub const NODES: [NodeSpec; 2] = [
     },
 ];
 
-/// In the order they are added, which fixes their addresses (a1 .1.2, a2 .1.3, b1 .2.2, u1 .2.3).
-pub const PODS: [PodSpec; 4] = [
+/// In the order they are added, which fixes their addresses (a1 .1.2, a2 .1.3, b1 .2.2,
+/// u1 .2.3, w1 .2.4).
+pub const PODS: [PodSpec; 5] = [
     PodSpec {
         name: "a1",
         node: &NODES[0],
         namespace: "demo",
         uid: "00000000-0000-4000-8000-0000000000a1",
-        service_account: "default",
+        hbone: true,
+        service_account: "sa-a",
     },
     PodSpec {
         name: "a2",
         node: &NODES[0],
         namespace: "demo",
         uid: "00000000-0000-4000-8000-0000000000a2",
-        service_account: "default",
+        hbone: true,
+        service_account: "sa-a",
     },
     PodSpec {
         name: "b1",
         node: &NODES[1],
         namespace: "demo",
         uid: "00000000-0000-4000-8000-0000000000b1",
-        service_account: "default",
+        hbone: true,
+        service_account: "sa-b",
     },
     PodSpec {
         name: "u1",
         node: &NODES[1],
         namespace: "legacy",
         uid: "00000000-0000-4000-8000-0000000000c1",
+        hbone: false,
+        service_account: "default",
+    },
+    PodSpec {
+        name: "w1",
+        node: &NODES[1],
+        namespace: "foreign",
+        uid: "00000000-0000-4000-8000-0000000000d1",
+        hbone: true,
         service_account: "default",
     },
 ];
@@ -187,6 +209,18 @@ impl NodeSpec {
 }
 
 impl PodSpec {
+    /// The address host-local gives the pod in a fresh lab: pods are added in `PODS` order, and
+    /// each node hands out its subnet from .2 upwards.
+    pub fn expected_ip(&self) -> Ipv4Addr {
+        let index = PODS
+            .iter()
+            .filter(|p| p.node.name == self.node.name)
+            .position(|p| p.name == self.name)
+            .unwrap_or(0);
+        let [a, b, c, _] = self.node.pod_subnet.octets();
+        Ipv4Addr::new(a, b, c, 2 + index as u8)
+    }
+
     pub fn netns_name(&self) -> String {
         format!("{NETNS_PREFIX}{}", self.name)
     }

@@ -157,16 +157,24 @@ pub fn send(
     mark: Option<u32>,
     timeout: Duration,
 ) -> Result<SendReport, TrafficError> {
-    let mut stream = connect_marked(to, mark, timeout)?;
+    exchange(connect_marked(to, mark, timeout)?, to, bytes)
+}
+
+/// Streams `bytes` pseudo-random bytes, half-closes, and checks the server's report.
+fn exchange(
+    mut stream: TcpStream,
+    to: SocketAddrV4,
+    bytes: u64,
+) -> Result<SendReport, TrafficError> {
     let local = stream
         .local_addr()
         .map_err(io_error("reading the local address"))?;
     let mut hasher = Sha256::new();
     let mut generator = PseudoRandom::default();
-    let mut buffer = vec![0u8; CHUNK];
+    let mut buffer = vec![0u8; CHUNK.min(usize::try_from(bytes).unwrap_or(CHUNK)).max(1)];
     let mut remaining = bytes;
     while remaining > 0 {
-        let size = usize::try_from(remaining).map_or(CHUNK, |left| left.min(CHUNK));
+        let size = usize::try_from(remaining).map_or(buffer.len(), |left| left.min(buffer.len()));
         let chunk = &mut buffer[..size];
         generator.fill(chunk);
         hasher.update(&*chunk);
@@ -236,4 +244,43 @@ fn connect_marked(
     connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))
         .map_err(nix_error(&format!("connecting to {to}")))?;
     Ok(TcpStream::from(fd))
+}
+
+/// The outcome of `burst`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BurstReport {
+    pub connections: usize,
+    pub succeeded: usize,
+    /// The first few failures, for the error message.
+    pub failures: Vec<String>,
+}
+
+/// Opens `connections` connections to `to` at once (all are connected before any sends), then
+/// runs `send`'s exchange of `bytes` on each, concurrently.
+pub fn burst(to: SocketAddrV4, connections: usize, bytes: u64, timeout: Duration) -> BurstReport {
+    let all_connected = std::sync::Arc::new(std::sync::Barrier::new(connections));
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let all_connected = all_connected.clone();
+            std::thread::spawn(move || {
+                let stream = connect_marked(to, None, timeout);
+                all_connected.wait();
+                exchange(stream?, to, bytes).map(|_| ())
+            })
+        })
+        .collect();
+    let mut report = BurstReport {
+        connections,
+        succeeded: 0,
+        failures: Vec::new(),
+    };
+    for worker in workers {
+        match worker.join() {
+            Ok(Ok(())) => report.succeeded += 1,
+            Ok(Err(error)) if report.failures.len() < 5 => report.failures.push(error.to_string()),
+            Ok(Err(_)) => {}
+            Err(_) => report.failures.push("a worker thread panicked".into()),
+        }
+    }
+    report
 }

@@ -21,11 +21,14 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 const CGROUP2: &str = "/sys/fs/cgroup/unified";
+/// The Python `h2` package the independent HBONE peer (tests/hbone_peer) needs.
+const PYTHON_H2: &str = "h2>=4,<5";
 
 pub fn run() -> Result<()> {
     debian_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    python_h2()?;
     bpffs()?;
     cgroup2()?;
     println!("setup: done");
@@ -202,4 +205,29 @@ fn cgroup2() -> Result<()> {
          (systemd's hybrid layout) and ztunnel attaches its capture programs to them. Boot with \
          the hybrid layout, or mount it: `mkdir -p {CGROUP2} && mount -t cgroup2 none {CGROUP2}`"
     )
+}
+
+/// Whether `python3` can import `h2`; fails only if python3 cannot be run at all.
+fn python_h2_importable() -> Result<bool> {
+    let import = output(Command::new("python3").args(["-c", "import h2"]))
+        .context("running python3 (install it: the HBONE peer in tests/hbone_peer needs it)")?;
+    Ok(import.status.success())
+}
+
+fn python_h2() -> Result<()> {
+    let step_name = format!("python {PYTHON_H2}");
+    if python_h2_importable()? {
+        step(&step_name, "present");
+        return Ok(());
+    }
+    step(&step_name, "installing with pip...");
+    run_visibly(
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", PYTHON_H2]),
+        "python3 -m pip install h2 (is pip installed, is the network up?)",
+    )?;
+    if !python_h2_importable()? {
+        bail!("pip reported success but `python3 -c 'import h2'` still fails");
+    }
+    step(&step_name, "installed");
+    Ok(())
 }

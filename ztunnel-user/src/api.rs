@@ -54,6 +54,8 @@ pub struct EnrolledPod {
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     pub ips: Vec<IpAddr>,
+    /// The SPIFFE identity the pod's traffic carries.
+    pub identity: String,
     /// The pinned bpf_links that capture this pod.
     pub links: Vec<PathBuf>,
 }
@@ -64,10 +66,19 @@ pub struct CounterValue {
     pub value: u64,
 }
 
+/// A workload certificate the daemon holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateInfo {
+    pub identity: String,
+    /// Expiry, in seconds since the Unix epoch.
+    pub expires_unix: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
     pub node: String,
     pub pods: Vec<EnrolledPod>,
+    pub certificates: Vec<CertificateInfo>,
     /// Kernel decision counters, summed over CPUs.
     pub counters: Vec<CounterValue>,
 }

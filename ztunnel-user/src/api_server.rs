@@ -1,6 +1,6 @@
 //! Serves the local control API (see `api`) on a Unix socket.
 
-use crate::api::{CounterValue, Request, Response, Status};
+use crate::api::{CertificateInfo, CounterValue, Request, Response, Status};
 use crate::pods::Pods;
 use crate::proxy::ProxyContext;
 use std::path::{Path, PathBuf};
@@ -107,6 +107,19 @@ impl ApiServer {
             Request::Status => Response::Status(Status {
                 node: self.node.clone(),
                 pods: self.pods.lock().await.list(),
+                certificates: self
+                    .ctx
+                    .tls
+                    .store
+                    .expiries()
+                    .into_iter()
+                    .map(|(identity, expiry)| CertificateInfo {
+                        identity: identity.to_string(),
+                        expires_unix: expiry
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                    })
+                    .collect(),
                 counters: self
                     .ctx
                     .datapath

@@ -53,6 +53,15 @@ impl ConnectionLog {
 }
 
 impl Tracked {
+    /// Records how a relay ended: `Ok((sent, received))`, where `sent` went from the client to
+    /// the destination and `received` the other way, or the error that ended it.
+    pub fn finish_with(&self, outcome: &std::io::Result<(u64, u64)>) {
+        match outcome {
+            Ok((sent, received)) => self.finish(*sent, *received, None),
+            Err(err) => self.finish(0, 0, Some(err.to_string())),
+        }
+    }
+
     /// `sent` is what went from the client to the destination, `received` the other way.
     pub fn finish(&self, sent: u64, received: u64, error: Option<String>) {
         let mut record = self.0.lock().unwrap_or_else(|p| p.into_inner());

@@ -8,8 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 use ztunnel_user::api::{self, Request, Response};
 use ztunnel_user::api_server::{self, ApiServer};
+use ztunnel_user::config::MeshConfig;
 use ztunnel_user::connections::ConnectionLog;
 use ztunnel_user::datapath::{Datapath, DatapathSettings};
+use ztunnel_user::hbone::client::Pool;
+use ztunnel_user::hbone::mtls::Mtls;
+use ztunnel_user::identity::{CertificateAuthority, CertificateStore};
 use ztunnel_user::netns::Netns;
 use ztunnel_user::pods::Pods;
 use ztunnel_user::proxy::ProxyContext;
@@ -62,6 +66,26 @@ struct RunArgs {
     /// Pod ports never captured inbound (repeatable).
     #[arg(long = "exclude-inbound-port", value_name = "PORT")]
     exclude_inbound_ports: Vec<u16>,
+    /// Mesh config (workloads, in Istio ztunnel's local config shape). Without it, every
+    /// destination is outside the mesh and pods get their namespace's `default` identity.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Trust domain of this node's workloads (for pods the mesh config does not list).
+    #[arg(long, default_value = ztunnel_user::config::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Directory of the built-in CA: its root is created there on first start (0700/0600).
+    #[arg(long, default_value = "/var/lib/ztunnel/ca")]
+    ca_dir: PathBuf,
+    /// An operator-given CA certificate (PEM) to issue workload certificates with, so several
+    /// nodes share one trust root; needs --ca-key.
+    #[arg(long, requires = "ca_key", value_name = "PEM")]
+    ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert", value_name = "PEM")]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of workload certificates; each is renewed at half of it.
+    #[arg(long, default_value_t = 24 * 3600, value_name = "SECONDS")]
+    cert_lifetime_secs: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ztunnel_user=debug`.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
@@ -100,6 +124,14 @@ fn run(args: RunArgs) -> Result<()> {
         .init();
     features::check(&args.cgroup_root)?;
 
+    let config = match &args.config {
+        Some(path) => MeshConfig::load(path)?,
+        None => MeshConfig::default(),
+    };
+    let ca = match (&args.ca_cert, &args.ca_key) {
+        (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
+        _ => CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain)?,
+    };
     let datapath = Datapath::load(&DatapathSettings {
         pin_dir: args.bpffs.clone(),
         mark: args.mark,
@@ -108,17 +140,28 @@ fn run(args: RunArgs) -> Result<()> {
         excluded_inbound_ports: args.exclude_inbound_ports,
     })
     .context("loading the capture programs")?;
-    let ctx = Arc::new(ProxyContext {
-        home: Netns::current()?,
-        datapath: Arc::new(datapath),
-        connections: ConnectionLog::default(),
-        mark: args.mark,
-    });
+    let home = Netns::current()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let roots = ca.roots();
+        let store = Arc::new(CertificateStore::new(Arc::new(ca), Duration::from_secs(args.cert_lifetime_secs)));
+        store.clone().spawn_renewal();
+        let pool = Arc::new(Pool::default());
+        pool.spawn_idle_release();
+        let ctx = Arc::new(ProxyContext {
+            home,
+            datapath: Arc::new(datapath),
+            connections: ConnectionLog::default(),
+            mark: args.mark,
+            config,
+            trust_domain: args.trust_domain,
+            tls: Mtls { store, roots },
+            pool,
+            local_pods: Default::default(),
+        });
         let listener = api_server::bind(&args.api_socket)?;
         let server = Arc::new(ApiServer {
             node: args.node.clone(),

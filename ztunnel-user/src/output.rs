@@ -35,6 +35,7 @@ pub fn status_table(status: &Status) -> String {
             vec![
                 format!("{}/{}", p.namespace, p.name),
                 ips.join(","),
+                p.identity.clone(),
                 p.links.len().to_string(),
                 p.cgroup.display().to_string(),
             ]
@@ -45,11 +46,17 @@ pub fn status_table(status: &Status) -> String {
         .iter()
         .map(|c| vec![c.name.clone(), c.value.to_string()])
         .collect();
+    let certificates: Vec<Vec<String>> = status
+        .certificates
+        .iter()
+        .map(|c| vec![c.identity.clone(), c.expires_unix.to_string()])
+        .collect();
     format!(
-        "node {}: {} enrolled pod(s)\n\n{}\n{}",
+        "node {}: {} enrolled pod(s)\n\n{}\n{}\n{}",
         status.node,
         status.pods.len(),
-        table(&["POD", "IPS", "LINKS", "CGROUP"], &pods),
+        table(&["POD", "IPS", "IDENTITY", "LINKS", "CGROUP"], &pods),
+        table(&["CERTIFICATE", "EXPIRES (UNIX)"], &certificates),
         table(&["KERNEL COUNTER", "VALUE"], &counters)
     )
 }

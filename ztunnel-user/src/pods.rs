@@ -101,8 +101,11 @@ impl Pods {
 
         self.set_delivery_routing(&netns, &families, true)?;
         let pod = Arc::new(PodProxy {
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
             label: label.clone(),
             netns,
+            identity: self.ctx.identity_of(&spec.uid, &spec.namespace),
         });
         let attached = self.attach(&spec, &pod, netns_cookie, &cgroup_dir);
         let (links, serving) = match attached {
@@ -116,6 +119,7 @@ impl Pods {
             }
         };
         self.next_index += 1;
+        self.set_local(&spec.ips, Some(&pod));
         let enrollment = Enrollment {
             spec,
             cgroup,
@@ -124,7 +128,7 @@ impl Pods {
             pod,
             _serving: serving,
         };
-        tracing::info!(pod = %label, ips = ?enrollment.spec.ips, cgroup = %enrollment.cgroup.display(), "pod enrolled");
+        tracing::info!(pod = %label, ips = ?enrollment.spec.ips, identity = %enrollment.pod.identity, cgroup = %enrollment.cgroup.display(), "pod enrolled");
         let described = describe(&enrollment);
         self.enrolled
             .insert(enrollment.spec.uid.clone(), enrollment);
@@ -166,6 +170,7 @@ impl Pods {
             return false;
         };
         detach_pod(&enrollment.links);
+        self.set_local(&enrollment.spec.ips, None);
         self.release_kernel_state(&enrollment.spec.ips, enrollment.netns_cookie);
         if let Err(err) = self.set_delivery_routing(
             &enrollment.pod.netns,
@@ -173,6 +178,11 @@ impl Pods {
             false,
         ) {
             tracing::warn!(pod = %enrollment.pod.label, %err, "cannot remove delivery routing (netns already gone?)");
+        }
+        // The certificate goes with the last pod of its identity.
+        let identity = &enrollment.pod.identity;
+        if !self.enrolled.values().any(|e| &e.pod.identity == identity) {
+            self.ctx.tls.store.forget(identity);
         }
         tracing::info!(pod = %enrollment.pod.label, "pod disenrolled");
         true
@@ -186,6 +196,21 @@ impl Pods {
 
     pub fn list(&self) -> Vec<EnrolledPod> {
         self.enrolled.values().map(describe).collect()
+    }
+
+    /// Adds the pod to (or removes its addresses from) the proxy's same-node table.
+    fn set_local(&self, ips: &[IpAddr], pod: Option<&Arc<PodProxy>>) {
+        let mut local = self
+            .ctx
+            .local_pods
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        for ip in ips {
+            match pod {
+                Some(pod) => local.insert(*ip, pod.clone()),
+                None => local.remove(ip),
+            };
+        }
     }
 
     fn release_kernel_state(&self, ips: &[IpAddr], netns_cookie: u64) {
@@ -269,6 +294,7 @@ fn describe(e: &Enrollment) -> EnrolledPod {
         netns: e.spec.netns.clone(),
         cgroup: e.cgroup.clone(),
         ips: e.spec.ips.clone(),
+        identity: e.pod.identity.to_string(),
         links: e.links.paths.iter().map(|p| p.to_path_buf()).collect(),
     }
 }

@@ -40,6 +40,21 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
+    /// Open many connections at once, then run `send`'s exchange on each concurrently.
+    Burst {
+        /// The server, as IP:PORT.
+        #[arg(long)]
+        to: SocketAddrV4,
+        /// How many connections to hold open at the same time.
+        #[arg(long)]
+        connections: usize,
+        /// Bytes per connection.
+        #[arg(long, default_value_t = 1024)]
+        bytes: u64,
+        /// Bound on connecting and on every read or write.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -59,6 +74,23 @@ fn main() -> Result<()> {
             let report = traffic::send(to, bytes, mark, Duration::from_secs(timeout_secs))
                 .context("lab-tool send")?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Command::Burst {
+            to,
+            connections,
+            bytes,
+            timeout_secs,
+        } => {
+            anyhow::ensure!(connections > 0, "--connections must be at least 1");
+            let report = traffic::burst(to, connections, bytes, Duration::from_secs(timeout_secs));
+            println!("{}", serde_json::to_string(&report)?);
+            anyhow::ensure!(
+                report.succeeded == connections,
+                "{} of {connections} connections failed: {:?}",
+                connections - report.succeeded,
+                report.failures
+            );
             Ok(())
         }
     }

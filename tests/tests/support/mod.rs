@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use ztunnel_common::maps::names;
 use ztunnel_lab::traffic::{SendReport, ServerReport};
-use ztunnel_lab::{Lab, PodServer, send_from};
+use ztunnel_lab::{DaemonOptions, Lab, PodServer, send_from};
 use ztunnel_user::api::{self, ConnectionRecord, Direction, Request, Response, Status};
 
 pub const APP_PORT: u16 = 8080;
@@ -22,8 +22,12 @@ pub struct LabSession {
 
 impl LabSession {
     pub fn start() -> LabSession {
+        LabSession::start_with(&DaemonOptions::default())
+    }
+
+    pub fn start_with(options: &DaemonOptions) -> LabSession {
         // A previous test that was killed may have left a lab behind; `up` clears it first.
-        let lab = ztunnel_lab::up().expect("bringing the lab up");
+        let lab = ztunnel_lab::up_with(options).expect("bringing the lab up");
         LabSession { lab }
     }
 
@@ -86,6 +90,15 @@ pub fn status(lab: &Lab, node: &str) -> Status {
         Response::Status(status) => status,
         other => panic!("unexpected response {other:?}"),
     }
+}
+
+/// (identity, expiry in Unix seconds) of every certificate `node`'s daemon holds.
+pub fn certificate_expiries(lab: &Lab, node: &str) -> Vec<(String, u64)> {
+    status(lab, node)
+        .certificates
+        .into_iter()
+        .map(|c| (c.identity, c.expires_unix))
+        .collect()
 }
 
 pub fn counters(lab: &Lab, node: &str) -> BTreeMap<String, u64> {

@@ -1,10 +1,11 @@
-//! Connections to a pod, steered by `sk_lookup` into the 15006 listener and delivered to the
-//! app from the client's own address.
+//! Connections to a pod: plaintext steered by `sk_lookup` into the 15006 listener, and HBONE
+//! on 15008; both delivered to the app from the client's own address.
 
 use super::relay::relay;
 use super::sockets::connect_from;
 use super::{PodProxy, ProxyContext};
 use crate::api::Direction;
+use crate::hbone::server::{Peer, serve_connection};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -33,10 +34,37 @@ pub(super) async fn handle(
         .connections
         .record(Direction::Inbound, &pod.label, client, destination);
     match connect_from(&ctx, &pod.netns, Some(client.ip()), destination).await {
-        Ok(app) => relay(stream, app, tracked).await,
+        Ok(app) => tracked.finish_with(&relay(stream, app).await),
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %destination, %err, "delivery to the app failed");
             tracked.finish(0, 0, Some(err.to_string()));
         }
+    }
+}
+
+/// An mTLS connection on the pod's 15008: its CONNECT streams are served by the HBONE server.
+pub(super) async fn handle_hbone(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    stream: TcpStream,
+    client: SocketAddr,
+) {
+    let local = match stream.local_addr() {
+        Ok(local) => local,
+        Err(err) => {
+            tracing::warn!(pod = %pod.label, %client, %err, "cannot read the HBONE connection's address");
+            return;
+        }
+    };
+    match ctx.tls.accept(&pod.identity, stream).await {
+        Ok((tls, identity)) => {
+            let peer = Peer {
+                addr: client,
+                local,
+                identity,
+            };
+            serve_connection(tls, ctx.clone(), pod, peer).await;
+        }
+        Err(err) => tracing::info!(pod = %pod.label, %client, %err, "HBONE TLS handshake refused"),
     }
 }

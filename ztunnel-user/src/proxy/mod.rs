@@ -1,21 +1,25 @@
 //! The userspace proxy: per enrolled pod, an outbound listener (15001) that receives the pod's
-//! captured connections and an inbound listener (15006) that receives connections steered to
-//! the pod, each relayed to its original destination.
-//!
-//! Today both legs are plain TCP; the cross-node leg is where the HBONE tunnel goes
-//! (`outbound::connect_upstream` is the one place that chooses how to reach a destination).
+//! captured connections, an inbound listener (15006) that receives plaintext connections
+//! steered to the pod, and the HBONE listener (15008) for mesh traffic from other nodes.
+//! `outbound::Route` is the one place that chooses how a destination is reached.
 
 mod inbound;
 mod outbound;
 mod relay;
-mod sockets;
+pub mod sockets;
 
+use crate::config::MeshConfig;
 use crate::connections::ConnectionLog;
 use crate::datapath::Datapath;
+use crate::hbone::client::Pool;
+use crate::hbone::mtls::Mtls;
+use crate::identity::Identity;
 use crate::netns::Netns;
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::RwLock;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
@@ -28,23 +32,68 @@ pub struct ProxyContext {
     pub datapath: Arc<Datapath>,
     pub connections: ConnectionLog,
     pub mark: u32,
+    pub config: MeshConfig,
+    /// The trust domain of this node's workloads (for pods the mesh config does not list).
+    pub trust_domain: String,
+    pub tls: Mtls,
+    pub pool: Arc<Pool>,
+    /// Pods enrolled on this node, by address (the same-node path).
+    pub local_pods: RwLock<HashMap<IpAddr, Arc<PodProxy>>>,
+}
+
+impl ProxyContext {
+    /// A pod's identity: from its mesh config entry, else its namespace's `default` service
+    /// account in this node's trust domain (what Kubernetes gives a pod that names none).
+    pub fn identity_of(&self, uid: &str, namespace: &str) -> Identity {
+        match self.config.workload_by_uid(uid) {
+            Some(workload) => workload.identity(),
+            None => Identity {
+                trust_domain: self.trust_domain.clone(),
+                namespace: namespace.to_owned(),
+                service_account: crate::config::DEFAULT_SERVICE_ACCOUNT.to_owned(),
+            },
+        }
+    }
+
+    pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodProxy>> {
+        self.local_pods
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .cloned()
+    }
 }
 
 /// One pod as the proxy sees it.
 pub struct PodProxy {
+    pub name: String,
+    pub namespace: String,
     /// `namespace/name`, for records and logs.
     pub label: String,
     pub netns: Netns,
+    pub identity: Identity,
+}
+
+impl PodProxy {
+    /// The W3C `baggage` the pod's HBONE requests carry (Istio's keys).
+    pub fn baggage(&self) -> String {
+        format!(
+            "k8s.namespace.name={},k8s.pod.name={},service.name={}",
+            self.namespace, self.name, self.name
+        )
+    }
 }
 
 /// The listeners of one pod, open inside its netns.
 pub struct PodListeners {
     pub outbound: Vec<TcpListener>,
     pub inbound: Vec<(IpAddr, TcpListener)>,
+    pub hbone: Vec<TcpListener>,
 }
 
 impl PodListeners {
-    /// Opens the outbound listener on each pod address and one inbound listener per family.
+    /// Opens the outbound and HBONE listeners on each pod address and one inbound listener per
+    /// family.
     pub fn open(
         ctx: &ProxyContext,
         netns: &Netns,
@@ -53,6 +102,7 @@ impl PodListeners {
         let mut listeners = PodListeners {
             outbound: Vec::new(),
             inbound: Vec::new(),
+            hbone: Vec::new(),
         };
         for &ip in ips {
             listeners
@@ -61,6 +111,9 @@ impl PodListeners {
             listeners
                 .inbound
                 .push((ip, sockets::inbound_listener(ctx, netns, ip)?));
+            listeners
+                .hbone
+                .push(sockets::hbone_listener(ctx, netns, ip)?);
         }
         Ok(listeners)
     }
@@ -76,6 +129,15 @@ pub fn serve(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, listeners: PodListeners
             listener,
             "outbound",
             outbound::handle,
+        ));
+    }
+    for listener in listeners.hbone {
+        tasks.spawn(accept_loop(
+            ctx.clone(),
+            pod.clone(),
+            listener,
+            "hbone",
+            inbound::handle_hbone,
         ));
     }
     for (_, listener) in listeners.inbound {

@@ -65,6 +65,15 @@ pub fn outbound_listener(
     listen(ctx, netns, SocketAddr::new(pod_ip, ports::OUTBOUND))
 }
 
+/// Where other nodes' proxies open HBONE connections to the pod: `<pod ip>:15008`.
+pub fn hbone_listener(
+    ctx: &ProxyContext,
+    netns: &Netns,
+    pod_ip: IpAddr,
+) -> Result<TcpListener, ListenerError> {
+    listen(ctx, netns, SocketAddr::new(pod_ip, ports::HBONE))
+}
+
 /// Where `sk_lookup` assigns inbound connections. Bound to the wildcard address: the program
 /// hands it connections for any local address and port, and the accepted socket's local
 /// address is the original destination.

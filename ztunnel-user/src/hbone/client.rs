@@ -1,0 +1,290 @@
+//! The HBONE client side: a pool of mTLS HTTP/2 connections, and CONNECT streams over them.
+//!
+//! Connections are shared by every stream with the same key (source identity, destination
+//! identities, destination address, source address) up to `CLIENT_STREAMS_PER_CONNECTION`
+//! streams each; then another connection is opened. Connections idle for
+//! `POOL_IDLE_TIMEOUT` are closed.
+
+use super::bridge::h2_error;
+use crate::identity::Identity;
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source_identity: Identity,
+    pub destination_identities: Vec<Identity>,
+    /// The peer's HBONE address (`<ip>:15008`).
+    pub destination: SocketAddr,
+    pub source_ip: IpAddr,
+}
+
+/// What goes into one CONNECT request.
+#[derive(Clone, Debug)]
+pub struct ConnectRequest {
+    /// `:authority`: the target pod address and port.
+    pub authority: SocketAddr,
+    /// The application's client address (for `forwarded`).
+    pub client: SocketAddr,
+    pub baggage: String,
+}
+
+impl ConnectRequest {
+    pub fn to_http(&self) -> Request<()> {
+        let mut request = Request::new(());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = http::Uri::builder()
+            .authority(self.authority.to_string())
+            .build()
+            .expect("an IP:port is a valid authority");
+        let headers = request.headers_mut();
+        let value = |text: String| http::HeaderValue::from_str(&text).expect("ASCII header value");
+        headers.insert("forwarded", value(format!("for=\"{}\"", self.client)));
+        headers.insert("baggage", value(self.baggage.clone()));
+        headers.insert("traceparent", value(traceparent()));
+        request
+    }
+}
+
+/// A fresh W3C trace context: version 00, random trace and span ids, sampled.
+fn traceparent() -> String {
+    let trace: u128 = rand::random();
+    let span: u64 = rand::random();
+    format!("00-{trace:032x}-{span:016x}-01")
+}
+
+/// An open CONNECT stream. Holding it keeps the connection's stream count.
+pub struct HboneStream {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    _slot: StreamSlot,
+}
+
+struct PooledConnection {
+    sender: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    closed: AtomicBool,
+    last_used: Mutex<Instant>,
+}
+
+impl PooledConnection {
+    fn usable(&self) -> bool {
+        !self.closed.load(Ordering::Acquire)
+            && self.streams.load(Ordering::Acquire) < super::CLIENT_STREAMS_PER_CONNECTION
+    }
+}
+
+/// One stream's share of a connection, returned on drop.
+struct StreamSlot(Arc<PooledConnection>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+}
+
+/// The connections of one key. The async lock makes concurrent first streams share one new
+/// connection instead of each opening its own.
+type KeyConnections = Arc<tokio::sync::Mutex<Vec<Arc<PooledConnection>>>>;
+
+#[derive(Default)]
+pub struct Pool {
+    connections: Mutex<HashMap<PoolKey, KeyConnections>>,
+}
+
+impl Pool {
+    /// Opens a CONNECT stream to `key.destination`, over a pooled connection or over a new one
+    /// made by `connect` (which returns the established mTLS stream). Returns the stream once
+    /// the server answered 200.
+    pub async fn open<IO, Connect, Connecting>(
+        &self,
+        key: &PoolKey,
+        request: &ConnectRequest,
+        connect: Connect,
+    ) -> io::Result<HboneStream>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Connect: FnOnce() -> Connecting,
+        Connecting: Future<Output = io::Result<IO>>,
+    {
+        let slot = self.reserve(key, connect).await?;
+        let mut sender = slot.0.sender.clone().ready().await.map_err(h2_error)?;
+        let (response, send) = sender
+            .send_request(request.to_http(), false)
+            .map_err(h2_error)?;
+        let response = response.await.map_err(h2_error)?;
+        if response.status() != StatusCode::OK {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionRefused,
+                format!(
+                    "HBONE peer {} answered {} for {}",
+                    key.destination,
+                    response.status(),
+                    request.authority
+                ),
+            ));
+        }
+        Ok(HboneStream {
+            send,
+            recv: response.into_body(),
+            _slot: slot,
+        })
+    }
+
+    async fn reserve<IO, Connect, Connecting>(
+        &self,
+        key: &PoolKey,
+        connect: Connect,
+    ) -> io::Result<StreamSlot>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Connect: FnOnce() -> Connecting,
+        Connecting: Future<Output = io::Result<IO>>,
+    {
+        let entry = {
+            let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(key.clone()).or_default().clone()
+        };
+        let mut connections = entry.lock().await;
+        connections.retain(|c| !c.closed.load(Ordering::Acquire));
+        if let Some(connection) = connections.iter().find(|c| c.usable()) {
+            connection.streams.fetch_add(1, Ordering::AcqRel);
+            return Ok(StreamSlot(connection.clone()));
+        }
+        let connection = handshake(connect().await?).await?;
+        connection.streams.fetch_add(1, Ordering::AcqRel);
+        connections.push(connection.clone());
+        tracing::debug!(destination = %key.destination, connections = connections.len(), "new HBONE connection");
+        Ok(StreamSlot(connection))
+    }
+
+    /// How many live connections the pool holds for `key`.
+    pub fn connection_count(&self, key: &PoolKey) -> usize {
+        let all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(key)
+            .and_then(|e| {
+                e.try_lock().ok().map(|c| {
+                    c.iter()
+                        .filter(|c| !c.closed.load(Ordering::Acquire))
+                        .count()
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// Closes connections without streams that have been idle for `POOL_IDLE_TIMEOUT`.
+    pub fn release_idle(&self) {
+        let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, entry| {
+            let Ok(mut connections) = entry.try_lock() else {
+                return true; // busy opening a connection: certainly not idle
+            };
+            connections.retain(|c| {
+                let idle = c.streams.load(Ordering::Acquire) == 0
+                    && c.last_used
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .elapsed()
+                        >= super::POOL_IDLE_TIMEOUT;
+                !(idle || c.closed.load(Ordering::Acquire))
+            });
+            !connections.is_empty()
+        });
+    }
+
+    /// Calls `release_idle` periodically for as long as the pool exists.
+    pub fn spawn_idle_release(self: &Arc<Self>) {
+        let pool: Weak<Pool> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(super::POOL_IDLE_TIMEOUT / 10).await;
+                match pool.upgrade() {
+                    Some(pool) => pool.release_idle(),
+                    None => return,
+                }
+            }
+        });
+    }
+}
+
+/// The HTTP/2 handshake over an established mTLS stream, and the task that drives the
+/// connection (with keepalive PINGs) until it ends.
+async fn handshake<IO>(io: IO) -> io::Result<Arc<PooledConnection>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(super::INITIAL_STREAM_WINDOW)
+        .initial_connection_window_size(super::INITIAL_CONNECTION_WINDOW)
+        .max_frame_size(super::MAX_FRAME_SIZE)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(h2_error)?;
+    let pooled = Arc::new(PooledConnection {
+        sender,
+        streams: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        last_used: Mutex::new(Instant::now()),
+    });
+    let ping_pong = connection
+        .ping_pong()
+        .expect("ping_pong is taken only here");
+    let watched = Arc::downgrade(&pooled);
+    tokio::spawn(async move {
+        tokio::select! {
+            result = &mut connection => {
+                if let Err(err) = result {
+                    tracing::debug!(%err, "HBONE connection ended");
+                }
+            }
+            () = super::keepalive(ping_pong) => {}
+        }
+        if let Some(pooled) = watched.upgrade() {
+            pooled.closed.store(true, Ordering::Release);
+        }
+    });
+    Ok(pooled)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_request_headers() {
+        let request = ConnectRequest {
+            authority: "10.244.2.2:8080".parse().unwrap(),
+            client: "10.244.1.2:41000".parse().unwrap(),
+            baggage: "k8s.namespace.name=demo,k8s.pod.name=a1".into(),
+        }
+        .to_http();
+        assert_eq!(request.method(), Method::CONNECT);
+        assert_eq!(
+            request.uri().authority().unwrap().as_str(),
+            "10.244.2.2:8080"
+        );
+        assert!(request.uri().scheme().is_none() && request.uri().path_and_query().is_none());
+        assert_eq!(request.headers()["forwarded"], "for=\"10.244.1.2:41000\"");
+        assert_eq!(
+            request.headers()["baggage"],
+            "k8s.namespace.name=demo,k8s.pod.name=a1"
+        );
+        let traceparent = request.headers()["traceparent"].to_str().unwrap();
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [2, 32, 16, 2]
+        );
+    }
+}

@@ -1,0 +1,53 @@
+//! Mutual TLS for HBONE connections, with the configurations of `identity::tls` and the
+//! certificates of the node's certificate store.
+
+use crate::identity::tls::{client_config, peer_identity, server_config};
+use crate::identity::{CertificateStore, Identity};
+use rustls::RootCertStore;
+use rustls::pki_types::ServerName;
+use std::io;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+
+pub struct Mtls {
+    pub store: Arc<CertificateStore>,
+    pub roots: Arc<RootCertStore>,
+}
+
+impl Mtls {
+    /// The client handshake as `local`, accepting only a server presenting one of `expected`.
+    pub async fn connect(
+        &self,
+        local: &Identity,
+        expected: &[Identity],
+        tcp: TcpStream,
+    ) -> io::Result<client::TlsStream<TcpStream>> {
+        let config = client_config(
+            self.store.clone(),
+            local.clone(),
+            self.roots.clone(),
+            expected.to_vec(),
+        );
+        // SNI is disabled in the config: the name is only a placeholder rustls requires.
+        let name = ServerName::IpAddress(tcp.peer_addr()?.ip().into());
+        TlsConnector::from(config).connect(name, tcp).await
+    }
+
+    /// The server handshake as `local`; returns the stream and the client's identity.
+    pub async fn accept(
+        &self,
+        local: &Identity,
+        tcp: TcpStream,
+    ) -> io::Result<(server::TlsStream<TcpStream>, Identity)> {
+        let config = server_config(self.store.clone(), local.clone(), self.roots.clone());
+        let tls = TlsAcceptor::from(config).accept(tcp).await?;
+        let identity = peer_identity(tls.get_ref().1).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "client presented no SPIFFE identity",
+            )
+        })?;
+        Ok((tls, identity))
+    }
+}

@@ -1,0 +1,227 @@
+//! The HBONE server side: one HTTP/2 connection per mTLS connection accepted on a pod's 15008
+//! listener; each CONNECT stream is delivered to the app in that pod.
+
+use super::bridge::{bridge, h2_error};
+use crate::api::Direction;
+use crate::identity::Identity;
+use crate::proxy::{PodProxy, ProxyContext, sockets::connect_from};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use ztunnel_common::ports;
+
+/// Where an HBONE connection came from and arrived.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    /// The TCP peer: the source pod's address, since the client connects from its netns.
+    pub addr: SocketAddr,
+    /// The local end: the destination pod's address and 15008.
+    pub local: SocketAddr,
+    pub identity: Identity,
+}
+
+/// Serves the CONNECT streams of one HBONE connection until the client closes it.
+pub async fn serve_connection<IO>(io: IO, ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, peer: Peer)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(super::INITIAL_STREAM_WINDOW)
+        .initial_connection_window_size(super::INITIAL_CONNECTION_WINDOW)
+        .max_frame_size(super::MAX_FRAME_SIZE)
+        .max_concurrent_streams(super::SERVER_MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(io)
+        .await;
+    let mut connection = match handshake {
+        Ok(connection) => connection,
+        Err(err) => {
+            tracing::info!(pod = %pod.label, peer = %peer.addr, %err, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+    };
+    let peer = Arc::new(peer);
+    while let Some(stream) = connection.accept().await {
+        match stream {
+            Ok((request, respond)) => {
+                tokio::spawn(serve_stream(
+                    ctx.clone(),
+                    pod.clone(),
+                    peer.clone(),
+                    request,
+                    respond,
+                ));
+            }
+            Err(err) => {
+                tracing::debug!(pod = %pod.label, peer = %peer.addr, %err, "HBONE connection ended");
+                break;
+            }
+        }
+    }
+}
+
+/// Why a CONNECT request is refused, and with which status.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("method {0} is not CONNECT")]
+    NotConnect(Method),
+    #[error("authority {0:?} is not an IP:port")]
+    BadAuthority(String),
+    #[error("authority {target} is not the address the connection arrived on ({local})")]
+    WrongAddress {
+        target: SocketAddr,
+        local: SocketAddr,
+    },
+    #[error("port {0} belongs to the proxy")]
+    ProxyPort(u16),
+}
+
+impl Refusal {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::ProxyPort(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Where a CONNECT request asks to go, if it may.
+pub fn target_of<B>(request: &Request<B>, local: SocketAddr) -> Result<SocketAddr, Refusal> {
+    if request.method() != Method::CONNECT {
+        return Err(Refusal::NotConnect(request.method().clone()));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    let target: SocketAddr = authority
+        .parse()
+        .map_err(|_| Refusal::BadAuthority(authority.clone()))?;
+    if target.ip() != local.ip() {
+        return Err(Refusal::WrongAddress { target, local });
+    }
+    if ports::is_proxy_port(target.port()) {
+        return Err(Refusal::ProxyPort(target.port()));
+    }
+    Ok(target)
+}
+
+/// The original client from the `forwarded: for="ip:port"` header, else the TCP peer.
+fn original_client<B>(request: &Request<B>, peer: SocketAddr) -> SocketAddr {
+    request
+        .headers()
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.split(';')
+                .find_map(|part| part.trim().strip_prefix("for="))
+        })
+        .and_then(|v| v.trim_matches('"').parse().ok())
+        .unwrap_or(peer)
+}
+
+async fn serve_stream(
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    peer: Arc<Peer>,
+    request: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let target = match target_of(&request, peer.local) {
+        Ok(target) => target,
+        Err(refusal) => {
+            tracing::info!(pod = %pod.label, peer = %peer.addr, identity = %peer.identity, %refusal, "HBONE request refused");
+            reply(&mut respond, refusal.status());
+            return;
+        }
+    };
+    let client = original_client(&request, peer.addr);
+    let tracked = ctx
+        .connections
+        .record(Direction::Inbound, &pod.label, client, target);
+    // The 200 goes out only once the app accepted: the client learns of a refusal.
+    let app = match connect_from(&ctx, &pod.netns, Some(peer.addr.ip()), target).await {
+        Ok(app) => app,
+        Err(err) => {
+            tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");
+            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+            tracked.finish(0, 0, Some(err.to_string()));
+            return;
+        }
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(err) => {
+            tracked.finish(0, 0, Some(h2_error(err).to_string()));
+            return;
+        }
+    };
+    match bridge(app, send, request.into_body()).await {
+        // bridge counts app -> stream first; the record counts client -> app as sent.
+        Ok((from_app, to_app)) => tracked.finish(to_app, from_app, None),
+        Err(err) => tracked.finish(0, 0, Some(err.to_string())),
+    }
+}
+
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    if let Err(err) = respond.send_response(response, true) {
+        tracing::debug!(%err, "client went away before the HBONE response");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(method: Method, authority: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri(authority)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn status_codes_of_the_contract() {
+        let local: SocketAddr = "10.244.2.2:15008".parse().unwrap();
+        assert_eq!(
+            target_of(&request(Method::CONNECT, "10.244.2.2:8080"), local),
+            Ok("10.244.2.2:8080".parse().unwrap())
+        );
+        let refused = |r: Request<()>| target_of(&r, local).unwrap_err().status();
+        assert_eq!(
+            refused(request(Method::GET, "http://10.244.2.2:8080/")),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refused(request(Method::CONNECT, "10.244.2.2")),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refused(request(Method::CONNECT, "10.244.2.9:8080")),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            refused(request(Method::CONNECT, "10.244.2.2:15006")),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[test]
+    fn the_original_client_comes_from_forwarded() {
+        let peer: SocketAddr = "10.244.1.2:40000".parse().unwrap();
+        let mut r = request(Method::CONNECT, "10.244.2.2:8080");
+        assert_eq!(original_client(&r, peer), peer);
+        r.headers_mut()
+            .insert("forwarded", "for=\"10.244.1.2:51234\"".parse().unwrap());
+        assert_eq!(
+            original_client(&r, peer),
+            "10.244.1.2:51234".parse().unwrap()
+        );
+    }
+}
