@@ -243,8 +243,11 @@ impl Pods {
             }
             if install {
                 // Accepted sockets take the SYN's mark, so the app's replies to a transparent
-                // delivery socket are marked and routed back to the proxy.
+                // delivery socket are marked and routed back to the proxy; the kernel's own
+                // answers (a RST from a closed port) reflect the mark too, so a refused
+                // delivery fails at once instead of the RST leaving the pod.
                 std::fs::write("/proc/sys/net/ipv4/tcp_fwmark_accept", "1")?;
+                std::fs::write("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
             }
             Ok(())
         };

@@ -29,9 +29,9 @@ pub const ROOT_KEY_FILE: &str = "root-key.pem";
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 const ROOT_COMMON_NAME: &str = "ztunnel root CA";
 
-const STATE_DIR_HINT: &str = "remove root-cert.pem and root-key.pem from the state directory to \
-                              start a new root CA, or give ztunnel an existing CA's certificate and key";
-const OPERATOR_HINT: &str = "check the CA certificate and key files given to ztunnel";
+const STATE_DIR_HINT: &str = "remove root-cert.pem and root-key.pem from the CA directory to \
+                              start a new root CA, or pass an existing CA with --ca-cert and --ca-key";
+const OPERATOR_HINT: &str = "check the files given with --ca-cert and --ca-key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -312,7 +312,8 @@ fn set_validity(
     let start = since_epoch(not_before)?;
     let end = since_epoch(not_after)?;
     params.not_before = at(start.as_secs())?;
-    params.not_after = at(end.as_secs() + u64::from(end.subsec_nanos() > 0))?;
+    let round_up = u64::from(end.subsec_nanos() > 0);
+    params.not_after = at(end.as_secs().saturating_add(round_up))?;
     Ok(())
 }
 

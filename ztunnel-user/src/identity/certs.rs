@@ -13,6 +13,9 @@ use tokio::task::JoinHandle;
 
 /// How long the renewal task waits before trying again after the CA failed to issue.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
+/// The least time between two rounds of renewals, so that even a lifetime of zero cannot make
+/// the renewal task spin.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The current certificate of each identity in use on this node. Share it in an `Arc`.
 #[derive(Debug)]
@@ -85,7 +88,7 @@ impl CertificateStore {
                     match next {
                         Some(at) => {
                             let delay = at.duration_since(SystemTime::now()).unwrap_or_default();
-                            tokio::time::sleep(delay).await;
+                            tokio::time::sleep(delay.max(MIN_RENEWAL_INTERVAL)).await;
                         }
                         None => std::future::pending().await,
                     }

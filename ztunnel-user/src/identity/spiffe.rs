@@ -98,7 +98,7 @@ impl FromStr for Identity {
         if let Some((_, part)) = parts.iter().find(|(value, _)| value.is_empty()) {
             return Err(IdentityError::EmptyPart {
                 id: id.to_owned(),
-                part: *part,
+                part,
             });
         }
         Ok(Identity {

@@ -11,6 +11,9 @@ use tokio::net::{TcpListener, TcpStream};
 use ztunnel_common::ports;
 
 const LISTEN_BACKLOG: i32 = 1024;
+/// How long a connection to a destination (or an HBONE peer) may take before it counts as
+/// unreachable.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
@@ -125,5 +128,12 @@ pub async fn connect_from(
             .map_err(io::Error::other)?;
     }
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    socket.connect(dst).await
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {dst} timed out"),
+            )
+        })?
 }

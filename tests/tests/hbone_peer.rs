@@ -1,0 +1,194 @@
+//! Both sides of the HBONE wire contract, checked against the independent Python peer
+//! (`tests/hbone_peer/peer.py`): it drives our server as a client, and plays a node running
+//! Istio's ztunnel (pod `w1`) for our client. Its certificates are issued from the lab's
+//! shared CA with the `openssl` command line, not by our code.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use support::*;
+use ztunnel_lab::topology::{CA_DIR, STATE_DIR, TRUST_DOMAIN, workspace_root};
+use ztunnel_user::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE};
+
+fn peer_script() -> String {
+    workspace_root()
+        .join("tests/hbone_peer/peer.py")
+        .display()
+        .to_string()
+}
+
+/// A key and certificate for `spiffe_id`, signed by the lab's root with openssl.
+fn peer_certificate(name: &str, spiffe_id: &str) -> (PathBuf, PathBuf) {
+    let dir = Path::new(STATE_DIR).join("peer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, csr, cert, ext) = (
+        dir.join(format!("{name}-key.pem")),
+        dir.join(format!("{name}.csr")),
+        dir.join(format!("{name}-cert.pem")),
+        dir.join(format!("{name}.ext")),
+    );
+    std::fs::write(&ext, format!("subjectAltName=URI:{spiffe_id}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n")).unwrap();
+    let ca = Path::new(CA_DIR);
+    let root_cert = ca.join(ROOT_CERT_FILE);
+    let root_key = ca.join(ROOT_KEY_FILE);
+    let steps: [Vec<&str>; 3] = [
+        vec![
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            key.to_str().unwrap(),
+        ],
+        vec![
+            "req",
+            "-new",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/O=hbone-peer",
+            "-out",
+            csr.to_str().unwrap(),
+        ],
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            csr.to_str().unwrap(),
+            "-CA",
+            root_cert.to_str().unwrap(),
+            "-CAkey",
+            root_key.to_str().unwrap(),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            ext.to_str().unwrap(),
+            "-out",
+            cert.to_str().unwrap(),
+        ],
+    ];
+    for args in steps {
+        let output = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("running openssl");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    (cert, key)
+}
+
+fn spiffe(namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
+}
+
+#[test]
+fn our_server_follows_the_contract() {
+    let s = LabSession::start();
+    let _server = serve("b1", APP_PORT);
+    let (cert, key) = peer_certificate("client", &spiffe("legacy", "default"));
+    let b1 = s.ip("b1");
+    let a1 = s.ip("a1");
+    let checks = json!([
+        {"name": "echo", "authority": format!("{b1}:{APP_PORT}"), "expect_status": 200, "send": 3 * MIB, "expect_reply_json": true},
+        {"name": "not CONNECT", "method": "GET", "authority": format!("{b1}:{APP_PORT}"), "expect_status": 400},
+        {"name": "authority without port", "authority": b1.to_string(), "expect_status": 400},
+        {"name": "another pod's address", "authority": format!("{a1}:{APP_PORT}"), "expect_status": 400},
+        {"name": "proxy port", "authority": format!("{b1}:15006"), "expect_status": 503},
+        {"name": "nothing listens", "authority": format!("{b1}:9"), "expect_status": 503},
+    ]);
+    let spec = Path::new(STATE_DIR).join("peer").join("checks.json");
+    std::fs::write(&spec, checks.to_string()).unwrap();
+
+    // From u1, an unenrolled pod: its connection to b1:15008 is not captured anywhere.
+    let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
+    let argv = [
+        "python3",
+        &peer_script(),
+        "client",
+        "--connect",
+        &format!("{b1}:15008"),
+        "--ca",
+        root.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--expect-identity",
+        &spiffe("demo", "sa-b"),
+        "--check",
+        spec.to_str().unwrap(),
+    ];
+    let output = ztunnel_lab::exec("u1", &argv).unwrap().output().unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "peer report: {e}; stderr: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(report["ok"], true, "{report:#}");
+    assert_eq!(report["tls_version"], "TLSv1.3");
+    assert_eq!(report["alpn"], "h2");
+    assert_eq!(
+        report["checks"].as_array().unwrap().len(),
+        7,
+        "six requests and the settings check"
+    );
+}
+
+#[test]
+fn our_client_talks_to_an_istio_like_server() {
+    let s = LabSession::start();
+    let w1 = s.ip("w1");
+    let (cert, key) = peer_certificate("server", &spiffe("foreign", "default"));
+    let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
+    let argv = [
+        "python3",
+        &peer_script(),
+        "server",
+        "--listen",
+        &format!("{w1}:15008"),
+        "--ca",
+        root.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--expect-client-trust-domain",
+        TRUST_DOMAIN,
+    ];
+    let mut peer = ztunnel_lab::exec("w1", &argv)
+        .unwrap()
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(peer.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+
+    // a1's connection to w1 (an HBONE workload in the mesh config) goes over HBONE to the peer,
+    // which answers as the application would (the JSON report lab-tool expects).
+    let report = send("a1", s.addr("w1", APP_PORT), 5 * MIB);
+    assert_eq!(report.server.bytes, 5 * MIB);
+    assert_eq!(
+        report.server.peer, report.local,
+        "forwarded carried the application's client"
+    );
+    let logged: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        logged["client_identity"],
+        spiffe("demo", "sa-a"),
+        "{logged:#}"
+    );
+    assert_eq!(logged["authority"], format!("{w1}:{APP_PORT}"));
+    assert_eq!(logged["status"], 200);
+    let _ = peer.kill();
+    let _ = peer.wait();
+}
