@@ -284,3 +284,76 @@ pub fn burst(to: SocketAddrV4, connections: usize, bytes: u64, timeout: Duration
     }
     report
 }
+
+/// Echoes every connection's bytes back until it closes (the request/response benchmark's
+/// server); `on_ready` runs once the socket listens.
+pub fn echo(port: u16, on_ready: impl FnOnce()) -> Result<(), TrafficError> {
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .map_err(io_error(format!("listening on 0.0.0.0:{port}")))?;
+    on_ready();
+    for stream in listener.incoming() {
+        let mut stream = stream.map_err(io_error("accepting"))?;
+        std::thread::spawn(move || {
+            let _ = stream.set_nodelay(true);
+            let _ = stream.set_read_timeout(Some(SERVER_IDLE_TIMEOUT));
+            let mut buffer = [0u8; 4096];
+            while let Ok(read) = stream.read(&mut buffer) {
+                if read == 0 || stream.write_all(&buffer[..read]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Round-trip latencies of one warm connection, in microseconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatencyReport {
+    pub round_trips: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Size of each request and response of `round_trips`.
+const ROUND_TRIP_BYTES: usize = 64;
+
+/// Sends `ROUND_TRIP_BYTES` and waits for them to come back, again and again for `duration`
+/// on one connection (after a warm-up of 100 round trips), and reports the percentiles.
+pub fn round_trips(
+    to: SocketAddrV4,
+    duration: Duration,
+    timeout: Duration,
+) -> Result<LatencyReport, TrafficError> {
+    let mut stream = connect_marked(to, None, timeout)?;
+    stream
+        .set_nodelay(true)
+        .map_err(io_error("setting TCP_NODELAY"))?;
+    let request = [0x5au8; ROUND_TRIP_BYTES];
+    let mut response = [0u8; ROUND_TRIP_BYTES];
+    let mut one = |stream: &mut TcpStream| -> Result<Duration, TrafficError> {
+        let started = std::time::Instant::now();
+        stream
+            .write_all(&request)
+            .map_err(io_error(format!("sending to {to}")))?;
+        stream
+            .read_exact(&mut response)
+            .map_err(io_error(format!("receiving from {to}")))?;
+        Ok(started.elapsed())
+    };
+    for _ in 0..100 {
+        one(&mut stream)?;
+    }
+    let mut samples = Vec::new();
+    let deadline = std::time::Instant::now() + duration;
+    while std::time::Instant::now() < deadline {
+        samples.push(one(&mut stream)?.as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let percentile = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    Ok(LatencyReport {
+        round_trips: samples.len(),
+        p50_us: percentile(0.50),
+        p99_us: percentile(0.99),
+    })
+}

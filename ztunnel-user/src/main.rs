@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node daemon: load the capture programs and serve enrolled pods.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show the enrolled pods and the kernel counters of a running daemon.
     Status(ClientArgs),
     /// Show the connections a running daemon proxied (open and recent).
@@ -108,7 +108,7 @@ enum Format {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status(args) => show(&args, Request::Status),
         Command::Connections(args) => show(&args, Request::Connections),
     }
