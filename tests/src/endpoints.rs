@@ -2,7 +2,7 @@
 
 use crate::error::{LabError, Result};
 use crate::topology;
-use crate::traffic::{BurstReport, SendReport, ServerReport};
+use crate::traffic::{BurstReport, LatencyReport, SendReport, ServerReport};
 use serde::de::DeserializeOwned;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddrV4;
@@ -21,13 +21,22 @@ pub struct PodServer {
 }
 
 impl PodServer {
-    /// Starts the server and waits until it listens.
+    /// Starts `lab-tool serve` (hash and report each connection) and waits until it listens.
     pub fn start(pod: &str, port: u16) -> Result<PodServer> {
+        PodServer::spawn(pod, "serve", port)
+    }
+
+    /// Starts `lab-tool echo` (the request/response benchmark's server).
+    pub fn start_echo(pod: &str, port: u16) -> Result<PodServer> {
+        PodServer::spawn(pod, "echo", port)
+    }
+
+    fn spawn(pod: &str, mode: &str, port: u16) -> Result<PodServer> {
         let lab_tool = topology::binary("lab-tool")?;
         let port = port.to_string();
         let argv = [
             lab_tool.as_os_str(),
-            "serve".as_ref(),
+            mode.as_ref(),
             "--port".as_ref(),
             port.as_ref(),
         ];
@@ -35,7 +44,7 @@ impl PodServer {
         let mut child = command
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|e| LabError::io("starting lab-tool serve in pod", pod, e))?;
+            .map_err(|e| LabError::io("starting lab-tool in pod", pod, e))?;
         let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let (ready_tx, ready_rx) = channel();
         let (report_tx, reports) = channel();
@@ -56,7 +65,7 @@ impl PodServer {
         if ready_rx.recv_timeout(READY_TIMEOUT).is_err() {
             let _ = server.child.kill();
             return Err(LabError::Command {
-                command: format!("lab-tool serve --port {port} in {pod}"),
+                command: format!("lab-tool {mode} --port {port} in {pod}"),
                 detail: "did not start listening".into(),
             });
         }
@@ -123,6 +132,18 @@ pub fn burst_from(
         bytes.to_string(),
     ];
     run_lab_tool(pod, args, timeout)
+}
+
+/// Runs `lab-tool rr` inside `pod`: round trips on one warm connection to an echo server.
+pub fn round_trips_from(pod: &str, to: SocketAddrV4, duration: Duration) -> Result<LatencyReport> {
+    let args = vec![
+        "rr".to_owned(),
+        "--to".into(),
+        to.to_string(),
+        "--duration-secs".into(),
+        duration.as_secs().max(1).to_string(),
+    ];
+    run_lab_tool(pod, args, duration + Duration::from_secs(30))
 }
 
 /// Runs a `lab-tool` client command in `pod` and reads its one-line JSON report.

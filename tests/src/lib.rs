@@ -27,7 +27,7 @@ pub use cni::{CniResult, cni_add, cni_check, cni_del};
 pub use daemon::{
     DaemonOptions, daemon_log, daemon_pid, daemon_status, kill_daemon, start_daemon, stop_daemon,
 };
-pub use endpoints::{PodServer, burst_from, send_from};
+pub use endpoints::{PodServer, burst_from, round_trips_from, send_from};
 pub use error::{LabError, Result};
 pub use exec::{exec, exec_node};
 pub use state::{Lab, Node, Pod, state_path};

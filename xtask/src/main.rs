@@ -1,5 +1,6 @@
 //! Developer commands: `cargo xtask <command>`.
 
+mod bench;
 mod demo;
 mod lab;
 mod setup;
@@ -26,6 +27,9 @@ enum Command {
     /// Run the whole test suite: setup, format and lint checks, unit tests, CNI conformance,
     /// and the end-to-end tests on the lab (serially; they need root).
     Test,
+    /// Measure the mesh against the direct path on the lab (release build): cross-node
+    /// throughput and request/response latency, medians of interleaved runs.
+    Bench(bench::BenchArgs),
     /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
     Demo,
     /// The local lab: two nodes and four pods in network namespaces, wired by real CNI plugins.
@@ -41,5 +45,6 @@ fn main() -> Result<ExitCode> {
         Command::Lab { command } => lab::run(command),
         Command::Test => test::run().map(|()| ExitCode::SUCCESS),
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -60,7 +60,8 @@ pub fn run() -> Result<()> {
         &["--features", "ztunnel-common/user"],
     ]
     .concat();
-    let host = cargo("unit and CNI plugin tests", &host_tests, Some(&mut tally));
+    let host = cargo("unit and CNI plugin tests", &host_tests, Some(&mut tally))
+        .and_then(|()| python_peer_selftest(&mut tally));
     // Each end-to-end test brings up its own lab in the same fixed namespaces: one at a time.
     let lab_tests = [
         "test",
@@ -80,6 +81,37 @@ pub fn run() -> Result<()> {
     end_to_end?;
     down?;
     Ok(())
+}
+
+/// The independent HBONE peer's own tests (Python unittest, which reports on stderr).
+fn python_peer_selftest(tally: &mut Tally) -> Result<()> {
+    let script = "tests/hbone_peer/test_peer_selftest.py";
+    println!("test: independent HBONE peer self-test: python3 -m unittest {script}");
+    let output = Command::new("python3")
+        .current_dir(topology::workspace_root())
+        .args(["-m", "unittest", script])
+        .stdin(Stdio::null())
+        .output()
+        .context("running python3")?;
+    let report = String::from_utf8_lossy(&output.stderr);
+    print!("{report}");
+    let ran = report
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Ran ")?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    if output.status.success() {
+        tally.passed += ran;
+        Ok(())
+    } else {
+        tally.failed += ran.max(1);
+        bail!("the HBONE peer self-test failed ({})", output.status)
+    }
 }
 
 /// Runs cargo in the workspace; with a tally, also counts the tests its output reports.
