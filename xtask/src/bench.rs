@@ -126,17 +126,26 @@ fn measure(lab: &Lab, length: Duration) -> Result<Sample> {
 /// Single-stream throughput from the client pod to the server pod, in Gbit/s.
 fn iperf3(server_ip: std::net::Ipv4Addr, length: Duration) -> Result<f64> {
     let port = IPERF_PORT.to_string();
-    let mut server = ztunnel_lab::exec(SERVER, &["iperf3", "-s", "-1", "-p", &port])?
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting iperf3 -s")?;
-    let mut lines = BufReader::new(server.stdout.take().expect("piped")).lines();
-    // iperf3 prints its banner once it listens.
-    while let Some(line) = lines.next().transpose()? {
-        if line.contains("Server listening") {
-            break;
+    // --forceflush: the banner must reach our pipe at once, not when a buffer fills.
+    let mut server =
+        ztunnel_lab::exec(SERVER, &["iperf3", "-s", "-1", "--forceflush", "-p", &port])?
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?;
+    let stdout = server.stdout.take().expect("piped");
+    let (listening_tx, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("Server listening") {
+                let _ = listening_tx.send(());
+            }
         }
+    });
+    if listening.recv_timeout(Duration::from_secs(10)).is_err() {
+        let _ = server.kill();
+        let _ = server.wait();
+        bail!("iperf3 -s in {SERVER} did not start listening");
     }
     let seconds = length.as_secs().to_string();
     let output = ztunnel_lab::exec(
@@ -150,6 +159,8 @@ fn iperf3(server_ip: std::net::Ipv4Addr, length: Duration) -> Result<f64> {
             "-t",
             &seconds,
             "-J",
+            "--connect-timeout",
+            "5000",
         ],
     )?
     .output()
