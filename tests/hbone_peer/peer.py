@@ -349,6 +349,7 @@ class ClientSession:
     """An HTTP/2 client connection over an established TLS socket, driven in one thread."""
 
     def __init__(self, tls: ssl.SSLSocket, timeout: float) -> None:
+        self.goaway: str | None = None
         self.tls = tls
         self.timeout = timeout
         self.connection = new_h2_connection(
@@ -437,7 +438,8 @@ class ClientSession:
         elif isinstance(event, StreamReset) and state is not None:
             state.reset_code = int(event.error_code)
         elif isinstance(event, ConnectionTerminated):
-            self.closed = f"the server sent GOAWAY ({ErrorCodes(event.error_code).name})"
+            self.goaway = ErrorCodes(event.error_code).name
+            self.closed = f"the server sent GOAWAY ({self.goaway})"
 
     def handshake(self) -> dict[str, int]:
         """Waits for the server's SETTINGS, then briefly for the connection-window update
@@ -605,6 +607,21 @@ def settings_check(settings: dict[str, int], connection_window: int) -> dict[str
     )
 
 
+def await_goaway(session: "ClientSession", seconds: float) -> dict[str, Any]:
+    """Keeps the connection open until the server sends GOAWAY (as it must on shutdown)."""
+    print("awaiting GOAWAY", file=sys.stderr, flush=True)
+    saved, session.timeout = session.timeout, seconds
+    try:
+        session.wait_for(lambda: session.goaway is not None or bool(session.closed), "a GOAWAY")
+    except PeerError as error:
+        return check_result("goaway", False, str(error))
+    finally:
+        session.timeout = saved
+    if session.goaway is None:
+        return check_result("goaway", False, f"the connection ended without GOAWAY ({session.closed})")
+    return check_result("goaway", True, f"GOAWAY with {session.goaway}")
+
+
 def run_client(args: argparse.Namespace) -> int:
     checks = load_spec(args.check)
     context = tls_context("client", args.ca, args.cert, args.key)
@@ -683,6 +700,8 @@ def run_over_tls(
     report["checks"].append(
         settings_check(report["settings"], report["settings"]["connection_window"])
     )
+    if args.await_goaway is not None:
+        report["checks"].append(await_goaway(session, args.await_goaway))
     if not session.closed:
         session.connection.close_connection()
         session.flush_quietly()
@@ -1039,6 +1058,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--check", required=True, metavar="SPEC.json",
                         help="JSON list of requests: {name, method, authority, expect_status, "
                         "send, expect_reply_json, headers}")
+    client.add_argument("--await-goaway", type=positive_float, metavar="SECONDS",
+                        help="after the checks, print 'awaiting GOAWAY' on stderr and wait up to "
+                        "SECONDS for the server to send GOAWAY (one more check)")
     client.set_defaults(run=run_client)
 
     server = modes.add_parser(

@@ -192,3 +192,63 @@ fn our_client_talks_to_an_istio_like_server() {
     let _ = peer.kill();
     let _ = peer.wait();
 }
+
+#[test]
+fn our_server_says_goaway_when_the_daemon_stops() {
+    let s = LabSession::start();
+    let _server = serve("b1", APP_PORT);
+    let (cert, key) = peer_certificate("client", &spiffe("legacy", "default"));
+    let b1 = s.ip("b1");
+    let checks = json!([{"name": "echo", "authority": format!("{b1}:{APP_PORT}"), "expect_status": 200, "send": 1024, "expect_reply_json": true}]);
+    let spec = Path::new(STATE_DIR).join("peer").join("goaway.json");
+    std::fs::write(&spec, checks.to_string()).unwrap();
+    let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
+    let argv = [
+        "python3",
+        &peer_script(),
+        "client",
+        "--connect",
+        &format!("{b1}:15008"),
+        "--ca",
+        root.to_str().unwrap(),
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--expect-identity",
+        &spiffe("demo", "sa-b"),
+        "--check",
+        spec.to_str().unwrap(),
+        "--await-goaway",
+        "20",
+    ];
+    let mut peer = ztunnel_lab::exec("u1", &argv)
+        .unwrap()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(peer.stderr.take().unwrap());
+    let mut waiting = false;
+    for line in stderr.lines().map_while(Result::ok) {
+        if line.contains("awaiting GOAWAY") {
+            waiting = true;
+            break;
+        }
+    }
+    assert!(waiting, "the peer ran its checks and holds the connection");
+    ztunnel_lab::stop_daemon("node2").expect("SIGTERM to node2's daemon");
+    let output = peer.wait_with_output().unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let goaway = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "goaway")
+        .cloned();
+    assert_eq!(
+        goaway.as_ref().map(|c| c["ok"].clone()),
+        Some(Value::Bool(true)),
+        "{report:#}"
+    );
+}

@@ -125,7 +125,8 @@ impl MeshConfig {
                 if value.is_empty() {
                     return Err(invalid(format!("field {field} must not be empty")));
                 }
-                if value.contains('/') {
+                let in_spiffe_id = matches!(field, "namespace" | "serviceAccount" | "trustDomain");
+                if in_spiffe_id && value.contains('/') {
                     return Err(invalid(format!(
                         "field {field} must not contain '/' (it is part of a SPIFFE id)"
                     )));

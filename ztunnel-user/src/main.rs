@@ -105,6 +105,10 @@ enum Format {
     Json,
 }
 
+/// How long shutdown waits for HBONE connections to close after their GOAWAY. (Draining
+/// open streams to a deadline is the drain feature's work.)
+const GOAWAY_GRACE: Duration = Duration::from_secs(2);
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -149,6 +153,7 @@ fn run(args: RunArgs) -> Result<()> {
         let roots = ca.roots();
         let store = Arc::new(CertificateStore::new(Arc::new(ca), Duration::from_secs(args.cert_lifetime_secs)));
         store.clone().spawn_renewal();
+        let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let pool = Arc::new(Pool::default());
         pool.spawn_idle_release();
         let ctx = Arc::new(ProxyContext {
@@ -160,8 +165,11 @@ fn run(args: RunArgs) -> Result<()> {
             trust_domain: args.trust_domain,
             tls: Mtls { store, roots },
             pool,
+            shutdown: shutdown_rx,
+            hbone_connections: Default::default(),
             local_pods: Default::default(),
         });
+        let drained = ctx.clone();
         let listener = api_server::bind(&args.api_socket)?;
         let server = Arc::new(ApiServer {
             node: args.node.clone(),
@@ -174,6 +182,12 @@ fn run(args: RunArgs) -> Result<()> {
             signal = shutdown_signal() => {
                 tracing::info!(signal, "shutting down; enrolled pods stay captured (their connections are refused until ztunnel is back)");
             }
+        }
+        // Tell HBONE peers (GOAWAY) and give the connections a moment to say it.
+        let _ = shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + GOAWAY_GRACE;
+        while drained.hbone_connections.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = std::fs::remove_file(&args.api_socket);
         anyhow::Ok(())

@@ -43,22 +43,51 @@ where
         }
     };
     let peer = Arc::new(peer);
-    while let Some(stream) = connection.accept().await {
-        match stream {
-            Ok((request, respond)) => {
-                tokio::spawn(serve_stream(
-                    ctx.clone(),
-                    pod.clone(),
-                    peer.clone(),
-                    request,
-                    respond,
-                ));
-            }
-            Err(err) => {
-                tracing::debug!(pod = %pod.label, peer = %peer.addr, %err, "HBONE connection ended");
-                break;
+    let _open = ctx.hbone_connections.open();
+    let mut shutdown = ctx.shutdown.clone();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            stream = connection.accept() => match stream {
+                Some(Ok((request, respond))) => {
+                    tokio::spawn(serve_stream(ctx.clone(), pod.clone(), peer.clone(), request, respond));
+                }
+                Some(Err(err)) => {
+                    tracing::debug!(pod = %pod.label, peer = %peer.addr, %err, "HBONE connection ended");
+                    break;
+                }
+                None => break,
+            },
+            // On shutdown: GOAWAY, then keep serving the open streams until they end.
+            _ = shutdown.wait_for(|stop| *stop), if !draining => {
+                connection.graceful_shutdown();
+                draining = true;
             }
         }
+    }
+}
+
+/// Counts open HBONE server connections, so shutdown can wait for their GOAWAY to go out.
+#[derive(Default)]
+pub struct OpenConnections(std::sync::atomic::AtomicUsize);
+
+/// One open connection; dropping it closes the count.
+pub struct OpenConnection<'a>(&'a OpenConnections);
+
+impl OpenConnections {
+    pub fn open(&self) -> OpenConnection<'_> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        OpenConnection(self)
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -37,6 +37,9 @@ pub struct ProxyContext {
     pub trust_domain: String,
     pub tls: Mtls,
     pub pool: Arc<Pool>,
+    /// Becomes true when the daemon shuts down (HBONE servers send GOAWAY).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub hbone_connections: crate::hbone::server::OpenConnections,
     /// Pods enrolled on this node, by address (the same-node path).
     pub local_pods: RwLock<HashMap<IpAddr, Arc<PodProxy>>>,
 }
