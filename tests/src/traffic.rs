@@ -2,13 +2,15 @@
 //! a client that streams deterministic bytes and checks the server saw exactly those.
 
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn, connect, setsockopt, socket, sockopt,
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt,
+    socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 const CHUNK: usize = 256 * 1024;
@@ -92,9 +94,7 @@ fn hex(digest: &[u8]) -> String {
 /// Listens on 0.0.0.0:`port` and reports every connection (to the client and to stdout);
 /// `on_ready` runs once the socket listens. With `once`, returns after the first connection.
 pub fn serve(port: u16, once: bool, on_ready: impl FnOnce()) -> Result<(), TrafficError> {
-    // std sets SO_REUSEADDR on listening sockets, so a restarted server can rebind at once.
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .map_err(io_error(format!("listening on 0.0.0.0:{port}")))?;
+    let listener = listen_all(port)?;
     on_ready();
     for stream in listener.incoming() {
         let stream = stream.map_err(io_error("accepting"))?;
@@ -211,6 +211,31 @@ fn exchange(
     })
 }
 
+/// Listens on 0.0.0.0:`port` with SO_REUSEADDR (a restarted server rebinds at once) and a
+/// backlog deep enough for the tests' bursts of a thousand simultaneous connections.
+fn listen_all(port: u16) -> Result<TcpListener, TrafficError> {
+    let what = format!("listening on 0.0.0.0:{port}");
+    let nix_error = |cause: nix::errno::Errno| TrafficError::Io {
+        what: what.clone(),
+        cause: cause.into(),
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(nix_error)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(nix_error)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port)),
+    )
+    .map_err(nix_error)?;
+    listen(&fd, Backlog::new(4096).map_err(nix_error)?).map_err(nix_error)?;
+    Ok(TcpListener::from(fd))
+}
+
 /// std cannot set a socket option between socket() and connect(), so the socket is made here.
 fn connect_marked(
     to: SocketAddrV4,
@@ -288,8 +313,7 @@ pub fn burst(to: SocketAddrV4, connections: usize, bytes: u64, timeout: Duration
 /// Echoes every connection's bytes back until it closes (the request/response benchmark's
 /// server); `on_ready` runs once the socket listens.
 pub fn echo(port: u16, on_ready: impl FnOnce()) -> Result<(), TrafficError> {
-    let listener = TcpListener::bind(("0.0.0.0", port))
-        .map_err(io_error(format!("listening on 0.0.0.0:{port}")))?;
+    let listener = listen_all(port)?;
     on_ready();
     for stream in listener.incoming() {
         let mut stream = stream.map_err(io_error("accepting"))?;
