@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 try:
     from h2.config import H2Configuration
-    from h2.connection import H2Connection
+    from h2.connection import ConnectionState, H2Connection
     from h2.errors import ErrorCodes
     from h2.events import (
         ConnectionTerminated,
@@ -401,6 +401,11 @@ class ClientSession:
             try:
                 events = self.connection.receive_data(data)
             except ProtocolError as error:
+                # python-h2 closes the connection on receiving GOAWAY and then rejects frames
+                # a server may legitimately still send (the PING of a graceful shutdown), losing
+                # the GOAWAY event with them. A closed state we did not cause means GOAWAY came.
+                if self.goaway is None and self.connection.state_machine.state == ConnectionState.CLOSED:
+                    self.goaway = "received (followed by a frame python-h2 rejects after GOAWAY)"
                 self.closed = f"HTTP/2 protocol error from the server: {error}"
                 self.flush_quietly()
                 continue
