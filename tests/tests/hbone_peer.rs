@@ -90,11 +90,39 @@ fn spiffe(namespace: &str, service_account: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
 }
 
+/// The peer as a client in u1 (an unenrolled pod: its connection to b1:15008 is not captured
+/// anywhere), with its own certificate, running `checks` against b1's HBONE server.
+fn peer_client_against_b1(s: &LabSession, checks: Value, extra: &[&str]) -> std::process::Command {
+    let (cert, key) = peer_certificate("client", &spiffe("legacy", "default"));
+    let spec = Path::new(STATE_DIR).join("peer").join("checks.json");
+    std::fs::write(&spec, checks.to_string()).unwrap();
+    let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
+    let b1 = s.ip("b1");
+    let mut argv = vec![
+        "python3".to_owned(),
+        peer_script(),
+        "client".into(),
+        "--connect".into(),
+        format!("{b1}:15008"),
+        "--ca".into(),
+        root.display().to_string(),
+        "--cert".into(),
+        cert.display().to_string(),
+        "--key".into(),
+        key.display().to_string(),
+        "--expect-identity".into(),
+        spiffe("demo", "sa-b"),
+        "--check".into(),
+        spec.display().to_string(),
+    ];
+    argv.extend(extra.iter().map(|a| a.to_string()));
+    ztunnel_lab::exec("u1", &argv).unwrap()
+}
+
 #[test]
 fn our_server_follows_the_contract() {
     let s = LabSession::start();
     let _server = serve("b1", APP_PORT);
-    let (cert, key) = peer_certificate("client", &spiffe("legacy", "default"));
     let b1 = s.ip("b1");
     let a1 = s.ip("a1");
     let checks = json!([
@@ -105,29 +133,7 @@ fn our_server_follows_the_contract() {
         {"name": "proxy port", "authority": format!("{b1}:15006"), "expect_status": 503},
         {"name": "nothing listens", "authority": format!("{b1}:9"), "expect_status": 503},
     ]);
-    let spec = Path::new(STATE_DIR).join("peer").join("checks.json");
-    std::fs::write(&spec, checks.to_string()).unwrap();
-
-    // From u1, an unenrolled pod: its connection to b1:15008 is not captured anywhere.
-    let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
-    let argv = [
-        "python3",
-        &peer_script(),
-        "client",
-        "--connect",
-        &format!("{b1}:15008"),
-        "--ca",
-        root.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--expect-identity",
-        &spiffe("demo", "sa-b"),
-        "--check",
-        spec.to_str().unwrap(),
-    ];
-    let output = ztunnel_lab::exec("u1", &argv).unwrap().output().unwrap();
+    let output = peer_client_against_b1(&s, checks, &[]).output().unwrap();
     let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "peer report: {e}; stderr: {}",
@@ -197,33 +203,9 @@ fn our_client_talks_to_an_istio_like_server() {
 fn our_server_says_goaway_when_the_daemon_stops() {
     let s = LabSession::start();
     let _server = serve("b1", APP_PORT);
-    let (cert, key) = peer_certificate("client", &spiffe("legacy", "default"));
     let b1 = s.ip("b1");
     let checks = json!([{"name": "echo", "authority": format!("{b1}:{APP_PORT}"), "expect_status": 200, "send": 1024, "expect_reply_json": true}]);
-    let spec = Path::new(STATE_DIR).join("peer").join("goaway.json");
-    std::fs::write(&spec, checks.to_string()).unwrap();
-    let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
-    let argv = [
-        "python3",
-        &peer_script(),
-        "client",
-        "--connect",
-        &format!("{b1}:15008"),
-        "--ca",
-        root.to_str().unwrap(),
-        "--cert",
-        cert.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--expect-identity",
-        &spiffe("demo", "sa-b"),
-        "--check",
-        spec.to_str().unwrap(),
-        "--await-goaway",
-        "20",
-    ];
-    let mut peer = ztunnel_lab::exec("u1", &argv)
-        .unwrap()
+    let mut peer = peer_client_against_b1(&s, checks, &["--await-goaway", "20"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
