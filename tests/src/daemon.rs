@@ -152,12 +152,6 @@ pub fn stop_daemon(node: &str) -> Result<()> {
     }
 }
 
-/// The whole log of the node's daemon (kept across restarts within one `up`).
-pub fn daemon_log(node: &str) -> Result<String> {
-    let path = topology::node_spec(node)?.log_path();
-    std::fs::read_to_string(&path).map_err(|e| LabError::io("reading", path, e))
-}
-
 /// The pid of the node's daemon, if it is running.
 pub fn daemon_pid(node: &str) -> Option<u32> {
     let node = topology::node_spec(node).ok()?;

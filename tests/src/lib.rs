@@ -25,7 +25,7 @@ pub mod traffic;
 pub use bringup::{up, up_with, up_without_ztunnel};
 pub use cni::{CniResult, cni_add, cni_check, cni_del};
 pub use daemon::{
-    DaemonOptions, daemon_log, daemon_pid, daemon_status, kill_daemon, start_daemon, stop_daemon,
+    DaemonOptions, daemon_pid, daemon_status, kill_daemon, start_daemon, stop_daemon,
 };
 pub use endpoints::{PodServer, burst_from, round_trips_from, send_from};
 pub use error::{LabError, Result};

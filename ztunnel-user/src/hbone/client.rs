@@ -169,20 +169,6 @@ impl Pool {
         Ok(StreamSlot(connection))
     }
 
-    /// How many live connections the pool holds for `key`.
-    pub fn connection_count(&self, key: &PoolKey) -> usize {
-        let all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        all.get(key)
-            .and_then(|e| {
-                e.try_lock().ok().map(|c| {
-                    c.iter()
-                        .filter(|c| !c.closed.load(Ordering::Acquire))
-                        .count()
-                })
-            })
-            .unwrap_or(0)
-    }
-
     /// Closes connections without streams that have been idle for `POOL_IDLE_TIMEOUT`.
     pub fn release_idle(&self) {
         let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
