@@ -29,6 +29,12 @@ pub fn status() -> Result<()> {
         },
         state_path().display()
     );
+    if lab.with_ztunnel {
+        println!(
+            "mesh config {} (every node's daemon runs from it)",
+            crate::topology::MESH_CONFIG
+        );
+    }
     println!();
     for node in &lab.nodes {
         let daemon = match daemon::daemon_pid(&node.name) {
