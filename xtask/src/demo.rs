@@ -11,10 +11,22 @@ const BYTES: u64 = 10 * 1024 * 1024;
 
 /// (client, server, what it shows)
 const TRANSFERS: [(&str, &str, &str); 4] = [
-    ("a1", "b1", "cross node, captured on both sides"),
-    ("a1", "a2", "same node, captured on both sides"),
+    (
+        "a1",
+        "b1",
+        "cross node: captured, carried over HBONE (mTLS), delivered into b1",
+    ),
+    (
+        "a1",
+        "a2",
+        "same node: captured, delivered straight into a2",
+    ),
     ("u1", "b1", "unenrolled client to an enrolled pod"),
-    ("a1", "u1", "enrolled client to an unenrolled pod"),
+    (
+        "a1",
+        "u1",
+        "enrolled client to a pod outside the mesh (plain TCP)",
+    ),
 ];
 
 pub fn run() -> Result<()> {
