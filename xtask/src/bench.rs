@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddrV4;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 use ztunnel_lab::{Lab, PodServer, round_trips_from, topology};
 
@@ -56,7 +56,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "--runs and --seconds must be at least 1"
     );
     crate::setup::run()?;
-    build_release()?;
+    crate::lab::build_binaries(false, true)?;
     let bin_dir = topology::workspace_root().join("target/release");
     // SAFETY: set before any thread is started; the lab reads it to find the binaries.
     unsafe { std::env::set_var("ZTUNNEL_BIN_DIR", &bin_dir) };
@@ -86,27 +86,6 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("hbone.md"), &report)?;
     println!("bench: written to {}", out.join("hbone.md").display());
-    Ok(())
-}
-
-fn build_release() -> Result<()> {
-    println!("bench: cargo build --release -p ztunnel-user -p ztunnel-lab --bins");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(topology::workspace_root())
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "ztunnel-user",
-            "-p",
-            "ztunnel-lab",
-            "--bins",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("release build failed ({status})");
-    }
     Ok(())
 }
 

@@ -39,7 +39,7 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             without_ztunnel,
         } => {
             if !no_build {
-                build_binaries(without_ztunnel)?;
+                build_binaries(without_ztunnel, false)?;
             }
             if without_ztunnel {
                 ztunnel_lab::up_without_ztunnel()?;
@@ -59,18 +59,21 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
 
 /// The binaries `up` runs. A plain-network lab needs no ztunnel, so it also needs no eBPF
 /// toolchain.
-pub fn build_binaries(without_ztunnel: bool) -> Result<()> {
-    let mut packages = vec!["-p", "ztunnel-lab"];
+/// `release` builds the optimized binaries (for benchmarks) instead of the debug ones.
+pub fn build_binaries(without_ztunnel: bool, release: bool) -> Result<()> {
+    let mut args = vec!["build", "-p", "ztunnel-lab"];
     if !without_ztunnel {
-        packages.extend(["-p", "ztunnel-user"]);
+        args.extend(["-p", "ztunnel-user"]);
+    }
+    args.push("--bins");
+    if release {
+        args.push("--release");
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    println!("up: cargo build {} --bins", packages.join(" "));
+    println!("cargo {}", args.join(" "));
     let status = Command::new(cargo)
         .current_dir(topology::workspace_root())
-        .arg("build")
-        .args(&packages)
-        .arg("--bins")
+        .args(&args)
         .status()
         .context("running cargo build")?;
     if !status.success() {

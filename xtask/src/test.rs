@@ -51,7 +51,7 @@ pub fn run() -> Result<()> {
         "warnings",
     ];
     cargo("clippy", &clippy, None)?;
-    crate::lab::build_binaries(false)?;
+    crate::lab::build_binaries(false, false)?;
 
     let mut tally = Tally::default();
     let host_tests = [

@@ -3,7 +3,7 @@
 
 use crate::identity::Identity;
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -83,6 +83,12 @@ fn default_trust_domain() -> String {
 pub struct MeshConfig {
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// Index into `workloads` by address and by uid, built by `parse`: every proxied
+    /// connection looks its destination up here.
+    #[serde(skip)]
+    by_ip: HashMap<IpAddr, usize>,
+    #[serde(skip)]
+    by_uid: HashMap<String, usize>,
 }
 
 impl MeshConfig {
@@ -96,12 +102,18 @@ impl MeshConfig {
 
     /// Parses and validates; `path` only names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<MeshConfig, ConfigError> {
-        let config: MeshConfig =
+        let mut config: MeshConfig =
             serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
                 path: path.to_owned(),
                 source,
             })?;
         config.validate(path)?;
+        for (index, workload) in config.workloads.iter().enumerate() {
+            config.by_uid.insert(workload.uid.clone(), index);
+            config
+                .by_ip
+                .extend(workload.workload_ips.iter().map(|ip| (*ip, index)));
+        }
         Ok(config)
     }
 
@@ -155,11 +167,11 @@ impl MeshConfig {
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.workloads.iter().find(|w| w.workload_ips.contains(&ip))
+        self.by_ip.get(&ip).map(|&index| &self.workloads[index])
     }
 
     pub fn workload_by_uid(&self, uid: &str) -> Option<&Workload> {
-        self.workloads.iter().find(|w| w.uid == uid)
+        self.by_uid.get(uid).map(|&index| &self.workloads[index])
     }
 }
 

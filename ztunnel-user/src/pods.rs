@@ -100,12 +100,14 @@ impl Pods {
         let families = families(&spec.ips);
 
         self.set_delivery_routing(&netns, &families, true)?;
+        let identity = self.ctx.identity_of(&spec.uid, &spec.namespace);
         let pod = Arc::new(PodProxy {
             name: spec.name.clone(),
             namespace: spec.namespace.clone(),
             label: label.clone(),
             netns,
-            identity: self.ctx.identity_of(&spec.uid, &spec.namespace),
+            hbone_acceptor: self.ctx.tls.acceptor(&identity),
+            identity,
         });
         let attached = self.attach(&spec, &pod, netns_cookie, &cgroup_dir);
         let (links, serving) = match attached {

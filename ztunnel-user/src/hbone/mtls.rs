@@ -34,20 +34,28 @@ impl Mtls {
         TlsConnector::from(config).connect(name, tcp).await
     }
 
-    /// The server handshake as `local`; returns the stream and the client's identity.
-    pub async fn accept(
-        &self,
-        local: &Identity,
-        tcp: TcpStream,
-    ) -> io::Result<(server::TlsStream<TcpStream>, Identity)> {
-        let config = server_config(self.store.clone(), local.clone(), self.roots.clone());
-        let tls = TlsAcceptor::from(config).accept(tcp).await?;
-        let identity = peer_identity(tls.get_ref().1).ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "client presented no SPIFFE identity",
-            )
-        })?;
-        Ok((tls, identity))
+    /// The server side as `local`: built once per pod (the certificate itself is resolved per
+    /// handshake, so rotation needs no new acceptor).
+    pub fn acceptor(&self, local: &Identity) -> TlsAcceptor {
+        TlsAcceptor::from(server_config(
+            self.store.clone(),
+            local.clone(),
+            self.roots.clone(),
+        ))
     }
+}
+
+/// The server handshake; returns the stream and the client's identity.
+pub async fn accept(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+) -> io::Result<(server::TlsStream<TcpStream>, Identity)> {
+    let tls = acceptor.accept(tcp).await?;
+    let identity = peer_identity(tls.get_ref().1).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "client presented no SPIFFE identity",
+        )
+    })?;
+    Ok((tls, identity))
 }

@@ -5,6 +5,7 @@ use super::relay::relay;
 use super::sockets::connect_from;
 use super::{PodProxy, ProxyContext};
 use crate::api::Direction;
+use crate::hbone::mtls::accept;
 use crate::hbone::server::{Peer, serve_connection};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,7 +57,7 @@ pub(super) async fn handle_hbone(
             return;
         }
     };
-    match ctx.tls.accept(&pod.identity, stream).await {
+    match accept(&pod.hbone_acceptor, stream).await {
         Ok((tls, identity)) => {
             let peer = Peer {
                 addr: client,

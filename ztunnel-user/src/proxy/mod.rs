@@ -75,6 +75,8 @@ pub struct PodProxy {
     pub label: String,
     pub netns: Netns,
     pub identity: Identity,
+    /// The mTLS server side of the pod's 15008, as `identity`.
+    pub hbone_acceptor: tokio_rustls::TlsAcceptor,
 }
 
 impl PodProxy {
