@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """An independent HBONE peer: HTTP/2 CONNECT over mutual TLS 1.3, as Istio's ztunnel speaks it.
 
-Two modes (run with --help for details):
+Three modes (run with --help for details):
 
   client  connects to an HBONE server, checks its TLS identity and HTTP/2 SETTINGS, then runs
           the requests listed in a JSON spec file and prints one JSON report on stdout.
   server  accepts HBONE connections the way Istio's ztunnel does and, for every accepted
           CONNECT stream, plays the application: it reads the stream to its end, hashes the
           bytes and answers with one JSON line.
+  waypoint  plays an Istio waypoint as far as L4 goes: accepts HBONE connections like the
+          server mode, and relays each accepted CONNECT stream over a new HBONE connection of
+          its own to the workload its authority routes to (--route), both ways, passing on
+          END_STREAM and RST_STREAM; prints one JSON line per stream.
 
 It shares no code with the project's Rust proxy, so the end-to-end tests can hold the proxy
 against a second, separately written implementation of the same contract.
@@ -19,8 +23,10 @@ import argparse
 import hashlib
 import ipaddress
 import json
+import queue
 import re
 import secrets
+import selectors
 import socket
 import ssl
 import sys
@@ -59,6 +65,18 @@ MAX_CONCURRENT_STREAMS = 200
 CONNECTION_WINDOW = 16 * 1024 * 1024
 # The window every HTTP/2 connection starts with (RFC 9113, section 6.9.2).
 DEFAULT_CONNECTION_WINDOW = 65_535
+
+# The first SETTINGS frame of each side of a ztunnel HBONE connection.
+CLIENT_SETTINGS = {
+    SettingCodes.ENABLE_PUSH: 0,
+    SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW_SIZE,
+    SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+}
+SERVER_SETTINGS = {
+    SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW_SIZE,
+    SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+    SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+}
 
 # Ports of ztunnel itself: a CONNECT to one of them is answered 503.
 PROXY_PORTS = frozenset({15000, 15001, 15006, 15008, 15020, 15021, 15053})
@@ -147,6 +165,13 @@ def plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+def address_port(text: str) -> int:
+    """argparse type for a TCP port, 1-65535."""
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
 
 
 def positive_float(text: str) -> float:
@@ -352,14 +377,7 @@ class ClientSession:
         self.goaway: str | None = None
         self.tls = tls
         self.timeout = timeout
-        self.connection = new_h2_connection(
-            client_side=True,
-            settings={
-                SettingCodes.ENABLE_PUSH: 0,
-                SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW_SIZE,
-                SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            },
-        )
+        self.connection = new_h2_connection(client_side=True, settings=CLIENT_SETTINGS)
         self.responses: dict[int, ResponseState] = {}
         # The parameters of the server's first SETTINGS frame, once received.
         self.server_settings: dict[str, int] | None = None
@@ -718,10 +736,11 @@ def run_over_tls(
 
 
 class Output:
-    """Line-at-a-time output shared by the connection threads."""
+    """Line-at-a-time output shared by the connection threads; `mode` prefixes errors."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "server") -> None:
         self._lock = threading.Lock()
+        self._prefix = f"peer.py {mode}: "
 
     def line(self, text: str) -> None:
         with self._lock:
@@ -732,7 +751,7 @@ class Output:
 
     def error(self, text: str) -> None:
         with self._lock:
-            print(f"peer.py server: {text}", file=sys.stderr, flush=True)
+            print(f"{self._prefix}{text}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -778,6 +797,16 @@ def header_problem(headers: dict[str, str]) -> str | None:
     if set(match.group(1)) == {"0"} or set(match.group(2)) == {"0"}:
         return f"traceparent {headers['traceparent']!r} has an all-zero id"
     return None
+
+
+def split_headers(header_list: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """(pseudo-headers, other headers) of a request; repeated headers are joined with commas."""
+    pseudo = {name: value for name, value in header_list if name.startswith(":")}
+    headers: dict[str, str] = {}
+    for name, value in header_list:
+        if not name.startswith(":"):
+            headers[name] = f"{headers[name]},{value}" if name in headers else value
+    return pseudo, headers
 
 
 def decide(method: str, authority: str, headers: dict[str, str], local_ip: str,
@@ -833,14 +862,7 @@ class ServerConnection:
         self.config = config
         self.output = output
         self.local_ip = str(plain_ip(str(tls.getsockname()[0])))
-        self.connection = new_h2_connection(
-            client_side=False,
-            settings={
-                SettingCodes.INITIAL_WINDOW_SIZE: INITIAL_WINDOW_SIZE,
-                SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-            },
-        )
+        self.connection = new_h2_connection(client_side=False, settings=SERVER_SETTINGS)
         self.streams: dict[int, InboundStream] = {}
         self.outbound: dict[int, Outbound] = {}
         self.closing = False
@@ -893,11 +915,7 @@ class ServerConnection:
             self.closing = True
 
     def on_request(self, stream_id: int, header_list: list[tuple[str, str]]) -> None:
-        pseudo = {name: value for name, value in header_list if name.startswith(":")}
-        headers: dict[str, str] = {}
-        for name, value in header_list:
-            if not name.startswith(":"):
-                headers[name] = f"{headers[name]},{value}" if name in headers else value
+        pseudo, headers = split_headers(header_list)
         method = pseudo.get(":method", "")
         authority = pseudo.get(":authority", "")
         status, reason = decide(method, authority, headers, self.local_ip, self.config)
@@ -961,9 +979,10 @@ class ServerConnection:
         })
 
 
-def accept_tls(raw: socket.socket, context: ssl.SSLContext, config: ServerConfig) -> tuple[ssl.SSLSocket, str]:
+def accept_tls(raw: socket.socket, context: ssl.SSLContext, trust_domain: str,
+               timeout: float) -> tuple[ssl.SSLSocket, str]:
     """The TLS handshake and the checks ztunnel makes of a client; returns (socket, identity)."""
-    raw.settimeout(config.timeout)
+    raw.settimeout(timeout)
     try:
         tls = context.wrap_socket(raw, server_side=True)
     except OSError as error:
@@ -974,22 +993,27 @@ def accept_tls(raw: socket.socket, context: ssl.SSLContext, config: ServerConfig
         raise PeerError(f"the client did not negotiate ALPN h2 (got {alpn!r})")
     identities = uri_sans(tls.getpeercert())
     domains = [spiffe_trust_domain(uri) for uri in identities]
-    if config.trust_domain not in domains:
+    if trust_domain not in domains:
         tls.close()
         raise PeerError(f"client identity {identities or 'missing'} is not in trust domain "
-                        f"{config.trust_domain}")
-    return tls, identities[domains.index(config.trust_domain)]
+                        f"{trust_domain}")
+    return tls, identities[domains.index(trust_domain)]
+
+
+# Serves one connection that passed accept_tls: (TLS socket, client "ip:port", identity).
+ConnectionHandler = Callable[[ssl.SSLSocket, str, str], None]
 
 
 def handle_connection(raw: socket.socket, address: tuple[Any, ...], context: ssl.SSLContext,
-                      config: ServerConfig, output: Output) -> bool:
+                      trust_domain: str, timeout: float, output: Output,
+                      serve: ConnectionHandler) -> bool:
     """Serves one accepted connection; returns whether it went through TLS and HTTP/2."""
     client = socket_address(address)
     try:
         with raw:
-            tls, identity = accept_tls(raw, context, config)
+            tls, identity = accept_tls(raw, context, trust_domain, timeout)
             with tls:
-                ServerConnection(tls, client, identity, config, output).serve()
+                serve(tls, client, identity)
         return True
     except PeerError as error:
         output.error(f"{client}: refused: {error}")
@@ -1004,7 +1028,18 @@ def run_server(args: argparse.Namespace) -> int:
     context = tls_context("server", args.ca, args.cert, args.key)
     config = ServerConfig(args.expect_client_trust_domain, frozenset(args.deny_port),
                           args.timeout)
-    output = Output()
+    output = Output("server")
+
+    def serve(tls: ssl.SSLSocket, client: str, identity: str) -> None:
+        ServerConnection(tls, client, identity, config, output).serve()
+
+    return listen_and_serve(args, context, output, serve)
+
+
+def listen_and_serve(args: argparse.Namespace, context: ssl.SSLContext, output: Output,
+                     serve: ConnectionHandler) -> int:
+    """Listens on --listen, prints `ready`, then serves each connection in its own thread
+    (or only the first one, with --once)."""
     ip, port = args.listen
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
     try:
@@ -1017,13 +1052,641 @@ def run_server(args: argparse.Namespace) -> int:
         output.line("ready")
         while True:
             raw, address = listener.accept()
-            if args.once:
-                return 0 if handle_connection(raw, address, context, config, output) else 1
-            threading.Thread(
-                target=handle_connection,
-                args=(raw, address, context, config, output),
-                daemon=True,
-            ).start()
+            connection_args = (raw, address, context, args.expect_client_trust_domain,
+                               args.timeout, output, serve)
+            if getattr(args, "once", False):
+                return 0 if handle_connection(*connection_args) else 1
+            threading.Thread(target=handle_connection, args=connection_args, daemon=True).start()
+
+
+# ---------------------------------------------------------------------------------------------
+# Waypoint mode
+# ---------------------------------------------------------------------------------------------
+
+# How much of a buffer one non-blocking TLS write hands to OpenSSL.
+SEND_SIZE = 256 * 1024
+# The downstream stream ID 1 is the only stream of each upstream connection.
+UPSTREAM_STREAM = 1
+
+
+def error_name(code: int) -> str:
+    """"CANCEL" for an HTTP/2 error code; hex for codes RFC 9113 does not define."""
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"0x{code:x}"
+
+
+@dataclass(frozen=True)
+class WaypointConfig:
+    trust_domain: str
+    # Normalised "ip:port" authority -> (ip, port) of the workload it is relayed to.
+    routes: dict[str, tuple[str, int]]
+    upstream_port: int
+    timeout: float
+
+
+def route_argument(text: str) -> tuple[str, tuple[str, int]]:
+    """argparse type for --route AUTHORITY=IP:PORT; returns (normalised authority, upstream)."""
+    authority, equals, upstream = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"{text!r} is not AUTHORITY=IP:PORT")
+    parse = address_argument(False)
+    ip, port = parse(authority)
+    return format_address(ip, port), parse(upstream)
+
+
+def waypoint_decision(method: str, authority: str,
+                      headers: dict[str, str]) -> tuple[int, str, tuple[str, int] | None]:
+    """(status, reason, authority as (ip, port)) for a request to the waypoint. Unlike
+    ztunnel, any destination IP is fine: a waypoint is sent the original destination."""
+    if method != "CONNECT":
+        return 400, f"method {method} is not CONNECT", None
+    try:
+        ip, port = parse_host_port(authority)
+    except ValueError as error:
+        return 400, f"bad authority: {error}", None
+    if port is None:
+        return 400, f"authority {authority!r} has no port", None
+    problem = header_problem(headers)
+    if problem:
+        return 400, problem, None
+    return 200, "accepted", (ip, port)
+
+
+def next_traceparent(incoming: str) -> str:
+    """A traceparent for the next hop: the same trace, a new parent span, the same flags."""
+    match = TRACEPARENT.match(incoming)
+    assert match is not None  # header_problem() accepted it
+    return f"00-{match.group(1)}-{secrets.token_hex(8)}-{match.group(3)}"
+
+
+@dataclass
+class UpstreamLeg:
+    """The waypoint's own HBONE connection to an upstream, carrying one CONNECT stream."""
+
+    tls: ssl.SSLSocket
+    connection: H2Connection
+    # Bytes the socket has not taken yet (it is non-blocking once the leg is relayed).
+    out: bytearray = field(default_factory=bytearray)
+    # Why the connection is unusable (closed, GOAWAY, error), once it is.
+    lost: str | None = None
+
+    def close(self) -> None:
+        """Says GOAWAY if still possible, then closes the socket."""
+        if self.lost is None:
+            try:
+                self.connection.close_connection()
+                self.out += self.connection.data_to_send()
+                send_pending(self.tls, self.out)
+            except (H2Error, OSError):
+                pass
+            self.lost = "closed by the waypoint"
+        # Reading what is left first makes close() end with FIN rather than RST, which could
+        # make the upstream drop our last frames (an RST_STREAM, say) unread.
+        drain_quietly(self.tls)
+        self.tls.close()
+
+
+@dataclass
+class UpstreamOutcome:
+    """What dialling the upstream gave: a relayed leg (status 200) or a refusal."""
+
+    status: int
+    reason: str
+    identity: str | None = None
+    leg: UpstreamLeg | None = None
+    # Events that arrived with the response (early DATA, END_STREAM, ...), not yet handled.
+    events: list[Event] = field(default_factory=list)
+
+
+def send_pending(sock: ssl.SSLSocket, buffer: bytearray) -> None:
+    """Writes what a non-blocking socket takes now of `buffer`, removing it from the buffer.
+
+    A write OpenSSL could not finish is retried with at least the same bytes (the buffer only
+    grows at its end), as OpenSSL requires.
+    """
+    while buffer:
+        try:
+            sent = sock.send(buffer[:SEND_SIZE])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            return
+        del buffer[:sent]
+
+
+def drain_quietly(sock: ssl.SSLSocket) -> None:
+    """Reads and drops whatever a non-blocking socket has ready, ignoring errors."""
+    try:
+        sock.setblocking(False)
+        while sock.recv(READ_SIZE):
+            pass
+    except (OSError, ValueError):
+        pass
+
+
+def open_upstream(upstream: tuple[str, int], headers: list[tuple[str, str]],
+                  context: ssl.SSLContext, config: WaypointConfig) -> UpstreamOutcome:
+    """Connects to the upstream's HBONE port, checks its identity, sends the CONNECT and waits
+    for the response; blocking, at most --timeout in all. Runs in a thread of its own."""
+    ip = upstream[0]
+    target = format_address(ip, config.upstream_port)
+    deadline = time.monotonic() + config.timeout
+    try:
+        raw = socket.create_connection((ip, config.upstream_port), timeout=config.timeout)
+    except OSError as error:
+        return UpstreamOutcome(503, f"cannot connect to {target}: {describe_os_error(error)}")
+    try:
+        tls = context.wrap_socket(raw, server_hostname=None)
+    except OSError as error:
+        raw.close()
+        return UpstreamOutcome(503, f"TLS handshake with {target} failed: "
+                               f"{describe_os_error(error)}")
+    identities = uri_sans(tls.getpeercert())
+    domains = [spiffe_trust_domain(uri) for uri in identities]
+    identity = identities[domains.index(config.trust_domain)] \
+        if config.trust_domain in domains else None
+    refusal = None
+    if tls.selected_alpn_protocol() != "h2":
+        refusal = f"{target} did not negotiate ALPN h2 (got {tls.selected_alpn_protocol()!r})"
+    elif identity is None:
+        refusal = (f"{target}'s identity {identities or 'missing'} is not in trust domain "
+                   f"{config.trust_domain}")
+    if refusal:
+        tls.close()
+        return UpstreamOutcome(503, refusal, identities[0] if identities else None)
+    try:
+        return await_response(tls, headers, target, identity, deadline)
+    except BaseException:
+        tls.close()
+        raise
+
+
+def await_response(tls: ssl.SSLSocket, headers: list[tuple[str, str]], target: str,
+                   identity: str, deadline: float) -> UpstreamOutcome:
+    """Sends the CONNECT on a fresh HTTP/2 connection and waits for the response headers."""
+    connection = new_h2_connection(client_side=True, settings=CLIENT_SETTINGS)
+    connection.send_headers(UPSTREAM_STREAM, headers)
+
+    def refused(reason: str, status: int = 503) -> UpstreamOutcome:
+        tls.close()
+        return UpstreamOutcome(status, reason, identity)
+
+    try:
+        while True:
+            tls.settimeout(max(deadline - time.monotonic(), 0.001))
+            tls.sendall(connection.data_to_send())
+            if time.monotonic() >= deadline:
+                return refused(f"{target} did not answer the CONNECT in time")
+            data = tls.recv(READ_SIZE)
+            if not data:
+                return refused(f"{target} closed the connection before answering")
+            events = connection.receive_data(data)
+            for index, event in enumerate(events):
+                if isinstance(event, ResponseReceived) and event.stream_id == UPSTREAM_STREAM:
+                    status = dict(event.headers).get(":status", "")
+                    if status != "200":
+                        code = int(status) if status.isdigit() and len(status) == 3 else 503
+                        return refused(f"{target} answered {status or 'no status'}", code)
+                    tls.sendall(connection.data_to_send())
+                    tls.setblocking(False)
+                    leg = UpstreamLeg(tls, connection)
+                    return UpstreamOutcome(200, "relayed", identity, leg, events[index + 1:])
+                if isinstance(event, StreamReset) and event.stream_id == UPSTREAM_STREAM:
+                    return refused(f"{target} reset the stream "
+                                   f"({error_name(event.error_code)}) before answering")
+                if isinstance(event, ConnectionTerminated):
+                    return refused(f"{target} sent GOAWAY "
+                                   f"({error_name(event.error_code)}) before answering")
+    except TimeoutError:
+        return refused(f"{target} did not answer the CONNECT in time")
+    except ProtocolError as error:
+        return refused(f"HTTP/2 protocol error from {target}: {error}")
+    except OSError as error:
+        return refused(f"connection to {target} failed: {describe_os_error(error)}")
+
+
+@dataclass
+class Relay:
+    """One accepted downstream stream and its way onwards."""
+
+    stream_id: int
+    authority: str
+    upstream: str
+    forwarded_for: str
+    leg: UpstreamLeg | None = None
+    upstream_identity: str | None = None
+    # Bytes received on one side and not yet sent on the other. They are acknowledged (their
+    # flow-control window given back) only once sent on, so each buffer stays within a window.
+    to_upstream: bytearray = field(default_factory=bytearray)
+    to_downstream: bytearray = field(default_factory=bytearray)
+    client_ended: bool = False
+    upstream_ended: bool = False
+    sent_end_up: bool = False
+    sent_end_down: bool = False
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+class WaypointConnection:
+    """One downstream HBONE connection and the upstream connections of its streams.
+
+    A single thread owns every socket and HTTP/2 state machine of the connection and
+    multiplexes them with a selector, so streams run concurrently without sharing an
+    SSLSocket between threads (OpenSSL does not allow that). Only dialling an upstream, which
+    blocks, happens in helper threads; they hand their outcome back through a queue.
+    """
+
+    def __init__(self, tls: ssl.SSLSocket, client: str, identity: str,
+                 context: ssl.SSLContext, config: WaypointConfig, output: Output) -> None:
+        self.tls = tls
+        self.client = client
+        self.identity = identity
+        self.context = context
+        self.config = config
+        self.output = output
+        self.connection = new_h2_connection(client_side=False, settings=SERVER_SETTINGS)
+        self.out = bytearray()
+        self.relays: dict[int, Relay] = {}
+        self.selector = selectors.DefaultSelector()
+        self.outcomes: queue.SimpleQueue[tuple[int, UpstreamOutcome]] = queue.SimpleQueue()
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_writer.setblocking(False)
+        # Taken by dialling threads so that no outcome is queued after the connection ended.
+        self.lock = threading.Lock()
+        self.over = False
+        self.goaway = False
+        # Why the downstream connection is over, once it is.
+        self.closed: str | None = None
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Runs until the client closes the connection (or sent GOAWAY and no stream is left)."""
+        self.tls.setblocking(False)
+        self.wake_reader.setblocking(False)
+        self.selector.register(self.tls, selectors.EVENT_READ, None)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ, "wake")
+        try:
+            self.read_downstream()
+            while True:
+                for relay in list(self.relays.values()):
+                    self.pump(relay)
+                self.flush()
+                if self.closed or (self.goaway and not self.relays):
+                    return
+                for key, mask in self.selector.select():
+                    if key.data is None:
+                        if mask & selectors.EVENT_READ:
+                            self.read_downstream()
+                    elif key.data == "wake":
+                        self.take_outcomes()
+                    elif mask & selectors.EVENT_READ and key.data.leg is not None:
+                        self.read_upstream(key.data)
+        finally:
+            self.shut_down()
+
+    def shut_down(self) -> None:
+        with self.lock:
+            self.over = True
+        for relay in list(self.relays.values()):
+            self.finish(relay, f"the downstream connection ended ({self.closed or 'GOAWAY'})",
+                        reset_up=ErrorCodes.CANCEL)
+        while True:
+            try:
+                _, outcome = self.outcomes.get_nowait()
+            except queue.Empty:
+                break
+            if outcome.leg is not None:
+                outcome.leg.close()
+        self.selector.close()
+        self.wake_reader.close()
+        self.wake_writer.close()
+
+    def flush(self) -> None:
+        """Writes what the sockets take of every pending frame; selects for writing the rest."""
+        try:
+            self.out += self.connection.data_to_send()
+            send_pending(self.tls, self.out)
+            self.watch(self.tls, bool(self.out), None)
+        except OSError as error:
+            self.closed = f"sending failed: {describe_os_error(error)}"
+        for relay in list(self.relays.values()):
+            leg = relay.leg
+            if leg is None or leg.lost:
+                continue
+            try:
+                leg.out += leg.connection.data_to_send()
+                send_pending(leg.tls, leg.out)
+                self.watch(leg.tls, bool(leg.out), relay)
+            except OSError as error:
+                self.lose_upstream(relay, f"sending failed: {describe_os_error(error)}")
+
+    def watch(self, sock: ssl.SSLSocket, writing: bool, data: Any) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        if self.selector.get_key(sock).events != events:
+            self.selector.modify(sock, events, data)
+
+    # -- the downstream side -------------------------------------------------------------------
+
+    def read_downstream(self) -> None:
+        """Handles everything readable now (TLS may hold decrypted bytes select() misses)."""
+        while not self.closed:
+            try:
+                data = self.tls.recv(READ_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return
+            except OSError as error:
+                self.closed = describe_os_error(error)
+                return
+            if not data:
+                self.closed = "the client closed it"
+                return
+            try:
+                events = self.connection.receive_data(data)
+            except ProtocolError as error:
+                self.output.error(f"{self.client}: HTTP/2 protocol error: {error}")
+                self.closed = f"protocol error: {error}"
+                self.flush()
+                return
+            for event in events:
+                self.on_downstream(event)
+
+    def on_downstream(self, event: Event) -> None:
+        if isinstance(event, RequestReceived):
+            self.on_request(event.stream_id, event.headers)
+            return
+        if isinstance(event, ConnectionTerminated):
+            self.goaway = True
+            return
+        relay = self.relays.get(getattr(event, "stream_id", 0) or 0)
+        if isinstance(event, DataReceived):
+            # Padding is never relayed, so its window goes back at once; data's once sent on.
+            held = len(event.data) if relay is not None else 0
+            if event.flow_controlled_length > held:
+                self.connection.acknowledge_received_data(
+                    event.flow_controlled_length - held, event.stream_id)
+            if relay is not None:
+                relay.to_upstream += event.data
+        elif isinstance(event, StreamEnded) and relay is not None:
+            relay.client_ended = True
+        elif isinstance(event, StreamReset) and relay is not None:
+            # The same error code goes on, as ztunnel passes a reset on.
+            code = int(event.error_code)
+            self.finish(relay, f"reset by the client ({error_name(code)})", reset_up=code)
+
+    def on_request(self, stream_id: int, header_list: list[tuple[str, str]]) -> None:
+        pseudo, headers = split_headers(header_list)
+        method = pseudo.get(":method", "")
+        authority = pseudo.get(":authority", "")
+        status, reason, destination = waypoint_decision(method, authority, headers)
+        if destination is None:
+            self.connection.send_headers(stream_id, [(":status", str(status))], end_stream=True)
+            self.log(stream_id, method, authority, status, reason)
+            return
+        upstream = self.config.routes.get(format_address(*destination), destination)
+        original = forwarded_for(headers["forwarded"]) or ""
+        relay = Relay(stream_id, authority, format_address(*upstream), original)
+        self.relays[stream_id] = relay
+        onward = [
+            (":method", "CONNECT"),
+            (":authority", relay.upstream),
+            ("forwarded", f'for="{original}"'),
+            ("baggage", headers["baggage"]),
+            ("traceparent", next_traceparent(headers["traceparent"])),
+        ]
+        threading.Thread(target=self.dial, args=(stream_id, upstream, onward),
+                         daemon=True).start()
+
+    # -- dialling (helper threads) ---------------------------------------------------------------
+
+    def dial(self, stream_id: int, upstream: tuple[str, int],
+             headers: list[tuple[str, str]]) -> None:
+        try:
+            outcome = open_upstream(upstream, headers, self.context, self.config)
+        except Exception:  # A bug in the peer: the stream must still be answered.
+            self.output.error(f"{self.client}: internal error:\n{traceback.format_exc()}")
+            outcome = UpstreamOutcome(503, "internal error in the waypoint")
+        with self.lock:
+            if not self.over:
+                self.outcomes.put((stream_id, outcome))
+                try:
+                    self.wake_writer.send(b"\0")
+                except BlockingIOError:
+                    pass  # Already awake with bytes to read.
+                return
+        if outcome.leg is not None:
+            outcome.leg.close()
+
+    def take_outcomes(self) -> None:
+        try:
+            while self.wake_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                stream_id, outcome = self.outcomes.get_nowait()
+            except queue.Empty:
+                return
+            relay = self.relays.get(stream_id)
+            if relay is None:  # The client reset the stream meanwhile.
+                if outcome.leg is not None:
+                    outcome.leg.close()
+                continue
+            relay.upstream_identity = outcome.identity
+            if outcome.leg is None:
+                self.refuse(relay, outcome.status, outcome.reason)
+                continue
+            relay.leg = outcome.leg
+            self.connection.send_headers(stream_id, [(":status", "200")])
+            self.selector.register(relay.leg.tls, selectors.EVENT_READ, relay)
+            for event in outcome.events:
+                self.on_upstream(relay, event)
+            self.read_upstream(relay)
+
+    def refuse(self, relay: Relay, status: int, reason: str) -> None:
+        """Answers a stream the upstream did not take with the upstream's status (or 503)."""
+        del self.relays[relay.stream_id]
+        self.output.error(f"{self.client}: stream {relay.stream_id} to {relay.authority} via "
+                          f"{relay.upstream}: upstream refused: {reason}; answering {status}")
+        try:
+            if relay.to_upstream:
+                self.connection.acknowledge_received_data(len(relay.to_upstream),
+                                                          relay.stream_id)
+            self.connection.send_headers(relay.stream_id, [(":status", str(status))],
+                                         end_stream=True)
+        except H2Error:
+            pass
+        self.log_relay(relay, status, f"upstream refused: {reason}")
+
+    # -- the upstream side ---------------------------------------------------------------------
+
+    def read_upstream(self, relay: Relay) -> None:
+        leg = relay.leg
+        while leg is not None and leg.lost is None and relay.stream_id in self.relays:
+            try:
+                data = leg.tls.recv(READ_SIZE)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return
+            except OSError as error:
+                self.lose_upstream(relay, describe_os_error(error))
+                return
+            if not data:
+                self.lose_upstream(relay, "the upstream closed the connection")
+                return
+            try:
+                events = leg.connection.receive_data(data)
+            except ProtocolError as error:
+                self.lose_upstream(relay, f"HTTP/2 protocol error from the upstream: {error}")
+                return
+            for event in events:
+                self.on_upstream(relay, event)
+
+    def on_upstream(self, relay: Relay, event: Event) -> None:
+        leg = relay.leg
+        assert leg is not None
+        if isinstance(event, DataReceived):
+            padding = event.flow_controlled_length - len(event.data)
+            if padding:
+                leg.connection.acknowledge_received_data(padding, event.stream_id)
+            relay.to_downstream += event.data
+        elif isinstance(event, StreamEnded):
+            relay.upstream_ended = True
+        elif isinstance(event, StreamReset):
+            code = int(event.error_code)
+            self.finish(relay, f"reset by the upstream ({error_name(code)})", reset_down=code)
+        elif isinstance(event, ConnectionTerminated):
+            # python-h2 takes no frames after GOAWAY: the stream can go no further upstream.
+            self.lose_upstream(relay, f"the upstream sent GOAWAY "
+                               f"({error_name(event.error_code)})")
+
+    def lose_upstream(self, relay: Relay, why: str) -> None:
+        """Marks the upstream connection unusable; pump() decides what that means."""
+        leg = relay.leg
+        if leg is None or leg.lost is not None:
+            return
+        leg.lost = why
+        self.selector.unregister(leg.tls)
+
+    # -- relaying ------------------------------------------------------------------------------
+
+    def pump(self, relay: Relay) -> None:
+        """Moves buffered bytes and END_STREAMs on as far as the windows allow, and finishes
+        the relay once both directions ended (or it can go no further)."""
+        leg = relay.leg
+        if leg is None:
+            return  # Still dialling.
+        try:
+            if leg.lost is None:
+                moved = send_within_window(leg.connection, UPSTREAM_STREAM, relay.to_upstream)
+                if moved:
+                    self.connection.acknowledge_received_data(moved, relay.stream_id)
+                    relay.bytes_up += moved
+                if relay.client_ended and not relay.to_upstream and not relay.sent_end_up:
+                    leg.connection.end_stream(UPSTREAM_STREAM)
+                    relay.sent_end_up = True
+            moved = send_within_window(self.connection, relay.stream_id, relay.to_downstream)
+            if moved:
+                if leg.lost is None:
+                    leg.connection.acknowledge_received_data(moved, UPSTREAM_STREAM)
+                relay.bytes_down += moved
+            if relay.upstream_ended and not relay.to_downstream and not relay.sent_end_down:
+                self.connection.end_stream(relay.stream_id)
+                relay.sent_end_down = True
+        except H2Error as error:
+            self.finish(relay, f"relaying failed: {error!r}", reset_up=ErrorCodes.CANCEL,
+                        reset_down=ErrorCodes.CONNECT_ERROR)
+            return
+        if relay.sent_end_up and relay.sent_end_down:
+            self.finish(relay, "relayed")
+        elif leg.lost is not None and not (relay.sent_end_up and relay.upstream_ended):
+            # The upstream side is gone before its stream was done: so is the stream.
+            self.finish(relay, f"upstream connection lost: {leg.lost}",
+                        reset_down=ErrorCodes.CONNECT_ERROR)
+
+    def finish(self, relay: Relay, reason: str, reset_up: int | None = None,
+               reset_down: int | None = None) -> None:
+        """Ends a relay: resets what is asked, closes the upstream connection, logs the stream."""
+        if self.relays.pop(relay.stream_id, None) is None:
+            return
+        try:
+            if reset_down is not None:
+                self.connection.reset_stream(relay.stream_id, reset_down)
+            if relay.to_upstream:  # Never sent on: give the window back all the same.
+                self.connection.acknowledge_received_data(len(relay.to_upstream),
+                                                          relay.stream_id)
+        except H2Error:
+            pass
+        leg = relay.leg
+        if leg is not None:
+            if leg.lost is None:
+                self.selector.unregister(leg.tls)
+                if reset_up is not None:
+                    try:
+                        leg.connection.reset_stream(UPSTREAM_STREAM, reset_up)
+                    except H2Error:
+                        pass
+            leg.close()
+        self.log_relay(relay, 200, reason)
+
+    # -- output --------------------------------------------------------------------------------
+
+    def log_relay(self, relay: Relay, status: int, reason: str) -> None:
+        self.log(relay.stream_id, "CONNECT", relay.authority, status, reason,
+                 upstream=relay.upstream, upstream_identity=relay.upstream_identity,
+                 forwarded_for=relay.forwarded_for, bytes_up=relay.bytes_up,
+                 bytes_down=relay.bytes_down)
+
+    def log(self, stream_id: int, method: str, authority: str, status: int, reason: str,
+            upstream: str | None = None, upstream_identity: str | None = None,
+            forwarded_for: str | None = None, bytes_up: int = 0, bytes_down: int = 0) -> None:
+        # The same keys on every line, null when unknown, so readers need no special cases.
+        self.output.record({
+            "event": "stream",
+            "client": self.client,
+            "client_identity": self.identity,
+            "stream_id": stream_id,
+            "method": method,
+            "authority": authority,
+            "upstream": upstream,
+            "upstream_identity": upstream_identity,
+            "forwarded_for": forwarded_for,
+            "status": status,
+            "reason": reason,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+        })
+
+
+def send_within_window(connection: H2Connection, stream_id: int, buffer: bytearray) -> int:
+    """Sends as much of `buffer` as the flow-control windows allow; returns how many bytes."""
+    moved = 0
+    while buffer:
+        size = min(connection.local_flow_control_window(stream_id),
+                   connection.max_outbound_frame_size, len(buffer))
+        if size <= 0:
+            break
+        connection.send_data(stream_id, bytes(buffer[:size]))
+        del buffer[:size]
+        moved += size
+    return moved
+
+
+def run_waypoint(args: argparse.Namespace) -> int:
+    server_context = tls_context("server", args.ca, args.cert, args.key)
+    client_context = tls_context("client", args.ca, args.cert, args.key)
+    routes: dict[str, tuple[str, int]] = {}
+    for authority, upstream in args.route:
+        if routes.setdefault(authority, upstream) != upstream:
+            raise UsageError(f"--route {authority} is given twice with different upstreams")
+    config = WaypointConfig(args.expect_client_trust_domain, routes,
+                            args.upstream_hbone_port, args.timeout)
+    output = Output("waypoint")
+
+    def serve(tls: ssl.SSLSocket, client: str, identity: str) -> None:
+        WaypointConnection(tls, client, identity, client_context, config, output).serve()
+
+    return listen_and_serve(args, server_context, output, serve)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1086,6 +1749,35 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exit after the first connection closes (status 0 if it got "
                         "through TLS and HTTP/2, else 1)")
     server.set_defaults(run=run_server)
+
+    waypoint = modes.add_parser(
+        "waypoint",
+        help="relay HBONE streams onwards like an Istio waypoint (L4)",
+        description="Accept HBONE connections like the server mode (any authority IP is "
+        "fine) and relay each accepted CONNECT over a new mutual-TLS HBONE connection to "
+        "UPSTREAM_IP:--upstream-hbone-port, with CONNECT to UPSTREAM_IP:PORT, where the "
+        "authority's --route gives UPSTREAM_IP:PORT (by default the authority itself). 200 is "
+        "answered only after the upstream's 200; an upstream's refusal status is passed on "
+        "(503 when it gave none). Prints 'ready' once listening and one JSON line per "
+        "finished stream.",
+    )
+    waypoint.add_argument("--listen", required=True, type=address_argument(True),
+                          metavar="IP:PORT",
+                          help="address to listen on, e.g. 10.0.0.3:15008 (port 0: any free port)")
+    tls_options(waypoint)
+    waypoint.add_argument("--expect-client-trust-domain", required=True, metavar="DOMAIN",
+                          help="the trust domain the SPIFFE identities of clients and of "
+                          "upstreams must be in")
+    waypoint.add_argument("--route", type=route_argument, action="append", default=[],
+                          metavar="AUTHORITY=IP:PORT",
+                          help="relay CONNECTs to AUTHORITY (a service VIP:port, say) to the "
+                          "workload IP:PORT (may be repeated; unrouted authorities go to "
+                          "themselves)")
+    waypoint.add_argument("--upstream-hbone-port", type=address_port, default=15008,
+                          metavar="PORT",
+                          help="the HBONE port of upstream workloads' nodes "
+                          "(default: %(default)s)")
+    waypoint.set_defaults(run=run_waypoint)
     return parser
 
 

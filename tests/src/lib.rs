@@ -14,7 +14,7 @@ mod daemon;
 mod endpoints;
 mod error;
 mod exec;
-mod mesh;
+pub mod mesh;
 mod netns;
 mod state;
 mod status;

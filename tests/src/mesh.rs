@@ -6,6 +6,20 @@ use std::fmt::Write as _;
 
 /// Every lab pod as a workload, with the protocol its `hbone` flag says.
 pub fn mesh_config() -> String {
+    mesh_config_with(&MeshChanges::default())
+}
+
+/// What a test adds to the lab's mesh config: extra fields of some pods' workloads (YAML
+/// lines indented two spaces, e.g. `  authorizationPolicies: [demo/p]\n`), more workload
+/// entries (`- {uid: ...}` lines), and top-level sections (`services:`, `policies:`).
+#[derive(Clone, Debug, Default)]
+pub struct MeshChanges<'a> {
+    pub workload_fields: &'a [(&'a str, &'a str)],
+    pub extra_workloads: &'a str,
+    pub sections: &'a str,
+}
+
+pub fn mesh_config_with(changes: &MeshChanges) -> String {
     let mut yaml = String::from("# Written by `cargo xtask lab up`.\nworkloads:\n");
     for pod in &PODS {
         let protocol = if pod.hbone { "HBONE" } else { "TCP" };
@@ -19,12 +33,27 @@ pub fn mesh_config() -> String {
             ip = pod.expected_ip(),
             node = pod.node.name,
         );
+        for (name, fields) in changes.workload_fields {
+            if *name == pod.name {
+                yaml.push_str(fields);
+            }
+        }
     }
+    yaml.push_str(changes.extra_workloads);
+    yaml.push_str(changes.sections);
     yaml
 }
 
 pub fn write_mesh_config() -> Result<()> {
-    std::fs::write(MESH_CONFIG, mesh_config()).map_err(|e| LabError::io("writing", MESH_CONFIG, e))
+    write_mesh_config_text(&mesh_config())
+}
+
+/// Replaces the file the way an editor or a ConfigMap update does: whole, by rename, so the
+/// daemons never read half of it.
+pub fn write_mesh_config_text(text: &str) -> Result<()> {
+    let staged = format!("{MESH_CONFIG}.new");
+    std::fs::write(&staged, text).map_err(|e| LabError::io("writing", &staged, e))?;
+    std::fs::rename(&staged, MESH_CONFIG).map_err(|e| LabError::io("renaming", &staged, e))
 }
 
 #[cfg(test)]

@@ -6,10 +6,11 @@
 mod support;
 
 use serde_json::{Value, json};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Child, ChildStdout, Stdio};
 use support::*;
+use ztunnel_lab::mesh::MeshChanges;
 use ztunnel_lab::topology::{CA_DIR, STATE_DIR, TRUST_DOMAIN, workspace_root};
 use ztunnel_user::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE};
 
@@ -125,7 +126,17 @@ fn our_server_follows_the_contract() {
     let _server = serve("b1", APP_PORT);
     let b1 = s.ip("b1");
     let a1 = s.ip("a1");
+    // The peer's identity may not reach b1's port 9999 (no app listens there: the 401 comes
+    // before any delivery is tried).
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            sections: "policies:\n- {name: no-9999, namespace: demo, scope: Namespace, action: Deny,\n   rules: [[[{principals: [{Exact: cluster.local/ns/legacy/sa/default}], destinationPorts: [9999]}]]]}\n",
+            ..MeshChanges::default()
+        },
+    );
     let checks = json!([
+        {"name": "denied by policy", "authority": format!("{b1}:9999"), "expect_status": 401},
         {"name": "echo", "authority": format!("{b1}:{APP_PORT}"), "expect_status": 200, "send": 3 * MIB, "expect_reply_json": true},
         {"name": "not CONNECT", "method": "GET", "authority": format!("{b1}:{APP_PORT}"), "expect_status": 400},
         {"name": "authority without port", "authority": b1.to_string(), "expect_status": 400},
@@ -133,6 +144,7 @@ fn our_server_follows_the_contract() {
         {"name": "proxy port", "authority": format!("{b1}:15006"), "expect_status": 503},
         {"name": "nothing listens", "authority": format!("{b1}:9"), "expect_status": 503},
     ]);
+    let requests = checks.as_array().unwrap().len();
     let output = peer_client_against_b1(&s, checks, &[]).output().unwrap();
     let report: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
@@ -145,21 +157,21 @@ fn our_server_follows_the_contract() {
     assert_eq!(report["alpn"], "h2");
     assert_eq!(
         report["checks"].as_array().unwrap().len(),
-        7,
-        "six requests and the settings check"
+        requests + 1,
+        "every request and the settings check"
     );
 }
 
-#[test]
-fn our_client_talks_to_an_istio_like_server() {
-    let s = LabSession::start();
+/// The peer in w1 in `mode` (`server` or `waypoint`), on w1's 15008 and as w1's identity
+/// (`foreign/default`, as the mesh config has it), once it says it is ready; with its stdout.
+fn peer_in_w1(s: &LabSession, mode: &str) -> (Child, Lines<BufReader<ChildStdout>>) {
     let w1 = s.ip("w1");
-    let (cert, key) = peer_certificate("server", &spiffe("foreign", "default"));
+    let (cert, key) = peer_certificate(mode, &spiffe("foreign", "default"));
     let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
     let argv = [
         "python3",
         &peer_script(),
-        "server",
+        mode,
         "--listen",
         &format!("{w1}:15008"),
         "--ca",
@@ -178,6 +190,18 @@ fn our_client_talks_to_an_istio_like_server() {
         .unwrap();
     let mut lines = BufReader::new(peer.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    (peer, lines)
+}
+
+fn next_json(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
+    serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+}
+
+#[test]
+fn our_client_talks_to_an_istio_like_server() {
+    let s = LabSession::start();
+    let w1 = s.ip("w1");
+    let (mut peer, mut lines) = peer_in_w1(&s, "server");
 
     // a1's connection to w1 (an HBONE workload in the mesh config) goes over HBONE to the peer,
     // which answers as the application would (the JSON report lab-tool expects).
@@ -187,7 +211,7 @@ fn our_client_talks_to_an_istio_like_server() {
         report.server.peer, report.local,
         "forwarded carried the application's client"
     );
-    let logged: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let logged = next_json(&mut lines);
     assert_eq!(
         logged["client_identity"],
         spiffe("demo", "sa-a"),
@@ -197,6 +221,64 @@ fn our_client_talks_to_an_istio_like_server() {
     assert_eq!(logged["status"], 200);
     let _ = peer.kill();
     let _ = peer.wait();
+}
+
+#[test]
+fn traffic_to_a_workload_with_a_waypoint_passes_through_it_once() {
+    let s = LabSession::start();
+    let b1_app = serve("b1", APP_PORT);
+    let (a1, b1, u1, w1) = (s.ip("a1"), s.ip("b1"), s.ip("u1"), s.ip("w1"));
+    let waypoint = format!("  waypoint: {{destination: /{w1}, hboneMtlsPort: 15008}}\n");
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            workload_fields: &[("b1", &waypoint)],
+            ..MeshChanges::default()
+        },
+    );
+    let (mut peer, mut lines) = peer_in_w1(&s, "waypoint");
+    let authority = format!("{b1}:{APP_PORT}");
+
+    // From a mesh pod on the other node: a1's proxy sends the connection to the waypoint,
+    // which sends it on to b1 over HBONE; b1's proxy delivers it (it comes from the waypoint)
+    // instead of sending it back.
+    let report = send("a1", s.addr("b1", APP_PORT), 5 * MIB);
+    assert_eq!(report.server.bytes, 5 * MIB);
+    assert_eq!(report.server.peer.ip(), w1, "b1's app sees the waypoint");
+    assert_eq!(next_report(&b1_app).peer.ip(), w1);
+    let logged = next_json(&mut lines);
+    assert_eq!(logged["status"], 200, "{logged:#}");
+    assert_eq!(logged["authority"], authority);
+    assert_eq!(logged["client_identity"], spiffe("demo", "sa-a"));
+    assert_eq!(logged["upstream_identity"], spiffe("demo", "sa-b"));
+    assert!(
+        logged["forwarded_for"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{a1}:"))
+    );
+    assert_eq!(logged["bytes_up"], 5 * MIB);
+
+    // From a plaintext client that tried to bypass the waypoint: b1's own proxy sends it to
+    // the waypoint first, as b1.
+    let report = send("u1", s.addr("b1", APP_PORT), MIB);
+    assert_eq!(report.server.peer.ip(), w1);
+    assert_eq!(next_report(&b1_app).peer.ip(), w1);
+    let logged = next_json(&mut lines);
+    assert_eq!(logged["status"], 200, "{logged:#}");
+    assert_eq!(logged["authority"], authority);
+    assert_eq!(logged["client_identity"], spiffe("demo", "sa-b"));
+    assert!(
+        logged["forwarded_for"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{u1}:"))
+    );
+
+    // Each connection passed through the waypoint exactly once.
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert_eq!(lines.count(), 0, "the waypoint saw more streams");
 }
 
 #[test]

@@ -70,6 +70,8 @@ pub fn run() -> Result<()> {
         "--lib",
         "--bins",
         "--tests",
+        // One failing suite must not hide the others' results.
+        "--no-fail-fast",
         "--",
         "--test-threads=1",
     ];

@@ -3,7 +3,7 @@
 /// An IPv6 address, or an IPv4 address in its v4-mapped form (`::ffff:a.b.c.d`), as four
 /// 32-bit words in network byte order, exactly as `bpf_sock_addr.user_ip6` holds it.
 #[repr(C)]
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]
 pub struct Addr {
     pub words: [u32; 4],
 }

@@ -44,6 +44,8 @@ counters! {
     InboundBypassExcludedPort => "inbound_bypass_excluded_port",
     InboundRefusedNoProxy => "inbound_refused_no_proxy",
     InboundAssignFailed => "inbound_assign_failed",
+    InboundDeniedByPolicy => "inbound_denied_by_policy",
+    InboundDeniedNeedsIdentity => "inbound_denied_needs_identity",
 }
 
 impl Counter {

@@ -13,8 +13,10 @@ pub mod names {
     pub const SETTINGS: &str = "ZT_SETTINGS";
     pub const COUNTERS: &str = "ZT_COUNTERS";
     pub const DELIVERIES: &str = "ZT_DELIVERIES";
+    pub const WORKLOADS: &str = "ZT_WORKLOADS";
+    pub const PLAINTEXT_RULES: &str = "ZT_PLAINTEXT_RULES";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         PODS,
         PENDING_ORIG_DST,
         ORIG_DST,
@@ -24,6 +26,8 @@ pub mod names {
         SETTINGS,
         COUNTERS,
         DELIVERIES,
+        WORKLOADS,
+        PLAINTEXT_RULES,
     ];
 }
 
@@ -40,6 +44,9 @@ pub const MAX_PODS: u32 = 4096;
 pub const MAX_IN_FLIGHT_CONNECTS: u32 = 65536;
 pub const MAX_EXCLUDED_CIDRS: u32 = 1024;
 pub const MAX_EXCLUDED_PORTS: u32 = 1024;
+/// Addresses of the mesh's workloads (all nodes).
+pub const MAX_WORKLOAD_ADDRESSES: u32 = 65536;
+pub const MAX_PLAINTEXT_RULES: u32 = 65536;
 
 /// `PodInfo.flags`
 pub const POD_HAS_IP4: u32 = 1 << 0;
@@ -101,6 +108,45 @@ impl SocketKey {
     }
 }
 
+/// `WorkloadEntry.flags`
+pub const WORKLOAD_IN_MESH: u32 = 1 << 0;
+pub const WORKLOAD_ON_THIS_NODE: u32 = 1 << 1;
+pub const WORKLOAD_HAS_WAYPOINT: u32 = 1 << 2;
+/// The workload has rules in `PLAINTEXT_RULES`: `sk_lookup` consults them.
+pub const WORKLOAD_PLAINTEXT_RULES: u32 = 1 << 3;
+
+/// Value of `WORKLOADS`, keyed by each of the workload's addresses. Identities stay in
+/// userspace; the kernel keys on the daemon's indices.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
+pub struct WorkloadEntry {
+    pub workload: u32,
+    pub identity: u32,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// The data of a `PLAINTEXT_RULES` LPM key: the workload and port match exactly, the source
+/// by prefix. Port 0 holds the rules for ports that have none of their own.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, PartialOrd, Ord)]
+pub struct PlaintextRuleKey {
+    pub workload: u32,
+    /// Host byte order; 0 = any port.
+    pub port: u16,
+    pub _pad: u16,
+    pub source: Addr,
+}
+
+/// Bits of the key that always match exactly (workload, port, padding).
+pub const PLAINTEXT_RULE_FIXED_BITS: u32 = 64;
+/// `PLAINTEXT_RULES` values.
+pub const PLAINTEXT_ALLOW: u32 = 0;
+/// A DENY policy matches whatever the client's identity.
+pub const PLAINTEXT_DENY_POLICY: u32 = 1;
+/// ALLOW policies apply and none can match a client without an identity.
+pub const PLAINTEXT_DENY_NEEDS_IDENTITY: u32 = 2;
+
 /// `EXCLUDED_PORTS` values: which direction a port is excluded from.
 pub const EXCLUDE_OUTBOUND: u8 = 1 << 0;
 pub const EXCLUDE_INBOUND: u8 = 1 << 1;
@@ -122,5 +168,7 @@ mod pod_impls {
     unsafe impl aya::Pod for super::OrigDst {}
     unsafe impl aya::Pod for super::SocketKey {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::WorkloadEntry {}
+    unsafe impl aya::Pod for super::PlaintextRuleKey {}
     unsafe impl aya::Pod for crate::Addr {}
 }

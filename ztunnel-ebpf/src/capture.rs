@@ -13,7 +13,7 @@ use ztunnel_common::{Addr, Counter, ports};
 
 use crate::maps::{
     DELIVERIES, INBOUND_LISTENERS, ORIG_DST, PENDING_ORIG_DST, PODS, cidr_excluded, count,
-    port_excluded, proxy_mark,
+    plaintext_denied, port_excluded, proxy_mark,
 };
 
 const AF_INET: u32 = 2;
@@ -212,6 +212,11 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     if let Inbound::Pass(reason) = decision {
         count(reason);
         return SK_PASS;
+    }
+    // Refused here, the connection never costs the proxy an accept.
+    if let Some(reason) = plaintext_denied(&local, local_port as u16, &remote) {
+        count(reason);
+        return SK_DROP;
     }
     match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => {

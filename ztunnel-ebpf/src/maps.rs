@@ -5,8 +5,10 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash}
 use ztunnel_common::Addr;
 use ztunnel_common::Counter;
 use ztunnel_common::maps::{
-    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_IN_FLIGHT_CONNECTS, MAX_PODS, OrigDst, PodInfo,
-    Settings, SocketKey,
+    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_IN_FLIGHT_CONNECTS, MAX_PLAINTEXT_RULES, MAX_PODS,
+    MAX_WORKLOAD_ADDRESSES, OrigDst, PLAINTEXT_ALLOW, PLAINTEXT_DENY_POLICY,
+    PLAINTEXT_RULE_FIXED_BITS, PlaintextRuleKey, PodInfo, Settings, SocketKey,
+    WORKLOAD_PLAINTEXT_RULES, WorkloadEntry,
 };
 
 /// Enrolled pods by network namespace cookie.
@@ -42,6 +44,17 @@ pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCL
 pub static DELIVERIES: LruHashMap<SocketKey, u8> =
     LruHashMap::with_max_entries(MAX_IN_FLIGHT_CONNECTS, 0);
 
+/// The mesh's workloads by address, as the daemon's mesh config has them.
+#[map(name = "ZT_WORKLOADS")]
+pub static WORKLOADS: HashMap<Addr, WorkloadEntry> =
+    HashMap::with_max_entries(MAX_WORKLOAD_ADDRESSES, 0);
+
+/// What authorization decides for plaintext (identity-less) clients of a workload, by
+/// (workload, port, source prefix): `PLAINTEXT_*` values.
+#[map(name = "ZT_PLAINTEXT_RULES")]
+pub static PLAINTEXT_RULES: LpmTrie<PlaintextRuleKey, u32> =
+    LpmTrie::with_max_entries(MAX_PLAINTEXT_RULES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
 #[map(name = "ZT_SETTINGS")]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -74,4 +87,35 @@ pub fn proxy_mark() -> u32 {
     SETTINGS
         .get(0)
         .map_or(ztunnel_common::ports::DEFAULT_MARK, |s| s.proxy_mark)
+}
+
+/// Why authorization refuses a plaintext connection from `remote` to `local:port` whatever
+/// its identity, if it does: the counter to count it under.
+#[inline(always)]
+pub fn plaintext_denied(local: &Addr, port: u16, remote: &Addr) -> Option<Counter> {
+    // SAFETY: the value is read in place and copied out.
+    let workload = unsafe { WORKLOADS.get(local) }?;
+    if workload.flags & WORKLOAD_PLAINTEXT_RULES == 0 {
+        return None;
+    }
+    let prefix = PLAINTEXT_RULE_FIXED_BITS + 128;
+    let mut key = PlaintextRuleKey {
+        workload: workload.workload,
+        port,
+        _pad: 0,
+        source: *remote,
+    };
+    // The port's own rules, else the rules for every other port.
+    let verdict = match PLAINTEXT_RULES.get(aya_ebpf::maps::lpm_trie::Key::new(prefix, key)) {
+        Some(verdict) => *verdict,
+        None => {
+            key.port = 0;
+            *PLAINTEXT_RULES.get(aya_ebpf::maps::lpm_trie::Key::new(prefix, key))?
+        }
+    };
+    match verdict {
+        PLAINTEXT_ALLOW => None,
+        PLAINTEXT_DENY_POLICY => Some(Counter::InboundDeniedByPolicy),
+        _ => Some(Counter::InboundDeniedNeedsIdentity),
+    }
 }

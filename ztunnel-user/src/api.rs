@@ -81,6 +81,7 @@ pub struct Status {
     pub certificates: Vec<CertificateInfo>,
     /// Kernel decision counters, summed over CPUs.
     pub counters: Vec<CounterValue>,
+    pub mesh: crate::mesh::MeshStatus,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -130,6 +130,7 @@ impl ApiServer {
                         value,
                     })
                     .collect(),
+                mesh: self.ctx.mesh.status(),
             }),
             Request::Connections => Response::Connections {
                 connections: self.ctx.connections.snapshot(),

@@ -15,12 +15,14 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, ProgramError, SkLookup, SockOps};
 use aya::{Ebpf, EbpfError};
 use ipnet::IpNet;
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use ztunnel_common::maps::{
-    EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, OrigDst, PodInfo, Settings, SocketKey, names, programs,
+    EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, OrigDst, PlaintextRuleKey, PodInfo, Settings, SocketKey,
+    WorkloadEntry, names, programs,
 };
 use ztunnel_common::{Addr, Counter};
 
@@ -79,7 +81,17 @@ pub struct Datapath {
     orig_dst: Mutex<BpfHashMap<MapData, SocketKey, OrigDst>>,
     listeners: Mutex<SockHash<MapData, Addr>>,
     deliveries: Mutex<BpfHashMap<MapData, SocketKey, u8>>,
+    workloads: Mutex<BpfHashMap<MapData, Addr, WorkloadEntry>>,
+    plaintext_rules: Mutex<LpmTrie<MapData, PlaintextRuleKey, u32>>,
     counters: PerCpuArray<MapData, u64>,
+}
+
+/// What the kernel should know of the mesh config (built by `workload_map`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MeshMaps {
+    pub workloads: BTreeMap<Addr, WorkloadEntry>,
+    /// (prefix length, key) -> `PLAINTEXT_*` verdict.
+    pub plaintext_rules: BTreeMap<(u32, PlaintextRuleKey), u32>,
 }
 
 /// The pinned links of one enrolled pod; dropping them does not detach (the pins hold them).
@@ -171,6 +183,8 @@ impl Datapath {
             orig_dst: Mutex::new(take_map(&mut ebpf, names::ORIG_DST)?),
             listeners: Mutex::new(take_map(&mut ebpf, names::INBOUND_LISTENERS)?),
             deliveries: Mutex::new(take_map(&mut ebpf, names::DELIVERIES)?),
+            workloads: Mutex::new(take_map(&mut ebpf, names::WORKLOADS)?),
+            plaintext_rules: Mutex::new(take_map(&mut ebpf, names::PLAINTEXT_RULES)?),
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             ebpf: Mutex::new(ebpf),
             pin_dir,
@@ -209,6 +223,47 @@ impl Datapath {
 
     pub fn remove_pod(&self, netns_cookie: u64) -> Result<(), DatapathError> {
         ignore_missing(lock(&self.pods).remove(&netns_cookie), names::PODS)
+    }
+
+    /// Makes the workload and plaintext-rule maps hold exactly `wanted`, as a diff against
+    /// what they hold: new and changed entries first, stale ones last, so a lookup during the
+    /// update sees the old or the new entry of a key, never none.
+    pub fn sync_mesh(&self, wanted: &MeshMaps) -> Result<(), DatapathError> {
+        let map_error = |name| move |source| DatapathError::Map { name, source };
+        let mut rules = lock(&self.plaintext_rules);
+        let present_rules: Vec<(u32, PlaintextRuleKey)> = rules
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| (key.prefix_len(), key.data()))
+            .collect();
+        for (&(prefix, key), &verdict) in &wanted.plaintext_rules {
+            rules
+                .insert(&LpmKey::new(prefix, key), verdict, 0)
+                .map_err(map_error(names::PLAINTEXT_RULES))?;
+        }
+        let mut workloads = lock(&self.workloads);
+        let present_workloads: Vec<Addr> = workloads.keys().filter_map(Result::ok).collect();
+        for (addr, entry) in &wanted.workloads {
+            if workloads.get(addr, 0).ok().as_ref() != Some(entry) {
+                workloads
+                    .insert(addr, entry, 0)
+                    .map_err(map_error(names::WORKLOADS))?;
+            }
+        }
+        for addr in present_workloads {
+            if !wanted.workloads.contains_key(&addr) {
+                ignore_missing(workloads.remove(&addr), names::WORKLOADS)?;
+            }
+        }
+        for (prefix, key) in present_rules {
+            if !wanted.plaintext_rules.contains_key(&(prefix, key)) {
+                ignore_missing(
+                    rules.remove(&LpmKey::new(prefix, key)),
+                    names::PLAINTEXT_RULES,
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Creates the pod's four bpf_links and pins them under `pods/<uid>/`. On failure, the
@@ -415,11 +470,23 @@ fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<()
 
 /// LPM key of a CIDR in the 16-byte (v4-mapped) address space.
 fn cidr_key(net: &IpNet) -> LpmKey<[u8; 16]> {
-    let (addr, prefix) = match net {
-        IpNet::V4(v4) => (IpAddr::V4(v4.network()), 96 + u32::from(v4.prefix_len())),
-        IpNet::V6(v6) => (IpAddr::V6(v6.network()), u32::from(v6.prefix_len())),
-    };
-    LpmKey::new(prefix, Addr::from(addr).octets())
+    let (addr, prefix) = mapped_prefix(net);
+    LpmKey::new(prefix, addr.octets())
+}
+
+/// A CIDR in the kernel's 16-byte address space (IPv4 as v4-mapped IPv6): the network address
+/// and the prefix length there.
+pub fn mapped_prefix(net: &IpNet) -> (Addr, u32) {
+    match net {
+        IpNet::V4(v4) => (
+            Addr::from(IpAddr::V4(v4.network())),
+            96 + u32::from(v4.prefix_len()),
+        ),
+        IpNet::V6(v6) => (
+            Addr::from(IpAddr::V6(v6.network())),
+            u32::from(v6.prefix_len()),
+        ),
+    }
 }
 
 fn excluded_port_bits(settings: &DatapathSettings) -> std::collections::BTreeMap<u16, u8> {

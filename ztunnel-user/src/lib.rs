@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod api_server;
+pub mod authz;
 pub mod cgroup;
 pub mod cni;
 pub mod config;
@@ -10,9 +11,11 @@ pub mod datapath;
 pub mod features;
 pub mod hbone;
 pub mod identity;
+pub mod mesh;
 pub mod mounts;
 pub mod netlink;
 pub mod netns;
 pub mod output;
 pub mod pods;
 pub mod proxy;
+pub mod workload_map;

@@ -9,11 +9,13 @@ use std::time::Duration;
 use ztunnel_user::api::{self, Request, Response};
 use ztunnel_user::api_server::{self, ApiServer};
 use ztunnel_user::config::MeshConfig;
+use ztunnel_user::config::reload::ConfigFile;
 use ztunnel_user::connections::ConnectionLog;
 use ztunnel_user::datapath::{Datapath, DatapathSettings};
 use ztunnel_user::hbone::client::Pool;
 use ztunnel_user::hbone::mtls::Mtls;
 use ztunnel_user::identity::{CertificateAuthority, CertificateStore};
+use ztunnel_user::mesh::Mesh;
 use ztunnel_user::netns::Netns;
 use ztunnel_user::pods::Pods;
 use ztunnel_user::proxy::ProxyContext;
@@ -128,9 +130,12 @@ fn run(args: RunArgs) -> Result<()> {
         .init();
     features::check(&args.cgroup_root)?;
 
-    let config = match &args.config {
-        Some(path) => MeshConfig::load(path)?,
-        None => MeshConfig::default(),
+    let (config_file, config) = match &args.config {
+        Some(path) => {
+            let (file, config) = ConfigFile::load(path.clone())?;
+            (Some(Arc::new(file)), config)
+        }
+        None => (None, MeshConfig::default()),
     };
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
@@ -156,12 +161,14 @@ fn run(args: RunArgs) -> Result<()> {
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let pool = Arc::new(Pool::default());
         pool.spawn_idle_release();
+        let mesh = Mesh::new(config, config_file, &args.node, &datapath)
+            .context("writing the mesh config to the kernel maps")?;
         let ctx = Arc::new(ProxyContext {
             home,
             datapath: Arc::new(datapath),
             connections: ConnectionLog::default(),
             mark: args.mark,
-            config,
+            mesh,
             trust_domain: args.trust_domain,
             tls: Mtls { store, roots },
             pool,
@@ -169,6 +176,10 @@ fn run(args: RunArgs) -> Result<()> {
             hbone_connections: Default::default(),
             local_pods: Default::default(),
         });
+        if let Some(file) = ctx.mesh.file() {
+            let reloading = ctx.clone();
+            tokio::spawn(file.watch(move |config| reloading.apply_config(config)));
+        }
         let drained = ctx.clone();
         let listener = api_server::bind(&args.api_socket)?;
         let server = Arc::new(ApiServer {

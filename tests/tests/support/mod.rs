@@ -193,3 +193,56 @@ pub fn run_in(pod: &str, argv: &[&str]) -> String {
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
+
+pub fn mesh_status(lab: &Lab, node: &str) -> ztunnel_user::mesh::MeshStatus {
+    status(lab, node).mesh
+}
+
+/// Writes the lab's mesh config with `changes` and waits until both daemons applied it.
+pub fn apply_mesh(lab: &Lab, changes: &ztunnel_lab::mesh::MeshChanges) {
+    let before: Vec<u64> = NODES
+        .iter()
+        .map(|node| mesh_status(lab, node).config.generation)
+        .collect();
+    ztunnel_lab::mesh::write_mesh_config_text(&ztunnel_lab::mesh::mesh_config_with(changes))
+        .expect("writing the mesh config");
+    for (node, before) in NODES.iter().zip(before) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let config = mesh_status(lab, node).config;
+            if config.generation > before && config.rejected.is_none() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{node} did not apply the new mesh config: {config:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+pub const NODES: [&str; 2] = ["node1", "node2"];
+
+/// The pinned `ZT_WORKLOADS` map of `node`.
+pub fn kernel_workloads(
+    lab: &Lab,
+    node: &str,
+) -> BTreeMap<IpAddr, ztunnel_common::maps::WorkloadEntry> {
+    let path = lab
+        .node(node)
+        .expect("node")
+        .bpffs
+        .join("maps")
+        .join(names::WORKLOADS);
+    let data =
+        MapData::from_pin(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let map: BpfHashMap<_, ztunnel_common::Addr, ztunnel_common::maps::WorkloadEntry> =
+        BpfHashMap::try_from(Map::HashMap(data)).expect("a hash map");
+    map.iter()
+        .map(|entry| {
+            let (addr, value) = entry.expect("reading ZT_WORKLOADS");
+            (IpAddr::from(addr), value)
+        })
+        .collect()
+}

@@ -1,8 +1,10 @@
 //! The HBONE server side: one HTTP/2 connection per mTLS connection accepted on a pod's 15008
-//! listener; each CONNECT stream is delivered to the app in that pod.
+//! listener; each CONNECT stream is authorized (401 if denied) and delivered to the app in
+//! that pod.
 
 use super::bridge::{bridge, h2_error};
 use crate::api::Direction;
+use crate::connections::Subject;
 use crate::identity::Identity;
 use crate::proxy::{PodProxy, ProxyContext, sockets::connect_from};
 use bytes::Bytes;
@@ -168,9 +170,20 @@ async fn serve_stream(
         }
     };
     let client = original_client(&request, peer.addr);
-    let tracked = ctx
+    let mut tracked = ctx
         .connections
         .record(Direction::Inbound, &pod.label, client, target);
+    let subject = Subject {
+        namespace: pod.namespace.clone(),
+        source: peer.addr.ip(),
+        destination: target,
+        identity: Some(peer.identity.clone()),
+    };
+    if let Err(denial) = ctx.authorize(&ctx.mesh.current(), &pod, &mut tracked, subject) {
+        reply(&mut respond, StatusCode::UNAUTHORIZED);
+        tracked.finish(0, 0, Some(format!("denied: {denial}")));
+        return;
+    }
     // The 200 goes out only once the app accepted: the client learns of a refusal.
     let app = match connect_from(&ctx, &pod.netns, Some(peer.addr.ip()), target).await {
         Ok(app) => app,
@@ -188,7 +201,10 @@ async fn serve_stream(
             return;
         }
     };
-    match bridge(app, send, request.into_body()).await {
+    match tracked
+        .relay_until_revoked(bridge(app, send, request.into_body()))
+        .await
+    {
         // bridge counts app -> stream first; the record counts client -> app as sent.
         Ok((from_app, to_app)) => tracked.finish(to_app, from_app, None),
         Err(err) => tracked.finish(0, 0, Some(err.to_string())),

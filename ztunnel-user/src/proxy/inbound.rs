@@ -1,10 +1,14 @@
 //! Connections to a pod: plaintext steered by `sk_lookup` into the 15006 listener, and HBONE
-//! on 15008; both delivered to the app from the client's own address.
+//! on 15008; both authorized, then delivered to the app from the client's own address.
 
+use super::outbound::open_hbone;
 use super::relay::relay;
+use super::route::Route;
 use super::sockets::connect_from;
 use super::{PodProxy, ProxyContext};
 use crate::api::Direction;
+use crate::connections::Subject;
+use crate::hbone::bridge::bridge;
 use crate::hbone::mtls::accept;
 use crate::hbone::server::{Peer, serve_connection};
 use std::net::SocketAddr;
@@ -31,16 +35,44 @@ pub(super) async fn handle(
         tracing::warn!(pod = %pod.label, %client, %destination, "refusing a connection to a proxy port");
         return;
     }
-    let tracked = ctx
+    let mut tracked = ctx
         .connections
         .record(Direction::Inbound, &pod.label, client, destination);
-    match connect_from(&ctx, &pod.netns, Some(client.ip()), destination).await {
-        Ok(app) => tracked.finish_with(&relay(stream, app).await),
-        Err(err) => {
-            tracing::info!(pod = %pod.label, %client, %destination, %err, "delivery to the app failed");
-            tracked.finish(0, 0, Some(err.to_string()));
-        }
+    let config = ctx.mesh.current();
+    // A client that bypassed the pod's waypoint is sent to it; the waypoint's own
+    // connections are not (`waypoint_of`).
+    if let Some(Route::Hbone {
+        peer,
+        authority,
+        identities,
+    }) = Route::waypoint_of(&config, client.ip(), destination)
+    {
+        let outcome = match open_hbone(&ctx, &pod, client, peer, authority, identities).await {
+            Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
+            Err(err) => Err(err),
+        };
+        tracked.finish_with(&outcome);
+        return;
     }
+    let subject = Subject {
+        namespace: pod.namespace.clone(),
+        source: client.ip(),
+        destination,
+        identity: None,
+    };
+    if let Err(denial) = ctx.authorize(&config, &pod, &mut tracked, subject) {
+        // Dropping the stream closes the connection: all plaintext clients get from a denial.
+        tracked.finish(0, 0, Some(format!("denied: {denial}")));
+        return;
+    }
+    let outcome = match connect_from(&ctx, &pod.netns, Some(client.ip()), destination).await {
+        Ok(app) => tracked.relay_until_revoked(relay(stream, app)).await,
+        Err(err) => Err(err),
+    };
+    if let Err(err) = &outcome {
+        tracing::info!(pod = %pod.label, %client, %destination, %err, "inbound connection ended with an error");
+    }
+    tracked.finish_with(&outcome);
 }
 
 /// An mTLS connection on the pod's 15008: its CONNECT streams are served by the HBONE server.

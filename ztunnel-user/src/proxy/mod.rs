@@ -1,19 +1,23 @@
 //! The userspace proxy: per enrolled pod, an outbound listener (15001) that receives the pod's
 //! captured connections, an inbound listener (15006) that receives plaintext connections
 //! steered to the pod, and the HBONE listener (15008) for mesh traffic from other nodes.
-//! `outbound::Route` is the one place that chooses how a destination is reached.
+//! `route::Route` is the one place that chooses how a destination is reached, and
+//! `ProxyContext::authorize` the one place that applies the policies.
 
 mod inbound;
 mod outbound;
 mod relay;
+mod route;
 pub mod sockets;
 
+use crate::authz::{Connection, Decision};
 use crate::config::MeshConfig;
-use crate::connections::ConnectionLog;
+use crate::connections::{ConnectionLog, Subject, Tracked};
 use crate::datapath::Datapath;
 use crate::hbone::client::Pool;
 use crate::hbone::mtls::Mtls;
 use crate::identity::Identity;
+use crate::mesh::Mesh;
 use crate::netns::Netns;
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,7 +36,7 @@ pub struct ProxyContext {
     pub datapath: Arc<Datapath>,
     pub connections: ConnectionLog,
     pub mark: u32,
-    pub config: MeshConfig,
+    pub mesh: Mesh,
     /// The trust domain of this node's workloads (for pods the mesh config does not list).
     pub trust_domain: String,
     pub tls: Mtls,
@@ -48,7 +52,7 @@ impl ProxyContext {
     /// A pod's identity: from its mesh config entry, else its namespace's `default` service
     /// account in this node's trust domain (what Kubernetes gives a pod that names none).
     pub fn identity_of(&self, uid: &str, namespace: &str) -> Identity {
-        match self.config.workload_by_uid(uid) {
+        match self.mesh.current().workload_by_uid(uid) {
             Some(workload) => workload.identity(),
             None => Identity {
                 trust_domain: self.trust_domain.clone(),
@@ -58,12 +62,60 @@ impl ProxyContext {
         }
     }
 
+    /// Applies the policies in `config` to a connection into `pod`; on success the connection
+    /// is put under re-checking, so a later policy change can close it.
+    pub fn authorize(
+        &self,
+        config: &MeshConfig,
+        pod: &PodProxy,
+        tracked: &mut Tracked,
+        subject: Subject,
+    ) -> Result<(), String> {
+        if let Some(denial) = decide(config, &subject) {
+            tracing::info!(pod = %pod.label, source = %subject.source, destination = %subject.destination,
+                identity = ?subject.identity.as_ref().map(ToString::to_string), %denial, "connection denied by policy");
+            return Err(denial);
+        }
+        tracked.authorized(&self.connections, subject);
+        Ok(())
+    }
+
+    /// Puts `config` in force and closes the open connections it denies. If the kernel maps
+    /// cannot be written, the config in force stays and the error says why.
+    pub fn apply_config(&self, config: MeshConfig) -> Result<(), String> {
+        self.mesh
+            .apply(config, &self.datapath)
+            .map_err(|err| format!("cannot write the mesh config to the kernel maps: {err}"))?;
+        let config = self.mesh.current();
+        let closed = self
+            .connections
+            .revalidate(|subject| decide(&config, subject));
+        if closed > 0 {
+            tracing::info!(closed, "closed open connections the new policies deny");
+        }
+        Ok(())
+    }
+
     pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodProxy>> {
         self.local_pods
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&ip)
             .cloned()
+    }
+}
+
+/// Why `config`'s policies deny `subject`, if they do.
+fn decide(config: &MeshConfig, subject: &Subject) -> Option<String> {
+    let target = config.authz_target(subject.destination.ip(), &subject.namespace);
+    let connection = Connection {
+        source: subject.source,
+        destination: subject.destination,
+        identity: subject.identity.as_ref(),
+    };
+    match config.policies.check(&target, &connection) {
+        Decision::Allow => None,
+        Decision::Deny(denial) => Some(denial.to_string()),
     }
 }
 

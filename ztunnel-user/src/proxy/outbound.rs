@@ -1,11 +1,12 @@
-//! Connections a pod opened, captured by `connect4/6` into the 15001 listener, and how each
-//! reaches its destination (`Route`).
+//! Connections a pod opened, captured by `connect4/6` into the 15001 listener, carried the
+//! way `Route` says.
 
 use super::relay::relay;
+use super::route::Route;
 use super::sockets::connect_from;
 use super::{PodProxy, ProxyContext};
 use crate::api::Direction;
-use crate::config::Protocol;
+use crate::connections::Subject;
 use crate::hbone::bridge::bridge;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
 use crate::identity::Identity;
@@ -13,33 +14,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
-use ztunnel_common::ports;
-
-/// How the proxy reaches a destination for a pod.
-pub enum Route {
-    /// The destination pod is enrolled on this node: deliver straight into its netns (no TLS,
-    /// both identities are known here).
-    SameNode(Arc<PodProxy>),
-    /// A mesh workload on another node: an HBONE stream to its 15008, which must present
-    /// `identity`.
-    Hbone { identity: Identity },
-    /// Outside the mesh: plain TCP from the pod's netns.
-    Passthrough,
-}
-
-impl Route {
-    pub fn to(ctx: &ProxyContext, destination: SocketAddr) -> Route {
-        if let Some(pod) = ctx.local_pod(destination.ip()) {
-            return Route::SameNode(pod);
-        }
-        match ctx.config.workload_by_ip(destination.ip()) {
-            Some(workload) if workload.protocol == Protocol::Hbone => Route::Hbone {
-                identity: workload.identity(),
-            },
-            _ => Route::Passthrough,
-        }
-    }
-}
 
 pub(super) async fn handle(
     ctx: Arc<ProxyContext>,
@@ -56,29 +30,44 @@ pub(super) async fn handle(
     let tracked = ctx
         .connections
         .record(Direction::Outbound, &pod.label, client, destination);
-    let outcome = match Route::to(&ctx, destination) {
-        Route::SameNode(target) => {
-            let delivered =
+    let config = ctx.mesh.current();
+    let outcome = match Route::outbound(&ctx, &config, client.ip(), destination) {
+        Route::SameNode {
+            pod: target,
+            target: to,
+        } => {
+            let mut delivered =
                 ctx.connections
-                    .record(Direction::Inbound, &target.label, client, destination);
-            let outcome =
-                match connect_from(&ctx, &target.netns, Some(client.ip()), destination).await {
-                    Ok(app) => relay(stream, app).await,
+                    .record(Direction::Inbound, &target.label, client, to);
+            let subject = Subject {
+                namespace: target.namespace.clone(),
+                source: client.ip(),
+                destination: to,
+                identity: Some(pod.identity.clone()),
+            };
+            let outcome = match ctx.authorize(&config, &target, &mut delivered, subject) {
+                Ok(()) => match connect_from(&ctx, &target.netns, Some(client.ip()), to).await {
+                    Ok(app) => delivered.relay_until_revoked(relay(stream, app)).await,
                     Err(err) => Err(err),
-                };
+                },
+                Err(denial) => Err(io::Error::new(io::ErrorKind::PermissionDenied, denial)),
+            };
             delivered.finish_with(&outcome);
             outcome
         }
-        Route::Hbone { identity } => {
-            match open_hbone(&ctx, &pod, client, destination, identity).await {
-                Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
-                Err(err) => Err(err),
-            }
-        }
-        Route::Passthrough => match connect_from(&ctx, &pod.netns, None, destination).await {
+        Route::Hbone {
+            peer,
+            authority,
+            identities,
+        } => match open_hbone(&ctx, &pod, client, peer, authority, identities).await {
+            Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
+            Err(err) => Err(err),
+        },
+        Route::Passthrough { target } => match connect_from(&ctx, &pod.netns, None, target).await {
             Ok(upstream) => relay(stream, upstream).await,
             Err(err) => Err(err),
         },
+        Route::Unavailable(why) => Err(io::Error::new(io::ErrorKind::NotFound, why)),
     };
     if let Err(err) = &outcome {
         tracing::info!(pod = %pod.label, %client, %destination, %err, "outbound connection failed");
@@ -86,23 +75,24 @@ pub(super) async fn handle(
     tracked.finish_with(&outcome);
 }
 
-/// A CONNECT stream to the destination's node, from the source pod's netns and identity.
-async fn open_hbone(
+/// A CONNECT stream to `peer` from the pod's netns and identity, for a connection from
+/// `client`.
+pub(super) async fn open_hbone(
     ctx: &Arc<ProxyContext>,
     pod: &Arc<PodProxy>,
     client: SocketAddr,
-    destination: SocketAddr,
-    identity: Identity,
+    peer: SocketAddr,
+    authority: SocketAddr,
+    identities: Vec<Identity>,
 ) -> io::Result<HboneStream> {
-    let peer = SocketAddr::new(destination.ip(), ports::HBONE);
     let key = PoolKey {
         source_identity: pod.identity.clone(),
-        destination_identities: vec![identity],
+        destination_identities: identities,
         destination: peer,
         source_ip: client.ip(),
     };
     let request = ConnectRequest {
-        authority: destination,
+        authority,
         client,
         baggage: pod.baggage(),
     };

@@ -1,0 +1,67 @@
+//! Services: a VIP in front of endpoints on both nodes, load-balanced by the source's proxy,
+//! with the service port mapped to the endpoints' target port.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+use support::*;
+use ztunnel_lab::mesh::MeshChanges;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE_PORT: u16 = 80;
+const CONNECTIONS: usize = 16;
+
+#[test]
+fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
+    let s = LabSession::start();
+    let servers = [("a2", serve("a2", APP_PORT)), ("b1", serve("b1", APP_PORT))];
+    let endpoint = "  services: {demo/echo.demo.svc.cluster.local: {}}\n";
+    let service = format!(
+        "services:\n- name: echo\n  namespace: demo\n  hostname: echo.demo.svc.cluster.local\n  vips: [/{VIP}]\n  ports: {{{SERVICE_PORT}: {APP_PORT}}}\n"
+    );
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            workload_fields: &[("a2", endpoint), ("b1", endpoint)],
+            sections: &service,
+            ..MeshChanges::default()
+        },
+    );
+    for _ in 0..CONNECTIONS {
+        let report = send("a1", SocketAddrV4::new(VIP, SERVICE_PORT), 16 * 1024);
+        // Whichever endpoint took it saw a1, on the target port.
+        assert_eq!(report.server.peer.ip(), s.ip("a1"));
+        assert_eq!(report.server.local.port(), APP_PORT);
+    }
+    let mut served = BTreeMap::new();
+    for (pod, server) in &servers {
+        while server.next_report(Duration::from_millis(500)).is_ok() {
+            *served.entry(*pod).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(served.values().sum::<usize>(), CONNECTIONS, "{served:?}");
+    // Random choice: both endpoints are used (all 16 on one has probability 2^-15).
+    assert_eq!(served.len(), 2, "{served:?}");
+
+    // An endpoint marked unhealthy is no longer chosen.
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            workload_fields: &[
+                ("a2", endpoint),
+                (
+                    "b1",
+                    "  services: {demo/echo.demo.svc.cluster.local: {}}\n  status: Unhealthy\n",
+                ),
+            ],
+            sections: &service,
+            ..MeshChanges::default()
+        },
+    );
+    for _ in 0..4 {
+        let report = send("a1", SocketAddrV4::new(VIP, SERVICE_PORT), 1024);
+        assert_eq!(report.server.local.ip(), s.ip("a2"));
+    }
+}

@@ -1,0 +1,353 @@
+//! L4 authorization with Istio's AuthorizationPolicy semantics, as Istio's ztunnel applies
+//! them: any matching DENY denies; with no ALLOW policy everything is allowed; otherwise an
+//! ALLOW must match. Dry-run policies are only logged. `plaintext` derives what the kernel can
+//! decide alone for clients without an identity.
+
+mod plaintext;
+mod policy;
+
+pub use plaintext::{PlaintextPlan, PlaintextRule};
+pub use policy::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch};
+
+use crate::identity::Identity;
+use ipnet::IpNet;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// The destination workload as authorization sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    /// Keys (`namespace/name`) of the WorkloadSelector policies that select it.
+    pub selected: &'a [String],
+}
+
+/// The connection being decided on.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection<'a> {
+    pub source: IpAddr,
+    pub destination: SocketAddr,
+    /// The client's SPIFFE identity; none for plaintext.
+    pub identity: Option<&'a Identity>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(Denial),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// The DENY policy that matched; none when no ALLOW policy matched.
+    pub policy: Option<String>,
+    pub reason: DenyReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    DenyPolicy,
+    NoAllowMatch,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.policy {
+            Some(policy) => write!(f, "DENY policy {policy} matches"),
+            None => write!(f, "no ALLOW policy matches"),
+        }
+    }
+}
+
+/// The policies of a config, indexed by what they apply to and by the ports they can match.
+#[derive(Default)]
+pub struct Policies {
+    policies: Vec<Policy>,
+    /// Per policy: the destination ports it can match at all (None: any port).
+    ports: Vec<Option<HashSet<u16>>>,
+    global: Group,
+    by_namespace: HashMap<String, Group>,
+    /// WorkloadSelector policies by key.
+    selectable: HashMap<String, usize>,
+}
+
+/// The policies of one scope group, split so a check only looks at those that can matter.
+#[derive(Default)]
+struct Group {
+    enforced: PortIndex,
+    dry_run: PortIndex,
+    /// Enforced ALLOW policies, whatever their ports: with none, everything is allowed.
+    allows: usize,
+    has_dry_run: bool,
+}
+
+#[derive(Default)]
+struct PortIndex {
+    any_port: Vec<usize>,
+    by_port: HashMap<u16, Vec<usize>>,
+}
+
+impl PortIndex {
+    fn insert(&mut self, index: usize, ports: &Option<HashSet<u16>>) {
+        match ports {
+            None => self.any_port.push(index),
+            Some(ports) => {
+                for port in ports {
+                    self.by_port.entry(*port).or_default().push(index);
+                }
+            }
+        }
+    }
+
+    fn candidates(&self, port: u16) -> impl Iterator<Item = usize> + '_ {
+        let by_port = self.by_port.get(&port).map_or(&[][..], Vec::as_slice);
+        self.any_port.iter().chain(by_port).copied()
+    }
+}
+
+/// What the matches compare, computed once per check.
+struct Facts<'a> {
+    source: IpAddr,
+    destination: IpAddr,
+    port: u16,
+    identity: Option<&'a Identity>,
+    /// `td/ns/<ns>/sa/<sa>`: the SPIFFE id without its scheme, as Istio matches principals.
+    principal: Option<String>,
+}
+
+impl Policies {
+    /// Indexes `policies` (validated, with unique keys).
+    pub fn new(policies: Vec<Policy>) -> Policies {
+        let mut index = Policies {
+            ports: policies.iter().map(possible_ports).collect(),
+            ..Policies::default()
+        };
+        for (i, policy) in policies.iter().enumerate() {
+            let group = match policy.scope {
+                Scope::Global => &mut index.global,
+                Scope::Namespace => index
+                    .by_namespace
+                    .entry(policy.namespace.clone())
+                    .or_default(),
+                Scope::WorkloadSelector => {
+                    index.selectable.insert(policy.key(), i);
+                    continue;
+                }
+            };
+            group.add(i, policy, &index.ports[i]);
+        }
+        index.policies = policies;
+        index
+    }
+
+    pub fn all(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Whether `connection` to `target` is allowed.
+    pub fn check(&self, target: &Target, connection: &Connection) -> Decision {
+        let facts = Facts::of(connection);
+        let (groups, selected) = self.applicable(target);
+        let decision = self.decide(&groups, &selected, &facts, false);
+        let dry_run = groups.iter().any(|g| g.has_dry_run)
+            || selected.iter().any(|&i| self.policies[i].dry_run);
+        if dry_run {
+            let shadow = self.decide(&groups, &selected, &facts, true);
+            if shadow != decision {
+                tracing::info!(
+                    source = %connection.source,
+                    destination = %connection.destination,
+                    identity = ?connection.identity.map(ToString::to_string),
+                    enforced = ?decision,
+                    with_dry_run = ?shadow,
+                    "dry-run policies would change this decision"
+                );
+            }
+        }
+        decision
+    }
+
+    /// The scope groups and the selected WorkloadSelector policies that apply to `target`.
+    fn applicable(&self, target: &Target) -> (Vec<&Group>, Vec<usize>) {
+        let mut groups = vec![&self.global];
+        groups.extend(self.by_namespace.get(target.namespace));
+        let selected = target
+            .selected
+            .iter()
+            .filter_map(|key| self.selectable.get(key).copied())
+            .collect();
+        (groups, selected)
+    }
+
+    fn decide(
+        &self,
+        groups: &[&Group],
+        selected: &[usize],
+        facts: &Facts,
+        with_dry_run: bool,
+    ) -> Decision {
+        let candidates = || {
+            groups
+                .iter()
+                .flat_map(move |g| {
+                    let dry = with_dry_run.then_some(&g.dry_run);
+                    g.enforced
+                        .candidates(facts.port)
+                        .chain(dry.into_iter().flat_map(|d| d.candidates(facts.port)))
+                })
+                .chain(
+                    selected
+                        .iter()
+                        .copied()
+                        .filter(move |&i| with_dry_run || !self.policies[i].dry_run),
+                )
+        };
+        let matching = |action: Action| {
+            candidates().find(|&i| self.policies[i].action == action && self.matches(i, facts))
+        };
+        if let Some(deny) = matching(Action::Deny) {
+            return Decision::Deny(Denial {
+                policy: Some(self.policies[deny].key()),
+                reason: DenyReason::DenyPolicy,
+            });
+        }
+        let allows = groups.iter().map(|g| g.allows).sum::<usize>()
+            + groups
+                .iter()
+                .filter(|_| with_dry_run)
+                .map(|g| g.dry_run_allows(&self.policies))
+                .sum::<usize>()
+            + selected
+                .iter()
+                .filter(|&&i| {
+                    let p = &self.policies[i];
+                    p.action == Action::Allow && (with_dry_run || !p.dry_run)
+                })
+                .count();
+        if allows == 0 || matching(Action::Allow).is_some() {
+            Decision::Allow
+        } else {
+            Decision::Deny(Denial {
+                policy: None,
+                reason: DenyReason::NoAllowMatch,
+            })
+        }
+    }
+
+    fn matches(&self, index: usize, facts: &Facts) -> bool {
+        let policy = &self.policies[index];
+        if self.ports[index]
+            .as_ref()
+            .is_some_and(|ports| !ports.contains(&facts.port))
+        {
+            return false;
+        }
+        policy.rules.iter().any(|rule| {
+            rule.iter().all(|clause| {
+                clause.is_empty() || clause.iter().any(|m| !m.is_empty() && facts.satisfy(m))
+            })
+        })
+    }
+}
+
+impl Group {
+    fn add(&mut self, index: usize, policy: &Policy, ports: &Option<HashSet<u16>>) {
+        if policy.dry_run {
+            self.dry_run.insert(index, ports);
+            self.has_dry_run = true;
+        } else {
+            self.enforced.insert(index, ports);
+            if policy.action == Action::Allow {
+                self.allows += 1;
+            }
+        }
+    }
+
+    fn dry_run_allows(&self, policies: &[Policy]) -> usize {
+        let mut seen = HashSet::new();
+        self.dry_run
+            .any_port
+            .iter()
+            .chain(self.dry_run.by_port.values().flatten())
+            .filter(|&&i| policies[i].action == Action::Allow && seen.insert(i))
+            .count()
+    }
+}
+
+impl<'a> Facts<'a> {
+    fn of(connection: &Connection<'a>) -> Facts<'a> {
+        Facts {
+            source: connection.source.to_canonical(),
+            destination: connection.destination.ip().to_canonical(),
+            port: connection.destination.port(),
+            identity: connection.identity,
+            principal: connection.identity.map(|id| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    id.trust_domain, id.namespace, id.service_account
+                )
+            }),
+        }
+    }
+
+    /// Whether every field `m` sets matches.
+    fn satisfy(&self, m: &Match) -> bool {
+        let namespace = self.identity.map_or("", |id| id.namespace.as_str());
+        let principal = |s: &StringMatch| self.principal.as_deref().is_some_and(|p| s.matches(p));
+        let account = |a: &ServiceAccountMatch| {
+            self.identity.is_some_and(|id| {
+                id.namespace == a.namespace && id.service_account == a.service_account
+            })
+        };
+        let contains = |ip: IpAddr| move |net: &IpNet| net.contains(&ip);
+        field(&m.namespaces, &m.not_namespaces, |s| s.matches(namespace))
+            && field(&m.principals, &m.not_principals, principal)
+            && field(&m.service_accounts, &m.not_service_accounts, account)
+            && field(&m.source_ips, &m.not_source_ips, contains(self.source))
+            && field(
+                &m.destination_ips,
+                &m.not_destination_ips,
+                contains(self.destination),
+            )
+            && field(&m.destination_ports, &m.not_destination_ports, |p| {
+                *p == self.port
+            })
+    }
+}
+
+/// A field and its not-form: any of `positive` (when set), none of `negative`.
+fn field<T>(positive: &[T], negative: &[T], test: impl Fn(&T) -> bool) -> bool {
+    (positive.is_empty() || positive.iter().any(&test)) && !negative.iter().any(test)
+}
+
+/// The destination ports a policy can match at all, or None when it may match any port. A
+/// rule is limited to ports when one of its clauses only has matches naming
+/// `destinationPorts`; the policy's ports are the union over its rules.
+fn possible_ports(policy: &Policy) -> Option<HashSet<u16>> {
+    let mut union = HashSet::new();
+    for rule in &policy.rules {
+        let limit = rule.iter().find_map(|clause| {
+            let live: Vec<&Match> = clause.iter().filter(|m| !m.is_empty()).collect();
+            let limited = !live.is_empty() && live.iter().all(|m| !m.destination_ports.is_empty());
+            limited.then(|| {
+                live.iter()
+                    .flat_map(|m| m.destination_ports.iter().copied())
+                    .collect::<Vec<u16>>()
+            })
+        });
+        match limit {
+            Some(ports) => union.extend(ports),
+            // A clause whose matches are all empty never matches, so neither does the rule;
+            // any other unlimited rule may match any port.
+            None if rule
+                .iter()
+                .any(|clause| !clause.is_empty() && clause.iter().all(Match::is_empty)) => {}
+            None => return None,
+        }
+    }
+    Some(union)
+}
+
+#[cfg(test)]
+mod tests;

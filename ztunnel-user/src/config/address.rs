@@ -1,0 +1,76 @@
+//! Addresses as Istio ztunnel's local config writes them: `network/ip` (or a bare IP), and the
+//! address of a waypoint.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::net::IpAddr;
+
+/// An IP on a network; this proxy serves one network, so only the IP is used for routing.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NetworkAddress {
+    pub network: String,
+    pub ip: IpAddr,
+}
+
+impl std::str::FromStr for NetworkAddress {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (network, ip) = text.rsplit_once('/').unwrap_or(("", text));
+        let ip = ip
+            .parse()
+            .map_err(|_| format!("{text:?} is not an address (network/ip or ip)"))?;
+        Ok(NetworkAddress {
+            network: network.to_owned(),
+            ip,
+        })
+    }
+}
+
+impl fmt::Display for NetworkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.ip)
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkAddress {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for NetworkAddress {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Where a waypoint is: an address (of a workload or of a service's VIP) or a service by
+/// namespace and hostname.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum GatewayDestination {
+    Address(NetworkAddress),
+    Hostname(NamespacedHostname),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NamespacedHostname {
+    pub namespace: String,
+    pub hostname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayAddress {
+    pub destination: GatewayDestination,
+    /// The port the waypoint takes HBONE on.
+    #[serde(default = "default_hbone_port")]
+    pub hbone_mtls_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    ztunnel_common::ports::HBONE
+}

@@ -1,0 +1,98 @@
+//! How the proxy reaches a destination: the one place that resolves services to endpoints,
+//! sends traffic through waypoints, and chooses between the same-node path, HBONE and plain
+//! TCP.
+
+use super::{PodProxy, ProxyContext};
+use crate::config::{GatewayAddress, MeshConfig, Protocol};
+use crate::identity::Identity;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use ztunnel_common::ports;
+
+pub enum Route {
+    /// The destination pod is enrolled on this node: deliver straight into its netns (no TLS,
+    /// both identities are known here).
+    SameNode {
+        pod: Arc<PodProxy>,
+        target: SocketAddr,
+    },
+    /// An HBONE stream to `peer` (a workload's 15008 or a waypoint), asking for `authority`;
+    /// the peer must present one of `identities`.
+    Hbone {
+        peer: SocketAddr,
+        authority: SocketAddr,
+        identities: Vec<Identity>,
+    },
+    /// Outside the mesh: plain TCP.
+    Passthrough { target: SocketAddr },
+    /// Nothing can take the connection (a service without a healthy endpoint, a waypoint
+    /// that resolves to nothing).
+    Unavailable(String),
+}
+
+impl Route {
+    /// The route of a connection from `source` (a pod of this node) to `destination`.
+    pub fn outbound(
+        ctx: &ProxyContext,
+        config: &MeshConfig,
+        source: IpAddr,
+        destination: SocketAddr,
+    ) -> Route {
+        let mut target = destination;
+        let mut extra_identities = Vec::new();
+        if let Some(service) = config.service_at(destination) {
+            if let Some(waypoint) = &service.waypoint
+                && !config.is_waypoint(waypoint, source)
+            {
+                return via_waypoint(config, waypoint, destination);
+            }
+            let Some(endpoint) = config.pick_endpoint(service, destination.port()) else {
+                return Route::Unavailable(format!(
+                    "service {} has no healthy endpoint",
+                    service.key()
+                ));
+            };
+            target = endpoint.address;
+            extra_identities = service.extra_identities();
+        }
+        if let Some(route) = Route::waypoint_of(config, source, target) {
+            return route;
+        }
+        if let Some(pod) = ctx.local_pod(target.ip()) {
+            return Route::SameNode { pod, target };
+        }
+        match config.workload_by_ip(target.ip()) {
+            Some(workload) if workload.protocol == Protocol::Hbone => {
+                let mut identities = vec![workload.identity()];
+                identities.extend(extra_identities);
+                Route::Hbone {
+                    peer: SocketAddr::new(target.ip(), ports::HBONE),
+                    authority: target,
+                    identities,
+                }
+            }
+            _ => Route::Passthrough { target },
+        }
+    }
+
+    /// The waypoint route for traffic to the workload at `target`, unless it has no
+    /// waypoint or the traffic comes from that waypoint (it must not be sent back to it).
+    pub fn waypoint_of(config: &MeshConfig, source: IpAddr, target: SocketAddr) -> Option<Route> {
+        let waypoint = config.workload_by_ip(target.ip())?.waypoint.as_ref()?;
+        (!config.is_waypoint(waypoint, source)).then(|| via_waypoint(config, waypoint, target))
+    }
+}
+
+fn via_waypoint(config: &MeshConfig, waypoint: &GatewayAddress, authority: SocketAddr) -> Route {
+    match config.resolve_waypoint(waypoint) {
+        Some(endpoint) => Route::Hbone {
+            peer: endpoint.address,
+            authority,
+            identities: vec![endpoint.workload.identity()],
+        },
+        None => Route::Unavailable(format!(
+            "waypoint {:?} has no healthy instance",
+            waypoint.destination
+        )),
+    }
+}
