@@ -4,7 +4,7 @@
 //! shared machine hits both paths alike; figures are medians with min and max.
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -20,12 +20,21 @@ const SERVER: &str = "b1";
 
 #[derive(Args)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    suite: Option<Suite>,
     /// Runs per path (the figures are medians over them).
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Length of each throughput and latency measurement.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// The criterion micro-benchmarks of the hot pure code (policy evaluation at scale);
+    /// reports land in target/criterion.
+    Micro,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -51,6 +60,9 @@ struct Sample {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if let Some(Suite::Micro) = args.suite {
+        return micro();
+    }
     anyhow::ensure!(
         args.runs >= 1 && args.seconds >= 1,
         "--runs and --seconds must be at least 1"
@@ -86,6 +98,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("hbone.md"), &report)?;
     println!("bench: written to {}", out.join("hbone.md").display());
+    Ok(())
+}
+
+fn micro() -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(topology::workspace_root())
+        .args(["bench", "-p", "ztunnel-user", "--bench", "authz"])
+        .status()
+        .context("running cargo bench")?;
+    if !status.success() {
+        bail!("the micro-benchmarks failed ({status})");
+    }
     Ok(())
 }
 
