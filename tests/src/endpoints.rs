@@ -100,17 +100,36 @@ pub fn send_from(
     mark: Option<u32>,
     timeout: Duration,
 ) -> Result<SendReport> {
-    let mut args = vec![
-        "send".to_owned(),
-        "--to".into(),
-        to.to_string(),
-        "--bytes".into(),
-        bytes.to_string(),
-    ];
+    let mut args = send_args(to, bytes);
     if let Some(mark) = mark {
         args.extend(["--mark".into(), mark.to_string()]);
     }
     run_lab_tool(pod, args, timeout)
+}
+
+/// `send_from` with a pause of `pause` halfway through, the connection held open.
+pub fn send_pausing_from(
+    pod: &str,
+    to: SocketAddrV4,
+    bytes: u64,
+    pause: Duration,
+    timeout: Duration,
+) -> Result<SendReport> {
+    let mut args = send_args(to, bytes);
+    args.extend(["--pause-ms".into(), pause.as_millis().to_string()]);
+    run_lab_tool(pod, args, timeout + pause)
+}
+
+fn send_args(to: SocketAddrV4, bytes: u64) -> Vec<String> {
+    [
+        "send",
+        "--to",
+        &to.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Runs `lab-tool burst` inside `pod`: `connections` connections to `to` held open at once,
