@@ -1,40 +1,63 @@
 //! Relaying between a TCP connection and an HTTP/2 stream, with half-close carried across:
-//! TCP EOF becomes END_STREAM and END_STREAM becomes a TCP write shutdown.
+//! TCP EOF becomes END_STREAM and END_STREAM becomes a TCP write shutdown. Nothing is held
+//! for a direction while it is idle: reads go through a per-thread buffer only once the
+//! socket is readable, and what h2 hands over is written from its own buffers.
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
+use socket2::SockRef;
+use std::cell::RefCell;
 use std::io;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use std::net::Shutdown;
+use tokio::net::TcpStream;
 
 /// Read size from TCP; HTTP/2 frames are cut to the peer's max frame size by h2.
 const CHUNK: usize = 256 * 1024;
 
-/// Relays both ways until both directions finished. Returns (bytes TCP -> stream, bytes
-/// stream -> TCP).
-pub async fn bridge<T>(tcp: T, send: SendStream<Bytes>, recv: RecvStream) -> io::Result<(u64, u64)>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut read_half, mut write_half) = tokio::io::split(tcp);
-    let upload = tcp_to_stream(&mut read_half, send);
-    let download = stream_to_tcp(recv, &mut write_half);
-    let (sent, received) = tokio::try_join!(upload, download)?;
-    Ok((sent, received))
+thread_local! {
+    /// Where reads land before their bytes are copied, at their exact size, for h2.
+    static READ_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0; CHUNK].into_boxed_slice());
 }
 
-async fn tcp_to_stream<R: AsyncRead + Unpin>(
-    tcp: &mut R,
-    mut send: SendStream<Bytes>,
-) -> io::Result<u64> {
+/// Relays both ways until both directions finished. Returns (bytes TCP -> stream, bytes
+/// stream -> TCP).
+pub async fn bridge(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+) -> io::Result<(u64, u64)> {
+    tokio::try_join!(tcp_to_stream(&tcp, send), stream_to_tcp(recv, &tcp))
+}
+
+/// What one read of the socket gave.
+enum Read {
+    Data(Bytes),
+    Eof,
+    NotYet,
+}
+
+fn read_once(tcp: &TcpStream) -> io::Result<Read> {
+    READ_BUFFER.with_borrow_mut(|buffer| match tcp.try_read(buffer) {
+        Ok(0) => Ok(Read::Eof),
+        Ok(read) => Ok(Read::Data(Bytes::copy_from_slice(&buffer[..read]))),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(Read::NotYet),
+        Err(err) => Err(err),
+    })
+}
+
+async fn tcp_to_stream(tcp: &TcpStream, mut send: SendStream<Bytes>) -> io::Result<u64> {
     let mut total = 0u64;
-    let mut buffer = vec![0u8; CHUNK];
     loop {
-        let read = tcp.read(&mut buffer).await?;
-        if read == 0 {
-            send.send_data(Bytes::new(), true).map_err(h2_error)?;
-            return Ok(total);
-        }
-        let mut pending = Bytes::copy_from_slice(&buffer[..read]);
+        tcp.readable().await?;
+        let mut pending = match read_once(tcp)? {
+            Read::Data(data) => data,
+            Read::Eof => {
+                send.send_data(Bytes::new(), true).map_err(h2_error)?;
+                return Ok(total);
+            }
+            Read::NotYet => continue,
+        };
+        total += pending.len() as u64;
         while !pending.is_empty() {
             // Wait for flow-control credit so memory stays bounded by the peer's window.
             send.reserve_capacity(pending.len());
@@ -50,26 +73,34 @@ async fn tcp_to_stream<R: AsyncRead + Unpin>(
             let chunk = pending.split_to(granted.min(pending.len()));
             send.send_data(chunk, false).map_err(h2_error)?;
         }
-        total += read as u64;
     }
 }
 
-async fn stream_to_tcp<W: AsyncWrite + Unpin>(
-    mut recv: RecvStream,
-    tcp: &mut W,
-) -> io::Result<u64> {
+async fn stream_to_tcp(mut recv: RecvStream, tcp: &TcpStream) -> io::Result<u64> {
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
         let data = data.map_err(h2_error)?;
-        tcp.write_all(&data).await?;
+        write_all(tcp, &data).await?;
         total += data.len() as u64;
         // Return the window only once the bytes left for the socket: backpressure end to end.
         recv.flow_control()
             .release_capacity(data.len())
             .map_err(h2_error)?;
     }
-    tcp.shutdown().await?;
+    SockRef::from(tcp).shutdown(Shutdown::Write)?;
     Ok(total)
+}
+
+async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(data) {
+            Ok(written) => data = &data[written..],
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 pub fn h2_error(err: h2::Error) -> io::Error {

@@ -260,6 +260,11 @@ async fn accept_loop<Handle, Handled>(
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
+                // The relays write what they just read: Nagle's wait for an ACK would only add
+                // latency (a request/response round trip waits out the peer's delayed ACK).
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(pod = %pod.label, %client, %err, "cannot set TCP_NODELAY");
+                }
                 tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
             }
             Err(err) => {
