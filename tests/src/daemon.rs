@@ -94,6 +94,8 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .arg(node.kubepods_cgroup())
         .arg("--bpffs")
         .arg(node.bpffs_dir())
+        .arg("--state-dir")
+        .arg(node.daemon_state_dir())
         .arg("--config")
         .arg(topology::MESH_CONFIG)
         .arg("--ca-dir")

@@ -25,6 +25,7 @@ use ztunnel_user::identity::{CertificateAuthority, CertificateStore};
 use ztunnel_user::mesh::Mesh;
 use ztunnel_user::metrics::{self, TrafficMetrics};
 use ztunnel_user::netns::Netns;
+use ztunnel_user::pod_state::{self, PodStates};
 use ztunnel_user::pods::Pods;
 use ztunnel_user::proxy::ProxyContext;
 use ztunnel_user::{features, web};
@@ -74,6 +75,10 @@ struct RunArgs {
     /// bpffs directory for this daemon's maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
     bpffs: PathBuf,
+    /// Directory of the enrolled pods' records, from which a restarted daemon takes over the
+    /// pods its previous run captured.
+    #[arg(long, default_value = pod_state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// SO_MARK on every proxy socket; capture skips sockets carrying it.
     #[arg(long, default_value_t = ztunnel_common::ports::DEFAULT_MARK)]
     mark: u32,
@@ -197,6 +202,7 @@ fn run(args: RunArgs) -> Result<()> {
         (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
         _ => CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain)?,
     };
+    let states = PodStates::open(&args.state_dir).context("--state-dir")?;
     let datapath = Datapath::load(&DatapathSettings {
         pin_dir: args.bpffs.clone(),
         mark: args.mark,
@@ -258,10 +264,12 @@ fn run(args: RunArgs) -> Result<()> {
                 Ok(())
             }));
         }
+        let mut pods = Pods::new(ctx.clone(), args.cgroup_root.clone(), states);
+        pods.restore().context("taking over the pods of the previous run")?;
         let listener = api_server::bind(&args.api_socket)?;
         let server = Arc::new(ApiServer {
             node: args.node.clone(),
-            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), args.cgroup_root.clone())),
+            pods: tokio::sync::Mutex::new(pods),
             ctx: ctx.clone(),
         });
         let quit = Arc::new(Notify::new());
