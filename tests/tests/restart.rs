@@ -331,15 +331,19 @@ fn sigtermed_daemon_fails_closed_and_takes_its_pods_over_on_restart() {
 fn restart_releases_pods_that_cannot_be_taken_over() {
     let s = LabSession::start();
     let lab = &s.lab;
-    let b1 = serve("b1", APP_PORT);
     let links_before = our_link_count();
     ztunnel_lab::kill_daemon("node1").expect("SIGKILL node1's daemon");
-    // a2 went away without a CNI DEL, and a1's record was damaged.
+    ztunnel_lab::kill_daemon("node2").expect("SIGKILL node2's daemon");
+    // a2 was deleted while the daemon was down: CNI DEL (which cannot reach the daemon and
+    // says so), then the runtime removes the netns. b1's DEL ran, its netns is still there.
+    // a1's record was damaged.
+    ztunnel_lab::cni_del("a2").expect("CNI DEL of a2 while the daemon is down");
     let deleted = std::process::Command::new("ip")
         .args(["netns", "delete", "ztlab-a2"])
         .status()
         .expect("ip netns delete");
     assert!(deleted.success());
+    ztunnel_lab::cni_del("b1").expect("CNI DEL of b1 while the daemon is down");
     let a1 = lab.pod("a1").unwrap();
     let record = ztunnel_lab::topology::node_spec("node1")
         .unwrap()
@@ -349,27 +353,34 @@ fn restart_releases_pods_that_cannot_be_taken_over() {
     std::fs::write(&record, b"{\"version\": 1, \"pod\": ").expect("damaging a1's record");
 
     ztunnel_lab::start_daemon("node1").expect("restarting node1's daemon");
+    ztunnel_lab::start_daemon("node2").expect("restarting node2's daemon");
     let log = daemon_log("node1");
     assert!(
         log.contains("refusing pod record") && log.contains(&a1.uid),
         "the refusal names the record"
     );
     assert!(log.contains("cannot open network namespace /run/netns/ztlab-a2"));
-    // Nothing of either is left: no enrollment, record, link or map entry.
-    assert!(status(lab, "node1").pods.is_empty());
-    assert!(pod_record_files("node1").is_empty());
-    assert!(pinned_link_programs(lab, "node1").is_empty());
-    eventually("node1's links are released", || {
-        our_link_count() == links_before - 2 * HOOKS_PER_POD
-    });
-    assert_eq!(pinned_map_len::<u64, PodInfo>(lab, "node1", names::PODS), 0);
+    assert!(
+        daemon_log("node2").contains(&format!("listening on {}", s.addr("b1", 15001))),
+        "b1's address is gone"
+    );
+    // Nothing of any of them is left: no enrollment, record, link or map entry.
+    for node in NODES {
+        assert!(status(lab, node).pods.is_empty());
+        assert!(pod_record_files(node).is_empty());
+        assert!(pinned_link_programs(lab, node).is_empty());
+        assert_eq!(pinned_map_len::<u64, PodInfo>(lab, node, names::PODS), 0);
+    }
+    eventually("all links are released", || our_link_count() == 0);
+    assert_eq!(links_before, 3 * HOOKS_PER_POD);
     // Released means uncaptured, as before its first ADD; a new ADD captures it again.
-    send("a1", s.addr("b1", APP_PORT), 1024);
-    assert_eq!(next_report(&b1).peer.ip(), s.ip("a1"));
+    let u1 = serve("u1", APP_PORT);
+    send("a1", s.addr("u1", APP_PORT), 1024);
+    assert_eq!(next_report(&u1).peer.ip(), s.ip("a1"));
     assert!(connections(lab, "node1").is_empty());
     enroll_again(lab, "node1", "a1");
-    send("a1", s.addr("b1", APP_PORT), 1024);
-    next_report(&b1);
+    send("a1", s.addr("u1", APP_PORT), 1024);
+    next_report(&u1);
     assert_eq!(
         closed_connections(lab, "node1", Direction::Outbound).len(),
         1

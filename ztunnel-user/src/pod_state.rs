@@ -59,7 +59,7 @@ pub struct PodStates {
 }
 
 impl PodStates {
-    /// Opens (creating, mode 0700) `<state_dir>/pods`.
+    /// Opens (creating, mode 0700) `<state_dir>/pods`. Records are written mode 0600.
     pub fn open(state_dir: &Path) -> Result<PodStates, PodStateError> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = state_dir.join("pods");
@@ -78,6 +78,7 @@ impl PodStates {
     /// Writes the record of `record.spec.uid`, replacing any earlier one in one step: a reader
     /// (or a restart) sees the old record or the new one, never part of one.
     pub fn save(&self, record: &PodRecord) -> Result<(), PodStateError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.path_of(&record.spec.uid);
         let partial = path.with_extension(&PARTIAL_SUFFIX[1..]);
         let io = |what| {
@@ -89,7 +90,13 @@ impl PodStates {
             pod: record.clone(),
         })
         .expect("records always serialize");
-        let mut file = std::fs::File::create(&partial).map_err(io("creating"))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&partial)
+            .map_err(io("creating"))?;
         file.write_all(&text).map_err(io("writing"))?;
         file.sync_all().map_err(io("syncing"))?;
         std::fs::rename(&partial, &path).map_err(|source| PodStateError::Io {
