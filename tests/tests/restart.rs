@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use support::*;
 use ztunnel_common::maps::{PodInfo, names};
 use ztunnel_lab::capture::{Segment, UnderlayCapture};
-use ztunnel_lab::traffic::PseudoRandom;
 use ztunnel_lab::{Lab, send_from};
 use ztunnel_user::api::Direction;
 
@@ -32,19 +31,6 @@ const HOOKS_PER_POD: usize = 4;
 /// tcpdump gets packets from the kernel in blocks, handed over at least once a second: wait
 /// that long before stopping it, or the last packets are missing.
 const CAPTURE_HANDOVER: Duration = Duration::from_millis(1500);
-
-/// The start of every payload `lab-tool send` streams: seeing it on the underlay would mean
-/// application bytes crossed in clear.
-fn plaintext_marker() -> [u8; 64] {
-    let mut marker = [0u8; 64];
-    PseudoRandom::default().fill(&mut marker);
-    marker
-}
-
-fn carries_marker(segment: &Segment) -> bool {
-    let marker = plaintext_marker();
-    segment.payload.windows(marker.len()).any(|w| w == marker)
-}
 
 /// One connection of the loop.
 #[derive(Debug)]
@@ -171,15 +157,20 @@ fn restart_under_a_connection_loop(stop: Stop) {
         .filter(|a| a.started >= down && a.finished <= starting)
         .collect();
     let after: Vec<&Attempt> = attempts.iter().filter(|a| a.started >= ready).collect();
-    let straddling = attempts.len() - before.len() - while_down.len() - after.len();
     let failed = |set: &[&Attempt]| set.iter().filter(|a| a.error.is_some()).count();
+    let in_flight = attempts.len() - before.len() - while_down.len() - after.len();
+    let in_flight_failed = attempts.iter().filter(|a| a.error.is_some()).count()
+        - failed(&before)
+        - failed(&while_down)
+        - failed(&after);
     println!(
-        "restart ({stop:?}): before {} ({} failed), while down {} ({} failed), during stop/start {straddling} ({} failed in all), after {} ({} failed)",
+        "restart ({stop:?}): {} connections; before the stop {} ({} failed), while down {} ({} failed), \
+         in flight at the stop or the start {in_flight} ({in_flight_failed} failed), after the restart {} ({} failed)",
+        attempts.len(),
         before.len(),
         failed(&before),
         while_down.len(),
         failed(&while_down),
-        attempts.iter().filter(|a| a.error.is_some()).count(),
         after.len(),
         failed(&after),
     );
@@ -203,8 +194,15 @@ fn restart_under_a_connection_loop(stop: Stop) {
         );
     }
 
-    // The positive control: u1 is outside the mesh, so its bytes to a2 cross in clear; the
-    // capture and the search do see plaintext. a2's inbound capture works again, too.
+    // a2's outbound capture works again. And the positive control: u1 is outside the mesh,
+    // so its bytes to a2 cross in clear, and the capture and the search do see them (a2's
+    // inbound capture works again, too).
+    let outbound_before_a2 = counters(lab, "node1")["outbound_captured"];
+    send("a2", s.addr("b1", APP_PORT), LOOP_BYTES);
+    assert_eq!(
+        counters(lab, "node1")["outbound_captured"],
+        outbound_before_a2 + 1
+    );
     send("u1", to_a2, LOOP_BYTES);
     assert_eq!(next_report(&a2_server).peer.ip(), s.ip("u1"));
     std::thread::sleep(CAPTURE_HANDOVER);
@@ -213,30 +211,30 @@ fn restart_under_a_connection_loop(stop: Stop) {
     assert!(
         segments
             .iter()
-            .any(|seg| IpAddr::V4(*seg.source.ip()) == s.ip("u1") && carries_marker(seg)),
+            .any(|seg| IpAddr::V4(*seg.source.ip()) == s.ip("u1") && carries_plaintext(seg)),
         "the capture shows u1's plaintext"
     );
-    // Between a1 and b1 only HBONE, never the application's bytes in clear.
-    let pair = [s.ip("a1"), s.ip("b1")];
-    let a1_b1: Vec<&Segment> = segments
+    // Between node1's pods and b1 only HBONE, never the application's bytes in clear.
+    let node1_pods = [s.ip("a1"), s.ip("a2")];
+    let meshed: Vec<&Segment> = segments
         .iter()
         .filter(|seg| {
-            pair.contains(&IpAddr::V4(*seg.source.ip()))
-                && pair.contains(&IpAddr::V4(*seg.destination.ip()))
+            let ends = [
+                IpAddr::V4(*seg.source.ip()),
+                IpAddr::V4(*seg.destination.ip()),
+            ];
+            ends.contains(&s.ip("b1")) && ends.iter().any(|end| node1_pods.contains(end))
         })
         .collect();
     assert!(
-        a1_b1.len() > 2 * SUCCESSES_EACH_SIDE,
+        meshed.len() > 2 * SUCCESSES_EACH_SIDE,
         "{} segments",
-        a1_b1.len()
+        meshed.len()
     );
-    let outside_hbone: Vec<_> = a1_b1
-        .iter()
-        .filter(|seg| seg.source.port() != 15008 && seg.destination.port() != 15008)
-        .collect();
-    assert!(outside_hbone.is_empty(), "{:?}", outside_hbone.first());
+    let plain = outside_hbone(meshed.iter().copied());
+    assert!(plain.is_empty(), "{:?}", plain.first());
     assert!(
-        !a1_b1.iter().any(|seg| carries_marker(seg)),
+        !meshed.iter().any(|seg| carries_plaintext(seg)),
         "plaintext on the underlay"
     );
 
@@ -249,10 +247,14 @@ fn restart_under_a_connection_loop(stop: Stop) {
     );
     assert!(kernel["inbound_steered"] > counters_at_ready["inbound_steered"]);
     let records = closed_connections(lab, "node1", Direction::Outbound);
-    let a1_records = records
-        .iter()
-        .filter(|r| r.pod == "demo/a1" && r.error.is_none());
-    assert!(a1_records.count() >= after.len(), "{records:?}");
+    let served = |pod: &str| {
+        records
+            .iter()
+            .filter(|r| r.pod == pod && r.error.is_none())
+            .count()
+    };
+    assert!(served("demo/a1") >= after.len(), "{records:?}");
+    assert_eq!(served("demo/a2"), 1, "{records:?}");
     let inbound = closed_connections(lab, "node1", Direction::Inbound);
     assert!(
         inbound

@@ -327,3 +327,21 @@ pub fn enroll_again(lab: &Lab, node: &str, pod: &str) -> api::EnrolledPod {
         other => panic!("unexpected response {other:?}"),
     }
 }
+
+/// Whether `segment` carries the start of what `lab-tool send` streams: on the underlay, that
+/// means application bytes crossed in clear.
+pub fn carries_plaintext(segment: &ztunnel_lab::capture::Segment) -> bool {
+    let mut marker = [0u8; 64];
+    ztunnel_lab::traffic::PseudoRandom::default().fill(&mut marker);
+    segment.payload.windows(marker.len()).any(|w| w == marker)
+}
+
+/// The segments that belong to no HBONE connection (port 15008 at neither end).
+pub fn outside_hbone<'a>(
+    segments: impl IntoIterator<Item = &'a ztunnel_lab::capture::Segment>,
+) -> Vec<&'a ztunnel_lab::capture::Segment> {
+    segments
+        .into_iter()
+        .filter(|s| s.source.port() != 15008 && s.destination.port() != 15008)
+        .collect()
+}
