@@ -149,8 +149,9 @@ impl Pods {
     }
 
     /// What a recorded pod that cannot be taken over leaves: its links, its map entry and its
-    /// record. Its listeners died with the previous run (closed sockets leave the sockhash by
-    /// themselves), and its routing is inside a netns that is gone or no longer the pod's.
+    /// record. Its old listeners died with the previous run (closed sockets leave the sockhash
+    /// by themselves); a failed `start` has undone its own steps; and a netns that is gone or
+    /// no longer the pod's is left alone.
     fn release_leftovers(&self, record: &PodRecord) {
         detach_pod(&self.ctx.datapath.pod_links(&record.spec.uid));
         if let Err(err) = self.ctx.datapath.remove_pod(record.netns_cookie) {
