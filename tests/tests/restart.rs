@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use support::*;
 use ztunnel_common::maps::{PodInfo, names};
 use ztunnel_lab::capture::{Segment, UnderlayCapture};
-use ztunnel_lab::{Lab, send_from};
+use ztunnel_lab::topology::MESH_CONFIG;
+use ztunnel_lab::{Lab, Started, send_from};
 use ztunnel_user::api::Direction;
 
 /// Each connection of the loop: small, so the first segment carries the marker.
@@ -433,4 +434,46 @@ fn restart_replaces_maps_whose_layout_changed_without_releasing_pods() {
     eventually("only the two daemons' maps remain", || {
         our_map_count() == maps_before
     });
+}
+
+#[test]
+fn pods_are_taken_over_only_once_the_mesh_config_is_in_force() {
+    let s = LabSession::start();
+    let lab = &s.lab;
+    let b1 = serve("b1", APP_PORT);
+    let programs_before = newest_program_id();
+    let links_before = our_link_count();
+    ztunnel_lab::kill_daemon("node1").expect("SIGKILL node1's daemon");
+    let kept = format!("{MESH_CONFIG}.kept");
+    std::fs::rename(MESH_CONFIG, &kept).expect("hiding the mesh config");
+    ztunnel_lab::start_daemon_until("node1", Started::Answering).expect("restarting node1");
+    let waiting = ztunnel_lab::daemon_not_ready("node1")
+        .expect("asking node1")
+        .expect("node1 is not ready");
+    assert!(
+        waiting.contains("the mesh config") && waiting.contains("the pods of the previous run"),
+        "{waiting}"
+    );
+    // Served without their config, the pods would have the wrong identity and no policy:
+    // they stay captured and refused.
+    assert!(status(lab, "node1").pods.is_empty());
+    assert_eq!(pinned_link_programs(lab, "node1").len(), 2 * HOOKS_PER_POD);
+    let refused = send_from("a1", s.addr("b1", APP_PORT), 1024, None, CONNECTION_TIMEOUT)
+        .expect_err("a1's connection while node1 waits for its config");
+    assert!(
+        refused.to_string().contains("Connection refused"),
+        "{refused}"
+    );
+
+    std::fs::rename(&kept, MESH_CONFIG).expect("restoring the mesh config");
+    eventually("node1 is ready", || {
+        ztunnel_lab::daemon_not_ready("node1").is_ok_and(|waiting| waiting.is_none())
+    });
+    assert_taken_over(lab, programs_before, links_before);
+    send("a1", s.addr("b1", APP_PORT), 1024);
+    next_report(&b1);
+    assert_eq!(
+        closed_connections(lab, "node1", Direction::Outbound).len(),
+        1
+    );
 }

@@ -264,14 +264,14 @@ fn run(args: RunArgs) -> Result<()> {
                 Ok(())
             }));
         }
-        let mut pods = Pods::new(ctx.clone(), args.cgroup_root.clone(), states);
-        pods.restore().context("taking over the pods of the previous run")?;
         let listener = api_server::bind(&args.api_socket)?;
         let server = Arc::new(ApiServer {
             node: args.node.clone(),
-            pods: tokio::sync::Mutex::new(pods),
+            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), args.cgroup_root.clone(), states)),
             ctx: ctx.clone(),
         });
+        ctx.readiness.pending(TAKING_OVER);
+        tokio::spawn(take_over_previous_pods(server.clone(), config_file.clone()));
         let quit = Arc::new(Notify::new());
         serve_http(&args, &ctx, &server, log, quit.clone()).await?;
         tracing::info!(node = %args.node, api = %args.api_socket.display(), admin = %args.admin_addr, bpffs = %args.bpffs.display(), "ztunnel started");
@@ -285,6 +285,26 @@ fn run(args: RunArgs) -> Result<()> {
         let _ = std::fs::remove_file(&args.api_socket);
         anyhow::Ok(())
     })
+}
+
+/// What readiness waits for until the pods of the previous run are served again.
+const TAKING_OVER: &str = "the pods of the previous run";
+
+/// Serves the pods the previous run enrolled again, once the mesh config is in force (their
+/// identities and policies come from it). Until then they stay captured, their new
+/// connections refused, and the daemon is not ready.
+async fn take_over_previous_pods(server: Arc<ApiServer>, config_file: Option<Arc<ConfigFile>>) {
+    while config_file
+        .as_ref()
+        .is_some_and(|file| file.status().generation == 0)
+    {
+        tokio::time::sleep(reload::POLL_INTERVAL).await;
+    }
+    match server.pods.lock().await.restore() {
+        Ok(()) => server.ctx.readiness.done(TAKING_OVER),
+        // Not ready, and the log says why: the pods stay captured and refused.
+        Err(err) => tracing::error!(%err, "cannot take over the pods of the previous run"),
+    }
 }
 
 /// Starts the admin API, the metrics and the readiness endpoints.
