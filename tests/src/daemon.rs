@@ -94,6 +94,8 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .arg(node.kubepods_cgroup())
         .arg("--bpffs")
         .arg(node.bpffs_dir())
+        .arg("--state-dir")
+        .arg(node.daemon_state_dir())
         .arg("--config")
         .arg(topology::MESH_CONFIG)
         .arg("--ca-dir")
@@ -293,18 +295,25 @@ fn is_daemon_of(pid: u32, node: &NodeSpec) -> bool {
         })
 }
 
-/// Alive and not a zombie. A dead child of ours is reaped on the way.
+/// Alive: a thread of it is not yet a zombie. The leader of a killed process turns zombie
+/// while its other threads may still be closing the process's files (its sockets), so every
+/// thread is looked at. A dead child of ours is reaped on the way.
 pub(crate) fn is_alive(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else {
         return false;
     };
     // Fails harmlessly (ECHILD) when the process is not our child.
     let _ = waitpid(Pid::from_raw(raw), Some(WaitPidFlag::WNOHANG));
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the parenthesised command name, which may itself hold spaces.
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    threads.flatten().any(|thread| {
+        std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the parenthesised command name, which may itself hold spaces.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
     })
 }
 

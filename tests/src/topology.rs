@@ -184,6 +184,11 @@ impl NodeSpec {
         self.dir().join("cni-results")
     }
 
+    /// The daemon's `--state-dir`: the records of its enrolled pods.
+    pub fn daemon_state_dir(&self) -> PathBuf {
+        self.dir().join("state")
+    }
+
     pub fn bpffs_dir(&self) -> PathBuf {
         Path::new(BPFFS_ROOT).join(self.name)
     }

@@ -7,13 +7,19 @@
 //! <dir>/maps/ZT_*                        every shared map
 //! <dir>/pods/<uid>/{connect4,connect6,sock_ops,sk_lookup}   one pinned link per hook
 //! ```
+//!
+//! Everything there outlives the daemon: while it is down the links keep capturing (new
+//! connections are refused: nothing listens where they are steered), and the next run adopts
+//! the maps and the links.
+
+mod bpf_link;
 
 use crate::mounts::{Filesystem, is_on};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockHash};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, MapInfo, PerCpuArray, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, ProgramError, SkLookup, SockOps};
-use aya::{Ebpf, EbpfError};
+use aya::{Ebpf, EbpfError, EbpfLoader};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +46,8 @@ pub enum DatapathError {
     },
     #[error("loading the eBPF object: {0}")]
     Load(#[from] EbpfError),
+    #[error("parsing the eBPF object: {0}")]
+    Parse(aya_obj::ParseError),
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
@@ -61,6 +69,18 @@ pub enum DatapathError {
     Link {
         path: PathBuf,
         source: aya::programs::links::LinkError,
+    },
+    #[error("the pinned links in {dir} are incomplete: no {}", missing.join(", "))]
+    MissingPins {
+        dir: PathBuf,
+        missing: Vec<&'static str>,
+    },
+    #[error("the target (cgroup or netns) of link {path} is gone")]
+    LinkTargetGone { path: PathBuf },
+    #[error("moving link {path} on to the new program: {source}")]
+    LinkUpdate {
+        path: PathBuf,
+        source: std::io::Error,
     },
 }
 
@@ -102,15 +122,15 @@ pub struct PodLinks {
 }
 
 impl Datapath {
-    /// Loads the programs, pins the maps and applies the settings. Anything a previous run left
-    /// in `pin_dir` is removed first.
+    /// Loads the programs and applies the settings. The maps a previous run pinned are
+    /// adopted when every one of them is there with the layout these programs were built for,
+    /// so its pods keep their kernel state across the restart. Otherwise (no maps, some
+    /// missing, a layout an upgrade changed) the programs get new maps, pinned in place of
+    /// the old ones; the old maps live on, read only by the old programs, until every old
+    /// link has been moved on to the new programs (`adopt_pod`) or removed.
     pub fn load(settings: &DatapathSettings) -> Result<Datapath, DatapathError> {
         let pin_dir = settings.pin_dir.clone();
         ensure_bpffs(pin_dir.parent().unwrap_or(&pin_dir))?;
-        if pin_dir.exists() {
-            tracing::warn!(dir = %pin_dir.display(), "removing eBPF state left by a previous run");
-            remove_pins(&pin_dir)?;
-        }
         for sub in ["maps", "pods"] {
             let dir = pin_dir.join(sub);
             std::fs::create_dir_all(&dir).map_err(|source| DatapathError::Fs {
@@ -119,8 +139,33 @@ impl Datapath {
                 source,
             })?;
         }
+        let maps_dir = pin_dir.join("maps");
+        let object = aya_obj::Object::parse(PROGRAMS).map_err(DatapathError::Parse)?;
+        match check_pinned_maps(&maps_dir, &object) {
+            PinnedMaps::Absent => {
+                tracing::info!(dir = %maps_dir.display(), "no maps pinned by a previous run; creating them")
+            }
+            PinnedMaps::Fitting => {
+                tracing::info!(dir = %maps_dir.display(), "adopting the maps pinned by the previous run")
+            }
+            PinnedMaps::Unfit(problems) => {
+                tracing::error!(dir = %maps_dir.display(), problems = %problems.join("; "),
+                    "the maps pinned by the previous run do not fit these programs; starting with new maps (the pods of the previous run move on to them, or are released)");
+                remove_pins(&maps_dir)?;
+                std::fs::create_dir_all(&maps_dir).map_err(|source| DatapathError::Fs {
+                    what: "creating",
+                    path: maps_dir.clone(),
+                    source,
+                })?;
+            }
+        }
 
-        let mut ebpf = Ebpf::load(PROGRAMS)?;
+        // Pinned maps are opened, missing ones created and pinned.
+        let mut loader = EbpfLoader::new();
+        for name in names::ALL {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
         for name in [programs::CONNECT4, programs::CONNECT6] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
@@ -139,12 +184,6 @@ impl Datapath {
                 source,
             })?;
 
-        for name in names::ALL {
-            let map = ebpf.map(name).ok_or(DatapathError::Missing(name))?;
-            let path = pin_dir.join("maps").join(name);
-            map.pin(&path)
-                .map_err(|source| DatapathError::Pin { path, source })?;
-        }
         let mut settings_map: Array<MapData, Settings> = take_map(&mut ebpf, names::SETTINGS)?;
         settings_map
             .set(
@@ -159,30 +198,46 @@ impl Datapath {
                 name: names::SETTINGS,
                 source,
             })?;
+        // Adopted maps hold the previous run's exclusions, which may differ from these.
         let mut cidrs: LpmTrie<MapData, [u8; 16], u8> = take_map(&mut ebpf, names::EXCLUDED_CIDRS)?;
-        for net in &settings.excluded_cidrs {
-            cidrs
-                .insert(&cidr_key(net), 1, 0)
-                .map_err(|source| DatapathError::Map {
-                    name: names::EXCLUDED_CIDRS,
-                    source,
-                })?;
-        }
+        let present: Vec<(u32, [u8; 16])> = cidrs
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| (key.prefix_len(), key.data()))
+            .collect();
+        write_exactly(
+            names::EXCLUDED_CIDRS,
+            &mut cidrs,
+            present,
+            &excluded_cidr_keys(settings),
+            |map, (prefix, addr), value| map.insert(&LpmKey::new(prefix, addr), value, 0),
+            |map, (prefix, addr)| map.remove(&LpmKey::new(prefix, addr)),
+        )?;
         let mut ports: BpfHashMap<MapData, u16, u8> = take_map(&mut ebpf, names::EXCLUDED_PORTS)?;
-        for (port, bits) in excluded_port_bits(settings) {
-            ports
-                .insert(port, bits, 0)
-                .map_err(|source| DatapathError::Map {
-                    name: names::EXCLUDED_PORTS,
-                    source,
-                })?;
+        let present: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+        write_exactly(
+            names::EXCLUDED_PORTS,
+            &mut ports,
+            present,
+            &excluded_port_bits(settings),
+            |map, port, bits| map.insert(port, bits, 0),
+            |map, port| map.remove(&port),
+        )?;
+
+        // The previous run's delivery announcements: their sockets died with it, and one left
+        // would let a later SYN from that address and port past the proxy.
+        let mut deliveries: BpfHashMap<MapData, SocketKey, u8> =
+            take_map(&mut ebpf, names::DELIVERIES)?;
+        let announced: Vec<SocketKey> = deliveries.keys().filter_map(Result::ok).collect();
+        for key in announced {
+            ignore_missing(deliveries.remove(&key), names::DELIVERIES)?;
         }
 
         Ok(Datapath {
             pods: Mutex::new(take_map(&mut ebpf, names::PODS)?),
             orig_dst: Mutex::new(take_map(&mut ebpf, names::ORIG_DST)?),
             listeners: Mutex::new(take_map(&mut ebpf, names::INBOUND_LISTENERS)?),
-            deliveries: Mutex::new(take_map(&mut ebpf, names::DELIVERIES)?),
+            deliveries: Mutex::new(deliveries),
             workloads: Mutex::new(take_map(&mut ebpf, names::WORKLOADS)?),
             plaintext_rules: Mutex::new(take_map(&mut ebpf, names::PLAINTEXT_RULES)?),
             counters: take_map(&mut ebpf, names::COUNTERS)?,
@@ -302,6 +357,78 @@ impl Datapath {
         Ok(links)
     }
 
+    /// Moves the pinned links of a pod a previous run captured on to this daemon's programs,
+    /// one atomic `BPF_LINK_UPDATE` per hook, in attach order: the pod never goes uncaptured,
+    /// and afterwards no link runs a program that reads maps nobody writes. On failure the
+    /// pod's links are removed.
+    pub fn adopt_pod(&self, uid: &str) -> Result<PodLinks, DatapathError> {
+        let links = self.pod_links(uid);
+        let missing: Vec<&'static str> = Hook::ALL
+            .iter()
+            .map(|hook| hook.pin_name())
+            .filter(|name| !links.paths.contains(&links.dir.join(name)))
+            .collect();
+        let adopted = if missing.is_empty() {
+            let ebpf = lock(&self.ebpf);
+            Hook::ALL
+                .iter()
+                .try_for_each(|hook| replace_program(&ebpf, *hook, &links.dir))
+        } else {
+            Err(DatapathError::MissingPins {
+                dir: links.dir.clone(),
+                missing,
+            })
+        };
+        match adopted {
+            Ok(()) => Ok(links),
+            Err(err) => {
+                detach_pod(&links);
+                Err(err)
+            }
+        }
+    }
+
+    /// The links pinned for pod `uid` (the ones present, in attach order).
+    pub fn pod_links(&self, uid: &str) -> PodLinks {
+        let dir = self.pin_dir.join("pods").join(uid);
+        let paths = Hook::ALL
+            .iter()
+            .map(|hook| dir.join(hook.pin_name()))
+            .filter(|path| path.exists())
+            .collect();
+        PodLinks { dir, paths }
+    }
+
+    /// The uids that have pinned links (a directory under `pods/` holding pins; uids with a
+    /// `/` are nested directories).
+    pub fn pinned_pods(&self) -> Vec<String> {
+        let root = self.pin_dir.join("pods");
+        let mut uids = Vec::new();
+        let mut pending = vec![root.clone()];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut holds_pins = false;
+            for entry in entries.flatten() {
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => pending.push(entry.path()),
+                    Ok(_) => holds_pins = true,
+                    Err(_) => {}
+                }
+            }
+            if holds_pins && let Ok(uid) = dir.strip_prefix(&root) {
+                uids.push(uid.to_string_lossy().into_owned());
+            }
+        }
+        uids
+    }
+
+    /// The netns cookies `ZT_PODS` holds.
+    pub fn pod_cookies(&self) -> Vec<u64> {
+        lock(&self.pods).keys().filter_map(Result::ok).collect()
+    }
+
     /// Takes the original destination of a captured connection, by its client's address.
     pub fn take_orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
         let key = SocketKey::new(Addr::from(client.ip()), client.port());
@@ -356,6 +483,24 @@ pub fn detach_pod(links: &PodLinks) {
     {
         tracing::warn!(dir = %links.dir.display(), %err, "cannot remove pod pin directory");
     }
+}
+
+/// Points the link of `hook` pinned in `dir` at this daemon's program for that hook.
+fn replace_program(ebpf: &Ebpf, hook: Hook, dir: &Path) -> Result<(), DatapathError> {
+    let name = hook.program();
+    let program = ebpf
+        .program(name)
+        .ok_or(DatapathError::Missing(name))?
+        .fd()
+        .map_err(|source| DatapathError::Program { name, source })?;
+    let path = dir.join(hook.pin_name());
+    bpf_link::replace_program(&path, program.as_fd()).map_err(|source| {
+        if source.raw_os_error() == Some(libc::ENOLINK) {
+            DatapathError::LinkTargetGone { path }
+        } else {
+            DatapathError::LinkUpdate { path, source }
+        }
+    })
 }
 
 /// One of the four attachments that capture a pod.
@@ -468,10 +613,158 @@ fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<()
     }
 }
 
-/// LPM key of a CIDR in the 16-byte (v4-mapped) address space.
-fn cidr_key(net: &IpNet) -> LpmKey<[u8; 16]> {
-    let (addr, prefix) = mapped_prefix(net);
-    LpmKey::new(prefix, addr.octets())
+/// Makes `map` hold exactly `wanted`: every wanted entry is written first, then the present
+/// keys not wanted are removed, so a lookup during the update finds the old or the new entry
+/// of a key, never none.
+fn write_exactly<M, K: Ord + Copy, V: Copy>(
+    name: &'static str,
+    map: &mut M,
+    present: Vec<K>,
+    wanted: &BTreeMap<K, V>,
+    insert: impl Fn(&mut M, K, V) -> Result<(), MapError>,
+    remove: impl Fn(&mut M, K) -> Result<(), MapError>,
+) -> Result<(), DatapathError> {
+    for (&key, &value) in wanted {
+        insert(map, key, value).map_err(|source| DatapathError::Map { name, source })?;
+    }
+    for key in present {
+        if !wanted.contains_key(&key) {
+            ignore_missing(remove(map, key), name)?;
+        }
+    }
+    Ok(())
+}
+
+/// What `load` found in `maps/`.
+enum PinnedMaps {
+    Absent,
+    /// Every map is pinned with the layout the programs expect.
+    Fitting,
+    /// What does not fit, one entry per map.
+    Unfit(Vec<String>),
+}
+
+/// The shape of a map, as the kernel created it: what the programs were verified against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapLayout {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    flags: u32,
+}
+
+impl MapLayout {
+    fn of_definition(map: &aya_obj::Map) -> MapLayout {
+        MapLayout {
+            map_type: map.map_type(),
+            key_size: map.key_size(),
+            value_size: map.value_size(),
+            max_entries: map.max_entries(),
+            flags: map.map_flags(),
+        }
+    }
+
+    fn of_pin(path: &Path) -> Result<MapLayout, MapError> {
+        let info = MapInfo::from_pin(path)?;
+        Ok(MapLayout {
+            map_type: info.map_type()? as u32,
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+            flags: info.map_flags(),
+        })
+    }
+}
+
+impl std::fmt::Display for MapLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} B, value {} B, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.flags
+        )
+    }
+}
+
+/// Compares the maps pinned in `dir` with the definitions in `object`. Pins of maps these
+/// programs do not have (an upgrade removed them) are removed.
+fn check_pinned_maps(dir: &Path, object: &aya_obj::Object) -> PinnedMaps {
+    remove_unknown_pins(dir);
+    let mut found = 0;
+    let mut problems = Vec::new();
+    for name in names::ALL {
+        let path = dir.join(name);
+        if !path.exists() {
+            problems.push(format!("{name} is not pinned"));
+            continue;
+        }
+        found += 1;
+        let Some(definition) = object.maps.get(name) else {
+            problems.push(format!("{name} is not in the eBPF object"));
+            continue;
+        };
+        if let Some(problem) = layout_problem(
+            name,
+            MapLayout::of_pin(&path),
+            MapLayout::of_definition(definition),
+        ) {
+            problems.push(problem);
+        }
+    }
+    match (found, problems.is_empty()) {
+        (0, _) => PinnedMaps::Absent,
+        (_, true) => PinnedMaps::Fitting,
+        (_, false) => PinnedMaps::Unfit(problems),
+    }
+}
+
+/// Why a pinned map cannot serve programs that expect `wanted`, if it cannot.
+fn layout_problem(
+    name: &str,
+    pinned: Result<MapLayout, MapError>,
+    wanted: MapLayout,
+) -> Option<String> {
+    match pinned {
+        Ok(pinned) if pinned == wanted => None,
+        Ok(pinned) => Some(format!(
+            "{name} is pinned as {pinned}, the programs need {wanted}"
+        )),
+        Err(err) => Some(format!("{name} is pinned but unreadable as a map: {err}")),
+    }
+}
+
+fn remove_unknown_pins(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let known = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| names::ALL.contains(&name));
+        if known {
+            continue;
+        }
+        tracing::warn!(path = %path.display(), "removing a pin these programs do not use");
+        if let Err(err) = remove_pins(&path) {
+            tracing::warn!(%err, "cannot remove the unused pin");
+        }
+    }
+}
+
+/// The `ZT_EXCLUDED_CIDRS` entries: (prefix length, address) in the 16-byte (v4-mapped)
+/// address space.
+fn excluded_cidr_keys(settings: &DatapathSettings) -> BTreeMap<(u32, [u8; 16]), u8> {
+    settings
+        .excluded_cidrs
+        .iter()
+        .map(|net| {
+            let (addr, prefix) = mapped_prefix(net);
+            ((prefix, addr.octets()), 1)
+        })
+        .collect()
 }
 
 /// A CIDR in the kernel's 16-byte address space (IPv4 as v4-mapped IPv6): the network address
@@ -489,8 +782,8 @@ pub fn mapped_prefix(net: &IpNet) -> (Addr, u32) {
     }
 }
 
-fn excluded_port_bits(settings: &DatapathSettings) -> std::collections::BTreeMap<u16, u8> {
-    let mut bits = std::collections::BTreeMap::new();
+fn excluded_port_bits(settings: &DatapathSettings) -> BTreeMap<u16, u8> {
+    let mut bits = BTreeMap::new();
     for &port in &settings.excluded_outbound_ports {
         *bits.entry(port).or_insert(0) |= EXCLUDE_OUTBOUND;
     }
@@ -518,12 +811,17 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     }
 }
 
-/// Removes a pin tree; unpinning a link detaches it.
-pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
-    match std::fs::remove_dir_all(dir) {
+/// Removes a pin or a tree of pins; unpinning a link detaches it.
+fn remove_pins(path: &Path) -> Result<(), DatapathError> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(err) => Err(err),
+    };
+    match removed {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(DatapathError::Fs {
             what: "removing",
-            path: dir.to_owned(),
+            path: path.to_owned(),
             source: err,
         }),
         _ => Ok(()),
@@ -534,27 +832,70 @@ pub fn remove_pins(dir: &Path) -> Result<(), DatapathError> {
 mod tests {
     use super::*;
 
+    fn settings() -> DatapathSettings {
+        DatapathSettings {
+            pin_dir: PathBuf::new(),
+            mark: 1,
+            excluded_cidrs: vec!["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            excluded_outbound_ports: vec![22, 443],
+            excluded_inbound_ports: vec![22],
+        }
+    }
+
     #[test]
     fn cidr_keys_live_in_the_mapped_space() {
-        let key = cidr_key(&"10.96.0.0/12".parse().unwrap());
-        assert_eq!(key.prefix_len(), 108);
-        assert_eq!(&key.data()[10..14], &[0xff, 0xff, 10, 96]);
-        let key = cidr_key(&"fd00::/8".parse().unwrap());
-        assert_eq!(key.prefix_len(), 8);
-        assert_eq!(key.data()[0], 0xfd);
+        let keys: Vec<(u32, [u8; 16])> = excluded_cidr_keys(&settings()).into_keys().collect();
+        // Ordered by prefix length: fd00::/8, then 10.96.0.0/12 as ::ffff:10.96.0.0/108.
+        let (v6, v4) = (keys[0], keys[1]);
+        assert_eq!(v6.0, 8);
+        assert_eq!(v6.1[0], 0xfd);
+        assert_eq!(v4.0, 108);
+        assert_eq!(&v4.1[10..14], &[0xff, 0xff, 10, 96]);
     }
 
     #[test]
     fn port_exclusions_merge_directions() {
-        let settings = DatapathSettings {
-            pin_dir: PathBuf::new(),
-            mark: 1,
-            excluded_cidrs: vec![],
-            excluded_outbound_ports: vec![22, 443],
-            excluded_inbound_ports: vec![22],
-        };
-        let bits = excluded_port_bits(&settings);
+        let bits = excluded_port_bits(&settings());
         assert_eq!(bits[&22], EXCLUDE_OUTBOUND | EXCLUDE_INBOUND);
         assert_eq!(bits[&443], EXCLUDE_OUTBOUND);
+    }
+
+    #[test]
+    fn a_pinned_map_fits_only_with_the_same_layout() {
+        let wanted = MapLayout {
+            map_type: 1,
+            key_size: 8,
+            value_size: 40,
+            max_entries: 4096,
+            flags: 0,
+        };
+        assert_eq!(layout_problem("ZT_PODS", Ok(wanted), wanted), None);
+        let grown = MapLayout {
+            value_size: 44,
+            ..wanted
+        };
+        assert_eq!(
+            layout_problem("ZT_PODS", Ok(grown), wanted).unwrap(),
+            "ZT_PODS is pinned as type 1, key 8 B, value 44 B, 4096 entries, flags 0x0, \
+             the programs need type 1, key 8 B, value 40 B, 4096 entries, flags 0x0"
+        );
+        let unreadable = layout_problem(
+            "ZT_PODS",
+            Err(MapError::InvalidName { name: "x".into() }),
+            wanted,
+        );
+        assert!(
+            unreadable
+                .unwrap()
+                .starts_with("ZT_PODS is pinned but unreadable as a map")
+        );
+    }
+
+    #[test]
+    fn the_programs_define_every_map_the_daemon_pins() {
+        let object = aya_obj::Object::parse(PROGRAMS).unwrap();
+        for name in names::ALL {
+            assert!(object.maps.contains_key(name), "{name}");
+        }
     }
 }

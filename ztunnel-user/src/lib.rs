@@ -20,6 +20,7 @@ pub mod mounts;
 pub mod netlink;
 pub mod netns;
 pub mod output;
+pub mod pod_state;
 pub mod pods;
 pub mod process;
 pub mod proxy;

@@ -25,6 +25,7 @@ use ztunnel_user::identity::{CertificateAuthority, CertificateStore};
 use ztunnel_user::mesh::Mesh;
 use ztunnel_user::metrics::{self, TrafficMetrics};
 use ztunnel_user::netns::Netns;
+use ztunnel_user::pod_state::{self, PodStates};
 use ztunnel_user::pods::Pods;
 use ztunnel_user::proxy::ProxyContext;
 use ztunnel_user::{features, web};
@@ -74,6 +75,10 @@ struct RunArgs {
     /// bpffs directory for this daemon's maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/ztunnel")]
     bpffs: PathBuf,
+    /// Directory of the enrolled pods' records, from which a restarted daemon takes over the
+    /// pods its previous run captured.
+    #[arg(long, default_value = pod_state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// SO_MARK on every proxy socket; capture skips sockets carrying it.
     #[arg(long, default_value_t = ztunnel_common::ports::DEFAULT_MARK)]
     mark: u32,
@@ -197,6 +202,7 @@ fn run(args: RunArgs) -> Result<()> {
         (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
         _ => CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain)?,
     };
+    let states = PodStates::open(&args.state_dir).context("--state-dir")?;
     let datapath = Datapath::load(&DatapathSettings {
         pin_dir: args.bpffs.clone(),
         mark: args.mark,
@@ -261,9 +267,11 @@ fn run(args: RunArgs) -> Result<()> {
         let listener = api_server::bind(&args.api_socket)?;
         let server = Arc::new(ApiServer {
             node: args.node.clone(),
-            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), args.cgroup_root.clone())),
+            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), args.cgroup_root.clone(), states)),
             ctx: ctx.clone(),
         });
+        ctx.readiness.pending(TAKING_OVER);
+        tokio::spawn(take_over_previous_pods(server.clone(), config_file.clone()));
         let quit = Arc::new(Notify::new());
         serve_http(&args, &ctx, &server, log, quit.clone()).await?;
         tracing::info!(node = %args.node, api = %args.api_socket.display(), admin = %args.admin_addr, bpffs = %args.bpffs.display(), "ztunnel started");
@@ -277,6 +285,26 @@ fn run(args: RunArgs) -> Result<()> {
         let _ = std::fs::remove_file(&args.api_socket);
         anyhow::Ok(())
     })
+}
+
+/// What readiness waits for until the pods of the previous run are served again.
+const TAKING_OVER: &str = "the pods of the previous run";
+
+/// Serves the pods the previous run enrolled again, once the mesh config is in force (their
+/// identities and policies come from it). Until then they stay captured, their new
+/// connections refused, and the daemon is not ready.
+async fn take_over_previous_pods(server: Arc<ApiServer>, config_file: Option<Arc<ConfigFile>>) {
+    while config_file
+        .as_ref()
+        .is_some_and(|file| file.status().generation == 0)
+    {
+        tokio::time::sleep(reload::POLL_INTERVAL).await;
+    }
+    match server.pods.lock().await.restore() {
+        Ok(()) => server.ctx.readiness.done(TAKING_OVER),
+        // Not ready, and the log says why: the pods stay captured and refused.
+        Err(err) => tracing::error!(%err, "cannot take over the pods of the previous run"),
+    }
 }
 
 /// Starts the admin API, the metrics and the readiness endpoints.

@@ -2,15 +2,21 @@
 //!
 //! Enrollment order makes capture the last step, so no connection is ever steered to a
 //! listener that is not there yet: routing for delivery, listeners, the sk_lookup target, the
-//! pod's map entry, and only then the bpf_links. Disenrollment starts by removing the links.
+//! pod's map entry, the pod's record, and only then the bpf_links. Disenrollment starts by
+//! removing the links and ends with the record.
+//!
+//! A restarted daemon takes over the pods of its previous run from their records (`restore`):
+//! their links stayed attached (refusing new connections while nobody listened), so it opens
+//! the listeners and map entries again and then moves the links on to its own programs.
 
 use crate::api::{EnrolledPod, PodSpec};
 use crate::cgroup::{CgroupError, find_pod_cgroup};
 use crate::datapath::{DatapathError, PodLinks, detach_pod};
 use crate::netlink::{Family, RouteSocket};
 use crate::netns::{Netns, NetnsError};
+use crate::pod_state::{PodRecord, PodStateError, PodStates};
 use crate::proxy::{self, ListenerError, PodListeners, PodProxy, ProxyContext};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -43,12 +49,29 @@ pub enum EnrollError {
     Listener(#[from] ListenerError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    State(#[from] PodStateError),
+    #[error(
+        "network namespace {path} is no longer the pod's (cookie {found}, recorded {recorded})"
+    )]
+    NetnsReplaced {
+        path: PathBuf,
+        recorded: u64,
+        found: u64,
+    },
+}
+
+/// How a pod's capture is put in place.
+#[derive(Clone, Copy)]
+enum Capture<'a> {
+    /// New links on the pod's cgroup (this open directory) and netns.
+    Attach(&'a File),
+    /// The links a previous run pinned, moved on to this daemon's programs.
+    Adopt,
 }
 
 struct Enrollment {
-    spec: PodSpec,
-    cgroup: PathBuf,
-    netns_cookie: u64,
+    record: PodRecord,
     links: PodLinks,
     pod: Arc<PodProxy>,
     /// The listeners' accept loops; dropping the set stops them and closes the listeners.
@@ -58,17 +81,112 @@ struct Enrollment {
 pub struct Pods {
     ctx: Arc<ProxyContext>,
     cgroup_root: PathBuf,
+    states: PodStates,
     enrolled: BTreeMap<String, Enrollment>,
     next_index: u32,
 }
 
 impl Pods {
-    pub fn new(ctx: Arc<ProxyContext>, cgroup_root: PathBuf) -> Pods {
+    pub fn new(ctx: Arc<ProxyContext>, cgroup_root: PathBuf, states: PodStates) -> Pods {
         Pods {
             ctx,
             cgroup_root,
+            states,
             enrolled: BTreeMap::new(),
             next_index: 0,
+        }
+    }
+
+    /// Takes over the pods the previous run enrolled, from their records: a pod whose netns
+    /// and links are still there is served again, the leftovers of any other are removed, and
+    /// so are links and pod entries no record claims. Runs once at start, before the API
+    /// serves; fails only when the records cannot be listed at all.
+    pub fn restore(&mut self) -> Result<(), PodStateError> {
+        let (mut adopted, mut released, mut refused) = (0, 0, 0);
+        for loaded in self.states.load_all()? {
+            let record = match loaded {
+                Ok(record) => record,
+                Err(err) => {
+                    tracing::error!(%err, "removing a pod record this daemon cannot use; the pod's links, if any, are removed below");
+                    if let Err(err) = self.states.discard(&err) {
+                        tracing::warn!(%err, "cannot remove the refused record");
+                    }
+                    refused += 1;
+                    continue;
+                }
+            };
+            let label = format!("{}/{}", record.spec.namespace, record.spec.name);
+            match self.adopt(record.clone()) {
+                Ok(_) => adopted += 1,
+                Err(err) => {
+                    tracing::warn!(pod = %label, %err, "cannot take the pod over; removing what its enrollment left");
+                    self.release_leftovers(&record);
+                    released += 1;
+                }
+            }
+        }
+        self.release_unclaimed();
+        tracing::info!(
+            adopted,
+            released,
+            refused,
+            "took over the pods of the previous run"
+        );
+        Ok(())
+    }
+
+    fn adopt(&mut self, record: PodRecord) -> Result<EnrolledPod, EnrollError> {
+        let netns = Netns::open(&record.spec.netns)?;
+        let found = netns.cookie(&self.ctx.home)?;
+        if found != record.netns_cookie {
+            return Err(EnrollError::NetnsReplaced {
+                path: record.spec.netns.clone(),
+                recorded: record.netns_cookie,
+                found,
+            });
+        }
+        self.start(record, netns, Capture::Adopt)
+    }
+
+    /// What a recorded pod that cannot be taken over leaves: its links, its map entry and its
+    /// record. Its old listeners died with the previous run (closed sockets leave the sockhash
+    /// by themselves); a failed `start` has undone its own steps; and a netns that is gone or
+    /// no longer the pod's is left alone.
+    fn release_leftovers(&self, record: &PodRecord) {
+        detach_pod(&self.ctx.datapath.pod_links(&record.spec.uid));
+        if let Err(err) = self.ctx.datapath.remove_pod(record.netns_cookie) {
+            tracing::warn!(%err, "cannot remove pod map entry");
+        }
+        self.forget(&record.spec.uid);
+    }
+
+    /// Links and `ZT_PODS` entries of pods no record claims (a record refused as corrupt, or
+    /// state from before records existed): nothing would serve those pods.
+    fn release_unclaimed(&self) {
+        let datapath = &self.ctx.datapath;
+        for uid in datapath.pinned_pods() {
+            if !self.enrolled.contains_key(&uid) {
+                tracing::warn!(%uid, "removing the links of a pod no record describes");
+                detach_pod(&datapath.pod_links(&uid));
+            }
+        }
+        let claimed: HashSet<u64> = self
+            .enrolled
+            .values()
+            .map(|e| e.record.netns_cookie)
+            .collect();
+        for cookie in datapath.pod_cookies() {
+            if !claimed.contains(&cookie)
+                && let Err(err) = datapath.remove_pod(cookie)
+            {
+                tracing::warn!(cookie, %err, "cannot remove an unclaimed pod map entry");
+            }
+        }
+    }
+
+    fn forget(&self, uid: &str) {
+        if let Err(err) = self.states.remove(uid) {
+            tracing::warn!(%uid, %err, "cannot remove the pod record");
         }
     }
 
@@ -83,10 +201,10 @@ impl Pods {
             return Err(EnrollError::NoAddress(label));
         }
         if let Some(existing) = self.enrolled.get(&spec.uid) {
-            if existing.spec.container_id == spec.container_id {
+            if existing.record.spec.container_id == spec.container_id {
                 return Ok(describe(existing));
             }
-            tracing::info!(pod = %label, old = %existing.spec.container_id, "replacing the enrollment of an older sandbox");
+            tracing::info!(pod = %label, old = %existing.record.spec.container_id, "replacing the enrollment of an older sandbox");
             self.disenroll(&spec.uid.clone(), None);
         }
 
@@ -97,8 +215,25 @@ impl Pods {
         })?;
         let netns = Netns::open(&spec.netns)?;
         let netns_cookie = netns.cookie(&self.ctx.home)?;
-        let families = families(&spec.ips);
+        let record = PodRecord {
+            spec,
+            cgroup,
+            netns_cookie,
+        };
+        self.start(record, netns, Capture::Attach(&cgroup_dir))
+    }
 
+    /// Serves the pod: routing, listeners, map entries, capture. Any failure undoes the steps
+    /// taken.
+    fn start(
+        &mut self,
+        record: PodRecord,
+        netns: Netns,
+        capture: Capture<'_>,
+    ) -> Result<EnrolledPod, EnrollError> {
+        let spec = &record.spec;
+        let label = format!("{}/{}", spec.namespace, spec.name);
+        let families = families(&spec.ips);
         self.set_delivery_routing(&netns, &families, true)?;
         let identity = self.ctx.identity_of(&spec.uid, &spec.namespace);
         let pod = Arc::new(PodProxy {
@@ -109,11 +244,10 @@ impl Pods {
             hbone_acceptor: self.ctx.tls.acceptor(&identity),
             identity,
         });
-        let attached = self.attach(&spec, &pod, netns_cookie, &cgroup_dir);
-        let (links, serving) = match attached {
+        let (links, serving) = match self.attach(&record, &pod, capture) {
             Ok(done) => done,
             Err(err) => {
-                self.release_kernel_state(&spec.ips, netns_cookie);
+                self.release_kernel_state(&spec.ips, record.netns_cookie);
                 if let Err(cleanup) = self.set_delivery_routing(&pod.netns, &families, false) {
                     tracing::warn!(pod = %label, %cleanup, "cannot remove delivery routing");
                 }
@@ -123,39 +257,47 @@ impl Pods {
         self.next_index += 1;
         self.set_local(&spec.ips, Some(&pod));
         let enrollment = Enrollment {
-            spec,
-            cgroup,
-            netns_cookie,
+            record,
             links,
             pod,
             serving,
         };
-        tracing::info!(pod = %label, ips = ?enrollment.spec.ips, identity = %enrollment.pod.identity, cgroup = %enrollment.cgroup.display(), "pod enrolled");
+        tracing::info!(pod = %label, ips = ?enrollment.record.spec.ips, identity = %enrollment.pod.identity,
+            cgroup = %enrollment.record.cgroup.display(), adopted = matches!(capture, Capture::Adopt), "pod enrolled");
         let described = describe(&enrollment);
         self.enrolled
-            .insert(enrollment.spec.uid.clone(), enrollment);
+            .insert(enrollment.record.spec.uid.clone(), enrollment);
         Ok(described)
     }
 
-    /// Listeners, map entries, links: everything after routing, undone by the caller on error.
+    /// Listeners, map entries, record and links: everything after routing, undone by the
+    /// caller on error (the record and the links by this function).
     fn attach(
         &self,
-        spec: &PodSpec,
+        record: &PodRecord,
         pod: &Arc<PodProxy>,
-        netns_cookie: u64,
-        cgroup_dir: &File,
+        capture: Capture<'_>,
     ) -> Result<(PodLinks, JoinSet<()>), EnrollError> {
+        let spec = &record.spec;
         let listeners = PodListeners::open(&self.ctx, &pod.netns, &spec.ips)?;
         for (ip, listener) in &listeners.inbound {
             self.ctx.datapath.register_inbound_listener(*ip, listener)?;
         }
         self.ctx
             .datapath
-            .insert_pod(netns_cookie, pod_info(&spec.ips, self.next_index))?;
-        let links = self
-            .ctx
-            .datapath
-            .attach_pod(&spec.uid, cgroup_dir, &pod.netns)?;
+            .insert_pod(record.netns_cookie, pod_info(&spec.ips, self.next_index))?;
+        let links = match capture {
+            Capture::Attach(cgroup_dir) => {
+                // The record first: pinned links never outlive the record that names them.
+                self.states.save(record)?;
+                self.ctx
+                    .datapath
+                    .attach_pod(&spec.uid, cgroup_dir, &pod.netns)
+                    .inspect_err(|_| self.forget(&spec.uid))?
+            }
+            // A failed take-over is released by `restore`, record and all.
+            Capture::Adopt => self.ctx.datapath.adopt_pod(&spec.uid)?,
+        };
         Ok((
             links,
             proxy::serve(self.ctx.clone(), pod.clone(), listeners),
@@ -166,19 +308,18 @@ impl Pods {
     /// Returns whether anything was enrolled.
     pub fn disenroll(&mut self, uid: &str, container_id: Option<&str>) -> bool {
         let matches = self.enrolled.get(uid).is_some_and(|e| {
-            container_id.is_none_or(|id| id.is_empty() || e.spec.container_id == id)
+            container_id.is_none_or(|id| id.is_empty() || e.record.spec.container_id == id)
         });
         let Some(enrollment) = matches.then(|| self.enrolled.remove(uid)).flatten() else {
             return false;
         };
+        let spec = &enrollment.record.spec;
         detach_pod(&enrollment.links);
-        self.set_local(&enrollment.spec.ips, None);
-        self.release_kernel_state(&enrollment.spec.ips, enrollment.netns_cookie);
-        if let Err(err) = self.set_delivery_routing(
-            &enrollment.pod.netns,
-            &families(&enrollment.spec.ips),
-            false,
-        ) {
+        self.set_local(&spec.ips, None);
+        self.release_kernel_state(&spec.ips, enrollment.record.netns_cookie);
+        if let Err(err) =
+            self.set_delivery_routing(&enrollment.pod.netns, &families(&spec.ips), false)
+        {
             tracing::warn!(pod = %enrollment.pod.label, %err, "cannot remove delivery routing (netns already gone?)");
         }
         // The certificate goes with the last pod of its identity.
@@ -186,6 +327,7 @@ impl Pods {
         if !self.enrolled.values().any(|e| &e.pod.identity == identity) {
             self.ctx.tls.store.forget(identity);
         }
+        self.forget(&spec.uid);
         tracing::info!(pod = %enrollment.pod.label, "pod disenrolled");
         true
     }
@@ -201,7 +343,7 @@ impl Pods {
     pub fn is_enrolled(&self, uid: &str, container_id: &str) -> bool {
         self.enrolled
             .get(uid)
-            .is_some_and(|e| container_id.is_empty() || e.spec.container_id == container_id)
+            .is_some_and(|e| container_id.is_empty() || e.record.spec.container_id == container_id)
     }
 
     pub fn list(&self) -> Vec<EnrolledPod> {
@@ -299,14 +441,15 @@ fn pod_info(ips: &[IpAddr], pod_index: u32) -> PodInfo {
 }
 
 fn describe(e: &Enrollment) -> EnrolledPod {
+    let spec = &e.record.spec;
     EnrolledPod {
-        name: e.spec.name.clone(),
-        namespace: e.spec.namespace.clone(),
-        uid: e.spec.uid.clone(),
-        container_id: e.spec.container_id.clone(),
-        netns: e.spec.netns.clone(),
-        cgroup: e.cgroup.clone(),
-        ips: e.spec.ips.clone(),
+        name: spec.name.clone(),
+        namespace: spec.namespace.clone(),
+        uid: spec.uid.clone(),
+        container_id: spec.container_id.clone(),
+        netns: spec.netns.clone(),
+        cgroup: e.record.cgroup.clone(),
+        ips: spec.ips.clone(),
         identity: e.pod.identity.to_string(),
         links: e.links.paths.iter().map(|p| p.to_path_buf()).collect(),
     }

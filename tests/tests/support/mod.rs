@@ -246,3 +246,102 @@ pub fn kernel_workloads(
         })
         .collect()
 }
+
+/// The id of the newest capture program in the kernel (ids only grow, so a program loaded
+/// later has a larger one).
+pub fn newest_program_id() -> u32 {
+    our_program_ids().into_iter().max().unwrap_or(0)
+}
+
+/// The maps in the kernel named like ours (`ZT_*`), any daemon's.
+pub fn our_map_count() -> usize {
+    aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str().is_some_and(|n| n.starts_with("ZT_")))
+        .count()
+}
+
+/// The program each pinned link of `node` runs, by pin path.
+pub fn pinned_link_programs(lab: &Lab, node: &str) -> BTreeMap<std::path::PathBuf, u32> {
+    let mut programs = BTreeMap::new();
+    let mut pending = vec![lab.node(node).expect("node").bpffs.join("pods")];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)
+            .expect("reading the pod pins")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let link = aya::programs::links::PinnedLink::from_pin(&path)
+                .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+            let info = aya::programs::links::FdLink::from(link)
+                .info()
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            programs.insert(path, info.program_id());
+        }
+    }
+    programs
+}
+
+/// The records `node`'s daemon keeps of its enrolled pods, by file name.
+pub fn pod_record_files(node: &str) -> Vec<String> {
+    let dir = ztunnel_lab::topology::node_spec(node)
+        .expect("node")
+        .daemon_state_dir()
+        .join("pods");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// What `node`'s daemon logged so far (all its runs).
+pub fn daemon_log(node: &str) -> String {
+    let path = ztunnel_lab::topology::node_spec(node)
+        .expect("node")
+        .log_path();
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Asks `node`'s daemon to enroll `pod` with exactly what the CNI plugin's ADD sends.
+pub fn enroll_again(lab: &Lab, node: &str, pod: &str) -> api::EnrolledPod {
+    let pod = lab.pod(pod).expect("pod");
+    let request = Request::Enroll {
+        pod: api::PodSpec {
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            uid: pod.uid.clone(),
+            container_id: pod.container_id.clone(),
+            netns: pod.netns.clone(),
+            ips: vec![IpAddr::V4(pod.ip)],
+        },
+    };
+    match call(lab, node, request) {
+        Response::Enrolled { pod } => pod,
+        other => panic!("unexpected response {other:?}"),
+    }
+}
+
+/// Whether `segment` carries the start of what `lab-tool send` streams: on the underlay, that
+/// means application bytes crossed in clear.
+pub fn carries_plaintext(segment: &ztunnel_lab::capture::Segment) -> bool {
+    let mut marker = [0u8; 64];
+    ztunnel_lab::traffic::PseudoRandom::default().fill(&mut marker);
+    segment.payload.windows(marker.len()).any(|w| w == marker)
+}
+
+/// The segments that belong to no HBONE connection (port 15008 at neither end).
+pub fn outside_hbone<'a>(
+    segments: impl IntoIterator<Item = &'a ztunnel_lab::capture::Segment>,
+) -> Vec<&'a ztunnel_lab::capture::Segment> {
+    segments
+        .into_iter()
+        .filter(|s| s.source.port() != 15008 && s.destination.port() != 15008)
+        .collect()
+}

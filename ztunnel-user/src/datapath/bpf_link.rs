@@ -1,0 +1,62 @@
+//! `BPF_LINK_UPDATE` on a pinned link. aya 0.14 makes this call only inside its XDP and tc
+//! attach code, so the two system calls it takes are made here.
+
+use aya_obj::generated::{bpf_attr, bpf_cmd};
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Makes the link pinned at `path` run `program` from now on. The kernel replaces the program
+/// in place (in the effective arrays of the cgroup and its descendants, or in the netns's
+/// `sk_lookup` array), so every run of the hook finds the old program or the new one, never
+/// none. ENOLINK: the link's cgroup or netns is gone.
+pub(super) fn replace_program(path: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
+    let link = open_pinned(path)?;
+    let mut attr = zeroed_attr();
+    attr.link_update.link_fd = fd_number(link.as_raw_fd());
+    attr.link_update.__bindgen_anon_1.new_prog_fd = fd_number(program.as_raw_fd());
+    bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// `BPF_OBJ_GET`: a new descriptor for the object pinned at `path`.
+fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_4.pathname = path.as_ptr() as u64;
+    let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(io::Error::other)?;
+    // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn zeroed_attr() -> bpf_attr {
+    // SAFETY: bpf_attr is plain integers; all zeroes is what the kernel expects in every field
+    // a command does not use.
+    unsafe { std::mem::zeroed() }
+}
+
+fn fd_number(fd: i32) -> u32 {
+    // Open descriptors are never negative.
+    fd as u32
+}
+
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a valid bpf_attr of the size passed, alive for the whole call; any
+    // path it points to outlives the call too.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_int,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<bpf_attr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
