@@ -24,9 +24,24 @@ const LOG_TAIL_LINES: usize = 30;
 pub struct DaemonOptions {
     /// `--cert-lifetime-secs` (the daemon's default when absent).
     pub cert_lifetime_secs: Option<u64>,
+    /// Capture by iptables REDIRECT instead of eBPF (`--capture iptables`): the baseline.
+    #[serde(default)]
+    pub iptables_capture: bool,
 }
 
 impl DaemonOptions {
+    /// The daemon flags these options stand for.
+    fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(secs) = self.cert_lifetime_secs {
+            args.extend(["--cert-lifetime-secs".to_owned(), secs.to_string()]);
+        }
+        if self.iptables_capture {
+            args.extend(["--capture".to_owned(), "iptables".to_owned()]);
+        }
+        args
+    }
+
     fn path() -> std::path::PathBuf {
         std::path::Path::new(topology::STATE_DIR).join("daemon-options.json")
     }
@@ -102,13 +117,7 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .arg(topology::CA_DIR)
         .arg("--trust-domain")
         .arg(topology::TRUST_DOMAIN)
-        .args(
-            DaemonOptions::load()?
-                .cert_lifetime_secs
-                .map(|secs| ["--cert-lifetime-secs".to_owned(), secs.to_string()])
-                .into_iter()
-                .flatten(),
-        )
+        .args(DaemonOptions::load()?.args())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_for_stderr);

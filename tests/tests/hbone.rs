@@ -134,6 +134,7 @@ fn same_node_traffic_skips_tls() {
 fn certificate_rotation_does_not_break_a_long_transfer() {
     let options = DaemonOptions {
         cert_lifetime_secs: Some(2),
+        ..DaemonOptions::default()
     };
     let s = LabSession::start_with(&options);
     let server = serve("b1", APP_PORT);

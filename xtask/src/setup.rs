@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-const DEBIAN_PACKAGES: [&str; 10] = [
+const DEBIAN_PACKAGES: [&str; 11] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -18,6 +18,8 @@ const DEBIAN_PACKAGES: [&str; 10] = [
     "iputils-ping",
     // The tests read the metrics, admin and readiness endpoints as a scraper or probe does.
     "curl",
+    // The iptables capture baseline the benchmark compares eBPF capture with.
+    "iptables",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod features;
 pub mod hbone;
 pub mod identity;
+pub mod iptables;
 pub mod mesh;
 pub mod metrics;
 pub mod mounts;

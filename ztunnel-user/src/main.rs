@@ -22,12 +22,13 @@ use ztunnel_user::datapath::{Datapath, DatapathSettings};
 use ztunnel_user::hbone::client::Pool;
 use ztunnel_user::hbone::mtls::Mtls;
 use ztunnel_user::identity::{CertificateAuthority, CertificateStore};
+use ztunnel_user::iptables::Exclusions;
 use ztunnel_user::mesh::Mesh;
 use ztunnel_user::metrics::{self, TrafficMetrics};
 use ztunnel_user::netns::Netns;
 use ztunnel_user::pod_state::{self, PodStates};
 use ztunnel_user::pods::Pods;
-use ztunnel_user::proxy::ProxyContext;
+use ztunnel_user::proxy::{Capture, ProxyContext};
 use ztunnel_user::{features, web};
 
 #[derive(Parser)]
@@ -79,6 +80,10 @@ struct RunArgs {
     /// pods its previous run captured.
     #[arg(long, default_value = pod_state::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
+    /// How pods' traffic is captured: eBPF (the product), or iptables REDIRECT rules in each
+    /// pod's netns (the baseline benchmarks compare eBPF with).
+    #[arg(long, value_enum, default_value_t = Capture::Ebpf)]
+    capture: Capture,
     /// SO_MARK on every proxy socket; capture skips sockets carrying it.
     #[arg(long, default_value_t = ztunnel_common::ports::DEFAULT_MARK)]
     mark: u32,
@@ -237,6 +242,13 @@ fn run(args: RunArgs) -> Result<()> {
         let mesh = Mesh::new(config, config_file.clone(), &args.node, &datapath)
             .context("writing the mesh config to the kernel maps")?;
         let ctx = Arc::new(ProxyContext {
+            capture: args.capture,
+            exclusions: Exclusions {
+                marks: vec![args.mark, ztunnel_common::ports::DELIVERY_MARK],
+                outbound_ports: args.exclude_ports.clone(),
+                inbound_ports: args.exclude_inbound_ports.clone(),
+                cidrs: args.exclude_cidrs.clone(),
+            },
             home,
             datapath: Arc::new(datapath),
             connections: ConnectionLog::new(traffic, access_log),

@@ -12,6 +12,7 @@
 use crate::api::{EnrolledPod, PodSpec};
 use crate::cgroup::{CgroupError, find_pod_cgroup};
 use crate::datapath::{DatapathError, PodLinks, detach_pod};
+use crate::iptables::{self, IptablesError};
 use crate::netlink::{Family, RouteSocket};
 use crate::netns::{Netns, NetnsError};
 use crate::pod_state::{PodRecord, PodStateError, PodStates};
@@ -51,6 +52,8 @@ pub enum EnrollError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     State(#[from] PodStateError),
+    #[error(transparent)]
+    Iptables(#[from] IptablesError),
     #[error(
         "network namespace {path} is no longer the pod's (cookie {found}, recorded {recorded})"
     )]
@@ -61,9 +64,9 @@ pub enum EnrollError {
     },
 }
 
-/// How a pod's capture is put in place.
+/// How a pod's eBPF links are put in place.
 #[derive(Clone, Copy)]
-enum Capture<'a> {
+enum Links<'a> {
     /// New links on the pod's cgroup (this open directory) and netns.
     Attach(&'a File),
     /// The links a previous run pinned, moved on to this daemon's programs.
@@ -145,7 +148,7 @@ impl Pods {
                 found,
             });
         }
-        self.start(record, netns, Capture::Adopt)
+        self.start(record, netns, Links::Adopt)
     }
 
     /// What a recorded pod that cannot be taken over leaves: its links, its map entry and its
@@ -220,7 +223,7 @@ impl Pods {
             cgroup,
             netns_cookie,
         };
-        self.start(record, netns, Capture::Attach(&cgroup_dir))
+        self.start(record, netns, Links::Attach(&cgroup_dir))
     }
 
     /// Serves the pod: routing, listeners, map entries, capture. Any failure undoes the steps
@@ -229,7 +232,7 @@ impl Pods {
         &mut self,
         record: PodRecord,
         netns: Netns,
-        capture: Capture<'_>,
+        links: Links<'_>,
     ) -> Result<EnrolledPod, EnrollError> {
         let spec = &record.spec;
         let label = format!("{}/{}", spec.namespace, spec.name);
@@ -244,7 +247,7 @@ impl Pods {
             hbone_acceptor: self.ctx.tls.acceptor(&identity),
             identity,
         });
-        let (links, serving) = match self.attach(&record, &pod, capture) {
+        let (pinned, serving) = match self.attach(&record, &pod, links) {
             Ok(done) => done,
             Err(err) => {
                 self.release_kernel_state(&spec.ips, record.netns_cookie);
@@ -258,12 +261,12 @@ impl Pods {
         self.set_local(&spec.ips, Some(&pod));
         let enrollment = Enrollment {
             record,
-            links,
+            links: pinned,
             pod,
             serving,
         };
         tracing::info!(pod = %label, ips = ?enrollment.record.spec.ips, identity = %enrollment.pod.identity,
-            cgroup = %enrollment.record.cgroup.display(), adopted = matches!(capture, Capture::Adopt), "pod enrolled");
+            cgroup = %enrollment.record.cgroup.display(), adopted = matches!(links, Links::Adopt), "pod enrolled");
         let described = describe(&enrollment);
         self.enrolled
             .insert(enrollment.record.spec.uid.clone(), enrollment);
@@ -276,18 +279,28 @@ impl Pods {
         &self,
         record: &PodRecord,
         pod: &Arc<PodProxy>,
-        capture: Capture<'_>,
+        links: Links<'_>,
     ) -> Result<(PodLinks, JoinSet<()>), EnrollError> {
         let spec = &record.spec;
         let listeners = PodListeners::open(&self.ctx, &pod.netns, &spec.ips)?;
+        if self.ctx.capture == proxy::Capture::Iptables {
+            // The rules stay in the netns across restarts; installing replaces ours.
+            self.states.save(record)?;
+            iptables::install(&pod.netns, &spec.ips, &self.ctx.exclusions)
+                .inspect_err(|_| self.forget(&spec.uid))?;
+            return Ok((
+                self.ctx.datapath.pod_links(&spec.uid),
+                proxy::serve(self.ctx.clone(), pod.clone(), listeners),
+            ));
+        }
         for (ip, listener) in &listeners.inbound {
             self.ctx.datapath.register_inbound_listener(*ip, listener)?;
         }
         self.ctx
             .datapath
             .insert_pod(record.netns_cookie, pod_info(&spec.ips, self.next_index))?;
-        let links = match capture {
-            Capture::Attach(cgroup_dir) => {
+        let links = match links {
+            Links::Attach(cgroup_dir) => {
                 // The record first: pinned links never outlive the record that names them.
                 self.states.save(record)?;
                 self.ctx
@@ -296,7 +309,7 @@ impl Pods {
                     .inspect_err(|_| self.forget(&spec.uid))?
             }
             // A failed take-over is released by `restore`, record and all.
-            Capture::Adopt => self.ctx.datapath.adopt_pod(&spec.uid)?,
+            Links::Adopt => self.ctx.datapath.adopt_pod(&spec.uid)?,
         };
         Ok((
             links,
@@ -315,6 +328,11 @@ impl Pods {
         };
         let spec = &enrollment.record.spec;
         detach_pod(&enrollment.links);
+        if self.ctx.capture == proxy::Capture::Iptables
+            && let Err(err) = iptables::remove(&enrollment.pod.netns)
+        {
+            tracing::warn!(pod = %enrollment.pod.label, %err, "cannot remove the capture rules (netns already gone?)");
+        }
         self.set_local(&spec.ips, None);
         self.release_kernel_state(&spec.ips, enrollment.record.netns_cookie);
         if let Err(err) =

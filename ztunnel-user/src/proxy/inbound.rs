@@ -23,8 +23,7 @@ pub(super) async fn handle(
     stream: TcpStream,
     client: SocketAddr,
 ) {
-    // sk_lookup keeps the original destination as the accepted socket's local address.
-    let destination = match stream.local_addr() {
+    let destination = match ctx.inbound_destination(&stream) {
         Ok(addr) => addr,
         Err(err) => {
             tracing::warn!(pod = %pod.label, %client, %err, "cannot read the original destination");

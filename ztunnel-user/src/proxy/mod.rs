@@ -30,8 +30,22 @@ use tokio::task::JoinSet;
 
 pub use sockets::ListenerError;
 
+/// How enrolled pods' connections are brought to the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Capture {
+    /// The eBPF programs on the pod's cgroup and netns (the product).
+    Ebpf,
+    /// NAT REDIRECT rules in the pod's netns (`iptables`): the baseline eBPF is measured
+    /// against.
+    Iptables,
+}
+
 /// What every connection handler needs.
 pub struct ProxyContext {
+    pub capture: Capture,
+    /// What capture leaves alone (iptables capture writes it into its rules; the eBPF
+    /// programs read it from their maps).
+    pub exclusions: crate::iptables::Exclusions,
     /// The netns the daemon started in; threads return here after creating pod sockets.
     pub home: Netns,
     pub datapath: Arc<Datapath>,
@@ -98,6 +112,32 @@ impl ProxyContext {
             tracing::info!(closed, "closed open connections the new policies deny");
         }
         Ok(())
+    }
+
+    /// Where a captured outbound connection from `client` was going, if it was captured.
+    pub fn outbound_destination(
+        &self,
+        stream: &TcpStream,
+        client: SocketAddr,
+    ) -> Option<SocketAddr> {
+        match self.capture {
+            Capture::Ebpf => self.datapath.take_orig_dst(client),
+            Capture::Iptables => {
+                crate::iptables::original_destination(stream, client.is_ipv6()).ok()
+            }
+        }
+    }
+
+    /// Where a connection steered to the inbound listener was going.
+    pub fn inbound_destination(&self, stream: &TcpStream) -> std::io::Result<SocketAddr> {
+        match self.capture {
+            // sk_lookup keeps the original destination as the accepted socket's address.
+            Capture::Ebpf => stream.local_addr(),
+            Capture::Iptables => {
+                let v6 = stream.local_addr()?.is_ipv6();
+                crate::iptables::original_destination(stream, v6)
+            }
+        }
     }
 
     /// How many pods of this node the proxy serves.

@@ -24,7 +24,7 @@ pub(super) async fn handle(
 ) {
     // Only connections the kernel captured have an original destination; anything else that
     // reached 15001 (a direct connection to the port) is refused.
-    let Some(destination) = ctx.datapath.take_orig_dst(client) else {
+    let Some(destination) = ctx.outbound_destination(&stream, client) else {
         tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
         return;
     };

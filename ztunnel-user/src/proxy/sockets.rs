@@ -2,7 +2,7 @@
 //! Every one carries a mark of the proxy: its own mark, which the capture programs skip, or, for
 //! delivery sockets bound to a client's address, the delivery mark that routes replies back.
 
-use super::ProxyContext;
+use super::{Capture, ProxyContext};
 use crate::netns::{Netns, NetnsError};
 use socket2::{Domain, Socket};
 use std::io;
@@ -59,13 +59,25 @@ fn listen(
     setup().map_err(err)
 }
 
-/// Where `connect4/6` sends the pod's captured connections: `<pod ip>:15001`.
+/// Where `connect4/6` sends the pod's captured connections: `<pod ip>:15001`. (iptables'
+/// REDIRECT sends them to the loopback address instead: then the wildcard.)
 pub fn outbound_listener(
     ctx: &ProxyContext,
     netns: &Netns,
     pod_ip: IpAddr,
 ) -> Result<TcpListener, ListenerError> {
-    listen(ctx, netns, SocketAddr::new(pod_ip, ports::OUTBOUND))
+    let ip = match ctx.capture {
+        Capture::Ebpf => pod_ip,
+        Capture::Iptables => wildcard(pod_ip),
+    };
+    listen(ctx, netns, SocketAddr::new(ip, ports::OUTBOUND))
+}
+
+fn wildcard(like: IpAddr) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
 }
 
 /// Where other nodes' proxies open HBONE connections to the pod: `<pod ip>:15008`.
@@ -85,14 +97,10 @@ pub fn inbound_listener(
     netns: &Netns,
     pod_ip: IpAddr,
 ) -> Result<TcpListener, ListenerError> {
-    let wildcard = match pod_ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    };
     listen(
         ctx,
         netns,
-        SocketAddr::new(wildcard, ports::INBOUND_PLAINTEXT),
+        SocketAddr::new(wildcard(pod_ip), ports::INBOUND_PLAINTEXT),
     )
 }
 

@@ -1,0 +1,72 @@
+//! The iptables baseline (`ztunnel run --capture iptables`): the same proxy behind NAT
+//! REDIRECT rules in each pod's netns instead of eBPF. The benchmark compares the two, so the
+//! baseline must carry the same traffic the same way: cross node over HBONE, same node
+//! straight into the other pod, plaintext inbound with the client's address kept.
+
+mod support;
+
+use std::net::SocketAddr;
+use support::*;
+use ztunnel_lab::DaemonOptions;
+use ztunnel_user::api::Direction;
+
+#[test]
+fn iptables_capture_carries_every_path_without_ebpf() {
+    let s = LabSession::start_with(&DaemonOptions {
+        iptables_capture: true,
+        ..DaemonOptions::default()
+    });
+    let b1 = serve("b1", APP_PORT);
+    let a2 = serve("a2", APP_PORT);
+    for (client, server, pod) in [("a1", &b1, "b1"), ("a1", &a2, "a2"), ("u1", &b1, "b1")] {
+        let report = send(client, s.addr(pod, APP_PORT), 8 * MIB);
+        let seen = next_report(server);
+        assert_eq!(
+            seen.peer.ip(),
+            s.ip(client),
+            "{client} -> {pod}: the client's address"
+        );
+        assert_eq!(seen.sha256, report.sent_sha256, "{client} -> {pod}");
+    }
+    // a1's connections were captured by the rules and carried by the proxy: to b1 over HBONE,
+    // to a2 on the same node.
+    let outbound = closed_connections(&s.lab, "node1", Direction::Outbound);
+    let destinations: Vec<_> = outbound.iter().map(|c| c.original_destination).collect();
+    assert_eq!(
+        destinations,
+        [
+            SocketAddr::from(s.addr("b1", APP_PORT)),
+            SocketAddr::from(s.addr("a2", APP_PORT))
+        ]
+    );
+    assert!(outbound.iter().all(|c| c.error.is_none()), "{outbound:?}");
+    let at_b1 = closed_connections(&s.lab, "node2", Direction::Inbound);
+    let from_a1 = at_b1.iter().find(|c| c.source.ip() == s.ip("a1")).unwrap();
+    assert_eq!(
+        from_a1.source_identity,
+        "spiffe://cluster.local/ns/demo/sa/sa-a"
+    );
+    let from_u1 = at_b1.iter().find(|c| c.source.ip() == s.ip("u1")).unwrap();
+    assert_eq!(
+        from_u1.source_identity, "unknown",
+        "plaintext, redirected to 15006"
+    );
+
+    // No eBPF program saw any of it, and the pods carry no links.
+    for node in NODES {
+        let kernel = counters(&s.lab, node);
+        assert_eq!(
+            kernel["outbound_captured"] + kernel["inbound_steered"],
+            0,
+            "{node}"
+        );
+        assert!(status(&s.lab, node).pods.iter().all(|p| p.links.is_empty()));
+    }
+    let rules = run_in("a1", &["iptables", "-t", "nat", "-S", "ZTUNNEL_OUTPUT"]);
+    assert!(rules.contains("-j REDIRECT --to-ports 15001"), "{rules}");
+
+    // CNI DEL takes the rules away again.
+    ztunnel_lab::cni_del("a1").unwrap();
+    let left = run_in("a1", &["iptables", "-t", "nat", "-S"]);
+    assert!(!left.contains("ZTUNNEL"), "{left}");
+}

@@ -1,0 +1,278 @@
+//! Capture by iptables instead of eBPF (`ztunnel run --capture iptables`): NAT REDIRECT rules
+//! inside the pod's netns, the way sidecar meshes and Istio's first ambient releases capture.
+//! It exists as the baseline the benchmark measures eBPF capture against; the proxy behind it
+//! is the same. Outbound TCP is redirected to the 15001 listener and inbound TCP (but HBONE on
+//! 15008) to 15006; the original destination comes from conntrack (`SO_ORIGINAL_DST`).
+//!
+//! Only the pod's netns is touched, in chains of our own (`ZTUNNEL_*`), so removing them
+//! leaves the pod as it was.
+
+use crate::netns::Netns;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use ztunnel_common::ports;
+
+const OUTPUT_CHAIN: &str = "ZTUNNEL_OUTPUT";
+const PREROUTING_CHAIN: &str = "ZTUNNEL_PREROUTING";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("running {tool} in {netns}: {source} (is the iptables package installed?)")]
+    Spawn {
+        tool: &'static str,
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("{tool} in {netns} failed ({status}): {stderr}")]
+    Failed {
+        tool: &'static str,
+        netns: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
+/// What the rules let through uncaptured.
+#[derive(Clone, Debug, Default)]
+pub struct Exclusions {
+    /// The proxy's own sockets and its deliveries carry these marks.
+    pub marks: Vec<u32>,
+    pub outbound_ports: Vec<u16>,
+    pub inbound_ports: Vec<u16>,
+    pub cidrs: Vec<ipnet::IpNet>,
+}
+
+/// The `iptables-restore` input for a pod with `ips`, for one address family.
+fn rules(ips: &[IpAddr], exclusions: &Exclusions, v6: bool) -> String {
+    let mut out = format!(
+        "*nat\n:{OUTPUT_CHAIN} - [0:0]\n:{PREROUTING_CHAIN} - [0:0]\n\
+         -A OUTPUT -p tcp -j {OUTPUT_CHAIN}\n-A PREROUTING -p tcp -j {PREROUTING_CHAIN}\n"
+    );
+    let mut rule = |chain: &str, text: String| out.push_str(&format!("-A {chain} {text}\n"));
+    for mark in &exclusions.marks {
+        rule(OUTPUT_CHAIN, format!("-m mark --mark {mark:#x} -j RETURN"));
+    }
+    let loopback = if v6 { "::1/128" } else { "127.0.0.0/8" };
+    rule(OUTPUT_CHAIN, format!("-d {loopback} -j RETURN"));
+    for ip in ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+        rule(OUTPUT_CHAIN, format!("-d {ip} -j RETURN"));
+    }
+    for net in exclusions
+        .cidrs
+        .iter()
+        .filter(|n| matches!(n, ipnet::IpNet::V6(_)) == v6)
+    {
+        rule(OUTPUT_CHAIN, format!("-d {net} -j RETURN"));
+    }
+    for port in exclusions.outbound_ports.iter().chain(&ports::PROXY_PORTS) {
+        rule(OUTPUT_CHAIN, format!("-p tcp --dport {port} -j RETURN"));
+    }
+    rule(
+        OUTPUT_CHAIN,
+        format!("-p tcp -j REDIRECT --to-ports {}", ports::OUTBOUND),
+    );
+    for port in exclusions.inbound_ports.iter().chain(&ports::PROXY_PORTS) {
+        rule(PREROUTING_CHAIN, format!("-p tcp --dport {port} -j RETURN"));
+    }
+    rule(
+        PREROUTING_CHAIN,
+        format!("-p tcp -j REDIRECT --to-ports {}", ports::INBOUND_PLAINTEXT),
+    );
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// Installs the capture rules in the pod's netns (replacing ours, if any).
+pub fn install(
+    netns: &Netns,
+    ips: &[IpAddr],
+    exclusions: &Exclusions,
+) -> Result<(), IptablesError> {
+    remove(netns)?;
+    for (tool, v6) in [("iptables-restore", false), ("ip6tables-restore", true)] {
+        if ips.iter().any(|ip| ip.is_ipv6() == v6) {
+            run(
+                netns,
+                tool,
+                &["--noflush"],
+                Some(&rules(ips, exclusions, v6)),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes our chains and the jumps to them; a pod without them is left alone.
+pub fn remove(netns: &Netns) -> Result<(), IptablesError> {
+    for tool in ["iptables", "ip6tables"] {
+        let present = run(netns, tool, &["-t", "nat", "-S"], None)?;
+        for (builtin, chain) in [("OUTPUT", OUTPUT_CHAIN), ("PREROUTING", PREROUTING_CHAIN)] {
+            if present.contains(&format!("-A {builtin} -p tcp -j {chain}")) {
+                run(
+                    netns,
+                    tool,
+                    &["-t", "nat", "-D", builtin, "-p", "tcp", "-j", chain],
+                    None,
+                )?;
+            }
+            if present.contains(&format!("-N {chain}")) {
+                run(netns, tool, &["-t", "nat", "-F", chain], None)?;
+                run(netns, tool, &["-t", "nat", "-X", chain], None)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs an iptables tool inside `netns`, feeding it `input`; its standard output.
+fn run(
+    netns: &Netns,
+    tool: &'static str,
+    args: &[&str],
+    input: Option<&str>,
+) -> Result<String, IptablesError> {
+    let name = || netns.path().display().to_string();
+    let fd = netns
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| IptablesError::Spawn {
+            tool,
+            netns: name(),
+            source,
+        })?;
+    let mut command = Command::new(tool);
+    command
+        .args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: setns is async-signal-safe and the fd stays open in the child until exec.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let spawn_error = |source| IptablesError::Spawn {
+        tool,
+        netns: name(),
+        source,
+    };
+    let mut child = command.spawn().map_err(spawn_error)?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes()).map_err(spawn_error)?;
+    }
+    let output = child.wait_with_output().map_err(spawn_error)?;
+    if !output.status.success() {
+        return Err(IptablesError::Failed {
+            tool,
+            netns: name(),
+            status: output.status,
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The destination a redirected connection was addressed to, from conntrack.
+pub fn original_destination(socket: &impl AsRawFd, v6: bool) -> std::io::Result<SocketAddr> {
+    // SO_ORIGINAL_DST (IPv4, level SOL_IP) and IP6T_SO_ORIGINAL_DST (IPv6, level SOL_IPV6)
+    // share the option number 80.
+    const ORIGINAL_DST: libc::c_int = 80;
+    // SAFETY: both calls write at most `len` bytes into the zeroed sockaddr we own, and we
+    // read it only as the family the kernel filled in.
+    unsafe {
+        let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+        let level = if v6 { libc::SOL_IPV6 } else { libc::SOL_IP };
+        let rc = libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            ORIGINAL_DST,
+            (&mut addr as *mut libc::sockaddr_in6).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if i32::from(addr.sin6_family) == libc::AF_INET {
+            let v4: libc::sockaddr_in = std::ptr::read((&addr as *const libc::sockaddr_in6).cast());
+            Ok(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr)),
+                u16::from_be(v4.sin_port),
+            )))
+        } else {
+            Ok(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(addr.sin6_addr.s6_addr),
+                u16::from_be(addr.sin6_port),
+                0,
+                0,
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_skip_the_proxy_loopback_own_address_and_exclusions() {
+        let ips: Vec<IpAddr> = vec!["10.244.1.2".parse().unwrap(), "fd00::2".parse().unwrap()];
+        let exclusions = Exclusions {
+            marks: vec![1337, 0x111],
+            outbound_ports: vec![22],
+            inbound_ports: vec![9090],
+            cidrs: vec![
+                "10.96.0.1/32".parse().unwrap(),
+                "fd00:96::/64".parse().unwrap(),
+            ],
+        };
+        let v4 = rules(&ips, &exclusions, false);
+        let lines: Vec<&str> = v4.lines().collect();
+        for expected in [
+            "-A OUTPUT -p tcp -j ZTUNNEL_OUTPUT",
+            "-A ZTUNNEL_OUTPUT -m mark --mark 0x539 -j RETURN",
+            "-A ZTUNNEL_OUTPUT -m mark --mark 0x111 -j RETURN",
+            "-A ZTUNNEL_OUTPUT -d 127.0.0.0/8 -j RETURN",
+            "-A ZTUNNEL_OUTPUT -d 10.244.1.2 -j RETURN",
+            "-A ZTUNNEL_OUTPUT -d 10.96.0.1/32 -j RETURN",
+            "-A ZTUNNEL_OUTPUT -p tcp --dport 22 -j RETURN",
+            "-A ZTUNNEL_OUTPUT -p tcp --dport 15008 -j RETURN",
+            "-A ZTUNNEL_PREROUTING -p tcp --dport 9090 -j RETURN",
+            "-A ZTUNNEL_PREROUTING -p tcp --dport 15008 -j RETURN",
+        ] {
+            assert!(lines.contains(&expected), "{expected} in\n{v4}");
+        }
+        // The redirects come last, after every exception.
+        let last_output = lines
+            .iter()
+            .rposition(|l| l.starts_with("-A ZTUNNEL_OUTPUT"))
+            .unwrap();
+        assert_eq!(
+            lines[last_output],
+            "-A ZTUNNEL_OUTPUT -p tcp -j REDIRECT --to-ports 15001"
+        );
+        assert_eq!(
+            lines[lines.len() - 2],
+            "-A ZTUNNEL_PREROUTING -p tcp -j REDIRECT --to-ports 15006"
+        );
+        assert!(
+            !v4.contains("fd00"),
+            "no IPv6 address in the IPv4 rules:\n{v4}"
+        );
+        let v6 = rules(&ips, &exclusions, true);
+        assert!(v6.contains("-d ::1/128 -j RETURN") && v6.contains("-d fd00::2 -j RETURN"));
+        assert!(v6.contains("-d fd00:96::/64 -j RETURN") && !v6.contains("10.244"));
+    }
+}
