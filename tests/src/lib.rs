@@ -27,7 +27,9 @@ pub use cni::{CniResult, cni_add, cni_check, cni_del};
 pub use daemon::{
     DaemonOptions, daemon_pid, daemon_status, kill_daemon, start_daemon, stop_daemon,
 };
-pub use endpoints::{PodServer, burst_from, round_trips_from, send_from};
+pub use endpoints::{
+    HeldConnections, PodServer, burst_from, connect_rate_from, latency_from, send_from,
+};
 pub use error::{LabError, Result};
 pub use exec::{exec, exec_node};
 pub use state::{Lab, Node, Pod, state_path};

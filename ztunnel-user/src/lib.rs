@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod features;
 pub mod hbone;
 pub mod identity;
+pub mod limits;
 pub mod mesh;
 pub mod mounts;
 pub mod netlink;

@@ -128,6 +128,7 @@ fn run(args: RunArgs) -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    ztunnel_user::limits::raise_open_files_limit();
     features::check(&args.cgroup_root)?;
 
     let (config_file, config) = match &args.config {
