@@ -73,13 +73,9 @@ impl Turn<'_> {
             .record(self.round, self.path, route, metric, value);
     }
 
-    fn anomaly(&mut self, route: Route, what: String) {
-        let line = format!(
-            "run {}, {}, {}: {what}",
-            self.round,
-            self.path.name(),
-            route.name()
-        );
+    /// Something the report must mention; `place` is a route or a node.
+    fn anomaly(&mut self, place: &str, what: String) {
+        let line = format!("run {}, {}, {place}: {what}", self.round, self.path.name());
         println!("bench: WARNING: {line}");
         self.results.anomalies.push(line);
     }
@@ -90,7 +86,7 @@ impl Turn<'_> {
             self.memory(lab, Route::CrossNode)?;
         }
         for route in Route::ALL {
-            self.say(Some(route), &route.description());
+            self.say(Some(route), &format!("pods {}", route.pods()));
             let server_ip = lab.pod(route.server())?.ip;
             for (streams, metric, cost) in [
                 (1, Metric::Throughput1, Metric::CpuPerGb1),
@@ -102,7 +98,29 @@ impl Turn<'_> {
             self.latency(route, server_ip)?;
             self.connect_rate(route, server_ip)?;
         }
+        if self.path.has_proxy() {
+            self.daemon_warnings(lab);
+        }
         Ok(())
+    }
+
+    /// The daemons log a warning or an error for trouble the clients may not see (accept
+    /// failures, a refused HBONE handshake, ...): each one is an anomaly of this turn.
+    fn daemon_warnings(&mut self, lab: &Lab) {
+        for node in &lab.nodes {
+            let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|line| line.contains(" WARN ") || line.contains(" ERROR "))
+                .collect();
+            if let Some(first) = warnings.first() {
+                let what = format!(
+                    "the daemon logged {} warnings or errors, the first: {first}",
+                    warnings.len()
+                );
+                self.anomaly(&node.name, what);
+            }
+        }
     }
 
     fn throughput(
@@ -113,7 +131,11 @@ impl Turn<'_> {
         metric: Metric,
         cost: Metric,
     ) -> Result<()> {
-        self.say(Some(route), &format!("throughput, {streams} stream(s)..."));
+        let plural = if streams == 1 { "" } else { "s" };
+        self.say(
+            Some(route),
+            &format!("throughput, {streams} stream{plural}..."),
+        );
         let length = self.settings.length;
         let (transfer, cpu) = busy_seconds_during(|| iperf3(route, server_ip, streams, length))?;
         let gbit_per_s = transfer.bits_per_second / 1e9;
@@ -179,7 +201,7 @@ impl Turn<'_> {
         );
         if report.failed > 0 {
             self.anomaly(
-                route,
+                route.name(),
                 format!(
                     "{} of {} new connections failed, e.g. {:?}",
                     report.failed,
@@ -214,12 +236,13 @@ impl Turn<'_> {
             self.say(
                 Some(route),
                 &format!(
-                    "  {} daemon (pid {}): idle {:.1} MiB, {:.1} MiB with the connections: {:.0} bytes per connection",
+                    "  {} daemon (pid {}): idle {:.1} MiB, {:.1} MiB with the connections: {:.0} bytes per connection; {:.1} MiB once closed",
                     daemon.name(),
                     of.pid,
                     of.idle_mib,
                     of.held_mib,
-                    of.bytes_per_connection
+                    of.bytes_per_connection,
+                    of.closed_mib
                 ),
             );
             self.record(route, Metric::IdleRss(daemon), of.idle_mib);
@@ -229,6 +252,7 @@ impl Turn<'_> {
                 Metric::BytesPerConnection(daemon),
                 of.bytes_per_connection,
             );
+            self.record(route, Metric::ClosedRss(daemon), of.closed_mib);
         }
         Ok(())
     }

@@ -19,6 +19,8 @@ pub struct DaemonMemory {
     pub idle_mib: f64,
     pub held_mib: f64,
     pub bytes_per_connection: f64,
+    /// Once the connections are closed again: what the daemon keeps.
+    pub closed_mib: f64,
 }
 
 pub struct Memory {
@@ -38,7 +40,7 @@ impl Memory {
 
 /// Reads both daemons' RSS idle, opens `connections` connections from the route's client to
 /// the echo server at `to` (each carrying one round trip, so it is proxied end to end), reads
-/// the RSS again while they are held, and closes them.
+/// the RSS again while they are held, closes them and reads it once more.
 pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) -> Result<Memory> {
     let pid_of = |pod: &str| -> Result<u32> {
         let node = &lab.pod(pod)?.node;
@@ -56,11 +58,14 @@ pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) ->
     let with = [rss_bytes(pids[0])?, rss_bytes(pids[1])?];
     let seconds_to_open = held.report.seconds_to_open;
     drop(held);
+    std::thread::sleep(SETTLE);
+    let closed = [rss_bytes(pids[0])?, rss_bytes(pids[1])?];
     let daemon = |i: usize| DaemonMemory {
         pid: pids[i],
         idle_mib: idle[i] as f64 / MIB,
         held_mib: with[i] as f64 / MIB,
         bytes_per_connection: (with[i] as f64 - idle[i] as f64) / connections as f64,
+        closed_mib: closed[i] as f64 / MIB,
     };
     Ok(Memory {
         seconds_to_open,

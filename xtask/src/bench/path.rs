@@ -81,16 +81,20 @@ impl Route {
         }
     }
 
-    /// E.g. "cross node, a1 (node1) -> b1 (node2)".
-    pub fn description(self) -> String {
+    /// E.g. "a1 (node1) -> b1 (node2)".
+    pub fn pods(self) -> String {
         let node = |pod| ztunnel_lab::topology::pod_spec(pod).map_or("?", |spec| spec.node.name);
         format!(
-            "{}, {} ({}) -> {} ({})",
-            self.name(),
+            "{} ({}) -> {} ({})",
             self.client(),
             node(self.client()),
             self.server(),
             node(self.server())
         )
+    }
+
+    /// E.g. "cross node, a1 (node1) -> b1 (node2)".
+    pub fn description(self) -> String {
+        format!("{}, {}", self.name(), self.pods())
     }
 }

@@ -144,6 +144,12 @@ pub fn markdown(results: &Results, settings: &Settings, machine: &Machine) -> St
         Path::ALL.map(Path::name).join(", "),
         settings.length.as_secs()
     );
+    if settings.runs < 3 {
+        let _ = writeln!(
+            out,
+            "Fewer than 3 runs: a check that the benchmark works, not figures for the record.\n"
+        );
+    }
     for path in Path::ALL {
         let _ = writeln!(out, "- `{}`: {}", path.name(), path.description());
     }
@@ -216,7 +222,7 @@ fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
     );
     let _ = writeln!(
         out,
-        "| path | daemon | idle RSS, MiB | RSS with the connections, MiB | bytes per connection |\n|---|---|---|---|---|"
+        "| path | daemon | idle RSS, MiB | RSS with the connections, MiB | bytes per connection | RSS once they closed, MiB |\n|---|---|---|---|---|---|"
     );
     for path in Path::ALL.into_iter().filter(|p| p.has_proxy()) {
         for daemon in Daemon::ALL {
@@ -231,13 +237,14 @@ fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} ({}'s node) | {} | {} | {} |",
+                "| {} | {} ({}'s node) | {} | {} | {} | {} |",
                 path.name(),
                 daemon.name(),
                 node,
                 cell(Metric::IdleRss(daemon)),
                 cell(Metric::HeldRss(daemon)),
-                cell(Metric::BytesPerConnection(daemon))
+                cell(Metric::BytesPerConnection(daemon)),
+                cell(Metric::ClosedRss(daemon))
             );
         }
     }

@@ -47,6 +47,8 @@ pub enum Metric {
     HeldRss(Daemon),
     /// (held RSS - idle RSS) / connections.
     BytesPerConnection(Daemon),
+    /// MiB, the node daemon once the idle connections are closed again.
+    ClosedRss(Daemon),
 }
 
 /// How a path's figure is put beside the baseline's.
@@ -90,6 +92,12 @@ impl Metric {
             Metric::BytesPerConnection(daemon) => {
                 format!("{} daemon bytes per idle connection", daemon.name())
             }
+            Metric::ClosedRss(daemon) => {
+                format!(
+                    "{} daemon RSS, connections closed again, MiB",
+                    daemon.name()
+                )
+            }
         }
     }
 
@@ -108,6 +116,7 @@ impl Metric {
             Metric::IdleRss(daemon) => format!("{}_idle_rss_mib", daemon.name()),
             Metric::HeldRss(daemon) => format!("{}_held_rss_mib", daemon.name()),
             Metric::BytesPerConnection(daemon) => format!("{}_bytes_per_connection", daemon.name()),
+            Metric::ClosedRss(daemon) => format!("{}_closed_rss_mib", daemon.name()),
         }
     }
 
@@ -117,7 +126,7 @@ impl Metric {
             Metric::Throughput1 | Metric::Throughput8 => 2,
             Metric::CpuPerGb1 | Metric::CpuPerGb8 => 2,
             Metric::CpuPerThousandRoundTrips | Metric::CpuPerThousandConnections => 3,
-            Metric::IdleRss(_) | Metric::HeldRss(_) => 1,
+            Metric::IdleRss(_) | Metric::HeldRss(_) | Metric::ClosedRss(_) => 1,
             _ => 0,
         }
     }
