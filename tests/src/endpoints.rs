@@ -106,16 +106,9 @@ pub fn send_from(
     mark: Option<u32>,
     timeout: Duration,
 ) -> Result<SendReport> {
-    let mut args = vec![
-        "send".to_owned(),
-        "--to".into(),
-        to.to_string(),
-        "--bytes".into(),
-        bytes.to_string(),
-    ];
-    if let Some(mark) = mark {
-        args.extend(["--mark".into(), mark.to_string()]);
-    }
+    let mut options = vec![("bytes", bytes.to_string())];
+    options.extend(mark.map(|mark| ("mark", mark.to_string())));
+    let args = client_args("send", to, &options);
     run_tool(pod, "lab-tool", args, timeout)
 }
 
@@ -128,27 +121,17 @@ pub fn burst_from(
     bytes: u64,
     timeout: Duration,
 ) -> Result<BurstReport> {
-    let args = vec![
-        "burst".to_owned(),
-        "--to".into(),
-        to.to_string(),
-        "--connections".into(),
-        connections.to_string(),
-        "--bytes".into(),
-        bytes.to_string(),
+    let options = [
+        ("connections", connections.to_string()),
+        ("bytes", bytes.to_string()),
     ];
+    let args = client_args("burst", to, &options);
     run_tool(pod, "lab-tool", args, timeout)
 }
 
 /// Runs `load-tool rr` inside `pod`: round trips on one warm connection to an echo port.
 pub fn latency_from(pod: &str, to: SocketAddrV4, duration: Duration) -> Result<LatencyReport> {
-    let args = vec![
-        "rr".to_owned(),
-        "--to".into(),
-        to.to_string(),
-        "--duration-secs".into(),
-        duration.as_secs().max(1).to_string(),
-    ];
+    let args = client_args("rr", to, &[("duration-secs", whole_seconds(duration))]);
     run_tool(pod, "load-tool", args, duration + CLIENT_GRACE)
 }
 
@@ -160,15 +143,11 @@ pub fn connect_rate_from(
     workers: usize,
     duration: Duration,
 ) -> Result<ConnectRateReport> {
-    let args = vec![
-        "connect-rate".to_owned(),
-        "--to".into(),
-        to.to_string(),
-        "--workers".into(),
-        workers.to_string(),
-        "--duration-secs".into(),
-        duration.as_secs().max(1).to_string(),
+    let options = [
+        ("workers", workers.to_string()),
+        ("duration-secs", whole_seconds(duration)),
     ];
+    let args = client_args("connect-rate", to, &options);
     run_tool(pod, "load-tool", args, duration + CLIENT_GRACE)
 }
 
@@ -194,17 +173,12 @@ impl HeldConnections {
         hold: Duration,
         timeout: Duration,
     ) -> Result<HeldConnections> {
-        let args = [
-            "hold".to_owned(),
-            "--to".into(),
-            to.to_string(),
-            "--connections".into(),
-            connections.to_string(),
-            "--hold-secs".into(),
-            hold.as_secs().max(1).to_string(),
-            "--timeout-secs".into(),
-            timeout.as_secs().max(1).to_string(),
+        let options = [
+            ("connections", connections.to_string()),
+            ("hold-secs", whole_seconds(hold)),
+            ("timeout-secs", whole_seconds(timeout)),
         ];
+        let args = client_args("hold", to, &options);
         let described = format!("load-tool {} in {pod}", args.join(" "));
         let mut child = crate::exec(pod, &[topology::binary("load-tool")?.as_os_str()])?
             .args(&args)
@@ -277,10 +251,7 @@ fn run_tool<Report: DeserializeOwned>(
     timeout: Duration,
 ) -> Result<Report> {
     let described = format!("{tool} {} in {pod}", args.join(" "));
-    args.extend([
-        "--timeout-secs".into(),
-        timeout.as_secs().max(1).to_string(),
-    ]);
+    args.extend(["--timeout-secs".into(), whole_seconds(timeout)]);
     let mut argv = vec![topology::binary(tool)?.display().to_string()];
     argv.extend(args);
     let output = crate::exec(pod, &argv)?
@@ -296,4 +267,18 @@ fn run_tool<Report: DeserializeOwned>(
         command: described,
         detail: format!("unreadable report: {e}"),
     })
+}
+
+/// A client's command line: `<mode> --to <to>` and `--<name> <value>` for each option.
+fn client_args(mode: &str, to: SocketAddrV4, options: &[(&str, String)]) -> Vec<String> {
+    let mut args = vec![mode.to_owned(), "--to".into(), to.to_string()];
+    for (name, value) in options {
+        args.extend([format!("--{name}"), value.clone()]);
+    }
+    args
+}
+
+/// The tools take whole seconds: at least one.
+fn whole_seconds(duration: Duration) -> String {
+    duration.as_secs().max(1).to_string()
 }

@@ -236,10 +236,12 @@ impl Turn<'_> {
             self.say(
                 Some(route),
                 &format!(
-                    "  {} daemon (pid {}): idle {:.1} MiB, {:.1} MiB with the connections: {:.0} bytes per connection; {:.1} MiB once closed",
+                    "  {} daemon (pid {}): idle {:.1} MiB ({:.1} anonymous, {:.1} file), {:.1} MiB with the connections: {:.0} bytes per connection; {:.1} MiB once closed",
                     daemon.name(),
                     of.pid,
                     of.idle_mib,
+                    of.idle_anon_mib,
+                    of.idle_file_mib,
                     of.held_mib,
                     of.bytes_per_connection,
                     of.closed_mib

@@ -17,6 +17,9 @@ const HOLD_LIMIT: Duration = Duration::from_secs(120);
 pub struct DaemonMemory {
     pub pid: u32,
     pub idle_mib: f64,
+    /// Of the idle RSS: heap and stacks, and pages of mapped files (the binary itself).
+    pub idle_anon_mib: f64,
+    pub idle_file_mib: f64,
     pub held_mib: f64,
     pub bytes_per_connection: f64,
     /// Once the connections are closed again: what the daemon keeps.
@@ -50,22 +53,24 @@ pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) ->
     };
     let pids = [pid_of(route.client())?, pid_of(route.server())?];
     std::thread::sleep(SETTLE);
-    let idle = [rss_bytes(pids[0])?, rss_bytes(pids[1])?];
+    let idle = [rss(pids[0])?, rss(pids[1])?];
     // Opening runs at well over 1,000 connections a second; allow a tenth of that.
     let open_within = Duration::from_secs(30) + Duration::from_millis(10) * connections as u32;
     let held = HeldConnections::open(route.client(), to, connections, HOLD_LIMIT, open_within)?;
     std::thread::sleep(SETTLE);
-    let with = [rss_bytes(pids[0])?, rss_bytes(pids[1])?];
+    let with = [rss(pids[0])?, rss(pids[1])?];
     let seconds_to_open = held.report.seconds_to_open;
     drop(held);
     std::thread::sleep(SETTLE);
-    let closed = [rss_bytes(pids[0])?, rss_bytes(pids[1])?];
+    let closed = [rss(pids[0])?, rss(pids[1])?];
     let daemon = |i: usize| DaemonMemory {
         pid: pids[i],
-        idle_mib: idle[i] as f64 / MIB,
-        held_mib: with[i] as f64 / MIB,
-        bytes_per_connection: (with[i] as f64 - idle[i] as f64) / connections as f64,
-        closed_mib: closed[i] as f64 / MIB,
+        idle_mib: idle[i].total as f64 / MIB,
+        idle_anon_mib: idle[i].anon as f64 / MIB,
+        idle_file_mib: idle[i].file as f64 / MIB,
+        held_mib: with[i].total as f64 / MIB,
+        bytes_per_connection: (with[i].total as f64 - idle[i].total as f64) / connections as f64,
+        closed_mib: closed[i].total as f64 / MIB,
     };
     Ok(Memory {
         seconds_to_open,
@@ -76,28 +81,45 @@ pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) ->
 
 const MIB: f64 = 1024.0 * 1024.0;
 
-/// VmRSS of `pid`, in bytes.
-fn rss_bytes(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_vm_rss(&status).with_context(|| format!("no VmRSS in {path}"))
+/// Resident memory of a process, in bytes.
+struct Rss {
+    total: u64,
+    anon: u64,
+    file: u64,
 }
 
-fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+fn rss(pid: u32) -> Result<Rss> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_rss(&status).with_context(|| format!("no VmRSS, RssAnon and RssFile in {path}"))
+}
+
+fn parse_rss(status: &str) -> Option<Rss> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(name))?;
+        let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(Rss {
+        total: field("VmRSS:")?,
+        anon: field("RssAnon:")?,
+        file: field("RssFile:")?,
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_vm_rss;
+    use super::parse_rss;
 
     #[test]
-    fn reads_vm_rss_in_bytes() {
-        let status =
-            "Name:\tztunnel\nVmPeak:\t  900000 kB\nVmRSS:\t   12288 kB\nRssAnon:\t 8000 kB\n";
-        assert_eq!(parse_vm_rss(status), Some(12 * 1024 * 1024));
-        assert_eq!(parse_vm_rss("Name:\tx\n"), None);
+    fn reads_the_rss_fields_in_bytes() {
+        let status = "Name:\tztunnel\nVmPeak:\t  900000 kB\nVmRSS:\t   12288 kB\n\
+                      RssAnon:\t    8192 kB\nRssFile:\t    4096 kB\nRssShmem:\t       0 kB\n";
+        let rss = parse_rss(status).unwrap();
+        assert_eq!(
+            (rss.total, rss.anon, rss.file),
+            (12 << 20, 8 << 20, 4 << 20)
+        );
+        assert!(parse_rss("Name:\tx\nVmRSS:\t 1 kB\n").is_none());
     }
 }
