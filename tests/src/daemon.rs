@@ -11,7 +11,7 @@ use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -48,8 +48,22 @@ impl DaemonOptions {
     }
 }
 
-/// Starts the node's daemon and waits until it answers `ztunnel status`. Returns its pid.
+/// How far `start_daemon_until` waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Started {
+    /// The admin API answers `ztunnel status`.
+    Answering,
+    /// It also says it is ready (config and certificates in place).
+    Ready,
+}
+
+/// Starts the node's daemon and waits until it is ready. Returns its pid.
 pub fn start_daemon(node: &str) -> Result<u32> {
+    start_daemon_until(node, Started::Ready)
+}
+
+/// Starts the node's daemon and waits until `until`. Returns its pid.
+pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
     let node = topology::node_spec(node)?;
     if let Some(pid) = daemon_pid(node.name) {
         return Err(daemon_error(
@@ -107,7 +121,7 @@ pub fn start_daemon(node: &str) -> Result<u32> {
     std::fs::write(&pid_file, pid.to_string()).map_err(|e| LabError::io("writing", pid_file, e))?;
     state::record_daemon_pid(node.name, Some(pid))?;
 
-    if let Err(error) = wait_ready(node, pid) {
+    if let Err(error) = wait_started(node, pid, until) {
         signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT);
         forget_pid(node)?;
         return Err(error);
@@ -163,17 +177,39 @@ pub fn daemon_pid(node: &str) -> Option<u32> {
     is_daemon_of(pid, node).then_some(pid)
 }
 
-/// `ztunnel status` against the node's daemon.
+/// `ztunnel status` against the node's daemon (run in the node's netns, where its admin API
+/// listens on localhost).
 pub fn daemon_status(node: &str) -> Result<Output> {
-    let node = topology::node_spec(node)?;
+    daemon_cli(node, &["status"])
+}
+
+/// What the node's daemon says it still waits for (`None`: ready).
+pub fn daemon_not_ready(node: &str) -> Result<Option<String>> {
+    let output = daemon_cli(node, &["status", "-o", "json"])?;
+    let failed = |detail: String| LabError::Command {
+        command: format!("ztunnel status -o json on {node}"),
+        detail,
+    };
+    if !output.status.success() {
+        return Err(failed(String::from_utf8_lossy(&output.stderr).into_owned()));
+    }
+    // Read as plain JSON: the lab itself does not depend on ztunnel-user (see Cargo.toml).
+    let dump: serde_json::Value =
+        serde_json::from_slice(&output.stdout).map_err(|e| failed(e.to_string()))?;
+    match &dump["not_ready"] {
+        serde_json::Value::Null => Ok(None),
+        missing => Ok(Some(missing.as_str().unwrap_or_default().to_owned())),
+    }
+}
+
+/// A `ztunnel` CLI command against the node's daemon.
+pub fn daemon_cli(node: &str, args: &[&str]) -> Result<Output> {
     let binary = topology::binary("ztunnel")?;
-    let mut status = Command::new(&binary);
-    status
-        .arg("status")
-        .arg("--api-socket")
-        .arg(node.api_socket());
-    let described = command::describe(&status);
-    let child = status
+    let mut argv = vec![binary.as_os_str()];
+    argv.extend(args.iter().map(std::ffi::OsStr::new));
+    let mut cli = crate::exec_node(node, &argv)?;
+    let described = command::describe(&cli);
+    let child = cli
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -200,22 +236,24 @@ pub fn log_tail(node: &NodeSpec) -> String {
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
-fn wait_ready(node: &NodeSpec, pid: u32) -> Result<()> {
+fn wait_started(node: &NodeSpec, pid: u32, until: Started) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
+    let mut waiting_for = "answer `ztunnel status`".to_owned();
     loop {
         if !is_alive(pid) {
             return Err(daemon_error(node, "exited while starting".to_owned()));
         }
-        if daemon_status(node.name).is_ok_and(|output| output.status.success()) {
-            return Ok(());
+        match (until, daemon_not_ready(node.name)) {
+            (Started::Answering, Ok(_)) | (Started::Ready, Ok(None)) => return Ok(()),
+            (Started::Ready, Ok(Some(missing))) => {
+                waiting_for = format!("become ready (it waits for {missing})");
+            }
+            (_, Err(_)) => {}
         }
         if Instant::now() >= deadline {
             return Err(daemon_error(
                 node,
-                format!(
-                    "did not answer `ztunnel status` within {}s",
-                    READY_TIMEOUT.as_secs()
-                ),
+                format!("did not {waiting_for} within {}s", READY_TIMEOUT.as_secs()),
             ));
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -112,6 +112,22 @@ pub fn send_from(
     run_tool(pod, "lab-tool", args, timeout)
 }
 
+/// `send_from` with a pause of `pause` halfway through, the connection held open.
+pub fn send_pausing_from(
+    pod: &str,
+    to: SocketAddrV4,
+    bytes: u64,
+    pause: Duration,
+    timeout: Duration,
+) -> Result<SendReport> {
+    let options = [
+        ("bytes", bytes.to_string()),
+        ("pause-ms", pause.as_millis().to_string()),
+    ];
+    let args = client_args("send", to, &options);
+    run_tool(pod, "lab-tool", args, timeout + pause)
+}
+
 /// Runs `lab-tool burst` inside `pod`: `connections` connections to `to` held open at once,
 /// each exchanging `bytes`.
 pub fn burst_from(

@@ -150,22 +150,36 @@ fn answer(mut stream: TcpStream) -> Result<(), TrafficError> {
         .map_err(io_error(format!("replying to {peer}")))
 }
 
-/// Connects (with SO_MARK `mark` if given), streams `bytes` pseudo-random bytes, and checks the
-/// server's report against what was sent. `timeout` bounds the connect and every read/write.
+/// How `send` goes about it.
+#[derive(Clone, Copy, Debug)]
+pub struct SendOptions {
+    /// SO_MARK to set on the socket before connecting.
+    pub mark: Option<u32>,
+    /// A pause halfway through the bytes, with the connection held open (to have a
+    /// connection open across an event, such as a proxy draining).
+    pub pause: Duration,
+    /// Bound on the connect and on every read or write.
+    pub timeout: Duration,
+}
+
+/// Connects, streams `bytes` pseudo-random bytes, and checks the server's report against what
+/// was sent.
 pub fn send(
     to: SocketAddrV4,
     bytes: u64,
-    mark: Option<u32>,
-    timeout: Duration,
+    options: SendOptions,
 ) -> Result<SendReport, TrafficError> {
-    exchange(connect_marked(to, mark, timeout)?, to, bytes)
+    let stream = connect_marked(to, options.mark, options.timeout)?;
+    exchange(stream, to, bytes, options.pause)
 }
 
-/// Streams `bytes` pseudo-random bytes, half-closes, and checks the server's report.
+/// Streams `bytes` pseudo-random bytes (pausing for `pause` halfway), half-closes, and checks
+/// the server's report.
 fn exchange(
     mut stream: TcpStream,
     to: SocketAddrV4,
     bytes: u64,
+    pause: Duration,
 ) -> Result<SendReport, TrafficError> {
     let local = stream
         .local_addr()
@@ -174,7 +188,12 @@ fn exchange(
     let mut generator = PseudoRandom::default();
     let mut buffer = vec![0u8; CHUNK.min(usize::try_from(bytes).unwrap_or(CHUNK)).max(1)];
     let mut remaining = bytes;
+    let mut paused = pause.is_zero();
     while remaining > 0 {
+        if !paused && remaining <= bytes / 2 {
+            std::thread::sleep(pause);
+            paused = true;
+        }
         let size = usize::try_from(remaining).map_or(buffer.len(), |left| left.min(buffer.len()));
         let chunk = &mut buffer[..size];
         generator.fill(chunk);
@@ -291,7 +310,7 @@ pub fn burst(to: SocketAddrV4, connections: usize, bytes: u64, timeout: Duration
             std::thread::spawn(move || {
                 let stream = connect_marked(to, None, timeout);
                 all_connected.wait();
-                exchange(stream?, to, bytes).map(|_| ())
+                exchange(stream?, to, bytes, Duration::ZERO).map(|_| ())
             })
         })
         .collect();

@@ -1,10 +1,9 @@
 //! `cargo xtask demo`: the product on the lab, start to finish.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::net::SocketAddrV4;
-use std::process::Command;
 use std::time::Duration;
-use ztunnel_lab::{Lab, PodServer, send_from, topology};
+use ztunnel_lab::{Lab, PodServer, send_from};
 
 const APP_PORT: u16 = 8080;
 const BYTES: u64 = 10 * 1024 * 1024;
@@ -66,22 +65,24 @@ fn show(lab: &Lab) -> Result<()> {
     }
 
     for node in ["node1", "node2"] {
-        let socket = &lab.node(node)?.api_socket;
         println!("\ndemo: what the {node} daemon proxied (`ztunnel connections`)");
-        ztunnel(&["connections", "--api-socket"], socket)?;
-        println!("\ndemo: {node} pods and kernel counters (`ztunnel status`)");
-        ztunnel(&["status", "--api-socket"], socket)?;
+        ztunnel(node, &["connections"])?;
+        println!("\ndemo: {node} readiness, pods and kernel counters (`ztunnel status`)");
+        ztunnel(node, &["status"])?;
     }
     Ok(())
 }
 
-fn ztunnel(args: &[&str], socket: &std::path::Path) -> Result<()> {
-    let binary = topology::binary("ztunnel")?;
-    let status = Command::new(&binary)
-        .args(args)
-        .arg(socket)
-        .status()
-        .with_context(|| format!("running {}", binary.display()))?;
-    anyhow::ensure!(status.success(), "ztunnel {} failed ({status})", args[0]);
+/// Runs the `ztunnel` CLI against the node's daemon and shows what it printed.
+fn ztunnel(node: &str, args: &[&str]) -> Result<()> {
+    let output = ztunnel_lab::daemon_cli(node, args)?;
+    print!("{}", String::from_utf8_lossy(&output.stdout));
+    anyhow::ensure!(
+        output.status.success(),
+        "ztunnel {} on {node} failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
     Ok(())
 }

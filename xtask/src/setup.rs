@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-const DEBIAN_PACKAGES: [&str; 10] = [
+const DEBIAN_PACKAGES: [&str; 11] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -16,6 +16,8 @@ const DEBIAN_PACKAGES: [&str; 10] = [
     "tcpdump",
     // `ping`, for checking the lab's wiring by hand.
     "iputils-ping",
+    // The tests read the metrics, admin and readiness endpoints as a scraper or probe does.
+    "curl",
     // The font of `cargo xtask bench`'s chart.
     "fonts-dejavu-core",
 ];

@@ -1,10 +1,11 @@
 //! Policy evaluation at scale: 10,000 policies of 10 rules each, none of which matches the
 //! connection, so every check has to look at everything that may apply to it.
 //!
-//! Three layouts of the same 100,000 rules: all in the destination's namespace (nothing can be
-//! skipped: the worst case), spread over 100 namespaces (the scope index skips 99 of them), and
-//! all in the destination's namespace but each limited to ports the connection does not use
-//! (the port index skips them).
+//! Four layouts of 100,000 rules: exact principals, all in the destination's namespace (the
+//! principal index skips them), the same spread over 100 namespaces (the scope index skips 99
+//! of them), the same limited to ports the connection does not use, and principal prefixes in
+//! the destination's namespace, which no index can skip: every rule is evaluated, the worst
+//! case.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -23,6 +24,7 @@ enum Layout {
     OneNamespace,
     HundredNamespaces,
     OtherPorts,
+    Prefixes,
 }
 
 impl Layout {
@@ -31,6 +33,7 @@ impl Layout {
             Layout::OneNamespace => "all apply",
             Layout::HundredNamespaces => "spread over 100 namespaces",
             Layout::OtherPorts => "all on other ports",
+            Layout::Prefixes => "prefixes, all evaluated",
         }
     }
 }
@@ -42,7 +45,7 @@ fn policies(layout: Layout) -> Policies {
         .map(|p| {
             let namespace = match layout {
                 Layout::HundredNamespaces => format!("ns-{}", p % 100),
-                Layout::OneNamespace | Layout::OtherPorts => "ns-0".to_owned(),
+                _ => "ns-0".to_owned(),
             };
             let rules = (0..RULES)
                 .map(|r| {
@@ -50,10 +53,13 @@ fn policies(layout: Layout) -> Policies {
                         Layout::OtherPorts => vec![10_000 + (p % 1000) as u16],
                         _ => Vec::new(),
                     };
+                    let principal = format!("cluster.local/ns/app-{p}/sa/account-{r}");
+                    let principal = match layout {
+                        Layout::Prefixes => StringMatch::Prefix(principal),
+                        _ => StringMatch::Exact(principal),
+                    };
                     vec![vec![Match {
-                        principals: vec![StringMatch::Exact(format!(
-                            "cluster.local/ns/app-{p}/sa/account-{r}"
-                        ))],
+                        principals: vec![principal],
                         destination_ports,
                         ..Match::default()
                     }]]
@@ -92,6 +98,7 @@ fn evaluation(c: &mut Criterion) {
         Layout::OneNamespace,
         Layout::HundredNamespaces,
         Layout::OtherPorts,
+        Layout::Prefixes,
     ] {
         let policies = policies(layout);
         assert!(matches!(

@@ -84,6 +84,19 @@ pub struct Status {
     pub mesh: crate::mesh::MeshStatus,
 }
 
+/// What the admin API's `/config_dump` answers: the status, the readiness and the mesh config
+/// in force.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDump {
+    #[serde(flatten)]
+    pub status: Status,
+    /// None when ready, else what is still missing.
+    pub not_ready: Option<String>,
+    pub workloads: Vec<crate::config::Workload>,
+    pub services: Vec<crate::config::Service>,
+    pub policies: Vec<crate::authz::Policy>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
@@ -99,10 +112,16 @@ pub struct ConnectionRecord {
     pub pod: String,
     pub source: SocketAddr,
     pub original_destination: SocketAddr,
+    /// The source's SPIFFE identity, if it has one (`unknown` for plaintext clients).
+    pub source_identity: String,
+    /// The destination workload's identity, if the mesh config knows it.
+    pub destination_identity: String,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     /// Still open when the record was read.
     pub open: bool,
+    /// Istio's response flags: `-`, `DENY` (authorization), `CONNECT` (upstream unreachable).
+    pub response_flags: String,
     pub error: Option<String>,
 }
 

@@ -83,10 +83,51 @@ impl ApiServer {
         }
     }
 
+    /// The enrolled pods, certificates, kernel counters and the mesh config's status.
+    pub async fn status(&self) -> Status {
+        Status {
+            node: self.node.clone(),
+            pods: self.pods.lock().await.list(),
+            certificates: self
+                .ctx
+                .tls
+                .store
+                .expiries()
+                .into_iter()
+                .map(|(identity, expiry)| CertificateInfo {
+                    identity: identity.to_string(),
+                    expires_unix: expiry
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                })
+                .collect(),
+            counters: self
+                .ctx
+                .datapath
+                .counters()
+                .into_iter()
+                .map(|(c, value)| CounterValue {
+                    name: c.name().to_owned(),
+                    value,
+                })
+                .collect(),
+            mesh: self.ctx.mesh.status(),
+        }
+    }
+
     async fn handle(&self, request: Request) -> Response {
         match request {
             Request::Enroll { pod } => {
                 let label = format!("{}/{}", pod.namespace, pod.name);
+                // A pod enrolled now could get the wrong identity or policies, or none.
+                if let Err(missing) = self.ctx.readiness.check() {
+                    return Response::Error {
+                        message: format!(
+                            "ztunnel on {} is not ready to enroll {label}: waiting for {missing}",
+                            self.node
+                        ),
+                    };
+                }
                 match self.pods.lock().await.enroll(pod) {
                     Ok(pod) => Response::Enrolled { pod },
                     Err(err) => {
@@ -104,34 +145,7 @@ impl ApiServer {
             Request::Check { uid, container_id } => Response::Checked {
                 enrolled: self.pods.lock().await.is_enrolled(&uid, &container_id),
             },
-            Request::Status => Response::Status(Status {
-                node: self.node.clone(),
-                pods: self.pods.lock().await.list(),
-                certificates: self
-                    .ctx
-                    .tls
-                    .store
-                    .expiries()
-                    .into_iter()
-                    .map(|(identity, expiry)| CertificateInfo {
-                        identity: identity.to_string(),
-                        expires_unix: expiry
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |d| d.as_secs()),
-                    })
-                    .collect(),
-                counters: self
-                    .ctx
-                    .datapath
-                    .counters()
-                    .into_iter()
-                    .map(|(c, value)| CounterValue {
-                        name: c.name().to_owned(),
-                        value,
-                    })
-                    .collect(),
-                mesh: self.ctx.mesh.status(),
-            }),
+            Request::Status => Response::Status(self.status().await),
             Request::Connections => Response::Connections {
                 connections: self.ctx.connections.snapshot(),
             },

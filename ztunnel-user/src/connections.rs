@@ -1,24 +1,37 @@
-//! The daemon's record of the connections it proxied: the open ones and the most recent
-//! closed ones, for `ztunnel connections` and the tests; and the open connections that
-//! authorization let in, so a policy change can re-check them and close the ones it now denies.
+//! The life of every proxied connection as the daemon reports it: a record for
+//! `ztunnel connections` (the open ones and the most recent closed ones), Istio's TCP metrics
+//! when it opens and closes, and an access log line when it ends; and the open connections
+//! that authorization let in, so a policy change can re-check them and close the ones it now
+//! denies.
 
+use crate::access_log::{self, AccessLog, Entry};
 use crate::api::{ConnectionRecord, Direction};
 use crate::identity::Identity;
+use crate::metrics::{ResponseFlags, TrafficLabels, TrafficMetrics};
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 use tokio::sync::Notify;
 
 /// How many connections are remembered (open ones first in line to stay, see `record`).
 const CAPACITY: usize = 4096;
 
-#[derive(Default)]
 pub struct ConnectionLog {
     entries: Mutex<VecDeque<Arc<Mutex<ConnectionRecord>>>>,
     /// Every open authorized connection, however many: not bounded by `CAPACITY`.
     authorized: Arc<Registry>,
     next_id: AtomicU64,
+    reporting: Arc<Reporting>,
+}
+
+/// Where a finished connection is reported.
+struct Reporting {
+    metrics: Arc<TrafficMetrics>,
+    access_log: AccessLog,
+    open: OpenCount,
 }
 
 /// What authorization decided on, kept to decide again when policies change.
@@ -40,29 +53,55 @@ struct Authorized {
     why: Mutex<Option<String>>,
 }
 
-/// A live connection's entry; the relay fills in the outcome when it ends.
+/// A live connection; it is reported when it finishes (or, failing that, when dropped).
 pub struct Tracked {
     record: Arc<Mutex<ConnectionRecord>>,
+    labels: TrafficLabels,
+    started: Instant,
+    reporting: Arc<Reporting>,
+    reported: bool,
     /// Its id and entry in the registry, once authorized.
     authorized: Option<(u64, Arc<Authorized>, Arc<Registry>)>,
 }
 
 impl ConnectionLog {
+    pub fn new(metrics: Arc<TrafficMetrics>, access_log: AccessLog) -> ConnectionLog {
+        ConnectionLog {
+            entries: Mutex::default(),
+            authorized: Arc::default(),
+            next_id: AtomicU64::new(0),
+            reporting: Arc::new(Reporting {
+                metrics,
+                access_log,
+                open: OpenCount::default(),
+            }),
+        }
+    }
+
+    pub fn metrics(&self) -> &TrafficMetrics {
+        &self.reporting.metrics
+    }
+
+    /// A connection the proxy took on for `pod`; counted as opened at once.
     pub fn record(
         &self,
         direction: Direction,
         pod: &str,
         source: SocketAddr,
         original_destination: SocketAddr,
+        labels: TrafficLabels,
     ) -> Tracked {
         let record = Arc::new(Mutex::new(ConnectionRecord {
             direction,
             pod: pod.to_owned(),
             source,
             original_destination,
+            source_identity: labels.source_principal().to_owned(),
+            destination_identity: labels.destination_principal().to_owned(),
             bytes_sent: 0,
             bytes_received: 0,
             open: true,
+            response_flags: ResponseFlags::None.label().to_owned(),
             error: None,
         }));
         let mut entries = lock(&self.entries);
@@ -70,8 +109,15 @@ impl ConnectionLog {
             entries.pop_front();
         }
         entries.push_back(record.clone());
+        drop(entries);
+        self.reporting.metrics.opened(&labels);
+        self.reporting.open.add();
         Tracked {
             record,
+            labels,
+            started: Instant::now(),
+            reporting: self.reporting.clone(),
+            reported: false,
             authorized: None,
         }
     }
@@ -81,6 +127,11 @@ impl ConnectionLog {
             .iter()
             .map(|e| lock(e).clone())
             .collect()
+    }
+
+    /// Connections not yet finished.
+    pub fn open(&self) -> usize {
+        self.reporting.open.count()
     }
 
     /// Decides again on every open authorized connection; `denies` returns why a subject is
@@ -97,30 +148,30 @@ impl ConnectionLog {
         }
         closed
     }
-}
 
-impl Tracked {
-    /// Puts the connection under `revalidate`: from now on a policy change can revoke it.
-    pub fn authorized(&mut self, log: &ConnectionLog, subject: Subject) {
-        let id = log.next_id.fetch_add(1, Ordering::Relaxed);
+    /// Puts `tracked` under `revalidate`: from now on a policy change can revoke it.
+    pub fn authorized(&self, tracked: &mut Tracked, subject: Subject) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Authorized {
             subject,
             revoked: Notify::new(),
             why: Mutex::new(None),
         });
-        lock(&log.authorized).insert(id, entry.clone());
-        self.authorized = Some((id, entry, log.authorized.clone()));
+        lock(&self.authorized).insert(id, entry.clone());
+        tracked.authorized = Some((id, entry, self.authorized.clone()));
     }
+}
 
+impl Tracked {
     /// Completes when a policy change revoked the connection, with the reason; never for a
     /// connection that was not authorized.
-    pub async fn revoked(&self) -> std::io::Error {
+    pub async fn revoked(&self) -> io::Error {
         match &self.authorized {
             Some((_, entry, _)) => {
                 entry.revoked.notified().await;
                 let why = lock(&entry.why).clone().unwrap_or_default();
-                std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
+                io::Error::new(
+                    io::ErrorKind::PermissionDenied,
                     format!("closed: the policy in force now denies it ({why})"),
                 )
             }
@@ -130,9 +181,9 @@ impl Tracked {
 
     /// Runs `relay` until it ends or the connection is revoked (which drops, so closes, both
     /// sides).
-    pub async fn relay_until_revoked<F>(&self, relay: F) -> std::io::Result<(u64, u64)>
+    pub async fn relay_until_revoked<F>(&self, relay: F) -> io::Result<(u64, u64)>
     where
-        F: Future<Output = std::io::Result<(u64, u64)>>,
+        F: Future<Output = io::Result<(u64, u64)>>,
     {
         tokio::select! {
             outcome = relay => outcome,
@@ -140,22 +191,65 @@ impl Tracked {
         }
     }
 
-    /// Records how a relay ended: `Ok((sent, received))`, where `sent` went from the client to
-    /// the destination and `received` the other way, or the error that ended it.
-    pub fn finish_with(&self, outcome: &std::io::Result<(u64, u64)>) {
+    /// Reports how the connection ended: `Ok((sent, received))`, where `sent` went from the
+    /// client to the destination and `received` the other way, or the error that ended it.
+    pub fn finish_with(mut self, outcome: &io::Result<(u64, u64)>) {
         match outcome {
-            Ok((sent, received)) => self.finish(*sent, *received, None),
-            Err(err) => self.finish(0, 0, Some(err.to_string())),
+            Ok((sent, received)) => self.report(*sent, *received, ResponseFlags::None, None),
+            Err(err) => {
+                let flags = flags_of(err);
+                self.report(0, 0, flags, Some(err.to_string()));
+            }
         }
     }
 
     /// `sent` is what went from the client to the destination, `received` the other way.
-    pub fn finish(&self, sent: u64, received: u64, error: Option<String>) {
+    pub fn finish(mut self, sent: u64, received: u64, error: Option<String>) {
+        self.report(sent, received, ResponseFlags::None, error);
+    }
+
+    /// Authorization refused the connection.
+    pub fn denied(mut self, why: &str) {
+        self.report(0, 0, ResponseFlags::Denied, Some(format!("denied: {why}")));
+    }
+
+    fn report(&mut self, sent: u64, received: u64, flags: ResponseFlags, error: Option<String>) {
+        self.reported = true;
         let mut record = lock(&self.record);
         record.bytes_sent = sent;
         record.bytes_received = received;
         record.open = false;
+        record.response_flags = flags.label().to_owned();
         record.error = error;
+        let reporting = &self.reporting;
+        reporting
+            .metrics
+            .closed(&self.labels.with_flags(flags), sent, received);
+        let direction = match record.direction {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        };
+        let labels = &self.labels;
+        reporting.access_log.write(&Entry {
+            time: access_log::now_rfc3339(),
+            direction,
+            pod: &record.pod,
+            src_addr: record.source.to_string(),
+            dst_addr: record.original_destination.to_string(),
+            src_workload: labels.source_workload(),
+            src_namespace: labels.source_namespace(),
+            src_identity: labels.source_principal(),
+            dst_workload: labels.destination_workload(),
+            dst_namespace: labels.destination_namespace(),
+            dst_identity: labels.destination_principal(),
+            dst_service: labels.destination_service(),
+            bytes_sent: sent,
+            bytes_received: received,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            response_flags: flags.label(),
+            error: record.error.as_deref(),
+        });
+        reporting.open.remove();
     }
 }
 
@@ -164,6 +258,54 @@ impl Drop for Tracked {
         if let Some((id, _, registry)) = &self.authorized {
             lock(registry).remove(id);
         }
+        if !self.reported {
+            // The task serving it was cancelled (shutdown): it ended with whatever it had.
+            let error = Some("the proxy stopped serving it".to_owned());
+            self.report(0, 0, ResponseFlags::None, error);
+        }
+    }
+}
+
+/// Istio's response flags for an error that ended a connection.
+fn flags_of(err: &io::Error) -> ResponseFlags {
+    use io::ErrorKind::*;
+    match err.kind() {
+        PermissionDenied => ResponseFlags::Denied,
+        ConnectionRefused | TimedOut | HostUnreachable | NetworkUnreachable | NotFound
+        | AddrNotAvailable => ResponseFlags::ConnectFailed,
+        _ => ResponseFlags::None,
+    }
+}
+
+/// A count of open things (connections, streams), for metrics and for drain to wait on.
+#[derive(Default)]
+pub struct OpenCount(AtomicUsize);
+
+/// One open thing; dropping it takes it off the count.
+pub struct Open<'a>(&'a OpenCount);
+
+impl OpenCount {
+    pub fn open(&self) -> Open<'_> {
+        self.add();
+        Open(self)
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn add(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn remove(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.0.remove();
     }
 }
 

@@ -3,23 +3,31 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use ztunnel_user::api::{self, Request, Response};
+use tokio::sync::Notify;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use ztunnel_user::access_log::{self, AccessLog};
+use ztunnel_user::admin::{self, Admin, LogControl};
+use ztunnel_user::api;
 use ztunnel_user::api_server::{self, ApiServer};
+use ztunnel_user::cli::{self, Section, View};
 use ztunnel_user::config::MeshConfig;
-use ztunnel_user::config::reload::ConfigFile;
+use ztunnel_user::config::reload::{self, ConfigFile};
 use ztunnel_user::connections::ConnectionLog;
 use ztunnel_user::datapath::{Datapath, DatapathSettings};
 use ztunnel_user::hbone::client::Pool;
 use ztunnel_user::hbone::mtls::Mtls;
 use ztunnel_user::identity::{CertificateAuthority, CertificateStore};
 use ztunnel_user::mesh::Mesh;
+use ztunnel_user::metrics::{self, TrafficMetrics};
 use ztunnel_user::netns::Netns;
 use ztunnel_user::pods::Pods;
 use ztunnel_user::proxy::ProxyContext;
-use ztunnel_user::{features, output};
+use ztunnel_user::{features, web};
 
 #[derive(Parser)]
 #[command(
@@ -36,9 +44,19 @@ struct Cli {
 enum Command {
     /// Run the node daemon: load the capture programs and serve enrolled pods.
     Run(Box<RunArgs>),
-    /// Show the enrolled pods and the kernel counters of a running daemon.
+    /// Readiness, the mesh config in force, enrolled pods, certificates, kernel counters.
     Status(ClientArgs),
-    /// Show the connections a running daemon proxied (open and recent).
+    /// The enrolled pods, their identities and capture hooks.
+    Pods(ClientArgs),
+    /// The workloads of the mesh config in force.
+    Workloads(ClientArgs),
+    /// The services of the mesh config in force, with their healthy endpoints.
+    Services(ClientArgs),
+    /// The authorization policies in force.
+    Policies(ClientArgs),
+    /// The workload certificates the daemon holds, and when they expire.
+    Certs(ClientArgs),
+    /// The connections the daemon proxied (open and recent).
     Connections(ClientArgs),
 }
 
@@ -88,15 +106,36 @@ struct RunArgs {
     /// Lifetime of workload certificates; each is renewed at half of it.
     #[arg(long, default_value_t = 24 * 3600, value_name = "SECONDS")]
     cert_lifetime_secs: u64,
-    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ztunnel_user=debug`.
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ztunnel_user=debug`; the admin
+    /// API's `/logging` changes it at run time.
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     log_level: String,
+    /// The admin API (config dump, log level, quit); keep it on localhost.
+    #[arg(long, default_value = admin::DEFAULT_ADMIN_ADDR)]
+    admin_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`).
+    #[arg(long, default_value = admin::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, default_value = admin::DEFAULT_READINESS_ADDR)]
+    readiness_addr: SocketAddr,
+    /// Access log lines, one per connection when it ends.
+    #[arg(long, value_enum, default_value_t = access_log::Format::Text)]
+    access_log_format: access_log::Format,
+    /// Where access log lines go: `-` for standard output, or a file to append to.
+    #[arg(long, default_value = "-", value_name = "PATH")]
+    access_log: access_log::Output,
+    /// On SIGTERM (or `/quitquitquit`): how long open connections may go on after the
+    /// listeners closed and HBONE peers got GOAWAY, before the rest are cut.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    drain_timeout_secs: u64,
 }
 
 #[derive(Args)]
 struct ClientArgs {
-    #[arg(long, default_value = api::DEFAULT_SOCKET)]
-    api_socket: PathBuf,
+    /// The daemon's admin API.
+    #[arg(long, default_value = admin::DEFAULT_ADMIN_ADDR)]
+    admin: SocketAddr,
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
     output: Format,
 }
@@ -107,37 +146,54 @@ enum Format {
     Json,
 }
 
-/// How long shutdown waits for HBONE connections to close after their GOAWAY. (Draining
-/// open streams to a deadline is the drain feature's work.)
-const GOAWAY_GRACE: Duration = Duration::from_secs(2);
-
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => run(*args),
-        Command::Status(args) => show(&args, Request::Status),
-        Command::Connections(args) => show(&args, Request::Connections),
-    }
+    let view = match cli.command {
+        Command::Run(args) => return run(*args),
+        Command::Status(args) => (args, View::Dump(Section::Status)),
+        Command::Pods(args) => (args, View::Dump(Section::Pods)),
+        Command::Workloads(args) => (args, View::Dump(Section::Workloads)),
+        Command::Services(args) => (args, View::Dump(Section::Services)),
+        Command::Policies(args) => (args, View::Dump(Section::Policies)),
+        Command::Certs(args) => (args, View::Dump(Section::Certs)),
+        Command::Connections(args) => (args, View::Connections),
+    };
+    show(view.0, view.1)
+}
+
+/// Logs to stderr through a filter the admin API can change.
+fn init_logging(filter: &str) -> Result<LogControl> {
+    let parse = |filter: &str| {
+        tracing_subscriber::EnvFilter::try_new(filter).map_err(|err| err.to_string())
+    };
+    let initial = parse(filter)
+        .map_err(anyhow::Error::msg)
+        .context("--log-level")?;
+    let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(initial);
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
+        .init();
+    Ok(LogControl::new(filter, move |filter| {
+        handle.reload(parse(filter)?).map_err(|err| err.to_string())
+    }))
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log_level).context("--log-level")?,
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let log = init_logging(&args.log_level)?;
     ztunnel_user::limits::raise_open_files_limit();
     features::check(&args.cgroup_root)?;
 
-    let (config_file, config) = match &args.config {
-        Some(path) => {
-            let (file, config) = ConfigFile::load(path.clone())?;
-            (Some(Arc::new(file)), config)
-        }
-        None => (None, MeshConfig::default()),
-    };
+    let config_file = args
+        .config
+        .clone()
+        .map(|path| Arc::new(ConfigFile::new(path)));
+    // A missing or bad file leaves the daemon up but not ready until it is fixed.
+    let initial = config_file.as_ref().and_then(|file| file.poll());
     let ca = match (&args.ca_cert, &args.ca_key) {
         (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
         _ => CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain)?,
@@ -145,9 +201,9 @@ fn run(args: RunArgs) -> Result<()> {
     let datapath = Datapath::load(&DatapathSettings {
         pin_dir: args.bpffs.clone(),
         mark: args.mark,
-        excluded_cidrs: args.exclude_cidrs,
-        excluded_outbound_ports: args.exclude_ports,
-        excluded_inbound_ports: args.exclude_inbound_ports,
+        excluded_cidrs: args.exclude_cidrs.clone(),
+        excluded_outbound_ports: args.exclude_ports.clone(),
+        excluded_inbound_ports: args.exclude_inbound_ports.clone(),
     })
     .context("loading the capture programs")?;
     let home = Netns::current()?;
@@ -156,54 +212,137 @@ fn run(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let traffic = Arc::new(TrafficMetrics::default());
+        let access_log = AccessLog::start(
+            args.access_log_format,
+            args.access_log.clone(),
+            traffic.access_log_dropped.clone(),
+        )?;
         let roots = ca.roots();
         let store = Arc::new(CertificateStore::new(Arc::new(ca), Duration::from_secs(args.cert_lifetime_secs)));
         store.clone().spawn_renewal();
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let pool = Arc::new(Pool::default());
         pool.spawn_idle_release();
-        let mesh = Mesh::new(config, config_file, &args.node, &datapath)
+        let (config, applied) = match initial {
+            Some((hash, config)) => (config, Some(hash)),
+            None => (MeshConfig::default(), None),
+        };
+        let summary = reload::summary(&config);
+        let mesh = Mesh::new(config, config_file.clone(), &args.node, &datapath)
             .context("writing the mesh config to the kernel maps")?;
         let ctx = Arc::new(ProxyContext {
             home,
             datapath: Arc::new(datapath),
-            connections: ConnectionLog::default(),
+            connections: ConnectionLog::new(traffic, access_log),
             mark: args.mark,
             mesh,
-            trust_domain: args.trust_domain,
+            trust_domain: args.trust_domain.clone(),
             tls: Mtls { store, roots },
             pool,
             shutdown: shutdown_rx,
+            readiness: Default::default(),
             hbone_connections: Default::default(),
+            hbone_streams: Default::default(),
             local_pods: Default::default(),
         });
-        if let Some(file) = ctx.mesh.file() {
+        if let Some(file) = &config_file {
+            let waiting = format!("the mesh config {}", file.path().display());
+            match applied {
+                Some(hash) => file.applied(hash, &summary),
+                None => ctx.readiness.pending(&waiting),
+            }
             let reloading = ctx.clone();
-            tokio::spawn(file.watch(move |config| reloading.apply_config(config)));
+            tokio::spawn(file.clone().watch(move |config| {
+                reloading.apply_config(config)?;
+                reloading.readiness.done(&waiting);
+                Ok(())
+            }));
         }
-        let drained = ctx.clone();
         let listener = api_server::bind(&args.api_socket)?;
         let server = Arc::new(ApiServer {
             node: args.node.clone(),
-            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), args.cgroup_root)),
-            ctx,
+            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), args.cgroup_root.clone())),
+            ctx: ctx.clone(),
         });
-        tracing::info!(node = %args.node, api = %args.api_socket.display(), bpffs = %args.bpffs.display(), "ztunnel ready");
-        tokio::select! {
-            () = server.serve(listener) => {}
-            signal = shutdown_signal() => {
-                tracing::info!(signal, "shutting down; enrolled pods stay captured (their connections are refused until ztunnel is back)");
-            }
-        }
-        // Tell HBONE peers (GOAWAY) and give the connections a moment to say it.
-        let _ = shutdown.send(true);
-        let deadline = tokio::time::Instant::now() + GOAWAY_GRACE;
-        while drained.hbone_connections.count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let quit = Arc::new(Notify::new());
+        serve_http(&args, &ctx, &server, log, quit.clone()).await?;
+        tracing::info!(node = %args.node, api = %args.api_socket.display(), admin = %args.admin_addr, bpffs = %args.bpffs.display(), "ztunnel started");
+        let reason = tokio::select! {
+            () = server.clone().serve(listener) => "the API server stopped",
+            signal = shutdown_signal() => signal,
+            () = quit.notified() => "/quitquitquit",
+        };
+        tracing::info!(reason, "draining; enrolled pods stay captured (their new connections are refused until ztunnel is back)");
+        drain(&server, &shutdown, Duration::from_secs(args.drain_timeout_secs)).await;
         let _ = std::fs::remove_file(&args.api_socket);
         anyhow::Ok(())
     })
+}
+
+/// Starts the admin API, the metrics and the readiness endpoints.
+async fn serve_http(
+    args: &RunArgs,
+    ctx: &Arc<ProxyContext>,
+    server: &Arc<ApiServer>,
+    log: LogControl,
+    quit: Arc<Notify>,
+) -> Result<()> {
+    let admin = Arc::new(Admin {
+        api: server.clone(),
+        log,
+        quit,
+    });
+    let listener = web::bind(args.admin_addr, "admin API").await?;
+    tokio::spawn(web::serve(listener, move |call| admin.clone().handle(call)));
+
+    let registry = Arc::new(metrics::registry(ctx.clone()));
+    let listener = web::bind(args.metrics_addr, "metrics").await?;
+    tokio::spawn(web::serve(listener, move |call| {
+        let reply = admin::metrics(&registry, &call);
+        async move { reply }
+    }));
+
+    let ready = ctx.clone();
+    let listener = web::bind(args.readiness_addr, "readiness").await?;
+    tokio::spawn(web::serve(listener, move |call| {
+        let reply = admin::readiness(&ready.readiness, &call);
+        async move { reply }
+    }));
+    Ok(())
+}
+
+/// Graceful drain: not ready, listeners closed (the kernel refuses new connections of the
+/// enrolled pods from now on, as while the daemon is down), GOAWAY to every HBONE peer, then
+/// open connections may finish until `timeout`; what is left is cut when the process exits.
+/// The pins stay, so the pods stay captured.
+async fn drain(server: &ApiServer, shutdown: &tokio::sync::watch::Sender<bool>, timeout: Duration) {
+    let ctx = &server.ctx;
+    ctx.readiness.pending("the end of the drain");
+    server.pods.lock().await.stop_serving();
+    let _ = shutdown.send(true);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut said = tokio::time::Instant::now();
+    loop {
+        let open = ctx.connections.open() + ctx.hbone_connections.count();
+        if open == 0 {
+            tracing::info!("drained: every connection finished");
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                open,
+                "drain deadline reached; closing the connections still open"
+            );
+            return;
+        }
+        if now.duration_since(said) >= Duration::from_secs(1) {
+            tracing::info!(open, left_secs = (deadline - now).as_secs(), "draining");
+            said = now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn shutdown_signal() -> &'static str {
@@ -220,17 +359,12 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-fn show(args: &ClientArgs, request: Request) -> Result<()> {
-    let response = api::call(&args.api_socket, &request, Duration::from_secs(10))?;
-    match args.output {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&response)?),
-        Format::Table => match response {
-            Response::Status(status) => print!("{}", output::status_table(&status)),
-            Response::Connections { connections } => {
-                print!("{}", output::connections_table(&connections))
-            }
-            other => anyhow::bail!("unexpected response from the daemon: {other:?}"),
-        },
-    }
+fn show(args: ClientArgs, view: View) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let json = matches!(args.output, Format::Json);
+    let text = runtime.block_on(cli::show(args.admin, view, json))?;
+    print!("{text}");
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Plain-text tables for the CLI.
 
-use crate::api::{ConnectionRecord, Status};
+use crate::api::{CertificateInfo, ConfigDump, ConnectionRecord, EnrolledPod};
+use crate::authz::Policy;
+use crate::config::{GatewayDestination, HealthStatus, Protocol, Service, Workload};
 use std::fmt::Write as _;
 
 /// Left-aligned columns sized to their widest cell.
@@ -26,39 +28,203 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub fn status_table(status: &Status) -> String {
-    let pods: Vec<Vec<String>> = status
-        .pods
-        .iter()
-        .map(|p| {
-            let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
-            vec![
-                format!("{}/{}", p.namespace, p.name),
-                ips.join(","),
-                p.identity.clone(),
-                p.links.len().to_string(),
-                p.cgroup.display().to_string(),
-            ]
-        })
-        .collect();
+pub fn status_table(dump: &ConfigDump) -> String {
+    let status = &dump.status;
+    let config = &status.mesh.config;
+    let mut out = format!(
+        "node {}: {}\n",
+        status.node,
+        match &dump.not_ready {
+            None => "ready".to_owned(),
+            Some(missing) => format!("NOT READY, waiting for {missing}"),
+        }
+    );
+    match &config.path {
+        Some(path) => {
+            let _ = writeln!(
+                out,
+                "mesh config {} (version {}, generation {}): {} workloads, {} services, {} policies",
+                path.display(),
+                config.version,
+                config.generation,
+                status.mesh.workloads.len(),
+                status.mesh.services,
+                status.mesh.policies
+            );
+            if let Some(rejected) = &config.rejected {
+                let _ = writeln!(
+                    out,
+                    "  newest file REFUSED, the version above stays in force: {rejected}"
+                );
+            }
+        }
+        None => out.push_str("no mesh config file: every destination is outside the mesh\n"),
+    }
     let counters: Vec<Vec<String>> = status
         .counters
         .iter()
         .map(|c| vec![c.name.clone(), c.value.to_string()])
         .collect();
-    let certificates: Vec<Vec<String>> = status
-        .certificates
-        .iter()
-        .map(|c| vec![c.identity.clone(), c.expires_unix.to_string()])
-        .collect();
-    format!(
-        "node {}: {} enrolled pod(s)\n\n{}\n{}\n{}",
-        status.node,
+    let _ = write!(
+        out,
+        "\n{} enrolled pod(s)\n{}\n{}\n{}",
         status.pods.len(),
-        table(&["POD", "IPS", "IDENTITY", "LINKS", "CGROUP"], &pods),
-        table(&["CERTIFICATE", "EXPIRES (UNIX)"], &certificates),
+        pods_table(&status.pods),
+        certificates_table(&status.certificates, crate::process::unix_now()),
         table(&["KERNEL COUNTER", "VALUE"], &counters)
+    );
+    out
+}
+
+pub fn pods_table(pods: &[EnrolledPod]) -> String {
+    let rows: Vec<Vec<String>> = pods
+        .iter()
+        .map(|p| {
+            let hooks: Vec<String> = p
+                .links
+                .iter()
+                .filter_map(|l| Some(l.file_name()?.to_string_lossy().into_owned()))
+                .collect();
+            vec![
+                format!("{}/{}", p.namespace, p.name),
+                list(&p.ips),
+                p.identity.clone(),
+                hooks.join(","),
+                p.cgroup.display().to_string(),
+            ]
+        })
+        .collect();
+    table(&["POD", "IPS", "IDENTITY", "HOOKS", "CGROUP"], &rows)
+}
+
+pub fn workloads_table(workloads: &[Workload]) -> String {
+    let rows: Vec<Vec<String>> = workloads
+        .iter()
+        .map(|w| {
+            vec![
+                w.label(),
+                list(&w.workload_ips),
+                match w.protocol {
+                    Protocol::Hbone => "HBONE".into(),
+                    Protocol::Tcp => "TCP".into(),
+                },
+                dash(&w.node),
+                w.identity().to_string(),
+                w.waypoint
+                    .as_ref()
+                    .map_or("-".into(), |wp| waypoint_name(&wp.destination)),
+                format!("{:?}", w.status),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "WORKLOAD", "IPS", "PROTOCOL", "NODE", "IDENTITY", "WAYPOINT", "STATUS",
+        ],
+        &rows,
     )
+}
+
+pub fn services_table(services: &[Service], workloads: &[Workload]) -> String {
+    let rows: Vec<Vec<String>> = services
+        .iter()
+        .map(|s| {
+            let key = s.key();
+            let endpoints = workloads.iter().filter(|w| w.services.contains_key(&key));
+            let healthy = endpoints
+                .clone()
+                .filter(|w| w.status == HealthStatus::Healthy)
+                .count();
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|(port, target)| match target {
+                    0 => port.to_string(),
+                    target => format!("{port}->{target}"),
+                })
+                .collect();
+            vec![
+                format!("{}/{}", s.namespace, s.name),
+                s.hostname.clone(),
+                list(&s.vips.iter().map(|v| v.ip).collect::<Vec<_>>()),
+                ports.join(","),
+                format!("{healthy}/{}", endpoints.count()),
+                s.waypoint
+                    .as_ref()
+                    .map_or("-".into(), |wp| waypoint_name(&wp.destination)),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SERVICE",
+            "HOSTNAME",
+            "VIPS",
+            "PORTS",
+            "HEALTHY ENDPOINTS",
+            "WAYPOINT",
+        ],
+        &rows,
+    )
+}
+
+pub fn policies_table(policies: &[Policy]) -> String {
+    let rows: Vec<Vec<String>> = policies
+        .iter()
+        .map(|p| {
+            vec![
+                p.key(),
+                format!("{:?}", p.scope),
+                format!("{:?}", p.action),
+                p.rules.len().to_string(),
+                if p.dry_run { "yes" } else { "no" }.into(),
+            ]
+        })
+        .collect();
+    table(&["POLICY", "SCOPE", "ACTION", "RULES", "DRY RUN"], &rows)
+}
+
+/// Certificates with their expiry, also as time left from `now` (Unix seconds).
+pub fn certificates_table(certificates: &[CertificateInfo], now: u64) -> String {
+    let rows: Vec<Vec<String>> = certificates
+        .iter()
+        .map(|c| {
+            let left = c.expires_unix.saturating_sub(now);
+            vec![
+                c.identity.clone(),
+                c.expires_unix.to_string(),
+                if left == 0 {
+                    "EXPIRED".into()
+                } else {
+                    format!("{}h{:02}m{:02}s", left / 3600, left % 3600 / 60, left % 60)
+                },
+            ]
+        })
+        .collect();
+    table(&["CERTIFICATE", "EXPIRES (UNIX)", "LEFT"], &rows)
+}
+
+fn list<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.into()
+    }
+}
+
+fn waypoint_name(destination: &GatewayDestination) -> String {
+    match destination {
+        GatewayDestination::Address(address) => address.ip.to_string(),
+        GatewayDestination::Hostname(name) => format!("{}/{}", name.namespace, name.hostname),
+    }
 }
 
 pub fn connections_table(connections: &[ConnectionRecord]) -> String {
@@ -69,13 +235,17 @@ pub fn connections_table(connections: &[ConnectionRecord]) -> String {
                 format!("{:?}", c.direction).to_lowercase(),
                 c.pod.clone(),
                 c.source.to_string(),
+                c.source_identity.clone(),
                 c.original_destination.to_string(),
                 c.bytes_sent.to_string(),
                 c.bytes_received.to_string(),
                 if c.open {
                     "open".into()
                 } else {
-                    c.error.clone().unwrap_or_else(|| "closed".into())
+                    match &c.error {
+                        Some(error) => format!("{} {error}", c.response_flags),
+                        None => "closed".into(),
+                    }
                 },
             ]
         })
@@ -85,6 +255,7 @@ pub fn connections_table(connections: &[ConnectionRecord]) -> String {
             "DIRECTION",
             "POD",
             "SOURCE",
+            "SOURCE IDENTITY",
             "ORIGINAL DESTINATION",
             "SENT",
             "RECEIVED",
@@ -109,5 +280,22 @@ mod tests {
         );
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines, ["A          B", "long cell  x", "s          y"]);
+    }
+
+    #[test]
+    fn certificates_show_the_time_left() {
+        let certificates = [
+            CertificateInfo {
+                identity: "spiffe://td/ns/a/sa/b".into(),
+                expires_unix: 10_000 + 3 * 3600 + 62,
+            },
+            CertificateInfo {
+                identity: "spiffe://td/ns/a/sa/old".into(),
+                expires_unix: 9_000,
+            },
+        ];
+        let out = certificates_table(&certificates, 10_000);
+        assert!(out.contains("3h01m02s"), "{out}");
+        assert!(out.contains("EXPIRED"), "{out}");
     }
 }

@@ -52,7 +52,7 @@ struct Enrollment {
     links: PodLinks,
     pod: Arc<PodProxy>,
     /// The listeners' accept loops; dropping the set stops them and closes the listeners.
-    _serving: JoinSet<()>,
+    serving: JoinSet<()>,
 }
 
 pub struct Pods {
@@ -128,7 +128,7 @@ impl Pods {
             netns_cookie,
             links,
             pod,
-            _serving: serving,
+            serving,
         };
         tracing::info!(pod = %label, ips = ?enrollment.spec.ips, identity = %enrollment.pod.identity, cgroup = %enrollment.cgroup.display(), "pod enrolled");
         let described = describe(&enrollment);
@@ -188,6 +188,14 @@ impl Pods {
         }
         tracing::info!(pod = %enrollment.pod.label, "pod disenrolled");
         true
+    }
+
+    /// Closes every pod's listeners (drain): new connections are refused by the kernel from
+    /// now on, as while the daemon is down; open ones go on. The pods stay enrolled.
+    pub fn stop_serving(&mut self) {
+        for enrollment in self.enrolled.values_mut() {
+            enrollment.serving.abort_all();
+        }
     }
 
     pub fn is_enrolled(&self, uid: &str, container_id: &str) -> bool {

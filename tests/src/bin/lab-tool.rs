@@ -37,6 +37,9 @@ enum Command {
         /// SO_MARK to set on the socket before connecting.
         #[arg(long)]
         mark: Option<u32>,
+        /// Pause this long halfway through, holding the connection open.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
         /// Bound on connecting and on every read or write.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
@@ -70,10 +73,15 @@ fn main() -> Result<()> {
             to,
             bytes,
             mark,
+            pause_ms,
             timeout_secs,
         } => {
-            let report = traffic::send(to, bytes, mark, Duration::from_secs(timeout_secs))
-                .context("lab-tool send")?;
+            let options = traffic::SendOptions {
+                mark,
+                pause: Duration::from_millis(pause_ms),
+                timeout: Duration::from_secs(timeout_secs),
+            };
+            let report = traffic::send(to, bytes, options).context("lab-tool send")?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }

@@ -3,6 +3,7 @@
 //! ALLOW must match. Dry-run policies are only logged. `plaintext` derives what the kernel can
 //! decide alone for clients without an identity.
 
+mod index;
 mod plaintext;
 mod policy;
 
@@ -10,6 +11,7 @@ pub use plaintext::{PlaintextPlan, PlaintextRule};
 pub use policy::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch};
 
 use crate::identity::Identity;
+use index::{Index, Keys, possible_ports};
 use ipnet::IpNet;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -60,11 +62,12 @@ impl fmt::Display for Denial {
     }
 }
 
-/// The policies of a config, indexed by what they apply to and by the ports they can match.
+/// The policies of a config, indexed by what they apply to and by what they can match.
 #[derive(Default)]
 pub struct Policies {
     policies: Vec<Policy>,
-    /// Per policy: the destination ports it can match at all (None: any port).
+    /// Per policy: the destination ports it can match at all (None: any port), a quick
+    /// refusal before its rules are looked at.
     ports: Vec<Option<HashSet<u16>>>,
     global: Group,
     by_namespace: HashMap<String, Group>,
@@ -75,34 +78,22 @@ pub struct Policies {
 /// The policies of one scope group, split so a check only looks at those that can matter.
 #[derive(Default)]
 struct Group {
-    enforced: PortIndex,
-    dry_run: PortIndex,
-    /// Enforced ALLOW policies, whatever their ports: with none, everything is allowed.
-    allows: usize,
-    has_dry_run: bool,
+    enforced: ByAction,
+    dry_run: ByAction,
 }
 
 #[derive(Default)]
-struct PortIndex {
-    any_port: Vec<usize>,
-    by_port: HashMap<u16, Vec<usize>>,
+struct ByAction {
+    deny: Index,
+    allow: Index,
 }
 
-impl PortIndex {
-    fn insert(&mut self, index: usize, ports: &Option<HashSet<u16>>) {
-        match ports {
-            None => self.any_port.push(index),
-            Some(ports) => {
-                for port in ports {
-                    self.by_port.entry(*port).or_default().push(index);
-                }
-            }
+impl ByAction {
+    fn of(&self, action: Action) -> &Index {
+        match action {
+            Action::Deny => &self.deny,
+            Action::Allow => &self.allow,
         }
-    }
-
-    fn candidates(&self, port: u16) -> impl Iterator<Item = usize> + '_ {
-        let by_port = self.by_port.get(&port).map_or(&[][..], Vec::as_slice);
-        self.any_port.iter().chain(by_port).copied()
     }
 }
 
@@ -120,7 +111,10 @@ impl Policies {
     /// Indexes `policies` (validated, with unique keys).
     pub fn new(policies: Vec<Policy>) -> Policies {
         let mut index = Policies {
-            ports: policies.iter().map(possible_ports).collect(),
+            ports: policies
+                .iter()
+                .map(|p| possible_ports(p).map(HashSet::from_iter))
+                .collect(),
             ..Policies::default()
         };
         for (i, policy) in policies.iter().enumerate() {
@@ -135,7 +129,15 @@ impl Policies {
                     continue;
                 }
             };
-            group.add(i, policy, &index.ports[i]);
+            let actions = if policy.dry_run {
+                &mut group.dry_run
+            } else {
+                &mut group.enforced
+            };
+            match policy.action {
+                Action::Deny => actions.deny.insert(i, policy),
+                Action::Allow => actions.allow.insert(i, policy),
+            }
         }
         index.policies = policies;
         index
@@ -150,7 +152,9 @@ impl Policies {
         let facts = Facts::of(connection);
         let (groups, selected) = self.applicable(target);
         let decision = self.decide(&groups, &selected, &facts, false);
-        let dry_run = groups.iter().any(|g| g.has_dry_run)
+        let dry_run = groups
+            .iter()
+            .any(|g| g.dry_run.deny.len() + g.dry_run.allow.len() > 0)
             || selected.iter().any(|&i| self.policies[i].dry_run);
         if dry_run {
             let shadow = self.decide(&groups, &selected, &facts, true);
@@ -187,24 +191,26 @@ impl Policies {
         facts: &Facts,
         with_dry_run: bool,
     ) -> Decision {
-        let candidates = || {
-            groups
-                .iter()
-                .flat_map(move |g| {
-                    let dry = with_dry_run.then_some(&g.dry_run);
-                    g.enforced
-                        .candidates(facts.port)
-                        .chain(dry.into_iter().flat_map(|d| d.candidates(facts.port)))
-                })
-                .chain(
-                    selected
-                        .iter()
-                        .copied()
-                        .filter(move |&i| with_dry_run || !self.policies[i].dry_run),
-                )
+        let keys = facts.keys();
+        let indices = |action: Action| {
+            groups.iter().flat_map(move |g| {
+                let dry_run = with_dry_run.then_some(&g.dry_run);
+                std::iter::once(&g.enforced)
+                    .chain(dry_run)
+                    .map(move |actions| actions.of(action))
+            })
+        };
+        let selected = |action: Action| {
+            selected.iter().copied().filter(move |&i| {
+                let policy = &self.policies[i];
+                policy.action == action && (with_dry_run || !policy.dry_run)
+            })
         };
         let matching = |action: Action| {
-            candidates().find(|&i| self.policies[i].action == action && self.matches(i, facts))
+            indices(action)
+                .flat_map(|index| index.candidates(&keys))
+                .chain(selected(action))
+                .find(|&i| self.matches(i, facts))
         };
         if let Some(deny) = matching(Action::Deny) {
             return Decision::Deny(Denial {
@@ -212,19 +218,8 @@ impl Policies {
                 reason: DenyReason::DenyPolicy,
             });
         }
-        let allows = groups.iter().map(|g| g.allows).sum::<usize>()
-            + groups
-                .iter()
-                .filter(|_| with_dry_run)
-                .map(|g| g.dry_run_allows(&self.policies))
-                .sum::<usize>()
-            + selected
-                .iter()
-                .filter(|&&i| {
-                    let p = &self.policies[i];
-                    p.action == Action::Allow && (with_dry_run || !p.dry_run)
-                })
-                .count();
+        let allows =
+            indices(Action::Allow).map(Index::len).sum::<usize>() + selected(Action::Allow).count();
         if allows == 0 || matching(Action::Allow).is_some() {
             Decision::Allow
         } else {
@@ -251,30 +246,6 @@ impl Policies {
     }
 }
 
-impl Group {
-    fn add(&mut self, index: usize, policy: &Policy, ports: &Option<HashSet<u16>>) {
-        if policy.dry_run {
-            self.dry_run.insert(index, ports);
-            self.has_dry_run = true;
-        } else {
-            self.enforced.insert(index, ports);
-            if policy.action == Action::Allow {
-                self.allows += 1;
-            }
-        }
-    }
-
-    fn dry_run_allows(&self, policies: &[Policy]) -> usize {
-        let mut seen = HashSet::new();
-        self.dry_run
-            .any_port
-            .iter()
-            .chain(self.dry_run.by_port.values().flatten())
-            .filter(|&&i| policies[i].action == Action::Allow && seen.insert(i))
-            .count()
-    }
-}
-
 impl<'a> Facts<'a> {
     fn of(connection: &Connection<'a>) -> Facts<'a> {
         Facts {
@@ -291,9 +262,22 @@ impl<'a> Facts<'a> {
         }
     }
 
+    fn keys(&self) -> Keys<'_> {
+        Keys {
+            principal: self.principal.as_deref(),
+            namespace: self.namespace(),
+            port: self.port,
+        }
+    }
+
+    /// The source identity's namespace; without an identity, the empty string.
+    fn namespace(&self) -> &str {
+        self.identity.map_or("", |id| id.namespace.as_str())
+    }
+
     /// Whether every field `m` sets matches.
     fn satisfy(&self, m: &Match) -> bool {
-        let namespace = self.identity.map_or("", |id| id.namespace.as_str());
+        let namespace = self.namespace();
         let principal = |s: &StringMatch| self.principal.as_deref().is_some_and(|p| s.matches(p));
         let account = |a: &ServiceAccountMatch| {
             self.identity.is_some_and(|id| {
@@ -319,34 +303,6 @@ impl<'a> Facts<'a> {
 /// A field and its not-form: any of `positive` (when set), none of `negative`.
 fn field<T>(positive: &[T], negative: &[T], test: impl Fn(&T) -> bool) -> bool {
     (positive.is_empty() || positive.iter().any(&test)) && !negative.iter().any(test)
-}
-
-/// The destination ports a policy can match at all, or None when it may match any port. A
-/// rule is limited to ports when one of its clauses only has matches naming
-/// `destinationPorts`; the policy's ports are the union over its rules.
-fn possible_ports(policy: &Policy) -> Option<HashSet<u16>> {
-    let mut union = HashSet::new();
-    for rule in &policy.rules {
-        let limit = rule.iter().find_map(|clause| {
-            let live: Vec<&Match> = clause.iter().filter(|m| !m.is_empty()).collect();
-            let limited = !live.is_empty() && live.iter().all(|m| !m.destination_ports.is_empty());
-            limited.then(|| {
-                live.iter()
-                    .flat_map(|m| m.destination_ports.iter().copied())
-                    .collect::<Vec<u16>>()
-            })
-        });
-        match limit {
-            Some(ports) => union.extend(ports),
-            // A clause whose matches are all empty never matches, so neither does the rule;
-            // any other unlimited rule may match any port.
-            None if rule
-                .iter()
-                .any(|clause| !clause.is_empty() && clause.iter().all(Match::is_empty)) => {}
-            None => return None,
-        }
-    }
-    Some(union)
 }
 
 #[cfg(test)]

@@ -50,12 +50,8 @@ impl Policies {
         let (groups, selected) = self.applicable(target);
         let enforced: Vec<usize> = groups
             .iter()
-            .flat_map(|g| {
-                g.enforced
-                    .any_port
-                    .iter()
-                    .chain(g.enforced.by_port.values().flatten())
-            })
+            .flat_map(|g| [&g.enforced.deny, &g.enforced.allow])
+            .flat_map(|index| index.members())
             .copied()
             .chain(
                 selected

@@ -539,10 +539,16 @@ fn random_match(rng: &mut StdRng) -> String {
         )),
         _ => {}
     }
-    match rng.next_u64() % 6 {
+    match rng.next_u64() % 9 {
         0 => fields.push("principals: [{Presence: []}]".into()),
         1 => fields.push("notNamespaces: [{Exact: demo}]".into()),
         2 => fields.push("namespaces: [{Presence: []}]".into()),
+        3 => fields.push(
+            "principals: [{Exact: cluster.local/ns/demo/sa/sa-a}, {Exact: cluster.local/ns/other/sa/x}]"
+                .into(),
+        ),
+        4 => fields.push("namespaces: [{Exact: demo}]".into()),
+        5 => fields.push("namespaces: [{Exact: other}, {Exact: demo}]".into()),
         _ => {}
     }
     format!("{{{}}}", fields.join(", "))
@@ -647,4 +653,51 @@ fn no_plan_when_policies_look_at_the_destination_address() {
         }),
         None
     );
+}
+
+#[test]
+fn the_indices_never_hide_a_policy() {
+    // The engine's answer with its indices against looking at every policy that applies.
+    let mut rng = StdRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
+    let identities = [
+        Some(identity("demo", "sa-a")),
+        Some(identity("demo", "sa-b")),
+        Some(identity("other", "x")),
+        None,
+    ];
+    let mut denied = 0;
+    for _ in 0..300 {
+        let yaml = random_policies(&mut rng);
+        let p = policies(&yaml);
+        for _ in 0..40 {
+            let namespace = *["demo", "other"].choose(&mut rng).unwrap();
+            let target = Target {
+                namespace,
+                selected: &[],
+            };
+            let connection = Connection {
+                source: random_source(&mut rng),
+                destination: SocketAddr::new(
+                    "10.0.2.2".parse().unwrap(),
+                    *[80, 443, 8080, 22].choose(&mut rng).unwrap(),
+                ),
+                identity: identities.choose(&mut rng).unwrap().as_ref(),
+            };
+            let facts = Facts::of(&connection);
+            let applying: Vec<usize> = (0..p.all().len())
+                .filter(|&i| p.all()[i].namespace == namespace)
+                .collect();
+            let matching = |action: Action| {
+                applying
+                    .iter()
+                    .any(|&i| p.all()[i].action == action && p.matches(i, &facts))
+            };
+            let allows = applying.iter().any(|&i| p.all()[i].action == Action::Allow);
+            let expected = !matching(Action::Deny) && (!allows || matching(Action::Allow));
+            let allowed = p.check(&target, &connection) == Decision::Allow;
+            denied += usize::from(!allowed);
+            assert_eq!(allowed, expected, "{yaml}\n{connection:?} to {namespace}");
+        }
+    }
+    assert!(denied > 1000, "too few denials to test anything: {denied}");
 }

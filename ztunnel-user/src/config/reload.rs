@@ -1,7 +1,8 @@
 //! Hot reload of the mesh config file. The file is polled rather than watched with inotify:
 //! editors replace files by rename and Kubernetes swaps ConfigMap symlinks, and a poll of the
 //! content sees every one of those the same way. A changed file that parses and validates is
-//! handed over whole; a bad one is refused with a log line and the config in force stays.
+//! handed over whole; a bad one is refused with a log line and the config in force stays. A
+//! file that is missing or bad when the daemon starts leaves it not ready until it is fixed.
 
 use super::MeshConfig;
 use serde::Serialize;
@@ -38,25 +39,20 @@ impl ConfigFile {
         ConfigStatus::default()
     }
 
-    /// Loads the file the first time; an error here stops the daemon before it serves.
-    pub fn load(path: PathBuf) -> Result<(ConfigFile, MeshConfig), super::ConfigError> {
-        let text = std::fs::read_to_string(&path).map_err(|source| super::ConfigError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let config = MeshConfig::parse(&path, &text)?;
-        let hash = content_hash(&text);
-        let file = ConfigFile {
+    /// A file not read yet: `poll` reads it.
+    pub fn new(path: PathBuf) -> ConfigFile {
+        ConfigFile {
             status: Mutex::new(ConfigStatus {
                 path: Some(path.clone()),
-                version: format!("{hash:016x}"),
-                generation: 1,
-                rejected: None,
+                ..ConfigStatus::default()
             }),
             path,
-            seen: Mutex::new(Some(hash)),
-        };
-        Ok((file, config))
+            seen: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     pub fn status(&self) -> ConfigStatus {
@@ -79,12 +75,7 @@ impl ConfigFile {
             let Some((hash, config)) = self.poll() else {
                 continue;
             };
-            let summary = format!(
-                "{} workloads, {} services, {} policies",
-                config.workloads.len(),
-                config.services.len(),
-                config.policies.all().len()
-            );
+            let summary = summary(&config);
             match apply(config) {
                 Ok(()) => self.applied(hash, &summary),
                 Err(problem) => self.refuse(Some(hash), problem),
@@ -92,8 +83,9 @@ impl ConfigFile {
         }
     }
 
-    /// A new valid config, with its hash, if the file changed since the last poll.
-    fn poll(&self) -> Option<(u64, MeshConfig)> {
+    /// A new valid config, with its hash, if the file changed since the last poll; a bad or
+    /// unreadable file is refused (logged, and reported in the status).
+    pub fn poll(&self) -> Option<(u64, MeshConfig)> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(err) => {
@@ -119,7 +111,8 @@ impl ConfigFile {
         }
     }
 
-    fn applied(&self, hash: u64, summary: &str) {
+    /// Records that the content with `hash` is in force.
+    pub fn applied(&self, hash: u64, summary: &str) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         status.version = format!("{hash:016x}");
         status.generation += 1;
@@ -138,6 +131,16 @@ impl ConfigFile {
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
+}
+
+/// What a config holds, for the log.
+pub fn summary(config: &MeshConfig) -> String {
+    format!(
+        "{} workloads, {} services, {} policies",
+        config.workloads.len(),
+        config.services.len(),
+        config.policies.all().len()
+    )
 }
 
 fn content_hash(text: &str) -> u64 {

@@ -72,6 +72,7 @@ pub struct HboneStream {
 
 struct PooledConnection {
     sender: SendRequest<Bytes>,
+    counts: Arc<OpenCounts>,
     streams: AtomicUsize,
     closed: AtomicBool,
     last_used: Mutex<Instant>,
@@ -87,9 +88,18 @@ impl PooledConnection {
 /// One stream's share of a connection, returned on drop.
 struct StreamSlot(Arc<PooledConnection>);
 
+impl StreamSlot {
+    fn take(connection: &Arc<PooledConnection>) -> StreamSlot {
+        connection.streams.fetch_add(1, Ordering::AcqRel);
+        connection.counts.streams.fetch_add(1, Ordering::AcqRel);
+        StreamSlot(connection.clone())
+    }
+}
+
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        self.0.counts.streams.fetch_sub(1, Ordering::AcqRel);
         *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 }
@@ -101,6 +111,20 @@ type KeyConnections = Arc<tokio::sync::Mutex<Vec<Arc<PooledConnection>>>>;
 #[derive(Default)]
 pub struct Pool {
     connections: Mutex<HashMap<PoolKey, KeyConnections>>,
+    counts: Arc<OpenCounts>,
+}
+
+/// Open pooled connections (their driving tasks) and streams, for the metrics.
+#[derive(Default)]
+struct OpenCounts {
+    connections: AtomicUsize,
+    streams: AtomicUsize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolCounts {
+    pub connections: usize,
+    pub streams: usize,
 }
 
 impl Pool {
@@ -119,14 +143,27 @@ impl Pool {
         Connecting: Future<Output = io::Result<IO>>,
     {
         let slot = self.reserve(key, connect).await?;
-        let mut sender = slot.0.sender.clone().ready().await.map_err(h2_error)?;
+        // A connection that takes no new stream (the peer said GOAWAY, or it broke) is not
+        // offered again: the next stream opens a new connection.
+        let retired = |err: h2::Error| {
+            slot.0.closed.store(true, Ordering::Release);
+            h2_error(err)
+        };
+        let mut sender = slot.0.sender.clone().ready().await.map_err(retired)?;
         let (response, send) = sender
             .send_request(request.to_http(), false)
-            .map_err(h2_error)?;
+            .map_err(retired)?;
         let response = response.await.map_err(h2_error)?;
         if response.status() != StatusCode::OK {
+            // A 401 is the peer's authorization saying no; anything else, that it cannot
+            // deliver.
+            let kind = if response.status() == StatusCode::UNAUTHORIZED {
+                io::ErrorKind::PermissionDenied
+            } else {
+                io::ErrorKind::ConnectionRefused
+            };
             return Err(io::Error::new(
-                io::ErrorKind::ConnectionRefused,
+                kind,
                 format!(
                     "HBONE peer {} answered {} for {}",
                     key.destination,
@@ -159,14 +196,19 @@ impl Pool {
         let mut connections = entry.lock().await;
         connections.retain(|c| !c.closed.load(Ordering::Acquire));
         if let Some(connection) = connections.iter().find(|c| c.usable()) {
-            connection.streams.fetch_add(1, Ordering::AcqRel);
-            return Ok(StreamSlot(connection.clone()));
+            return Ok(StreamSlot::take(connection));
         }
-        let connection = handshake(connect().await?).await?;
-        connection.streams.fetch_add(1, Ordering::AcqRel);
+        let connection = handshake(connect().await?, self.counts.clone()).await?;
         connections.push(connection.clone());
         tracing::debug!(destination = %key.destination, connections = connections.len(), "new HBONE connection");
-        Ok(StreamSlot(connection))
+        Ok(StreamSlot::take(&connection))
+    }
+
+    pub fn counts(&self) -> PoolCounts {
+        PoolCounts {
+            connections: self.counts.connections.load(Ordering::Acquire),
+            streams: self.counts.streams.load(Ordering::Acquire),
+        }
     }
 
     /// Closes connections without streams that have been idle for `POOL_IDLE_TIMEOUT`.
@@ -206,7 +248,7 @@ impl Pool {
 
 /// The HTTP/2 handshake over an established mTLS stream, and the task that drives the
 /// connection (with keepalive PINGs) until it ends.
-async fn handshake<IO>(io: IO) -> io::Result<Arc<PooledConnection>>
+async fn handshake<IO>(io: IO, counts: Arc<OpenCounts>) -> io::Result<Arc<PooledConnection>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -217,8 +259,10 @@ where
         .handshake::<_, Bytes>(io)
         .await
         .map_err(h2_error)?;
+    counts.connections.fetch_add(1, Ordering::AcqRel);
     let pooled = Arc::new(PooledConnection {
         sender,
+        counts: counts.clone(),
         streams: AtomicUsize::new(0),
         closed: AtomicBool::new(false),
         last_used: Mutex::new(Instant::now()),
@@ -239,6 +283,7 @@ where
         if let Some(pooled) = watched.upgrade() {
             pooled.closed.store(true, Ordering::Release);
         }
+        counts.connections.fetch_sub(1, Ordering::AcqRel);
     });
     Ok(pooled)
 }

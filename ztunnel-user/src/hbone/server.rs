@@ -6,7 +6,8 @@ use super::bridge::{bridge, h2_error};
 use crate::api::Direction;
 use crate::connections::Subject;
 use crate::identity::Identity;
-use crate::proxy::{PodProxy, ProxyContext, sockets::connect_from};
+use crate::metrics::{Observed, Reporter, TrafficLabels};
+use crate::proxy::{PodProxy, ProxyContext, describe, sockets::connect_from};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
@@ -66,30 +67,6 @@ where
                 draining = true;
             }
         }
-    }
-}
-
-/// Counts open HBONE server connections, so shutdown can wait for their GOAWAY to go out.
-#[derive(Default)]
-pub struct OpenConnections(std::sync::atomic::AtomicUsize);
-
-/// One open connection; dropping it closes the count.
-pub struct OpenConnection<'a>(&'a OpenConnections);
-
-impl OpenConnections {
-    pub fn open(&self) -> OpenConnection<'_> {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        OpenConnection(self)
-    }
-
-    pub fn count(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-impl Drop for OpenConnection<'_> {
-    fn drop(&mut self) {
-        self.0.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -170,18 +147,29 @@ async fn serve_stream(
         }
     };
     let client = original_client(&request, peer.addr);
-    let mut tracked = ctx
-        .connections
-        .record(Direction::Inbound, &pod.label, client, target);
+    let config = ctx.mesh.current();
+    let labels = TrafficLabels::new(&Observed {
+        reporter: Reporter::Destination,
+        source: describe(&config, peer.addr.ip(), None),
+        source_identity: Some(&peer.identity),
+        destination: describe(&config, target.ip(), Some(&pod)),
+        destination_identity: Some(&pod.identity),
+        service: None,
+        mutual_tls: true,
+    });
+    let _stream = ctx.hbone_streams.open();
+    let mut tracked =
+        ctx.connections
+            .record(Direction::Inbound, &pod.label, client, target, labels);
     let subject = Subject {
         namespace: pod.namespace.clone(),
         source: peer.addr.ip(),
         destination: target,
         identity: Some(peer.identity.clone()),
     };
-    if let Err(denial) = ctx.authorize(&ctx.mesh.current(), &pod, &mut tracked, subject) {
+    if let Err(denial) = ctx.authorize(&config, &pod, &mut tracked, subject) {
         reply(&mut respond, StatusCode::UNAUTHORIZED);
-        tracked.finish(0, 0, Some(format!("denied: {denial}")));
+        tracked.denied(&denial);
         return;
     }
     // The 200 goes out only once the app accepted: the client learns of a refusal.
@@ -190,7 +178,7 @@ async fn serve_stream(
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            tracked.finish(0, 0, Some(err.to_string()));
+            tracked.finish_with(&Err(err));
             return;
         }
     };

@@ -5,12 +5,13 @@ use super::outbound::open_hbone;
 use super::relay::relay;
 use super::route::Route;
 use super::sockets::connect_from;
-use super::{PodProxy, ProxyContext};
+use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
 use crate::connections::Subject;
 use crate::hbone::bridge::bridge;
 use crate::hbone::mtls::accept;
 use crate::hbone::server::{Peer, serve_connection};
+use crate::metrics::{Observed, Reporter, TrafficLabels};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -35,10 +36,19 @@ pub(super) async fn handle(
         tracing::warn!(pod = %pod.label, %client, %destination, "refusing a connection to a proxy port");
         return;
     }
-    let mut tracked = ctx
-        .connections
-        .record(Direction::Inbound, &pod.label, client, destination);
     let config = ctx.mesh.current();
+    let labels = TrafficLabels::new(&Observed {
+        reporter: Reporter::Destination,
+        source: describe(&config, client.ip(), None),
+        source_identity: None,
+        destination: describe(&config, destination.ip(), Some(&pod)),
+        destination_identity: Some(&pod.identity),
+        service: None,
+        mutual_tls: false,
+    });
+    let mut tracked =
+        ctx.connections
+            .record(Direction::Inbound, &pod.label, client, destination, labels);
     // A client that bypassed the pod's waypoint is sent to it; the waypoint's own
     // connections are not (`waypoint_of`).
     if let Some(Route::Hbone {
@@ -62,7 +72,7 @@ pub(super) async fn handle(
     };
     if let Err(denial) = ctx.authorize(&config, &pod, &mut tracked, subject) {
         // Dropping the stream closes the connection: all plaintext clients get from a denial.
-        tracked.finish(0, 0, Some(format!("denied: {denial}")));
+        tracked.denied(&denial);
         return;
     }
     let outcome = match connect_from(&ctx, &pod.netns, Some(client.ip()), destination).await {

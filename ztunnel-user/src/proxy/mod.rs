@@ -12,12 +12,13 @@ pub mod sockets;
 
 use crate::authz::{Connection, Decision};
 use crate::config::MeshConfig;
-use crate::connections::{ConnectionLog, Subject, Tracked};
+use crate::connections::{ConnectionLog, OpenCount, Subject, Tracked};
 use crate::datapath::Datapath;
 use crate::hbone::client::Pool;
 use crate::hbone::mtls::Mtls;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
+use crate::metrics::Described;
 use crate::netns::Netns;
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,7 +44,10 @@ pub struct ProxyContext {
     pub pool: Arc<Pool>,
     /// Becomes true when the daemon shuts down (HBONE servers send GOAWAY).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-    pub hbone_connections: crate::hbone::server::OpenConnections,
+    pub readiness: crate::readiness::Readiness,
+    /// Open HBONE server connections and their streams, on every pod's 15008.
+    pub hbone_connections: OpenCount,
+    pub hbone_streams: OpenCount,
     /// Pods enrolled on this node, by address (the same-node path).
     pub local_pods: RwLock<HashMap<IpAddr, Arc<PodProxy>>>,
 }
@@ -76,7 +80,7 @@ impl ProxyContext {
                 identity = ?subject.identity.as_ref().map(ToString::to_string), %denial, "connection denied by policy");
             return Err(denial);
         }
-        tracked.authorized(&self.connections, subject);
+        self.connections.authorized(tracked, subject);
         Ok(())
     }
 
@@ -96,12 +100,45 @@ impl ProxyContext {
         Ok(())
     }
 
+    /// How many pods of this node the proxy serves.
+    pub fn enrolled_pods(&self) -> usize {
+        let local = self.local_pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods: std::collections::HashSet<*const PodProxy> =
+            local.values().map(Arc::as_ptr).collect();
+        pods.len()
+    }
+
     pub fn local_pod(&self, ip: IpAddr) -> Option<Arc<PodProxy>> {
         self.local_pods
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&ip)
             .cloned()
+    }
+}
+
+/// How metrics and access logs describe the workload at `ip`: by its mesh config entry, else
+/// as `pod` (an enrolled pod the config does not list), else not at all.
+pub fn describe<'a>(
+    config: &'a MeshConfig,
+    ip: IpAddr,
+    pod: Option<&'a PodProxy>,
+) -> Option<Described<'a>> {
+    config.workload_by_ip(ip).map(Described::from).or_else(|| {
+        pod.map(|pod| Described {
+            name: &pod.name,
+            namespace: &pod.namespace,
+            workload: None,
+        })
+    })
+}
+
+/// The identity of the workload at `ip`: an enrolled pod of this node, else its mesh config
+/// entry.
+pub fn identity_at(ctx: &ProxyContext, config: &MeshConfig, ip: IpAddr) -> Option<Identity> {
+    match ctx.local_pod(ip) {
+        Some(pod) => Some(pod.identity.clone()),
+        None => config.workload_by_ip(ip).map(|w| w.identity()),
     }
 }
 

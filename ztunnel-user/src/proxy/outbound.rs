@@ -4,12 +4,13 @@
 use super::relay::relay;
 use super::route::Route;
 use super::sockets::connect_from;
-use super::{PodProxy, ProxyContext};
+use super::{PodProxy, ProxyContext, describe, identity_at};
 use crate::api::Direction;
 use crate::connections::Subject;
 use crate::hbone::bridge::bridge;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
 use crate::identity::Identity;
+use crate::metrics::{Observed, Reporter, TrafficLabels};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,18 +28,41 @@ pub(super) async fn handle(
         tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
         return;
     };
-    let tracked = ctx
-        .connections
-        .record(Direction::Outbound, &pod.label, client, destination);
     let config = ctx.mesh.current();
-    let outcome = match Route::outbound(&ctx, &config, client.ip(), destination) {
+    let route = Route::outbound(&ctx, &config, client.ip(), destination);
+    let target = route.target();
+    let target_identity = target.and_then(|t| identity_at(&ctx, &config, t.ip()));
+    let mutual_tls = route.carries_identities();
+    let labels = |reporter| {
+        TrafficLabels::new(&Observed {
+            reporter,
+            source: describe(&config, client.ip(), Some(&pod)),
+            source_identity: Some(&pod.identity),
+            destination: target.and_then(|t| describe(&config, t.ip(), None)),
+            destination_identity: target_identity.as_ref(),
+            service: config.service_at(destination),
+            mutual_tls,
+        })
+    };
+    let tracked = ctx.connections.record(
+        Direction::Outbound,
+        &pod.label,
+        client,
+        destination,
+        labels(Reporter::Source),
+    );
+    let outcome = match route {
         Route::SameNode {
             pod: target,
             target: to,
         } => {
-            let mut delivered =
-                ctx.connections
-                    .record(Direction::Inbound, &target.label, client, to);
+            let mut delivered = ctx.connections.record(
+                Direction::Inbound,
+                &target.label,
+                client,
+                to,
+                labels(Reporter::Destination),
+            );
             let subject = Subject {
                 namespace: target.namespace.clone(),
                 source: client.ip(),

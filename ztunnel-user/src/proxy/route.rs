@@ -31,6 +31,21 @@ pub enum Route {
 }
 
 impl Route {
+    /// Where the connection is sent: the workload (or VIP, through a waypoint) it reaches.
+    pub fn target(&self) -> Option<SocketAddr> {
+        match self {
+            Route::SameNode { target, .. } | Route::Passthrough { target } => Some(*target),
+            Route::Hbone { authority, .. } => Some(*authority),
+            Route::Unavailable(_) => None,
+        }
+    }
+
+    /// Whether both ends are known by their mesh identities: over HBONE, or between two pods
+    /// of this node.
+    pub fn carries_identities(&self) -> bool {
+        matches!(self, Route::SameNode { .. } | Route::Hbone { .. })
+    }
+
     /// The route of a connection from `source` (a pod of this node) to `destination`.
     pub fn outbound(
         ctx: &ProxyContext,

@@ -1,0 +1,367 @@
+//! Operating the proxy on a running lab: Istio's metrics from both reporters and the kernel's
+//! counters on `/metrics`, access logs, the admin API and the CLI, readiness, and graceful
+//! drain.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::*;
+use ztunnel_lab::topology::{MESH_CONFIG, node_spec};
+use ztunnel_lab::{Started, daemon_cli, exec_node, send_pausing_from};
+
+const KIB: u64 = 1024;
+
+/// `curl` inside `node`'s netns; the body, or the HTTP status as an error.
+fn curl(node: &str, args: &[&str]) -> Result<String, String> {
+    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    argv.extend(args);
+    let output = exec_node(node, &argv)
+        .expect("curl command")
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    match code {
+        "200" => Ok(body.to_owned()),
+        _ => Err(format!(
+            "{code}: {body}{}",
+            String::from_utf8_lossy(&output.stderr)
+        )),
+    }
+}
+
+fn scrape(node: &str) -> String {
+    curl(node, &["http://127.0.0.1:15020/metrics"]).unwrap_or_else(|e| panic!("{node}: {e}"))
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let set = rest.strip_suffix('}')?;
+            let has = |(key, value): &(&str, &str)| {
+                set.split("\",")
+                    .any(|pair| pair.trim_end_matches('"') == format!("{key}=\"{value}"))
+            };
+            (metric == name && labels.iter().all(has)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+fn cli(node: &str, args: &[&str]) -> String {
+    let output = daemon_cli(node, args).expect("ztunnel CLI");
+    assert!(
+        output.status.success(),
+        "ztunnel {args:?} on {node}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn metrics_and_access_logs_report_both_sides_and_the_kernel() {
+    let s = LabSession::start();
+    let b1 = serve("b1", APP_PORT);
+    let (before1, before2) = (scrape("node1"), scrape("node2"));
+    let events = |text: &str, event: &str| {
+        sample(text, "ztunnel_datapath_events_total", &[("event", event)])
+    };
+
+    // Over HBONE: a1 (sa-a, node1) -> b1 (sa-b, node2).
+    let report = send("a1", s.addr("b1", APP_PORT), 64 * KIB);
+    let reply_bytes = next_report(&b1).bytes; // what b1 got; its JSON reply goes back
+    assert_eq!(reply_bytes, 64 * KIB);
+    let from_b1 = closed_connections(&s.lab, "node1", ztunnel_user::api::Direction::Outbound)
+        .iter()
+        .find(|c| c.source == report.local)
+        .expect("a1's outbound record")
+        .bytes_received;
+    // Plaintext: u1 (not in the mesh) -> b1.
+    send("u1", s.addr("b1", APP_PORT), 16 * KIB);
+    next_report(&b1);
+    closed_connections(&s.lab, "node2", ztunnel_user::api::Direction::Inbound);
+
+    let (after1, after2) = (scrape("node1"), scrape("node2"));
+    let mesh = [
+        ("source_workload", "a1"),
+        ("source_workload_namespace", "demo"),
+        ("source_principal", "spiffe://cluster.local/ns/demo/sa/sa-a"),
+        ("destination_workload", "b1"),
+        ("destination_workload_namespace", "demo"),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/demo/sa/sa-b",
+        ),
+        ("request_protocol", "tcp"),
+        ("response_flags", "-"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    for (text, reporter) in [(&after1, "source"), (&after2, "destination")] {
+        let labels = [&mesh[..], &[("reporter", reporter)]].concat();
+        let metric = |name| sample(text, name, &labels);
+        assert_eq!(
+            metric("istio_tcp_connections_opened_total"),
+            1.0,
+            "{reporter}"
+        );
+        assert_eq!(
+            metric("istio_tcp_connections_closed_total"),
+            1.0,
+            "{reporter}"
+        );
+        assert_eq!(
+            metric("istio_tcp_received_bytes_total"),
+            (64 * KIB) as f64,
+            "{reporter}: bytes a1 sent"
+        );
+        assert_eq!(
+            metric("istio_tcp_sent_bytes_total"),
+            from_b1 as f64,
+            "{reporter}: bytes b1 sent back"
+        );
+    }
+    let plaintext = [
+        ("reporter", "destination"),
+        ("source_workload", "u1"),
+        ("source_workload_namespace", "legacy"),
+        ("source_principal", "unknown"),
+        ("destination_workload", "b1"),
+        ("connection_security_policy", "unknown"),
+    ];
+    assert_eq!(
+        sample(&after2, "istio_tcp_connections_closed_total", &plaintext),
+        1.0
+    );
+    assert_eq!(
+        sample(&after2, "istio_tcp_received_bytes_total", &plaintext),
+        (16 * KIB) as f64
+    );
+
+    // The kernel's counters: a1's connect() captured, u1's SYN steered to b1's proxy.
+    assert_eq!(
+        events(&after1, "outbound_captured") - events(&before1, "outbound_captured"),
+        1.0
+    );
+    assert_eq!(
+        events(&after2, "inbound_steered") - events(&before2, "inbound_steered"),
+        1.0
+    );
+    // The node's own state.
+    assert_eq!(sample(&after1, "ztunnel_enrolled_pods", &[]), 2.0);
+    assert_eq!(
+        sample(
+            &after1,
+            "ztunnel_hbone_open",
+            &[("side", "client"), ("kind", "connections")]
+        ),
+        1.0,
+        "a1's pooled connection to b1 stays open"
+    );
+    let expiry = sample(
+        &after1,
+        "ztunnel_certificate_expiration_timestamp_seconds",
+        &[("identity", "spiffe://cluster.local/ns/demo/sa/sa-a")],
+    );
+    assert!(
+        expiry > ztunnel_user::process::unix_now() as f64,
+        "{expiry}"
+    );
+    assert!(sample(&after1, "process_resident_memory_bytes", &[]) > 1e6);
+    assert!(after1.contains("# TYPE istio_tcp_connections_opened counter"));
+    assert_eq!(
+        curl("node1", &["http://127.0.0.1:15020/stats/prometheus"])
+            .unwrap()
+            .lines()
+            .next(),
+        after1.lines().next(),
+        "both paths serve the metrics"
+    );
+
+    // One access log line per connection end, on each side (the daemons log to their files).
+    let log = |node: &str| std::fs::read_to_string(node_spec(node).unwrap().log_path()).unwrap();
+    let outbound = log("node1")
+        .lines()
+        .filter(|l| l.contains("connection complete direction=outbound pod=demo/a1 "))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    assert_eq!(outbound.len(), 1, "{outbound:?}");
+    for field in [
+        format!("src.addr={}", report.local),
+        format!("dst.addr={}", s.addr("b1", APP_PORT)),
+        "src.identity=spiffe://cluster.local/ns/demo/sa/sa-a".to_owned(),
+        "dst.workload=b1".to_owned(),
+        format!("bytes_sent={} bytes_received={from_b1}", 64 * KIB),
+    ] {
+        assert!(outbound[0].contains(&field), "{field} in {}", outbound[0]);
+    }
+    let inbound = log("node2");
+    assert!(inbound.contains("connection complete direction=inbound pod=demo/b1 "));
+    assert!(inbound.contains("src.workload=u1 src.namespace=legacy src.identity=unknown"));
+}
+
+#[test]
+fn the_admin_api_and_the_cli_show_the_running_node() {
+    let s = LabSession::start();
+    let _b1 = serve("b1", APP_PORT);
+    send("a1", s.addr("b1", APP_PORT), KIB);
+
+    let status = cli("node1", &["status"]);
+    assert!(status.starts_with("node node1: ready\n"), "{status}");
+    assert!(
+        status.contains(&format!("mesh config {MESH_CONFIG}")),
+        "{status}"
+    );
+    assert!(status.contains("outbound_captured"), "{status}");
+
+    let pods = cli("node1", &["pods"]);
+    for expected in [
+        "demo/a1",
+        "demo/a2",
+        "spiffe://cluster.local/ns/demo/sa/sa-a",
+        "sk_lookup,sock_ops,connect6,connect4",
+    ] {
+        assert!(pods.contains(expected), "{expected} in\n{pods}");
+    }
+    let pods: serde_json::Value =
+        serde_json::from_str(&cli("node1", &["pods", "-o", "json"])).unwrap();
+    assert_eq!(pods.as_array().unwrap().len(), 2);
+
+    let workloads = cli("node2", &["workloads"]);
+    assert!(workloads.contains("legacy/u1"), "{workloads}");
+    assert!(workloads.contains("HBONE"), "{workloads}");
+    assert_eq!(
+        cli("node2", &["services"]).lines().count(),
+        1,
+        "the lab's config has no services: only the header"
+    );
+    assert!(cli("node2", &["policies"]).starts_with("POLICY"));
+
+    let certs = cli("node1", &["certs"]);
+    assert!(
+        certs.contains("spiffe://cluster.local/ns/demo/sa/sa-a"),
+        "{certs}"
+    );
+    let certs: serde_json::Value =
+        serde_json::from_str(&cli("node1", &["certs", "-o", "json"])).unwrap();
+    assert!(certs[0]["expires_unix"].as_u64().unwrap() > ztunnel_user::process::unix_now());
+
+    let connections = cli("node1", &["connections"]);
+    assert!(connections.contains("outbound"), "{connections}");
+    assert!(
+        connections.contains(&s.addr("b1", APP_PORT).to_string()),
+        "{connections}"
+    );
+
+    // The config dump has everything, and the log level changes at run time.
+    let dump: serde_json::Value =
+        serde_json::from_str(&curl("node1", &["http://127.0.0.1:15000/config_dump"]).unwrap())
+            .unwrap();
+    assert!(dump["not_ready"].is_null());
+    assert_eq!(dump["workloads"].as_array().unwrap().len(), 5);
+    assert_eq!(dump["pods"][0]["links"].as_array().unwrap().len(), 4);
+    let changed = curl(
+        "node1",
+        &["-X", "POST", "http://127.0.0.1:15000/logging?level=debug"],
+    )
+    .unwrap();
+    assert_eq!(changed, "log level: debug\n");
+    let refused = curl(
+        "node1",
+        &[
+            "-X",
+            "POST",
+            "http://127.0.0.1:15000/logging?level=no=such=level",
+        ],
+    )
+    .unwrap_err();
+    assert!(refused.starts_with("400"), "{refused}");
+    assert_eq!(
+        curl("node1", &["http://127.0.0.1:15000/logging"]).unwrap(),
+        "log level: debug\n"
+    );
+    // The admin API is on localhost only: not reachable on the node's underlay address.
+    let underlay = node_spec("node1").unwrap().underlay_ip;
+    assert!(curl("node2", &[&format!("http://{underlay}:15000/config_dump")]).is_err());
+}
+
+#[test]
+fn readiness_waits_for_the_mesh_config() {
+    let _s = LabSession::start();
+    let ready = |node: &str| curl(node, &["http://127.0.0.1:15021/healthz/ready"]);
+    assert_eq!(ready("node2"), Ok("ready\n".to_owned()));
+
+    // node2's daemon starts while the config file is missing (b1 is deleted first, so that it
+    // can be added again below).
+    ztunnel_lab::cni_del("b1").unwrap();
+    ztunnel_lab::stop_daemon("node2").unwrap();
+    let kept = format!("{MESH_CONFIG}.kept");
+    std::fs::rename(MESH_CONFIG, &kept).unwrap();
+    ztunnel_lab::start_daemon_until("node2", Started::Answering).unwrap();
+    let missing = ready("node2").unwrap_err();
+    assert!(
+        missing.starts_with("503: not ready: waiting for the mesh config"),
+        "{missing}"
+    );
+    let status = cli("node2", &["status"]);
+    assert!(status.starts_with("node node2: NOT READY"), "{status}");
+    // Enrolling a pod now would give it the wrong identity: the CNI plugin is refused.
+    let refused = ztunnel_lab::cni_add("b1").unwrap_err().to_string();
+    assert!(refused.contains("not ready"), "{refused}");
+    // As a runtime does after a failed ADD.
+    ztunnel_lab::cni_del("b1").unwrap();
+
+    // The file comes back: ready within a poll or two, and enrollment works again.
+    std::fs::rename(&kept, MESH_CONFIG).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready("node2").is_err() {
+        assert!(Instant::now() < deadline, "node2 did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ztunnel_lab::cni_add("b1").unwrap();
+    assert!(cli("node2", &["pods"]).contains("demo/b1"));
+}
+
+#[test]
+fn drain_lets_open_streams_finish_and_refuses_new_connections() {
+    let s = LabSession::start();
+    let b1 = serve("b1", APP_PORT);
+    let to = s.addr("b1", APP_PORT);
+    // A transfer that holds its connection open for 3 s halfway through.
+    let transfer = std::thread::spawn(move || {
+        send_pausing_from(
+            "a1",
+            to,
+            4 * MIB,
+            Duration::from_secs(3),
+            Duration::from_secs(30),
+        )
+    });
+    eventually("the transfer is open at b1", || {
+        connections(&s.lab, "node2").iter().any(|c| c.open)
+    });
+    let stopping = std::thread::spawn(|| ztunnel_lab::stop_daemon("node2"));
+    // Once b1's listeners are closed, a new connection is refused, by the kernel.
+    eventually("b1's proxy stopped accepting", || {
+        ztunnel_lab::send_from("a1", to, KIB, None, Duration::from_secs(5)).is_err()
+    });
+    let report = transfer
+        .join()
+        .unwrap()
+        .expect("the open transfer finished intact");
+    assert_eq!(report.server.bytes, 4 * MIB);
+    stopping
+        .join()
+        .unwrap()
+        .expect("node2's daemon exited once the transfer was done");
+    // b1 got the transfer, and none of the probes made after the drain began.
+    let mut received = Vec::new();
+    while let Ok(report) = b1.next_report(Duration::from_millis(500)) {
+        received.push(report.bytes);
+    }
+    assert_eq!(received.last(), Some(&(4 * MIB)), "{received:?}");
+    let log = std::fs::read_to_string(node_spec("node2").unwrap().log_path()).unwrap();
+    assert!(log.contains("drained: every connection finished"), "{log}");
+}
