@@ -21,8 +21,8 @@ const REPLY_PORT: u16 = 9001;
 const CONNECT_WORKERS: usize = 8;
 /// How long a server may take to say it listens.
 const SERVER_READY: Duration = Duration::from_secs(10);
-/// How much longer than its measurement a client may take before it is killed.
-const CLIENT_GRACE: Duration = Duration::from_secs(30);
+/// How much longer than its measurement iperf3 -c may take before it is killed.
+const IPERF_GRACE: Duration = Duration::from_secs(30);
 
 /// How long and how much each turn measures.
 pub struct Settings {
@@ -311,7 +311,7 @@ fn iperf3(route: Route, server_ip: Ipv4Addr, streams: usize, length: Duration) -
             "5000",
         ],
     )?;
-    let output = output_within(client, length + CLIENT_GRACE);
+    let output = output_within(client, length + IPERF_GRACE);
     stop_server(server);
     let output = output?;
     let result: Value = serde_json::from_slice(&output.stdout).context("iperf3 -J output")?;
