@@ -127,7 +127,7 @@ fn draw_panel<DB: DrawingBackend>(
             chart.draw_series([whisker]).map_err(drawing)?;
             let (x, y) = chart.backend_coord(&(middle, spread.max));
             let value = format!("{:.*}", metric.digits(), spread.median);
-            root.draw(&Text::new(value, (x, y - 3), centred(14)))
+            root.draw(&Text::new(value, (x, y - 6), centred(14)))
                 .map_err(drawing)?;
         }
     }
