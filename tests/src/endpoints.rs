@@ -1,19 +1,22 @@
-//! `lab-tool` processes inside pods, driven from outside: the demo's and the tests' traffic.
+//! `lab-tool` and `load-tool` processes inside pods, driven from outside: the demo's, the
+//! tests' and the benchmark's traffic.
 
 use crate::error::{LabError, Result};
 use crate::topology;
-use crate::traffic::{BurstReport, LatencyReport, SendReport, ServerReport};
+use crate::traffic::{
+    BurstReport, ConnectRateReport, HoldReport, LatencyReport, SendReport, ServerReport,
+};
 use serde::de::DeserializeOwned;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddrV4;
-use std::process::{Child, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
 /// How long a server may take to start listening.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `lab-tool serve` running inside a pod; killed when dropped.
+/// A server (`lab-tool serve` or `load-tool serve`) running inside a pod; killed when dropped.
 pub struct PodServer {
     pod: String,
     child: Child,
@@ -23,28 +26,31 @@ pub struct PodServer {
 impl PodServer {
     /// Starts `lab-tool serve` (hash and report each connection) and waits until it listens.
     pub fn start(pod: &str, port: u16) -> Result<PodServer> {
-        PodServer::spawn(pod, "serve", port)
+        PodServer::spawn(pod, "lab-tool", &["serve", "--port", &port.to_string()])
     }
 
-    /// Starts `lab-tool echo` (the request/response benchmark's server).
-    pub fn start_echo(pod: &str, port: u16) -> Result<PodServer> {
-        PodServer::spawn(pod, "echo", port)
-    }
-
-    fn spawn(pod: &str, mode: &str, port: u16) -> Result<PodServer> {
-        let lab_tool = topology::binary("lab-tool")?;
-        let port = port.to_string();
-        let argv = [
-            lab_tool.as_os_str(),
-            mode.as_ref(),
-            "--port".as_ref(),
-            port.as_ref(),
+    /// Starts `load-tool serve`, the benchmark's server: an echo port (latency, idle
+    /// connections) and a port that replies once and closes (connection rate).
+    pub fn start_load(pod: &str, echo_port: u16, reply_port: u16) -> Result<PodServer> {
+        let (echo_port, reply_port) = (echo_port.to_string(), reply_port.to_string());
+        let args = [
+            "serve",
+            "--echo-port",
+            &echo_port,
+            "--reply-port",
+            &reply_port,
         ];
-        let mut command = crate::exec(pod, &argv)?;
+        PodServer::spawn(pod, "load-tool", &args)
+    }
+
+    fn spawn(pod: &str, tool: &str, args: &[&str]) -> Result<PodServer> {
+        let described = format!("{tool} {} in {pod}", args.join(" "));
+        let mut command = crate::exec(pod, &[topology::binary(tool)?.as_os_str()])?;
         let mut child = command
+            .args(args)
             .stdout(Stdio::piped())
             .spawn()
-            .map_err(|e| LabError::io("starting lab-tool in pod", pod, e))?;
+            .map_err(|e| LabError::io("starting a server in pod", pod, e))?;
         let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let (ready_tx, ready_rx) = channel();
         let (report_tx, reports) = channel();
@@ -65,7 +71,7 @@ impl PodServer {
         if ready_rx.recv_timeout(READY_TIMEOUT).is_err() {
             let _ = server.child.kill();
             return Err(LabError::Command {
-                command: format!("lab-tool {mode} --port {port} in {pod}"),
+                command: described,
                 detail: "did not start listening".into(),
             });
         }
@@ -100,11 +106,10 @@ pub fn send_from(
     mark: Option<u32>,
     timeout: Duration,
 ) -> Result<SendReport> {
-    let mut args = send_args(to, bytes);
-    if let Some(mark) = mark {
-        args.extend(["--mark".into(), mark.to_string()]);
-    }
-    run_lab_tool(pod, args, timeout)
+    let mut options = vec![("bytes", bytes.to_string())];
+    options.extend(mark.map(|mark| ("mark", mark.to_string())));
+    let args = client_args("send", to, &options);
+    run_tool(pod, "lab-tool", args, timeout)
 }
 
 /// `send_from` with a pause of `pause` halfway through, the connection held open.
@@ -115,21 +120,12 @@ pub fn send_pausing_from(
     pause: Duration,
     timeout: Duration,
 ) -> Result<SendReport> {
-    let mut args = send_args(to, bytes);
-    args.extend(["--pause-ms".into(), pause.as_millis().to_string()]);
-    run_lab_tool(pod, args, timeout + pause)
-}
-
-fn send_args(to: SocketAddrV4, bytes: u64) -> Vec<String> {
-    [
-        "send",
-        "--to",
-        &to.to_string(),
-        "--bytes",
-        &bytes.to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    let options = [
+        ("bytes", bytes.to_string()),
+        ("pause-ms", pause.as_millis().to_string()),
+    ];
+    let args = client_args("send", to, &options);
+    run_tool(pod, "lab-tool", args, timeout + pause)
 }
 
 /// Runs `lab-tool burst` inside `pod`: `connections` connections to `to` held open at once,
@@ -141,47 +137,142 @@ pub fn burst_from(
     bytes: u64,
     timeout: Duration,
 ) -> Result<BurstReport> {
-    let args = vec![
-        "burst".to_owned(),
-        "--to".into(),
-        to.to_string(),
-        "--connections".into(),
-        connections.to_string(),
-        "--bytes".into(),
-        bytes.to_string(),
+    let options = [
+        ("connections", connections.to_string()),
+        ("bytes", bytes.to_string()),
     ];
-    run_lab_tool(pod, args, timeout)
+    let args = client_args("burst", to, &options);
+    run_tool(pod, "lab-tool", args, timeout)
 }
 
-/// Runs `lab-tool rr` inside `pod`: round trips on one warm connection to an echo server.
-pub fn round_trips_from(pod: &str, to: SocketAddrV4, duration: Duration) -> Result<LatencyReport> {
-    let args = vec![
-        "rr".to_owned(),
-        "--to".into(),
-        to.to_string(),
-        "--duration-secs".into(),
-        duration.as_secs().max(1).to_string(),
-    ];
-    run_lab_tool(pod, args, duration + Duration::from_secs(30))
+/// Runs `load-tool rr` inside `pod`: round trips on one warm connection to an echo port.
+pub fn latency_from(pod: &str, to: SocketAddrV4, duration: Duration) -> Result<LatencyReport> {
+    let args = client_args("rr", to, &[("duration-secs", whole_seconds(duration))]);
+    run_tool(pod, "load-tool", args, duration + CLIENT_GRACE)
 }
 
-/// Runs a `lab-tool` client command in `pod` and reads its one-line JSON report.
-fn run_lab_tool<Report: DeserializeOwned>(
+/// Runs `load-tool connect-rate` inside `pod`: `workers` loops of connect, one request, reply,
+/// close, against a reply port.
+pub fn connect_rate_from(
     pod: &str,
+    to: SocketAddrV4,
+    workers: usize,
+    duration: Duration,
+) -> Result<ConnectRateReport> {
+    let options = [
+        ("workers", workers.to_string()),
+        ("duration-secs", whole_seconds(duration)),
+    ];
+    let args = client_args("connect-rate", to, &options);
+    run_tool(pod, "load-tool", args, duration + CLIENT_GRACE)
+}
+
+/// How much longer than its measurement a benchmark client may take (start, warm-up, exit).
+const CLIENT_GRACE: Duration = Duration::from_secs(30);
+
+/// `load-tool hold` inside a pod, holding its connections open until dropped.
+pub struct HeldConnections {
+    child: Child,
+    /// Closing it tells the tool to let go.
+    stdin: Option<ChildStdin>,
+    pub report: HoldReport,
+}
+
+impl HeldConnections {
+    /// Opens `connections` connections from `pod` to an echo port, each carrying one round
+    /// trip, and returns once all are up (within `timeout`). They stay open, idle, until the
+    /// value is dropped (or for `hold` at most).
+    pub fn open(
+        pod: &str,
+        to: SocketAddrV4,
+        connections: usize,
+        hold: Duration,
+        timeout: Duration,
+    ) -> Result<HeldConnections> {
+        let options = [
+            ("connections", connections.to_string()),
+            ("hold-secs", whole_seconds(hold)),
+            ("timeout-secs", whole_seconds(timeout)),
+        ];
+        let args = client_args("hold", to, &options);
+        let described = format!("load-tool {} in {pod}", args.join(" "));
+        let mut child = crate::exec(pod, &[topology::binary("load-tool")?.as_os_str()])?
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| LabError::io("starting load-tool in pod", pod, e))?;
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        let (report_tx, report) = channel();
+        std::thread::spawn(move || {
+            let line = stdout.lines().next().and_then(std::result::Result::ok);
+            let _ = report_tx.send(line);
+        });
+        let mut held = HeldConnections {
+            child,
+            stdin,
+            report: HoldReport {
+                connections: 0,
+                seconds_to_open: 0.0,
+            },
+        };
+        // The tool gives up by itself at `timeout`; a little more covers its start and exit.
+        let line = report
+            .recv_timeout(timeout + Duration::from_secs(5))
+            .ok()
+            .flatten();
+        match line.map(|line| serde_json::from_str::<HoldReport>(&line)) {
+            Some(Ok(report)) => {
+                held.report = report;
+                Ok(held)
+            }
+            other => {
+                held.close();
+                let mut stderr = String::new();
+                if let Some(mut pipe) = held.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                Err(LabError::Command {
+                    command: described,
+                    detail: match other {
+                        Some(Err(e)) => format!("unreadable report: {e}"),
+                        _ => format!("no report: {}", stderr.trim()),
+                    },
+                })
+            }
+        }
+    }
+
+    fn close(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Runs a client command of `tool` (`lab-tool`, `load-tool`) in `pod` and reads its one-line
+/// JSON report.
+fn run_tool<Report: DeserializeOwned>(
+    pod: &str,
+    tool: &str,
     mut args: Vec<String>,
     timeout: Duration,
 ) -> Result<Report> {
-    let described = format!("lab-tool {} in {pod}", args.join(" "));
-    args.extend([
-        "--timeout-secs".into(),
-        timeout.as_secs().max(1).to_string(),
-    ]);
-    let lab_tool = topology::binary("lab-tool")?;
-    let mut argv = vec![lab_tool.display().to_string()];
+    let described = format!("{tool} {} in {pod}", args.join(" "));
+    args.extend(["--timeout-secs".into(), whole_seconds(timeout)]);
+    let mut argv = vec![topology::binary(tool)?.display().to_string()];
     argv.extend(args);
     let output = crate::exec(pod, &argv)?
         .output()
-        .map_err(|e| LabError::io("running lab-tool in pod", pod, e))?;
+        .map_err(|e| LabError::io("running a client in pod", pod, e))?;
     if !output.status.success() {
         return Err(LabError::Command {
             command: described,
@@ -192,4 +283,18 @@ fn run_lab_tool<Report: DeserializeOwned>(
         command: described,
         detail: format!("unreadable report: {e}"),
     })
+}
+
+/// A client's command line: `<mode> --to <to>` and `--<name> <value>` for each option.
+fn client_args(mode: &str, to: SocketAddrV4, options: &[(&str, String)]) -> Vec<String> {
+    let mut args = vec![mode.to_owned(), "--to".into(), to.to_string()];
+    for (name, value) in options {
+        args.extend([format!("--{name}"), value.clone()]);
+    }
+    args
+}
+
+/// The tools take whole seconds: at least one.
+fn whole_seconds(duration: Duration) -> String {
+    duration.as_secs().max(1).to_string()
 }

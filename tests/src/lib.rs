@@ -28,7 +28,10 @@ pub use daemon::{
     DaemonOptions, Started, daemon_cli, daemon_not_ready, daemon_pid, daemon_status, kill_daemon,
     start_daemon, start_daemon_until, stop_daemon,
 };
-pub use endpoints::{PodServer, burst_from, round_trips_from, send_from, send_pausing_from};
+pub use endpoints::{
+    HeldConnections, PodServer, burst_from, connect_rate_from, latency_from, send_from,
+    send_pausing_from,
+};
 pub use error::{LabError, Result};
 pub use exec::{exec, exec_node};
 pub use state::{Lab, Node, Pod, state_path};

@@ -1,5 +1,6 @@
 //! The traffic endpoints `lab-tool` runs inside pods: a server that hashes what it receives and
-//! a client that streams deterministic bytes and checks the server saw exactly those.
+//! a client that streams deterministic bytes and checks the server saw exactly those; and the
+//! reports `load-tool` (the benchmark's traffic) prints.
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt,
@@ -329,74 +330,37 @@ pub fn burst(to: SocketAddrV4, connections: usize, bytes: u64, timeout: Duration
     report
 }
 
-/// Echoes every connection's bytes back until it closes (the request/response benchmark's
-/// server); `on_ready` runs once the socket listens.
-pub fn echo(port: u16, on_ready: impl FnOnce()) -> Result<(), TrafficError> {
-    let listener = listen_all(port)?;
-    on_ready();
-    for stream in listener.incoming() {
-        let mut stream = stream.map_err(io_error("accepting"))?;
-        std::thread::spawn(move || {
-            let _ = stream.set_nodelay(true);
-            let _ = stream.set_read_timeout(Some(SERVER_IDLE_TIMEOUT));
-            let mut buffer = [0u8; 4096];
-            while let Ok(read) = stream.read(&mut buffer) {
-                if read == 0 || stream.write_all(&buffer[..read]).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    Ok(())
-}
-
-/// Round-trip latencies of one warm connection, in microseconds.
+/// `load-tool rr`: request/response latency on one warm connection, from an HDR histogram.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencyReport {
-    pub round_trips: usize,
+    pub round_trips: u64,
     pub p50_us: f64,
     pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
 }
 
-/// Size of each request and response of `round_trips`.
-const ROUND_TRIP_BYTES: usize = 64;
+/// `load-tool connect-rate`: new connections, one small request each, by several workers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectRateReport {
+    pub workers: usize,
+    /// Connections that completed connect, request, reply and close.
+    pub succeeded: u64,
+    pub failed: u64,
+    pub seconds: f64,
+    /// The first few failures, for the error message.
+    pub failures: Vec<String>,
+}
 
-/// Sends `ROUND_TRIP_BYTES` and waits for them to come back, again and again for `duration`
-/// on one connection (after a warm-up of 100 round trips), and reports the percentiles.
-pub fn round_trips(
-    to: SocketAddrV4,
-    duration: Duration,
-    timeout: Duration,
-) -> Result<LatencyReport, TrafficError> {
-    let mut stream = connect_marked(to, None, timeout)?;
-    stream
-        .set_nodelay(true)
-        .map_err(io_error("setting TCP_NODELAY"))?;
-    let request = [0x5au8; ROUND_TRIP_BYTES];
-    let mut response = [0u8; ROUND_TRIP_BYTES];
-    let mut one = |stream: &mut TcpStream| -> Result<Duration, TrafficError> {
-        let started = std::time::Instant::now();
-        stream
-            .write_all(&request)
-            .map_err(io_error(format!("sending to {to}")))?;
-        stream
-            .read_exact(&mut response)
-            .map_err(io_error(format!("receiving from {to}")))?;
-        Ok(started.elapsed())
-    };
-    for _ in 0..100 {
-        one(&mut stream)?;
+impl ConnectRateReport {
+    pub fn per_second(&self) -> f64 {
+        self.succeeded as f64 / self.seconds.max(f64::MIN_POSITIVE)
     }
-    let mut samples = Vec::new();
-    let deadline = std::time::Instant::now() + duration;
-    while std::time::Instant::now() < deadline {
-        samples.push(one(&mut stream)?.as_secs_f64() * 1e6);
-    }
-    samples.sort_by(f64::total_cmp);
-    let percentile = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
-    Ok(LatencyReport {
-        round_trips: samples.len(),
-        p50_us: percentile(0.50),
-        p99_us: percentile(0.99),
-    })
+}
+
+/// `load-tool hold`: printed once every connection is open and has carried one round trip.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HoldReport {
+    pub connections: usize,
+    pub seconds_to_open: f64,
 }

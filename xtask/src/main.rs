@@ -27,8 +27,10 @@ enum Command {
     /// Run the whole test suite: setup, format and lint checks, unit tests, CNI conformance,
     /// and the end-to-end tests on the lab (serially; they need root).
     Test,
-    /// Measure the mesh against the direct path on the lab (release build): cross-node
-    /// throughput and request/response latency, medians of interleaved runs.
+    /// Measure the mesh against the direct path on the lab (release build), cross node and
+    /// same node: throughput (1 and 8 streams), request/response latency, new-connection rate,
+    /// CPU per GB and per 1,000 requests, proxy memory idle and per idle connection; medians of
+    /// interleaved runs, targets met or not; report, chart and raw results in target/bench/.
     Bench(bench::BenchArgs),
     /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
     Demo,

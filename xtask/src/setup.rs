@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-const DEBIAN_PACKAGES: [&str; 11] = [
+const DEBIAN_PACKAGES: [&str; 12] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: [&str; 11] = [
     "curl",
     // The iptables capture baseline the benchmark compares eBPF capture with.
     "iptables",
+    // The font of `cargo xtask bench`'s chart.
+    "fonts-dejavu-core",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -15,6 +15,7 @@ pub mod features;
 pub mod hbone;
 pub mod identity;
 pub mod iptables;
+pub mod limits;
 pub mod mesh;
 pub mod metrics;
 pub mod mounts;

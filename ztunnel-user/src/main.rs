@@ -195,6 +195,7 @@ fn init_logging(filter: &str) -> Result<LogControl> {
 
 fn run(args: RunArgs) -> Result<()> {
     let log = init_logging(&args.log_level)?;
+    ztunnel_user::limits::raise_open_files_limit();
     features::check(&args.cgroup_root)?;
 
     let config_file = args

@@ -1,4 +1,5 @@
-//! `lab-tool`: the traffic endpoints the tests and the demo run inside lab pods.
+//! `lab-tool`: the traffic endpoints the tests and the demo run inside lab pods (the
+//! benchmark's are in `load-tool`).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -43,24 +44,6 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
-    /// Echo every connection's bytes back (the request/response benchmark's server).
-    Echo {
-        /// TCP port to listen on (all addresses).
-        #[arg(long)]
-        port: u16,
-    },
-    /// Measure request/response round trips on one warm connection to an echo server.
-    Rr {
-        /// The echo server, as IP:PORT.
-        #[arg(long)]
-        to: SocketAddrV4,
-        /// How long to measure.
-        #[arg(long, default_value_t = 5)]
-        duration_secs: u64,
-        /// Bound on connecting and on every read or write.
-        #[arg(long, default_value_t = 60)]
-        timeout_secs: u64,
-    },
     /// Open many connections at once, then run `send`'s exchange on each concurrently.
     Burst {
         /// The server, as IP:PORT.
@@ -99,25 +82,6 @@ fn main() -> Result<()> {
                 timeout: Duration::from_secs(timeout_secs),
             };
             let report = traffic::send(to, bytes, options).context("lab-tool send")?;
-            println!("{}", serde_json::to_string(&report)?);
-            Ok(())
-        }
-        Command::Echo { port } => traffic::echo(port, || {
-            println!("ready");
-            let _ = std::io::stdout().flush();
-        })
-        .context("lab-tool echo"),
-        Command::Rr {
-            to,
-            duration_secs,
-            timeout_secs,
-        } => {
-            let report = traffic::round_trips(
-                to,
-                Duration::from_secs(duration_secs),
-                Duration::from_secs(timeout_secs),
-            )
-            .context("lab-tool rr")?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }

@@ -118,7 +118,7 @@ pub fn target_of<B>(request: &Request<B>, local: SocketAddr) -> Result<SocketAdd
 }
 
 /// The original client from the `forwarded: for="ip:port"` header, else the TCP peer.
-fn original_client<B>(request: &Request<B>, peer: SocketAddr) -> SocketAddr {
+pub fn original_client<B>(request: &Request<B>, peer: SocketAddr) -> SocketAddr {
     request
         .headers()
         .get("forwarded")

@@ -1,0 +1,125 @@
+//! The node proxies' memory: resident set size idle, and with many idle proxied connections
+//! held open, from /proc/<pid>/status of each node's daemon.
+
+use super::path::Route;
+use super::results::Daemon;
+use anyhow::{Context, Result};
+use std::net::SocketAddrV4;
+use std::time::Duration;
+use ztunnel_lab::{HeldConnections, Lab};
+
+/// Time for the daemons to finish what they were doing (enrollment, connection set-up)
+/// before their RSS is read.
+const SETTLE: Duration = Duration::from_secs(2);
+/// The longest the connections stay open if we never let go of them.
+const HOLD_LIMIT: Duration = Duration::from_secs(120);
+
+pub struct DaemonMemory {
+    pub pid: u32,
+    pub idle_mib: f64,
+    /// Of the idle RSS: heap and stacks, and pages of mapped files (the binary itself).
+    pub idle_anon_mib: f64,
+    pub idle_file_mib: f64,
+    pub held_mib: f64,
+    pub bytes_per_connection: f64,
+    /// Once the connections are closed again: what the daemon keeps.
+    pub closed_mib: f64,
+}
+
+pub struct Memory {
+    pub seconds_to_open: f64,
+    source: DaemonMemory,
+    destination: DaemonMemory,
+}
+
+impl Memory {
+    pub fn of(&self, daemon: Daemon) -> &DaemonMemory {
+        match daemon {
+            Daemon::Source => &self.source,
+            Daemon::Destination => &self.destination,
+        }
+    }
+}
+
+/// Reads both daemons' RSS idle, opens `connections` connections from the route's client to
+/// the echo server at `to` (each carrying one round trip, so it is proxied end to end), reads
+/// the RSS again while they are held, closes them and reads it once more.
+pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) -> Result<Memory> {
+    let pid_of = |pod: &str| -> Result<u32> {
+        let node = &lab.pod(pod)?.node;
+        lab.node(node)?
+            .daemon_pid
+            .with_context(|| format!("the lab records no daemon on {node}"))
+    };
+    let pids = [pid_of(route.client())?, pid_of(route.server())?];
+    std::thread::sleep(SETTLE);
+    let idle = [rss(pids[0])?, rss(pids[1])?];
+    // Opening runs at well over 1,000 connections a second; allow a tenth of that.
+    let open_within = Duration::from_secs(30) + Duration::from_millis(10) * connections as u32;
+    let held = HeldConnections::open(route.client(), to, connections, HOLD_LIMIT, open_within)?;
+    std::thread::sleep(SETTLE);
+    let with = [rss(pids[0])?, rss(pids[1])?];
+    let seconds_to_open = held.report.seconds_to_open;
+    drop(held);
+    std::thread::sleep(SETTLE);
+    let closed = [rss(pids[0])?, rss(pids[1])?];
+    let daemon = |i: usize| DaemonMemory {
+        pid: pids[i],
+        idle_mib: idle[i].total as f64 / MIB,
+        idle_anon_mib: idle[i].anon as f64 / MIB,
+        idle_file_mib: idle[i].file as f64 / MIB,
+        held_mib: with[i].total as f64 / MIB,
+        bytes_per_connection: (with[i].total as f64 - idle[i].total as f64) / connections as f64,
+        closed_mib: closed[i].total as f64 / MIB,
+    };
+    Ok(Memory {
+        seconds_to_open,
+        source: daemon(0),
+        destination: daemon(1),
+    })
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Resident memory of a process, in bytes.
+struct Rss {
+    total: u64,
+    anon: u64,
+    file: u64,
+}
+
+fn rss(pid: u32) -> Result<Rss> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_rss(&status).with_context(|| format!("no VmRSS, RssAnon and RssFile in {path}"))
+}
+
+fn parse_rss(status: &str) -> Option<Rss> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|line| line.starts_with(name))?;
+        let kib: u64 = line[name.len()..].split_whitespace().next()?.parse().ok()?;
+        Some(kib * 1024)
+    };
+    Some(Rss {
+        total: field("VmRSS:")?,
+        anon: field("RssAnon:")?,
+        file: field("RssFile:")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rss;
+
+    #[test]
+    fn reads_the_rss_fields_in_bytes() {
+        let status = "Name:\tztunnel\nVmPeak:\t  900000 kB\nVmRSS:\t   12288 kB\n\
+                      RssAnon:\t    8192 kB\nRssFile:\t    4096 kB\nRssShmem:\t       0 kB\n";
+        let rss = parse_rss(status).unwrap();
+        assert_eq!(
+            (rss.total, rss.anon, rss.file),
+            (12 << 20, 8 << 20, 4 << 20)
+        );
+        assert!(parse_rss("Name:\tx\nVmRSS:\t 1 kB\n").is_none());
+    }
+}

@@ -1,0 +1,336 @@
+//! The Markdown report: the figures of every path on every route with the comparisons to the
+//! baseline, the proxies' memory, the targets met or not, anomalies, and the machine.
+
+use super::machine::Machine;
+use super::measure::Settings;
+use super::path::{Path, Route};
+use super::results::{Comparison, Daemon, Metric, Results, Spread};
+use std::fmt::Write as _;
+
+/// What the mesh is compared with.
+const BASELINE: Path = Path::Direct;
+
+/// A goal for a path's figure, checked on the median.
+struct Target {
+    path: Path,
+    /// What a comparison is made with.
+    baseline: Path,
+    route: Route,
+    metric: Metric,
+    goal: Goal,
+}
+
+enum Goal {
+    /// At least this many times the baseline's figure (a metric compared by ratio).
+    RatioAtLeast(f64),
+    /// At most this much over the baseline's figure (a metric compared by difference).
+    AddsAtMost(f64),
+    /// The figure itself at most this.
+    AtMost(f64),
+    /// Better than the baseline's: a higher ratio than 1, or a negative difference.
+    Beats,
+}
+
+/// For a 2-vCPU machine, measured side by side.
+fn targets() -> Vec<Target> {
+    let mesh = |route, metric, goal| Target {
+        path: Path::Mesh,
+        baseline: BASELINE,
+        route,
+        metric,
+        goal,
+    };
+    let mut targets = vec![
+        mesh(
+            Route::CrossNode,
+            Metric::Throughput1,
+            Goal::RatioAtLeast(0.50),
+        ),
+        mesh(
+            Route::CrossNode,
+            Metric::Throughput8,
+            Goal::RatioAtLeast(0.50),
+        ),
+        mesh(Route::CrossNode, Metric::LatencyP50, Goal::AddsAtMost(90.0)),
+        mesh(
+            Route::CrossNode,
+            Metric::LatencyP99,
+            Goal::AddsAtMost(150.0),
+        ),
+        mesh(
+            Route::CrossNode,
+            Metric::ConnectRate,
+            Goal::RatioAtLeast(0.33),
+        ),
+        mesh(
+            Route::SameNode,
+            Metric::Throughput1,
+            Goal::RatioAtLeast(0.70),
+        ),
+        mesh(
+            Route::SameNode,
+            Metric::Throughput8,
+            Goal::RatioAtLeast(0.70),
+        ),
+    ];
+    // 2 KiB per idle proxied connection, 16 MiB idle, for each node's daemon.
+    for (metric, most) in [
+        (Metric::BytesPerConnection as fn(Daemon) -> Metric, 2048.0),
+        (Metric::IdleRss, 16.0),
+    ] {
+        for daemon in Daemon::ALL {
+            targets.push(mesh(Route::CrossNode, metric(daemon), Goal::AtMost(most)));
+        }
+    }
+    // What eBPF capture buys over iptables capture, behind the same proxy.
+    for metric in [Metric::ConnectRate, Metric::LatencyP50] {
+        targets.push(Target {
+            baseline: Path::Iptables,
+            ..mesh(Route::CrossNode, metric, Goal::Beats)
+        });
+    }
+    targets
+}
+
+impl Target {
+    fn description(&self) -> String {
+        let figure = format!(
+            "{} {}: {}",
+            self.path.name(),
+            self.route.name(),
+            self.metric.label()
+        );
+        let baseline = self.baseline.name();
+        match self.goal {
+            Goal::RatioAtLeast(min) => format!("{figure} >= {min:.2} x {baseline}"),
+            Goal::AddsAtMost(max) => format!("{figure}: adds <= {max:.0} over {baseline}"),
+            Goal::AtMost(max) => format!("{figure} <= {max}"),
+            Goal::Beats => format!("{figure}: better than {baseline}"),
+        }
+    }
+
+    /// The measured median as shown, and whether it meets the goal; None if not measured.
+    fn check(&self, results: &Results) -> Option<(String, bool)> {
+        let compared = || results.compared(self.path, self.baseline, self.route, self.metric);
+        match self.goal {
+            Goal::RatioAtLeast(min) => {
+                let spread = compared()?;
+                Some((compared_cell(self.metric, spread), spread.median >= min))
+            }
+            Goal::AddsAtMost(max) => {
+                let spread = compared()?;
+                Some((compared_cell(self.metric, spread), spread.median <= max))
+            }
+            Goal::AtMost(max) => {
+                let spread = results.spread(self.path, self.route, self.metric)?;
+                Some((spread.show(self.metric.digits()), spread.median <= max))
+            }
+            Goal::Beats => {
+                let spread = compared()?;
+                let better = match self.metric.comparison() {
+                    Comparison::Ratio => spread.median > 1.0,
+                    Comparison::Difference => spread.median < 0.0,
+                };
+                Some((compared_cell(self.metric, spread), better))
+            }
+        }
+    }
+}
+
+fn compared_cell(metric: Metric, spread: Spread) -> String {
+    match metric.comparison() {
+        Comparison::Ratio => format!("{} x", spread.show(2)),
+        Comparison::Difference => {
+            let sign = if spread.median >= 0.0 { "+" } else { "" };
+            format!("{sign}{} us", spread.show(0))
+        }
+    }
+}
+
+pub fn markdown(results: &Results, settings: &Settings, machine: &Machine) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# ztunnel benchmark on the lab\n");
+    let _ = writeln!(
+        out,
+        "{} runs per path, interleaved ({}), {} s per measurement, release build. \
+         Each cell: median (min–max) over the runs. A comparison is taken within each run, \
+         between the paths measured side by side, then summarised the same way. CPU is \
+         whole-machine busy time (user + nice + system + irq + softirq) over the measured \
+         interval. See docs/PERFORMANCE.md for the method.\n",
+        settings.runs,
+        Path::ALL.map(Path::name).join(", "),
+        settings.length.as_secs()
+    );
+    if settings.runs < 3 {
+        let _ = writeln!(
+            out,
+            "Fewer than 3 runs: a check that the benchmark works, not figures for the record.\n"
+        );
+    }
+    for path in Path::ALL {
+        let _ = writeln!(out, "- `{}`: {}", path.name(), path.description());
+    }
+    let compared: Vec<Path> = Path::ALL.into_iter().filter(|&p| p != BASELINE).collect();
+    for route in Route::ALL {
+        let _ = writeln!(out, "\n## {}\n", capitalized(&route.description()));
+        let mut header = String::from("| figure |");
+        let mut rule = String::from("|---|");
+        for path in Path::ALL {
+            let _ = write!(header, " {} |", path.name());
+            rule.push_str("---|");
+        }
+        for path in &compared {
+            let _ = write!(header, " {} vs {} |", path.name(), BASELINE.name());
+            rule.push_str("---|");
+        }
+        let _ = writeln!(out, "{header}\n{rule}");
+        for metric in Metric::ROUTE_FIGURES {
+            let mut row = format!("| {} |", metric.label());
+            for path in Path::ALL {
+                let cell = results.spread(path, route, metric);
+                let _ = write!(
+                    row,
+                    " {} |",
+                    cell.map_or("–".into(), |s| s.show(metric.digits()))
+                );
+            }
+            for &path in &compared {
+                let cell = results.compared(path, BASELINE, route, metric);
+                let _ = write!(
+                    row,
+                    " {} |",
+                    cell.map_or("–".into(), |s| compared_cell(metric, s))
+                );
+            }
+            let _ = writeln!(out, "{row}");
+        }
+    }
+    memory_section(&mut out, results, settings);
+    let _ = writeln!(
+        out,
+        "\n## Targets (2-vCPU machine, measured side by side)\n"
+    );
+    let _ = writeln!(out, "| target | measured | |\n|---|---|---|");
+    for target in targets() {
+        let (measured, verdict) = match target.check(results) {
+            Some((measured, true)) => (measured, "met"),
+            Some((measured, false)) => (measured, "**not met**"),
+            None => ("–".to_owned(), "not measured"),
+        };
+        let _ = writeln!(out, "| {} | {measured} | {verdict} |", target.description());
+    }
+    if !results.anomalies.is_empty() {
+        let _ = writeln!(out, "\n## Anomalies\n");
+        for anomaly in &results.anomalies {
+            let _ = writeln!(out, "- {anomaly}");
+        }
+    }
+    let _ = writeln!(out, "\n## Machine\n\n{}", machine.markdown());
+    out
+}
+
+fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
+    let route = Route::CrossNode;
+    let _ = writeln!(
+        out,
+        "\n## Proxy memory ({}; {} idle proxied connections)\n",
+        route.description(),
+        settings.idle_connections
+    );
+    let _ = writeln!(
+        out,
+        "| path | daemon | idle RSS, MiB | RSS with the connections, MiB | bytes per connection | RSS once they closed, MiB |\n|---|---|---|---|---|---|"
+    );
+    for path in Path::ALL.into_iter().filter(|p| p.has_proxy()) {
+        for daemon in Daemon::ALL {
+            let cell = |metric: Metric| {
+                results
+                    .spread(path, route, metric)
+                    .map_or("–".into(), |s| s.show(metric.digits()))
+            };
+            let node = match daemon {
+                Daemon::Source => route.client(),
+                Daemon::Destination => route.server(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} ({}'s node) | {} | {} | {} | {} |",
+                path.name(),
+                daemon.name(),
+                node,
+                cell(Metric::IdleRss(daemon)),
+                cell(Metric::HeldRss(daemon)),
+                cell(Metric::BytesPerConnection(daemon)),
+                cell(Metric::ClosedRss(daemon))
+            );
+        }
+    }
+}
+
+fn capitalized(text: &str) -> String {
+    let mut chars = text.chars();
+    chars.next().map_or(String::new(), |first| {
+        first.to_uppercase().chain(chars).collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_read_the_side_by_side_comparison() {
+        let mut results = Results::default();
+        for round in 1..=3 {
+            results.record(
+                round,
+                Path::Direct,
+                Route::CrossNode,
+                Metric::Throughput1,
+                10.0,
+            );
+            results.record(
+                round,
+                Path::Mesh,
+                Route::CrossNode,
+                Metric::Throughput1,
+                4.0,
+            );
+            results.record(
+                round,
+                Path::Direct,
+                Route::CrossNode,
+                Metric::LatencyP50,
+                30.0,
+            );
+            results.record(
+                round,
+                Path::Mesh,
+                Route::CrossNode,
+                Metric::LatencyP50,
+                100.0,
+            );
+            results.record(
+                round,
+                Path::Mesh,
+                Route::CrossNode,
+                Metric::IdleRss(Daemon::Source),
+                9.0,
+            );
+        }
+        let verdicts: Vec<Option<bool>> = targets()
+            .iter()
+            .map(|t| t.check(&results).map(|(_, met)| met))
+            .collect();
+        // 1 stream: 0.4 x, not met; p50: +70 us, met; source idle RSS 9 MiB, met.
+        assert_eq!(verdicts[0], Some(false));
+        assert_eq!(verdicts[2], Some(true));
+        assert_eq!(verdicts[1], None);
+        assert!(verdicts.contains(&Some(true)));
+        let idle_source = targets()
+            .iter()
+            .position(|t| t.metric == Metric::IdleRss(Daemon::Source))
+            .unwrap();
+        assert_eq!(verdicts[idle_source], Some(true));
+    }
+}
