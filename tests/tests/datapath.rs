@@ -183,7 +183,34 @@ fn cni_del_leaves_nothing_behind_and_add_captures_again() {
         2
     );
 
+    // A connection of a1's that is open when the pod goes: DEL ends it, on both nodes.
+    let server = serve("b1", APP_PORT);
+    let to = s.addr("b1", APP_PORT);
+    let open = std::thread::spawn(move || {
+        ztunnel_lab::send_pausing_from(
+            "a1",
+            to,
+            MIB,
+            Duration::from_secs(5),
+            Duration::from_secs(10),
+        )
+    });
+    eventually("a1's transfer is open", || {
+        ["node1", "node2"]
+            .iter()
+            .all(|node| connections(&s.lab, node).iter().any(|c| c.open))
+    });
+
     ztunnel_lab::cni_del("a1").expect("CNI DEL of a1");
+    eventually("a1's connections ended on both nodes", || {
+        ["node1", "node2"]
+            .iter()
+            .all(|node| connections(&s.lab, node).iter().all(|c| !c.open))
+    });
+    assert!(
+        open.join().unwrap().is_err(),
+        "the transfer did not get through"
+    );
     let a1 = s.lab.pod("a1").unwrap();
     assert!(status(&s.lab, "node1").pods.iter().all(|p| p.name != "a1"));
     let pins = s
@@ -213,13 +240,17 @@ fn cni_del_leaves_nothing_behind_and_add_captures_again() {
 
     // A new sandbox for the pod (host-local gives it a new address) is captured again.
     let readded = ztunnel_lab::cni_add("a1").expect("CNI ADD of a1");
-    let server = serve("b1", APP_PORT);
-    send("a1", s.addr("b1", APP_PORT), MIB);
-    assert_eq!(next_report(&server).peer.ip(), readded.ip);
-    assert_eq!(
-        closed_connections(&s.lab, "node1", Direction::Outbound).len(),
-        1
-    );
+    send("a1", to, MIB);
+    let mut peers = Vec::new();
+    while let Ok(report) = server.next_report(Duration::from_secs(2)) {
+        peers.push((report.peer.ip(), report.bytes));
+    }
+    assert_eq!(peers.last(), Some(&(readded.ip.into(), MIB)), "{peers:?}");
+    let from_new = closed_connections(&s.lab, "node1", Direction::Outbound)
+        .into_iter()
+        .filter(|c| c.source.ip() == readded.ip)
+        .count();
+    assert_eq!(from_new, 1);
 }
 
 #[test]

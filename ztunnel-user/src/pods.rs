@@ -246,6 +246,7 @@ impl Pods {
             netns,
             hbone_acceptor: self.ctx.tls.acceptor(&identity),
             identity,
+            released: tokio::sync::watch::Sender::new(false),
         });
         let (pinned, serving) = match self.attach(&record, &pod, links) {
             Ok(done) => done,
@@ -328,6 +329,7 @@ impl Pods {
         };
         let spec = &enrollment.record.spec;
         detach_pod(&enrollment.links);
+        enrollment.pod.release();
         if self.ctx.capture == proxy::Capture::Iptables
             && let Err(err) = iptables::remove(&enrollment.pod.netns)
         {

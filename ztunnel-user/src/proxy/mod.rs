@@ -206,9 +206,17 @@ pub struct PodProxy {
     pub identity: Identity,
     /// The mTLS server side of the pod's 15008, as `identity`.
     pub hbone_acceptor: tokio_rustls::TlsAcceptor,
+    /// Becomes true when the pod is released: its connections end (sockets in a deleted
+    /// pod's netns would otherwise keep the netns, and a drain waiting on them, alive).
+    pub released: tokio::sync::watch::Sender<bool>,
 }
 
 impl PodProxy {
+    /// Ends every connection the proxy serves for the pod.
+    pub fn release(&self) {
+        self.released.send_replace(true);
+    }
+
     /// The W3C `baggage` the pod's HBONE requests carry (Istio's keys).
     pub fn baggage(&self) -> String {
         format!(
@@ -305,7 +313,14 @@ async fn accept_loop<Handle, Handled>(
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(pod = %pod.label, %client, %err, "cannot set TCP_NODELAY");
                 }
-                tokio::spawn(handle(ctx.clone(), pod.clone(), stream, client));
+                let mut released = pod.released.subscribe();
+                let handled = handle(ctx.clone(), pod.clone(), stream, client);
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = handled => {}
+                        _ = released.wait_for(|released| *released) => {}
+                    }
+                });
             }
             Err(err) => {
                 // Usually transient (out of file descriptors, a connection reset while queued):
