@@ -20,11 +20,44 @@ use tokio::sync::Notify;
 const CAPACITY: usize = 4096;
 
 pub struct ConnectionLog {
-    entries: Mutex<VecDeque<Arc<Mutex<ConnectionRecord>>>>,
+    entries: Mutex<VecDeque<Arc<Mutex<Live>>>>,
     /// Every open authorized connection, however many: not bounded by `CAPACITY`.
     authorized: Arc<Registry>,
     next_id: AtomicU64,
     reporting: Arc<Reporting>,
+}
+
+/// A connection as the log keeps it: small, with what it shares with others (the pod's
+/// name, the labels) shared. `ConnectionRecord` is made from it when someone asks.
+struct Live {
+    direction: Direction,
+    pod: Arc<str>,
+    source: SocketAddr,
+    original_destination: SocketAddr,
+    labels: Arc<TrafficLabels>,
+    bytes_sent: u64,
+    bytes_received: u64,
+    open: bool,
+    flags: ResponseFlags,
+    error: Option<String>,
+}
+
+impl Live {
+    fn record(&self) -> ConnectionRecord {
+        ConnectionRecord {
+            direction: self.direction,
+            pod: self.pod.to_string(),
+            source: self.source,
+            original_destination: self.original_destination,
+            source_identity: self.labels.source_principal().to_owned(),
+            destination_identity: self.labels.destination_principal().to_owned(),
+            bytes_sent: self.bytes_sent,
+            bytes_received: self.bytes_received,
+            open: self.open,
+            response_flags: self.flags.label().to_owned(),
+            error: self.error.clone(),
+        }
+    }
 }
 
 /// Where a finished connection is reported.
@@ -38,10 +71,10 @@ struct Reporting {
 #[derive(Clone, Debug)]
 pub struct Subject {
     /// The destination pod's namespace (for a pod the mesh config does not list).
-    pub namespace: String,
+    pub namespace: Arc<str>,
     pub source: IpAddr,
     pub destination: SocketAddr,
-    pub identity: Option<Identity>,
+    pub identity: Option<Arc<Identity>>,
 }
 
 /// Open authorized connections by id.
@@ -55,8 +88,8 @@ struct Authorized {
 
 /// A live connection; it is reported when it finishes (or, failing that, when dropped).
 pub struct Tracked {
-    record: Arc<Mutex<ConnectionRecord>>,
-    labels: TrafficLabels,
+    record: Arc<Mutex<Live>>,
+    labels: Arc<TrafficLabels>,
     started: Instant,
     reporting: Arc<Reporting>,
     reported: bool,
@@ -86,22 +119,22 @@ impl ConnectionLog {
     pub fn record(
         &self,
         direction: Direction,
-        pod: &str,
+        pod: &Arc<str>,
         source: SocketAddr,
         original_destination: SocketAddr,
         labels: TrafficLabels,
     ) -> Tracked {
-        let record = Arc::new(Mutex::new(ConnectionRecord {
+        let labels = self.reporting.metrics.intern(labels);
+        let record = Arc::new(Mutex::new(Live {
             direction,
-            pod: pod.to_owned(),
+            pod: pod.clone(),
             source,
             original_destination,
-            source_identity: labels.source_principal().to_owned(),
-            destination_identity: labels.destination_principal().to_owned(),
+            labels: labels.clone(),
             bytes_sent: 0,
             bytes_received: 0,
             open: true,
-            response_flags: ResponseFlags::None.label().to_owned(),
+            flags: ResponseFlags::None,
             error: None,
         }));
         let mut entries = lock(&self.entries);
@@ -125,7 +158,7 @@ impl ConnectionLog {
     pub fn snapshot(&self) -> Vec<ConnectionRecord> {
         lock(&self.entries)
             .iter()
-            .map(|e| lock(e).clone())
+            .map(|e| lock(e).record())
             .collect()
     }
 
@@ -219,12 +252,18 @@ impl Tracked {
         record.bytes_sent = sent;
         record.bytes_received = received;
         record.open = false;
-        record.response_flags = flags.label().to_owned();
+        record.flags = flags;
         record.error = error;
         let reporting = &self.reporting;
-        reporting
-            .metrics
-            .closed(&self.labels.with_flags(flags), sent, received);
+        let flagged;
+        let closed = match flags {
+            ResponseFlags::None => &*self.labels,
+            other => {
+                flagged = self.labels.with_flags(other);
+                &flagged
+            }
+        };
+        reporting.metrics.closed(closed, sent, received);
         let direction = match record.direction {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",

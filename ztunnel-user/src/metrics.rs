@@ -14,7 +14,8 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 /// The value of an unknown label, as Istio writes it.
@@ -23,6 +24,9 @@ const UNKNOWN: &str = "unknown";
 /// Istio's TCP metrics, recorded by `connections` as connections open and close.
 #[derive(Default)]
 pub struct TrafficMetrics {
+    /// Every label set in use, once: connections between the same workloads share theirs
+    /// (as many as the metrics have series).
+    label_sets: Mutex<HashSet<Arc<TrafficLabels>>>,
     opened: Family<TrafficLabels, Counter>,
     closed: Family<TrafficLabels, Counter>,
     /// Bytes from the source to the destination (Istio: received by the destination).
@@ -34,6 +38,19 @@ pub struct TrafficMetrics {
 }
 
 impl TrafficMetrics {
+    /// The shared copy of `labels`.
+    pub fn intern(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
+        let mut sets = self.label_sets.lock().unwrap_or_else(|p| p.into_inner());
+        match sets.get(&labels) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared = Arc::new(labels);
+                sets.insert(shared.clone());
+                shared
+            }
+        }
+    }
+
     pub fn opened(&self, labels: &TrafficLabels) {
         self.opened.get_or_create(labels).inc();
     }

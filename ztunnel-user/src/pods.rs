@@ -241,11 +241,11 @@ impl Pods {
         let identity = self.ctx.identity_of(&spec.uid, &spec.namespace);
         let pod = Arc::new(PodProxy {
             name: spec.name.clone(),
-            namespace: spec.namespace.clone(),
-            label: label.clone(),
+            namespace: spec.namespace.as_str().into(),
+            label: label.as_str().into(),
             netns,
             hbone_acceptor: self.ctx.tls.acceptor(&identity),
-            identity,
+            identity: Arc::new(identity),
             released: tokio::sync::watch::Sender::new(false),
         });
         let (pinned, serving) = match self.attach(&record, &pod, links) {

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
-    pub source_identity: Identity,
+    pub source_identity: Arc<Identity>,
     pub destination_identities: Vec<Identity>,
     /// The peer's HBONE address (`<ip>:15008`).
     pub destination: SocketAddr,

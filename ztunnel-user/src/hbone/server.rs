@@ -23,7 +23,8 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The local end: the destination pod's address and 15008.
     pub local: SocketAddr,
-    pub identity: Identity,
+    /// The client's, from its certificate; shared with its streams' authorization subjects.
+    pub identity: Arc<Identity>,
 }
 
 /// Serves the CONNECT streams of one HBONE connection until the client closes it.
@@ -173,7 +174,7 @@ async fn serve_stream(
         return;
     }
     // The 200 goes out only once the app accepted: the client learns of a refusal.
-    let app = match connect_from(&ctx, &pod.netns, Some(peer.addr.ip()), target).await {
+    let app = match Box::pin(connect_from(&ctx, &pod.netns, Some(peer.addr.ip()), target)).await {
         Ok(app) => app,
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");

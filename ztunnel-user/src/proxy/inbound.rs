@@ -56,10 +56,11 @@ pub(super) async fn handle(
         identities,
     }) = Route::waypoint_of(&config, client.ip(), destination)
     {
-        let outcome = match open_hbone(&ctx, &pod, client, peer, authority, identities).await {
-            Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
-            Err(err) => Err(err),
-        };
+        let outcome =
+            match Box::pin(open_hbone(&ctx, &pod, client, peer, authority, identities)).await {
+                Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
+                Err(err) => Err(err),
+            };
         tracked.finish_with(&outcome);
         return;
     }
@@ -74,7 +75,14 @@ pub(super) async fn handle(
         tracked.denied(&denial);
         return;
     }
-    let outcome = match connect_from(&ctx, &pod.netns, Some(client.ip()), destination).await {
+    let outcome = match Box::pin(connect_from(
+        &ctx,
+        &pod.netns,
+        Some(client.ip()),
+        destination,
+    ))
+    .await
+    {
         Ok(app) => tracked.relay_until_revoked(relay(stream, app)).await,
         Err(err) => Err(err),
     };
@@ -98,12 +106,12 @@ pub(super) async fn handle_hbone(
             return;
         }
     };
-    match accept(&pod.hbone_acceptor, stream).await {
+    match Box::pin(accept(&pod.hbone_acceptor, stream)).await {
         Ok((tls, identity)) => {
             let peer = Peer {
                 addr: client,
                 local,
-                identity,
+                identity: Arc::new(identity),
             };
             serve_connection(tls, ctx.clone(), pod, peer).await;
         }

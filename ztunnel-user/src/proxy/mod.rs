@@ -3,6 +3,10 @@
 //! steered to the pod, and the HBONE listener (15008) for mesh traffic from other nodes.
 //! `route::Route` is the one place that chooses how a destination is reached, and
 //! `ProxyContext::authorize` the one place that applies the policies.
+//!
+//! A connection's task lives as long as the connection, and its size is that of its largest
+//! state; so the steps that run once at the start (connects, TLS handshakes, opening an HBONE
+//! stream) are awaited boxed, and an idle connection keeps only what its relay needs.
 
 mod inbound;
 mod outbound;
@@ -177,7 +181,7 @@ pub fn describe<'a>(
 /// entry.
 pub fn identity_at(ctx: &ProxyContext, config: &MeshConfig, ip: IpAddr) -> Option<Identity> {
     match ctx.local_pod(ip) {
-        Some(pod) => Some(pod.identity.clone()),
+        Some(pod) => Some(Identity::clone(&pod.identity)),
         None => config.workload_by_ip(ip).map(|w| w.identity()),
     }
 }
@@ -188,7 +192,7 @@ fn decide(config: &MeshConfig, subject: &Subject) -> Option<String> {
     let connection = Connection {
         source: subject.source,
         destination: subject.destination,
-        identity: subject.identity.as_ref(),
+        identity: subject.identity.as_deref(),
     };
     match config.policies.check(&target, &connection) {
         Decision::Allow => None,
@@ -199,11 +203,12 @@ fn decide(config: &MeshConfig, subject: &Subject) -> Option<String> {
 /// One pod as the proxy sees it.
 pub struct PodProxy {
     pub name: String,
-    pub namespace: String,
+    /// Shared with every connection's record and authorization subject.
+    pub namespace: Arc<str>,
     /// `namespace/name`, for records and logs.
-    pub label: String,
+    pub label: Arc<str>,
     pub netns: Netns,
-    pub identity: Identity,
+    pub identity: Arc<Identity>,
     /// The mTLS server side of the pod's 15008, as `identity`.
     pub hbone_acceptor: tokio_rustls::TlsAcceptor,
     /// Becomes true when the pod is released: its connections end (sockets in a deleted

@@ -6,6 +6,7 @@ use super::route::Route;
 use super::sockets::connect_from;
 use super::{PodProxy, ProxyContext, describe, identity_at};
 use crate::api::Direction;
+use crate::config::MeshConfig;
 use crate::connections::Subject;
 use crate::hbone::bridge::bridge;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
@@ -30,20 +31,7 @@ pub(super) async fn handle(
     };
     let config = ctx.mesh.current();
     let route = Route::outbound(&ctx, &config, client.ip(), destination);
-    let target = route.target();
-    let target_identity = target.and_then(|t| identity_at(&ctx, &config, t.ip()));
-    let mutual_tls = route.carries_identities();
-    let labels = |reporter| {
-        TrafficLabels::new(&Observed {
-            reporter,
-            source: describe(&config, client.ip(), Some(&pod)),
-            source_identity: Some(&pod.identity),
-            destination: target.and_then(|t| describe(&config, t.ip(), None)),
-            destination_identity: target_identity.as_ref(),
-            service: config.service_at(destination),
-            mutual_tls,
-        })
-    };
+    let labels = |reporter| labels(&ctx, &config, reporter, &pod, client, destination, &route);
     let tracked = ctx.connections.record(
         Direction::Outbound,
         &pod.label,
@@ -53,7 +41,7 @@ pub(super) async fn handle(
     );
     let outcome = match route {
         Route::SameNode {
-            pod: target,
+            pod: ref target,
             target: to,
         } => {
             let mut delivered = ctx.connections.record(
@@ -69,11 +57,13 @@ pub(super) async fn handle(
                 destination: to,
                 identity: Some(pod.identity.clone()),
             };
-            let outcome = match ctx.authorize(&config, &target, &mut delivered, subject) {
-                Ok(()) => match connect_from(&ctx, &target.netns, Some(client.ip()), to).await {
-                    Ok(app) => delivered.relay_until_revoked(relay(stream, app)).await,
-                    Err(err) => Err(err),
-                },
+            let outcome = match ctx.authorize(&config, target, &mut delivered, subject) {
+                Ok(()) => {
+                    match Box::pin(connect_from(&ctx, &target.netns, Some(client.ip()), to)).await {
+                        Ok(app) => delivered.relay_until_revoked(relay(stream, app)).await,
+                        Err(err) => Err(err),
+                    }
+                }
                 Err(denial) => Err(io::Error::new(io::ErrorKind::PermissionDenied, denial)),
             };
             delivered.finish_with(&outcome);
@@ -83,20 +73,46 @@ pub(super) async fn handle(
             peer,
             authority,
             identities,
-        } => match open_hbone(&ctx, &pod, client, peer, authority, identities).await {
+        } => match Box::pin(open_hbone(&ctx, &pod, client, peer, authority, identities)).await {
             Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
             Err(err) => Err(err),
         },
-        Route::Passthrough { target } => match connect_from(&ctx, &pod.netns, None, target).await {
-            Ok(upstream) => relay(stream, upstream).await,
-            Err(err) => Err(err),
-        },
+        Route::Passthrough { target } => {
+            match Box::pin(connect_from(&ctx, &pod.netns, None, target)).await {
+                Ok(upstream) => relay(stream, upstream).await,
+                Err(err) => Err(err),
+            }
+        }
         Route::Unavailable(why) => Err(io::Error::new(io::ErrorKind::NotFound, why)),
     };
     if let Err(err) = &outcome {
         tracing::info!(pod = %pod.label, %client, %destination, %err, "outbound connection failed");
     }
     tracked.finish_with(&outcome);
+}
+
+/// The metric labels of a connection from `pod`'s `client` to `destination` taking `route`,
+/// as `reporter` reports it.
+fn labels(
+    ctx: &ProxyContext,
+    config: &MeshConfig,
+    reporter: Reporter,
+    pod: &PodProxy,
+    client: SocketAddr,
+    destination: SocketAddr,
+    route: &Route,
+) -> TrafficLabels {
+    let target = route.target();
+    let target_identity = target.and_then(|t| identity_at(ctx, config, t.ip()));
+    TrafficLabels::new(&Observed {
+        reporter,
+        source: describe(config, client.ip(), Some(pod)),
+        source_identity: Some(&pod.identity),
+        destination: target.and_then(|t| describe(config, t.ip(), None)),
+        destination_identity: target_identity.as_ref(),
+        service: config.service_at(destination),
+        mutual_tls: route.carries_identities(),
+    })
 }
 
 /// A CONNECT stream to `peer` from the pod's netns and identity, for a connection from
