@@ -180,8 +180,12 @@ fn metrics_and_access_logs_report_both_sides_and_the_kernel() {
         "both paths serve the metrics"
     );
 
-    // One access log line per connection end, on each side (the daemons log to their files).
+    // One access log line per connection end, on each side (the daemons log to their files;
+    // lines are written in batches, a few milliseconds late).
     let log = |node: &str| std::fs::read_to_string(node_spec(node).unwrap().log_path()).unwrap();
+    eventually("the access log lines are written", || {
+        log("node1").contains("connection complete") && log("node2").contains("src.workload=u1")
+    });
     let outbound = log("node1")
         .lines()
         .filter(|l| l.contains("connection complete direction=outbound pod=demo/a1 "))
