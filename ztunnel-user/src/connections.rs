@@ -212,16 +212,11 @@ impl Tracked {
         }
     }
 
-    /// Runs `relay` until it ends or the connection is revoked (which drops, so closes, both
-    /// sides).
-    pub async fn relay_until_revoked<F>(&self, relay: F) -> io::Result<(u64, u64)>
-    where
-        F: Future<Output = io::Result<(u64, u64)>>,
-    {
-        tokio::select! {
-            outcome = relay => outcome,
-            err = self.revoked() => Err(err),
-        }
+    /// Logs the error that ended the connection, with what it was.
+    pub fn log_failure(&self, err: &io::Error) {
+        let live = lock(&self.record);
+        tracing::info!(pod = %live.pod, direction = ?live.direction, source = %live.source,
+            destination = %live.original_destination, %err, "connection ended with an error");
     }
 
     /// Reports how the connection ended: `Ok((sent, received))`, where `sent` went from the
@@ -229,11 +224,13 @@ impl Tracked {
     pub fn finish_with(mut self, outcome: &io::Result<(u64, u64)>) {
         match outcome {
             Ok((sent, received)) => self.report(*sent, *received, ResponseFlags::None, None),
-            Err(err) => {
-                let flags = flags_of(err);
-                self.report(0, 0, flags, Some(err.to_string()));
-            }
+            Err(err) => self.failed(err),
         }
+    }
+
+    /// The connection ended with `err` before or instead of carrying anything.
+    pub fn failed(mut self, err: &io::Error) {
+        self.report(0, 0, flags_of(err), Some(err.to_string()));
     }
 
     /// `sent` is what went from the client to the destination, `received` the other way.

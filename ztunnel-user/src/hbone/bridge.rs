@@ -3,12 +3,19 @@
 //! for a direction while it is idle: a read's buffer is allocated once the socket is
 //! readable and handed to h2 as it is (no copy), and what h2 hands over is written from its
 //! own buffers.
+//!
+//! The relay is a hand-written future rather than an async fn: it lives as long as the
+//! connection, and polling readiness directly keeps its state to the sockets, the stream
+//! handles and the bytes in flight (an async fn would also hold each await's future).
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use socket2::SockRef;
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use tokio::net::TcpStream;
 
 /// Read sizes from TCP. Reads start small (a request, a handshake) and grow while they fill
@@ -17,31 +24,157 @@ use tokio::net::TcpStream;
 const MIN_READ: usize = 16 * 1024;
 const MAX_READ: usize = 256 * 1024;
 
-/// Relays both ways until both directions finished. Returns (bytes TCP -> stream, bytes
-/// stream -> TCP).
-pub async fn bridge(
+/// Relays both ways until both directions finished. Resolves to (bytes TCP -> stream, bytes
+/// stream -> TCP); an error in either direction ends both.
+pub fn bridge(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Bridge {
+    Bridge {
+        tcp,
+        upload: Upload {
+            send,
+            pending: Bytes::new(),
+            read_size: MIN_READ,
+            total: 0,
+            done: false,
+        },
+        download: Download {
+            recv,
+            pending: Bytes::new(),
+            unreleased: 0,
+            total: 0,
+            done: false,
+        },
+    }
+}
+
+pub struct Bridge {
     tcp: TcpStream,
+    upload: Upload,
+    download: Download,
+}
+
+/// TCP -> stream.
+struct Upload {
     send: SendStream<Bytes>,
+    /// Read from TCP, not yet given to h2 (waiting for flow-control credit).
+    pending: Bytes,
+    read_size: usize,
+    total: u64,
+    done: bool,
+}
+
+/// Stream -> TCP.
+struct Download {
     recv: RecvStream,
-) -> io::Result<(u64, u64)> {
-    tokio::try_join!(tcp_to_stream(&tcp, send), stream_to_tcp(recv, &tcp))
+    /// Received from h2, not yet written to TCP.
+    pending: Bytes,
+    /// Window to return to the peer once `pending` is written: backpressure end to end.
+    unreleased: usize,
+    total: u64,
+    done: bool,
 }
 
-/// What one read of the socket gave.
-enum Read {
-    Data(Bytes),
-    Eof,
-    NotYet,
+impl Future for Bridge {
+    type Output = io::Result<(u64, u64)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // Both directions are polled on every wake: each registers for what it waits on.
+        let upload = if this.upload.done {
+            Poll::Ready(Ok(()))
+        } else {
+            this.upload.poll(&this.tcp, cx)
+        };
+        let download = if this.download.done {
+            Poll::Ready(Ok(()))
+        } else {
+            this.download.poll(&this.tcp, cx)
+        };
+        match (upload, download) {
+            (Poll::Ready(Err(err)), _) | (_, Poll::Ready(Err(err))) => Poll::Ready(Err(err)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                Poll::Ready(Ok((this.upload.total, this.download.total)))
+            }
+            _ => Poll::Pending,
+        }
+    }
 }
 
-/// One read of up to `size` bytes, into a buffer of its own.
-fn read_once(tcp: &TcpStream, size: usize) -> io::Result<Read> {
-    let mut buffer = BytesMut::with_capacity(size);
-    match tcp.try_read_buf(&mut buffer) {
-        Ok(0) => Ok(Read::Eof),
-        Ok(_) => Ok(Read::Data(buffer.freeze())),
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(Read::NotYet),
-        Err(err) => Err(err),
+impl Upload {
+    /// Ready once TCP reached EOF and END_STREAM was sent.
+    fn poll(&mut self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                // Wait for credit so memory stays bounded by the peer's window.
+                self.send.reserve_capacity(self.pending.len());
+                let granted = match ready!(self.send.poll_capacity(cx)) {
+                    Some(granted) => granted.map_err(h2_error)?,
+                    None => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::BrokenPipe,
+                            "HBONE stream closed by the peer",
+                        )));
+                    }
+                };
+                let chunk = self.pending.split_to(granted.min(self.pending.len()));
+                self.send.send_data(chunk, false).map_err(h2_error)?;
+                continue;
+            }
+            ready!(tcp.poll_read_ready(cx))?;
+            let mut buffer = BytesMut::with_capacity(self.read_size);
+            match tcp.try_read_buf(&mut buffer) {
+                Ok(0) => {
+                    self.send.send_data(Bytes::new(), true).map_err(h2_error)?;
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(read) => {
+                    self.total += read as u64;
+                    self.read_size = next_read_size(self.read_size, read);
+                    self.pending = buffer.freeze();
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+    }
+}
+
+impl Download {
+    /// Ready once END_STREAM arrived and TCP's write side was shut down.
+    fn poll(&mut self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if !self.pending.is_empty() {
+                ready!(tcp.poll_write_ready(cx))?;
+                match tcp.try_write(&self.pending) {
+                    Ok(written) => {
+                        let _ = self.pending.split_to(written);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Poll::Ready(Err(err)),
+                }
+                continue;
+            }
+            if self.unreleased > 0 {
+                self.recv
+                    .flow_control()
+                    .release_capacity(self.unreleased)
+                    .map_err(h2_error)?;
+                self.unreleased = 0;
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(data) => {
+                    let data = data.map_err(h2_error)?;
+                    self.total += data.len() as u64;
+                    self.unreleased = data.len();
+                    self.pending = data;
+                }
+                None => {
+                    SockRef::from(tcp).shutdown(Shutdown::Write)?;
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
     }
 }
 
@@ -54,66 +187,6 @@ fn next_read_size(size: usize, read: usize) -> usize {
     } else {
         size
     }
-}
-
-async fn tcp_to_stream(tcp: &TcpStream, mut send: SendStream<Bytes>) -> io::Result<u64> {
-    let mut total = 0u64;
-    let mut size = MIN_READ;
-    loop {
-        tcp.readable().await?;
-        let mut pending = match read_once(tcp, size)? {
-            Read::Data(data) => data,
-            Read::Eof => {
-                send.send_data(Bytes::new(), true).map_err(h2_error)?;
-                return Ok(total);
-            }
-            Read::NotYet => continue,
-        };
-        total += pending.len() as u64;
-        size = next_read_size(size, pending.len());
-        while !pending.is_empty() {
-            // Wait for flow-control credit so memory stays bounded by the peer's window.
-            send.reserve_capacity(pending.len());
-            let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
-                Some(granted) => granted.map_err(h2_error)?,
-                None => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "HBONE stream closed by the peer",
-                    ));
-                }
-            };
-            let chunk = pending.split_to(granted.min(pending.len()));
-            send.send_data(chunk, false).map_err(h2_error)?;
-        }
-    }
-}
-
-async fn stream_to_tcp(mut recv: RecvStream, tcp: &TcpStream) -> io::Result<u64> {
-    let mut total = 0u64;
-    while let Some(data) = recv.data().await {
-        let data = data.map_err(h2_error)?;
-        write_all(tcp, &data).await?;
-        total += data.len() as u64;
-        // Return the window only once the bytes left for the socket: backpressure end to end.
-        recv.flow_control()
-            .release_capacity(data.len())
-            .map_err(h2_error)?;
-    }
-    SockRef::from(tcp).shutdown(Shutdown::Write)?;
-    Ok(total)
-}
-
-async fn write_all(tcp: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        tcp.writable().await?;
-        match tcp.try_write(data) {
-            Ok(written) => data = &data[written..],
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => return Err(err),
-        }
-    }
-    Ok(())
 }
 
 pub fn h2_error(err: h2::Error) -> io::Error {

@@ -63,11 +63,11 @@ fn traceparent() -> String {
     format!("00-{trace:032x}-{span:016x}-01")
 }
 
-/// An open CONNECT stream. Holding it keeps the connection's stream count.
+/// An open CONNECT stream. Holding its slot keeps the connection's stream count.
 pub struct HboneStream {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
-    _slot: StreamSlot,
+    pub slot: StreamSlot,
 }
 
 struct PooledConnection {
@@ -86,7 +86,7 @@ impl PooledConnection {
 }
 
 /// One stream's share of a connection, returned on drop.
-struct StreamSlot(Arc<PooledConnection>);
+pub struct StreamSlot(Arc<PooledConnection>);
 
 impl StreamSlot {
     fn take(connection: &Arc<PooledConnection>) -> StreamSlot {
@@ -175,7 +175,7 @@ impl Pool {
         Ok(HboneStream {
             send,
             recv: response.into_body(),
-            _slot: slot,
+            slot,
         })
     }
 

@@ -2,11 +2,12 @@
 //! listener; each CONNECT stream is authorized (401 if denied) and delivered to the app in
 //! that pod.
 
-use super::bridge::{bridge, h2_error};
+use super::bridge::h2_error;
 use crate::api::Direction;
 use crate::connections::Subject;
 use crate::identity::Identity;
 use crate::metrics::{Observed, Reporter, TrafficLabels};
+use crate::proxy::carry::{Carriage, Connected};
 use crate::proxy::{PodProxy, ProxyContext, describe, sockets::connect_from};
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -54,6 +55,9 @@ where
         tokio::select! {
             stream = connection.accept() => match stream {
                 Some(Ok((request, respond))) => {
+                    // Boxed: a task's arguments stay in its state for as long as it lives,
+                    // and the request is needed only until the stream is set up.
+                    let request = Box::new(request);
                     tokio::spawn(serve_stream(ctx.clone(), pod.clone(), peer.clone(), request, respond));
                 }
                 Some(Err(err)) => {
@@ -136,15 +140,34 @@ async fn serve_stream(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     peer: Arc<Peer>,
+    request: Box<Request<h2::RecvStream>>,
+    respond: SendResponse<Bytes>,
+) {
+    let _stream = ctx.hbone_streams.open();
+    // let-else, not if-let: the scrutinee's temporary would stay in the task's state.
+    let Some(mut carriage) = Box::pin(accept_stream(&ctx, &pod, &peer, *request, respond)).await
+    else {
+        return;
+    };
+    let outcome = carriage.run().await;
+    carriage.finish(outcome);
+}
+
+/// Checks, authorizes and delivers one CONNECT request, answering it; `None` if it was
+/// refused or could not be delivered.
+async fn accept_stream(
+    ctx: &Arc<ProxyContext>,
+    pod: &Arc<PodProxy>,
+    peer: &Peer,
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> Option<Carriage> {
     let target = match target_of(&request, peer.local) {
         Ok(target) => target,
         Err(refusal) => {
             tracing::info!(pod = %pod.label, peer = %peer.addr, identity = %peer.identity, %refusal, "HBONE request refused");
             reply(&mut respond, refusal.status());
-            return;
+            return None;
         }
     };
     let client = original_client(&request, peer.addr);
@@ -153,12 +176,11 @@ async fn serve_stream(
         reporter: Reporter::Destination,
         source: describe(&config, peer.addr.ip(), None),
         source_identity: Some(&peer.identity),
-        destination: describe(&config, target.ip(), Some(&pod)),
+        destination: describe(&config, target.ip(), Some(pod)),
         destination_identity: Some(&pod.identity),
         service: None,
         mutual_tls: true,
     });
-    let _stream = ctx.hbone_streams.open();
     let mut tracked =
         ctx.connections
             .record(Direction::Inbound, &pod.label, client, target, labels);
@@ -168,36 +190,26 @@ async fn serve_stream(
         destination: target,
         identity: Some(peer.identity.clone()),
     };
-    if let Err(denial) = ctx.authorize(&config, &pod, &mut tracked, subject) {
+    if let Err(denial) = ctx.authorize(&config, pod, &mut tracked, subject) {
         reply(&mut respond, StatusCode::UNAUTHORIZED);
         tracked.denied(&denial);
-        return;
+        return None;
     }
     // The 200 goes out only once the app accepted: the client learns of a refusal.
-    let app = match Box::pin(connect_from(&ctx, &pod.netns, Some(peer.addr.ip()), target)).await {
+    let app = match connect_from(ctx, &pod.netns, Some(peer.addr.ip()), target).await {
         Ok(app) => app,
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");
             reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            tracked.finish_with(&Err(err));
-            return;
+            tracked.failed(&err);
+            return None;
         }
     };
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(send) => send,
-        Err(err) => {
-            tracked.finish(0, 0, Some(h2_error(err).to_string()));
-            return;
-        }
-    };
-    match tracked
-        .relay_until_revoked(bridge(app, send, request.into_body()))
-        .await
-    {
-        // bridge counts app -> stream first; the record counts client -> app as sent.
-        Ok((from_app, to_app)) => tracked.finish(to_app, from_app, None),
-        Err(err) => tracked.finish(0, 0, Some(err.to_string())),
-    }
+    let delivered = respond
+        .send_response(Response::new(()), false)
+        .map_err(h2_error)
+        .map(|send| Connected::to_app(app, send, request.into_body()));
+    Carriage::after(tracked, delivered)
 }
 
 fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {

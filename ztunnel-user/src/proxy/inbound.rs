@@ -1,6 +1,7 @@
 //! Connections to a pod: plaintext steered by `sk_lookup` into the 15006 listener, and HBONE
 //! on 15008; both authorized, then delivered to the app from the client's own address.
 
+use super::carry::{Carriage, Connected};
 use super::outbound::open_hbone;
 use super::relay::relay;
 use super::route::Route;
@@ -8,7 +9,6 @@ use super::sockets::connect_from;
 use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
 use crate::connections::Subject;
-use crate::hbone::bridge::bridge;
 use crate::hbone::mtls::accept;
 use crate::hbone::server::{Peer, serve_connection};
 use crate::metrics::{Observed, Reporter, TrafficLabels};
@@ -23,24 +23,40 @@ pub(super) async fn handle(
     stream: TcpStream,
     client: SocketAddr,
 ) {
+    // let-else, not if-let: the scrutinee's temporary would stay in the task's state.
+    let Some(mut carriage) = Box::pin(set_up(&ctx, &pod, stream, client)).await else {
+        return;
+    };
+    let outcome = carriage.run().await;
+    carriage.finish(outcome);
+}
+
+/// Finds the original destination, authorizes and connects to the app (or sends a client
+/// that bypassed the pod's waypoint to it); `None` if the connection ended there.
+async fn set_up(
+    ctx: &Arc<ProxyContext>,
+    pod: &Arc<PodProxy>,
+    stream: TcpStream,
+    client: SocketAddr,
+) -> Option<Carriage> {
     let destination = match ctx.inbound_destination(&stream) {
         Ok(addr) => addr,
         Err(err) => {
             tracing::warn!(pod = %pod.label, %client, %err, "cannot read the original destination");
-            return;
+            return None;
         }
     };
     if ports::is_proxy_port(destination.port()) {
         // A direct connection to 15006 itself: delivering it would loop back here.
         tracing::warn!(pod = %pod.label, %client, %destination, "refusing a connection to a proxy port");
-        return;
+        return None;
     }
     let config = ctx.mesh.current();
     let labels = TrafficLabels::new(&Observed {
         reporter: Reporter::Destination,
         source: describe(&config, client.ip(), None),
         source_identity: None,
-        destination: describe(&config, destination.ip(), Some(&pod)),
+        destination: describe(&config, destination.ip(), Some(pod)),
         destination_identity: Some(&pod.identity),
         service: None,
         mutual_tls: false,
@@ -50,46 +66,33 @@ pub(super) async fn handle(
             .record(Direction::Inbound, &pod.label, client, destination, labels);
     // A client that bypassed the pod's waypoint is sent to it; the waypoint's own
     // connections are not (`waypoint_of`).
-    if let Some(Route::Hbone {
+    let connected = if let Some(Route::Hbone {
         peer,
         authority,
         identities,
     }) = Route::waypoint_of(&config, client.ip(), destination)
     {
-        let outcome =
-            match Box::pin(open_hbone(&ctx, &pod, client, peer, authority, identities)).await {
-                Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
-                Err(err) => Err(err),
-            };
-        tracked.finish_with(&outcome);
-        return;
-    }
-    let subject = Subject {
-        namespace: pod.namespace.clone(),
-        source: client.ip(),
-        destination,
-        identity: None,
+        open_hbone(ctx, pod, client, peer, authority, identities)
+            .await
+            .map(|hbone| Connected::over_hbone(stream, hbone))
+    } else {
+        let subject = Subject {
+            namespace: pod.namespace.clone(),
+            source: client.ip(),
+            destination,
+            identity: None,
+        };
+        if let Err(denial) = ctx.authorize(&config, pod, &mut tracked, subject) {
+            // Dropping the stream closes the connection: all plaintext clients get from a
+            // denial.
+            tracked.denied(&denial);
+            return None;
+        }
+        connect_from(ctx, &pod.netns, Some(client.ip()), destination)
+            .await
+            .map(|app| Connected::splice(relay(stream, app)))
     };
-    if let Err(denial) = ctx.authorize(&config, &pod, &mut tracked, subject) {
-        // Dropping the stream closes the connection: all plaintext clients get from a denial.
-        tracked.denied(&denial);
-        return;
-    }
-    let outcome = match Box::pin(connect_from(
-        &ctx,
-        &pod.netns,
-        Some(client.ip()),
-        destination,
-    ))
-    .await
-    {
-        Ok(app) => tracked.relay_until_revoked(relay(stream, app)).await,
-        Err(err) => Err(err),
-    };
-    if let Err(err) = &outcome {
-        tracing::info!(pod = %pod.label, %client, %destination, %err, "inbound connection ended with an error");
-    }
-    tracked.finish_with(&outcome);
+    Carriage::after(tracked, connected)
 }
 
 /// An mTLS connection on the pod's 15008: its CONNECT streams are served by the HBONE server.

@@ -8,6 +8,7 @@
 //! state; so the steps that run once at the start (connects, TLS handshakes, opening an HBONE
 //! stream) are awaited boxed, and an idle connection keeps only what its relay needs.
 
+pub mod carry;
 mod inbound;
 mod outbound;
 mod relay;
@@ -307,7 +308,10 @@ async fn accept_loop<Handle, Handled>(
     kind: &'static str,
     handle: Handle,
 ) where
-    Handle: Fn(Arc<ProxyContext>, Arc<PodProxy>, TcpStream, SocketAddr) -> Handled,
+    Handle: Fn(Arc<ProxyContext>, Arc<PodProxy>, TcpStream, SocketAddr) -> Handled
+        + Copy
+        + Send
+        + 'static,
     Handled: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -319,8 +323,12 @@ async fn accept_loop<Handle, Handled>(
                     tracing::debug!(pod = %pod.label, %client, %err, "cannot set TCP_NODELAY");
                 }
                 let mut released = pod.released.subscribe();
-                let handled = handle(ctx.clone(), pod.clone(), stream, client);
+                let (ctx, pod) = (ctx.clone(), pod.clone());
                 tokio::spawn(async move {
+                    // Made inside the task, not moved into it: a future captured by an async
+                    // block is stored twice (as the capture and as the awaited local), which
+                    // would double every connection's task.
+                    let handled = handle(ctx, pod, stream, client);
                     tokio::select! {
                         () = handled => {}
                         _ = released.wait_for(|released| *released) => {}

@@ -1,6 +1,7 @@
 //! Connections a pod opened, captured by `connect4/6` into the 15001 listener, carried the
 //! way `Route` says.
 
+use super::carry::{Carriage, Connected};
 use super::relay::relay;
 use super::route::Route;
 use super::sockets::connect_from;
@@ -8,7 +9,6 @@ use super::{PodProxy, ProxyContext, describe, identity_at};
 use crate::api::Direction;
 use crate::config::MeshConfig;
 use crate::connections::Subject;
-use crate::hbone::bridge::bridge;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
 use crate::identity::Identity;
 use crate::metrics::{Observed, Reporter, TrafficLabels};
@@ -29,9 +29,26 @@ pub(super) async fn handle(
         tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
         return;
     };
+    // let-else, not if-let: the scrutinee's temporary would stay in the task's state.
+    let Some(mut carriage) = Box::pin(set_up(&ctx, &pod, stream, client, destination)).await else {
+        return;
+    };
+    let outcome = carriage.run().await;
+    carriage.finish(outcome);
+}
+
+/// Routes, authorizes (same node) and connects; `None` if the connection ended there (its
+/// records say why).
+async fn set_up(
+    ctx: &Arc<ProxyContext>,
+    pod: &Arc<PodProxy>,
+    stream: TcpStream,
+    client: SocketAddr,
+    destination: SocketAddr,
+) -> Option<Carriage> {
     let config = ctx.mesh.current();
-    let route = Route::outbound(&ctx, &config, client.ip(), destination);
-    let labels = |reporter| labels(&ctx, &config, reporter, &pod, client, destination, &route);
+    let route = Route::outbound(ctx, &config, client.ip(), destination);
+    let labels = |reporter| labels(ctx, &config, reporter, pod, client, destination, &route);
     let tracked = ctx.connections.record(
         Direction::Outbound,
         &pod.label,
@@ -39,7 +56,7 @@ pub(super) async fn handle(
         destination,
         labels(Reporter::Source),
     );
-    let outcome = match route {
+    let connected = match route {
         Route::SameNode {
             pod: ref target,
             target: to,
@@ -57,38 +74,34 @@ pub(super) async fn handle(
                 destination: to,
                 identity: Some(pod.identity.clone()),
             };
-            let outcome = match ctx.authorize(&config, target, &mut delivered, subject) {
-                Ok(()) => {
-                    match Box::pin(connect_from(&ctx, &target.netns, Some(client.ip()), to)).await {
-                        Ok(app) => delivered.relay_until_revoked(relay(stream, app)).await,
-                        Err(err) => Err(err),
-                    }
-                }
+            let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
+                Ok(()) => connect_from(ctx, &target.netns, Some(client.ip()), to).await,
                 Err(denial) => Err(io::Error::new(io::ErrorKind::PermissionDenied, denial)),
             };
-            delivered.finish_with(&outcome);
-            outcome
+            match connected {
+                Ok(app) => Ok(Connected {
+                    delivered: Some(delivered),
+                    ..Connected::splice(relay(stream, app))
+                }),
+                Err(err) => {
+                    delivered.failed(&err);
+                    Err(err)
+                }
+            }
         }
         Route::Hbone {
             peer,
             authority,
             identities,
-        } => match Box::pin(open_hbone(&ctx, &pod, client, peer, authority, identities)).await {
-            Ok(hbone) => bridge(stream, hbone.send, hbone.recv).await,
-            Err(err) => Err(err),
-        },
-        Route::Passthrough { target } => {
-            match Box::pin(connect_from(&ctx, &pod.netns, None, target)).await {
-                Ok(upstream) => relay(stream, upstream).await,
-                Err(err) => Err(err),
-            }
-        }
+        } => open_hbone(ctx, pod, client, peer, authority, identities)
+            .await
+            .map(|hbone| Connected::over_hbone(stream, hbone)),
+        Route::Passthrough { target } => connect_from(ctx, &pod.netns, None, target)
+            .await
+            .map(|upstream| Connected::splice(relay(stream, upstream))),
         Route::Unavailable(why) => Err(io::Error::new(io::ErrorKind::NotFound, why)),
     };
-    if let Err(err) = &outcome {
-        tracing::info!(pod = %pod.label, %client, %destination, %err, "outbound connection failed");
-    }
-    tracked.finish_with(&outcome);
+    Carriage::after(tracked, connected)
 }
 
 /// The metric labels of a connection from `pod`'s `client` to `destination` taking `route`,

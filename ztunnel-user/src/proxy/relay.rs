@@ -2,11 +2,18 @@
 //! half-close carried across. The bytes never enter userspace: each direction splices from
 //! one socket into a pipe and from the pipe into the other socket. A direction makes its pipe
 //! when its first byte arrives, so an idle connection holds no pipe and no buffer.
+//!
+//! The relay is a hand-written future: it lives as long as the connection, and polling
+//! readiness directly keeps its state to the two sockets and each direction's pipe and
+//! counters.
 
 use socket2::SockRef;
+use std::future::Future;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -14,45 +21,95 @@ use tokio::net::TcpStream;
 const PIPE_SIZE: usize = 1024 * 1024;
 
 /// Relays until both directions reached EOF (each EOF is passed on as a write shutdown).
-/// Returns (bytes `a` -> `b`, bytes `b` -> `a`).
-pub async fn relay(a: TcpStream, b: TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(pump(&a, &b), pump(&b, &a))
+/// Resolves to (bytes `a` -> `b`, bytes `b` -> `a`); an error in either direction ends both.
+pub fn relay(a: TcpStream, b: TcpStream) -> Relay {
+    Relay {
+        a,
+        b,
+        a_to_b: Pump::default(),
+        b_to_a: Pump::default(),
+    }
+}
+
+pub struct Relay {
+    a: TcpStream,
+    b: TcpStream,
+    a_to_b: Pump,
+    b_to_a: Pump,
+}
+
+impl Future for Relay {
+    type Output = io::Result<(u64, u64)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        // Both directions are polled on every wake: each registers for what it waits on.
+        let forward = this.a_to_b.poll(&this.a, &this.b, cx);
+        let backward = this.b_to_a.poll(&this.b, &this.a, cx);
+        match (forward, backward) {
+            (Poll::Ready(Err(err)), _) | (_, Poll::Ready(Err(err))) => Poll::Ready(Err(err)),
+            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
+                Poll::Ready(Ok((this.a_to_b.total, this.b_to_a.total)))
+            }
+            _ => Poll::Pending,
+        }
+    }
 }
 
 /// One direction: `from` to `to`, until `from`'s EOF, which becomes `to`'s write shutdown.
-async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
-    let mut pipe: Option<Pipe> = None;
-    let mut total = 0u64;
-    loop {
-        from.readable().await?;
-        let pipe = match &mut pipe {
-            Some(pipe) => pipe,
-            None => pipe.insert(Pipe::new()?),
-        };
-        let read = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)
-        }) {
-            Ok(0) => {
-                SockRef::from(to).shutdown(Shutdown::Write)?;
-                return Ok(total);
+#[derive(Default)]
+struct Pump {
+    pipe: Option<Pipe>,
+    /// Spliced into the pipe, not yet out of it.
+    in_pipe: usize,
+    total: u64,
+    done: bool,
+}
+
+impl Pump {
+    fn poll(
+        &mut self,
+        from: &TcpStream,
+        to: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while !self.done {
+            let pipe = match &mut self.pipe {
+                Some(pipe) => pipe,
+                None => {
+                    ready!(from.poll_read_ready(cx))?;
+                    self.pipe.insert(Pipe::new()?)
+                }
+            };
+            // Empty the pipe into `to` before reading more: the pipe bounds what is in flight.
+            if self.in_pipe > 0 {
+                ready!(to.poll_write_ready(cx))?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe.read.as_raw_fd(), to.as_raw_fd(), self.in_pipe)
+                }) {
+                    Ok(written) => self.in_pipe -= written,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Poll::Ready(Err(err)),
+                }
+                continue;
             }
-            Ok(read) => read,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(err),
-        };
-        // Empty the pipe into `to` before reading more: the pipe bounds what is in flight.
-        let mut left = read;
-        while left > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left)
+            ready!(from.poll_read_ready(cx))?;
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)
             }) {
-                Ok(written) => left -= written,
+                Ok(0) => {
+                    SockRef::from(to).shutdown(Shutdown::Write)?;
+                    self.done = true;
+                }
+                Ok(read) => {
+                    self.in_pipe = read;
+                    self.total += read as u64;
+                }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(err),
+                Err(err) => return Poll::Ready(Err(err)),
             }
         }
-        total += read as u64;
+        Poll::Ready(Ok(()))
     }
 }
 
