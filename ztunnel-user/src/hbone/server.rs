@@ -7,7 +7,7 @@ use crate::api::Direction;
 use crate::connections::Subject;
 use crate::identity::Identity;
 use crate::metrics::{Observed, Reporter, TrafficLabels};
-use crate::proxy::carry::{Carriage, Connected};
+use crate::proxy::carry::{self, Carriage, Connected};
 use crate::proxy::{PodProxy, ProxyContext, describe, sockets::connect_from};
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -144,13 +144,10 @@ async fn serve_stream(
     respond: SendResponse<Bytes>,
 ) {
     let _stream = ctx.hbone_streams.open();
-    // let-else, not if-let: the scrutinee's temporary would stay in the task's state.
-    let Some(mut carriage) = Box::pin(accept_stream(&ctx, &pod, &peer, *request, respond)).await
-    else {
-        return;
-    };
-    let outcome = carriage.run().await;
-    carriage.finish(outcome);
+    carry::serve(Box::pin(accept_stream(
+        &ctx, &pod, &peer, *request, respond,
+    )))
+    .await;
 }
 
 /// Checks, authorizes and delivers one CONNECT request, answering it; `None` if it was

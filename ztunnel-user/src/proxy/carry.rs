@@ -91,6 +91,20 @@ impl Connected {
     }
 }
 
+/// Serves a connection: its set-up (boxed, so that its state is freed once it is done), then,
+/// if that made a connection, the carrying.
+pub async fn serve<SetUp>(set_up: Pin<Box<SetUp>>)
+where
+    SetUp: Future<Output = Option<Carriage>>,
+{
+    // let-else, not if-let: the scrutinee's temporary would stay in the task's state.
+    let Some(mut carriage) = set_up.await else {
+        return;
+    };
+    let outcome = carriage.run().await;
+    carriage.finish(outcome);
+}
+
 /// A connection carrying bytes, and its records.
 pub struct Carriage {
     connected: Connected,
@@ -115,7 +129,7 @@ impl Carriage {
     /// Carries until both sides are done or the authorized record is revoked. Runs on the
     /// handler's own `Carriage`, borrowed: an async fn keeps a value it takes twice in its
     /// state, and this state lives as long as the connection.
-    pub async fn run(&mut self) -> io::Result<(u64, u64)> {
+    async fn run(&mut self) -> io::Result<(u64, u64)> {
         let authorized = self.connected.delivered.as_ref().unwrap_or(&self.tracked);
         tokio::select! {
             outcome = &mut self.connected.carrier => outcome,
@@ -125,7 +139,7 @@ impl Carriage {
 
     /// Closes both sides (if a revocation ended the carrying, that is what closes them) and
     /// reports how the connection ended on every record.
-    pub fn finish(self, outcome: io::Result<(u64, u64)>) {
+    fn finish(self, outcome: io::Result<(u64, u64)>) {
         let Carriage { connected, tracked } = self;
         drop((connected.carrier, connected.slot));
         if let Err(err) = &outcome {

@@ -1,7 +1,7 @@
 //! Connections to a pod: plaintext steered by `sk_lookup` into the 15006 listener, and HBONE
 //! on 15008; both authorized, then delivered to the app from the client's own address.
 
-use super::carry::{Carriage, Connected};
+use super::carry::{self, Carriage, Connected};
 use super::outbound::open_hbone;
 use super::relay::relay;
 use super::route::Route;
@@ -23,12 +23,7 @@ pub(super) async fn handle(
     stream: TcpStream,
     client: SocketAddr,
 ) {
-    // let-else, not if-let: the scrutinee's temporary would stay in the task's state.
-    let Some(mut carriage) = Box::pin(set_up(&ctx, &pod, stream, client)).await else {
-        return;
-    };
-    let outcome = carriage.run().await;
-    carriage.finish(outcome);
+    carry::serve(Box::pin(set_up(&ctx, &pod, stream, client))).await;
 }
 
 /// Finds the original destination, authorizes and connects to the app (or sends a client

@@ -5,8 +5,9 @@
 //! `ProxyContext::authorize` the one place that applies the policies.
 //!
 //! A connection's task lives as long as the connection, and its size is that of its largest
-//! state; so the steps that run once at the start (connects, TLS handshakes, opening an HBONE
-//! stream) are awaited boxed, and an idle connection keeps only what its relay needs.
+//! state; so each handler runs its set-up (routing, authorization, connects, TLS handshakes,
+//! opening an HBONE stream) boxed, and what stays for the connection's life is a
+//! `carry::Carriage`: the relay's few hundred bytes and the connection's records.
 
 pub mod carry;
 mod inbound;

@@ -1,7 +1,7 @@
 //! Connections a pod opened, captured by `connect4/6` into the 15001 listener, carried the
 //! way `Route` says.
 
-use super::carry::{Carriage, Connected};
+use super::carry::{self, Carriage, Connected};
 use super::relay::relay;
 use super::route::Route;
 use super::sockets::connect_from;
@@ -29,12 +29,7 @@ pub(super) async fn handle(
         tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
         return;
     };
-    // let-else, not if-let: the scrutinee's temporary would stay in the task's state.
-    let Some(mut carriage) = Box::pin(set_up(&ctx, &pod, stream, client, destination)).await else {
-        return;
-    };
-    let outcome = carriage.run().await;
-    carriage.finish(outcome);
+    carry::serve(Box::pin(set_up(&ctx, &pod, stream, client, destination))).await;
 }
 
 /// Routes, authorizes (same node) and connects; `None` if the connection ended there (its
