@@ -8,6 +8,7 @@
 //! connection, and polling readiness directly keeps its state to the sockets, the stream
 //! handles and the bytes in flight (an async fn would also hold each await's future).
 
+use crate::proxy::relay::both_directions;
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use socket2::SockRef;
@@ -79,30 +80,17 @@ impl Future for Bridge {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         // Both directions are polled on every wake: each registers for what it waits on.
-        let upload = if this.upload.done {
-            Poll::Ready(Ok(()))
-        } else {
-            this.upload.poll(&this.tcp, cx)
-        };
-        let download = if this.download.done {
-            Poll::Ready(Ok(()))
-        } else {
-            this.download.poll(&this.tcp, cx)
-        };
-        match (upload, download) {
-            (Poll::Ready(Err(err)), _) | (_, Poll::Ready(Err(err))) => Poll::Ready(Err(err)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
-                Poll::Ready(Ok((this.upload.total, this.download.total)))
-            }
-            _ => Poll::Pending,
-        }
+        let upload = this.upload.poll(&this.tcp, cx);
+        let download = this.download.poll(&this.tcp, cx);
+        ready!(both_directions(upload, download))?;
+        Poll::Ready(Ok((this.upload.total, this.download.total)))
     }
 }
 
 impl Upload {
     /// Ready once TCP reached EOF and END_STREAM was sent.
     fn poll(&mut self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
+        while !self.done {
             if !self.pending.is_empty() {
                 // Wait for credit so memory stays bounded by the peer's window.
                 self.send.reserve_capacity(self.pending.len());
@@ -125,7 +113,6 @@ impl Upload {
                 Ok(0) => {
                     self.send.send_data(Bytes::new(), true).map_err(h2_error)?;
                     self.done = true;
-                    return Poll::Ready(Ok(()));
                 }
                 Ok(read) => {
                     self.total += read as u64;
@@ -136,13 +123,14 @@ impl Upload {
                 Err(err) => return Poll::Ready(Err(err)),
             }
         }
+        Poll::Ready(Ok(()))
     }
 }
 
 impl Download {
     /// Ready once END_STREAM arrived and TCP's write side was shut down.
     fn poll(&mut self, tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
+        while !self.done {
             if !self.pending.is_empty() {
                 ready!(tcp.poll_write_ready(cx))?;
                 match tcp.try_write(&self.pending) {
@@ -171,10 +159,10 @@ impl Download {
                 None => {
                     SockRef::from(tcp).shutdown(Shutdown::Write)?;
                     self.done = true;
-                    return Poll::Ready(Ok(()));
                 }
             }
         }
+        Poll::Ready(Ok(()))
     }
 }
 

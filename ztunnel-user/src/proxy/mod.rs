@@ -12,7 +12,7 @@
 pub mod carry;
 mod inbound;
 mod outbound;
-mod relay;
+pub mod relay;
 mod route;
 pub mod sockets;
 

@@ -46,13 +46,20 @@ impl Future for Relay {
         // Both directions are polled on every wake: each registers for what it waits on.
         let forward = this.a_to_b.poll(&this.a, &this.b, cx);
         let backward = this.b_to_a.poll(&this.b, &this.a, cx);
-        match (forward, backward) {
-            (Poll::Ready(Err(err)), _) | (_, Poll::Ready(Err(err))) => Poll::Ready(Err(err)),
-            (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => {
-                Poll::Ready(Ok((this.a_to_b.total, this.b_to_a.total)))
-            }
-            _ => Poll::Pending,
-        }
+        ready!(both_directions(forward, backward))?;
+        Poll::Ready(Ok((this.a_to_b.total, this.b_to_a.total)))
+    }
+}
+
+/// Two directions of one relay as one: done when both are, failed as soon as either fails.
+pub fn both_directions(
+    forward: Poll<io::Result<()>>,
+    backward: Poll<io::Result<()>>,
+) -> Poll<io::Result<()>> {
+    match (forward, backward) {
+        (Poll::Ready(Err(err)), _) | (_, Poll::Ready(Err(err))) => Poll::Ready(Err(err)),
+        (Poll::Ready(Ok(())), Poll::Ready(Ok(()))) => Poll::Ready(Ok(())),
+        _ => Poll::Pending,
     }
 }
 
