@@ -246,7 +246,7 @@ impl Pods {
             netns,
             hbone_acceptor: self.ctx.tls.acceptor(&identity),
             identity: Arc::new(identity),
-            released: tokio::sync::watch::Sender::new(false),
+            released: tokio_util::sync::CancellationToken::new(),
         });
         let (pinned, serving) = match self.attach(&record, &pod, links) {
             Ok(done) => done,

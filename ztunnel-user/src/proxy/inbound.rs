@@ -12,18 +12,25 @@ use crate::connections::Subject;
 use crate::hbone::mtls::accept;
 use crate::hbone::server::{Peer, serve_connection};
 use crate::metrics::{Observed, Reporter, TrafficLabels};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use ztunnel_common::ports;
 
-pub(super) async fn handle(
+/// A plaintext connection's whole life (an async block, for the reason `outbound::handle`
+/// gives).
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep the arguments twice"
+)]
+pub(super) fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     stream: TcpStream,
     client: SocketAddr,
-) {
-    carry::serve(Box::pin(set_up(&ctx, &pod, stream, client))).await;
+) -> impl Future<Output = ()> + Send {
+    async move { carry::serve(Box::pin(set_up(&ctx, &pod, stream, client))).await }
 }
 
 /// Finds the original destination, authorizes and connects to the app (or sends a client

@@ -26,13 +26,17 @@ use crate::identity::Identity;
 use crate::mesh::Mesh;
 use crate::metrics::Described;
 use crate::netns::Netns;
+use pin_project_lite::pin_project;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::RwLock;
+use std::task::{Context, Poll};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 pub use sockets::ListenerError;
 
@@ -213,15 +217,15 @@ pub struct PodProxy {
     pub identity: Arc<Identity>,
     /// The mTLS server side of the pod's 15008, as `identity`.
     pub hbone_acceptor: tokio_rustls::TlsAcceptor,
-    /// Becomes true when the pod is released: its connections end (sockets in a deleted
-    /// pod's netns would otherwise keep the netns, and a drain waiting on them, alive).
-    pub released: tokio::sync::watch::Sender<bool>,
+    /// Cancelled when the pod is released: its connections end (sockets in a deleted pod's
+    /// netns would otherwise keep the netns, and a drain waiting on them, alive).
+    pub released: CancellationToken,
 }
 
 impl PodProxy {
     /// Ends every connection the proxy serves for the pod.
     pub fn release(&self) {
-        self.released.send_replace(true);
+        self.released.cancel();
     }
 
     /// The W3C `baggage` the pod's HBONE requests carry (Istio's keys).
@@ -309,10 +313,7 @@ async fn accept_loop<Handle, Handled>(
     kind: &'static str,
     handle: Handle,
 ) where
-    Handle: Fn(Arc<ProxyContext>, Arc<PodProxy>, TcpStream, SocketAddr) -> Handled
-        + Copy
-        + Send
-        + 'static,
+    Handle: Fn(Arc<ProxyContext>, Arc<PodProxy>, TcpStream, SocketAddr) -> Handled,
     Handled: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -323,18 +324,9 @@ async fn accept_loop<Handle, Handled>(
                 if let Err(err) = stream.set_nodelay(true) {
                     tracing::debug!(pod = %pod.label, %client, %err, "cannot set TCP_NODELAY");
                 }
-                let mut released = pod.released.subscribe();
-                let (ctx, pod) = (ctx.clone(), pod.clone());
-                tokio::spawn(async move {
-                    // Made inside the task, not moved into it: a future captured by an async
-                    // block is stored twice (as the capture and as the awaited local), which
-                    // would double every connection's task.
-                    let handled = handle(ctx, pod, stream, client);
-                    tokio::select! {
-                        () = handled => {}
-                        _ = released.wait_for(|released| *released) => {}
-                    }
-                });
+                let released = pod.released.clone().cancelled_owned();
+                let handled = handle(ctx.clone(), pod.clone(), stream, client);
+                tokio::spawn(UntilReleased { handled, released });
             }
             Err(err) => {
                 // Usually transient (out of file descriptors, a connection reset while queued):
@@ -343,5 +335,29 @@ async fn accept_loop<Handle, Handled>(
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
+    }
+}
+
+pin_project! {
+    /// A connection's handler, cut short when its pod is released. Written out rather than as
+    /// an async block, which would store the handler's future twice (as its capture and as the
+    /// local it awaits) and so double every connection's task.
+    struct UntilReleased<Handled> {
+        #[pin]
+        handled: Handled,
+        #[pin]
+        released: WaitForCancellationFutureOwned,
+    }
+}
+
+impl<Handled: Future<Output = ()>> Future for UntilReleased<Handled> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if this.released.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        this.handled.poll(cx)
     }
 }

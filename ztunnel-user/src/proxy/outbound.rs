@@ -12,24 +12,33 @@ use crate::connections::Subject;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
 use crate::identity::Identity;
 use crate::metrics::{Observed, Reporter, TrafficLabels};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub(super) async fn handle(
+/// A connection's whole life. An async block rather than an async fn: an async fn's state
+/// keeps its arguments twice, for as long as the connection lives.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep the arguments twice"
+)]
+pub(super) fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     stream: TcpStream,
     client: SocketAddr,
-) {
-    // Only connections the kernel captured have an original destination; anything else that
-    // reached 15001 (a direct connection to the port) is refused.
-    let Some(destination) = ctx.outbound_destination(&stream, client) else {
-        tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
-        return;
-    };
-    carry::serve(Box::pin(set_up(&ctx, &pod, stream, client, destination))).await;
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Only connections the kernel captured have an original destination; anything else
+        // that reached 15001 (a direct connection to the port) is refused.
+        let Some(destination) = ctx.outbound_destination(&stream, client) else {
+            tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
+            return;
+        };
+        carry::serve(Box::pin(set_up(&ctx, &pod, stream, client, destination))).await;
+    }
 }
 
 /// Routes, authorizes (same node) and connects; `None` if the connection ended there (its
