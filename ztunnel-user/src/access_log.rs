@@ -1,7 +1,8 @@
 //! Access logs: one line per proxied connection when it ends, as text or JSON. Lines are
 //! formatted where the connection ends and handed to a writer thread through a bounded queue:
-//! the proxy never waits for the log's output, and the writer writes them in batches. When the queue is full the line is dropped
-//! and counted (`ztunnel_access_log_dropped_total`), so a slow disk cannot stall traffic.
+//! the proxy never waits for the log's output, and the writer writes them in batches. When
+//! the queue is full the line is dropped and counted (`ztunnel_access_log_dropped_total`), so
+//! a slow disk cannot stall traffic.
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;

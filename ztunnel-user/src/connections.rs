@@ -233,11 +233,6 @@ impl Tracked {
         self.report(0, 0, flags_of(err), Some(err.to_string()));
     }
 
-    /// `sent` is what went from the client to the destination, `received` the other way.
-    pub fn finish(mut self, sent: u64, received: u64, error: Option<String>) {
-        self.report(sent, received, ResponseFlags::None, error);
-    }
-
     /// Authorization refused the connection.
     pub fn denied(mut self, why: &str) {
         self.report(0, 0, ResponseFlags::Denied, Some(format!("denied: {why}")));
