@@ -12,6 +12,7 @@ use crate::proxy::{PodProxy, ProxyContext, describe, sockets::connect_from};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -55,9 +56,6 @@ where
         tokio::select! {
             stream = connection.accept() => match stream {
                 Some(Ok((request, respond))) => {
-                    // Boxed: a task's arguments stay in its state for as long as it lives,
-                    // and the request is needed only until the stream is set up.
-                    let request = Box::new(request);
                     tokio::spawn(serve_stream(ctx.clone(), pod.clone(), peer.clone(), request, respond));
                 }
                 Some(Err(err)) => {
@@ -136,29 +134,33 @@ pub fn original_client<B>(request: &Request<B>, peer: SocketAddr) -> SocketAddr 
         .unwrap_or(peer)
 }
 
-async fn serve_stream(
+/// One stream's whole life, counted while it lasts. The set-up is made (and boxed) before
+/// the task's own async block, which so keeps only the context and the box: an async block
+/// keeps every value it captures for as long as it lives.
+fn serve_stream(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     peer: Arc<Peer>,
-    request: Box<Request<h2::RecvStream>>,
+    request: Request<h2::RecvStream>,
     respond: SendResponse<Bytes>,
-) {
-    let _stream = ctx.hbone_streams.open();
-    carry::serve(Box::pin(accept_stream(
-        &ctx, &pod, &peer, *request, respond,
-    )))
-    .await;
+) -> impl Future<Output = ()> + Send {
+    let set_up = Box::pin(accept_stream(ctx.clone(), pod, peer, request, respond));
+    async move {
+        let _stream = ctx.hbone_streams.open();
+        carry::serve(set_up).await;
+    }
 }
 
 /// Checks, authorizes and delivers one CONNECT request, answering it; `None` if it was
 /// refused or could not be delivered.
 async fn accept_stream(
-    ctx: &Arc<ProxyContext>,
-    pod: &Arc<PodProxy>,
-    peer: &Peer,
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    peer: Arc<Peer>,
     request: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) -> Option<Carriage> {
+    let (ctx, pod, peer) = (&ctx, &pod, &peer);
     let target = match target_of(&request, peer.local) {
         Ok(target) => target,
         Err(refusal) => {

@@ -52,7 +52,9 @@ impl Future for Carrier {
 pub struct Connected {
     pub carrier: Carrier,
     /// On the same-node path, the destination pod's record of it (the one authorized).
-    pub delivered: Option<Tracked>,
+    /// Boxed: only that path has one, and inline it would make every connection's task a
+    /// size class larger.
+    pub delivered: Option<Box<Tracked>>,
     /// An outbound HBONE stream's share of its pooled connection, held while it is open.
     pub slot: Option<StreamSlot>,
 }
@@ -130,7 +132,7 @@ impl Carriage {
     /// handler's own `Carriage`, borrowed: an async fn keeps a value it takes twice in its
     /// state, and this state lives as long as the connection.
     async fn run(&mut self) -> io::Result<(u64, u64)> {
-        let authorized = self.connected.delivered.as_ref().unwrap_or(&self.tracked);
+        let authorized = self.connected.delivered.as_deref().unwrap_or(&self.tracked);
         tokio::select! {
             outcome = &mut self.connected.carrier => outcome,
             err = authorized.revoked() => Err(err),

@@ -18,29 +18,26 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use ztunnel_common::ports;
 
-/// A plaintext connection's whole life (an async block, for the reason `outbound::handle`
-/// gives).
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn would keep the arguments twice"
-)]
+/// A plaintext connection's whole life (its set-up owns the arguments, as in
+/// `outbound::handle`).
 pub(super) fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     stream: TcpStream,
     client: SocketAddr,
 ) -> impl Future<Output = ()> + Send {
-    async move { carry::serve(Box::pin(set_up(&ctx, &pod, stream, client))).await }
+    carry::serve(Box::pin(set_up(ctx, pod, stream, client)))
 }
 
 /// Finds the original destination, authorizes and connects to the app (or sends a client
 /// that bypassed the pod's waypoint to it); `None` if the connection ended there.
 async fn set_up(
-    ctx: &Arc<ProxyContext>,
-    pod: &Arc<PodProxy>,
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
     stream: TcpStream,
     client: SocketAddr,
 ) -> Option<Carriage> {
+    let (ctx, pod) = (&ctx, &pod);
     let destination = match ctx.inbound_destination(&stream) {
         Ok(addr) => addr,
         Err(err) => {

@@ -18,38 +18,32 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-/// A connection's whole life. An async block rather than an async fn: an async fn's state
-/// keeps its arguments twice, for as long as the connection lives.
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn would keep the arguments twice"
-)]
+/// A connection's whole life: its set-up, boxed, then the carrying. The set-up owns the
+/// arguments, so the task keeps none of them while the connection carries bytes.
 pub(super) fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     stream: TcpStream,
     client: SocketAddr,
 ) -> impl Future<Output = ()> + Send {
-    async move {
-        // Only connections the kernel captured have an original destination; anything else
-        // that reached 15001 (a direct connection to the port) is refused.
-        let Some(destination) = ctx.outbound_destination(&stream, client) else {
-            tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
-            return;
-        };
-        carry::serve(Box::pin(set_up(&ctx, &pod, stream, client, destination))).await;
-    }
+    carry::serve(Box::pin(set_up(ctx, pod, stream, client)))
 }
 
 /// Routes, authorizes (same node) and connects; `None` if the connection ended there (its
 /// records say why).
 async fn set_up(
-    ctx: &Arc<ProxyContext>,
-    pod: &Arc<PodProxy>,
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
     stream: TcpStream,
     client: SocketAddr,
-    destination: SocketAddr,
 ) -> Option<Carriage> {
+    let (ctx, pod) = (&ctx, &pod);
+    // Only connections the kernel captured have an original destination; anything else
+    // that reached 15001 (a direct connection to the port) is refused.
+    let Some(destination) = ctx.outbound_destination(&stream, client) else {
+        tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
+        return None;
+    };
     let config = ctx.mesh.current();
     let route = Route::outbound(ctx, &config, client.ip(), destination);
     let labels = |reporter| labels(ctx, &config, reporter, pod, client, destination, &route);
@@ -84,7 +78,7 @@ async fn set_up(
             };
             match connected {
                 Ok(app) => Ok(Connected {
-                    delivered: Some(delivered),
+                    delivered: Some(Box::new(delivered)),
                     ..Connected::splice(relay(stream, app))
                 }),
                 Err(err) => {
