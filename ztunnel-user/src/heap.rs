@@ -5,9 +5,10 @@
 //! carries bytes, and after a burst of connections those holes lie between the connections'
 //! long-lived parts; once the burst's connections close, most of the heap is holes. Left
 //! alone, all of it stays resident. `malloc_trim(0)` gives every whole free page inside the
-//! heaps back (`MADV_DONTNEED`). It walks the heaps under their locks, so it runs on a
-//! blocking thread, and only after the memory in use moved by `TRIM_AFTER_BYTES` since the
-//! last trim: a daemon whose connections come and go steadily never trims.
+//! heaps back (`MADV_DONTNEED`). Both it and the statistics that say whether to (`mallinfo2`)
+//! walk the heaps under their locks, so they run on a thread of their own, never on a runtime
+//! worker; a trim only follows a move of `TRIM_AFTER_BYTES` in the memory in use since the
+//! last one: a daemon whose connections come and go steadily never trims.
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ fn in_use() -> u64 {
 }
 
 /// Gives the free pages of every heap back to the kernel; returns whether any were.
-pub fn trim() -> bool {
+fn trim() -> bool {
     // SAFETY: malloc_trim takes no pointers; 0 keeps no extra slack at the top.
     let released = unsafe { libc::malloc_trim(0) };
     released == 1
@@ -35,22 +36,24 @@ fn worth_trimming(at_last_trim: u64, now: u64) -> bool {
 }
 
 /// Trims in the background for the daemon's life.
-pub fn spawn_trimmer() {
-    tokio::spawn(async {
-        let mut at_last_trim = in_use();
-        let mut checks = tokio::time::interval(CHECK_INTERVAL);
-        loop {
-            checks.tick().await;
-            let now = in_use();
-            if !worth_trimming(at_last_trim, now) {
-                continue;
+pub fn spawn_trimmer() -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("heap-trim".into())
+        .spawn(|| {
+            let mut at_last_trim = in_use();
+            loop {
+                std::thread::sleep(CHECK_INTERVAL);
+                let now = in_use();
+                if !worth_trimming(at_last_trim, now) {
+                    continue;
+                }
+                at_last_trim = now;
+                let started = Instant::now();
+                let released = trim();
+                tracing::debug!(in_use = now, released, took = ?started.elapsed(), "heap trimmed");
             }
-            at_last_trim = now;
-            let started = Instant::now();
-            let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
-            tracing::debug!(in_use = now, released, took = ?started.elapsed(), "heap trimmed");
-        }
-    });
+        })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -235,7 +235,7 @@ fn run(args: RunArgs) -> Result<()> {
         let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
         let pool = Arc::new(Pool::default());
         pool.spawn_idle_release();
-        ztunnel_user::heap::spawn_trimmer();
+        ztunnel_user::heap::spawn_trimmer().context("starting the heap trimmer thread")?;
         let (config, applied) = match initial {
             Some((hash, config)) => (config, Some(hash)),
             None => (MeshConfig::default(), None),

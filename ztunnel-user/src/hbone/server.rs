@@ -134,8 +134,8 @@ pub fn original_client<B>(request: &Request<B>, peer: SocketAddr) -> SocketAddr 
         .unwrap_or(peer)
 }
 
-/// One stream's whole life, counted while it lasts. The set-up is made (and boxed) before
-/// the task's own async block, which so keeps only the context and the box: an async block
+/// One stream's whole life, counted while it lasts. The set-up is made and boxed before the
+/// async block, so that the block captures only the context and the box: an async block
 /// keeps every value it captures for as long as it lives.
 fn serve_stream(
     ctx: Arc<ProxyContext>,

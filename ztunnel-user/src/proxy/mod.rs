@@ -12,7 +12,7 @@
 pub mod carry;
 mod inbound;
 mod outbound;
-pub mod relay;
+pub(crate) mod relay;
 mod route;
 pub mod sockets;
 
