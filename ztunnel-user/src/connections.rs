@@ -8,13 +8,14 @@ use crate::access_log::{self, AccessLog, Entry};
 use crate::api::{ConnectionRecord, Direction};
 use crate::identity::Identity;
 use crate::metrics::{ResponseFlags, TrafficLabels, TrafficMetrics};
+use atomic_waker::AtomicWaker;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
-use tokio::sync::Notify;
 
 /// How many connections are remembered (open ones first in line to stay, see `record`).
 const CAPACITY: usize = 4096;
@@ -82,8 +83,12 @@ type Registry = Mutex<HashMap<u64, Arc<Authorized>>>;
 
 struct Authorized {
     subject: Subject,
-    revoked: Notify,
-    why: Mutex<Option<String>>,
+    /// Why a policy change now denies it, once one did.
+    revoked: OnceLock<String>,
+    /// The task carrying the connection, woken when `revoked` is set. A waker slot rather
+    /// than a notification to wait on: that wait would be part of every open connection's
+    /// task, this is here only for the authorized ones.
+    carrier: AtomicWaker,
 }
 
 /// A live connection; it is reported when it finishes (or, failing that, when dropped).
@@ -168,14 +173,16 @@ impl ConnectionLog {
     }
 
     /// Decides again on every open authorized connection; `denies` returns why a subject is
-    /// now refused. Returns how many connections were closed.
+    /// now refused. Returns how many connections were closed (not counting ones an earlier
+    /// change already closed).
     pub fn revalidate(&self, denies: impl Fn(&Subject) -> Option<String>) -> usize {
         let open: Vec<Arc<Authorized>> = lock(&self.authorized).values().cloned().collect();
         let mut closed = 0;
         for connection in open {
-            if let Some(why) = denies(&connection.subject) {
-                *lock(&connection.why) = Some(why);
-                connection.revoked.notify_one();
+            if let Some(why) = denies(&connection.subject)
+                && connection.revoked.set(why).is_ok()
+            {
+                connection.carrier.wake();
                 closed += 1;
             }
         }
@@ -187,8 +194,8 @@ impl ConnectionLog {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Authorized {
             subject,
-            revoked: Notify::new(),
-            why: Mutex::new(None),
+            revoked: OnceLock::new(),
+            carrier: AtomicWaker::new(),
         });
         lock(&self.authorized).insert(id, entry.clone());
         tracked.authorized = Some((id, entry, self.authorized.clone()));
@@ -196,19 +203,19 @@ impl ConnectionLog {
 }
 
 impl Tracked {
-    /// Completes when a policy change revoked the connection, with the reason; never for a
-    /// connection that was not authorized.
-    pub async fn revoked(&self) -> io::Error {
-        match &self.authorized {
-            Some((_, entry, _)) => {
-                entry.revoked.notified().await;
-                let why = lock(&entry.why).clone().unwrap_or_default();
-                io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!("closed: the policy in force now denies it ({why})"),
-                )
-            }
-            None => std::future::pending().await,
+    /// Ready once a policy change revoked the connection, with the reason; never for a
+    /// connection that was not authorized. The revocation wakes the task that polled last.
+    pub fn poll_revoked(&self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let Some((_, entry, _)) = &self.authorized else {
+            return Poll::Pending;
+        };
+        entry.carrier.register(cx.waker());
+        match entry.revoked.get() {
+            Some(why) => Poll::Ready(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("closed: the policy in force now denies it ({why})"),
+            )),
+            None => Poll::Pending,
         }
     }
 

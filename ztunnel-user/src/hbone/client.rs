@@ -49,9 +49,16 @@ impl ConnectRequest {
             .expect("an IP:port is a valid authority");
         let headers = request.headers_mut();
         let value = |text: String| http::HeaderValue::from_str(&text).expect("ASCII header value");
-        headers.insert("forwarded", value(format!("for=\"{}\"", self.client)));
+        // Values no later stream repeats go out as never-indexed literals: indexed, they
+        // would only churn both ends' HPACK tables, which every pooled connection keeps.
+        let unrepeated = |text: String| {
+            let mut value = value(text);
+            value.set_sensitive(true);
+            value
+        };
+        headers.insert("forwarded", unrepeated(format!("for=\"{}\"", self.client)));
         headers.insert("baggage", value(self.baggage.clone()));
-        headers.insert("traceparent", value(traceparent()));
+        headers.insert("traceparent", unrepeated(traceparent()));
         request
     }
 }
@@ -311,6 +318,9 @@ mod tests {
             request.headers()["baggage"],
             "k8s.namespace.name=demo,k8s.pod.name=a1"
         );
+        assert!(request.headers()["forwarded"].is_sensitive());
+        assert!(!request.headers()["baggage"].is_sensitive());
+        assert!(request.headers()["traceparent"].is_sensitive());
         let traceparent = request.headers()["traceparent"].to_str().unwrap();
         let parts: Vec<&str> = traceparent.split('-').collect();
         assert_eq!(

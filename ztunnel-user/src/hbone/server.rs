@@ -10,7 +10,7 @@ use crate::metrics::{Observed, Reporter, TrafficLabels};
 use crate::proxy::carry::{self, Carriage, Connected};
 use crate::proxy::{PodProxy, ProxyContext, describe, sockets::connect_from};
 use bytes::Bytes;
-use h2::server::SendResponse;
+use h2::server::{Connection, SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,45 +29,53 @@ pub struct Peer {
     pub identity: Arc<Identity>,
 }
 
-/// Serves the CONNECT streams of one HBONE connection until the client closes it.
-pub async fn serve_connection<IO>(io: IO, ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, peer: Peer)
+/// The HTTP/2 handshake of an HBONE connection over its established mTLS stream.
+pub async fn handshake<IO>(io: IO) -> Result<Connection<IO, Bytes>, h2::Error>
 where
-    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let handshake = h2::server::Builder::new()
+    h2::server::Builder::new()
         .initial_window_size(super::INITIAL_STREAM_WINDOW)
         .initial_connection_window_size(super::INITIAL_CONNECTION_WINDOW)
         .max_frame_size(super::MAX_FRAME_SIZE)
         .max_concurrent_streams(super::SERVER_MAX_CONCURRENT_STREAMS)
         .handshake::<_, Bytes>(io)
-        .await;
-    let mut connection = match handshake {
-        Ok(connection) => connection,
-        Err(err) => {
-            tracing::info!(pod = %pod.label, peer = %peer.addr, %err, "HBONE HTTP/2 handshake failed");
-            return;
-        }
-    };
-    let peer = Arc::new(peer);
-    let _open = ctx.hbone_connections.open();
+        .await
+}
+
+/// Serves the CONNECT streams of one HBONE connection until the client closes it. An async
+/// block working on its captures in place, not an async fn, which would keep a second copy
+/// of the connection (h2's state, 2.4 KB) for as long as it is open.
+pub fn serve_connection<IO>(
+    mut connection: Connection<IO, Bytes>,
+    ctx: Arc<ProxyContext>,
+    pod: Arc<PodProxy>,
+    peer: Arc<Peer>,
+) -> impl Future<Output = ()> + Send
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut shutdown = ctx.shutdown.clone();
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            stream = connection.accept() => match stream {
-                Some(Ok((request, respond))) => {
-                    tokio::spawn(serve_stream(ctx.clone(), pod.clone(), peer.clone(), request, respond));
+    async move {
+        let _open = ctx.hbone_connections.open();
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                stream = connection.accept() => match stream {
+                    Some(Ok((request, respond))) => {
+                        tokio::spawn(serve_stream(ctx.clone(), pod.clone(), peer.clone(), request, respond));
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(pod = %pod.label, peer = %peer.addr, %err, "HBONE connection ended");
+                        break;
+                    }
+                    None => break,
+                },
+                // On shutdown: GOAWAY, then keep serving the open streams until they end.
+                _ = shutdown.wait_for(|stop| *stop), if !draining => {
+                    connection.graceful_shutdown();
+                    draining = true;
                 }
-                Some(Err(err)) => {
-                    tracing::debug!(pod = %pod.label, peer = %peer.addr, %err, "HBONE connection ended");
-                    break;
-                }
-                None => break,
-            },
-            // On shutdown: GOAWAY, then keep serving the open streams until they end.
-            _ = shutdown.wait_for(|stop| *stop), if !draining => {
-                connection.graceful_shutdown();
-                draining = true;
             }
         }
     }

@@ -103,7 +103,7 @@ where
     let Some(mut carriage) = set_up.await else {
         return;
     };
-    let outcome = carriage.run().await;
+    let outcome = std::future::poll_fn(|cx| carriage.poll_carry(cx)).await;
     carriage.finish(outcome);
 }
 
@@ -128,15 +128,15 @@ impl Carriage {
         }
     }
 
-    /// Carries until both sides are done or the authorized record is revoked. Runs on the
-    /// handler's own `Carriage`, borrowed: an async fn keeps a value it takes twice in its
-    /// state, and this state lives as long as the connection.
-    async fn run(&mut self) -> io::Result<(u64, u64)> {
+    /// Carries until both sides are done or the authorized record is revoked. Polled in
+    /// place, on the handler's own `Carriage`: a future of its own (an async fn, a select)
+    /// would be part of the task's state for as long as the connection lives.
+    fn poll_carry(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(u64, u64)>> {
         let authorized = self.connected.delivered.as_deref().unwrap_or(&self.tracked);
-        tokio::select! {
-            outcome = &mut self.connected.carrier => outcome,
-            err = authorized.revoked() => Err(err),
+        if let Poll::Ready(err) = authorized.poll_revoked(cx) {
+            return Poll::Ready(Err(err));
         }
+        Pin::new(&mut self.connected.carrier).poll(cx)
     }
 
     /// Closes both sides (if a revocation ended the carrying, that is what closes them) and

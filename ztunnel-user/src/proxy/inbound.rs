@@ -10,12 +10,15 @@ use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
 use crate::connections::Subject;
 use crate::hbone::mtls::accept;
-use crate::hbone::server::{Peer, serve_connection};
+use crate::hbone::server::{Peer, handshake, serve_connection};
 use crate::metrics::{Observed, Reporter, TrafficLabels};
+use bytes::Bytes;
+use h2::server::Connection;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use ztunnel_common::ports;
 
 /// A plaintext connection's whole life (its set-up owns the arguments, as in
@@ -101,22 +104,45 @@ pub(super) async fn handle_hbone(
     stream: TcpStream,
     client: SocketAddr,
 ) {
+    // Boxed: the handshakes' state is freed before the connection's long life begins.
+    let Some((connection, peer)) = Box::pin(hbone_handshakes(&pod, stream, client)).await else {
+        return;
+    };
+    serve_connection(connection, ctx, pod, peer).await;
+}
+
+/// The TLS and HTTP/2 handshakes of an HBONE connection; `None` (logged) if either failed.
+async fn hbone_handshakes(
+    pod: &PodProxy,
+    stream: TcpStream,
+    client: SocketAddr,
+) -> Option<(Connection<TlsStream<TcpStream>, Bytes>, Arc<Peer>)> {
     let local = match stream.local_addr() {
         Ok(local) => local,
         Err(err) => {
             tracing::warn!(pod = %pod.label, %client, %err, "cannot read the HBONE connection's address");
-            return;
+            return None;
         }
     };
-    match Box::pin(accept(&pod.hbone_acceptor, stream)).await {
-        Ok((tls, identity)) => {
-            let peer = Peer {
+    let (tls, identity) = match accept(&pod.hbone_acceptor, stream).await {
+        Ok(accepted) => accepted,
+        Err(err) => {
+            tracing::info!(pod = %pod.label, %client, %err, "HBONE TLS handshake refused");
+            return None;
+        }
+    };
+    match handshake(tls).await {
+        Ok(connection) => Some((
+            connection,
+            Arc::new(Peer {
                 addr: client,
                 local,
                 identity: Arc::new(identity),
-            };
-            serve_connection(tls, ctx.clone(), pod, peer).await;
+            }),
+        )),
+        Err(err) => {
+            tracing::info!(pod = %pod.label, peer = %client, %err, "HBONE HTTP/2 handshake failed");
+            None
         }
-        Err(err) => tracing::info!(pod = %pod.label, %client, %err, "HBONE TLS handshake refused"),
     }
 }
