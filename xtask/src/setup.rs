@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-const DEBIAN_PACKAGES: [&str; 12] = [
+const DEBIAN_PACKAGES: [&str; 13] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -22,6 +22,8 @@ const DEBIAN_PACKAGES: [&str; 12] = [
     "iptables",
     // The font of `cargo xtask bench`'s chart.
     "fonts-dejavu-core",
+    // Building jemalloc, the daemon's allocator (its build runs configure and make).
+    "make",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

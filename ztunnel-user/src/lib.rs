@@ -13,7 +13,6 @@ pub mod connections;
 pub mod datapath;
 pub mod features;
 pub mod hbone;
-pub mod heap;
 pub mod identity;
 pub mod iptables;
 pub mod limits;
