@@ -44,6 +44,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// from a background thread rather than from the threads that free them.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 static ALLOCATOR_OPTIONS: Option<&'static c_char> =
+    // SAFETY: the pointer is to the first byte of a 'static, NUL-terminated C string literal.
     Some(unsafe { &*c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr() });
 
 #[derive(Parser)]
