@@ -43,6 +43,18 @@ impl PodServer {
         PodServer::spawn(pod, "load-tool", &args)
     }
 
+    /// Starts `load-tool relay` in `pod`, one listener per (listen, to) pair, each connection
+    /// copied to its `to`.
+    pub fn start_relay(pod: &str, forwards: &[(SocketAddrV4, SocketAddrV4)]) -> Result<PodServer> {
+        let forwards: Vec<String> = forwards
+            .iter()
+            .flat_map(|(listen, to)| ["--forward".to_owned(), format!("{listen}={to}")])
+            .collect();
+        let mut args = vec!["relay"];
+        args.extend(forwards.iter().map(String::as_str));
+        PodServer::spawn(pod, "load-tool", &args)
+    }
+
     fn spawn(pod: &str, tool: &str, args: &[&str]) -> Result<PodServer> {
         let described = format!("{tool} {} in {pod}", args.join(" "));
         let mut command = crate::exec(pod, &[topology::binary(tool)?.as_os_str()])?;

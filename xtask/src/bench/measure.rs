@@ -85,6 +85,9 @@ impl Turn<'_> {
         if self.path.has_proxy() {
             self.memory(lab, Route::CrossNode)?;
         }
+        let _relays = self
+            .path
+            .start_relays(lab, &[IPERF_PORT, ECHO_PORT, REPLY_PORT])?;
         for route in Route::ALL {
             self.say(Some(route), &format!("pods {}", route.pods()));
             let server_ip = lab.pod(route.server())?.ip;
@@ -137,7 +140,8 @@ impl Turn<'_> {
             &format!("throughput, {streams} stream{plural}..."),
         );
         let length = self.settings.length;
-        let (transfer, cpu) = busy_seconds_during(|| iperf3(route, server_ip, streams, length))?;
+        let to = self.path.target(route, server_ip, IPERF_PORT);
+        let (transfer, cpu) = busy_seconds_during(|| iperf3(route, to, streams, length))?;
         let gbit_per_s = transfer.bits_per_second / 1e9;
         let cpu_per_gb = cpu / (transfer.bytes / 1e9);
         self.say(
@@ -151,7 +155,7 @@ impl Turn<'_> {
 
     fn latency(&mut self, route: Route, server_ip: Ipv4Addr) -> Result<()> {
         self.say(Some(route), "request/response latency on one connection...");
-        let to = SocketAddrV4::new(server_ip, ECHO_PORT);
+        let to = self.path.target(route, server_ip, ECHO_PORT);
         let (report, cpu) =
             busy_seconds_during(|| Ok(latency_from(route.client(), to, self.settings.length)?))?;
         let cpu_per_thousand = cpu / (report.round_trips as f64 / 1000.0);
@@ -173,7 +177,7 @@ impl Turn<'_> {
             Some(route),
             &format!("new connections, {CONNECT_WORKERS} workers..."),
         );
-        let to = SocketAddrV4::new(server_ip, REPLY_PORT);
+        let to = self.path.target(route, server_ip, REPLY_PORT);
         let (report, cpu) = busy_seconds_during(|| {
             Ok(connect_rate_from(
                 route.client(),
@@ -265,8 +269,9 @@ struct Transfer {
     bytes: f64,
 }
 
-/// iperf3 from the route's client pod to its server pod, `streams` parallel streams.
-fn iperf3(route: Route, server_ip: Ipv4Addr, streams: usize, length: Duration) -> Result<Transfer> {
+/// iperf3 from the route's client pod, connecting to `to`, to a server on `IPERF_PORT` in its
+/// server pod; `streams` parallel streams.
+fn iperf3(route: Route, to: SocketAddrV4, streams: usize, length: Duration) -> Result<Transfer> {
     let port = IPERF_PORT.to_string();
     // --forceflush: the banner must reach our pipe at once, not when a buffer fills.
     let mut server = ztunnel_lab::exec(
@@ -299,9 +304,9 @@ fn iperf3(route: Route, server_ip: Ipv4Addr, streams: usize, length: Duration) -
         &[
             "iperf3",
             "-c",
-            &server_ip.to_string(),
+            &to.ip().to_string(),
             "-p",
-            &port,
+            &to.port().to_string(),
             "-t",
             &length.as_secs().to_string(),
             "-P",

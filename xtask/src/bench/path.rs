@@ -2,7 +2,8 @@
 //! the routes between lab pods each path is measured on.
 
 use anyhow::Result;
-use ztunnel_lab::Lab;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use ztunnel_lab::{Lab, PodServer};
 
 /// How traffic between pods is carried. A new way is one variant here plus its lab bring-up
 /// in `bring_up`.
@@ -14,17 +15,22 @@ pub enum Path {
     Mesh,
     /// The same proxies, capture by iptables REDIRECT in the pod netns instead of eBPF.
     Iptables,
+    /// No mesh; the clients connect to a plain relay in their own pod, which copies to a relay
+    /// in the server's pod (same node: straight to the server). The reference the targets
+    /// are calibrated on: the mesh's TCP legs, with no TLS and no HTTP/2.
+    Relay,
 }
 
 impl Path {
     /// In the order each round measures them; the first is the baseline of the comparisons.
-    pub const ALL: [Path; 3] = [Path::Direct, Path::Mesh, Path::Iptables];
+    pub const ALL: [Path; 4] = [Path::Direct, Path::Mesh, Path::Iptables, Path::Relay];
 
     pub fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Mesh => "mesh",
             Path::Iptables => "iptables",
+            Path::Relay => "relay",
         }
     }
 
@@ -37,13 +43,16 @@ impl Path {
             Path::Iptables => {
                 "the mesh's proxies, capture by iptables REDIRECT rules in the pod netns instead of eBPF"
             }
+            Path::Relay => {
+                "no mesh: plain tokio relays (`load-tool relay`, no TLS, no HTTP/2), one in the client's pod and one in the server's (same node: one), the reference the targets were calibrated on"
+            }
         }
     }
 
     /// Whether node proxies carry the traffic (so their memory is measured).
     pub fn has_proxy(self) -> bool {
         match self {
-            Path::Direct => false,
+            Path::Direct | Path::Relay => false,
             Path::Mesh | Path::Iptables => true,
         }
     }
@@ -51,7 +60,7 @@ impl Path {
     /// A fresh lab for this path (any previous lab is torn down first).
     pub fn bring_up(self) -> Result<Lab> {
         Ok(match self {
-            Path::Direct => ztunnel_lab::up_without_ztunnel()?,
+            Path::Direct | Path::Relay => ztunnel_lab::up_without_ztunnel()?,
             Path::Mesh => ztunnel_lab::up()?,
             Path::Iptables => ztunnel_lab::up_with(&ztunnel_lab::DaemonOptions {
                 iptables_capture: true,
@@ -59,6 +68,60 @@ impl Path {
             })?,
         })
     }
+
+    /// What a client on `route` connects to for a server listening on `port`.
+    pub fn target(self, route: Route, server_ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+        match self {
+            Path::Relay => SocketAddrV4::new(Ipv4Addr::LOCALHOST, relay_port(route, port)),
+            Path::Direct | Path::Mesh | Path::Iptables => SocketAddrV4::new(server_ip, port),
+        }
+    }
+
+    /// Starts what the path runs in the pods besides the servers (the relays, for `ports` on
+    /// every route); they stop when the returned handles are dropped.
+    pub fn start_relays(self, lab: &Lab, ports: &[u16]) -> Result<Vec<PodServer>> {
+        if self != Path::Relay {
+            return Ok(Vec::new());
+        }
+        let mut client_side = Vec::new();
+        let mut relays = Vec::new();
+        for route in Route::ALL {
+            let server_ip = lab.pod(route.server())?.ip;
+            let mut server_side = Vec::new();
+            for &port in ports {
+                let relayed = relay_port(route, port);
+                let listen = SocketAddrV4::new(Ipv4Addr::LOCALHOST, relayed);
+                match route {
+                    Route::CrossNode => {
+                        let across = SocketAddrV4::new(server_ip, relayed);
+                        client_side.push((listen, across));
+                        server_side.push((across, SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)));
+                    }
+                    Route::SameNode => {
+                        client_side.push((listen, SocketAddrV4::new(server_ip, port)));
+                    }
+                }
+            }
+            if !server_side.is_empty() {
+                relays.push(PodServer::start_relay(route.server(), &server_side)?);
+            }
+        }
+        relays.push(PodServer::start_relay(
+            Route::CrossNode.client(),
+            &client_side,
+        )?);
+        Ok(relays)
+    }
+}
+
+/// The port a relay listens on for a server's `port`: one range per route, so one relay
+/// process in the client's pod serves both routes.
+fn relay_port(route: Route, port: u16) -> u16 {
+    let offset = match route {
+        Route::CrossNode => 10_000,
+        Route::SameNode => 20_000,
+    };
+    port + offset
 }
 
 /// Between which lab pods a figure is measured.

@@ -1,5 +1,5 @@
-//! `load-tool`: the benchmark's traffic inside lab pods. A server (echo, and reply-then-close)
-//! and three clients: request/response latency on one warm connection, the rate of new
+//! `load-tool`: the benchmark's traffic inside lab pods. A server (echo, and reply-then-close),
+//! a plain relay (the reference path) and three clients: request/response latency on one warm connection, the rate of new
 //! connections, and many idle connections held open. Every client is bounded in time and in
 //! count, and prints one JSON report line.
 //!
@@ -10,6 +10,7 @@
 mod connect_rate;
 mod hold;
 mod latency;
+mod relay;
 mod server;
 
 use anyhow::{Context, Result};
@@ -40,6 +41,13 @@ enum Command {
         /// TIME_WAIT stays on the server and the client never runs out of ports.
         #[arg(long)]
         reply_port: u16,
+    },
+    /// Relay connections, copied both ways by tokio with no TLS: the reference the mesh is held
+    /// against. Prints `ready` once listening.
+    Relay {
+        /// LISTEN=TO, both IP:PORT; repeat for more ports.
+        #[arg(long = "forward", required = true)]
+        forwards: Vec<relay::Forward>,
     },
     /// Round trips of one request on one warm connection to an echo port; latency percentiles.
     Rr {
@@ -99,6 +107,7 @@ fn main() -> Result<()> {
             echo_port,
             reply_port,
         } => return server::serve(echo_port, reply_port),
+        Command::Relay { forwards } => return relay::relay(forwards),
         Command::Rr {
             to,
             duration_secs,
