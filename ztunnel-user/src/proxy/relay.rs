@@ -1,7 +1,9 @@
 //! Moving bytes both ways between two TCP connections until both sides are done, with TCP
-//! half-close carried across. The bytes never enter userspace: each direction splices from
-//! one socket into a pipe and from the pipe into the other socket. A direction makes its pipe
-//! when its first byte arrives, so an idle connection holds no pipe and no buffer.
+//! half-close carried across. A direction starts by copying each read through a buffer on the
+//! stack (a request, a reply: one `recv` and one `send`). Once a read fills that buffer, the
+//! direction is a bulk flow and its bytes stop entering userspace: it makes a pipe and splices
+//! from one socket into the pipe and from the pipe into the other socket. An idle connection
+//! holds no pipe and no buffer, and a short one never pays for a pipe.
 //!
 //! The relay is a hand-written future: it lives as long as the connection, and polling
 //! readiness directly keeps its state to the two sockets and each direction's pipe and
@@ -19,6 +21,8 @@ use tokio::net::TcpStream;
 
 /// How much one splice moves at most, and the pipe size asked for: few syscalls per megabyte.
 const PIPE_SIZE: usize = 1024 * 1024;
+/// The copy buffer; a read that fills it turns the direction to splicing.
+const COPY_SIZE: usize = 16 * 1024;
 
 /// Relays until both directions reached EOF (each EOF is passed on as a write shutdown).
 /// Resolves to (bytes `a` -> `b`, bytes `b` -> `a`); an error in either direction ends both.
@@ -66,9 +70,12 @@ pub fn both_directions(
 /// One direction: `from` to `to`, until `from`'s EOF, which becomes `to`'s write shutdown.
 #[derive(Default)]
 struct Pump {
+    /// Made once a read fills the copy buffer; from then on the direction splices.
     pipe: Option<Pipe>,
     /// Spliced into the pipe, not yet out of it.
     in_pipe: usize,
+    /// Copied, not yet written (`to` took only part of a read): empty but for a full socket.
+    unwritten: Vec<u8>,
     total: u64,
     done: bool,
 }
@@ -81,14 +88,25 @@ impl Pump {
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
         while !self.done {
-            let pipe = match &mut self.pipe {
-                Some(pipe) => pipe,
-                None => {
-                    ready!(from.poll_read_ready(cx))?;
-                    self.pipe.insert(Pipe::new()?)
+            // What was read must reach `to` before more is read: that bounds what is in flight.
+            if !self.unwritten.is_empty() {
+                ready!(to.poll_write_ready(cx))?;
+                match to.try_write(&self.unwritten) {
+                    Ok(written) => {
+                        self.unwritten.drain(..written);
+                        if self.unwritten.is_empty() {
+                            self.unwritten = Vec::new();
+                        }
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Poll::Ready(Err(err)),
                 }
+                continue;
+            }
+            let Some(pipe) = &mut self.pipe else {
+                ready!(self.poll_copy(from, to, cx))?;
+                continue;
             };
-            // Empty the pipe into `to` before reading more: the pipe bounds what is in flight.
             if self.in_pipe > 0 {
                 ready!(to.poll_write_ready(cx))?;
                 match to.try_io(Interest::WRITABLE, || {
@@ -104,10 +122,7 @@ impl Pump {
             match from.try_io(Interest::READABLE, || {
                 splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)
             }) {
-                Ok(0) => {
-                    SockRef::from(to).shutdown(Shutdown::Write)?;
-                    self.done = true;
-                }
+                Ok(0) => self.pass_on_eof(to)?,
                 Ok(read) => {
                     self.in_pipe = read;
                     self.total += read as u64;
@@ -115,6 +130,42 @@ impl Pump {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                 Err(err) => return Poll::Ready(Err(err)),
             }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// `from` reached EOF: so does `to`'s write side, and this direction is done.
+    fn pass_on_eof(&mut self, to: &TcpStream) -> io::Result<()> {
+        SockRef::from(to).shutdown(Shutdown::Write)?;
+        self.done = true;
+        Ok(())
+    }
+
+    /// One read through the copy buffer and as much of it written as `to` takes; ready once
+    /// something happened (bytes moved, EOF passed on, or the direction turned to splicing).
+    fn poll_copy(
+        &mut self,
+        from: &TcpStream,
+        to: &TcpStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        ready!(from.poll_read_ready(cx))?;
+        let mut buffer = [0u8; COPY_SIZE];
+        let read = match from.try_read(&mut buffer) {
+            Ok(0) => return Poll::Ready(self.pass_on_eof(to)),
+            Ok(read) => read,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Poll::Ready(Ok(())),
+            Err(err) => return Poll::Ready(Err(err)),
+        };
+        self.total += read as u64;
+        let written = match to.try_write(&buffer[..read]) {
+            Ok(written) => written,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(err) => return Poll::Ready(Err(err)),
+        };
+        self.unwritten.extend_from_slice(&buffer[written..read]);
+        if read == COPY_SIZE {
+            self.pipe = Some(Pipe::new()?);
         }
         Poll::Ready(Ok(()))
     }
@@ -210,6 +261,59 @@ mod tests {
         server_side.await.unwrap();
         let (up, down) = relayed.await.unwrap().unwrap();
         assert_eq!((up, down), (upload.len() as u64, reply.len() as u64));
+    }
+
+    /// Runs one direction from `from` to `to` until `from`'s EOF is passed on.
+    async fn pump_until_done(pump: &mut Pump, from: &TcpStream, to: &TcpStream) {
+        let pumped = std::future::poll_fn(|cx| pump.poll(from, to, cx));
+        tokio::time::timeout(std::time::Duration::from_secs(10), pumped)
+            .await
+            .expect("the direction finishes")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_short_message_is_copied_without_a_pipe() {
+        let (mut client, proxy_in) = pair().await;
+        let (proxy_out, mut server) = pair().await;
+        client.write_all(&[7; 64]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut pump = Pump::default();
+        pump_until_done(&mut pump, &proxy_in, &proxy_out).await;
+        let mut received = Vec::new();
+        server.read_to_end(&mut received).await.unwrap();
+        assert_eq!(received, [7; 64]);
+        assert_eq!(pump.total, 64);
+        assert!(pump.pipe.is_none(), "a 64-byte message made a pipe");
+    }
+
+    #[tokio::test]
+    async fn a_bulk_flow_turns_to_splicing_and_loses_nothing() {
+        let (mut client, proxy_in) = pair().await;
+        let (proxy_out, mut server) = pair().await;
+        let upload: Vec<u8> = (0..PIPE_SIZE + COPY_SIZE / 3)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        let sent = upload.clone();
+        let sender = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+        });
+        let reader = tokio::spawn(async move {
+            let mut received = Vec::new();
+            server.read_to_end(&mut received).await.unwrap();
+            received
+        });
+        let mut pump = Pump::default();
+        pump_until_done(&mut pump, &proxy_in, &proxy_out).await;
+        sender.await.unwrap();
+        drop(proxy_out);
+        assert!(
+            reader.await.unwrap() == upload,
+            "the upload arrived changed"
+        );
+        assert_eq!(pump.total, upload.len() as u64);
+        assert!(pump.pipe.is_some(), "a bulk flow did not turn to splicing");
     }
 
     #[tokio::test]
