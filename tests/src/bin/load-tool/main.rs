@@ -1,7 +1,7 @@
 //! `load-tool`: the benchmark's traffic inside lab pods. A server (echo, and reply-then-close),
-//! a plain relay (the reference path) and three clients: request/response latency on one warm connection, the rate of new
-//! connections, and many idle connections held open. Every client is bounded in time and in
-//! count, and prints one JSON report line.
+//! a plain relay (the reference path) and three clients: request/response latency on one warm
+//! connection, the rate of new connections, and many idle connections held open. Every client
+//! is bounded in time and in count, and prints one JSON report line.
 //!
 //! The clients use blocking sockets, so nothing but the kernel and the path under test sits
 //! between a socket call and the clock; the server is asynchronous, since it must hold ten
