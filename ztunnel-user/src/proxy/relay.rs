@@ -91,15 +91,11 @@ impl Pump {
             // What was read must reach `to` before more is read: that bounds what is in flight.
             if !self.unwritten.is_empty() {
                 ready!(to.poll_write_ready(cx))?;
-                match to.try_write(&self.unwritten) {
-                    Ok(written) => {
-                        self.unwritten.drain(..written);
-                        if self.unwritten.is_empty() {
-                            self.unwritten = Vec::new();
-                        }
+                if let Some(written) = unless_would_block(to.try_write(&self.unwritten))? {
+                    self.unwritten.drain(..written);
+                    if self.unwritten.is_empty() {
+                        self.unwritten = Vec::new();
                     }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(err) => return Poll::Ready(Err(err)),
                 }
                 continue;
             }
@@ -109,26 +105,25 @@ impl Pump {
             };
             if self.in_pipe > 0 {
                 ready!(to.poll_write_ready(cx))?;
-                match to.try_io(Interest::WRITABLE, || {
+                let spliced = to.try_io(Interest::WRITABLE, || {
                     splice(pipe.read.as_raw_fd(), to.as_raw_fd(), self.in_pipe)
-                }) {
-                    Ok(written) => self.in_pipe -= written,
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(err) => return Poll::Ready(Err(err)),
+                });
+                if let Some(written) = unless_would_block(spliced)? {
+                    self.in_pipe -= written;
                 }
                 continue;
             }
             ready!(from.poll_read_ready(cx))?;
-            match from.try_io(Interest::READABLE, || {
+            let spliced = from.try_io(Interest::READABLE, || {
                 splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)
-            }) {
-                Ok(0) => self.pass_on_eof(to)?,
-                Ok(read) => {
+            });
+            match unless_would_block(spliced)? {
+                Some(0) => self.pass_on_eof(to)?,
+                Some(read) => {
                     self.in_pipe = read;
                     self.total += read as u64;
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Poll::Ready(Err(err)),
+                None => {}
             }
         }
         Poll::Ready(Ok(()))
@@ -151,23 +146,28 @@ impl Pump {
     ) -> Poll<io::Result<()>> {
         ready!(from.poll_read_ready(cx))?;
         let mut buffer = [0u8; COPY_SIZE];
-        let read = match from.try_read(&mut buffer) {
-            Ok(0) => return Poll::Ready(self.pass_on_eof(to)),
-            Ok(read) => read,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Poll::Ready(Ok(())),
-            Err(err) => return Poll::Ready(Err(err)),
+        let read = match unless_would_block(from.try_read(&mut buffer))? {
+            Some(0) => return Poll::Ready(self.pass_on_eof(to)),
+            Some(read) => read,
+            None => return Poll::Ready(Ok(())),
         };
         self.total += read as u64;
-        let written = match to.try_write(&buffer[..read]) {
-            Ok(written) => written,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(err) => return Poll::Ready(Err(err)),
-        };
+        let written = unless_would_block(to.try_write(&buffer[..read]))?.unwrap_or(0);
         self.unwritten.extend_from_slice(&buffer[written..read]);
         if read == COPY_SIZE {
             self.pipe = Some(Pipe::new()?);
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A non-blocking call's result with "would block" as `None`: nothing moved, wait for
+/// readiness again.
+fn unless_would_block(result: io::Result<usize>) -> io::Result<Option<usize>> {
+    match result {
+        Ok(moved) => Ok(Some(moved)),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(err) => Err(err),
     }
 }
 
