@@ -8,7 +8,7 @@
 //! connection, and polling readiness directly keeps its state to the sockets, the stream
 //! handles and the bytes in flight (an async fn would also hold each await's future).
 
-use crate::proxy::relay::both_directions;
+use crate::proxy::relay::{both_directions, unless_would_block};
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use socket2::SockRef;
@@ -109,18 +109,17 @@ impl Upload {
             }
             ready!(tcp.poll_read_ready(cx))?;
             let mut buffer = BytesMut::with_capacity(self.read_size);
-            match tcp.try_read_buf(&mut buffer) {
-                Ok(0) => {
+            match unless_would_block(tcp.try_read_buf(&mut buffer))? {
+                Some(0) => {
                     self.send.send_data(Bytes::new(), true).map_err(h2_error)?;
                     self.done = true;
                 }
-                Ok(read) => {
+                Some(read) => {
                     self.total += read as u64;
                     self.read_size = next_read_size(self.read_size, read);
                     self.pending = buffer.freeze();
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Poll::Ready(Err(err)),
+                None => {}
             }
         }
         Poll::Ready(Ok(()))
@@ -133,12 +132,8 @@ impl Download {
         while !self.done {
             if !self.pending.is_empty() {
                 ready!(tcp.poll_write_ready(cx))?;
-                match tcp.try_write(&self.pending) {
-                    Ok(written) => {
-                        let _ = self.pending.split_to(written);
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(err) => return Poll::Ready(Err(err)),
+                if let Some(written) = unless_would_block(tcp.try_write(&self.pending))? {
+                    let _ = self.pending.split_to(written);
                 }
                 continue;
             }

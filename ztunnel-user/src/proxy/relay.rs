@@ -67,6 +67,16 @@ pub fn both_directions(
     }
 }
 
+/// A non-blocking call's result with "would block" as `None`: nothing moved, wait for
+/// readiness again.
+pub fn unless_would_block(result: io::Result<usize>) -> io::Result<Option<usize>> {
+    match result {
+        Ok(moved) => Ok(Some(moved)),
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
 /// One direction: `from` to `to`, until `from`'s EOF, which becomes `to`'s write shutdown.
 #[derive(Default)]
 struct Pump {
@@ -158,16 +168,6 @@ impl Pump {
             self.pipe = Some(Pipe::new()?);
         }
         Poll::Ready(Ok(()))
-    }
-}
-
-/// A non-blocking call's result with "would block" as `None`: nothing moved, wait for
-/// readiness again.
-fn unless_would_block(result: io::Result<usize>) -> io::Result<Option<usize>> {
-    match result {
-        Ok(moved) => Ok(Some(moved)),
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(None),
-        Err(err) => Err(err),
     }
 }
 
