@@ -1,39 +1,74 @@
 //! Whole-machine CPU time from /proc/stat. Both lab nodes, their proxies and the load tools
 //! share this machine, so the machine's total is what a path costs; kernel time counts, since
-//! eBPF programs, TCP and the veths run there.
+//! eBPF programs, TCP and the veths run there. The hypervisor's steal is kept apart: it is the
+//! host's noise, not work done here, and it slows whatever measurement it falls on.
 
 use anyhow::{Context, Result};
 
-/// Busy CPU seconds of the whole machine while `work` runs, with what it returned.
-pub fn busy_seconds_during<T>(work: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
-    let before = busy_ticks()?;
+/// The machine's CPU time over one measurement.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuTime {
+    /// Busy CPU seconds (user + nice + system + irq + softirq), all CPUs.
+    pub busy_seconds: f64,
+    /// Steal as a share of all the CPUs' time, in percent: time the host ran something else
+    /// while this VM's vCPUs had work.
+    pub steal_percent: f64,
+}
+
+/// The machine's CPU time while `work` runs, with what it returned.
+pub fn during<T>(work: impl FnOnce() -> Result<T>) -> Result<(T, CpuTime)> {
+    let before = ticks()?;
     let outcome = work()?;
-    let after = busy_ticks()?;
-    Ok((
-        outcome,
-        after.saturating_sub(before) as f64 / ticks_per_second(),
-    ))
+    let after = ticks()?;
+    Ok((outcome, after.since(before)))
 }
 
-/// user + nice + system + irq + softirq of the `cpu` line (all CPUs), in clock ticks. Idle,
-/// iowait and steal are not work done here; guest time is already inside user.
-fn busy_ticks() -> Result<u64> {
+/// Cumulative clock ticks of the `cpu` line (all CPUs).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Ticks {
+    busy: u64,
+    steal: u64,
+    /// user through steal; guest time is already inside user.
+    total: u64,
+}
+
+impl Ticks {
+    fn since(self, before: Ticks) -> CpuTime {
+        let total = self.total.saturating_sub(before.total);
+        let steal = self.steal.saturating_sub(before.steal);
+        CpuTime {
+            busy_seconds: self.busy.saturating_sub(before.busy) as f64 / ticks_per_second(),
+            steal_percent: if total == 0 {
+                0.0
+            } else {
+                100.0 * steal as f64 / total as f64
+            },
+        }
+    }
+}
+
+fn ticks() -> Result<Ticks> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    parse_busy_ticks(&stat).context("no `cpu` line in /proc/stat")
+    parse_ticks(&stat).context("no `cpu` line in /proc/stat")
 }
 
-fn parse_busy_ticks(stat: &str) -> Option<u64> {
+fn parse_ticks(stat: &str) -> Option<Ticks> {
     let line = stat.lines().find(|line| line.starts_with("cpu "))?;
     let fields: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .map(|field| field.parse().unwrap_or(0))
         .collect();
-    // user nice system idle iowait irq softirq ...
-    let [user, nice, system, _idle, _iowait, irq, softirq, ..] = fields[..] else {
+    // user nice system idle iowait irq softirq steal (guest guest_nice)
+    let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = fields[..] else {
         return None;
     };
-    Some(user + nice + system + irq + softirq)
+    let busy = user + nice + system + irq + softirq;
+    Some(Ticks {
+        busy,
+        steal,
+        total: busy + idle + iowait + steal,
+    })
 }
 
 fn ticks_per_second() -> f64 {
@@ -44,12 +79,40 @@ fn ticks_per_second() -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_busy_ticks;
+    use super::*;
 
     #[test]
-    fn busy_is_user_nice_system_irq_softirq() {
-        let stat = "cpu  100 5 40 9000 7 3 2 1 0 0\ncpu0 50 2 20 4500 3 1 1 0 0 0\n";
-        assert_eq!(parse_busy_ticks(stat), Some(150));
-        assert_eq!(parse_busy_ticks("intr 1 2 3\n"), None);
+    fn busy_is_user_nice_system_irq_softirq_and_steal_is_apart() {
+        let stat = "cpu  100 5 40 9000 7 3 2 43 11 0\ncpu0 50 2 20 4500 3 1 1 20 5 0\n";
+        let ticks = parse_ticks(stat);
+        assert_eq!(
+            ticks,
+            Some(Ticks {
+                busy: 150,
+                steal: 43,
+                total: 9200
+            })
+        );
+        assert_eq!(parse_ticks("intr 1 2 3\n"), None);
+        // A kernel without a steal field is not one this benchmark reads.
+        assert_eq!(parse_ticks("cpu  100 5 40 9000 7 3 2\n"), None);
+    }
+
+    #[test]
+    fn steal_is_a_share_of_the_interval() {
+        let before = Ticks {
+            busy: 1000,
+            steal: 100,
+            total: 5000,
+        };
+        let after = Ticks {
+            busy: 1300,
+            steal: 150,
+            total: 5500,
+        };
+        let time = after.since(before);
+        assert_eq!(time.steal_percent, 10.0);
+        assert_eq!(time.busy_seconds, 300.0 / ticks_per_second());
+        assert_eq!(before.since(before).steal_percent, 0.0);
     }
 }

@@ -1,9 +1,9 @@
 //! One turn of the benchmark: a fresh lab for one path, then every figure on every route.
 
-use super::cpu::busy_seconds_during;
+use super::cpu::{self, CpuTime};
 use super::memory;
 use super::path::{Path, Route};
-use super::results::{Daemon, Metric, Results};
+use super::results::{Daemon, Measured, Metric, Results};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
@@ -19,6 +19,9 @@ const REPLY_PORT: u16 = 9001;
 /// Concurrent workers of the connection-rate client: enough to keep both cores busy through
 /// the proxies' accept, connect and stream set-up.
 const CONNECT_WORKERS: usize = 8;
+/// Host steal above this share of the CPU time makes a measurement's figures suspect: a run
+/// with it is slower, and its latency bimodal (docs/PERFORMANCE.md).
+const NOISY_STEAL_PERCENT: f64 = 10.0;
 /// How long a server may take to say it listens.
 const SERVER_READY: Duration = Duration::from_secs(10);
 /// How much longer than its measurement iperf3 -c may take before it is killed.
@@ -141,15 +144,19 @@ impl Turn<'_> {
         );
         let length = self.settings.length;
         let to = self.path.target(route, server_ip, IPERF_PORT);
-        let (transfer, cpu) = busy_seconds_during(|| iperf3(route, to, streams, length))?;
+        let (transfer, cpu) = cpu::during(|| iperf3(route, to, streams, length))?;
         let gbit_per_s = transfer.bits_per_second / 1e9;
-        let cpu_per_gb = cpu / (transfer.bytes / 1e9);
+        let cpu_per_gb = cpu.busy_seconds / (transfer.bytes / 1e9);
         self.say(
             Some(route),
-            &format!("  {gbit_per_s:.2} Gbit/s, {cpu_per_gb:.2} CPU s per GB"),
+            &format!(
+                "  {gbit_per_s:.2} Gbit/s, {cpu_per_gb:.2} CPU s per GB, host steal {:.1}%",
+                cpu.steal_percent
+            ),
         );
         self.record(route, metric, gbit_per_s);
         self.record(route, cost, cpu_per_gb);
+        self.steal(route, Measured::Throughput, cpu);
         Ok(())
     }
 
@@ -157,18 +164,24 @@ impl Turn<'_> {
         self.say(Some(route), "request/response latency on one connection...");
         let to = self.path.target(route, server_ip, ECHO_PORT);
         let (report, cpu) =
-            busy_seconds_during(|| Ok(latency_from(route.client(), to, self.settings.length)?))?;
-        let cpu_per_thousand = cpu / (report.round_trips as f64 / 1000.0);
+            cpu::during(|| Ok(latency_from(route.client(), to, self.settings.length)?))?;
+        let cpu_per_thousand = cpu.busy_seconds / (report.round_trips as f64 / 1000.0);
         self.say(
             Some(route),
             &format!(
-                "  p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us over {} round trips; {cpu_per_thousand:.3} CPU s per 1,000",
-                report.p50_us, report.p99_us, report.p999_us, report.max_us, report.round_trips
+                "  p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, max {:.0} us over {} round trips; {cpu_per_thousand:.3} CPU s per 1,000, host steal {:.1}%",
+                report.p50_us,
+                report.p99_us,
+                report.p999_us,
+                report.max_us,
+                report.round_trips,
+                cpu.steal_percent
             ),
         );
         self.record(route, Metric::LatencyP50, report.p50_us);
         self.record(route, Metric::LatencyP99, report.p99_us);
         self.record(route, Metric::CpuPerThousandRoundTrips, cpu_per_thousand);
+        self.steal(route, Measured::RequestResponse, cpu);
         Ok(())
     }
 
@@ -178,7 +191,7 @@ impl Turn<'_> {
             &format!("new connections, {CONNECT_WORKERS} workers..."),
         );
         let to = self.path.target(route, server_ip, REPLY_PORT);
-        let (report, cpu) = busy_seconds_during(|| {
+        let (report, cpu) = cpu::during(|| {
             Ok(connect_rate_from(
                 route.client(),
                 to,
@@ -193,14 +206,15 @@ impl Turn<'_> {
                 report.failures
             );
         }
-        let cpu_per_thousand = cpu / (report.succeeded as f64 / 1000.0);
+        let cpu_per_thousand = cpu.busy_seconds / (report.succeeded as f64 / 1000.0);
         self.say(
             Some(route),
             &format!(
-                "  {:.0} connections/s ({} in {:.1} s), {cpu_per_thousand:.3} CPU s per 1,000",
+                "  {:.0} connections/s ({} in {:.1} s), {cpu_per_thousand:.3} CPU s per 1,000, host steal {:.1}%",
                 report.per_second(),
                 report.succeeded,
-                report.seconds
+                report.seconds,
+                cpu.steal_percent
             ),
         );
         if report.failed > 0 {
@@ -216,7 +230,24 @@ impl Turn<'_> {
         }
         self.record(route, Metric::ConnectRate, report.per_second());
         self.record(route, Metric::CpuPerThousandConnections, cpu_per_thousand);
+        self.steal(route, Measured::NewConnections, cpu);
         Ok(())
+    }
+
+    /// Records the host's steal during a measurement, and warns when it was high enough to
+    /// disturb the figures.
+    fn steal(&mut self, route: Route, measured: Measured, cpu: CpuTime) {
+        self.record(route, Metric::Steal(measured), cpu.steal_percent);
+        if cpu.steal_percent > NOISY_STEAL_PERCENT {
+            self.anomaly(
+                route.name(),
+                format!(
+                    "the host stole {:.1}% of the CPU time during the {} measurement; its figures are slower than this machine's",
+                    cpu.steal_percent,
+                    measured.name()
+                ),
+            );
+        }
     }
 
     fn memory(&mut self, lab: &Lab, route: Route) -> Result<()> {

@@ -4,7 +4,7 @@
 use super::machine::Machine;
 use super::measure::Settings;
 use super::path::{Path, Route};
-use super::results::{Comparison, Daemon, Metric, Results, Spread};
+use super::results::{Comparison, Daemon, Measured, Metric, Results, Spread};
 use std::fmt::Write as _;
 
 /// What the mesh is compared with.
@@ -206,6 +206,7 @@ pub fn markdown(results: &Results, settings: &Settings, machine: &Machine) -> St
         }
     }
     memory_section(&mut out, results, settings);
+    steal_section(&mut out, results);
     let _ = writeln!(
         out,
         "\n## Targets (2-vCPU machine, measured side by side)\n"
@@ -263,6 +264,38 @@ fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
                 cell(Metric::BytesPerConnection(daemon)),
                 cell(Metric::ClosedRss(daemon))
             );
+        }
+    }
+}
+
+/// The host's noise: how much of the CPU time the hypervisor took during each path's
+/// measurements, which explains runs that fall out of line with the others.
+fn steal_section(out: &mut String, results: &Results) {
+    let _ = writeln!(
+        out,
+        "\n## Host steal\n\nThe share of the machine's CPU time the hypervisor gave to others \
+         while this VM's vCPUs had work (`steal` in /proc/stat), per measurement: noise from the \
+         host, not cost of a path. A measurement with much of it is slower, and its latency \
+         bimodal.\n"
+    );
+    let mut header = String::from("| path | route |");
+    let mut rule = String::from("|---|---|");
+    for measured in Measured::ALL {
+        let _ = write!(header, " during {}, % |", measured.name());
+        rule.push_str("---|");
+    }
+    let _ = writeln!(out, "{header}\n{rule}");
+    for path in Path::ALL {
+        for route in Route::ALL {
+            let mut row = format!("| {} | {} |", path.name(), route.name());
+            for measured in Measured::ALL {
+                let metric = Metric::Steal(measured);
+                let cell = results
+                    .spread(path, route, metric)
+                    .map_or("–".into(), |s| s.show(metric.digits()));
+                let _ = write!(row, " {cell} |");
+            }
+            let _ = writeln!(out, "{row}");
         }
     }
 }
@@ -332,5 +365,21 @@ mod tests {
             .position(|t| t.metric == Metric::IdleRss(Daemon::Source))
             .unwrap();
         assert_eq!(verdicts[idle_source], Some(true));
+    }
+
+    #[test]
+    fn steal_is_shown_per_path_route_and_measurement() {
+        let mut results = Results::default();
+        for (round, steal) in [(1, 2.0), (2, 24.5), (3, 3.0)] {
+            let metric = Metric::Steal(Measured::RequestResponse);
+            results.record(round, Path::Mesh, Route::CrossNode, metric, steal);
+        }
+        let mut out = String::new();
+        steal_section(&mut out, &results);
+        assert!(
+            out.contains("| mesh | cross node | – | 3.0 (2.0–24.5) | – |"),
+            "{out}"
+        );
+        assert!(out.contains("| direct | same node | – | – | – |"), "{out}");
     }
 }

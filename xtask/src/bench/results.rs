@@ -24,6 +24,38 @@ impl Daemon {
     }
 }
 
+/// A kind of measurement, for the host's steal during it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Measured {
+    Throughput,
+    RequestResponse,
+    NewConnections,
+}
+
+impl Measured {
+    pub const ALL: [Measured; 3] = [
+        Measured::Throughput,
+        Measured::RequestResponse,
+        Measured::NewConnections,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Measured::Throughput => "throughput",
+            Measured::RequestResponse => "request/response",
+            Measured::NewConnections => "new connections",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Measured::Throughput => "throughput",
+            Measured::RequestResponse => "rr",
+            Measured::NewConnections => "connections",
+        }
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Metric {
     /// Gbit/s, iperf3, one stream.
@@ -49,6 +81,8 @@ pub enum Metric {
     BytesPerConnection(Daemon),
     /// MiB, the node daemon once the idle connections are closed again.
     ClosedRss(Daemon),
+    /// Percent of the machine's CPU time the host stole during such a measurement.
+    Steal(Measured),
 }
 
 /// How a path's figure is put beside the baseline's.
@@ -98,6 +132,9 @@ impl Metric {
                     daemon.name()
                 )
             }
+            Metric::Steal(measured) => {
+                format!("host steal during {}, % of CPU time", measured.name())
+            }
         }
     }
 
@@ -117,6 +154,7 @@ impl Metric {
             Metric::HeldRss(daemon) => format!("{}_held_rss_mib", daemon.name()),
             Metric::BytesPerConnection(daemon) => format!("{}_bytes_per_connection", daemon.name()),
             Metric::ClosedRss(daemon) => format!("{}_closed_rss_mib", daemon.name()),
+            Metric::Steal(measured) => format!("steal_percent_{}", measured.key()),
         }
     }
 
@@ -127,6 +165,7 @@ impl Metric {
             Metric::CpuPerGb1 | Metric::CpuPerGb8 => 2,
             Metric::CpuPerThousandRoundTrips | Metric::CpuPerThousandConnections => 3,
             Metric::IdleRss(_) | Metric::HeldRss(_) | Metric::ClosedRss(_) => 1,
+            Metric::Steal(_) => 1,
             _ => 0,
         }
     }
