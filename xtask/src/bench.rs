@@ -9,6 +9,7 @@
 
 mod chart;
 mod cpu;
+mod idle;
 mod machine;
 mod measure;
 mod memory;
@@ -44,6 +45,10 @@ pub struct BenchArgs {
     /// explicitly still win).
     #[arg(long)]
     quick: bool,
+    /// Let idle vCPUs halt, as the machine is configured, instead of holding them in polling
+    /// for the run (latency then includes the host's wake-ups; see docs/PERFORMANCE.md).
+    #[arg(long)]
+    allow_cpu_idle: bool,
 }
 
 #[derive(Subcommand)]
@@ -92,17 +97,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let out = bench_dir.join(utc_timestamp(SystemTime::now()));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
-    let mut machine = Machine::now();
+    let idle = idle::IdlePolicy::for_run(args.allow_cpu_idle);
+    let mut machine = Machine::now(&idle.description);
     let turns = settings.runs * Path::ALL.len();
     println!(
         "bench: {} runs x {} paths ({}), {} s per measurement, {} idle connections; {turns} \
-         labs, one at a time; load average now {}",
+         labs, one at a time; load average now {}; idle CPUs {}",
         settings.runs,
         Path::ALL.len(),
         Path::ALL.map(Path::name).join(", "),
         settings.length.as_secs(),
         settings.idle_connections,
-        machine.load_before
+        machine.load_before,
+        machine.cpu_idle
     );
     let mut results = Results::default();
     for round in 1..=settings.runs {
@@ -111,6 +118,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
     machine.finish();
+    drop(idle);
 
     let report = report::markdown(&results, &settings, &machine);
     println!("\n{report}");

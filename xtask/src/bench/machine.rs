@@ -10,11 +10,13 @@ pub struct Machine {
     pub commit: String,
     pub load_before: String,
     pub load_after: String,
+    /// What idle CPUs did during the run.
+    pub cpu_idle: String,
 }
 
 impl Machine {
     /// Everything but the load average after the run, which `finish` adds.
-    pub fn now() -> Machine {
+    pub fn now(cpu_idle: &str) -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -37,6 +39,7 @@ impl Machine {
             commit: commit(),
             load_before: load_average(),
             load_after: String::new(),
+            cpu_idle: cpu_idle.to_owned(),
         }
     }
 
@@ -48,6 +51,7 @@ impl Machine {
         format!(
             "- CPU: {}, {} cores; {:.1} GiB memory; Linux {}\n\
              - load average (1, 5, 15 min) before: {}; after: {}\n\
+             - idle CPUs: {}\n\
              - code: {}\n",
             self.cpu_model,
             self.cores,
@@ -55,6 +59,7 @@ impl Machine {
             self.kernel,
             self.load_before,
             self.load_after,
+            self.cpu_idle,
             self.commit
         )
     }
