@@ -187,12 +187,7 @@ pub fn markdown(results: &Results, settings: &Settings, machine: &Machine) -> St
         for metric in Metric::ROUTE_FIGURES {
             let mut row = format!("| {} |", metric.label());
             for path in Path::ALL {
-                let cell = results.spread(path, route, metric);
-                let _ = write!(
-                    row,
-                    " {} |",
-                    cell.map_or("–".into(), |s| s.show(metric.digits()))
-                );
+                let _ = write!(row, " {} |", spread_cell(results, path, route, metric));
             }
             for &path in &compared {
                 let cell = results.compared(path, BASELINE, route, metric);
@@ -244,11 +239,7 @@ fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
     );
     for path in Path::ALL.into_iter().filter(|p| p.has_proxy()) {
         for daemon in Daemon::ALL {
-            let cell = |metric: Metric| {
-                results
-                    .spread(path, route, metric)
-                    .map_or("–".into(), |s| s.show(metric.digits()))
-            };
+            let cell = |metric| spread_cell(results, path, route, metric);
             let node = match daemon {
                 Daemon::Source => route.client(),
                 Daemon::Destination => route.server(),
@@ -289,15 +280,19 @@ fn steal_section(out: &mut String, results: &Results) {
         for route in Route::ALL {
             let mut row = format!("| {} | {} |", path.name(), route.name());
             for measured in Measured::ALL {
-                let metric = Metric::Steal(measured);
-                let cell = results
-                    .spread(path, route, metric)
-                    .map_or("–".into(), |s| s.show(metric.digits()));
+                let cell = spread_cell(results, path, route, Metric::Steal(measured));
                 let _ = write!(row, " {cell} |");
             }
             let _ = writeln!(out, "{row}");
         }
     }
+}
+
+/// A path's figure as "median (min–max)", or "–" where it was not measured.
+fn spread_cell(results: &Results, path: Path, route: Route, metric: Metric) -> String {
+    results
+        .spread(path, route, metric)
+        .map_or("–".into(), |s| s.show(metric.digits()))
 }
 
 fn capitalized(text: &str) -> String {
