@@ -265,9 +265,10 @@ fn steal_section(out: &mut String, results: &Results) {
     let _ = writeln!(
         out,
         "\n## Host steal\n\nThe share of the machine's CPU time the hypervisor gave to others \
-         while this VM's vCPUs had work (`steal` in /proc/stat), per measurement: noise from the \
-         host, not cost of a path. A measurement with much of it is slower, and its latency \
-         bimodal.\n"
+         while this VM's vCPUs had work (`steal` in /proc/stat), per measurement: time lost to \
+         the host, not work done here. Most of it comes when vCPUs wake from a halt, so it \
+         stays small while idle CPUs poll (see the machine facts). A measurement with much of \
+         it is slower, and its latency bimodal.\n"
     );
     let mut header = String::from("| path | route |");
     let mut rule = String::from("|---|---|");

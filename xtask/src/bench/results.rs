@@ -164,8 +164,7 @@ impl Metric {
             Metric::Throughput1 | Metric::Throughput8 => 2,
             Metric::CpuPerGb1 | Metric::CpuPerGb8 => 2,
             Metric::CpuPerThousandRoundTrips | Metric::CpuPerThousandConnections => 3,
-            Metric::IdleRss(_) | Metric::HeldRss(_) | Metric::ClosedRss(_) => 1,
-            Metric::Steal(_) => 1,
+            Metric::IdleRss(_) | Metric::HeldRss(_) | Metric::ClosedRss(_) | Metric::Steal(_) => 1,
             _ => 0,
         }
     }
