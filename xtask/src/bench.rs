@@ -9,6 +9,7 @@
 
 mod chart;
 mod cpu;
+mod handshakes;
 mod idle;
 mod machine;
 mod measure;

@@ -1,6 +1,7 @@
 //! One turn of the benchmark: a fresh lab for one path, then every figure on every route.
 
 use super::cpu::{self, CpuTime};
+use super::handshakes;
 use super::memory;
 use super::path::{Path, Route};
 use super::results::{Daemon, Measured, Metric, Results};
@@ -191,6 +192,7 @@ impl Turn<'_> {
             &format!("new connections, {CONNECT_WORKERS} workers..."),
         );
         let to = self.path.target(route, server_ip, REPLY_PORT);
+        let retried_before = handshakes::syn_retransmissions(route.client())?;
         let (report, cpu) = cpu::during(|| {
             Ok(connect_rate_from(
                 route.client(),
@@ -206,17 +208,28 @@ impl Turn<'_> {
                 report.failures
             );
         }
+        let retried =
+            handshakes::syn_retransmissions(route.client())?.saturating_sub(retried_before);
         let cpu_per_thousand = cpu.busy_seconds / (report.succeeded as f64 / 1000.0);
         self.say(
             Some(route),
             &format!(
-                "  {:.0} connections/s ({} in {:.1} s), {cpu_per_thousand:.3} CPU s per 1,000, host steal {:.1}%",
+                "  {:.0} connections/s ({} in {:.1} s), {cpu_per_thousand:.3} CPU s per 1,000, host steal {:.1}%, {retried} SYN retransmissions",
                 report.per_second(),
                 report.succeeded,
                 report.seconds,
                 cpu.steal_percent
             ),
         );
+        if retried > 0 {
+            self.anomaly(
+                route.name(),
+                format!(
+                    "{retried} SYNs were sent again in {} during the connection rate: as many handshakes waited a second or more, which holds the rate back beyond its CPU cost",
+                    route.client()
+                ),
+            );
+        }
         if report.failed > 0 {
             self.anomaly(
                 route.name(),
