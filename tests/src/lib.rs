@@ -24,6 +24,7 @@ pub mod traffic;
 
 pub use bringup::{up, up_with, up_without_ztunnel};
 pub use cni::{CniResult, cni_add, cni_check, cni_del};
+pub use command::run;
 pub use daemon::{
     DaemonOptions, Started, daemon_cli, daemon_not_ready, daemon_pid, daemon_status, kill_daemon,
     start_daemon, start_daemon_until, stop_daemon,

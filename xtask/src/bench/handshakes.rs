@@ -3,18 +3,11 @@
 //! them set a connection rate back more than all the work measured: the report names them
 //! where a rate alone would hide why it is low (docs/PERFORMANCE.md, iptables capture).
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 
 /// `TcpExt: TCPSynRetrans` of `pod`'s netns: SYNs its sockets sent again.
 pub fn syn_retransmissions(pod: &str) -> Result<u64> {
-    let output = ztunnel_lab::exec(pod, &["cat", "/proc/net/netstat"])?
-        .output()
-        .with_context(|| format!("reading /proc/net/netstat in {pod}"))?;
-    ensure!(
-        output.status.success(),
-        "reading /proc/net/netstat in {pod} failed ({})",
-        output.status
-    );
+    let output = ztunnel_lab::run(&mut ztunnel_lab::exec(pod, &["cat", "/proc/net/netstat"])?)?;
     counter(
         &String::from_utf8_lossy(&output.stdout),
         "TcpExt",

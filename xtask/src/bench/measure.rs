@@ -225,7 +225,7 @@ impl Turn<'_> {
             self.anomaly(
                 route.name(),
                 format!(
-                    "{retried} SYNs were sent again in {} during the connection rate: as many handshakes waited a second or more, which holds the rate back beyond its CPU cost",
+                    "SYN retransmissions in {} during the connection rate: {retried} (each a handshake that waited a second or more, holding the rate back beyond its CPU cost)",
                     route.client()
                 ),
             );
