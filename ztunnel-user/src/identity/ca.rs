@@ -28,6 +28,10 @@ pub const ROOT_CERT_FILE: &str = "root-cert.pem";
 pub const ROOT_KEY_FILE: &str = "root-key.pem";
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 const ROOT_COMMON_NAME: &str = "ztunnel root CA";
+/// How long before it is made a certificate starts to be valid: a peer whose clock is behind
+/// ours still accepts it at once. Even on one machine OpenSSL, which reads glibc's `time()`,
+/// sees the second before for up to a tick after each second begins.
+const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
 
 const STATE_DIR_HINT: &str = "remove root-cert.pem and root-key.pem from the CA directory to \
                               start a new root CA, or pass an existing CA with --ca-cert and --ca-key";
@@ -296,7 +300,8 @@ impl CertificateAuthority {
     }
 }
 
-/// Sets a certificate's validity to cover `not_before..not_after` in X.509's whole seconds.
+/// Sets a certificate's validity to cover `not_before..not_after` in X.509's whole seconds,
+/// beginning `CLOCK_SKEW_ALLOWANCE` early.
 fn set_validity(
     params: &mut CertificateParams,
     not_before: SystemTime,
@@ -311,7 +316,9 @@ fn set_validity(
     };
     let start = since_epoch(not_before)?;
     let end = since_epoch(not_after)?;
-    params.not_before = at(start.as_secs())?;
+    params.not_before = at(start
+        .as_secs()
+        .saturating_sub(CLOCK_SKEW_ALLOWANCE.as_secs()))?;
     let round_up = u64::from(end.subsec_nanos() > 0);
     params.not_after = at(end.as_secs().saturating_add(round_up))?;
     Ok(())
@@ -491,8 +498,18 @@ mod tests {
         let (_, root) = X509Certificate::from_der(ca.certificate()).unwrap();
         assert_eq!(cert.issuer(), root.subject());
         let validity = cert.validity();
+        let allowance = CLOCK_SKEW_ALLOWANCE.as_secs() as i64;
+        let since_epoch = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert_eq!(
+            validity.not_before.timestamp(),
+            since_epoch(issued.not_before) - allowance,
+            "valid from before it was made, for peers whose clocks are behind"
+        );
         let seconds = validity.not_after.timestamp() - validity.not_before.timestamp();
-        assert!((3600..=3601).contains(&seconds), "{seconds}");
+        assert!(
+            (3600 + allowance..=3601 + allowance).contains(&seconds),
+            "{seconds}"
+        );
     }
 
     #[test]
