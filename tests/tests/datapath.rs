@@ -25,9 +25,8 @@ fn assert_captured_transfer(
     let report = send(client, s.addr(server_pod, APP_PORT), bytes);
     let seen = next_report(&server);
     assert_eq!(
-        seen.peer.ip(),
-        s.ip(client),
-        "the server sees the client pod's own address"
+        seen.peer, report.local,
+        "the server sees the client's own address and port, as without the mesh"
     );
     assert_eq!(
         (seen.bytes, seen.sha256.as_str()),
@@ -55,7 +54,7 @@ fn assert_captured_transfer(
         1,
         "exactly one steered connection on {server_node}: {inbound:?}"
     );
-    assert_eq!(inbound[0].source.ip(), s.ip(client));
+    assert_eq!(inbound[0].source, report.local);
     assert_eq!(inbound[0].original_destination, original);
     assert_eq!(inbound[0].bytes_sent, bytes);
 

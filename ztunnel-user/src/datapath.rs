@@ -451,6 +451,14 @@ impl Datapath {
             })
     }
 
+    /// Withdraws an announcement whose connection never sent its SYN.
+    pub fn withdraw_delivery(&self, source: SocketAddr) {
+        let key = SocketKey::new(Addr::from(source.ip()), source.port());
+        if let Err(err) = ignore_missing(lock(&self.deliveries).remove(&key), names::DELIVERIES) {
+            tracing::warn!(%source, %err, "cannot withdraw a delivery announcement");
+        }
+    }
+
     /// The kernel counters, summed over CPUs.
     pub fn counters(&self) -> Vec<(Counter, u64)> {
         Counter::ALL

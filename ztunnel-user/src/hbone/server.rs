@@ -142,6 +142,18 @@ pub fn original_client<B>(request: &Request<B>, peer: SocketAddr) -> SocketAddr 
         .unwrap_or(peer)
 }
 
+/// Where the delivery to the app comes from: the peer's address, with the original client's
+/// port when the peer says it is that client (a waypoint's or gateway's peer address is not
+/// the client's, so the port says nothing there, and without a `forwarded` port there is none).
+fn delivery_source(client: SocketAddr, peer: SocketAddr) -> SocketAddr {
+    let port = if client != peer && client.ip() == peer.ip() {
+        client.port()
+    } else {
+        0
+    };
+    SocketAddr::new(peer.ip(), port)
+}
+
 /// One stream's whole life, counted while it lasts. The set-up is made and boxed before the
 /// async block, so that the block captures only the context and the box: an async block
 /// keeps every value it captures for as long as it lives.
@@ -203,7 +215,8 @@ async fn accept_stream(
         return None;
     }
     // The 200 goes out only once the app accepted: the client learns of a refusal.
-    let app = match connect_from(ctx, &pod.netns, Some(peer.addr.ip()), target).await {
+    let source = delivery_source(client, peer.addr);
+    let app = match connect_from(ctx, &pod.netns, Some(source), target).await {
         Ok(app) => app,
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");
@@ -275,6 +288,21 @@ mod tests {
         assert_eq!(
             original_client(&r, peer),
             "10.244.1.2:51234".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn delivery_keeps_the_port_of_a_client_that_is_the_peer() {
+        let peer: SocketAddr = "10.0.1.2:40000".parse().unwrap();
+        let client: SocketAddr = "10.0.1.2:51234".parse().unwrap();
+        assert_eq!(delivery_source(client, peer), client);
+        // No `forwarded` port: the client is the peer's connection, whose port says nothing.
+        assert_eq!(delivery_source(peer, peer), "10.0.1.2:0".parse().unwrap());
+        // Through a waypoint: the delivery comes from the waypoint, on a port of its own.
+        let elsewhere: SocketAddr = "10.0.9.9:51234".parse().unwrap();
+        assert_eq!(
+            delivery_source(elsewhere, peer),
+            "10.0.1.2:0".parse().unwrap()
         );
     }
 }

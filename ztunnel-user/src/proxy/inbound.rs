@@ -90,7 +90,10 @@ async fn set_up(
             tracked.denied(&denial);
             return None;
         }
-        connect_from(ctx, &pod.netns, Some(client.ip()), destination)
+        // The client's own connection ends here, in the proxy, and holds its four-tuple in
+        // this netns: the delivery takes another port.
+        let source = SocketAddr::new(client.ip(), 0);
+        connect_from(ctx, &pod.netns, Some(source), destination)
             .await
             .map(|app| Connected::splice(relay(stream, app)))
     };

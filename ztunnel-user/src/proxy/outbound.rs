@@ -73,7 +73,7 @@ async fn set_up(
                 identity: Some(pod.identity.clone()),
             };
             let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
-                Ok(()) => connect_from(ctx, &target.netns, Some(client.ip()), to).await,
+                Ok(()) => connect_from(ctx, &target.netns, Some(client), to).await,
                 Err(denial) => Err(io::Error::new(io::ErrorKind::PermissionDenied, denial)),
             };
             match connected {

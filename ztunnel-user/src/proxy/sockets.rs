@@ -104,12 +104,44 @@ pub fn inbound_listener(
     )
 }
 
-/// Connects from inside `netns` to `dst`, optionally from a foreign `source` address
-/// (transparent bind, so the destination sees the original client).
+/// Connects from inside `netns` to `dst`, optionally from a client's address `source`
+/// (transparent bind, so the destination sees the original client). A `source` port of 0 lets
+/// the kernel choose; a given port (the client's own) is used when it is free here, else the
+/// kernel chooses. A given port is also the fast way: a bind to port 0 cannot know the
+/// destination and scans for a port no socket of the address holds, TIME_WAIT included
+/// (milliseconds per bind with 10,000 of them), where connect checks an explicitly bound
+/// port against the whole four-tuple.
 pub async fn connect_from(
     ctx: &ProxyContext,
     netns: &Netns,
-    source: Option<IpAddr>,
+    source: Option<SocketAddr>,
+    dst: SocketAddr,
+) -> io::Result<TcpStream> {
+    if let Some(client) = source.filter(|source| source.port() != 0) {
+        match connect_once(ctx, netns, Some(client), dst).await {
+            Err(err) if port_taken(&err) => {
+                tracing::debug!(%client, %dst, %err, "the client's port is taken here; the kernel chooses one");
+            }
+            connected => return connected,
+        }
+    }
+    let any_port = source.map(|source| SocketAddr::new(source.ip(), 0));
+    connect_once(ctx, netns, any_port, dst).await
+}
+
+/// Another socket holds the port: at bind (`EADDRINUSE`), or with the same four-tuple at
+/// connect (`EADDRNOTAVAIL`).
+fn port_taken(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+    )
+}
+
+async fn connect_once(
+    ctx: &ProxyContext,
+    netns: &Netns,
+    source: Option<SocketAddr>,
     dst: SocketAddr,
 ) -> io::Result<TcpStream> {
     let socket: Socket = netns
@@ -121,12 +153,16 @@ pub async fn connect_from(
     } else {
         ctx.mark
     })?;
+    let mut announced = None;
     if let Some(source) = source {
         match source {
-            IpAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-            IpAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
         }
-        socket.bind(&SocketAddr::new(source, 0).into())?;
+        // A port held only by connections to other destinations, or by their TIME_WAIT, can
+        // be bound again: connect then checks the whole four-tuple.
+        socket.set_reuse_address(true)?;
+        socket.bind(&source.into())?;
         let bound = socket
             .local_addr()?
             .as_socket()
@@ -134,14 +170,23 @@ pub async fn connect_from(
         ctx.datapath
             .announce_delivery(bound)
             .map_err(io::Error::other)?;
+        announced = Some(bound);
     }
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
         .await
         .map_err(|_| {
             io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("connecting to {dst} timed out"),
             )
-        })?
+        })?;
+    if let (Err(err), Some(bound)) = (&connected, announced)
+        && err.kind() == io::ErrorKind::AddrNotAvailable
+    {
+        // No SYN went out to consume the announcement: withdraw it, or it would let a later
+        // connection from that address and port past the proxy.
+        ctx.datapath.withdraw_delivery(bound);
+    }
+    connected
 }
