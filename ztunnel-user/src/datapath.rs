@@ -431,7 +431,7 @@ impl Datapath {
 
     /// Takes the original destination of a captured connection, by its client's address.
     pub fn take_orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
-        let key = SocketKey::new(Addr::from(client.ip()), client.port());
+        let key = socket_key(client);
         let mut map = lock(&self.orig_dst);
         let orig = map.get(&key, 0).ok()?;
         // Best effort: the LRU evicts it anyway if the delete fails.
@@ -442,7 +442,7 @@ impl Datapath {
     /// Tells `sk_lookup` that the next connection from `source` into a pod is the proxy's own
     /// delivery to the app, so it is not steered back to the proxy.
     pub fn announce_delivery(&self, source: SocketAddr) -> Result<(), DatapathError> {
-        let key = SocketKey::new(Addr::from(source.ip()), source.port());
+        let key = socket_key(source);
         lock(&self.deliveries)
             .insert(key, 1, 0)
             .map_err(|source| DatapathError::Map {
@@ -451,9 +451,9 @@ impl Datapath {
             })
     }
 
-    /// Withdraws an announcement whose connection never sent its SYN.
+    /// Withdraws an announcement no SYN consumed; nothing if one did.
     pub fn withdraw_delivery(&self, source: SocketAddr) {
-        let key = SocketKey::new(Addr::from(source.ip()), source.port());
+        let key = socket_key(source);
         if let Err(err) = ignore_missing(lock(&self.deliveries).remove(&key), names::DELIVERIES) {
             tracing::warn!(%source, %err, "cannot withdraw a delivery announcement");
         }
@@ -609,6 +609,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The maps' key for a socket address.
+fn socket_key(addr: SocketAddr) -> SocketKey {
+    SocketKey::new(Addr::from(addr.ip()), addr.port())
 }
 
 fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {

@@ -181,11 +181,10 @@ async fn connect_once(
                 format!("connecting to {dst} timed out"),
             )
         })?;
-    if let (Err(err), Some(bound)) = (&connected, announced)
-        && err.kind() == io::ErrorKind::AddrNotAvailable
-    {
-        // No SYN went out to consume the announcement: withdraw it, or it would let a later
-        // connection from that address and port past the proxy.
+    if let (Err(_), Some(bound)) = (&connected, announced) {
+        // A connect that failed before its SYN went out (the four-tuple is taken) left the
+        // announcement, which would let a later connection from that address and port past
+        // the proxy.
         ctx.datapath.withdraw_delivery(bound);
     }
     connected
