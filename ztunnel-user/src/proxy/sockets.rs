@@ -163,28 +163,30 @@ async fn connect_once(
         // be bound again: connect then checks the whole four-tuple.
         socket.set_reuse_address(true)?;
         socket.bind(&source.into())?;
-        let bound = socket
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::other("bound to a non-IP address"))?;
+        let bound = match source.port() {
+            0 => socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::Error::other("bound to a non-IP address"))?,
+            _ => source,
+        };
         ctx.datapath
             .announce_delivery(bound)
             .map_err(io::Error::other)?;
         announced = Some(bound);
     }
     let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-    let connected = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
-        .await
-        .map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connecting to {dst} timed out"),
-            )
-        })?;
+    let connected = match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {dst} timed out"),
+        )),
+    };
     if let (Err(_), Some(bound)) = (&connected, announced) {
         // A connect that failed before its SYN went out (the four-tuple is taken) left the
         // announcement, which would let a later connection from that address and port past
-        // the proxy.
+        // the proxy; after a SYN consumed it, this finds nothing.
         ctx.datapath.withdraw_delivery(bound);
     }
     connected
