@@ -166,7 +166,7 @@ fn metrics_and_access_logs_report_both_sides_and_the_kernel() {
         &[("identity", "spiffe://cluster.local/ns/demo/sa/sa-a")],
     );
     assert!(
-        expiry > ztunnel_user::process::unix_now() as f64,
+        expiry > ztunnel_user::host::process::unix_now() as f64,
         "{expiry}"
     );
     assert!(sample(&after1, "process_resident_memory_bytes", &[]) > 1e6);
@@ -250,7 +250,7 @@ fn the_admin_api_and_the_cli_show_the_running_node() {
     );
     let certs: serde_json::Value =
         serde_json::from_str(&cli("node1", &["certs", "-o", "json"])).unwrap();
-    assert!(certs[0]["expires_unix"].as_u64().unwrap() > ztunnel_user::process::unix_now());
+    assert!(certs[0]["expires_unix"].as_u64().unwrap() > ztunnel_user::host::process::unix_now());
 
     let connections = cli("node1", &["connections"]);
     assert!(connections.contains("outbound"), "{connections}");

@@ -10,10 +10,10 @@
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::net::SocketAddr;
-use ztunnel_user::authz::{
+use ztunnel_user::identity::Identity;
+use ztunnel_user::mesh::authz::{
     Action, Connection, Decision, Match, Policies, Policy, Scope, StringMatch, Target,
 };
-use ztunnel_user::identity::Identity;
 
 const POLICIES: usize = 10_000;
 const RULES: usize = 10;

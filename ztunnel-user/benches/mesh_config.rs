@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use ztunnel_user::config::MeshConfig;
+use ztunnel_user::mesh::config::MeshConfig;
 
 const WORKLOADS: u32 = 10_000;
 const SERVICES: u32 = 1_000;

@@ -1,12 +1,16 @@
-//! The daemon's local control API: one JSON request and one JSON response per connection on a
-//! Unix socket. The CNI plugin enrolls and disenrolls pods through it; the CLI reads status.
+//! What the daemon tells others, as data: the local control API (one JSON request and one
+//! JSON response per connection on a Unix socket, through which the CNI plugin enrolls and
+//! disenrolls pods), and the admin API's `/config_dump` and `/connections`, which the CLI
+//! reads.
 
+use crate::mesh::MeshStatus;
+use crate::mesh::authz::Policy;
+use crate::mesh::config::{Service, Workload};
+use crate::settings::Settings;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-pub const DEFAULT_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 
 /// A pod as the CNI plugin knows it at ADD time.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,20 +85,21 @@ pub struct Status {
     pub certificates: Vec<CertificateInfo>,
     /// Kernel decision counters, summed over CPUs.
     pub counters: Vec<CounterValue>,
-    pub mesh: crate::mesh::MeshStatus,
+    pub mesh: MeshStatus,
 }
 
-/// What the admin API's `/config_dump` answers: the status, the readiness and the mesh config
-/// in force.
+/// What the admin API's `/config_dump` answers: the status, the readiness, the settings the
+/// daemon runs with and the mesh config in force.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConfigDump {
     #[serde(flatten)]
     pub status: Status,
     /// None when ready, else what is still missing.
     pub not_ready: Option<String>,
-    pub workloads: Vec<crate::config::Workload>,
-    pub services: Vec<crate::config::Service>,
-    pub policies: Vec<crate::authz::Policy>,
+    pub settings: Settings,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub policies: Vec<Policy>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

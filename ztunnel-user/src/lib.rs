@@ -1,31 +1,28 @@
-//! The ztunnel node proxy: daemon, eBPF loader, proxy and the CNI plugin's logic.
+//! The ztunnel node proxy: the daemon (`app`), the operator's CLI (`cli`) and the CNI plugin's
+//! logic (`cni`).
+//!
+//! Top-level modules depend on each other in one direction only, from the application down
+//! to the leaves (docs/ARCHITECTURE.md; `cargo xtask layers` checks it):
+//!
+//! ```text
+//! app, cli, cni -> ops -> pods -> proxy -> {capture, hbone, delivery, telemetry}
+//!     -> api -> mesh -> {identity, relay, host, settings}
+//! ```
+#![warn(unreachable_pub)]
 
-pub mod access_log;
-pub mod admin;
 pub mod api;
-pub mod api_server;
-pub mod authz;
-pub mod cgroup;
+pub mod app;
+mod capture;
 pub mod cli;
 pub mod cni;
-pub mod config;
-pub mod connections;
-pub mod datapath;
-pub mod features;
+mod delivery;
 pub mod hbone;
+pub mod host;
 pub mod identity;
-pub mod iptables;
-pub mod limits;
 pub mod mesh;
-pub mod metrics;
-pub mod mounts;
-pub mod netlink;
-pub mod netns;
-pub mod output;
-pub mod pod_state;
-pub mod pods;
-pub mod process;
-pub mod proxy;
-pub mod readiness;
-pub mod web;
-pub mod workload_map;
+mod ops;
+mod pods;
+mod proxy;
+mod relay;
+pub mod settings;
+mod telemetry;

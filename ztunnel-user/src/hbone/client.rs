@@ -5,8 +5,9 @@
 //! streams each; then another connection is opened. Connections idle for
 //! `POOL_IDLE_TIMEOUT` are closed.
 
-use super::bridge::h2_error;
+use super::OpenCounts;
 use crate::identity::Identity;
+use crate::relay::h2::io_error;
 use bytes::Bytes;
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
@@ -98,7 +99,7 @@ pub struct StreamSlot(Arc<PooledConnection>);
 impl StreamSlot {
     fn take(connection: &Arc<PooledConnection>) -> StreamSlot {
         connection.streams.fetch_add(1, Ordering::AcqRel);
-        connection.counts.streams.fetch_add(1, Ordering::AcqRel);
+        OpenCounts::add(&connection.counts.streams);
         StreamSlot(connection.clone())
     }
 }
@@ -106,7 +107,7 @@ impl StreamSlot {
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::AcqRel);
-        self.0.counts.streams.fetch_sub(1, Ordering::AcqRel);
+        OpenCounts::remove(&self.0.counts.streams);
         *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 }
@@ -119,19 +120,6 @@ type KeyConnections = Arc<tokio::sync::Mutex<Vec<Arc<PooledConnection>>>>;
 pub struct Pool {
     connections: Mutex<HashMap<PoolKey, KeyConnections>>,
     counts: Arc<OpenCounts>,
-}
-
-/// Open pooled connections (their driving tasks) and streams, for the metrics.
-#[derive(Default)]
-struct OpenCounts {
-    connections: AtomicUsize,
-    streams: AtomicUsize,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PoolCounts {
-    pub connections: usize,
-    pub streams: usize,
 }
 
 impl Pool {
@@ -154,13 +142,13 @@ impl Pool {
         // offered again: the next stream opens a new connection.
         let retired = |err: h2::Error| {
             slot.0.closed.store(true, Ordering::Release);
-            h2_error(err)
+            io_error(err)
         };
         let mut sender = slot.0.sender.clone().ready().await.map_err(retired)?;
         let (response, send) = sender
             .send_request(request.to_http(), false)
             .map_err(retired)?;
-        let response = response.await.map_err(h2_error)?;
+        let response = response.await.map_err(io_error)?;
         if response.status() != StatusCode::OK {
             // A 401 is the peer's authorization saying no; anything else, that it cannot
             // deliver.
@@ -211,11 +199,9 @@ impl Pool {
         Ok(StreamSlot::take(&connection))
     }
 
-    pub fn counts(&self) -> PoolCounts {
-        PoolCounts {
-            connections: self.counts.connections.load(Ordering::Acquire),
-            streams: self.counts.streams.load(Ordering::Acquire),
-        }
+    /// Open pooled connections (their driving tasks) and streams.
+    pub(crate) fn counts(&self) -> &OpenCounts {
+        &self.counts
     }
 
     /// Closes connections without streams that have been idle for `POOL_IDLE_TIMEOUT`.
@@ -265,8 +251,8 @@ where
         .max_frame_size(super::MAX_FRAME_SIZE)
         .handshake::<_, Bytes>(io)
         .await
-        .map_err(h2_error)?;
-    counts.connections.fetch_add(1, Ordering::AcqRel);
+        .map_err(io_error)?;
+    OpenCounts::add(&counts.connections);
     let pooled = Arc::new(PooledConnection {
         sender,
         counts: counts.clone(),
@@ -290,7 +276,7 @@ where
         if let Some(pooled) = watched.upgrade() {
             pooled.closed.store(true, Ordering::Release);
         }
-        counts.connections.fetch_sub(1, Ordering::AcqRel);
+        OpenCounts::remove(&counts.connections);
     });
     Ok(pooled)
 }

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
-pub struct Mtls {
+pub(crate) struct Mtls {
     pub store: Arc<CertificateStore>,
     pub roots: Arc<RootCertStore>,
 }
 
 impl Mtls {
     /// The client handshake as `local`, accepting only a server presenting one of `expected`.
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         local: &Identity,
         expected: &[Identity],
@@ -36,7 +36,7 @@ impl Mtls {
 
     /// The server side as `local`: built once per pod (the certificate itself is resolved per
     /// handshake, so rotation needs no new acceptor).
-    pub fn acceptor(&self, local: &Identity) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self, local: &Identity) -> TlsAcceptor {
         TlsAcceptor::from(server_config(
             self.store.clone(),
             local.clone(),
@@ -46,7 +46,7 @@ impl Mtls {
 }
 
 /// The server handshake; returns the stream and the client's identity.
-pub async fn accept(
+pub(crate) async fn accept(
     acceptor: &TlsAcceptor,
     tcp: TcpStream,
 ) -> io::Result<(server::TlsStream<TcpStream>, Identity)> {

@@ -1,36 +1,27 @@
-//! The HBONE server side: one HTTP/2 connection per mTLS connection accepted on a pod's 15008
-//! listener; each CONNECT stream is authorized (401 if denied) and delivered to the app in
-//! that pod.
+//! The HBONE server side, the wire only: the HTTP/2 handshake over an accepted mTLS
+//! connection, then each CONNECT stream handed to the caller's handler as an `Incoming` request,
+//! which the handler checks (`target`, `client`) and answers with the contract's status codes
+//! (`accept`: 200, `refuse`: 400 or 503, `deny`: 401, `fail`: 503). GOAWAY on shutdown.
 
-use super::bridge::h2_error;
-use crate::api::Direction;
-use crate::connections::Subject;
-use crate::identity::Identity;
-use crate::metrics::{Observed, Reporter, TrafficLabels};
-use crate::proxy::carry::{self, Carriage, Connected};
-use crate::proxy::{PodProxy, ProxyContext, describe, sockets::connect_from};
+use super::OpenCounts;
+use crate::relay::h2::io_error;
 use bytes::Bytes;
 use h2::server::{Connection, SendResponse};
+use h2::{RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use ztunnel_common::ports;
 
-/// Where an HBONE connection came from and arrived.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    /// The TCP peer: the source pod's address, since the client connects from its netns.
-    pub addr: SocketAddr,
-    /// The local end: the destination pod's address and 15008.
-    pub local: SocketAddr,
-    /// The client's, from its certificate; shared with its streams' authorization subjects.
-    pub identity: Arc<Identity>,
-}
-
 /// The HTTP/2 handshake of an HBONE connection over its established mTLS stream.
-pub async fn handshake<IO>(io: IO) -> Result<Connection<IO, Bytes>, h2::Error>
+pub(crate) async fn handshake<IO>(io: IO) -> Result<Connection<IO, Bytes>, h2::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -43,40 +34,138 @@ where
         .await
 }
 
-/// Serves the CONNECT streams of one HBONE connection until the client closes it. An async
-/// block working on its captures in place, not an async fn, which would keep a second copy
-/// of the connection (h2's state, 2.4 KB) for as long as it is open.
-pub fn serve_connection<IO>(
+/// Serves the CONNECT streams of one HBONE connection until the client closes it (or the
+/// connection fails: the error is returned for the caller to log with what it knows), each
+/// stream on a task of its own running what `serve` makes of it. After `shutdown` turns true:
+/// GOAWAY, and the open streams may finish. The connection and its streams are counted in
+/// `counts` while they are open.
+///
+/// An async block working on its captures in place, not an async fn, which would keep a
+/// second copy of the connection (h2's state, 2.4 KB) for as long as it is open.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would store the connection twice"
+)]
+pub(crate) fn serve_connection<IO, Serve, Served>(
     mut connection: Connection<IO, Bytes>,
-    ctx: Arc<ProxyContext>,
-    pod: Arc<PodProxy>,
-    peer: Arc<Peer>,
-) -> impl Future<Output = ()> + Send
+    mut shutdown: watch::Receiver<bool>,
+    counts: Arc<OpenCounts>,
+    serve: Serve,
+) -> impl Future<Output = Result<(), h2::Error>> + Send
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Serve: Fn(Incoming) -> Served + Send,
+    Served: Future<Output = ()> + Send + 'static,
 {
-    let mut shutdown = ctx.shutdown.clone();
     async move {
-        let _open = ctx.hbone_connections.open();
+        OpenCounts::add(&counts.connections);
+        let _open = Counted(&counts.connections);
         let mut draining = false;
         loop {
             tokio::select! {
                 stream = connection.accept() => match stream {
                     Some(Ok((request, respond))) => {
-                        tokio::spawn(serve_stream(ctx.clone(), pod.clone(), peer.clone(), request, respond));
+                        let served = serve(Incoming { request, respond });
+                        tokio::spawn(CountedStream::new(counts.clone(), served));
                     }
-                    Some(Err(err)) => {
-                        tracing::debug!(pod = %pod.label, peer = %peer.addr, %err, "HBONE connection ended");
-                        break;
-                    }
-                    None => break,
+                    Some(Err(err)) => return Err(err),
+                    None => return Ok(()),
                 },
-                // On shutdown: GOAWAY, then keep serving the open streams until they end.
                 _ = shutdown.wait_for(|stop| *stop), if !draining => {
                     connection.graceful_shutdown();
                     draining = true;
                 }
             }
+        }
+    }
+}
+
+/// Takes one off a count when dropped.
+struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        OpenCounts::remove(self.0);
+    }
+}
+
+pin_project! {
+    /// A stream's task, counted while it lasts. Written out rather than as an async block,
+    /// which would keep the served future twice (as its capture and as what it awaits).
+    struct CountedStream<Served> {
+        counts: Arc<OpenCounts>,
+        #[pin]
+        served: Served,
+    }
+
+    impl<Served> PinnedDrop for CountedStream<Served> {
+        fn drop(this: Pin<&mut Self>) {
+            OpenCounts::remove(&this.counts.streams);
+        }
+    }
+}
+
+impl<Served> CountedStream<Served> {
+    fn new(counts: Arc<OpenCounts>, served: Served) -> CountedStream<Served> {
+        OpenCounts::add(&counts.streams);
+        CountedStream { counts, served }
+    }
+}
+
+impl<Served: Future<Output = ()>> Future for CountedStream<Served> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.project().served.poll(cx)
+    }
+}
+
+/// A CONNECT request, not answered yet.
+pub(crate) struct Incoming {
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+}
+
+impl Incoming {
+    /// Where the request asks to go, if it may: `local` is where its connection arrived.
+    pub(crate) fn target(&self, local: SocketAddr) -> Result<SocketAddr, Refusal> {
+        target_of(&self.request, local)
+    }
+
+    /// The original client, from `forwarded`, else `peer` (the connection's).
+    pub(crate) fn client(&self, peer: SocketAddr) -> SocketAddr {
+        original_client(&self.request, peer)
+    }
+
+    /// 200: the stream carries the connection from now on.
+    pub(crate) fn accept(mut self) -> io::Result<(SendStream<Bytes>, RecvStream)> {
+        let send = self
+            .respond
+            .send_response(Response::new(()), false)
+            .map_err(io_error)?;
+        Ok((send, self.request.into_body()))
+    }
+
+    /// The request is malformed or asks for what it may not.
+    pub(crate) fn refuse(self, refusal: &Refusal) {
+        self.answer(refusal.status());
+    }
+
+    /// 401: authorization denied it.
+    pub(crate) fn deny(self) {
+        self.answer(StatusCode::UNAUTHORIZED);
+    }
+
+    /// 503: its target cannot be reached.
+    pub(crate) fn fail(self) {
+        self.answer(StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    fn answer(mut self, status: StatusCode) {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        if let Err(err) = self.respond.send_response(response, true) {
+            tracing::debug!(%err, "client went away before the HBONE response");
         }
     }
 }
@@ -98,7 +187,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn status(&self) -> StatusCode {
+    fn status(&self) -> StatusCode {
         match self {
             Refusal::ProxyPort(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
@@ -140,104 +229,6 @@ pub fn original_client<B>(request: &Request<B>, peer: SocketAddr) -> SocketAddr 
         })
         .and_then(|v| v.trim_matches('"').parse().ok())
         .unwrap_or(peer)
-}
-
-/// Where the delivery to the app comes from: the peer's address, with the original client's
-/// port when the peer says it is that client (a waypoint's or gateway's peer address is not
-/// the client's, so the port says nothing there, and without a `forwarded` port there is none).
-fn delivery_source(client: SocketAddr, peer: SocketAddr) -> SocketAddr {
-    let port = if client != peer && client.ip() == peer.ip() {
-        client.port()
-    } else {
-        0
-    };
-    SocketAddr::new(peer.ip(), port)
-}
-
-/// One stream's whole life, counted while it lasts. The set-up is made and boxed before the
-/// async block, so that the block captures only the context and the box: an async block
-/// keeps every value it captures for as long as it lives.
-fn serve_stream(
-    ctx: Arc<ProxyContext>,
-    pod: Arc<PodProxy>,
-    peer: Arc<Peer>,
-    request: Request<h2::RecvStream>,
-    respond: SendResponse<Bytes>,
-) -> impl Future<Output = ()> + Send {
-    let set_up = Box::pin(accept_stream(ctx.clone(), pod, peer, request, respond));
-    async move {
-        let _stream = ctx.hbone_streams.open();
-        carry::serve(set_up).await;
-    }
-}
-
-/// Checks, authorizes and delivers one CONNECT request, answering it; `None` if it was
-/// refused or could not be delivered.
-async fn accept_stream(
-    ctx: Arc<ProxyContext>,
-    pod: Arc<PodProxy>,
-    peer: Arc<Peer>,
-    request: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
-) -> Option<Carriage> {
-    let (ctx, pod, peer) = (&ctx, &pod, &peer);
-    let target = match target_of(&request, peer.local) {
-        Ok(target) => target,
-        Err(refusal) => {
-            tracing::info!(pod = %pod.label, peer = %peer.addr, identity = %peer.identity, %refusal, "HBONE request refused");
-            reply(&mut respond, refusal.status());
-            return None;
-        }
-    };
-    let client = original_client(&request, peer.addr);
-    let config = ctx.mesh.current();
-    let labels = TrafficLabels::new(&Observed {
-        reporter: Reporter::Destination,
-        source: describe(&config, peer.addr.ip(), None),
-        source_identity: Some(&peer.identity),
-        destination: describe(&config, target.ip(), Some(pod)),
-        destination_identity: Some(&pod.identity),
-        service: None,
-        mutual_tls: true,
-    });
-    let mut tracked =
-        ctx.connections
-            .record(Direction::Inbound, &pod.label, client, target, labels);
-    let subject = Subject {
-        namespace: pod.namespace.clone(),
-        source: peer.addr.ip(),
-        destination: target,
-        identity: Some(peer.identity.clone()),
-    };
-    if let Err(denial) = ctx.authorize(&config, pod, &mut tracked, subject) {
-        reply(&mut respond, StatusCode::UNAUTHORIZED);
-        tracked.denied(&denial);
-        return None;
-    }
-    // The 200 goes out only once the app accepted: the client learns of a refusal.
-    let source = delivery_source(client, peer.addr);
-    let app = match connect_from(ctx, &pod.netns, Some(source), target).await {
-        Ok(app) => app,
-        Err(err) => {
-            tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");
-            reply(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
-            tracked.failed(&err);
-            return None;
-        }
-    };
-    let delivered = respond
-        .send_response(Response::new(()), false)
-        .map_err(h2_error)
-        .map(|send| Connected::to_app(app, send, request.into_body()));
-    Carriage::after(tracked, delivered)
-}
-
-fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    if let Err(err) = respond.send_response(response, true) {
-        tracing::debug!(%err, "client went away before the HBONE response");
-    }
 }
 
 #[cfg(test)]
@@ -288,21 +279,6 @@ mod tests {
         assert_eq!(
             original_client(&r, peer),
             "10.244.1.2:51234".parse().unwrap()
-        );
-    }
-
-    #[test]
-    fn delivery_keeps_the_port_of_a_client_that_is_the_peer() {
-        let peer: SocketAddr = "10.0.1.2:40000".parse().unwrap();
-        let client: SocketAddr = "10.0.1.2:51234".parse().unwrap();
-        assert_eq!(delivery_source(client, peer), client);
-        // No `forwarded` port: the client is the peer's connection, whose port says nothing.
-        assert_eq!(delivery_source(peer, peer), "10.0.1.2:0".parse().unwrap());
-        // Through a waypoint: the delivery comes from the waypoint, on a port of its own.
-        let elsewhere: SocketAddr = "10.0.9.9:51234".parse().unwrap();
-        assert_eq!(
-            delivery_source(elsewhere, peer),
-            "10.0.1.2:0".parse().unwrap()
         );
     }
 }

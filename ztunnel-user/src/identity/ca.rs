@@ -38,7 +38,7 @@ const STATE_DIR_HINT: &str = "remove root-cert.pem and root-key.pem from the CA 
 const OPERATOR_HINT: &str = "check the files given with --ca-cert and --ca-key";
 
 #[derive(Debug, thiserror::Error)]
-pub enum CaError {
+pub(crate) enum CaError {
     #[error(
         "cannot prepare the CA state directory {path}: {source} (ztunnel keeps its root CA there)"
     )]
@@ -80,7 +80,7 @@ pub enum CaError {
 
 /// A workload's certificate and key, as the CA issued them.
 #[derive(Clone, Debug)]
-pub struct WorkloadCertificate {
+pub(crate) struct WorkloadCertificate {
     pub identity: Identity,
     /// The chain and key for rustls. The chain is the leaf alone: peers hold the root already,
     /// and Istio does not send it either.
@@ -91,13 +91,8 @@ pub struct WorkloadCertificate {
 }
 
 impl WorkloadCertificate {
-    /// The certificates sent to peers, leaf first.
-    pub fn chain(&self) -> &[CertificateDer<'static>] {
-        &self.certified_key.cert
-    }
-
     /// Halfway through the validity: time for a new certificate, well before this one expires.
-    pub fn renew_at(&self) -> SystemTime {
+    pub(crate) fn renew_at(&self) -> SystemTime {
         let lifetime = self
             .not_after
             .duration_since(self.not_before)
@@ -108,16 +103,15 @@ impl WorkloadCertificate {
 
 /// The root (or operator-given) CA that signs workload certificates.
 #[derive(Debug)]
-pub struct CertificateAuthority {
+pub(crate) struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
-    certificate: CertificateDer<'static>,
     roots: Arc<RootCertStore>,
 }
 
 impl CertificateAuthority {
     /// Loads the root kept in `state_dir`, or creates one there for `trust_domain` (ECDSA P-256,
     /// ten years) on first start. The trust domain only names the new root.
-    pub fn load_or_create(state_dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
+    pub(crate) fn load_or_create(state_dir: &Path, trust_domain: &str) -> Result<Self, CaError> {
         let cert_path = state_dir.join(ROOT_CERT_FILE);
         let key_path = state_dir.join(ROOT_KEY_FILE);
         let state_dir_error = |source| CaError::StateDir {
@@ -148,13 +142,13 @@ impl CertificateAuthority {
 
     /// Loads an operator-given CA: a PEM certificate (the first one in the file signs) and its
     /// unencrypted PKCS#8 PEM key (ECDSA, Ed25519 or RSA).
-    pub fn from_files(cert_pem: &Path, key_pem: &Path) -> Result<Self, CaError> {
+    pub(crate) fn from_files(cert_pem: &Path, key_pem: &Path) -> Result<Self, CaError> {
         Self::load(cert_pem, key_pem, OPERATOR_HINT)
     }
 
     /// Issues a certificate for `identity`, valid from now for `lifetime`: ECDSA P-256, the
     /// SPIFFE ID as its URI SAN, usable for both TLS client and server authentication.
-    pub fn issue(
+    pub(crate) fn issue(
         &self,
         identity: &Identity,
         lifetime: Duration,
@@ -197,13 +191,8 @@ impl CertificateAuthority {
     }
 
     /// The trust roots of the mesh: this CA's certificate.
-    pub fn roots(&self) -> Arc<RootCertStore> {
+    pub(crate) fn roots(&self) -> Arc<RootCertStore> {
         self.roots.clone()
-    }
-
-    /// This CA's certificate (DER), for peers that are to trust it.
-    pub fn certificate(&self) -> &CertificateDer<'static> {
-        &self.certificate
     }
 
     fn new(
@@ -211,10 +200,9 @@ impl CertificateAuthority {
         certificate: CertificateDer<'static>,
     ) -> Result<Self, rustls::Error> {
         let mut roots = RootCertStore::empty();
-        roots.add(certificate.clone())?;
+        roots.add(certificate)?;
         Ok(CertificateAuthority {
             issuer,
-            certificate,
             roots: Arc::new(roots),
         })
     }
@@ -360,6 +348,11 @@ mod tests {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
     }
 
+    /// The root certificate the CA keeps in `dir`.
+    fn root_certificate(dir: &Path) -> CertificateDer<'static> {
+        CertificateDer::from_pem_file(dir.join(ROOT_CERT_FILE)).unwrap()
+    }
+
     #[test]
     fn creates_a_root_once_and_loads_it_afterwards() {
         let dir = tempfile::tempdir().unwrap();
@@ -375,8 +368,9 @@ mod tests {
         assert_eq!(files, [ROOT_CERT_FILE, ROOT_KEY_FILE]);
 
         let loaded = CertificateAuthority::load_or_create(&state, "ignored.local").unwrap();
-        assert_eq!(created.certificate(), loaded.certificate());
-        let (_, root) = X509Certificate::from_der(loaded.certificate()).unwrap();
+        assert_eq!(created.roots().roots, loaded.roots().roots);
+        let root = root_certificate(&state);
+        let (_, root) = X509Certificate::from_der(&root).unwrap();
         assert!(root.is_ca());
         let subject = root.subject().to_string();
         assert!(
@@ -397,7 +391,7 @@ mod tests {
             &dir.path().join(ROOT_KEY_FILE),
         )
         .unwrap();
-        assert_eq!(created.certificate(), loaded.certificate());
+        assert_eq!(created.roots().roots, loaded.roots().roots);
         assert_eq!(loaded.roots().roots.len(), 1);
     }
 
@@ -478,9 +472,9 @@ mod tests {
             issued.not_after.duration_since(issued.not_before).unwrap(),
             lifetime
         );
-        assert_eq!(issued.chain().len(), 1);
-
-        let leaf = &issued.chain()[0];
+        let chain = &issued.certified_key.cert;
+        assert_eq!(chain.len(), 1, "the leaf alone");
+        let leaf = &chain[0];
         assert_eq!(Identity::from_certificate(leaf).unwrap(), identity);
         let (_, cert) = X509Certificate::from_der(leaf).unwrap();
         let key = cert.public_key();
@@ -495,7 +489,8 @@ mod tests {
             san.critical,
             "a certificate without subject has a critical SAN"
         );
-        let (_, root) = X509Certificate::from_der(ca.certificate()).unwrap();
+        let root = root_certificate(dir.path());
+        let (_, root) = X509Certificate::from_der(&root).unwrap();
         assert_eq!(cert.issuer(), root.subject());
         let validity = cert.validity();
         let allowance = CLOCK_SKEW_ALLOWANCE.as_secs() as i64;

@@ -19,7 +19,7 @@ const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The current certificate of each identity in use on this node. Share it in an `Arc`.
 #[derive(Debug)]
-pub struct CertificateStore {
+pub(crate) struct CertificateStore {
     ca: Arc<CertificateAuthority>,
     lifetime: Duration,
     certs: Mutex<HashMap<Identity, WorkloadCertificate>>,
@@ -29,7 +29,7 @@ pub struct CertificateStore {
 
 impl CertificateStore {
     /// A store whose certificates, signed by `ca`, are valid for `lifetime`.
-    pub fn new(ca: Arc<CertificateAuthority>, lifetime: Duration) -> Self {
+    pub(crate) fn new(ca: Arc<CertificateAuthority>, lifetime: Duration) -> Self {
         CertificateStore {
             ca,
             lifetime,
@@ -40,7 +40,7 @@ impl CertificateStore {
 
     /// The certificate and key of `identity` for a handshake: the held one, or a new one if
     /// there is none yet or the held one is past half its lifetime.
-    pub fn certified_key(&self, identity: &Identity) -> Result<Arc<CertifiedKey>, CaError> {
+    pub(crate) fn certified_key(&self, identity: &Identity) -> Result<Arc<CertifiedKey>, CaError> {
         let mut certs = self.lock();
         if let Some(cert) = certs.get(identity)
             && SystemTime::now() < cert.renew_at()
@@ -57,12 +57,12 @@ impl CertificateStore {
     }
 
     /// Drops the certificate of `identity` (its last workload left the node).
-    pub fn forget(&self, identity: &Identity) {
+    pub(crate) fn forget(&self, identity: &Identity) {
         self.lock().remove(identity);
     }
 
     /// When each held certificate expires, by identity.
-    pub fn expiries(&self) -> Vec<(Identity, SystemTime)> {
+    pub(crate) fn expiries(&self) -> Vec<(Identity, SystemTime)> {
         let mut expiries: Vec<_> = self
             .lock()
             .values()
@@ -75,7 +75,7 @@ impl CertificateStore {
     /// Starts a task (on the current Tokio runtime) that renews every held certificate halfway
     /// through its lifetime, so that idle identities stay valid too. It ends once the store is
     /// dropped.
-    pub fn spawn_renewal(self: Arc<Self>) -> JoinHandle<()> {
+    pub(crate) fn spawn_renewal(self: Arc<Self>) -> JoinHandle<()> {
         let wake = self.wake.clone();
         // The task holds the store only while renewing, so that dropping it ends the task.
         let store = Arc::downgrade(&self);

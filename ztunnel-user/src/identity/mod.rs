@@ -1,10 +1,12 @@
-//! Workload identities (SPIFFE), the built-in CA, and the mutual-TLS configuration of HBONE.
+//! Workload identities (SPIFFE), the built-in CA, the per-identity certificate store, and the
+//! mutual-TLS configurations of HBONE.
 
 mod ca;
 mod certs;
 mod spiffe;
-pub mod tls;
+pub(crate) mod tls;
 
-pub use ca::{CaError, CertificateAuthority, ROOT_CERT_FILE, ROOT_KEY_FILE, WorkloadCertificate};
-pub use certs::CertificateStore;
+pub(crate) use ca::CertificateAuthority;
+pub use ca::{ROOT_CERT_FILE, ROOT_KEY_FILE};
+pub(crate) use certs::CertificateStore;
 pub use spiffe::{Identity, IdentityError};

@@ -1,24 +1,19 @@
-//! Connections to a pod: plaintext steered by `sk_lookup` into the 15006 listener, and HBONE
-//! on 15008; both authorized, then delivered to the app from the client's own address.
+//! Plaintext connections to a pod, steered by `sk_lookup` (or iptables) into its 15006
+//! listener: authorized, then delivered to the app from the client's own address; or, for a
+//! client that bypassed the pod's waypoint, sent to the waypoint.
 
 use super::carry::{self, Carriage, Connected};
 use super::outbound::open_hbone;
-use super::relay::relay;
 use super::route::Route;
-use super::sockets::connect_from;
 use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
-use crate::connections::Subject;
-use crate::hbone::mtls::accept;
-use crate::hbone::server::{Peer, handshake, serve_connection};
-use crate::metrics::{Observed, Reporter, TrafficLabels};
-use bytes::Bytes;
-use h2::server::Connection;
+use crate::mesh::authz::Subject;
+use crate::telemetry::connections::ConnectionError;
+use crate::telemetry::labels::{Observed, Reporter, TrafficLabels};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
 use ztunnel_common::ports;
 
 /// A plaintext connection's whole life (its set-up owns the arguments, as in
@@ -41,7 +36,7 @@ async fn set_up(
     client: SocketAddr,
 ) -> Option<Carriage> {
     let (ctx, pod) = (&ctx, &pod);
-    let destination = match ctx.inbound_destination(&stream) {
+    let destination = match ctx.capture.inbound_destination(&stream) {
         Ok(addr) => addr,
         Err(err) => {
             tracing::warn!(pod = %pod.label, %client, %err, "cannot read the original destination");
@@ -77,6 +72,7 @@ async fn set_up(
         open_hbone(ctx, pod, client, peer, authority, identities)
             .await
             .map(|hbone| Connected::over_hbone(stream, hbone))
+            .map_err(ConnectionError::Io)
     } else {
         let subject = Subject {
             namespace: pod.namespace.clone(),
@@ -87,65 +83,17 @@ async fn set_up(
         if let Err(denial) = ctx.authorize(&config, pod, &mut tracked, subject) {
             // Dropping the stream closes the connection: all plaintext clients get from a
             // denial.
-            tracked.denied(&denial);
+            tracked.failed(&ConnectionError::Denied(denial));
             return None;
         }
         // The client's own connection ends here, in the proxy, and holds its four-tuple in
         // this netns: the delivery takes another port.
         let source = SocketAddr::new(client.ip(), 0);
-        connect_from(ctx, &pod.netns, Some(source), destination)
+        ctx.connector
+            .connect_from(&pod.netns, Some(source), destination)
             .await
-            .map(|app| Connected::splice(relay(stream, app)))
+            .map(|app| Connected::tcp(stream, app))
+            .map_err(ConnectionError::Io)
     };
     Carriage::after(tracked, connected)
-}
-
-/// An mTLS connection on the pod's 15008: its CONNECT streams are served by the HBONE server.
-pub(super) async fn handle_hbone(
-    ctx: Arc<ProxyContext>,
-    pod: Arc<PodProxy>,
-    stream: TcpStream,
-    client: SocketAddr,
-) {
-    // Boxed: the handshakes' state is freed before the connection's long life begins.
-    let Some((connection, peer)) = Box::pin(hbone_handshakes(&pod, stream, client)).await else {
-        return;
-    };
-    serve_connection(connection, ctx, pod, peer).await;
-}
-
-/// The TLS and HTTP/2 handshakes of an HBONE connection; `None` (logged) if either failed.
-async fn hbone_handshakes(
-    pod: &PodProxy,
-    stream: TcpStream,
-    client: SocketAddr,
-) -> Option<(Connection<TlsStream<TcpStream>, Bytes>, Arc<Peer>)> {
-    let local = match stream.local_addr() {
-        Ok(local) => local,
-        Err(err) => {
-            tracing::warn!(pod = %pod.label, %client, %err, "cannot read the HBONE connection's address");
-            return None;
-        }
-    };
-    let (tls, identity) = match accept(&pod.hbone_acceptor, stream).await {
-        Ok(accepted) => accepted,
-        Err(err) => {
-            tracing::info!(pod = %pod.label, %client, %err, "HBONE TLS handshake refused");
-            return None;
-        }
-    };
-    match handshake(tls).await {
-        Ok(connection) => Some((
-            connection,
-            Arc::new(Peer {
-                addr: client,
-                local,
-                identity: Arc::new(identity),
-            }),
-        )),
-        Err(err) => {
-            tracing::info!(pod = %pod.label, peer = %client, %err, "HBONE HTTP/2 handshake failed");
-            None
-        }
-    }
 }

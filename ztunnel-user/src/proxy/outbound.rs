@@ -2,16 +2,15 @@
 //! way `Route` says.
 
 use super::carry::{self, Carriage, Connected};
-use super::relay::relay;
 use super::route::Route;
-use super::sockets::connect_from;
-use super::{PodProxy, ProxyContext, describe, identity_at};
+use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
-use crate::config::MeshConfig;
-use crate::connections::Subject;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
 use crate::identity::Identity;
-use crate::metrics::{Observed, Reporter, TrafficLabels};
+use crate::mesh::authz::Subject;
+use crate::mesh::config::MeshConfig;
+use crate::telemetry::connections::ConnectionError;
+use crate::telemetry::labels::{Observed, Reporter, TrafficLabels};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -40,7 +39,7 @@ async fn set_up(
     let (ctx, pod) = (&ctx, &pod);
     // Only connections the kernel captured have an original destination; anything else
     // that reached 15001 (a direct connection to the port) is refused.
-    let Some(destination) = ctx.outbound_destination(&stream, client) else {
+    let Some(destination) = ctx.capture.outbound_destination(&stream, client) else {
         tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
         return None;
     };
@@ -73,13 +72,17 @@ async fn set_up(
                 identity: Some(pod.identity.clone()),
             };
             let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
-                Ok(()) => connect_from(ctx, &target.netns, Some(client), to).await,
-                Err(denial) => Err(io::Error::new(io::ErrorKind::PermissionDenied, denial)),
+                Ok(()) => ctx
+                    .connector
+                    .connect_from(&target.netns, Some(client), to)
+                    .await
+                    .map_err(ConnectionError::Io),
+                Err(denial) => Err(ConnectionError::Denied(denial)),
             };
             match connected {
                 Ok(app) => Ok(Connected {
                     delivered: Some(Box::new(delivered)),
-                    ..Connected::splice(relay(stream, app))
+                    ..Connected::tcp(stream, app)
                 }),
                 Err(err) => {
                     delivered.failed(&err);
@@ -93,11 +96,15 @@ async fn set_up(
             identities,
         } => open_hbone(ctx, pod, client, peer, authority, identities)
             .await
-            .map(|hbone| Connected::over_hbone(stream, hbone)),
-        Route::Passthrough { target } => connect_from(ctx, &pod.netns, None, target)
+            .map(|hbone| Connected::over_hbone(stream, hbone))
+            .map_err(ConnectionError::Io),
+        Route::Passthrough { target } => ctx
+            .connector
+            .connect_from(&pod.netns, None, target)
             .await
-            .map(|upstream| Connected::splice(relay(stream, upstream))),
-        Route::Unavailable(why) => Err(io::Error::new(io::ErrorKind::NotFound, why)),
+            .map(|upstream| Connected::tcp(stream, upstream))
+            .map_err(ConnectionError::Io),
+        Route::Unavailable(why) => Err(ConnectionError::Unroutable(why)),
     };
     Carriage::after(tracked, connected)
 }
@@ -114,7 +121,7 @@ fn labels(
     route: &Route,
 ) -> TrafficLabels {
     let target = route.target();
-    let target_identity = target.and_then(|t| identity_at(ctx, config, t.ip()));
+    let target_identity = target.and_then(|t| ctx.identity_at(config, t.ip()));
     TrafficLabels::new(&Observed {
         reporter,
         source: describe(config, client.ip(), Some(pod)),
@@ -148,7 +155,7 @@ pub(super) async fn open_hbone(
         baggage: pod.baggage(),
     };
     let connect = || async {
-        let tcp = connect_from(ctx, &pod.netns, None, peer).await?;
+        let tcp = ctx.connector.connect_from(&pod.netns, None, peer).await?;
         ctx.tls
             .connect(&pod.identity, &key.destination_identities, tcp)
             .await

@@ -3,13 +3,13 @@
 //! TCP.
 
 use super::{PodProxy, ProxyContext};
-use crate::config::{GatewayAddress, MeshConfig, Protocol};
 use crate::identity::Identity;
+use crate::mesh::config::{GatewayAddress, MeshConfig, Protocol, Unroutable};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use ztunnel_common::ports;
 
-pub enum Route {
+pub(super) enum Route {
     /// The destination pod is enrolled on this node: deliver straight into its netns (no TLS,
     /// both identities are known here).
     SameNode {
@@ -27,12 +27,12 @@ pub enum Route {
     Passthrough { target: SocketAddr },
     /// Nothing can take the connection (a service without a healthy endpoint, a waypoint
     /// that resolves to nothing).
-    Unavailable(String),
+    Unavailable(Unroutable),
 }
 
 impl Route {
     /// Where the connection is sent: the workload (or VIP, through a waypoint) it reaches.
-    pub fn target(&self) -> Option<SocketAddr> {
+    pub(super) fn target(&self) -> Option<SocketAddr> {
         match self {
             Route::SameNode { target, .. } | Route::Passthrough { target } => Some(*target),
             Route::Hbone { authority, .. } => Some(*authority),
@@ -42,12 +42,12 @@ impl Route {
 
     /// Whether both ends are known by their mesh identities: over HBONE, or between two pods
     /// of this node.
-    pub fn carries_identities(&self) -> bool {
+    pub(super) fn carries_identities(&self) -> bool {
         matches!(self, Route::SameNode { .. } | Route::Hbone { .. })
     }
 
     /// The route of a connection from `source` (a pod of this node) to `destination`.
-    pub fn outbound(
+    pub(super) fn outbound(
         ctx: &ProxyContext,
         config: &MeshConfig,
         source: IpAddr,
@@ -62,10 +62,7 @@ impl Route {
                 return via_waypoint(config, waypoint, destination);
             }
             let Some(endpoint) = config.pick_endpoint(service, destination.port()) else {
-                return Route::Unavailable(format!(
-                    "service {} has no healthy endpoint",
-                    service.key()
-                ));
+                return Route::Unavailable(Unroutable::NoHealthyEndpoint(service.key()));
             };
             target = endpoint.address;
             extra_identities = service.extra_identities();
@@ -73,7 +70,7 @@ impl Route {
         if let Some(route) = Route::waypoint_of(config, source, target) {
             return route;
         }
-        if let Some(pod) = ctx.local_pod(target.ip()) {
+        if let Some(pod) = ctx.local_pods.get(target.ip()) {
             return Route::SameNode { pod, target };
         }
         match config.workload_by_ip(target.ip()) {
@@ -92,7 +89,11 @@ impl Route {
 
     /// The waypoint route for traffic to the workload at `target`, unless it has no
     /// waypoint or the traffic comes from that waypoint (it must not be sent back to it).
-    pub fn waypoint_of(config: &MeshConfig, source: IpAddr, target: SocketAddr) -> Option<Route> {
+    pub(super) fn waypoint_of(
+        config: &MeshConfig,
+        source: IpAddr,
+        target: SocketAddr,
+    ) -> Option<Route> {
         let waypoint = config.workload_by_ip(target.ip())?.waypoint.as_ref()?;
         (!config.is_waypoint(waypoint, source)).then(|| via_waypoint(config, waypoint, target))
     }
@@ -105,9 +106,6 @@ fn via_waypoint(config: &MeshConfig, waypoint: &GatewayAddress, authority: Socke
             authority,
             identities: vec![endpoint.workload.identity()],
         },
-        None => Route::Unavailable(format!(
-            "waypoint {:?} has no healthy instance",
-            waypoint.destination
-        )),
+        None => Route::Unavailable(Unroutable::NoWaypointInstance(waypoint.destination.clone())),
     }
 }

@@ -1,0 +1,239 @@
+//! `ztunnel run`: the daemon's start-up order, its surfaces, and the drain when it stops.
+//!
+//! Start-up: logging, the kernel features check, the mesh config file's first read, the CA,
+//! the pod records, the eBPF programs and maps, then the proxy's shared state, the config
+//! reload loop, the control API, the admin, metrics and readiness endpoints, and the
+//! take-over of the previous run's pods (once the mesh config is in force). Not ready until
+//! all of that is done.
+
+use crate::capture::{Capture, Datapath};
+use crate::delivery::Connector;
+use crate::hbone::client::Pool;
+use crate::hbone::mtls::Mtls;
+use crate::host::netns::Netns;
+use crate::host::{features, limits};
+use crate::identity::{CertificateAuthority, CertificateStore};
+use crate::mesh::Mesh;
+use crate::mesh::config::MeshConfig;
+use crate::mesh::config::reload::{self, ConfigFile};
+use crate::ops::admin::Admin;
+use crate::ops::api_server::{self, ApiServer};
+use crate::ops::http;
+use crate::ops::logging::{self};
+use crate::ops::metrics::{self, NodeView};
+use crate::ops::readiness::Readiness;
+use crate::pods::Pods;
+use crate::pods::records::PodStates;
+use crate::proxy::ProxyContext;
+use crate::settings::Settings;
+use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::connections::ConnectionLog;
+use crate::telemetry::metrics::TrafficMetrics;
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+
+/// What readiness waits for until the pods of the previous run are served again.
+const TAKING_OVER: &str = "the pods of the previous run";
+
+/// Runs the daemon until SIGTERM, SIGINT or `/quitquitquit`, then drains.
+pub fn run(settings: Settings) -> Result<()> {
+    let log = logging::init(&settings.log_level).context("--log-level")?;
+    tracing::info!(settings = %serde_json::to_string(&settings)?, "starting");
+    let settings = Arc::new(settings);
+    limits::raise_open_files_limit();
+    features::check(&settings.cgroup_root)?;
+    Netns::home()?;
+
+    let config_file = settings
+        .config
+        .clone()
+        .map(|path| Arc::new(ConfigFile::new(path)));
+    // A missing or bad file leaves the daemon up but not ready until it is fixed.
+    let initial = config_file.as_ref().and_then(|file| file.poll());
+    let ca = match (&settings.ca_cert, &settings.ca_key) {
+        (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
+        _ => CertificateAuthority::load_or_create(&settings.ca_dir, &settings.trust_domain)?,
+    };
+    let states = PodStates::open(&settings.state_dir).context("--state-dir")?;
+    let datapath = Arc::new(Datapath::load(&settings).context("loading the capture programs")?);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let traffic = Arc::new(TrafficMetrics::default());
+        let access_log = AccessLog::start(
+            settings.access_log_format,
+            settings.access_log.clone(),
+            traffic.access_log_dropped.clone(),
+        )?;
+        let roots = ca.roots();
+        let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
+        let store = Arc::new(CertificateStore::new(Arc::new(ca), lifetime));
+        store.clone().spawn_renewal();
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let pool = Arc::new(Pool::default());
+        pool.spawn_idle_release();
+        let (config, applied) = match initial {
+            Some((hash, config)) => (config, Some(hash)),
+            None => (MeshConfig::default(), None),
+        };
+        let summary = reload::summary(&config);
+        let mesh = Mesh::new(config, config_file.clone(), &settings.node, |maps| {
+            datapath.sync_mesh(maps)
+        })
+        .context("writing the mesh config to the kernel maps")?;
+        let ctx = Arc::new(ProxyContext {
+            capture: Capture::new(&settings, datapath.clone()),
+            connector: Connector::new(settings.mark, datapath.clone()),
+            connections: ConnectionLog::new(traffic.clone(), access_log),
+            mesh,
+            tls: Mtls { store, roots },
+            pool,
+            hbone_server: Default::default(),
+            shutdown: shutdown_rx,
+            local_pods: Default::default(),
+            settings: settings.clone(),
+        });
+        let readiness = Arc::new(Readiness::default());
+        if let Some(file) = &config_file {
+            let waiting = format!("the mesh config {}", file.path().display());
+            match applied {
+                Some(hash) => file.applied(hash, &summary),
+                None => readiness.pending(&waiting),
+            }
+            let (reloading, ready) = (ctx.clone(), readiness.clone());
+            tokio::spawn(file.clone().watch(move |config| {
+                reloading.apply_config(config)?;
+                ready.done(&waiting);
+                anyhow::Ok(())
+            }));
+        }
+        let listener = api_server::bind(&settings.api_socket)?;
+        let server = Arc::new(ApiServer {
+            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), states)),
+            ctx: ctx.clone(),
+            readiness: readiness.clone(),
+        });
+        readiness.pending(TAKING_OVER);
+        tokio::spawn(take_over_previous_pods(server.clone(), config_file.clone()));
+        let quit = Arc::new(Notify::new());
+        let node = NodeView {
+            datapath,
+            local_pods: ctx.local_pods.clone(),
+            pool: ctx.pool.clone(),
+            hbone_server: ctx.hbone_server.clone(),
+            certificates: ctx.tls.store.clone(),
+        };
+        let admin = Admin {
+            api: server.clone(),
+            log,
+            quit: quit.clone(),
+        };
+        serve_http(&settings, admin, metrics::registry(&traffic, node), readiness).await?;
+        tracing::info!(node = %settings.node, api = %settings.api_socket.display(), admin = %settings.admin_addr, bpffs = %settings.bpffs.display(), "ztunnel started");
+        let reason = tokio::select! {
+            () = server.clone().serve(listener) => "the API server stopped",
+            signal = shutdown_signal() => signal,
+            () = quit.notified() => "/quitquitquit",
+        };
+        tracing::info!(reason, "draining; enrolled pods stay captured (their new connections are refused until ztunnel is back)");
+        drain(&server, &shutdown, Duration::from_secs(settings.drain_timeout_secs)).await;
+        let _ = std::fs::remove_file(&settings.api_socket);
+        anyhow::Ok(())
+    })
+}
+
+/// Serves the pods the previous run enrolled again, once the mesh config is in force (their
+/// identities and policies come from it). Until then they stay captured, their new
+/// connections refused, and the daemon is not ready.
+async fn take_over_previous_pods(server: Arc<ApiServer>, config_file: Option<Arc<ConfigFile>>) {
+    while config_file
+        .as_ref()
+        .is_some_and(|file| file.status().generation == 0)
+    {
+        tokio::time::sleep(reload::POLL_INTERVAL).await;
+    }
+    match server.pods.lock().await.restore() {
+        Ok(()) => server.readiness.done(TAKING_OVER),
+        // Not ready, and the log says why: the pods stay captured and refused.
+        Err(err) => tracing::error!(%err, "cannot take over the pods of the previous run"),
+    }
+}
+
+/// Starts the admin API, the metrics and the readiness endpoints.
+async fn serve_http(
+    settings: &Settings,
+    admin: Admin,
+    registry: prometheus_client::registry::Registry,
+    readiness: Arc<Readiness>,
+) -> Result<()> {
+    let admin = Arc::new(admin);
+    let listener = http::bind(settings.admin_addr, "admin API").await?;
+    tokio::spawn(http::serve(listener, move |call| {
+        admin.clone().handle(call)
+    }));
+
+    let registry = Arc::new(registry);
+    let listener = http::bind(settings.metrics_addr, "metrics").await?;
+    tokio::spawn(http::serve(listener, move |call| {
+        let reply = metrics::handle(&registry, &call);
+        async move { reply }
+    }));
+
+    let listener = http::bind(settings.readiness_addr, "readiness").await?;
+    tokio::spawn(http::serve(listener, move |call| {
+        let reply = readiness.handle(&call);
+        async move { reply }
+    }));
+    Ok(())
+}
+
+/// Graceful drain: not ready, listeners closed (the kernel refuses new connections of the
+/// enrolled pods from now on, as while the daemon is down), GOAWAY to every HBONE peer, then
+/// open connections may finish until `timeout`; what is left is cut when the process exits.
+/// The pins stay, so the pods stay captured.
+async fn drain(server: &ApiServer, shutdown: &watch::Sender<bool>, timeout: Duration) {
+    let ctx = &server.ctx;
+    server.readiness.pending("the end of the drain");
+    server.pods.lock().await.stop_serving();
+    let _ = shutdown.send(true);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut said = tokio::time::Instant::now();
+    loop {
+        let open = ctx.connections.open() + ctx.hbone_server.connections();
+        if open == 0 {
+            tracing::info!("drained: every connection finished");
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                open,
+                "drain deadline reached; closing the connections still open"
+            );
+            return;
+        }
+        if now.duration_since(said) >= Duration::from_secs(1) {
+            tracing::info!(open, left_secs = (deadline - now).as_secs(), "draining");
+            said = now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

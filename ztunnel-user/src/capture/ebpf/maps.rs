@@ -1,0 +1,289 @@
+//! The map operations the daemon makes: the settings and exclusions written at start, each
+//! pod's entry and inbound listeners, the mesh config's workloads and plaintext rules, the
+//! original destinations of captured connections, the delivery announcements, and the
+//! counters.
+
+use super::{Datapath, DatapathError, lock, take_map};
+use crate::mesh::kernel::{MeshMaps, mapped_prefix};
+use crate::settings::Settings;
+use aya::Ebpf;
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use ztunnel_common::maps::{
+    EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, PlaintextRuleKey, PodInfo, Settings as KernelSettings,
+    SocketKey, names,
+};
+use ztunnel_common::{Addr, Counter};
+
+/// Writes this run's settings: the proxy mark, and the exclusions (adopted maps hold the
+/// previous run's, which may differ).
+pub(super) fn write_settings(ebpf: &mut Ebpf, settings: &Settings) -> Result<(), DatapathError> {
+    let mut settings_map: Array<MapData, KernelSettings> = take_map(ebpf, names::SETTINGS)?;
+    settings_map
+        .set(
+            0,
+            KernelSettings {
+                proxy_mark: settings.mark,
+                _pad: 0,
+            },
+            0,
+        )
+        .map_err(|source| DatapathError::Map {
+            name: names::SETTINGS,
+            source,
+        })?;
+    let mut cidrs: LpmTrie<MapData, [u8; 16], u8> = take_map(ebpf, names::EXCLUDED_CIDRS)?;
+    let present: Vec<(u32, [u8; 16])> = cidrs
+        .keys()
+        .filter_map(Result::ok)
+        .map(|key| (key.prefix_len(), key.data()))
+        .collect();
+    write_exactly(
+        names::EXCLUDED_CIDRS,
+        &mut cidrs,
+        present,
+        &excluded_cidr_keys(&settings.exclude_cidrs),
+        |map, (prefix, addr), value| map.insert(&LpmKey::new(prefix, addr), value, 0),
+        |map, (prefix, addr)| map.remove(&LpmKey::new(prefix, addr)),
+    )?;
+    let mut ports: BpfHashMap<MapData, u16, u8> = take_map(ebpf, names::EXCLUDED_PORTS)?;
+    let present: Vec<u16> = ports.keys().filter_map(Result::ok).collect();
+    write_exactly(
+        names::EXCLUDED_PORTS,
+        &mut ports,
+        present,
+        &excluded_port_bits(&settings.exclude_ports, &settings.exclude_inbound_ports),
+        |map, port, bits| map.insert(port, bits, 0),
+        |map, port| map.remove(&port),
+    )?;
+    Ok(())
+}
+
+/// The deliveries map, emptied of the previous run's announcements: their sockets died with
+/// it, and one left would let a later SYN from that address and port past the proxy.
+pub(super) fn cleared_deliveries(
+    ebpf: &mut Ebpf,
+) -> Result<BpfHashMap<MapData, SocketKey, u8>, DatapathError> {
+    let mut deliveries: BpfHashMap<MapData, SocketKey, u8> = take_map(ebpf, names::DELIVERIES)?;
+    let announced: Vec<SocketKey> = deliveries.keys().filter_map(Result::ok).collect();
+    for key in announced {
+        ignore_missing(deliveries.remove(&key), names::DELIVERIES)?;
+    }
+    Ok(deliveries)
+}
+
+impl Datapath {
+    /// Registers a pod's inbound listener for one of its addresses (sk_lookup's target).
+    pub(crate) fn register_inbound_listener(
+        &self,
+        ip: IpAddr,
+        listener: &impl AsRawFd,
+    ) -> Result<(), DatapathError> {
+        lock(&self.listeners)
+            .insert(Addr::from(ip), listener.as_raw_fd(), 0)
+            .map_err(|source| DatapathError::Map {
+                name: names::INBOUND_LISTENERS,
+                source,
+            })
+    }
+
+    pub(crate) fn unregister_inbound_listener(&self, ip: IpAddr) -> Result<(), DatapathError> {
+        ignore_missing(
+            lock(&self.listeners).remove(&Addr::from(ip)),
+            names::INBOUND_LISTENERS,
+        )
+    }
+
+    pub(crate) fn insert_pod(&self, netns_cookie: u64, info: PodInfo) -> Result<(), DatapathError> {
+        lock(&self.pods)
+            .insert(netns_cookie, info, 0)
+            .map_err(|source| DatapathError::Map {
+                name: names::PODS,
+                source,
+            })
+    }
+
+    pub(crate) fn remove_pod(&self, netns_cookie: u64) -> Result<(), DatapathError> {
+        ignore_missing(lock(&self.pods).remove(&netns_cookie), names::PODS)
+    }
+
+    /// Makes the workload and plaintext-rule maps hold exactly `wanted`, as a diff against
+    /// what they hold: new and changed entries first, stale ones last, so a lookup during the
+    /// update sees the old or the new entry of a key, never none.
+    pub(crate) fn sync_mesh(&self, wanted: &MeshMaps) -> Result<(), DatapathError> {
+        let map_error = |name| move |source| DatapathError::Map { name, source };
+        let mut rules = lock(&self.plaintext_rules);
+        let present_rules: Vec<(u32, PlaintextRuleKey)> = rules
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| (key.prefix_len(), key.data()))
+            .collect();
+        for (&(prefix, key), &verdict) in &wanted.plaintext_rules {
+            rules
+                .insert(&LpmKey::new(prefix, key), verdict, 0)
+                .map_err(map_error(names::PLAINTEXT_RULES))?;
+        }
+        let mut workloads = lock(&self.workloads);
+        let present_workloads: Vec<Addr> = workloads.keys().filter_map(Result::ok).collect();
+        for (addr, entry) in &wanted.workloads {
+            if workloads.get(addr, 0).ok().as_ref() != Some(entry) {
+                workloads
+                    .insert(addr, entry, 0)
+                    .map_err(map_error(names::WORKLOADS))?;
+            }
+        }
+        for addr in present_workloads {
+            if !wanted.workloads.contains_key(&addr) {
+                ignore_missing(workloads.remove(&addr), names::WORKLOADS)?;
+            }
+        }
+        for (prefix, key) in present_rules {
+            if !wanted.plaintext_rules.contains_key(&(prefix, key)) {
+                ignore_missing(
+                    rules.remove(&LpmKey::new(prefix, key)),
+                    names::PLAINTEXT_RULES,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The netns cookies `ZT_PODS` holds.
+    pub(crate) fn pod_cookies(&self) -> Vec<u64> {
+        lock(&self.pods).keys().filter_map(Result::ok).collect()
+    }
+
+    /// Takes the original destination of a captured connection, by its client's address.
+    pub(crate) fn take_orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
+        let key = socket_key(client);
+        let mut map = lock(&self.orig_dst);
+        let orig = map.get(&key, 0).ok()?;
+        // Best effort: the LRU evicts it anyway if the delete fails.
+        let _ = map.remove(&key);
+        Some(SocketAddr::new(IpAddr::from(orig.addr), orig.port))
+    }
+
+    /// Tells `sk_lookup` that the next connection from `source` into a pod is the proxy's own
+    /// delivery to the app, so it is not steered back to the proxy.
+    pub(crate) fn announce_delivery(&self, source: SocketAddr) -> Result<(), DatapathError> {
+        let key = socket_key(source);
+        lock(&self.deliveries)
+            .insert(key, 1, 0)
+            .map_err(|source| DatapathError::Map {
+                name: names::DELIVERIES,
+                source,
+            })
+    }
+
+    /// Withdraws an announcement no SYN consumed; nothing if one did.
+    pub(crate) fn withdraw_delivery(&self, source: SocketAddr) {
+        let key = socket_key(source);
+        if let Err(err) = ignore_missing(lock(&self.deliveries).remove(&key), names::DELIVERIES) {
+            tracing::warn!(%source, %err, "cannot withdraw a delivery announcement");
+        }
+    }
+
+    /// The kernel counters, summed over CPUs.
+    pub(crate) fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let sum = self
+                    .counters
+                    .get(&c.index(), 0)
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
+                (c, sum)
+            })
+            .collect()
+    }
+}
+
+/// The maps' key for a socket address.
+fn socket_key(addr: SocketAddr) -> SocketKey {
+    SocketKey::new(Addr::from(addr.ip()), addr.port())
+}
+
+fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other.map_err(|source| DatapathError::Map { name, source }),
+    }
+}
+
+/// Makes `map` hold exactly `wanted`: every wanted entry is written first, then the present
+/// keys not wanted are removed, so a lookup during the update finds the old or the new entry
+/// of a key, never none.
+fn write_exactly<M, K: Ord + Copy, V: Copy>(
+    name: &'static str,
+    map: &mut M,
+    present: Vec<K>,
+    wanted: &BTreeMap<K, V>,
+    insert: impl Fn(&mut M, K, V) -> Result<(), MapError>,
+    remove: impl Fn(&mut M, K) -> Result<(), MapError>,
+) -> Result<(), DatapathError> {
+    for (&key, &value) in wanted {
+        insert(map, key, value).map_err(|source| DatapathError::Map { name, source })?;
+    }
+    for key in present {
+        if !wanted.contains_key(&key) {
+            ignore_missing(remove(map, key), name)?;
+        }
+    }
+    Ok(())
+}
+
+/// The `ZT_EXCLUDED_CIDRS` entries: (prefix length, address) in the 16-byte (v4-mapped)
+/// address space.
+fn excluded_cidr_keys(cidrs: &[IpNet]) -> BTreeMap<(u32, [u8; 16]), u8> {
+    cidrs
+        .iter()
+        .map(|net| {
+            let (addr, prefix) = mapped_prefix(net);
+            ((prefix, addr.octets()), 1)
+        })
+        .collect()
+}
+
+fn excluded_port_bits(outbound: &[u16], inbound: &[u16]) -> BTreeMap<u16, u8> {
+    let mut bits = BTreeMap::new();
+    for &port in outbound {
+        *bits.entry(port).or_insert(0) |= EXCLUDE_OUTBOUND;
+    }
+    for &port in inbound {
+        *bits.entry(port).or_insert(0) |= EXCLUDE_INBOUND;
+    }
+    bits
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_keys_live_in_the_mapped_space() {
+        let keys: Vec<(u32, [u8; 16])> =
+            excluded_cidr_keys(&["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()])
+                .into_keys()
+                .collect();
+        // Ordered by prefix length: fd00::/8, then 10.96.0.0/12 as ::ffff:10.96.0.0/108.
+        let (v6, v4) = (keys[0], keys[1]);
+        assert_eq!(v6.0, 8);
+        assert_eq!(v6.1[0], 0xfd);
+        assert_eq!(v4.0, 108);
+        assert_eq!(&v4.1[10..14], &[0xff, 0xff, 10, 96]);
+    }
+
+    #[test]
+    fn port_exclusions_merge_directions() {
+        let bits = excluded_port_bits(&[22, 443], &[22]);
+        assert_eq!(bits[&22], EXCLUDE_OUTBOUND | EXCLUDE_INBOUND);
+        assert_eq!(bits[&443], EXCLUDE_OUTBOUND);
+    }
+}

@@ -1,0 +1,321 @@
+//! L4 authorization with Istio's AuthorizationPolicy semantics, as Istio's ztunnel applies
+//! them: any matching DENY denies; with no ALLOW policy everything is allowed; otherwise an
+//! ALLOW must match. Dry-run policies are only logged. `plaintext` derives what the kernel can
+//! decide alone for clients without an identity.
+
+mod index;
+mod plaintext;
+mod policy;
+
+pub use plaintext::{PlaintextPlan, PlaintextRule};
+pub use policy::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch};
+
+use crate::identity::Identity;
+use index::{Index, Keys, possible_ports};
+use ipnet::IpNet;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+/// The destination workload as authorization sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub namespace: &'a str,
+    /// Keys (`namespace/name`) of the WorkloadSelector policies that select it.
+    pub selected: &'a [String],
+}
+
+/// The connection being decided on.
+#[derive(Clone, Copy, Debug)]
+pub struct Connection<'a> {
+    pub source: IpAddr,
+    pub destination: SocketAddr,
+    /// The client's SPIFFE identity; none for plaintext.
+    pub identity: Option<&'a Identity>,
+}
+
+/// A connection as authorization decided on it, owned: kept with each open connection, so a
+/// policy change can decide again.
+#[derive(Clone, Debug)]
+pub(crate) struct Subject {
+    /// The destination pod's namespace (for a pod the mesh config does not list).
+    pub(crate) namespace: Arc<str>,
+    pub(crate) source: IpAddr,
+    pub(crate) destination: SocketAddr,
+    pub(crate) identity: Option<Arc<Identity>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allow,
+    Deny(Denial),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// The DENY policy that matched; none when no ALLOW policy matched.
+    pub policy: Option<String>,
+    pub reason: DenyReason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    DenyPolicy,
+    NoAllowMatch,
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.policy {
+            Some(policy) => write!(f, "DENY policy {policy} matches"),
+            None => write!(f, "no ALLOW policy matches"),
+        }
+    }
+}
+
+/// The policies of a config, indexed by what they apply to and by what they can match.
+#[derive(Default)]
+pub struct Policies {
+    policies: Vec<Policy>,
+    /// Per policy: the destination ports it can match at all (None: any port), a quick
+    /// refusal before its rules are looked at.
+    ports: Vec<Option<HashSet<u16>>>,
+    global: Group,
+    by_namespace: HashMap<String, Group>,
+    /// WorkloadSelector policies by key.
+    selectable: HashMap<String, usize>,
+}
+
+/// The policies of one scope group, split so a check only looks at those that can matter.
+#[derive(Default)]
+struct Group {
+    enforced: ByAction,
+    dry_run: ByAction,
+}
+
+#[derive(Default)]
+struct ByAction {
+    deny: Index,
+    allow: Index,
+}
+
+impl ByAction {
+    fn of(&self, action: Action) -> &Index {
+        match action {
+            Action::Deny => &self.deny,
+            Action::Allow => &self.allow,
+        }
+    }
+}
+
+/// What the matches compare, computed once per check.
+struct Facts<'a> {
+    source: IpAddr,
+    destination: IpAddr,
+    port: u16,
+    identity: Option<&'a Identity>,
+    /// `td/ns/<ns>/sa/<sa>`: the SPIFFE id without its scheme, as Istio matches principals.
+    principal: Option<String>,
+}
+
+impl Policies {
+    /// Indexes `policies` (validated, with unique keys).
+    pub fn new(policies: Vec<Policy>) -> Policies {
+        let mut index = Policies {
+            ports: policies
+                .iter()
+                .map(|p| possible_ports(p).map(HashSet::from_iter))
+                .collect(),
+            ..Policies::default()
+        };
+        for (i, policy) in policies.iter().enumerate() {
+            let group = match policy.scope {
+                Scope::Global => &mut index.global,
+                Scope::Namespace => index
+                    .by_namespace
+                    .entry(policy.namespace.clone())
+                    .or_default(),
+                Scope::WorkloadSelector => {
+                    index.selectable.insert(policy.key(), i);
+                    continue;
+                }
+            };
+            let actions = if policy.dry_run {
+                &mut group.dry_run
+            } else {
+                &mut group.enforced
+            };
+            match policy.action {
+                Action::Deny => actions.deny.insert(i, policy),
+                Action::Allow => actions.allow.insert(i, policy),
+            }
+        }
+        index.policies = policies;
+        index
+    }
+
+    pub fn all(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Whether `connection` to `target` is allowed.
+    pub fn check(&self, target: &Target, connection: &Connection) -> Decision {
+        let facts = Facts::of(connection);
+        let (groups, selected) = self.applicable(target);
+        let decision = self.decide(&groups, &selected, &facts, false);
+        let dry_run = groups
+            .iter()
+            .any(|g| g.dry_run.deny.len() + g.dry_run.allow.len() > 0)
+            || selected.iter().any(|&i| self.policies[i].dry_run);
+        if dry_run {
+            let shadow = self.decide(&groups, &selected, &facts, true);
+            if shadow != decision {
+                tracing::info!(
+                    source = %connection.source,
+                    destination = %connection.destination,
+                    identity = ?connection.identity.map(ToString::to_string),
+                    enforced = ?decision,
+                    with_dry_run = ?shadow,
+                    "dry-run policies would change this decision"
+                );
+            }
+        }
+        decision
+    }
+
+    /// The scope groups and the selected WorkloadSelector policies that apply to `target`.
+    fn applicable(&self, target: &Target) -> (Vec<&Group>, Vec<usize>) {
+        let mut groups = vec![&self.global];
+        groups.extend(self.by_namespace.get(target.namespace));
+        let selected = target
+            .selected
+            .iter()
+            .filter_map(|key| self.selectable.get(key).copied())
+            .collect();
+        (groups, selected)
+    }
+
+    fn decide(
+        &self,
+        groups: &[&Group],
+        selected: &[usize],
+        facts: &Facts,
+        with_dry_run: bool,
+    ) -> Decision {
+        let keys = facts.keys();
+        let indices = |action: Action| {
+            groups.iter().flat_map(move |g| {
+                let dry_run = with_dry_run.then_some(&g.dry_run);
+                std::iter::once(&g.enforced)
+                    .chain(dry_run)
+                    .map(move |actions| actions.of(action))
+            })
+        };
+        let selected = |action: Action| {
+            selected.iter().copied().filter(move |&i| {
+                let policy = &self.policies[i];
+                policy.action == action && (with_dry_run || !policy.dry_run)
+            })
+        };
+        let matching = |action: Action| {
+            indices(action)
+                .flat_map(|index| index.candidates(&keys))
+                .chain(selected(action))
+                .find(|&i| self.matches(i, facts))
+        };
+        if let Some(deny) = matching(Action::Deny) {
+            return Decision::Deny(Denial {
+                policy: Some(self.policies[deny].key()),
+                reason: DenyReason::DenyPolicy,
+            });
+        }
+        let allows =
+            indices(Action::Allow).map(Index::len).sum::<usize>() + selected(Action::Allow).count();
+        if allows == 0 || matching(Action::Allow).is_some() {
+            Decision::Allow
+        } else {
+            Decision::Deny(Denial {
+                policy: None,
+                reason: DenyReason::NoAllowMatch,
+            })
+        }
+    }
+
+    fn matches(&self, index: usize, facts: &Facts) -> bool {
+        let policy = &self.policies[index];
+        if self.ports[index]
+            .as_ref()
+            .is_some_and(|ports| !ports.contains(&facts.port))
+        {
+            return false;
+        }
+        policy.rules.iter().any(|rule| {
+            rule.iter().all(|clause| {
+                clause.is_empty() || clause.iter().any(|m| !m.is_empty() && facts.satisfy(m))
+            })
+        })
+    }
+}
+
+impl<'a> Facts<'a> {
+    fn of(connection: &Connection<'a>) -> Facts<'a> {
+        Facts {
+            source: connection.source.to_canonical(),
+            destination: connection.destination.ip().to_canonical(),
+            port: connection.destination.port(),
+            identity: connection.identity,
+            principal: connection.identity.map(|id| {
+                format!(
+                    "{}/ns/{}/sa/{}",
+                    id.trust_domain, id.namespace, id.service_account
+                )
+            }),
+        }
+    }
+
+    fn keys(&self) -> Keys<'_> {
+        Keys {
+            principal: self.principal.as_deref(),
+            namespace: self.namespace(),
+            port: self.port,
+        }
+    }
+
+    /// The source identity's namespace; without an identity, the empty string.
+    fn namespace(&self) -> &str {
+        self.identity.map_or("", |id| id.namespace.as_str())
+    }
+
+    /// Whether every field `m` sets matches.
+    fn satisfy(&self, m: &Match) -> bool {
+        let namespace = self.namespace();
+        let principal = |s: &StringMatch| self.principal.as_deref().is_some_and(|p| s.matches(p));
+        let account = |a: &ServiceAccountMatch| {
+            self.identity.is_some_and(|id| {
+                id.namespace == a.namespace && id.service_account == a.service_account
+            })
+        };
+        let contains = |ip: IpAddr| move |net: &IpNet| net.contains(&ip);
+        field(&m.namespaces, &m.not_namespaces, |s| s.matches(namespace))
+            && field(&m.principals, &m.not_principals, principal)
+            && field(&m.service_accounts, &m.not_service_accounts, account)
+            && field(&m.source_ips, &m.not_source_ips, contains(self.source))
+            && field(
+                &m.destination_ips,
+                &m.not_destination_ips,
+                contains(self.destination),
+            )
+            && field(&m.destination_ports, &m.not_destination_ports, |p| {
+                *p == self.port
+            })
+    }
+}
+
+/// A field and its not-form: any of `positive` (when set), none of `negative`.
+fn field<T>(positive: &[T], negative: &[T], test: impl Fn(&T) -> bool) -> bool {
+    (positive.is_empty() || positive.iter().any(&test)) && !negative.iter().any(test)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! Hot reload of the mesh config file. The file is polled rather than watched with inotify:
+//! editors replace files by rename and Kubernetes swaps ConfigMap symlinks, and a poll of the
+//! content sees every one of those the same way. A changed file that parses and validates is
+//! handed over whole; a bad one is refused with a log line and the config in force stays. A
+//! file that is missing or bad when the daemon starts leaves it not ready until it is fixed.
+
+use super::MeshConfig;
+use serde::Serialize;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often the file is read.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What the daemon reports about its config file.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ConfigStatus {
+    pub path: Option<PathBuf>,
+    /// A hash of the content in force (hex), so a user can tell which edit is applied.
+    pub version: String,
+    /// How many times a config was applied, the first load included.
+    pub generation: u64,
+    /// Why the newest content of the file was refused, while the file still has it.
+    pub rejected: Option<String>,
+}
+
+/// Tracks the file's content and the status the API reports.
+pub struct ConfigFile {
+    path: PathBuf,
+    seen: Mutex<Option<u64>>,
+    status: Mutex<ConfigStatus>,
+}
+
+impl ConfigFile {
+    /// A file not read yet: `poll` reads it.
+    pub fn new(path: PathBuf) -> ConfigFile {
+        ConfigFile {
+            status: Mutex::new(ConfigStatus {
+                path: Some(path.clone()),
+                ..ConfigStatus::default()
+            }),
+            path,
+            seen: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    pub fn status(&self) -> ConfigStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Polls forever, calling `apply` with each new valid config; what `apply` refuses
+    /// (the kernel maps could not be written) is reported like a bad file.
+    pub(crate) async fn watch<E: std::fmt::Display>(
+        self: Arc<Self>,
+        mut apply: impl FnMut(MeshConfig) -> Result<(), E> + Send,
+    ) {
+        let mut ticks = tokio::time::interval(POLL_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some((hash, config)) = self.poll() else {
+                continue;
+            };
+            let summary = summary(&config);
+            match apply(config) {
+                Ok(()) => self.applied(hash, &summary),
+                Err(problem) => self.refuse(Some(hash), problem.to_string()),
+            }
+        }
+    }
+
+    /// A new valid config, with its hash, if the file changed since the last poll; a bad or
+    /// unreadable file is refused (logged, and reported in the status).
+    pub fn poll(&self) -> Option<(u64, MeshConfig)> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(err) => {
+                // Mid-replacement or deleted: keep the config in force, say so once.
+                let problem = format!("cannot read {}: {err}", self.path.display());
+                self.refuse(None, problem);
+                return None;
+            }
+        };
+        let hash = content_hash(&text);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == Some(hash) {
+            return None;
+        }
+        *seen = Some(hash);
+        drop(seen);
+        match MeshConfig::parse(&self.path, &text) {
+            Ok(config) => Some((hash, config)),
+            Err(err) => {
+                self.refuse(Some(hash), err.to_string());
+                None
+            }
+        }
+    }
+
+    /// Records that the content with `hash` is in force.
+    pub fn applied(&self, hash: u64, summary: &str) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.version = format!("{hash:016x}");
+        status.generation += 1;
+        status.rejected = None;
+        tracing::info!(path = %self.path.display(), version = %status.version, "mesh config applied: {summary}");
+    }
+
+    fn refuse(&self, hash: Option<u64>, problem: String) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        if status.rejected.as_deref() != Some(problem.as_str()) {
+            tracing::error!(%problem, version_in_force = %status.version, "mesh config refused; the config in force stays");
+        }
+        status.rejected = Some(problem);
+        if hash.is_none() {
+            // An unreadable file: read it again next time whatever it then holds.
+            *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+    }
+}
+
+/// What a config holds, for the log.
+pub fn summary(config: &MeshConfig) -> String {
+    format!(
+        "{} workloads, {} services, {} policies",
+        config.workloads.len(),
+        config.services.len(),
+        config.policies.all().len()
+    )
+}
+
+fn content_hash(text: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}

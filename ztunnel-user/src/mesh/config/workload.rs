@@ -1,0 +1,139 @@
+//! A workload entry of the mesh config, in Istio ztunnel's local-config shape.
+
+use super::address::GatewayAddress;
+use crate::identity::Identity;
+use crate::mesh::FieldError;
+use crate::settings::DEFAULT_TRUST_DOMAIN;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// How a workload takes inbound mesh traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Protocol {
+    /// Through HBONE on 15008 (a workload captured by a mesh proxy).
+    #[serde(rename = "HBONE")]
+    Hbone,
+    /// Plain TCP (outside the mesh).
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// Only healthy workloads are chosen as a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// The node the workload runs on.
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub status: HealthStatus,
+    /// The waypoint that handles traffic to this workload, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<GatewayAddress>,
+    /// Keys (`namespace/name`) of the WorkloadSelector policies that select this workload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<String>,
+    /// The services this workload is an endpoint of: `namespace/hostname` -> service port ->
+    /// target port on this workload.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// Istio's descriptive fields: accepted so an Istio user's file loads, shown by the admin
+    /// API, not used for routing.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub canonical_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub canonical_revision: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload_name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workload_type: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster_id: String,
+}
+
+impl Workload {
+    pub fn identity(&self) -> Identity {
+        Identity {
+            trust_domain: self.trust_domain.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+        }
+    }
+
+    /// `namespace/name`, for logs.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Checks the fields serde cannot; the problem names the field.
+    pub(super) fn validate(&self) -> Result<(), FieldError> {
+        for (field, value) in [
+            ("uid", &self.uid),
+            ("name", &self.name),
+            ("namespace", &self.namespace),
+            ("serviceAccount", &self.service_account),
+            ("trustDomain", &self.trust_domain),
+        ] {
+            if value.is_empty() {
+                return Err(FieldError::new(format!("field {field} must not be empty")));
+            }
+            let in_spiffe_id = matches!(field, "namespace" | "serviceAccount" | "trustDomain");
+            if in_spiffe_id && value.contains('/') {
+                return Err(FieldError::new(format!(
+                    "field {field} must not contain '/' (it is part of a SPIFFE id)"
+                )));
+            }
+        }
+        if self.workload_ips.is_empty() {
+            return Err(FieldError::new(
+                "field workloadIps must list at least one address",
+            ));
+        }
+        for key in self.services.keys() {
+            super::service::split_key(key).ok_or_else(|| {
+                FieldError::new(format!("field services: {key:?} is not namespace/hostname"))
+            })?;
+        }
+        for key in &self.authorization_policies {
+            if !key.contains('/') {
+                return Err(FieldError::new(format!(
+                    "field authorizationPolicies: {key:?} is not namespace/name"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_service_account() -> String {
+    DEFAULT_SERVICE_ACCOUNT.to_owned()
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_owned()
+}

@@ -1,0 +1,157 @@
+//! Serves the local control API (see `api`) on a Unix socket: the CNI plugin's enrollments
+//! (refused while the daemon is not ready), and status for the CLI and the lab's tests.
+
+use super::readiness::Readiness;
+use crate::api::{CertificateInfo, CounterValue, Request, Response, Status};
+use crate::pods::Pods;
+use crate::proxy::ProxyContext;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Mutex;
+
+/// Requests are one line; anything longer is not ours.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+pub(crate) struct ApiServer {
+    pub(crate) pods: Mutex<Pods>,
+    pub(crate) ctx: Arc<ProxyContext>,
+    pub(crate) readiness: Arc<Readiness>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on the API socket {path}: {source}")]
+pub(crate) struct BindError {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+/// Binds the socket (replacing a stale one), readable and writable by root only.
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| BindError {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+impl ApiServer {
+    pub(crate) async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(self.clone().answer(stream));
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn answer(self: Arc<Self>, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let response = match BufReader::new(read.take(MAX_REQUEST))
+            .read_line(&mut line)
+            .await
+        {
+            Ok(_) => match serde_json::from_str::<Request>(&line) {
+                Ok(request) => self.handle(request).await,
+                Err(err) => Response::Error {
+                    message: format!("malformed request: {err}"),
+                },
+            },
+            Err(err) => Response::Error {
+                message: format!("reading request: {err}"),
+            },
+        };
+        let mut out = serde_json::to_vec(&response).expect("responses always serialize");
+        out.push(b'\n');
+        if let Err(err) = write.write_all(&out).await {
+            tracing::debug!(%err, "API client went away before the response");
+        }
+    }
+
+    /// The enrolled pods, certificates, kernel counters and the mesh config's status.
+    pub(crate) async fn status(&self) -> Status {
+        Status {
+            node: self.ctx.settings.node.clone(),
+            pods: self.pods.lock().await.list(),
+            certificates: self
+                .ctx
+                .tls
+                .store
+                .expiries()
+                .into_iter()
+                .map(|(identity, expiry)| CertificateInfo {
+                    identity: identity.to_string(),
+                    expires_unix: expiry
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                })
+                .collect(),
+            counters: self
+                .ctx
+                .capture
+                .datapath()
+                .counters()
+                .into_iter()
+                .map(|(c, value)| CounterValue {
+                    name: c.name().to_owned(),
+                    value,
+                })
+                .collect(),
+            mesh: self.ctx.mesh.status(),
+        }
+    }
+
+    async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::Enroll { pod } => {
+                let label = format!("{}/{}", pod.namespace, pod.name);
+                // A pod enrolled now could get the wrong identity or policies, or none.
+                if let Err(missing) = self.readiness.check() {
+                    return Response::Error {
+                        message: format!(
+                            "ztunnel on {} is not ready to enroll {label}: waiting for {missing}",
+                            self.ctx.settings.node
+                        ),
+                    };
+                }
+                match self.pods.lock().await.enroll(pod) {
+                    Ok(pod) => Response::Enrolled { pod },
+                    Err(err) => {
+                        tracing::warn!(pod = %label, %err, "enrollment failed");
+                        Response::Error {
+                            message: format!("enrolling {label}: {err}"),
+                        }
+                    }
+                }
+            }
+            Request::Disenroll { uid, container_id } => {
+                let was_enrolled = self.pods.lock().await.disenroll(&uid, Some(&container_id));
+                Response::Disenrolled { was_enrolled }
+            }
+            Request::Check { uid, container_id } => Response::Checked {
+                enrolled: self.pods.lock().await.is_enrolled(&uid, &container_id),
+            },
+            Request::Status => Response::Status(self.status().await),
+            Request::Connections => Response::Connections {
+                connections: self.ctx.connections.snapshot(),
+            },
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Where the policies are applied: to each new connection into a pod, and, when a new mesh
+//! config is put in force, again to every open connection they let in.
+
+use super::{PodProxy, ProxyContext};
+use crate::capture::DatapathError;
+use crate::mesh::authz::{Denial, Subject};
+use crate::mesh::config::MeshConfig;
+use crate::telemetry::connections::Tracked;
+
+/// A config the kernel's maps could not take; the config in force stays.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the mesh config to the kernel maps: {0}")]
+pub(crate) struct ApplyError(#[from] DatapathError);
+
+impl ProxyContext {
+    /// Applies the policies in `config` to a connection into `pod`; on success the connection
+    /// is put under re-checking, so a later policy change can close it.
+    pub(super) fn authorize(
+        &self,
+        config: &MeshConfig,
+        pod: &PodProxy,
+        tracked: &mut Tracked,
+        subject: Subject,
+    ) -> Result<(), Denial> {
+        if let Err(denial) = config.authorize(&subject) {
+            tracing::info!(pod = %pod.label, source = %subject.source, destination = %subject.destination,
+                identity = ?subject.identity.as_ref().map(ToString::to_string), %denial, "connection denied by policy");
+            return Err(denial);
+        }
+        self.connections.authorized(tracked, subject);
+        Ok(())
+    }
+
+    /// Puts `config` in force and closes the open connections it denies. If the kernel maps
+    /// cannot be written, the config in force stays and the error says why.
+    pub(crate) fn apply_config(&self, config: MeshConfig) -> Result<(), ApplyError> {
+        let datapath = self.capture.datapath();
+        self.mesh.apply(config, |maps| datapath.sync_mesh(maps))?;
+        let config = self.mesh.current();
+        let closed = self
+            .connections
+            .revalidate(|subject| config.authorize(subject));
+        if closed > 0 {
+            tracing::info!(closed, "closed open connections the new policies deny");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! What the daemon runs with: one `Settings`, built once from the command line, where every
+//! flag can also come from an environment variable (the way Istio's ztunnel is configured, and
+//! what a DaemonSet's `env` sets), shared as `Arc<Settings>`, logged at start and shown in
+//! `/config_dump`. Names are Istio's where Istio's ztunnel has the same setting (`NODE_NAME`,
+//! `TRUST_DOMAIN`, `PACKET_MARK`, `LOCAL_XDS_PATH`), else `ZTUNNEL_<FLAG>`.
+//!
+//! This module depends on no other of the crate, so that every part may read the settings.
+
+use clap::{Args, ValueEnum};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The control API's socket, for the CNI plugin and the lab's tests.
+pub const DEFAULT_API_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
+/// The enrolled pods' records (tmpfs, like bpffs: a reboot clears both together).
+pub const DEFAULT_STATE_DIR: &str = "/var/run/ztunnel/state";
+/// The trust domain of identities nothing else names.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
+pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+
+/// `ztunnel run`'s settings.
+#[derive(Args, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Name of this node: the mesh config's workloads with this `node` are served here.
+    #[arg(long, env = "NODE_NAME", default_value = "node")]
+    pub node: String,
+    /// Unix socket for the CNI plugin and the CLI.
+    #[arg(long, env = "ZTUNNEL_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    pub api_socket: PathBuf,
+    /// The cgroup-v2 directory under which the kubelet creates pod cgroups.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CGROUP_ROOT",
+        default_value = "/sys/fs/cgroup/kubepods"
+    )]
+    pub cgroup_root: PathBuf,
+    /// bpffs directory for this daemon's maps and links.
+    #[arg(long, env = "ZTUNNEL_BPFFS", default_value = "/sys/fs/bpf/ztunnel")]
+    pub bpffs: PathBuf,
+    /// Directory of the enrolled pods' records, from which a restarted daemon takes over the
+    /// pods its previous run captured.
+    #[arg(long, env = "ZTUNNEL_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// How pods' traffic is captured: eBPF (the product), or iptables REDIRECT rules in each
+    /// pod's netns (the baseline benchmarks compare eBPF with).
+    #[arg(long, env = "ZTUNNEL_CAPTURE", value_enum, default_value_t = CaptureMode::Ebpf)]
+    pub capture: CaptureMode,
+    /// SO_MARK on every proxy socket; capture skips sockets carrying it.
+    #[arg(long, env = "PACKET_MARK", default_value_t = ztunnel_common::ports::DEFAULT_MARK)]
+    pub mark: u32,
+    /// Destinations never captured (repeatable; comma-separated in the variable), e.g. the
+    /// API server's address.
+    #[arg(
+        long = "exclude-cidr",
+        env = "ZTUNNEL_EXCLUDE_CIDRS",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub exclude_cidrs: Vec<IpNet>,
+    /// Destination ports never captured outbound (repeatable; comma-separated in the
+    /// variable).
+    #[arg(
+        long = "exclude-port",
+        env = "ZTUNNEL_EXCLUDE_PORTS",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    pub exclude_ports: Vec<u16>,
+    /// Pod ports never captured inbound (repeatable; comma-separated in the variable).
+    #[arg(
+        long = "exclude-inbound-port",
+        env = "ZTUNNEL_EXCLUDE_INBOUND_PORTS",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Mesh config (workloads, services, policies in Istio ztunnel's local config shape).
+    /// Without it, every destination is outside the mesh and pods get their namespace's
+    /// `default` identity.
+    #[arg(long, env = "LOCAL_XDS_PATH", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Trust domain of this node's workloads (for pods the mesh config does not list).
+    #[arg(long, env = "TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Directory of the built-in CA: its root is created there on first start (0700/0600).
+    #[arg(long, env = "ZTUNNEL_CA_DIR", default_value = "/var/lib/ztunnel/ca")]
+    pub ca_dir: PathBuf,
+    /// An operator-given CA certificate (PEM) to issue workload certificates with, so several
+    /// nodes share one trust root; needs --ca-key.
+    #[arg(long, env = "ZTUNNEL_CA_CERT", requires = "ca_key", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, env = "ZTUNNEL_CA_KEY", requires = "ca_cert", value_name = "PEM")]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of workload certificates; each is renewed at half of it.
+    #[arg(long, env = "ZTUNNEL_CERT_LIFETIME_SECS", default_value_t = 24 * 3600, value_name = "SECONDS")]
+    pub cert_lifetime_secs: u64,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ztunnel_user=debug`; the admin
+    /// API's `/logging` changes it at run time.
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    /// The admin API (config dump, log level, quit); keep it on localhost.
+    #[arg(long, env = "ZTUNNEL_ADMIN_ADDR", default_value = DEFAULT_ADMIN_ADDR)]
+    pub admin_addr: SocketAddr,
+    /// Prometheus metrics (`/metrics`, `/stats/prometheus`).
+    #[arg(long, env = "ZTUNNEL_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Readiness (`/healthz/ready`).
+    #[arg(long, env = "ZTUNNEL_READINESS_ADDR", default_value = DEFAULT_READINESS_ADDR)]
+    pub readiness_addr: SocketAddr,
+    /// Access log lines, one per connection when it ends.
+    #[arg(long, env = "ZTUNNEL_ACCESS_LOG_FORMAT", value_enum, default_value_t = AccessLogFormat::Text)]
+    pub access_log_format: AccessLogFormat,
+    /// Where access log lines go: `-` for standard output, or a file to append to.
+    #[arg(
+        long,
+        env = "ZTUNNEL_ACCESS_LOG",
+        default_value = "-",
+        value_name = "PATH"
+    )]
+    pub access_log: AccessLogOutput,
+    /// On SIGTERM (or `/quitquitquit`): how long open connections may go on after the
+    /// listeners closed and HBONE peers got GOAWAY, before the rest are cut.
+    #[arg(
+        long,
+        env = "ZTUNNEL_DRAIN_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    pub drain_timeout_secs: u64,
+}
+
+/// How enrolled pods' connections are brought to the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// The eBPF programs on the pod's cgroup and netns (the product).
+    Ebpf,
+    /// NAT REDIRECT rules in the pod's netns (`iptables`): the baseline eBPF is measured
+    /// against.
+    Iptables,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    Text,
+    Json,
+    /// No access log.
+    Off,
+}
+
+/// Where access log lines go: `-` for standard output, else a file appended to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PathBuf", into = "PathBuf")]
+pub enum AccessLogOutput {
+    Stdout,
+    File(PathBuf),
+}
+
+impl From<PathBuf> for AccessLogOutput {
+    fn from(path: PathBuf) -> AccessLogOutput {
+        if path.as_os_str() == "-" {
+            AccessLogOutput::Stdout
+        } else {
+            AccessLogOutput::File(path)
+        }
+    }
+}
+
+impl From<AccessLogOutput> for PathBuf {
+    fn from(output: AccessLogOutput) -> PathBuf {
+        match output {
+            AccessLogOutput::Stdout => PathBuf::from("-"),
+            AccessLogOutput::File(path) => path,
+        }
+    }
+}
+
+impl std::str::FromStr for AccessLogOutput {
+    type Err = std::convert::Infallible;
+
+    fn from_str(text: &str) -> Result<AccessLogOutput, Self::Err> {
+        Ok(PathBuf::from(text).into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn parse(args: &[&str]) -> Settings {
+        Command::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied()))
+            .unwrap()
+            .settings
+    }
+
+    #[test]
+    fn flags_parse_and_round_trip_through_json() {
+        let settings = parse(&[
+            "--node",
+            "node7",
+            "--exclude-cidr",
+            "10.96.0.0/12",
+            "--exclude-cidr",
+            "fd00::/8",
+            "--capture",
+            "iptables",
+            "--access-log",
+            "/var/log/ztunnel.log",
+        ]);
+        assert_eq!(settings.node, "node7");
+        assert_eq!(settings.exclude_cidrs.len(), 2);
+        assert_eq!(settings.capture, CaptureMode::Iptables);
+        assert_eq!(
+            settings.access_log,
+            AccessLogOutput::File("/var/log/ztunnel.log".into())
+        );
+        let json = serde_json::to_value(&settings).unwrap();
+        assert_eq!(json["capture"], "iptables");
+        assert_eq!(json["access_log"], "/var/log/ztunnel.log");
+        assert_eq!(serde_json::from_value::<Settings>(json).unwrap(), settings);
+        assert_eq!(parse(&[]).access_log, AccessLogOutput::Stdout);
+    }
+
+    #[test]
+    fn a_ca_certificate_needs_its_key() {
+        let err = Command::try_parse_from(["ztunnel", "--ca-cert", "root.pem"])
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("--ca-key"), "{err}");
+    }
+}
