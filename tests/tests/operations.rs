@@ -264,6 +264,10 @@ fn the_admin_api_and_the_cli_show_the_running_node() {
         serde_json::from_str(&curl("node1", &["http://127.0.0.1:15000/config_dump"]).unwrap())
             .unwrap();
     assert!(dump["not_ready"].is_null());
+    // The settings the daemon runs with, as the lab's command line gave them.
+    assert_eq!(dump["settings"]["node"], "node1");
+    assert_eq!(dump["settings"]["config"], MESH_CONFIG);
+    assert_eq!(dump["settings"]["capture"], "ebpf");
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 5);
     assert_eq!(dump["pods"][0]["links"].as_array().unwrap().len(), 4);
     let changed = curl(

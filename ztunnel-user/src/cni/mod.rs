@@ -16,10 +16,10 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 /// The CNI spec version this plugin implements.
-pub const CNI_VERSION: &str = "1.0.0";
+pub(crate) const CNI_VERSION: &str = "1.0.0";
 
 /// Config versions the plugin accepts. They all share the result shape the plugin reads.
-pub const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+pub(crate) const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 
 const DEFAULT_TIMEOUT_SECONDS: f64 = 30.0;
 const DEFAULT_EXCLUDED_NAMESPACES: [&str; 1] = ["kube-system"];
@@ -76,7 +76,7 @@ pub enum CniError {
 
 impl CniError {
     /// The CNI error code: the spec's well-known codes, 999 for ztunnel's own failures.
-    pub fn code(&self) -> u32 {
+    pub(crate) fn code(&self) -> u32 {
         match self {
             Self::UnsupportedVersion(_) | Self::CheckNotAllowed(_) => 1,
             Self::MissingEnv(_) | Self::UnknownCommand(_) | Self::MissingArg(_) => 4,
@@ -123,7 +123,7 @@ impl Failure {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     Add,
     Del,
     Check,
@@ -146,7 +146,7 @@ impl FromStr for Command {
 
 /// The plugin's network configuration: the keys it reads, with defaults applied.
 #[derive(Clone, Debug, PartialEq)]
-pub struct NetConf {
+pub(crate) struct NetConf {
     pub cni_version: String,
     pub api_socket: PathBuf,
     pub exclude_namespaces: Vec<String>,
@@ -167,7 +167,7 @@ struct RawNetConf {
 }
 
 impl NetConf {
-    pub fn parse(input: &[u8]) -> Result<Self, CniError> {
+    pub(crate) fn parse(input: &[u8]) -> Result<Self, CniError> {
         let raw: RawNetConf = serde_json::from_slice(input).map_err(CniError::Decode)?;
         if !SUPPORTED_VERSIONS.contains(&raw.cni_version.as_str()) {
             return Err(CniError::UnsupportedVersion(raw.cni_version));
@@ -196,7 +196,7 @@ impl NetConf {
         })
     }
 
-    pub fn excludes(&self, namespace: &str) -> bool {
+    pub(crate) fn excludes(&self, namespace: &str) -> bool {
         self.exclude_namespaces.iter().any(|ns| ns == namespace)
     }
 
@@ -221,7 +221,7 @@ impl NetConf {
 
 /// The pod identity Kubernetes runtimes pass in `CNI_ARGS`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodArgs {
+pub(crate) struct PodArgs {
     pub name: Option<String>,
     pub namespace: Option<String>,
     pub uid: Option<String>,
@@ -230,7 +230,7 @@ pub struct PodArgs {
 impl PodArgs {
     /// Parses `K=V;K=V`. Keys the plugin does not know, and malformed or empty pairs, are ignored
     /// rather than rejected: they are meant for other plugins in the chain.
-    pub fn parse(cni_args: &str) -> Self {
+    pub(crate) fn parse(cni_args: &str) -> Self {
         let mut args = Self::default();
         for (key, value) in cni_args.split(';').filter_map(|pair| pair.split_once('=')) {
             let value = value.trim();
@@ -266,7 +266,7 @@ impl PodArgs {
 
 /// The pod's addresses from a previous result: `ips[].address` holds CIDRs in every supported
 /// version.
-pub fn pod_ips(prev_result: &Map<String, Value>) -> Result<Vec<IpAddr>, CniError> {
+pub(crate) fn pod_ips(prev_result: &Map<String, Value>) -> Result<Vec<IpAddr>, CniError> {
     let invalid = |what: String| CniError::InvalidConfig(format!("prevResult {what}"));
     let ips = match prev_result.get("ips") {
         None | Some(Value::Null) => &[][..],
@@ -296,7 +296,7 @@ pub fn pod_ips(prev_result: &Map<String, Value>) -> Result<Vec<IpAddr>, CniError
 }
 
 /// VERSION's output.
-pub fn version_info() -> Value {
+pub(crate) fn version_info() -> Value {
     json!({ "cniVersion": CNI_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
 }
 

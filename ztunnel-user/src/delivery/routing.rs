@@ -11,37 +11,29 @@
 //! ip route add local 0.0.0.0/0 dev lo table <table>
 //! ```
 //!
-//! The messages are built by hand: two fixed-size requests do not justify a netlink stack.
+//! The messages are built by `netlink-packet-route` and sent on a plain netlink socket.
 
 use crate::host::netns::Netns;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::route::{
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use nix::sys::socket::{
+    AddressFamily as SocketFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, socket,
+};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Routing table holding the local-delivery route (Istio's ztunnel uses the same number).
 const DELIVERY_TABLE: u32 = 133;
 /// Rule priority; below the default `main` rule (32766) so it wins.
 const RULE_PRIORITY: u32 = 32764;
-
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
-const NLMSG_ERROR: u16 = 2;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
-const FR_ACT_TO_TBL: u8 = 1;
-const FRA_PRIORITY: u16 = 6;
-const FRA_FWMARK: u16 = 10;
-const FRA_TABLE: u16 = 15;
-const RTA_OIF: u16 = 4;
-const RTA_TABLE: u16 = 15;
-const RTN_LOCAL: u8 = 2;
-const RT_SCOPE_HOST: u8 = 254;
-const RTPROT_STATIC: u8 = 4;
-const RT_TABLE_UNSPEC: u8 = 0;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{} delivery routing in {netns}: {source}", if *.installing { "setting up" } else { "removing" })]
@@ -95,30 +87,15 @@ fn set(netns: &Netns, ips: &[IpAddr], install: bool) -> Result<(), RoutingError>
 }
 
 /// The address families of `ips`, each once.
-fn families(ips: &[IpAddr]) -> Vec<Family> {
+fn families(ips: &[IpAddr]) -> Vec<AddressFamily> {
     let mut families = Vec::new();
     if ips.iter().any(IpAddr::is_ipv4) {
-        families.push(Family::V4);
+        families.push(AddressFamily::Inet);
     }
     if ips.iter().any(IpAddr::is_ipv6) {
-        families.push(Family::V6);
+        families.push(AddressFamily::Inet6);
     }
     families
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    fn af(self) -> u8 {
-        match self {
-            Family::V4 => libc::AF_INET as u8,
-            Family::V6 => libc::AF_INET6 as u8,
-        }
-    }
 }
 
 /// A netlink route socket, bound to the netns of the thread that opened it.
@@ -129,93 +106,62 @@ struct RouteSocket {
 
 impl RouteSocket {
     fn open() -> io::Result<RouteSocket> {
-        // SAFETY: plain socket(2); the fd is owned right after.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        Ok(RouteSocket {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            seq: 0,
-        })
+        let fd = socket(
+            SocketFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        Ok(RouteSocket { fd, seq: 0 })
     }
 
     /// Adds the rule and the route; entries that already exist are left as they are.
-    fn install_delivery_routing(&mut self, family: Family, mark: u32) -> io::Result<()> {
+    fn install_delivery_routing(&mut self, family: AddressFamily, mark: u32) -> io::Result<()> {
         let create = NLM_F_CREATE | NLM_F_EXCL;
-        ignore(
-            self.request(RTM_NEWRULE, create, &rule_body(family, mark)),
-            libc::EEXIST,
-        )?;
-        ignore(
-            self.request(RTM_NEWROUTE, create, &route_body(family)),
-            libc::EEXIST,
-        )
+        let rule = RouteNetlinkMessage::NewRule(rule(family, mark));
+        ignore(self.request(rule, create), libc::EEXIST)?;
+        let route = RouteNetlinkMessage::NewRoute(route(family));
+        ignore(self.request(route, create), libc::EEXIST)
     }
 
     /// Removes them; entries already gone are fine.
-    fn remove_delivery_routing(&mut self, family: Family, mark: u32) -> io::Result<()> {
-        ignore(
-            self.request(RTM_DELRULE, 0, &rule_body(family, mark)),
-            libc::ENOENT,
-        )?;
-        ignore(
-            self.request(RTM_DELROUTE, 0, &route_body(family)),
-            libc::ESRCH,
-        )
+    fn remove_delivery_routing(&mut self, family: AddressFamily, mark: u32) -> io::Result<()> {
+        let rule = RouteNetlinkMessage::DelRule(rule(family, mark));
+        ignore(self.request(rule, 0), libc::ENOENT)?;
+        let route = RouteNetlinkMessage::DelRoute(route(family));
+        ignore(self.request(route, 0), libc::ESRCH)
     }
 
-    fn request(&mut self, kind: u16, flags: u16, body: &[u8]) -> io::Result<()> {
+    /// Sends `message` and waits for the kernel's answer to it.
+    fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
         self.seq += 1;
-        let mut msg = Vec::with_capacity(16 + body.len());
-        msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-        msg.extend_from_slice(&self.seq.to_ne_bytes());
-        msg.extend_from_slice(&0u32.to_ne_bytes());
-        msg.extend_from_slice(body);
-        // SAFETY: sending a buffer we own to the kernel (pid 0) on our socket.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        packet.finalize();
+        let mut bytes = vec![0; packet.buffer_len()];
+        packet.serialize(&mut bytes);
+        send(self.fd.as_raw_fd(), &bytes, MsgFlags::empty())?;
         self.read_ack()
     }
 
+    /// The acknowledgement of the last request: its errno, if it failed.
     fn read_ack(&self) -> io::Result<()> {
         let mut buf = [0u8; 4096];
         loop {
-            // SAFETY: receiving into a buffer we own, of the length we pass.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
+            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..n])
+                .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
+            match reply.payload {
+                NetlinkPayload::Error(answer) if reply.header.sequence_number == self.seq => {
+                    return match answer.code {
+                        None => Ok(()),
+                        Some(_) => Err(answer.to_io()),
+                    };
+                }
+                _ => continue,
             }
-            let reply = &buf[..n as usize];
-            if reply.len() < 20 {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "short netlink reply",
-                ));
-            }
-            let kind = u16::from_ne_bytes([reply[4], reply[5]]);
-            let seq = u32::from_ne_bytes([reply[8], reply[9], reply[10], reply[11]]);
-            if kind != NLMSG_ERROR || seq != self.seq {
-                continue;
-            }
-            let errno = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-            return if errno == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::from_raw_os_error(-errno))
-            };
         }
     }
 }
@@ -227,58 +173,38 @@ fn ignore(result: io::Result<()>, errno: i32) -> io::Result<()> {
     }
 }
 
-fn attr_u32(out: &mut Vec<u8>, kind: u16, value: u32) {
-    out.extend_from_slice(&8u16.to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&value.to_ne_bytes());
+/// `fwmark <mark> lookup <table> priority <prio>`.
+fn rule(family: AddressFamily, mark: u32) -> RuleMessage {
+    let mut rule = RuleMessage::default();
+    rule.header.family = family;
+    rule.header.action = RuleAction::ToTable;
+    rule.attributes = vec![
+        RuleAttribute::FwMark(mark),
+        RuleAttribute::Table(DELIVERY_TABLE),
+        RuleAttribute::Priority(RULE_PRIORITY),
+    ];
+    rule
 }
 
-/// `struct fib_rule_hdr` + attributes: `fwmark <mark> lookup <table> priority <prio>`.
-fn rule_body(family: Family, mark: u32) -> Vec<u8> {
-    let mut body = vec![
-        family.af(),
-        0,
-        0,
-        0,
-        RT_TABLE_UNSPEC,
-        0,
-        0,
-        FR_ACT_TO_TBL,
-        0,
-        0,
-        0,
-        0,
+/// `local default dev lo table <table>`.
+fn route(family: AddressFamily) -> RouteMessage {
+    let mut route = RouteMessage::default();
+    route.header.address_family = family;
+    route.header.table = RouteHeader::RT_TABLE_UNSPEC;
+    route.header.protocol = RouteProtocol::Static;
+    route.header.scope = RouteScope::Host;
+    route.header.kind = RouteType::Local;
+    route.attributes = vec![
+        RouteAttribute::Table(DELIVERY_TABLE),
+        RouteAttribute::Oif(ztunnel_common::ports::LOOPBACK_IFINDEX),
     ];
-    attr_u32(&mut body, FRA_FWMARK, mark);
-    attr_u32(&mut body, FRA_TABLE, DELIVERY_TABLE);
-    attr_u32(&mut body, FRA_PRIORITY, RULE_PRIORITY);
-    body
-}
-
-/// `struct rtmsg` + attributes: `local default dev lo table <table>`.
-fn route_body(family: Family) -> Vec<u8> {
-    let mut body = vec![
-        family.af(),
-        0,
-        0,
-        0,
-        RT_TABLE_UNSPEC,
-        RTPROT_STATIC,
-        RT_SCOPE_HOST,
-        RTN_LOCAL,
-        0,
-        0,
-        0,
-        0,
-    ];
-    attr_u32(&mut body, RTA_TABLE, DELIVERY_TABLE);
-    attr_u32(&mut body, RTA_OIF, ztunnel_common::ports::LOOPBACK_IFINDEX);
-    body
+    route
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_core::Emitable;
 
     #[test]
     fn each_family_of_the_pod_once() {
@@ -287,27 +213,50 @@ mod tests {
             "fd00::2".parse().unwrap(),
             "10.244.1.9".parse().unwrap(),
         ];
-        assert_eq!(families(&ips), vec![Family::V4, Family::V6]);
-        assert_eq!(families(&ips[..1]), vec![Family::V4]);
+        assert_eq!(families(&ips), [AddressFamily::Inet, AddressFamily::Inet6]);
+        assert_eq!(families(&ips[..1]), [AddressFamily::Inet]);
+    }
+
+    /// The bytes of a message, as the kernel reads them.
+    fn bytes(message: &impl Emitable) -> Vec<u8> {
+        let mut bytes = vec![0; message.buffer_len()];
+        message.emit(&mut bytes);
+        bytes
     }
 
     #[test]
-    fn rule_message_layout() {
-        let body = rule_body(Family::V4, 1337);
-        assert_eq!(body.len(), 12 + 3 * 8);
-        assert_eq!(body[0], libc::AF_INET as u8);
-        assert_eq!(body[7], FR_ACT_TO_TBL);
-        assert_eq!(&body[12..14], &8u16.to_ne_bytes());
-        assert_eq!(&body[14..16], &FRA_FWMARK.to_ne_bytes());
-        assert_eq!(&body[16..20], &1337u32.to_ne_bytes());
+    fn the_rule_is_fwmark_lookup_table() {
+        let rule = bytes(&rule(AddressFamily::Inet, 0x111));
+        // struct fib_rule_hdr, then three 8-byte attributes.
+        assert_eq!(rule.len(), 12 + 3 * 8);
+        assert_eq!(rule[0], libc::AF_INET as u8);
+        // The kernel's numbers, from linux/fib_rules.h (libc does not have them).
+        const FR_ACT_TO_TBL: u8 = 1;
+        const FRA_PRIORITY: u16 = 6;
+        const FRA_FWMARK: u16 = 10;
+        const FRA_TABLE: u16 = 15;
+        assert_eq!(rule[7], FR_ACT_TO_TBL);
+        let attribute = |at: usize| {
+            let kind = u16::from_ne_bytes([rule[at + 2], rule[at + 3]]);
+            let value = u32::from_ne_bytes(rule[at + 4..at + 8].try_into().unwrap());
+            (kind, value)
+        };
+        assert_eq!(attribute(12), (FRA_FWMARK, 0x111));
+        assert_eq!(attribute(20), (FRA_TABLE, DELIVERY_TABLE));
+        assert_eq!(attribute(28), (FRA_PRIORITY, RULE_PRIORITY));
     }
 
     #[test]
-    fn route_message_layout() {
-        let body = route_body(Family::V6);
-        assert_eq!(body[0], libc::AF_INET6 as u8);
-        assert_eq!(body[1], 0, "default route: prefix length 0");
-        assert_eq!((body[6], body[7]), (RT_SCOPE_HOST, RTN_LOCAL));
-        assert_eq!(&body[22..24], &RTA_OIF.to_ne_bytes());
+    fn the_route_is_local_default_via_lo() {
+        let route = bytes(&route(AddressFamily::Inet6));
+        // struct rtmsg: family, dst_len (0: the default route), src_len, tos, table,
+        // protocol, scope, type.
+        assert_eq!(route[0], libc::AF_INET6 as u8);
+        assert_eq!(route[1], 0);
+        assert_eq!(route[5], libc::RTPROT_STATIC);
+        assert_eq!(route[6], libc::RT_SCOPE_HOST);
+        assert_eq!(route[7], libc::RTN_LOCAL);
+        let oif = u16::from_ne_bytes([route[22], route[23]]);
+        assert_eq!(oif, libc::RTA_OIF);
     }
 }

@@ -22,12 +22,12 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    pub source_identity: Arc<Identity>,
-    pub destination_identities: Vec<Identity>,
+pub(crate) struct PoolKey {
+    pub(crate) source_identity: Arc<Identity>,
+    pub(crate) destination_identities: Vec<Identity>,
     /// The peer's HBONE address (`<ip>:15008`).
-    pub destination: SocketAddr,
-    pub source_ip: IpAddr,
+    pub(crate) destination: SocketAddr,
+    pub(crate) source_ip: IpAddr,
 }
 
 /// What goes into one CONNECT request.
@@ -72,10 +72,10 @@ fn traceparent() -> String {
 }
 
 /// An open CONNECT stream. Holding its slot keeps the connection's stream count.
-pub struct HboneStream {
-    pub send: SendStream<Bytes>,
-    pub recv: RecvStream,
-    pub slot: StreamSlot,
+pub(crate) struct HboneStream {
+    pub(crate) send: SendStream<Bytes>,
+    pub(crate) recv: RecvStream,
+    pub(crate) slot: StreamSlot,
 }
 
 struct PooledConnection {
@@ -94,7 +94,7 @@ impl PooledConnection {
 }
 
 /// One stream's share of a connection, returned on drop.
-pub struct StreamSlot(Arc<PooledConnection>);
+pub(crate) struct StreamSlot(Arc<PooledConnection>);
 
 impl StreamSlot {
     fn take(connection: &Arc<PooledConnection>) -> StreamSlot {
@@ -117,7 +117,7 @@ impl Drop for StreamSlot {
 type KeyConnections = Arc<tokio::sync::Mutex<Vec<Arc<PooledConnection>>>>;
 
 #[derive(Default)]
-pub struct Pool {
+pub(crate) struct Pool {
     connections: Mutex<HashMap<PoolKey, KeyConnections>>,
     counts: Arc<OpenCounts>,
 }
@@ -126,7 +126,7 @@ impl Pool {
     /// Opens a CONNECT stream to `key.destination`, over a pooled connection or over a new one
     /// made by `connect` (which returns the established mTLS stream). Returns the stream once
     /// the server answered 200.
-    pub async fn open<IO, Connect, Connecting>(
+    pub(crate) async fn open<IO, Connect, Connecting>(
         &self,
         key: &PoolKey,
         request: &ConnectRequest,
@@ -205,7 +205,7 @@ impl Pool {
     }
 
     /// Closes connections without streams that have been idle for `POOL_IDLE_TIMEOUT`.
-    pub fn release_idle(&self) {
+    fn release_idle(&self) {
         let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|_, entry| {
             let Ok(mut connections) = entry.try_lock() else {
@@ -225,7 +225,7 @@ impl Pool {
     }
 
     /// Calls `release_idle` periodically for as long as the pool exists.
-    pub fn spawn_idle_release(self: &Arc<Self>) {
+    pub(crate) fn spawn_idle_release(self: &Arc<Self>) {
         let pool: Weak<Pool> = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {

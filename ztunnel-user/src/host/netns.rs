@@ -10,11 +10,11 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 /// The namespace the daemon runs in, where every thread returns after a visit to a pod's.
-static HOME: LazyLock<Result<Netns, String>> =
-    LazyLock::new(|| Netns::open(Path::new("/proc/self/ns/net")).map_err(|err| err.to_string()));
+static HOME: LazyLock<Result<Netns, Arc<NetnsError>>> =
+    LazyLock::new(|| Netns::open(Path::new("/proc/self/ns/net")).map_err(Arc::new));
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum NetnsError {
@@ -31,7 +31,7 @@ pub(crate) enum NetnsError {
         source: std::io::Error,
     },
     #[error("the daemon's own network namespace: {0}")]
-    Home(String),
+    Home(Arc<NetnsError>),
     #[error("reading the cookie of network namespace {path}: {source}")]
     Cookie {
         path: PathBuf,

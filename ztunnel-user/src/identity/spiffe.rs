@@ -38,7 +38,7 @@ pub enum IdentityError {
 
 impl Identity {
     /// The identity in a certificate (DER): its one URI SAN, as SPIFFE requires of an X.509-SVID.
-    pub fn from_certificate(der: &[u8]) -> Result<Identity, IdentityError> {
+    pub(crate) fn from_certificate(der: &[u8]) -> Result<Identity, IdentityError> {
         let bad = |error: &dyn fmt::Display| IdentityError::BadCertificate(error.to_string());
         let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(&e))?;
         let san = cert

@@ -7,9 +7,11 @@ pub mod authz;
 pub mod config;
 pub(crate) mod kernel;
 
+pub use kernel::IndexedWorkload;
+
 use config::MeshConfig;
 use config::reload::{ConfigFile, ConfigStatus};
-use kernel::{IndexedWorkload, MeshMaps, WorkloadMap};
+use kernel::{MeshMaps, WorkloadMap};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, RwLock};
 use ztunnel_common::maps::WORKLOAD_PLAINTEXT_RULES;

@@ -318,4 +318,6 @@ fn field<T>(positive: &[T], negative: &[T], test: impl Fn(&T) -> bool) -> bool {
 }
 
 #[cfg(test)]
+mod agreement_tests;
+#[cfg(test)]
 mod tests;

@@ -10,7 +10,8 @@ mod workload;
 
 pub use address::{GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress};
 pub use service::Service;
-pub use workload::{DEFAULT_SERVICE_ACCOUNT, HealthStatus, Protocol, Workload};
+pub(crate) use workload::DEFAULT_SERVICE_ACCOUNT;
+pub use workload::{HealthStatus, Protocol, Workload};
 
 use super::FieldError;
 use super::authz::{Connection, Decision, Denial, Policies, Policy, Subject, Target};
@@ -84,14 +85,6 @@ pub struct Endpoint<'a> {
 }
 
 impl MeshConfig {
-    pub fn load(path: &Path) -> Result<MeshConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        MeshConfig::parse(path, &text)
-    }
-
     /// Parses and validates; `path` only names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<MeshConfig, ConfigError> {
         let file: MeshConfigFile =
@@ -259,7 +252,7 @@ impl MeshConfig {
     }
 
     /// The workload that serves as the waypoint for a connection, and where it takes HBONE.
-    pub fn resolve_waypoint(&self, waypoint: &GatewayAddress) -> Option<Endpoint<'_>> {
+    pub(crate) fn resolve_waypoint(&self, waypoint: &GatewayAddress) -> Option<Endpoint<'_>> {
         let service = match &waypoint.destination {
             GatewayDestination::Address(address) => match self.workload_by_ip(address.ip) {
                 Some(workload) => {
@@ -284,7 +277,7 @@ impl MeshConfig {
 
     /// Whether the workload at `ip` is (one of the instances of) `waypoint`: its own traffic
     /// must not be sent back to it.
-    pub fn is_waypoint(&self, waypoint: &GatewayAddress, ip: IpAddr) -> bool {
+    pub(crate) fn is_waypoint(&self, waypoint: &GatewayAddress, ip: IpAddr) -> bool {
         let Some(&workload) = self.by_ip.get(&ip) else {
             return false;
         };

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How often the file is read.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// What the daemon reports about its config file.
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct ConfigStatus {
 }
 
 /// Tracks the file's content and the status the API reports.
-pub struct ConfigFile {
+pub(crate) struct ConfigFile {
     path: PathBuf,
     seen: Mutex<Option<u64>>,
     status: Mutex<ConfigStatus>,
@@ -35,7 +35,7 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     /// A file not read yet: `poll` reads it.
-    pub fn new(path: PathBuf) -> ConfigFile {
+    pub(crate) fn new(path: PathBuf) -> ConfigFile {
         ConfigFile {
             status: Mutex::new(ConfigStatus {
                 path: Some(path.clone()),
@@ -46,11 +46,11 @@ impl ConfigFile {
         }
     }
 
-    pub fn path(&self) -> &std::path::Path {
+    pub(crate) fn path(&self) -> &std::path::Path {
         &self.path
     }
 
-    pub fn status(&self) -> ConfigStatus {
+    pub(crate) fn status(&self) -> ConfigStatus {
         self.status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -80,7 +80,7 @@ impl ConfigFile {
 
     /// A new valid config, with its hash, if the file changed since the last poll; a bad or
     /// unreadable file is refused (logged, and reported in the status).
-    pub fn poll(&self) -> Option<(u64, MeshConfig)> {
+    pub(crate) fn poll(&self) -> Option<(u64, MeshConfig)> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(err) => {
@@ -107,7 +107,7 @@ impl ConfigFile {
     }
 
     /// Records that the content with `hash` is in force.
-    pub fn applied(&self, hash: u64, summary: &str) {
+    pub(crate) fn applied(&self, hash: u64, summary: &str) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         status.version = format!("{hash:016x}");
         status.generation += 1;
@@ -129,7 +129,7 @@ impl ConfigFile {
 }
 
 /// What a config holds, for the log.
-pub fn summary(config: &MeshConfig) -> String {
+pub(crate) fn summary(config: &MeshConfig) -> String {
     format!(
         "{} workloads, {} services, {} policies",
         config.workloads.len(),
