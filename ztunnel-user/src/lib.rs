@@ -1,8 +1,9 @@
 //! The ztunnel node proxy: the daemon (`app`), the operator's CLI (`cli`) and the CNI plugin's
 //! logic (`cni`).
 //!
-//! Top-level modules depend on each other in one direction only, from the application down
-//! to the leaves (docs/ARCHITECTURE.md; `cargo xtask layers` checks it):
+//! Top-level modules depend on each other in one direction only, roughly from the application
+//! down to the leaves (docs/ARCHITECTURE.md; `cargo xtask layers` prints the exact graph, and
+//! the test suite fails on a cycle):
 //!
 //! ```text
 //! app, cli, cni -> ops -> pods -> proxy -> {capture, hbone, delivery, telemetry}
