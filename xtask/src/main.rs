@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod lab;
+mod layers;
 mod setup;
 mod test;
 
@@ -34,6 +35,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
     Demo,
+    /// The layers of ztunnel-user: its top-level modules, lowest first, each with the modules it
+    /// uses; fails, naming a place for each edge, when their imports form a cycle.
+    Layers,
     /// The local lab: two nodes and four pods in network namespaces, wired by real CNI plugins.
     Lab {
         #[command(subcommand)]
@@ -48,5 +52,6 @@ fn main() -> Result<ExitCode> {
         Command::Test => test::run().map(|()| ExitCode::SUCCESS),
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Layers => layers::run(),
     }
 }
