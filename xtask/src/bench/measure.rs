@@ -30,6 +30,8 @@ const IPERF_GRACE: Duration = Duration::from_secs(30);
 
 /// How long and how much each turn measures.
 pub struct Settings {
+    /// What each round measures, in order.
+    pub paths: Vec<Path>,
     pub runs: usize,
     pub length: Duration,
     pub idle_connections: usize,
