@@ -358,3 +358,35 @@ pub(crate) fn signal_and_wait(pid: u32, signal: Signal, timeout: Duration) -> bo
     }
     true
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemons_come_from_the_options_bin_dir() {
+        let dir = std::env::temp_dir().join(format!("ztlab-bin-dir-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ztunnel"), b"").unwrap();
+        let other = DaemonOptions {
+            bin_dir: Some(dir.clone()),
+            ..DaemonOptions::default()
+        };
+        assert_eq!(other.daemon_binary("ztunnel").unwrap(), dir.join("ztunnel"));
+        assert!(matches!(
+            other.daemon_binary("ztunnel-cni"),
+            Err(LabError::MissingBinary { .. })
+        ));
+        assert_eq!(
+            DaemonOptions::default().daemon_bin_dir(),
+            topology::bin_dir()
+        );
+        // Options saved before bin_dir existed still load, with this build's binaries.
+        let old: DaemonOptions =
+            serde_json::from_str(r#"{"cert_lifetime_secs":null,"iptables_capture":true}"#).unwrap();
+        assert_eq!(old.bin_dir, None);
+        // The flags do not change: the directory picks the binary, not an argument.
+        assert_eq!(other.args(), Vec::<String>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

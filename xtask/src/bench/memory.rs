@@ -17,6 +17,8 @@ const HOLD_LIMIT: Duration = Duration::from_secs(120);
 
 pub struct DaemonMemory {
     pub pid: u32,
+    /// The binary it runs (which build's).
+    pub exe: std::path::PathBuf,
     pub idle_mib: f64,
     /// Of the idle RSS: heap and stacks, and pages of mapped files (the binary itself).
     pub idle_anon_mib: f64,
@@ -53,6 +55,7 @@ pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) ->
             .with_context(|| format!("the lab records no daemon on {node}"))
     };
     let pids = [pid_of(route.client())?, pid_of(route.server())?];
+    let exes = [exe(pids[0])?, exe(pids[1])?];
     std::thread::sleep(SETTLE);
     let idle = [rss(pids[0])?, rss(pids[1])?];
     // Opening runs at well over 1,000 connections a second; allow a tenth of that.
@@ -66,6 +69,7 @@ pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) ->
     let closed = [rss(pids[0])?, rss(pids[1])?];
     let daemon = |i: usize| DaemonMemory {
         pid: pids[i],
+        exe: exes[i].clone(),
         idle_mib: idle[i].total as f64 / MIB,
         idle_anon_mib: idle[i].anon as f64 / MIB,
         idle_file_mib: idle[i].file as f64 / MIB,
@@ -87,6 +91,14 @@ struct Rss {
     total: u64,
     anon: u64,
     file: u64,
+}
+
+/// The binary a process runs, from /proc/<pid>/exe.
+fn exe(pid: u32) -> Result<std::path::PathBuf> {
+    i32::try_from(pid)
+        .map_err(anyhow::Error::from)
+        .and_then(|pid| Ok(Process::new(pid)?.exe()?))
+        .with_context(|| format!("reading /proc/{pid}/exe"))
 }
 
 fn rss(pid: u32) -> Result<Rss> {
