@@ -10,7 +10,7 @@ use crate::netns;
 use crate::state::{Lab, Node, Pod};
 use crate::teardown::down;
 use crate::topology::{
-    self, BPFFS_MOUNT, CGROUP2_MOUNT, NODES, NodeSpec, PODS, PodSpec, UNDERLAY_IFNAME,
+    BPFFS_MOUNT, CGROUP2_MOUNT, NODES, NodeSpec, PODS, PodSpec, UNDERLAY_IFNAME,
 };
 use std::path::Path;
 
@@ -33,9 +33,8 @@ pub fn up_without_ztunnel() -> Result<Lab> {
 }
 
 fn bring_up(daemons: Option<&DaemonOptions>) -> Result<Lab> {
-    let with_ztunnel = daemons.is_some();
     down()?;
-    preflight(with_ztunnel)?;
+    preflight(daemons)?;
     match build(daemons) {
         Ok(lab) => Ok(lab),
         Err(error) => {
@@ -48,16 +47,16 @@ fn bring_up(daemons: Option<&DaemonOptions>) -> Result<Lab> {
     }
 }
 
-fn preflight(with_ztunnel: bool) -> Result<()> {
+fn preflight(daemons: Option<&DaemonOptions>) -> Result<()> {
     let controllers = Path::new(CGROUP2_MOUNT).join("cgroup.controllers");
     if !controllers.is_file() {
         return Err(LabError::NotSetUp(format!(
             "no cgroup v2 hierarchy at {CGROUP2_MOUNT}"
         )));
     }
-    if with_ztunnel {
-        topology::binary("ztunnel")?;
-        topology::binary("ztunnel-cni")?;
+    if let Some(options) = daemons {
+        options.daemon_binary("ztunnel")?;
+        options.daemon_binary("ztunnel-cni")?;
         if !is_bpffs_mounted() {
             return Err(LabError::NotSetUp(format!(
                 "bpffs is not mounted at {BPFFS_MOUNT}"

@@ -2,6 +2,7 @@
 //! each plugin as a separate process fed its config on stdin, ADD results chained through
 //! `prevResult`, the final result cached and handed back to DEL and CHECK.
 
+use crate::daemon::DaemonOptions;
 use crate::error::{LabError, Result};
 use crate::exec::Placement;
 use crate::topology::{EXCLUDED_NAMESPACES, NodeSpec, POD_IFNAME, PodSpec, SYSTEM_CNI_DIR};
@@ -159,8 +160,10 @@ fn plugin_stdin(list: &Value, plugin: &Value, previous: Option<&Value>) -> Value
     config
 }
 
-fn search_path() -> String {
-    format!("{}:{SYSTEM_CNI_DIR}", topology::bin_dir().display())
+/// ztunnel-cni from where the lab's daemons come from; ptp and host-local from Debian's.
+fn search_path() -> Result<String> {
+    let ours = DaemonOptions::load()?.daemon_bin_dir();
+    Ok(format!("{}:{SYSTEM_CNI_DIR}", ours.display()))
 }
 
 fn find_plugin(kind: &str, search_path: &str) -> Option<PathBuf> {
@@ -180,7 +183,7 @@ fn invoke(
     previous: Option<&Value>,
 ) -> Result<Value> {
     let kind = plugin["type"].as_str().unwrap_or_default();
-    let cni_path = search_path();
+    let cni_path = search_path()?;
     let binary = find_plugin(kind, &cni_path).ok_or_else(|| LabError::PluginNotFound {
         plugin: kind.to_owned(),
         search_path: cni_path.clone(),

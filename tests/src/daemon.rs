@@ -11,6 +11,7 @@ use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,10 @@ pub struct DaemonOptions {
     /// Capture by iptables REDIRECT instead of eBPF (`--capture iptables`): the baseline.
     #[serde(default)]
     pub iptables_capture: bool,
+    /// Where the `ztunnel` daemon (and its CLI) and the `ztunnel-cni` plugin are, when not
+    /// in `topology::bin_dir()`: another build's, to measure it beside this one.
+    #[serde(default)]
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl DaemonOptions {
@@ -42,7 +47,17 @@ impl DaemonOptions {
         args
     }
 
-    fn path() -> std::path::PathBuf {
+    /// The directory the daemon and the CNI plugin are run from.
+    pub fn daemon_bin_dir(&self) -> PathBuf {
+        self.bin_dir.clone().unwrap_or_else(topology::bin_dir)
+    }
+
+    /// `ztunnel` or `ztunnel-cni`, from `daemon_bin_dir`.
+    pub fn daemon_binary(&self, name: &str) -> Result<PathBuf> {
+        topology::binary_in(&self.daemon_bin_dir(), name)
+    }
+
+    fn path() -> PathBuf {
         std::path::Path::new(topology::STATE_DIR).join("daemon-options.json")
     }
 
@@ -51,7 +66,8 @@ impl DaemonOptions {
         std::fs::write(Self::path(), text).map_err(|e| LabError::io("writing", Self::path(), e))
     }
 
-    fn load() -> Result<DaemonOptions> {
+    /// The options the lab's daemons run with (the defaults when none are saved).
+    pub(crate) fn load() -> Result<DaemonOptions> {
         match std::fs::read_to_string(Self::path()) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| LabError::State {
                 path: Self::path(),
@@ -86,7 +102,8 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
             format!("is already running (pid {pid})"),
         ));
     }
-    let binary = topology::binary("ztunnel")?;
+    let options = DaemonOptions::load()?;
+    let binary = options.daemon_binary("ztunnel")?;
     let log_path = node.log_path();
     let log = OpenOptions::new()
         .create(true)
@@ -117,7 +134,7 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .arg(topology::CA_DIR)
         .arg("--trust-domain")
         .arg(topology::TRUST_DOMAIN)
-        .args(DaemonOptions::load()?.args())
+        .args(options.args())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_for_stderr);
@@ -213,9 +230,9 @@ pub fn daemon_not_ready(node: &str) -> Result<Option<String>> {
     }
 }
 
-/// A `ztunnel` CLI command against the node's daemon.
+/// A `ztunnel` CLI command against the node's daemon (the CLI of the daemon's own build).
 pub fn daemon_cli(node: &str, args: &[&str]) -> Result<Output> {
-    let binary = topology::binary("ztunnel")?;
+    let binary = DaemonOptions::load()?.daemon_binary("ztunnel")?;
     let mut argv = vec![binary.as_os_str()];
     argv.extend(args.iter().map(std::ffi::OsStr::new));
     let mut cli = crate::exec_node(node, &argv)?;
@@ -340,4 +357,36 @@ pub(crate) fn signal_and_wait(pid: u32, signal: Signal, timeout: Duration) -> bo
         std::thread::sleep(Duration::from_millis(20));
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemons_come_from_the_options_bin_dir() {
+        let dir = std::env::temp_dir().join(format!("ztlab-bin-dir-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ztunnel"), b"").unwrap();
+        let other = DaemonOptions {
+            bin_dir: Some(dir.clone()),
+            ..DaemonOptions::default()
+        };
+        assert_eq!(other.daemon_binary("ztunnel").unwrap(), dir.join("ztunnel"));
+        assert!(matches!(
+            other.daemon_binary("ztunnel-cni"),
+            Err(LabError::MissingBinary { .. })
+        ));
+        assert_eq!(
+            DaemonOptions::default().daemon_bin_dir(),
+            topology::bin_dir()
+        );
+        // Options saved before bin_dir existed still load, with this build's binaries.
+        let old: DaemonOptions =
+            serde_json::from_str(r#"{"cert_lifetime_secs":null,"iptables_capture":true}"#).unwrap();
+        assert_eq!(old.bin_dir, None);
+        // The flags do not change: the directory picks the binary, not an argument.
+        assert_eq!(other.args(), Vec::<String>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

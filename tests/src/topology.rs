@@ -251,8 +251,10 @@ impl PodSpec {
     }
 }
 
-/// Where `ztunnel`, `ztunnel-cni` and `lab-tool` are: `ZTUNNEL_BIN_DIR`, else the `debug`
-/// directory of cargo's target dir (`CARGO_TARGET_DIR` or the workspace's `target`).
+/// Where `ztunnel`, `ztunnel-cni`, `lab-tool` and `load-tool` are: `ZTUNNEL_BIN_DIR`, else the
+/// `debug` directory of cargo's target dir (`CARGO_TARGET_DIR` or the workspace's `target`).
+/// A lab's daemons and CNI plugin may come from another directory (`DaemonOptions::bin_dir`,
+/// another build's, to compare it with this one); the traffic tools always come from here.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("ZTUNNEL_BIN_DIR") {
         return PathBuf::from(dir);
@@ -272,7 +274,12 @@ pub fn workspace_root() -> PathBuf {
 
 /// A binary of the project, which must already be built.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let path = bin_dir().join(name);
+    binary_in(&bin_dir(), name)
+}
+
+/// A binary of the project in `dir`, which must be there.
+pub fn binary_in(dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
     if path.is_file() {
         Ok(path)
     } else {

@@ -50,6 +50,12 @@ pub struct BenchArgs {
     /// for the run (latency then includes the host's wake-ups; see docs/PERFORMANCE.md).
     #[arg(long)]
     allow_cpu_idle: bool,
+    /// Also measure the mesh as another build runs it, beside this build's: DIR holds that
+    /// build's release binaries, and its `ztunnel` and `ztunnel-cni` run the extra path's lab
+    /// (the load tools are this build's). The report puts every figure of the two side by
+    /// side with the ratio.
+    #[arg(long, value_name = "DIR")]
+    baseline: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -67,7 +73,9 @@ impl BenchArgs {
         } else {
             (3, 5, 10_000)
         };
+        let baseline = self.baseline.as_deref().map(baseline_dir).transpose()?;
         let settings = Settings {
+            paths: Path::all(baseline),
             runs: self.runs.unwrap_or(runs),
             length: Duration::from_secs(self.seconds.unwrap_or(seconds)),
             idle_connections: self.idle_connections.unwrap_or(idle_connections),
@@ -100,13 +108,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     let idle = idle::IdlePolicy::for_run(args.allow_cpu_idle);
     let mut machine = Machine::now(&idle.description);
-    let turns = settings.runs * Path::ALL.len();
+    let paths = settings.paths.clone();
+    let turns = settings.runs * paths.len();
     println!(
         "bench: {} runs x {} paths ({}), {} s per measurement, {} idle connections; {turns} \
          labs, one at a time; load average now {}; idle CPUs {}",
         settings.runs,
-        Path::ALL.len(),
-        Path::ALL.map(Path::name).join(", "),
+        paths.len(),
+        paths
+            .iter()
+            .map(|path| path.label())
+            .collect::<Vec<_>>()
+            .join(", "),
         settings.length.as_secs(),
         settings.idle_connections,
         machine.load_before,
@@ -114,7 +127,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     let mut results = Results::default();
     for round in 1..=settings.runs {
-        for path in Path::ALL {
+        for &path in &paths {
             measure::turn(round, path, &settings, &mut results)?;
         }
     }
@@ -126,14 +139,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     write(&out.join("report.md"), &report)?;
     write(
         &out.join("results.json"),
-        &serde_json::to_string_pretty(&results.to_json())?,
+        &serde_json::to_string_pretty(&results.to_json(&paths))?,
     )?;
     let title = format!(
         "ztunnel on the lab: {} runs per path, {} s each",
         settings.runs,
         settings.length.as_secs()
     );
-    chart::draw(&results, &out.join("chart.png"), &title)?;
+    chart::draw(&results, &paths, &out.join("chart.png"), &title)?;
     point_latest_at(&bench_dir, &out)?;
     println!(
         "bench: report.md, chart.png and results.json written to {} (also {})",
@@ -141,6 +154,26 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bench_dir.join("latest").display()
     );
     Ok(())
+}
+
+/// The `--baseline` directory, checked, made absolute and kept for the whole run.
+fn baseline_dir(dir: &std::path::Path) -> Result<&'static std::path::Path> {
+    use std::os::unix::fs::PermissionsExt;
+    let absolute = std::fs::canonicalize(dir)
+        .with_context(|| format!("--baseline {}: no such directory", dir.display()))?;
+    for binary in ["ztunnel", "ztunnel-cni"] {
+        let path = absolute.join(binary);
+        let executable = std::fs::metadata(&path)
+            .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0);
+        ensure!(
+            executable,
+            "--baseline {}: no executable {binary} in it (it should hold another build's \
+             release binaries: ztunnel, ztunnel-cni)",
+            dir.display()
+        );
+    }
+    // One directory per run, for as long as the run: its paths refer to it.
+    Ok(Box::leak(absolute.into_boxed_path()))
 }
 
 fn write(file: &std::path::Path, text: &str) -> Result<()> {

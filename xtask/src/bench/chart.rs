@@ -20,28 +20,23 @@ const CHARTED: [Metric; 6] = [
     Metric::ConnectRate,
     Metric::CpuPerGb8,
 ];
-/// One colour per path, in `Path::ALL` order.
-const COLOURS: [RGBColor; 4] = [
-    RGBColor(96, 125, 160),
-    RGBColor(232, 120, 40),
-    RGBColor(70, 160, 95),
-    RGBColor(150, 90, 170),
-];
+/// Legend entries are this far apart.
+const LEGEND_STEP: i32 = 200;
 
 fn drawing(error: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing the chart: {error}")
 }
 
-pub fn draw(results: &Results, file: &std::path::Path, title: &str) -> Result<()> {
+pub fn draw(results: &Results, paths: &[Path], file: &std::path::Path, title: &str) -> Result<()> {
     register_font()?;
     let root = BitMapBackend::new(file, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(drawing)?;
     let (head, body) = root.split_vertically(80);
     head.draw(&Text::new(title, (20, 10), (FAMILY, 26).into_font()))
         .map_err(drawing)?;
-    for (index, path) in Path::ALL.iter().enumerate() {
-        let x = 20 + index as i32 * 240;
-        let square = Rectangle::new([(x, 48), (x + 18, 66)], colour(index).filled());
+    for (index, &path) in paths.iter().enumerate() {
+        let x = 20 + index as i32 * LEGEND_STEP;
+        let square = Rectangle::new([(x, 48), (x + 18, 66)], colour(path).filled());
         head.draw(&square).map_err(drawing)?;
         let label = Text::new(path.name(), (x + 26, 47), (FAMILY, 20).into_font());
         head.draw(&label).map_err(drawing)?;
@@ -49,20 +44,27 @@ pub fn draw(results: &Results, file: &std::path::Path, title: &str) -> Result<()
     let note = "bars: median of the runs; whiskers: min to max";
     head.draw(&Text::new(
         note,
-        (20 + Path::ALL.len() as i32 * 240, 49),
+        (20 + paths.len() as i32 * LEGEND_STEP, 49),
         (FAMILY, 16).into_font(),
     ))
     .map_err(drawing)?;
     for (panel, metric) in body.split_evenly((2, 3)).iter().zip(CHARTED) {
-        draw_panel(&root, panel, results, metric)?;
+        draw_panel(&root, panel, results, paths, metric)?;
     }
     root.present()
         .map_err(drawing)
         .with_context(|| format!("writing {}", file.display()))
 }
 
-fn colour(path_index: usize) -> RGBColor {
-    COLOURS[path_index % COLOURS.len()]
+fn colour(path: Path) -> RGBColor {
+    match path {
+        Path::Direct => RGBColor(96, 125, 160),
+        Path::Mesh => RGBColor(232, 120, 40),
+        // The mesh's colour, lighter.
+        Path::MeshBaseline(_) => RGBColor(245, 190, 140),
+        Path::Iptables => RGBColor(70, 160, 95),
+        Path::Relay => RGBColor(150, 90, 170),
+    }
 }
 
 /// Routes side by side, a bar per path within each. Text goes on `root` in absolute pixels,
@@ -71,13 +73,17 @@ fn draw_panel<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     panel: &DrawingArea<DB, Shift>,
     results: &Results,
+    paths: &[Path],
     metric: Metric,
 ) -> Result<()> {
-    let paths = Path::ALL.len() as f64;
-    let bar_width = 0.8 / paths;
+    let bar_width = 0.8 / paths.len() as f64;
     let top = Route::ALL
         .iter()
-        .flat_map(|&route| Path::ALL.map(|path| results.spread(path, route, metric)))
+        .flat_map(|&route| {
+            paths
+                .iter()
+                .map(move |&path| results.spread(path, route, metric))
+        })
         .flatten()
         .map(|spread| spread.max)
         .fold(0.0, f64::max);
@@ -108,17 +114,14 @@ fn draw_panel<DB: DrawingBackend>(
         let label = centred(15).pos(Pos::new(HPos::Center, VPos::Top));
         root.draw(&Text::new(route.name(), (x, y + 6), label))
             .map_err(drawing)?;
-        for (index, path) in Path::ALL.iter().enumerate() {
-            let Some(spread) = results.spread(*path, *route, metric) else {
+        for (index, &path) in paths.iter().enumerate() {
+            let Some(spread) = results.spread(path, *route, metric) else {
                 continue;
             };
             let left = group as f64 + 0.1 + index as f64 * bar_width;
             let right = left + bar_width * 0.9;
             let middle = (left + right) / 2.0;
-            let bar = Rectangle::new(
-                [(left, 0.0), (right, spread.median)],
-                colour(index).filled(),
-            );
+            let bar = Rectangle::new([(left, 0.0), (right, spread.median)], colour(path).filled());
             chart.draw_series([bar]).map_err(drawing)?;
             let whisker = PathElement::new(
                 [(middle, spread.min), (middle, spread.max)],

@@ -4,6 +4,7 @@
 //! host's noise, not work done here, and it slows whatever measurement it falls on.
 
 use anyhow::{Context, Result};
+use procfs::{CurrentSI, KernelStats};
 
 /// The machine's CPU time over one measurement.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,43 +49,55 @@ impl Ticks {
 }
 
 fn ticks() -> Result<Ticks> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    parse_ticks(&stat).context("no `cpu` line in /proc/stat")
+    let stats = KernelStats::current().context("reading /proc/stat")?;
+    Ticks::of(&stats.total).context("/proc/stat's `cpu` line has no steal field")
 }
 
-fn parse_ticks(stat: &str) -> Option<Ticks> {
-    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|field| field.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest guest_nice)
-    let [user, nice, system, idle, iowait, irq, softirq, steal, ..] = fields[..] else {
-        return None;
-    };
-    let busy = user + nice + system + irq + softirq;
-    Some(Ticks {
-        busy,
-        steal,
-        total: busy + idle + iowait + steal,
-    })
+impl Ticks {
+    /// From the kernel's counters; None for a kernel too old to count steal (before 2.6.11),
+    /// which is not one this benchmark reads.
+    fn of(cpu: &procfs::CpuTime) -> Option<Ticks> {
+        let (iowait, irq, softirq, steal) = (cpu.iowait?, cpu.irq?, cpu.softirq?, cpu.steal?);
+        let busy = cpu.user + cpu.nice + cpu.system + irq + softirq;
+        Some(Ticks {
+            busy,
+            steal,
+            total: busy + cpu.idle + iowait + steal,
+        })
+    }
 }
 
 fn ticks_per_second() -> f64 {
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    match procfs::ticks_per_second() {
+        0 => 100.0,
+        ticks => ticks as f64,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use procfs::FromBufReadSI;
+
+    /// The `cpu` line's ticks, through procfs's parser of the whole file.
+    fn parse_ticks(stat: &str) -> Option<Ticks> {
+        let system = procfs::ExplicitSystemInfo {
+            boot_time_secs: 1_700_000_000,
+            ticks_per_second: 100,
+            page_size: 4096,
+            is_little_endian: true,
+        };
+        let stats = KernelStats::from_buf_read(stat.as_bytes(), &system).ok()?;
+        Ticks::of(&stats.total)
+    }
 
     #[test]
     fn busy_is_user_nice_system_irq_softirq_and_steal_is_apart() {
-        let stat = "cpu  100 5 40 9000 7 3 2 43 11 0\ncpu0 50 2 20 4500 3 1 1 20 5 0\n";
-        let ticks = parse_ticks(stat);
+        let rest = "intr 1 2 3\nctxt 4000\nbtime 1700000000\nprocesses 900\n\
+                    procs_running 2\nprocs_blocked 0\nsoftirq 5 6 7\n";
+        let stat =
+            format!("cpu  100 5 40 9000 7 3 2 43 11 0\ncpu0 50 2 20 4500 3 1 1 20 5 0\n{rest}");
+        let ticks = parse_ticks(&stat);
         assert_eq!(
             ticks,
             Some(Ticks {
@@ -93,9 +106,18 @@ mod tests {
                 total: 9200
             })
         );
-        assert_eq!(parse_ticks("intr 1 2 3\n"), None);
+        // No `cpu` line: not /proc/stat.
+        assert_eq!(parse_ticks(rest), None);
         // A kernel without a steal field is not one this benchmark reads.
-        assert_eq!(parse_ticks("cpu  100 5 40 9000 7 3 2\n"), None);
+        assert_eq!(
+            parse_ticks(&format!("cpu  100 5 40 9000 7 3 2\n{rest}")),
+            None
+        );
+    }
+
+    #[test]
+    fn this_kernel_counts_steal() {
+        assert!(ticks().is_ok_and(|ticks| ticks.total > 0));
     }
 
     #[test]

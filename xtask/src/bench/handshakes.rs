@@ -2,6 +2,9 @@
 //! SYN goes unanswered waits for its retransmission (a second for the first one), so a few of
 //! them set a connection rate back more than all the work measured: the report names them
 //! where a rate alone would hide why it is low (docs/PERFORMANCE.md, iptables capture).
+//!
+//! Parsed here rather than by `procfs` (which reads the rest of /proc for the benchmark):
+//! procfs 0.18 parses /proc/net/snmp's groups, but not /proc/net/netstat's `TcpExt`.
 
 use anyhow::{Context, Result};
 

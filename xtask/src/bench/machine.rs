@@ -1,5 +1,6 @@
 //! The facts about the machine and the code that go beside the figures.
 
+use procfs::{CpuInfo, Current, LoadAverage, Meminfo};
 use std::process::Command;
 
 pub struct Machine {
@@ -17,17 +18,11 @@ pub struct Machine {
 impl Machine {
     /// Everything but the load average after the run, which `finish` adds.
     pub fn now(cpu_idle: &str) -> Machine {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = cpuinfo
-            .lines()
-            .find_map(|line| line.strip_prefix("model name")?.split_once(':'))
-            .map_or("unknown".to_owned(), |(_, model)| model.trim().to_owned());
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let memory_kib: f64 = meminfo
-            .lines()
-            .find_map(|line| line.strip_prefix("MemTotal:"))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0.0);
+        let cpu_model = CpuInfo::current()
+            .ok()
+            .and_then(|info| info.model_name(0).map(|model| model.trim().to_owned()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let memory_bytes = Meminfo::current().map_or(0, |meminfo| meminfo.mem_total);
         Machine {
             cpu_model,
             cores: std::thread::available_parallelism().map_or(0, usize::from),
@@ -35,7 +30,7 @@ impl Machine {
                 .unwrap_or_default()
                 .trim()
                 .to_owned(),
-            memory_gib: memory_kib / (1024.0 * 1024.0),
+            memory_gib: memory_bytes as f64 / (1024.0 * 1024.0 * 1024.0),
             commit: commit(),
             load_before: load_average(),
             load_after: String::new(),
@@ -65,13 +60,11 @@ impl Machine {
     }
 }
 
+/// The 1, 5 and 15 minute load averages, as /proc/loadavg shows them.
 fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
+    LoadAverage::current().map_or(String::new(), |load| {
+        format!("{:.2} {:.2} {:.2}", load.one, load.five, load.fifteen)
+    })
 }
 
 /// The commit measured, marked when the work tree has changes on top of it.
@@ -91,5 +84,23 @@ fn commit() -> String {
             _ => head,
         },
         None => "unknown (not a git checkout)".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_of_this_machine() {
+        let machine = Machine::now("polling");
+        assert_ne!(machine.cpu_model, "unknown");
+        assert!(machine.memory_gib > 0.1, "{}", machine.memory_gib);
+        let load: Vec<f64> = machine
+            .load_before
+            .split(' ')
+            .map(|figure| figure.parse().unwrap())
+            .collect();
+        assert_eq!(load.len(), 3, "{}", machine.load_before);
     }
 }

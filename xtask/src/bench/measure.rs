@@ -30,6 +30,8 @@ const IPERF_GRACE: Duration = Duration::from_secs(30);
 
 /// How long and how much each turn measures.
 pub struct Settings {
+    /// What each round measures, in order.
+    pub paths: Vec<Path>,
     pub runs: usize,
     pub length: Duration,
     pub idle_connections: usize,
@@ -281,12 +283,27 @@ impl Turn<'_> {
         );
         for daemon in Daemon::ALL {
             let of = memory.of(daemon);
+            // A lab that ran another build than the path says would make the comparison a lie.
+            let expected = match self.path {
+                Path::MeshBaseline(dir) => dir.to_path_buf(),
+                _ => ztunnel_lab::topology::bin_dir(),
+            };
+            let expected = std::fs::canonicalize(&expected).unwrap_or(expected);
+            if !of.exe.starts_with(&expected) {
+                bail!(
+                    "the {} daemon runs {}, not a binary from {}",
+                    daemon.name(),
+                    of.exe.display(),
+                    expected.display()
+                );
+            }
             self.say(
                 Some(route),
                 &format!(
-                    "  {} daemon (pid {}): idle {:.1} MiB ({:.1} anonymous, {:.1} file), {:.1} MiB with the connections: {:.0} bytes per connection; {:.1} MiB once closed",
+                    "  {} daemon (pid {}, {}): idle {:.1} MiB ({:.1} anonymous, {:.1} file), {:.1} MiB with the connections: {:.0} bytes per connection; {:.1} MiB once closed",
                     daemon.name(),
                     of.pid,
+                    of.exe.display(),
                     of.idle_mib,
                     of.idle_anon_mib,
                     of.idle_file_mib,

@@ -13,6 +13,9 @@ pub enum Path {
     Direct,
     /// eBPF capture into the node proxies; HBONE (mTLS HTTP/2 CONNECT) between nodes.
     Mesh,
+    /// `Mesh` run by another build's `ztunnel` and `ztunnel-cni`, the ones in this directory
+    /// (`--baseline DIR`); the load tools are this build's. Only measured when asked for.
+    MeshBaseline(&'static std::path::Path),
     /// The same proxies, capture by iptables REDIRECT in the pod netns instead of eBPF.
     Iptables,
     /// No mesh; the clients connect to a plain relay in their own pod, which copies to a relay
@@ -22,15 +25,31 @@ pub enum Path {
 }
 
 impl Path {
-    /// In the order each round measures them; the first is the baseline of the comparisons.
-    pub const ALL: [Path; 4] = [Path::Direct, Path::Mesh, Path::Iptables, Path::Relay];
+    /// The paths each round measures, in order (the first is the one the others are compared
+    /// with), with the mesh of the build in `baseline` right after this build's.
+    pub fn all(baseline: Option<&'static std::path::Path>) -> Vec<Path> {
+        let mut paths = vec![Path::Direct, Path::Mesh];
+        paths.extend(baseline.map(Path::MeshBaseline));
+        paths.extend([Path::Iptables, Path::Relay]);
+        paths
+    }
 
+    /// A short name: progress lines, anomalies, results.json.
     pub fn name(self) -> &'static str {
         match self {
             Path::Direct => "direct",
             Path::Mesh => "mesh",
+            Path::MeshBaseline(_) => "mesh-baseline",
             Path::Iptables => "iptables",
             Path::Relay => "relay",
+        }
+    }
+
+    /// The name in the report's tables.
+    pub fn label(self) -> String {
+        match self {
+            Path::MeshBaseline(dir) => format!("mesh (baseline: {})", dir.display()),
+            _ => self.name().to_owned(),
         }
     }
 
@@ -39,6 +58,9 @@ impl Path {
             Path::Direct => "no mesh: the lab's pod network without ztunnel",
             Path::Mesh => {
                 "eBPF capture, HBONE mTLS through both nodes' proxies (same node: one proxy, no TLS)"
+            }
+            Path::MeshBaseline(_) => {
+                "`mesh` as another build runs it: the baseline build's `ztunnel` daemons and `ztunnel-cni` plugin (`--baseline DIR`), this build's load tools"
             }
             Path::Iptables => {
                 "the mesh's proxies, capture by iptables REDIRECT rules in the pod netns instead of eBPF"
@@ -53,7 +75,7 @@ impl Path {
     pub fn has_proxy(self) -> bool {
         match self {
             Path::Direct | Path::Relay => false,
-            Path::Mesh | Path::Iptables => true,
+            Path::Mesh | Path::MeshBaseline(_) | Path::Iptables => true,
         }
     }
 
@@ -62,6 +84,10 @@ impl Path {
         Ok(match self {
             Path::Direct | Path::Relay => ztunnel_lab::up_without_ztunnel()?,
             Path::Mesh => ztunnel_lab::up()?,
+            Path::MeshBaseline(dir) => ztunnel_lab::up_with(&ztunnel_lab::DaemonOptions {
+                bin_dir: Some(dir.to_path_buf()),
+                ..ztunnel_lab::DaemonOptions::default()
+            })?,
             Path::Iptables => ztunnel_lab::up_with(&ztunnel_lab::DaemonOptions {
                 iptables_capture: true,
                 ..ztunnel_lab::DaemonOptions::default()
@@ -73,7 +99,9 @@ impl Path {
     pub fn target(self, route: Route, server_ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
         match self {
             Path::Relay => SocketAddrV4::new(Ipv4Addr::LOCALHOST, relay_port(route, port)),
-            Path::Direct | Path::Mesh | Path::Iptables => SocketAddrV4::new(server_ip, port),
+            Path::Direct | Path::Mesh | Path::MeshBaseline(_) | Path::Iptables => {
+                SocketAddrV4::new(server_ip, port)
+            }
         }
     }
 
@@ -169,5 +197,27 @@ impl Route {
     /// E.g. "cross node, a1 (node1) -> b1 (node2)".
     pub fn description(self) -> String {
         format!("{}, {}", self.name(), self.pods())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_baseline_mesh_is_measured_only_when_asked_for_right_after_the_mesh() {
+        let names = |paths: Vec<Path>| paths.into_iter().map(Path::name).collect::<Vec<_>>();
+        assert_eq!(
+            names(Path::all(None)),
+            ["direct", "mesh", "iptables", "relay"]
+        );
+        let dir = std::path::Path::new("/opt/old-build");
+        let paths = Path::all(Some(dir));
+        assert_eq!(
+            names(paths.clone()),
+            ["direct", "mesh", "mesh-baseline", "iptables", "relay"]
+        );
+        assert_eq!(paths[2].label(), "mesh (baseline: /opt/old-build)");
+        assert!(paths[2].has_proxy());
     }
 }

@@ -158,7 +158,12 @@ pub fn markdown(results: &Results, settings: &Settings, machine: &Machine) -> St
          whole-machine busy time (user + nice + system + irq + softirq) over the measured \
          interval. See docs/PERFORMANCE.md for the method.\n",
         settings.runs,
-        Path::ALL.map(Path::name).join(", "),
+        settings
+            .paths
+            .iter()
+            .map(|path| path.name())
+            .collect::<Vec<_>>()
+            .join(", "),
         settings.length.as_secs()
     );
     if settings.runs < 3 {
@@ -167,26 +172,27 @@ pub fn markdown(results: &Results, settings: &Settings, machine: &Machine) -> St
             "Fewer than 3 runs: a check that the benchmark works, not figures for the record.\n"
         );
     }
-    for path in Path::ALL {
-        let _ = writeln!(out, "- `{}`: {}", path.name(), path.description());
+    for path in &settings.paths {
+        let _ = writeln!(out, "- `{}`: {}", path.label(), path.description());
     }
-    let compared: Vec<Path> = Path::ALL.into_iter().filter(|&p| p != BASELINE).collect();
+    let paths = &settings.paths;
+    let compared: Vec<Path> = paths.iter().copied().filter(|&p| p != BASELINE).collect();
     for route in Route::ALL {
         let _ = writeln!(out, "\n## {}\n", capitalized(&route.description()));
         let mut header = String::from("| figure |");
         let mut rule = String::from("|---|");
-        for path in Path::ALL {
-            let _ = write!(header, " {} |", path.name());
+        for path in paths {
+            let _ = write!(header, " {} |", path.label());
             rule.push_str("---|");
         }
         for path in &compared {
-            let _ = write!(header, " {} vs {} |", path.name(), BASELINE.name());
+            let _ = write!(header, " {} vs {} |", path.label(), BASELINE.name());
             rule.push_str("---|");
         }
         let _ = writeln!(out, "{header}\n{rule}");
         for metric in Metric::ROUTE_FIGURES {
             let mut row = format!("| {} |", metric.label());
-            for path in Path::ALL {
+            for &path in paths {
                 let _ = write!(row, " {} |", spread_cell(results, path, route, metric));
             }
             for &path in &compared {
@@ -201,7 +207,8 @@ pub fn markdown(results: &Results, settings: &Settings, machine: &Machine) -> St
         }
     }
     memory_section(&mut out, results, settings);
-    steal_section(&mut out, results);
+    baseline_section(&mut out, results, paths);
+    steal_section(&mut out, results, paths);
     let _ = writeln!(
         out,
         "\n## Targets (2-vCPU machine, measured side by side)\n"
@@ -237,7 +244,7 @@ fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
         out,
         "| path | daemon | idle RSS, MiB | RSS with the connections, MiB | bytes per connection | RSS once they closed, MiB |\n|---|---|---|---|---|---|"
     );
-    for path in Path::ALL.into_iter().filter(|p| p.has_proxy()) {
+    for &path in settings.paths.iter().filter(|p| p.has_proxy()) {
         for daemon in Daemon::ALL {
             let cell = |metric| spread_cell(results, path, route, metric);
             let node = match daemon {
@@ -247,7 +254,7 @@ fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
             let _ = writeln!(
                 out,
                 "| {} | {} ({}'s node) | {} | {} | {} | {} |",
-                path.name(),
+                path.label(),
                 daemon.name(),
                 node,
                 cell(Metric::IdleRss(daemon)),
@@ -259,9 +266,54 @@ fn memory_section(out: &mut String, results: &Results, settings: &Settings) {
     }
 }
 
+/// This build's mesh beside the baseline build's (`--baseline`), every figure with the ratio.
+fn baseline_section(out: &mut String, results: &Results, paths: &[Path]) {
+    let Some(&baseline) = paths
+        .iter()
+        .find(|path| matches!(path, Path::MeshBaseline(_)))
+    else {
+        return;
+    };
+    let Path::MeshBaseline(dir) = baseline else {
+        return;
+    };
+    let built = std::fs::metadata(dir.join("ztunnel"))
+        .and_then(|metadata| metadata.modified())
+        .map_or("unknown".to_owned(), super::utc_timestamp);
+    let _ = writeln!(
+        out,
+        "\n## This build's mesh against the baseline build\n\n`mesh` runs this working \
+         tree's `ztunnel` and `ztunnel-cni`; `{}` runs the ones in `{}` (its `ztunnel` \
+         modified {built}); both with this build's load tools, in the same rounds. The ratio \
+         is mesh / baseline for every figure, latency and memory too, taken within each run \
+         and summarised as median (min–max): 1.00 is the same; above 1 is better for \
+         throughput and connection rate, worse for latency, CPU and memory.\n",
+        baseline.label(),
+        dir.display()
+    );
+    let _ = writeln!(
+        out,
+        "| route | figure | mesh | {} | mesh / baseline |\n|---|---|---|---|---|",
+        baseline.label()
+    );
+    for row in results.side_by_side(Path::Mesh, baseline) {
+        let digits = row.metric.digits();
+        let cell = |spread: Option<Spread>| spread.map_or("–".into(), |s| s.show(digits));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            row.route.name(),
+            row.metric.label(),
+            cell(row.path),
+            cell(row.other),
+            row.ratio.map_or("–".into(), |s| format!("{} x", s.show(2)))
+        );
+    }
+}
+
 /// The host's noise: how much of the CPU time the hypervisor took during each path's
 /// measurements, which explains runs that fall out of line with the others.
-fn steal_section(out: &mut String, results: &Results) {
+fn steal_section(out: &mut String, results: &Results, paths: &[Path]) {
     let _ = writeln!(
         out,
         "\n## Host steal\n\nThe share of the machine's CPU time the hypervisor gave to others \
@@ -277,9 +329,9 @@ fn steal_section(out: &mut String, results: &Results) {
         rule.push_str("---|");
     }
     let _ = writeln!(out, "{header}\n{rule}");
-    for path in Path::ALL {
+    for &path in paths {
         for route in Route::ALL {
-            let mut row = format!("| {} | {} |", path.name(), route.name());
+            let mut row = format!("| {} | {} |", path.label(), route.name());
             for measured in Measured::ALL {
                 let cell = spread_cell(results, path, route, Metric::Steal(measured));
                 let _ = write!(row, " {cell} |");
@@ -371,11 +423,36 @@ mod tests {
             results.record(round, Path::Mesh, Route::CrossNode, metric, steal);
         }
         let mut out = String::new();
-        steal_section(&mut out, &results);
+        steal_section(&mut out, &results, &Path::all(None));
         assert!(
             out.contains("| mesh | cross node | – | 3.0 (2.0–24.5) | – |"),
             "{out}"
         );
         assert!(out.contains("| direct | same node | – | – | – |"), "{out}");
+    }
+
+    #[test]
+    fn the_baseline_build_is_shown_beside_the_mesh() {
+        let dir = std::path::Path::new("/opt/old");
+        let paths = Path::all(Some(dir));
+        let baseline = paths[2];
+        let mut results = Results::default();
+        let bytes = Metric::BytesPerConnection(Daemon::Destination);
+        for (round, mesh, old) in [(1, 1800.0, 1500.0), (2, 1600.0, 2000.0)] {
+            results.record(round, Path::Mesh, Route::CrossNode, bytes, mesh);
+            results.record(round, baseline, Route::CrossNode, bytes, old);
+        }
+        let mut out = String::new();
+        baseline_section(&mut out, &results, &paths);
+        assert!(
+            out.contains(
+                "| cross node | destination daemon bytes per idle connection | 1700 (1600–1800) \
+                 | 1750 (1500–2000) | 1.00 (0.80–1.20) x |"
+            ),
+            "{out}"
+        );
+        let mut none = String::new();
+        baseline_section(&mut none, &results, &Path::all(None));
+        assert!(none.is_empty());
     }
 }

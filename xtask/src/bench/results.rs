@@ -169,6 +169,22 @@ impl Metric {
         }
     }
 
+    /// The proxies' memory figures (measured on the cross-node route of the paths with
+    /// proxies).
+    pub fn memory_figures() -> Vec<Metric> {
+        Daemon::ALL
+            .into_iter()
+            .flat_map(|daemon| {
+                [
+                    Metric::IdleRss(daemon),
+                    Metric::HeldRss(daemon),
+                    Metric::BytesPerConnection(daemon),
+                    Metric::ClosedRss(daemon),
+                ]
+            })
+            .collect()
+    }
+
     pub fn comparison(self) -> Comparison {
         match self {
             Metric::LatencyP50 | Metric::LatencyP99 => Comparison::Difference,
@@ -203,6 +219,10 @@ impl Spread {
         })
     }
 
+    pub fn to_json(self) -> Value {
+        json!({ "median": self.median, "min": self.min, "max": self.max })
+    }
+
     /// "median (min–max)".
     pub fn show(self, digits: usize) -> String {
         if self.min == self.max {
@@ -213,6 +233,16 @@ impl Spread {
             self.median, self.min, self.max
         )
     }
+}
+
+/// One figure of two paths, and the first's over the second's, run by run.
+pub struct SideBySide {
+    pub route: Route,
+    pub metric: Metric,
+    pub path: Option<Spread>,
+    pub other: Option<Spread>,
+    /// path / other, always a ratio (latency too).
+    pub ratio: Option<Spread>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -268,13 +298,25 @@ impl Results {
         route: Route,
         metric: Metric,
     ) -> Option<Spread> {
+        self.compared_as(path, baseline, route, metric, metric.comparison())
+    }
+
+    /// `compared`, by the given comparison rather than the metric's own.
+    pub fn compared_as(
+        &self,
+        path: Path,
+        baseline: Path,
+        route: Route,
+        metric: Metric,
+        comparison: Comparison,
+    ) -> Option<Spread> {
         let rounds = self.measurements.iter().map(|m| m.round).max().unwrap_or(0);
         Spread::of(
             (1..=rounds)
                 .filter_map(|round| {
                     let value = self.value(round, path, route, metric)?;
                     let base = self.value(round, baseline, route, metric)?;
-                    Some(match metric.comparison() {
+                    Some(match comparison {
                         Comparison::Ratio => value / base,
                         Comparison::Difference => value - base,
                     })
@@ -283,8 +325,32 @@ impl Results {
         )
     }
 
-    /// Every measurement, for `results.json`.
-    pub fn to_json(&self) -> Value {
+    /// Every figure measured of `path` or `other`, each beside the other with the ratio.
+    pub fn side_by_side(&self, path: Path, other: Path) -> Vec<SideBySide> {
+        let mut rows = Vec::new();
+        for route in Route::ALL {
+            for metric in Metric::ROUTE_FIGURES
+                .into_iter()
+                .chain(Metric::memory_figures())
+            {
+                let row = SideBySide {
+                    route,
+                    metric,
+                    path: self.spread(path, route, metric),
+                    other: self.spread(other, route, metric),
+                    ratio: self.compared_as(path, other, route, metric, Comparison::Ratio),
+                };
+                if row.path.is_some() || row.other.is_some() {
+                    rows.push(row);
+                }
+            }
+        }
+        rows
+    }
+
+    /// Every measurement, for `results.json`; with a baseline build's mesh among `paths`,
+    /// also each of its figures beside this build's mesh, with the ratio.
+    pub fn to_json(&self, paths: &[Path]) -> Value {
         let measurements: Vec<Value> = self
             .measurements
             .iter()
@@ -298,7 +364,47 @@ impl Results {
                 })
             })
             .collect();
-        json!({ "measurements": measurements, "anomalies": self.anomalies })
+        let described: Vec<Value> = paths
+            .iter()
+            .map(|path| {
+                json!({
+                    "name": path.name(),
+                    "label": path.label(),
+                    "description": path.description(),
+                })
+            })
+            .collect();
+        let mut out = json!({
+            "paths": described,
+            "measurements": measurements,
+            "anomalies": self.anomalies,
+        });
+        for &path in paths {
+            let Path::MeshBaseline(dir) = path else {
+                continue;
+            };
+            let spread = |spread: Option<Spread>| spread.map_or(Value::Null, Spread::to_json);
+            let figures: Vec<Value> = self
+                .side_by_side(Path::Mesh, path)
+                .into_iter()
+                .map(|row| {
+                    json!({
+                        "route": row.route.name(),
+                        "metric": row.metric.key(),
+                        "mesh": spread(row.path),
+                        "baseline": spread(row.other),
+                        "mesh_over_baseline": spread(row.ratio),
+                    })
+                })
+                .collect();
+            out["baseline"] = json!({
+                "dir": dir.display().to_string(),
+                "path": path.name(),
+                "compared_with": Path::Mesh.name(),
+                "figures": figures,
+            });
+        }
+        out
     }
 }
 
@@ -334,5 +440,41 @@ mod tests {
             added.map(|s| (s.median, s.min, s.max)),
             Some((-4.5, -6.0, -4.0))
         );
+    }
+
+    #[test]
+    fn the_baseline_build_is_beside_the_mesh_with_ratios_in_the_json() {
+        let baseline = Path::MeshBaseline(std::path::Path::new("/opt/old"));
+        let mut results = Results::default();
+        let idle = Metric::IdleRss(Daemon::Source);
+        for (round, mesh, old) in [(1, 10.0, 8.0), (2, 9.0, 9.0)] {
+            results.record(
+                round,
+                Path::Mesh,
+                Route::CrossNode,
+                Metric::LatencyP50,
+                mesh,
+            );
+            results.record(round, baseline, Route::CrossNode, Metric::LatencyP50, old);
+            results.record(round, Path::Mesh, Route::CrossNode, idle, mesh);
+            results.record(round, baseline, Route::CrossNode, idle, old * 2.0);
+        }
+        let rows = results.side_by_side(Path::Mesh, baseline);
+        assert_eq!(rows.len(), 2);
+        // Latency too is put as a ratio here: 10/8 and 9/9.
+        assert_eq!(rows[0].metric, Metric::LatencyP50);
+        assert_eq!(rows[0].ratio.map(|s| (s.min, s.max)), Some((1.0, 1.25)));
+        assert_eq!(
+            rows[1].ratio.map(|s| s.median),
+            Some((10.0 / 16.0 + 0.5) / 2.0)
+        );
+        let json = results.to_json(&Path::all(Some(std::path::Path::new("/opt/old"))));
+        assert_eq!(json["paths"][2]["label"], "mesh (baseline: /opt/old)");
+        assert_eq!(json["baseline"]["dir"], "/opt/old");
+        let figures = json["baseline"]["figures"].as_array().unwrap();
+        assert_eq!(figures[1]["metric"], "source_idle_rss_mib");
+        assert_eq!(figures[1]["baseline"]["max"], 18.0);
+        assert_eq!(figures[1]["mesh_over_baseline"]["min"], 0.5);
+        assert!(results.to_json(&Path::all(None))["baseline"].is_null());
     }
 }
