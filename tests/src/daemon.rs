@@ -27,6 +27,9 @@ pub struct DaemonOptions {
     /// Capture by iptables REDIRECT instead of eBPF (`--capture iptables`): the baseline.
     #[serde(default)]
     pub iptables_capture: bool,
+    /// The eBPF programs' debug lines in the daemon's log (`--ebpf-log`).
+    #[serde(default)]
+    pub ebpf_log: bool,
 }
 
 impl DaemonOptions {
@@ -38,6 +41,9 @@ impl DaemonOptions {
         }
         if self.iptables_capture {
             args.extend(["--capture".to_owned(), "iptables".to_owned()]);
+        }
+        if self.ebpf_log {
+            args.push("--ebpf-log".to_owned());
         }
         args
     }

@@ -82,6 +82,8 @@ pub enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("forwarding the eBPF programs' log: {0}")]
+    EbpfLog(Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What userspace sets in the kernel at start.
@@ -92,6 +94,8 @@ pub struct DatapathSettings {
     pub excluded_cidrs: Vec<IpNet>,
     pub excluded_outbound_ports: Vec<u16>,
     pub excluded_inbound_ports: Vec<u16>,
+    /// The programs' debug lines in the daemon's log (`--ebpf-log`).
+    pub ebpf_log: bool,
 }
 
 pub struct Datapath {
@@ -165,6 +169,17 @@ impl Datapath {
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
+        // Every log call of the programs is behind `level <= AYA_LOG_LEVEL`, a constant to
+        // the verifier: at 0 it removes the logging code. Their ring buffer then gets one page.
+        let log_level = if settings.ebpf_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
+        loader.override_global(aya_log::LEVEL, &log_level, true);
+        if !settings.ebpf_log {
+            loader.map_max_entries(EBPF_LOG_MAP, 1);
+        }
         let mut ebpf = loader.load(PROGRAMS)?;
         for name in [programs::CONNECT4, programs::CONNECT6] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
@@ -183,6 +198,9 @@ impl Datapath {
                 name: programs::SK_LOOKUP,
                 source,
             })?;
+        if settings.ebpf_log {
+            start_ebpf_log(&mut ebpf)?;
+        }
 
         let mut settings_map: Array<MapData, Settings> = take_map(&mut ebpf, names::SETTINGS)?;
         settings_map
@@ -490,6 +508,79 @@ pub fn detach_pod(links: &PodLinks) {
         && err.kind() != std::io::ErrorKind::NotFound
     {
         tracing::warn!(dir = %links.dir.display(), %err, "cannot remove pod pin directory");
+    }
+}
+
+/// The programs' log ring buffer (aya-log-ebpf's name for it).
+const EBPF_LOG_MAP: &str = "AYA_LOGS";
+
+/// Forwards the programs' log lines (`--ebpf-log`) into the daemon's log, from a thread that
+/// waits on their ring buffer for as long as the process runs.
+fn start_ebpf_log(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let mut reader = aya_log::EbpfLogger::init_with_logger(ebpf, Unpadded)
+        .map_err(|err| DatapathError::EbpfLog(err.into()))?;
+    std::thread::Builder::new()
+        .name("ebpf-log".into())
+        .spawn(move || {
+            loop {
+                let mut ready = [nix::poll::PollFd::new(
+                    reader.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                match nix::poll::poll(&mut ready, nix::poll::PollTimeout::NONE) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => reader.flush(),
+                    Err(err) => {
+                        tracing::error!(%err, "cannot wait for the eBPF programs' log lines; no more of them will be shown");
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|err| DatapathError::EbpfLog(err.into()))?;
+    tracing::info!(
+        "the eBPF programs log their capture decisions at debug level, target {}",
+        ztunnel_common::EBPF_LOG_TARGET
+    );
+    Ok(())
+}
+
+/// The daemon's logger, for the programs' lines without the spaces that pad their last
+/// argument (a name: the programs can only send arguments of a fixed length).
+struct Unpadded;
+
+impl log::Log for Unpadded {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let line = record.args().to_string();
+            let args = format_args!("{}", line.trim_end());
+            log::logger().log(
+                &log::Record::builder()
+                    .metadata(record.metadata().clone())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .args(args)
+                    .build(),
+            );
+        }
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
+    }
+}
+
+/// The daemon's log filter: `filter`, after a directive that shows the eBPF programs' lines
+/// when they log (`--ebpf-log`); a directive of `filter` for their target takes precedence.
+pub fn log_filter(filter: &str, ebpf_log: bool) -> String {
+    match (ebpf_log, filter.is_empty()) {
+        (false, _) => filter.to_owned(),
+        (true, true) => format!("{}=debug", ztunnel_common::EBPF_LOG_TARGET),
+        (true, false) => format!("{}=debug,{filter}", ztunnel_common::EBPF_LOG_TARGET),
     }
 }
 
@@ -852,7 +943,15 @@ mod tests {
             excluded_cidrs: vec!["10.96.0.0/12".parse().unwrap(), "fd00::/8".parse().unwrap()],
             excluded_outbound_ports: vec![22, 443],
             excluded_inbound_ports: vec![22],
+            ebpf_log: false,
         }
+    }
+
+    #[test]
+    fn the_ebpf_log_directive_comes_first() {
+        assert_eq!(log_filter("info", false), "info");
+        assert_eq!(log_filter("info", true), "ztunnel_ebpf=debug,info");
+        assert_eq!(log_filter("", true), "ztunnel_ebpf=debug");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use ztunnel_user::cli::{self, Section, View};
 use ztunnel_user::config::MeshConfig;
 use ztunnel_user::config::reload::{self, ConfigFile};
 use ztunnel_user::connections::ConnectionLog;
-use ztunnel_user::datapath::{Datapath, DatapathSettings};
+use ztunnel_user::datapath::{self, Datapath, DatapathSettings};
 use ztunnel_user::hbone::client::Pool;
 use ztunnel_user::hbone::mtls::Mtls;
 use ztunnel_user::identity::{CertificateAuthority, CertificateStore};
@@ -155,6 +155,10 @@ struct RunArgs {
     /// listeners closed and HBONE peers got GOAWAY, before the rest are cut.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     drain_timeout_secs: u64,
+    /// The eBPF programs' capture decisions as debug lines in this log (target
+    /// `ztunnel_ebpf`). Off, the kernel's verifier removes their logging code at load.
+    #[arg(long, env = "ZTUNNEL_EBPF_LOG", value_parser = clap::builder::BoolishValueParser::new())]
+    ebpf_log: bool,
 }
 
 #[derive(Args)]
@@ -210,7 +214,7 @@ fn init_logging(filter: &str) -> Result<LogControl> {
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let log = init_logging(&args.log_level)?;
+    let log = init_logging(&datapath::log_filter(&args.log_level, args.ebpf_log))?;
     ztunnel_user::limits::raise_open_files_limit();
     features::check(&args.cgroup_root)?;
 
@@ -231,6 +235,7 @@ fn run(args: RunArgs) -> Result<()> {
         excluded_cidrs: args.exclude_cidrs.clone(),
         excluded_outbound_ports: args.exclude_ports.clone(),
         excluded_inbound_ports: args.exclude_inbound_ports.clone(),
+        ebpf_log: args.ebpf_log,
     })
     .context("loading the capture programs")?;
     let home = Netns::current()?;
