@@ -32,6 +32,9 @@ pub struct DaemonOptions {
     /// in `topology::bin_dir()`: another build's, to measure it beside this one.
     #[serde(default)]
     pub bin_dir: Option<PathBuf>,
+    /// The eBPF programs' debug lines in the daemon's log (`--ebpf-log`).
+    #[serde(default)]
+    pub ebpf_log: bool,
 }
 
 impl DaemonOptions {
@@ -43,6 +46,9 @@ impl DaemonOptions {
         }
         if self.iptables_capture {
             args.extend(["--capture".to_owned(), "iptables".to_owned()]);
+        }
+        if self.ebpf_log {
+            args.push("--ebpf-log".to_owned());
         }
         args
     }

@@ -7,7 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 use ztunnel_lab::topology::{MESH_CONFIG, node_spec};
-use ztunnel_lab::{Started, daemon_cli, exec_node, send_pausing_from};
+use ztunnel_lab::{DaemonOptions, Started, daemon_cli, exec_node, send_pausing_from};
 
 const KIB: u64 = 1024;
 
@@ -204,6 +204,67 @@ fn metrics_and_access_logs_report_both_sides_and_the_kernel() {
     let inbound = log("node2");
     assert!(inbound.contains("connection complete direction=inbound pod=demo/b1 "));
     assert!(inbound.contains("src.workload=u1 src.namespace=legacy src.identity=unknown"));
+
+    // Without --ebpf-log the programs log nothing.
+    for node in NODES {
+        assert!(
+            !log(node).contains(ztunnel_common::EBPF_LOG_TARGET),
+            "{node} logged eBPF lines without --ebpf-log"
+        );
+    }
+}
+
+#[test]
+fn ebpf_log_shows_the_capture_decisions() {
+    let s = LabSession::start_with(&DaemonOptions {
+        ebpf_log: true,
+        ..DaemonOptions::default()
+    });
+    let b1 = serve("b1", APP_PORT);
+    let b1_addr = s.addr("b1", APP_PORT);
+    let report = send("a1", b1_addr, KIB);
+    next_report(&b1);
+    let plaintext = send("u1", b1_addr, KIB);
+    next_report(&b1);
+
+    // The programs' lines, as the daemon's log has them (IPv4 in its v4-mapped form, as the
+    // programs hold every address).
+    let lines = |node: &str| -> Vec<String> {
+        let prefix = format!("DEBUG {}: ", ztunnel_common::EBPF_LOG_TARGET);
+        daemon_log(node)
+            .lines()
+            .filter_map(|line| line.split_once(&prefix).map(|(_, rest)| rest.to_owned()))
+            .collect()
+    };
+    let v4 = |addr: std::net::SocketAddr| format!("::ffff:{}:{}", addr.ip(), addr.port());
+    // a1's connect() on node1, captured to a1's proxy port...
+    let captured = format!(
+        "connect to ::ffff:{b1_addr} captured: sent to ::ffff:{}:15001 (socket cookie ",
+        s.ip("a1")
+    );
+    // ...and u1's SYN on node2, steered to b1's proxy.
+    let steered = format!(
+        "connection from {} to ::ffff:{b1_addr} steered to the proxy's 15006",
+        v4(plaintext.local)
+    );
+    eventually("the daemons log the programs' decisions", || {
+        lines("node1")
+            .iter()
+            .any(|line| line.starts_with(&captured))
+            && lines("node2").iter().any(|line| line == &steered)
+    });
+    // sock_ops recorded a1's original destination under its client address.
+    let recorded = format!(
+        "original destination ::ffff:{b1_addr} recorded for client {}",
+        v4(report.local)
+    );
+    assert!(
+        lines("node1")
+            .iter()
+            .any(|line| line.starts_with(&recorded)),
+        "{recorded} in {:#?}",
+        lines("node1")
+    );
 }
 
 #[test]

@@ -13,3 +13,7 @@ pub mod verdict;
 
 pub use addr::Addr;
 pub use counters::Counter;
+
+/// The log target of the eBPF programs' debug lines (`ztunnel run --ebpf-log`): a filter
+/// directive such as `ztunnel_ebpf=debug` selects them.
+pub const EBPF_LOG_TARGET: &str = "ztunnel_ebpf";

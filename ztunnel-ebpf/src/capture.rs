@@ -11,6 +11,7 @@ use ztunnel_common::maps::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, OrigDst, SocketKey
 use ztunnel_common::verdict::{self, Connect, Inbound, Lookup, Outbound};
 use ztunnel_common::{Addr, Counter, ports};
 
+use crate::log::{counter_name, decision};
 use crate::maps::{
     DELIVERIES, INBOUND_LISTENERS, ORIG_DST, PENDING_ORIG_DST, PODS, cidr_excluded, count,
     plaintext_denied, port_excluded, proxy_mark,
@@ -90,6 +91,13 @@ fn connect(
     let to = match decision {
         Outbound::Bypass(reason) => {
             count(reason);
+            decision!(
+                ctx,
+                "connect to {:i}:{} bypassed: {}",
+                dst.octets(),
+                facts.dst_port,
+                counter_name(reason)
+            );
             return CONNECT_ALLOW;
         }
         Outbound::Capture { to } => to,
@@ -102,10 +110,18 @@ fn connect(
         port: facts.dst_port,
         _pad: [0; 6],
     };
-    if PENDING_ORIG_DST.insert(&cookie, &orig, 0).is_err() {
+    if let Err(err) = PENDING_ORIG_DST.insert(&cookie, &orig, 0) {
         // Without the original destination the proxy could not route the connection: refuse
         // it rather than let it through uncaptured.
         count(Counter::OutboundRefusedMapFull);
+        decision!(
+            ctx,
+            "connect to {:i}:{} refused: its original destination could not be stored (error {}): {}",
+            dst.octets(),
+            facts.dst_port,
+            err,
+            counter_name(Counter::OutboundRefusedMapFull)
+        );
         return CONNECT_REFUSE;
     }
     write_dst(sa, to);
@@ -117,6 +133,15 @@ fn connect(
         )
     };
     count(Counter::OutboundCaptured);
+    decision!(
+        ctx,
+        "connect to {:i}:{} captured: sent to {:i}:{} (socket cookie {})",
+        dst.octets(),
+        facts.dst_port,
+        to.octets(),
+        ports::OUTBOUND,
+        cookie
+    );
     CONNECT_ALLOW
 }
 
@@ -134,6 +159,13 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
         // Bypassed connections have no entry; only a captured one (sent to 15001) is a miss.
         if u32::from_be(ctx.remote_port()) as u16 == ports::OUTBOUND {
             count(Counter::OrigDstMiss);
+            decision!(
+                &ctx,
+                "connection to the proxy's {} without an original destination (socket cookie {}): {}",
+                ports::OUTBOUND,
+                cookie,
+                counter_name(Counter::OrigDstMiss)
+            );
         }
         return 1;
     };
@@ -152,11 +184,34 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
     } else {
         Addr::from_ip6_be(ip6)
     };
-    let key = SocketKey::new(local, ctx.local_port() as u16);
-    if ORIG_DST.insert(&key, &orig, 0).is_ok() {
-        count(Counter::OrigDstRecorded);
-    } else {
-        count(Counter::OrigDstMiss);
+    let local_port = ctx.local_port() as u16;
+    let key = SocketKey::new(local, local_port);
+    match ORIG_DST.insert(&key, &orig, 0) {
+        Ok(()) => {
+            count(Counter::OrigDstRecorded);
+            decision!(
+                &ctx,
+                "original destination {:i}:{} recorded for client {:i}:{} (socket cookie {})",
+                orig.addr.octets(),
+                orig.port,
+                local.octets(),
+                local_port,
+                cookie
+            );
+        }
+        Err(err) => {
+            count(Counter::OrigDstMiss);
+            decision!(
+                &ctx,
+                "original destination {:i}:{} of client {:i}:{} could not be stored (error {}): {}",
+                orig.addr.octets(),
+                orig.port,
+                local.octets(),
+                local_port,
+                err,
+                counter_name(Counter::OrigDstMiss)
+            );
+        }
     }
     let _ = PENDING_ORIG_DST.remove(&cookie);
     1
@@ -209,32 +264,71 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         |port| port_excluded(port, EXCLUDE_INBOUND),
         || DELIVERIES.remove(&delivery).is_ok(),
     );
+    // How the lines below name the connection (the addresses are formatted only when a line
+    // is written).
+    let (from_port, to_port) = (u16::from_be(remote_port), local_port as u16);
     if let Inbound::Pass(reason) = decision {
         count(reason);
+        // Not TCP: every UDP datagram comes here; only connections are worth a line.
+        if reason != Counter::InboundBypassNotTcp {
+            decision!(
+                &ctx,
+                "connection from {:i}:{} to {:i}:{} passed: {}",
+                remote.octets(),
+                from_port,
+                local.octets(),
+                to_port,
+                counter_name(reason)
+            );
+        }
         return SK_PASS;
     }
     // Refused here, the connection never costs the proxy an accept.
     if let Some(reason) = plaintext_denied(&local, local_port as u16, &remote) {
         count(reason);
+        decision!(
+            &ctx,
+            "connection from {:i}:{} to {:i}:{} refused: {}",
+            remote.octets(),
+            from_port,
+            local.octets(),
+            to_port,
+            counter_name(reason)
+        );
         return SK_DROP;
     }
-    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+    let (refusal, err) = match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => {
             count(Counter::InboundSteered);
-            SK_PASS
+            decision!(
+                &ctx,
+                "connection from {:i}:{} to {:i}:{} steered to the proxy's {}",
+                remote.octets(),
+                from_port,
+                local.octets(),
+                to_port,
+                ports::INBOUND_PLAINTEXT
+            );
+            return SK_PASS;
         }
         // This program is only attached while the pod is enrolled, and the listener is
         // registered before it is attached: no listener means the proxy is down. Drop rather
         // than let the connection reach the app unproxied.
-        Err(err) if err == -ENOENT => {
-            count(Counter::InboundRefusedNoProxy);
-            SK_DROP
-        }
-        Err(_) => {
-            count(Counter::InboundAssignFailed);
-            SK_DROP
-        }
-    }
+        Err(err) if err == -ENOENT => (Counter::InboundRefusedNoProxy, err),
+        Err(err) => (Counter::InboundAssignFailed, err),
+    };
+    count(refusal);
+    decision!(
+        &ctx,
+        "connection from {:i}:{} to {:i}:{} refused (error {}): {}",
+        remote.octets(),
+        from_port,
+        local.octets(),
+        to_port,
+        err,
+        counter_name(refusal)
+    );
+    SK_DROP
 }
 
 /// Reads an IPv6 address from a context field word by word: the verifier only allows 4-byte

@@ -6,6 +6,7 @@
 #![no_main]
 
 mod capture;
+mod log;
 mod maps;
 
 #[cfg(not(test))]

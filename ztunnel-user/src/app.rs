@@ -39,7 +39,7 @@ const TAKING_OVER: &str = "the pods of the previous run";
 
 /// Runs the daemon until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub fn run(settings: Settings) -> Result<()> {
-    let log = logging::init(&settings.log_level).context("--log-level")?;
+    let log = logging::init(&settings.log_level, settings.ebpf_log).context("--log-level")?;
     tracing::info!(settings = %serde_json::to_string(&settings)?, "starting");
     let settings = Arc::new(settings);
     limits::raise_open_files_limit();

@@ -132,6 +132,10 @@ pub struct Settings {
         value_name = "SECONDS"
     )]
     pub drain_timeout_secs: u64,
+    /// The eBPF programs' capture decisions as debug lines in this log (target
+    /// `ztunnel_ebpf`). Off, the kernel's verifier removes their logging code at load.
+    #[arg(long, env = "ZTUNNEL_EBPF_LOG", value_parser = clap::builder::BoolishValueParser::new())]
+    pub ebpf_log: bool,
 }
 
 /// How enrolled pods' connections are brought to the proxy.

@@ -23,9 +23,11 @@ pub(crate) struct LogControl {
     handle: reload::Handle<EnvFilter, Registry>,
 }
 
-/// Logs to standard error from now on, through `filter`.
-pub(crate) fn init(filter: &str) -> Result<LogControl, LogError> {
-    let (filter_layer, handle) = reload::Layer::new(parse(filter)?);
+/// Logs to standard error from now on, through `filter`; with `ebpf_log`, the eBPF programs'
+/// lines too (`--ebpf-log`).
+pub(crate) fn init(filter: &str, ebpf_log: bool) -> Result<LogControl, LogError> {
+    let filter = with_ebpf_lines(filter, ebpf_log);
+    let (filter_layer, handle) = reload::Layer::new(parse(&filter)?);
     tracing_subscriber::registry()
         .with(filter_layer)
         .with(
@@ -35,9 +37,20 @@ pub(crate) fn init(filter: &str) -> Result<LogControl, LogError> {
         )
         .init();
     Ok(LogControl {
-        current: Mutex::new(filter.to_owned()),
+        current: Mutex::new(filter),
         handle,
     })
+}
+
+/// `filter`, after a directive that shows the eBPF programs' lines when they log; a directive
+/// of `filter` for their target takes precedence.
+fn with_ebpf_lines(filter: &str, ebpf_log: bool) -> String {
+    let target = ztunnel_common::EBPF_LOG_TARGET;
+    match (ebpf_log, filter.is_empty()) {
+        (false, _) => filter.to_owned(),
+        (true, true) => format!("{target}=debug"),
+        (true, false) => format!("{target}=debug,{filter}"),
+    }
 }
 
 fn parse(filter: &str) -> Result<EnvFilter, LogError> {
@@ -60,5 +73,17 @@ impl LogControl {
         self.handle.reload(parse(filter)?)?;
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_owned();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ebpf_lines_directive_comes_first() {
+        assert_eq!(with_ebpf_lines("info", false), "info");
+        assert_eq!(with_ebpf_lines("info", true), "ztunnel_ebpf=debug,info");
+        assert_eq!(with_ebpf_lines("", true), "ztunnel_ebpf=debug");
     }
 }

@@ -15,6 +15,7 @@
 
 mod bpf_link;
 mod links;
+mod logging;
 mod maps;
 mod pins;
 
@@ -82,6 +83,8 @@ pub(crate) enum DatapathError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("forwarding the eBPF programs' log: {0}")]
+    EbpfLog(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub(crate) struct Datapath {
@@ -140,6 +143,7 @@ impl Datapath {
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
+        logging::configure(&mut loader, settings.ebpf_log);
         let mut ebpf = loader.load(PROGRAMS)?;
         for name in [programs::CONNECT4, programs::CONNECT6] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
@@ -159,6 +163,9 @@ impl Datapath {
                 source,
             })?;
 
+        if settings.ebpf_log {
+            logging::forward(&mut ebpf)?;
+        }
         maps::write_settings(&mut ebpf, settings)?;
         let deliveries = maps::cleared_deliveries(&mut ebpf)?;
 
