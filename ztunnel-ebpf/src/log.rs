@@ -1,20 +1,22 @@
 //! Debug lines about the capture decisions, for `ztunnel run --ebpf-log`.
 //!
-//! aya-log-ebpf puts every call behind `level <= AYA_LOG_LEVEL`, a global in `.rodata` that
-//! the loader sets before loading (0 without `--ebpf-log`, `Debug` with it). aya freezes that
-//! map, so the verifier reads the value as a constant, follows only the branch it selects and
-//! removes the logging code it never reaches: with the flag off the programs that run are the
-//! programs without logging (docs/PERFORMANCE.md has the measurement).
+//! The programs are built twice (see `main.rs`): `LOG` is false in the object the daemon
+//! loads by default, so the compiler removes every line and everything computed for it (that
+//! object has no logging code at all); it is true in the one `--ebpf-log` loads, where
+//! aya-log-ebpf writes each line to the ring buffer the daemon reads.
 //!
 //! Everything a line needs is computed inside the macro's arguments, which are evaluated only
 //! behind that check; nothing is computed for logging outside it.
 
 use ztunnel_common::Counter;
 
-/// Logs a decision at debug level under the target `ztunnel_ebpf`.
+/// Logs a decision at debug level under the target `ztunnel_ebpf`, in the object built with
+/// `LOG`; in the other, it is nothing.
 macro_rules! decision {
     ($ctx:expr, $($format:tt)+) => {
-        aya_log_ebpf::debug!($ctx, target: ztunnel_common::EBPF_LOG_TARGET, $($format)+)
+        if crate::LOG {
+            aya_log_ebpf::debug!($ctx, target: ztunnel_common::EBPF_LOG_TARGET, $($format)+)
+        }
     };
 }
 pub(crate) use decision;

@@ -14,15 +14,16 @@
 //! The messages are built by `netlink-packet-route` and sent on a plain netlink socket.
 
 use crate::host::netns::Netns;
+use libc::{RTM_DELROUTE, RTM_DELRULE, RTM_NEWROUTE, RTM_NEWRULE};
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    DecodeError, Emitable, ErrorBuffer, NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST,
+    NLMSG_ERROR, NetlinkBuffer, NetlinkHeader,
 };
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::route::{
     RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use nix::sys::socket::{
     AddressFamily as SocketFamily, MsgFlags, SockFlag, SockProtocol, SockType, recv, send, socket,
 };
@@ -118,50 +119,61 @@ impl RouteSocket {
     /// Adds the rule and the route; entries that already exist are left as they are.
     fn install_delivery_routing(&mut self, family: AddressFamily, mark: u32) -> io::Result<()> {
         let create = NLM_F_CREATE | NLM_F_EXCL;
-        let rule = RouteNetlinkMessage::NewRule(rule(family, mark));
-        ignore(self.request(rule, create), libc::EEXIST)?;
-        let route = RouteNetlinkMessage::NewRoute(route(family));
-        ignore(self.request(route, create), libc::EEXIST)
+        ignore(
+            self.request(RTM_NEWRULE, create, &rule(family, mark)),
+            libc::EEXIST,
+        )?;
+        ignore(
+            self.request(RTM_NEWROUTE, create, &route(family)),
+            libc::EEXIST,
+        )
     }
 
     /// Removes them; entries already gone are fine.
     fn remove_delivery_routing(&mut self, family: AddressFamily, mark: u32) -> io::Result<()> {
-        let rule = RouteNetlinkMessage::DelRule(rule(family, mark));
-        ignore(self.request(rule, 0), libc::ENOENT)?;
-        let route = RouteNetlinkMessage::DelRoute(route(family));
-        ignore(self.request(route, 0), libc::ESRCH)
+        ignore(
+            self.request(RTM_DELRULE, 0, &rule(family, mark)),
+            libc::ENOENT,
+        )?;
+        ignore(self.request(RTM_DELROUTE, 0, &route(family)), libc::ESRCH)
     }
 
-    /// Sends `message` and waits for the kernel's answer to it.
-    fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> io::Result<()> {
+    /// Sends a `kind` request carrying `body` and waits for the kernel's answer to it. The
+    /// header is put together here rather than through netlink-packet-route's message enum,
+    /// whose emitter would link in the code of every message the route family has.
+    fn request(&mut self, kind: u16, flags: u16, body: &impl Emitable) -> io::Result<()> {
         self.seq += 1;
         let mut header = NetlinkHeader::default();
+        let header_length = header.buffer_len();
+        let length = header_length + body.buffer_len();
+        header.length = length as u32;
+        header.message_type = kind;
         header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
         header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
-        packet.finalize();
-        let mut bytes = vec![0; packet.buffer_len()];
-        packet.serialize(&mut bytes);
+        let mut bytes = vec![0; length];
+        header.emit(&mut bytes[..header_length]);
+        body.emit(&mut bytes[header_length..]);
         send(self.fd.as_raw_fd(), &bytes, MsgFlags::empty())?;
         self.read_ack()
     }
 
-    /// The acknowledgement of the last request: its errno, if it failed.
+    /// The acknowledgement of the last request: its errno, if it failed. Read as a bare
+    /// netlink error message: parsing it as a route message would link in the parsers of
+    /// every message the route family has.
     fn read_ack(&self) -> io::Result<()> {
+        let invalid = |err: DecodeError| io::Error::new(io::ErrorKind::InvalidData, err);
         let mut buf = [0u8; 4096];
         loop {
             let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..n])
-                .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
-            match reply.payload {
-                NetlinkPayload::Error(answer) if reply.header.sequence_number == self.seq => {
-                    return match answer.code {
-                        None => Ok(()),
-                        Some(_) => Err(answer.to_io()),
-                    };
-                }
-                _ => continue,
+            let reply = NetlinkBuffer::new_checked(&buf[..n]).map_err(invalid)?;
+            if reply.message_type() != NLMSG_ERROR || reply.sequence_number() != self.seq {
+                continue;
             }
+            let answer = ErrorBuffer::new_checked(reply.payload()).map_err(invalid)?;
+            return match answer.code() {
+                None => Ok(()),
+                Some(errno) => Err(io::Error::from_raw_os_error(-errno.get())),
+            };
         }
     }
 }
@@ -204,7 +216,6 @@ fn route(family: AddressFamily) -> RouteMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::Emitable;
 
     #[test]
     fn each_family_of_the_pod_once() {

@@ -1,24 +1,18 @@
-//! The programs' debug lines (`--ebpf-log`): aya-log calls in the programs, each behind
-//! aya-log-ebpf's `level <= AYA_LOG_LEVEL`, a frozen `.rodata` global the loader sets. At 0
-//! (the flag off) the verifier sees a constant and removes the logging code; on, a thread
-//! forwards the lines from the programs' ring buffer into the daemon's log.
+//! The programs' debug lines (`--ebpf-log`): the daemon then loads the object built with them
+//! (aya-log calls), and a thread forwards the lines from the programs' ring buffer into the
+//! daemon's log. Without the flag it loads the object built without them.
 
 use super::DatapathError;
 use aya::{Ebpf, EbpfLoader};
 use std::os::fd::AsFd;
 
-/// The programs' log ring buffer (aya-log-ebpf's name for it).
+/// The programs' log ring buffer (aya-log-ebpf's name for it). The object without logging
+/// still defines it (both objects link aya-log-ebpf), unused.
 const EBPF_LOG_MAP: &str = "AYA_LOGS";
 
-/// Sets the programs' log level before they are loaded: debug with `--ebpf-log`, else 0,
-/// which removes the logging code; their ring buffer then gets one page.
-pub(super) fn configure(loader: &mut EbpfLoader<'_>, on: bool) {
-    static DEBUG: u8 = aya_log::Level::Debug as u8;
-    static OFF: u8 = 0;
-    loader.override_global(aya_log::LEVEL, if on { &DEBUG } else { &OFF }, true);
-    if !on {
-        loader.map_max_entries(EBPF_LOG_MAP, 1);
-    }
+/// Without `--ebpf-log`: the unused ring buffer gets one page instead of aya-log's default.
+pub(super) fn shrink_unused_buffer(loader: &mut EbpfLoader<'_>) {
+    loader.map_max_entries(EBPF_LOG_MAP, 1);
 }
 
 /// Forwards the programs' log lines into the daemon's log, from a thread that waits on their

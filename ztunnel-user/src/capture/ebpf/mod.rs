@@ -33,7 +33,12 @@ use ztunnel_common::maps::{
     OrigDst, PlaintextRuleKey, PodInfo, SocketKey, WorkloadEntry, names, programs,
 };
 
+/// The programs, as `ztunnel-ebpf` builds them twice: without any logging code, and with
+/// their debug lines for `--ebpf-log` (`logging`). Only the one loaded is ever read, so the
+/// other costs no memory.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel"));
+static PROGRAMS_LOGGING: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztunnel-logging"));
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DatapathError {
@@ -118,7 +123,12 @@ impl Datapath {
             })?;
         }
         let maps_dir = pin_dir.join("maps");
-        let object = aya_obj::Object::parse(PROGRAMS).map_err(DatapathError::Parse)?;
+        let programs = if settings.ebpf_log {
+            PROGRAMS_LOGGING
+        } else {
+            PROGRAMS
+        };
+        let object = aya_obj::Object::parse(programs).map_err(DatapathError::Parse)?;
         match pins::check_pinned_maps(&maps_dir, &object) {
             pins::PinnedMaps::Absent => {
                 tracing::info!(dir = %maps_dir.display(), "no maps pinned by a previous run; creating them")
@@ -143,8 +153,10 @@ impl Datapath {
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
         }
-        logging::configure(&mut loader, settings.ebpf_log);
-        let mut ebpf = loader.load(PROGRAMS)?;
+        if !settings.ebpf_log {
+            logging::shrink_unused_buffer(&mut loader);
+        }
+        let mut ebpf = loader.load(programs)?;
         for name in [programs::CONNECT4, programs::CONNECT6] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()

@@ -198,9 +198,11 @@ mod tests {
 
     #[test]
     fn the_programs_define_every_map_the_daemon_pins() {
-        let object = aya_obj::Object::parse(super::super::PROGRAMS).unwrap();
-        for name in names::ALL {
-            assert!(object.maps.contains_key(name), "{name}");
+        for programs in [super::super::PROGRAMS, super::super::PROGRAMS_LOGGING] {
+            let object = aya_obj::Object::parse(programs).unwrap();
+            for name in names::ALL {
+                assert!(object.maps.contains_key(name), "{name}");
+            }
         }
     }
 }
