@@ -9,10 +9,7 @@ use crate::mesh;
 use crate::netns;
 use crate::state::{Lab, Node, Pod};
 use crate::teardown::down;
-use crate::topology::{
-    BPFFS_MOUNT, CGROUP2_MOUNT, NODES, NodeSpec, PODS, PodSpec, UNDERLAY_IFNAME,
-};
-use std::path::Path;
+use crate::topology::{BPFFS_MOUNT, NODES, NodeSpec, PODS, PodSpec, UNDERLAY_IFNAME, cgroup2};
 
 /// Brings the whole lab up from scratch (tearing down leftovers first): two nodes, each with
 /// its ztunnel daemon, and the four pods added through the CNI chain including ztunnel-cni.
@@ -48,12 +45,7 @@ fn bring_up(daemons: Option<&DaemonOptions>) -> Result<Lab> {
 }
 
 fn preflight(daemons: Option<&DaemonOptions>) -> Result<()> {
-    let controllers = Path::new(CGROUP2_MOUNT).join("cgroup.controllers");
-    if !controllers.is_file() {
-        return Err(LabError::NotSetUp(format!(
-            "no cgroup v2 hierarchy at {CGROUP2_MOUNT}"
-        )));
-    }
+    cgroup2()?;
     if let Some(options) = daemons {
         options.daemon_binary("ztunnel")?;
         options.daemon_binary("ztunnel-cni")?;

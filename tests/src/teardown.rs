@@ -6,7 +6,7 @@ use crate::cni;
 use crate::daemon::{self, is_alive, signal_and_wait};
 use crate::error::{LabError, Result};
 use crate::netns::{self, NetnsId};
-use crate::topology::{BPFFS_ROOT, CGROUP_ROOT, CGROUP_SUBTREE, NODES, PODS, STATE_DIR};
+use crate::topology::{BPFFS_ROOT, CGROUP_SUBTREE, NODES, PODS, STATE_DIR, cgroup_root};
 use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,19 +20,21 @@ pub fn down() -> Result<()> {
     disenroll_pods();
     stop_daemons();
     kill_netns_processes();
-    if Path::new(CGROUP_ROOT).is_dir() {
-        cgroup::kill_all(Path::new(CGROUP_ROOT), PROCESS_KILL_TIMEOUT)?;
+    let cgroups = cgroup_root();
+    if cgroups.is_dir() {
+        cgroup::kill_all(&cgroups, PROCESS_KILL_TIMEOUT)?;
     }
     remove_pins()?;
     for name in netns::lab_namespaces() {
         netns::delete(&name)?;
         println!("down: deleted netns {name}");
     }
-    let removed = cgroup::remove_tree(Path::new(CGROUP_ROOT), CGROUP_TIMEOUT)?;
+    let removed = cgroup::remove_tree(&cgroups, CGROUP_TIMEOUT)?;
     if !removed.is_empty() {
         println!(
-            "down: removed {} cgroups under {CGROUP_ROOT}",
-            removed.len()
+            "down: removed {} cgroups under {}",
+            removed.len(),
+            cgroups.display()
         );
     }
     if Path::new(STATE_DIR).exists() {
@@ -54,7 +56,7 @@ pub fn leftovers() -> Vec<String> {
         .map(|name| format!("netns {name}"))
         .collect();
     left.extend(
-        cgroup::tree(Path::new(CGROUP_ROOT))
+        cgroup::tree(&cgroup_root())
             .into_iter()
             .map(|dir| format!("cgroup {}", dir.display())),
     );

@@ -5,6 +5,27 @@ use crate::error::{LabError, Result};
 use sha2::{Digest, Sha256};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
+use ztunnel_common::cgroup2::{self, Cgroup2, Cgroup2Error};
+
+/// This machine's cgroup v2 hierarchy, wherever it is mounted (`/sys/fs/cgroup` in the unified
+/// layout, `/sys/fs/cgroup/unified` in systemd's hybrid one).
+static CGROUP2: LazyLock<std::result::Result<Cgroup2, String>> =
+    LazyLock::new(|| cgroup2::find().map_err(|err: Cgroup2Error| err.to_string()));
+
+/// The cgroup v2 hierarchy, or why there is none (the lab's preflight reports it).
+pub fn cgroup2() -> Result<&'static Cgroup2> {
+    CGROUP2
+        .as_ref()
+        .map_err(|reason| LabError::NotSetUp(reason.clone()))
+}
+
+/// The lab's subtree of the cgroup v2 hierarchy (under `/sys/fs/cgroup` when none is mounted,
+/// which only a preflight that failed first can see).
+pub fn cgroup_root() -> PathBuf {
+    let mount = cgroup2().map_or(Path::new(cgroup2::UNIFIED_MOUNT), |found| &found.mount);
+    mount.join(CGROUP_SUBTREE.trim_start_matches('/'))
+}
 
 /// Everything the lab writes outside the kernel's own trees lives here.
 pub const STATE_DIR: &str = "/run/ztunnel-lab";
@@ -12,10 +33,7 @@ pub const STATE_DIR: &str = "/run/ztunnel-lab";
 pub const NETNS_PREFIX: &str = "ztlab-";
 /// Where `ip netns add` mounts named namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
-/// The cgroup-v2 hierarchy (hybrid layout) and the lab's subtree in it.
-pub const CGROUP2_MOUNT: &str = "/sys/fs/cgroup/unified";
-pub const CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/ztunnel-lab";
-/// The same subtree as `/proc/<pid>/cgroup` names it.
+/// The lab's subtree of the cgroup-v2 hierarchy, as `/proc/<pid>/cgroup` names it.
 pub const CGROUP_SUBTREE: &str = "/ztunnel-lab";
 /// bpffs, and the lab's directory in it that holds every daemon's pins.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
@@ -194,7 +212,7 @@ impl NodeSpec {
     }
 
     pub fn cgroup_dir(&self) -> PathBuf {
-        Path::new(CGROUP_ROOT).join(self.name)
+        cgroup_root().join(self.name)
     }
 
     /// What the kubelet would call the node's pod cgroup root.

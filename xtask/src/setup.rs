@@ -2,8 +2,8 @@
 //! Idempotent and non-interactive (it runs in CI as root without a terminal).
 
 use anyhow::{Context, Result, bail};
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use ztunnel_common::cgroup2;
 
 const DEBIAN_PACKAGES: [&str; 13] = [
     "llvm-22-dev",
@@ -28,7 +28,6 @@ const DEBIAN_PACKAGES: [&str; 13] = [
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
-const CGROUP2: &str = "/sys/fs/cgroup/unified";
 /// The Python `h2` package the independent HBONE peer (tests/hbone_peer) needs.
 const PYTHON_H2: &str = "h2>=4,<5";
 
@@ -202,17 +201,29 @@ fn bpffs() -> Result<()> {
     Ok(())
 }
 
+/// cgroup v2, wherever the machine mounts it; on a machine with cgroup v1 alone, mounted where
+/// systemd's hybrid layout puts it (beside the v1 controllers), or at `/sys/fs/cgroup` when
+/// nothing is mounted there.
 fn cgroup2() -> Result<()> {
-    let step_name = format!("cgroup2 at {CGROUP2}");
-    if is_mounted(CGROUP2, "cgroup2")? && Path::new(CGROUP2).join("cgroup.controllers").is_file() {
-        step(&step_name, "present");
+    const STEP: &str = "cgroup2";
+    if let Ok(found) = cgroup2::find() {
+        step(STEP, &format!("present at {found}"));
         return Ok(());
     }
-    bail!(
-        "no cgroup v2 hierarchy at {CGROUP2}: the lab puts pods in cgroup-v2 directories there \
-         (systemd's hybrid layout) and ztunnel attaches its capture programs to them. Boot with \
-         the hybrid layout, or mount it: `mkdir -p {CGROUP2} && mount -t cgroup2 none {CGROUP2}`"
-    )
+    let target = if is_mounted(cgroup2::UNIFIED_MOUNT, "tmpfs")? {
+        cgroup2::HYBRID_MOUNT
+    } else {
+        cgroup2::UNIFIED_MOUNT
+    };
+    step(STEP, &format!("none mounted; mounting at {target}..."));
+    std::fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
+    run_visibly(
+        Command::new("mount").args(["-t", "cgroup2", "none", target]),
+        "mount -t cgroup2 (are you root?)",
+    )?;
+    let found = cgroup2::find().context("cgroup2 is still not in the mount table")?;
+    step(STEP, &format!("mounted at {found}"));
+    Ok(())
 }
 
 /// Whether `python3` can import `h2`; fails only if python3 cannot be run at all.

@@ -38,12 +38,14 @@ use tokio::sync::{Notify, watch};
 const TAKING_OVER: &str = "the pods of the previous run";
 
 /// Runs the daemon until SIGTERM, SIGINT or `/quitquitquit`, then drains.
-pub fn run(settings: Settings) -> Result<()> {
+pub fn run(mut settings: Settings) -> Result<()> {
     let log = logging::init(&settings.log_level, settings.ebpf_log).context("--log-level")?;
+    let node = features::check(settings.cgroup_root.as_deref())?;
+    tracing::info!(%node, "this node can run ztunnel");
+    settings.cgroup_root = Some(node.pod_cgroups.clone());
     tracing::info!(settings = %serde_json::to_string(&settings)?, "starting");
     let settings = Arc::new(settings);
     limits::raise_open_files_limit();
-    features::check(&settings.cgroup_root)?;
     Netns::home()?;
 
     let config_file = settings
@@ -113,7 +115,7 @@ pub fn run(settings: Settings) -> Result<()> {
         }
         let listener = api_server::bind(&settings.api_socket)?;
         let server = Arc::new(ApiServer {
-            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), states)),
+            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), states, node.pod_cgroups)),
             ctx: ctx.clone(),
             readiness: readiness.clone(),
         });

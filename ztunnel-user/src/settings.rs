@@ -31,13 +31,11 @@ pub struct Settings {
     /// Unix socket for the CNI plugin and the CLI.
     #[arg(long, env = "ZTUNNEL_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
     pub api_socket: PathBuf,
-    /// The cgroup-v2 directory under which the kubelet creates pod cgroups.
-    #[arg(
-        long,
-        env = "ZTUNNEL_CGROUP_ROOT",
-        default_value = "/sys/fs/cgroup/kubepods"
-    )]
-    pub cgroup_root: PathBuf,
+    /// The cgroup-v2 directory under which the kubelet creates pod cgroups [default: its
+    /// `kubepods.slice` (systemd driver) or `kubepods` (cgroupfs driver) below wherever cgroup
+    /// v2 is mounted]. `/config_dump` shows the one in use.
+    #[arg(long, env = "ZTUNNEL_CGROUP_ROOT", value_name = "DIR")]
+    pub cgroup_root: Option<PathBuf>,
     /// bpffs directory for this daemon's maps and links.
     #[arg(long, env = "ZTUNNEL_BPFFS", default_value = "/sys/fs/bpf/ztunnel")]
     pub bpffs: PathBuf,

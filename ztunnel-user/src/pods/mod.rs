@@ -93,9 +93,10 @@ pub(crate) struct Pods {
 }
 
 impl Pods {
-    pub(crate) fn new(ctx: Arc<ProxyContext>, states: PodStates) -> Pods {
+    /// Pods whose cgroups the kubelet creates under `cgroup_root`.
+    pub(crate) fn new(ctx: Arc<ProxyContext>, states: PodStates, cgroup_root: PathBuf) -> Pods {
         Pods {
-            cgroup_root: ctx.settings.cgroup_root.clone(),
+            cgroup_root,
             ctx,
             states,
             enrolled: BTreeMap::new(),
