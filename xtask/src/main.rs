@@ -6,6 +6,7 @@ mod lab;
 mod layers;
 mod setup;
 mod test;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -33,6 +34,10 @@ enum Command {
     /// CPU per GB and per 1,000 requests, proxy memory idle and per idle connection; medians of
     /// interleaved runs, targets met or not; report, chart and raw results in target/bench/.
     Bench(bench::BenchArgs),
+    /// Run the lab's end-to-end smoke (datapath, HBONE, policy, restart) under other kernels,
+    /// each booted in a virtual machine over this machine's files, with cgroup v2 at
+    /// /sys/fs/cgroup; prints the matrix of kernel, cgroup layout, result and time.
+    VmTest(vm::VmTestArgs),
     /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
     Demo,
     /// The layers of ztunnel-user: its top-level modules, lowest first, each with the modules it
@@ -53,5 +58,6 @@ fn main() -> Result<ExitCode> {
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Layers => layers::run(),
+        Command::VmTest(args) => vm::run(args).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::process::{Command, Output, Stdio};
 use ztunnel_common::cgroup2;
 
-const DEBIAN_PACKAGES: [&str; 13] = [
+const DEBIAN_PACKAGES: [&str; 16] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -24,18 +24,29 @@ const DEBIAN_PACKAGES: [&str; 13] = [
     "fonts-dejavu-core",
     // Building jemalloc, the daemon's allocator (its build runs configure and make).
     "make",
+    // `cargo xtask vm-test`: the virtual machine (emulated where KVM cannot run), the guest's
+    // early userspace, and depmod for the kernels it unpacks.
+    "qemu-system-x86",
+    "busybox-static",
+    "kmod",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 /// The Python `h2` package the independent HBONE peer (tests/hbone_peer) needs.
 const PYTHON_H2: &str = "h2>=4,<5";
+/// virtme-ng, which boots the kernels of `cargo xtask vm-test` over the host's own files.
+const VIRTME_NG_VERSION: &str = "1.42";
 
 pub fn run() -> Result<()> {
     debian_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
-    python_h2()?;
+    pip_package(PYTHON_H2, python_h2_importable)?;
+    pip_package(
+        &format!("virtme-ng=={VIRTME_NG_VERSION}"),
+        virtme_ng_installed,
+    )?;
     bpffs()?;
     cgroup2()?;
     println!("setup: done");
@@ -226,27 +237,36 @@ fn cgroup2() -> Result<()> {
     Ok(())
 }
 
-/// Whether `python3` can import `h2`; fails only if python3 cannot be run at all.
+/// Installs a Python package with pip unless `installed` says it is there.
+fn pip_package(requirement: &str, installed: impl Fn() -> Result<bool>) -> Result<()> {
+    let step_name = format!("python {requirement}");
+    if installed()? {
+        step(&step_name, "present");
+        return Ok(());
+    }
+    step(&step_name, "installing with pip...");
+    run_visibly(
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", requirement]),
+        &format!("python3 -m pip install {requirement} (is pip installed, is the network up?)"),
+    )?;
+    if !installed()? {
+        bail!("pip reported success but {requirement} is still not usable");
+    }
+    step(&step_name, "installed");
+    Ok(())
+}
+
+/// `h2`, for the independent HBONE peer (tests/hbone_peer): importable?
 fn python_h2_importable() -> Result<bool> {
     let import = output(Command::new("python3").args(["-c", "import h2"]))
         .context("running python3 (install it: the HBONE peer in tests/hbone_peer needs it)")?;
     Ok(import.status.success())
 }
 
-fn python_h2() -> Result<()> {
-    let step_name = format!("python {PYTHON_H2}");
-    if python_h2_importable()? {
-        step(&step_name, "present");
-        return Ok(());
-    }
-    step(&step_name, "installing with pip...");
-    run_visibly(
-        Command::new("python3").args(["-m", "pip", "install", "--quiet", PYTHON_H2]),
-        "python3 -m pip install h2 (is pip installed, is the network up?)",
-    )?;
-    if !python_h2_importable()? {
-        bail!("pip reported success but `python3 -c 'import h2'` still fails");
-    }
-    step(&step_name, "installed");
-    Ok(())
+/// virtme-ng, which `cargo xtask vm-test` boots kernels with: the pinned version on PATH?
+fn virtme_ng_installed() -> Result<bool> {
+    let reported = output(Command::new("vng").arg("--version"));
+    Ok(reported.is_ok_and(|out| {
+        String::from_utf8_lossy(&out.stdout).trim() == format!("virtme-ng {VIRTME_NG_VERSION}")
+    }))
 }

@@ -80,7 +80,10 @@ pub fn run() -> Result<()> {
     println!("test: {} passed, {} failed", tally.passed, tally.failed);
     end_to_end?;
     down?;
-    Ok(())
+    // The same lab under the kernels most nodes run, with cgroup v2 at /sys/fs/cgroup.
+    let kernels = crate::vm::DEFAULT_KERNELS.map(str::to_owned);
+    println!("test: the smoke under other kernels: cargo xtask vm-test (kernels {kernels:?})");
+    crate::vm::run_kernels(&kernels)
 }
 
 /// The independent HBONE peer's own tests (Python unittest, which reports on stderr).
