@@ -39,6 +39,12 @@ pub mod programs {
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
 }
 
+/// The programs' load-time constants (read-only globals the loader sets).
+pub mod globals {
+    /// 1 when the kernel's `bpf_sk_lookup` has `ingress_ifindex` (Linux 5.17), else 0.
+    pub const HAS_INGRESS_IFINDEX: &str = "ZT_HAS_INGRESS_IFINDEX";
+}
+
 pub const MAX_PODS: u32 = 4096;
 /// Connections between `connect()` and the proxy's `accept()`; LRU so a burst evicts the oldest.
 pub const MAX_IN_FLIGHT_CONNECTS: u32 = 65536;

@@ -88,8 +88,9 @@ pub enum Inbound {
 /// Decides whether a connection arriving in a pod netns is steered to the proxy.
 ///
 /// Two kinds of connection must never be steered, or they would loop back into the proxy:
-/// the pod talking to itself (from loopback or from its own address; `ingress_ifindex` is not
-/// `lo` for a pod's own address, so the addresses are compared too), and the proxy's
+/// the pod talking to itself (arriving on loopback, or between loopback or the pod's own
+/// addresses: `ingress_ifindex` is not `lo` for a pod's own address, and kernels before 5.17
+/// have no `ingress_ifindex`, which is then 0, so the addresses are compared too), and the proxy's
 /// deliveries to the app, which come from a client's address and which the proxy announces
 /// beforehand (`is_delivery`, consulted only when needed since it consumes the announcement).
 pub fn inbound(
@@ -103,6 +104,7 @@ pub fn inbound(
     if lookup.ingress_ifindex == ports::LOOPBACK_IFINDEX
         || lookup.remote == lookup.local
         || lookup.remote.is_loopback()
+        || lookup.local.is_loopback()
     {
         return Inbound::Pass(Counter::InboundBypassLocal);
     }
@@ -329,6 +331,32 @@ mod tests {
         for (l, delivery, expected) in passes {
             assert_eq!(decide(l, delivery), Inbound::Pass(expected), "{l:?}");
         }
+        // Without ingress_ifindex (before Linux 5.17: 0), the pod's own traffic over lo is
+        // still known by its addresses: to its own address, from or to loopback.
+        let no_ifindex = |remote: &str, local: &str| Lookup {
+            is_tcp: true,
+            ingress_ifindex: 0,
+            remote: addr(remote),
+            local: addr(local),
+            local_port: 8080,
+        };
+        for (remote, local) in [
+            ("10.244.2.2", "10.244.2.2"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("10.244.2.2", "127.0.0.1"),
+            ("::1", "::1"),
+        ] {
+            let decided = decide(no_ifindex(remote, local), false);
+            assert_eq!(
+                decided,
+                Inbound::Pass(Counter::InboundBypassLocal),
+                "{remote} -> {local}"
+            );
+        }
+        assert_eq!(
+            decide(no_ifindex("10.244.1.2", "10.244.2.2"), false),
+            Inbound::Steer
+        );
     }
 
     #[test]

@@ -13,8 +13,8 @@ use ztunnel_common::{Addr, Counter, ports};
 
 use crate::log::{counter_name, decision};
 use crate::maps::{
-    DELIVERIES, INBOUND_LISTENERS, ORIG_DST, PENDING_ORIG_DST, PODS, cidr_excluded, count,
-    plaintext_denied, port_excluded, proxy_mark,
+    DELIVERIES, INBOUND_LISTENERS, ORIG_DST, PENDING_ORIG_DST, PODS, ZT_HAS_INGRESS_IFINDEX,
+    cidr_excluded, count, plaintext_denied, port_excluded, proxy_mark,
 };
 
 const AF_INET: u32 = 2;
@@ -223,21 +223,10 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: 4-byte context reads. Both address forms are read unconditionally, for the same
     // reason as in `zt_sock_ops`.
-    let (
-        family,
-        protocol,
-        ingress_ifindex,
-        local_port,
-        remote_port,
-        local4,
-        local6,
-        remote4,
-        remote6,
-    ) = unsafe {
+    let (family, protocol, local_port, remote_port, local4, local6, remote4, remote6) = unsafe {
         (
             (*l).family,
             (*l).protocol,
-            (*l).ingress_ifindex,
             (*l).local_port,
             (*l).remote_port,
             read_volatile(addr_of!((*l).local_ip4)),
@@ -245,6 +234,14 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
             read_volatile(addr_of!((*l).remote_ip4)),
             read_words(addr_of!((*l).remote_ip6)),
         )
+    };
+    // Linux 5.17 added the field; on older kernels its load would not pass the verifier,
+    // which here never sees it (the loader's constant prunes the branch).
+    let ingress_ifindex = if ZT_HAS_INGRESS_IFINDEX.load() != 0 {
+        // SAFETY: a 4-byte context read.
+        unsafe { read_volatile(addr_of!((*l).ingress_ifindex)) }
+    } else {
+        0
     };
     let (local, remote) = if family == AF_INET {
         (Addr::from_ip4_be(local4), Addr::from_ip4_be(remote4))

@@ -1,5 +1,6 @@
 //! The maps, named as `ztunnel_common::maps::names` says, and the counter helper.
 
+use aya_ebpf::Global;
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash};
 use ztunnel_common::Addr;
@@ -81,6 +82,11 @@ pub fn cidr_excluded(addr: &Addr) -> bool {
         .get(aya_ebpf::maps::lpm_trie::Key::new(128, addr.octets()))
         .is_some()
 }
+
+/// Whether the kernel's `bpf_sk_lookup` has `ingress_ifindex` (Linux 5.17), set by the loader.
+/// The global is read-only once loaded, so the verifier takes it for a constant.
+#[unsafe(no_mangle)]
+pub static ZT_HAS_INGRESS_IFINDEX: Global<u8> = Global::new(1);
 
 #[inline(always)]
 pub fn proxy_mark() -> u32 {

@@ -59,7 +59,8 @@ pub fn run(mut settings: Settings) -> Result<()> {
         _ => CertificateAuthority::load_or_create(&settings.ca_dir, &settings.trust_domain)?,
     };
     let states = PodStates::open(&settings.state_dir).context("--state-dir")?;
-    let datapath = Arc::new(Datapath::load(&settings).context("loading the capture programs")?);
+    let datapath =
+        Arc::new(Datapath::load(&settings, &node).context("loading the capture programs")?);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

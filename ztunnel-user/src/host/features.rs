@@ -10,9 +10,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use ztunnel_common::cgroup2::{self, Cgroup2};
 
-/// The newest feature we rely on: `bpf_sk_lookup.ingress_ifindex` (5.17). It also covers
-/// bpf_link on cgroups (5.7), sk_lookup (5.9) and `SO_NETNS_COOKIE` (5.14).
-const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 17, 0);
+/// The newest feature we need: `SO_NETNS_COOKIE` (5.14), the key pods have in the programs'
+/// maps. It also covers bpf_link on cgroups (5.7) and sk_lookup (5.9).
+const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 14, 0);
+/// From here `bpf_sk_lookup` has `ingress_ifindex`, which tells the pod's own traffic over
+/// loopback apart; before, `sk_lookup` knows it by its addresses alone.
+const INGRESS_IFINDEX_KERNEL: KernelVersion = KernelVersion::new(5, 17, 0);
 
 /// What the kubelet calls the cgroup it puts pods under: the systemd driver's and the
 /// cgroupfs driver's name.
@@ -32,6 +35,13 @@ pub(crate) struct Node {
     pub(crate) pod_cgroups: PathBuf,
 }
 
+impl Node {
+    /// Whether `bpf_sk_lookup` has `ingress_ifindex` (Linux 5.17).
+    pub(crate) fn has_ingress_ifindex(&self) -> bool {
+        self.kernel >= INGRESS_IFINDEX_KERNEL
+    }
+}
+
 impl fmt::Display for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -40,7 +50,16 @@ impl fmt::Display for Node {
             self.kernel,
             self.cgroup2,
             self.pod_cgroups.display()
-        )
+        )?;
+        if !self.has_ingress_ifindex() {
+            write!(
+                f,
+                "; before Linux {INGRESS_IFINDEX_KERNEL} sk_lookup has no ingress_ifindex, so a \
+                 pod's connections to itself are known by their addresses alone (loopback or \
+                 the same address)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -54,7 +73,7 @@ pub(crate) fn check(cgroup_root: Option<&Path>) -> Result<Node, MissingFeatures>
     match kernel {
         Ok(v) if v >= MIN_KERNEL => {}
         Ok(v) => missing.push(format!(
-            "Linux {MIN_KERNEL} or newer (sk_lookup with ingress_ifindex, bpf_link on cgroups, SO_NETNS_COOKIE); this kernel is {v}"
+            "Linux {MIN_KERNEL} or newer (SO_NETNS_COOKIE, sk_lookup, bpf_link on cgroups); this kernel is {v}"
         )),
         Err(ref err) => missing.push(format!("a readable kernel version ({err})")),
     }
@@ -89,10 +108,7 @@ pub(crate) fn check(cgroup_root: Option<&Path>) -> Result<Node, MissingFeatures>
             }
         },
         (Ok(cgroup2), None) => {
-            let found = KUBEPODS
-                .iter()
-                .map(|name| cgroup2.mount.join(name))
-                .find(|dir| dir.is_dir());
+            let found = kubepods_below(&cgroup2.mount);
             if found.is_none() {
                 missing.push(format!(
                     "the kubelet's pod cgroups: none below the cgroup v2 mount {cgroup2} (looked for {}); \
@@ -110,5 +126,35 @@ pub(crate) fn check(cgroup_root: Option<&Path>) -> Result<Node, MissingFeatures>
             pod_cgroups,
         }),
         _ => Err(MissingFeatures(missing)),
+    }
+}
+
+/// The kubelet's pod cgroup directly below `mount`, under either driver's name.
+fn kubepods_below(mount: &Path) -> Option<PathBuf> {
+    KUBEPODS
+        .iter()
+        .map(|name| mount.join(name))
+        .find(|dir| dir.is_dir())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_pod_cgroups_of_either_cgroup_driver() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(kubepods_below(root.path()), None);
+        std::fs::create_dir(root.path().join("kubepods")).unwrap();
+        assert_eq!(
+            kubepods_below(root.path()),
+            Some(root.path().join("kubepods"))
+        );
+        std::fs::create_dir(root.path().join("kubepods.slice")).unwrap();
+        assert_eq!(
+            kubepods_below(root.path()),
+            Some(root.path().join("kubepods.slice")),
+            "the systemd driver's first"
+        );
     }
 }

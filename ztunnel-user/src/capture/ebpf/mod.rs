@@ -21,6 +21,7 @@ mod pins;
 
 pub(crate) use links::{PodLinks, detach_pod};
 
+use crate::host::features::Node;
 use crate::settings::Settings;
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockHash};
@@ -30,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use ztunnel_common::Addr;
 use ztunnel_common::maps::{
-    OrigDst, PlaintextRuleKey, PodInfo, SocketKey, WorkloadEntry, names, programs,
+    OrigDst, PlaintextRuleKey, PodInfo, SocketKey, WorkloadEntry, globals, names, programs,
 };
 
 /// The programs, as `ztunnel-ebpf` builds them twice: without any logging code, and with
@@ -111,7 +112,7 @@ impl Datapath {
     /// missing, a layout an upgrade changed) the programs get new maps, pinned in place of
     /// the old ones; the old maps live on, read only by the old programs, until every old
     /// link has been moved on to the new programs (`adopt_pod`) or removed.
-    pub(crate) fn load(settings: &Settings) -> Result<Datapath, DatapathError> {
+    pub(crate) fn load(settings: &Settings, node: &Node) -> Result<Datapath, DatapathError> {
         let pin_dir = settings.bpffs.clone();
         pins::ensure_bpffs(pin_dir.parent().unwrap_or(&pin_dir))?;
         for sub in ["maps", "pods"] {
@@ -156,6 +157,14 @@ impl Datapath {
         if !settings.ebpf_log {
             logging::shrink_unused_buffer(&mut loader);
         }
+        static WITH: u8 = 1;
+        static WITHOUT: u8 = 0;
+        let ingress_ifindex = if node.has_ingress_ifindex() {
+            &WITH
+        } else {
+            &WITHOUT
+        };
+        loader.override_global(globals::HAS_INGRESS_IFINDEX, ingress_ifindex, true);
         let mut ebpf = loader.load(programs)?;
         for name in [programs::CONNECT4, programs::CONNECT6] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
