@@ -6,11 +6,13 @@ use crate::error::{LabError, Result};
 use crate::exec::Placement;
 use crate::state;
 use crate::topology::{self, NodeSpec};
+use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
@@ -19,6 +21,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
 const LOG_TAIL_LINES: usize = 30;
+
+/// Where the daemon (and its CLI and CNI plugin) come from when the options do not say: the
+/// directory of another build's binaries, e.g. to see an end-to-end test fail on an older one
+/// (`ZTUNNEL_DAEMON_BIN_DIR=/path/to/old/bins cargo test -p ztunnel-lab --test security`).
+pub const DAEMON_BIN_DIR_VARIABLE: &str = "ZTUNNEL_DAEMON_BIN_DIR";
 
 /// How the lab starts its daemons; saved by `up` so daemons restarted later match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -35,6 +42,14 @@ pub struct DaemonOptions {
     /// The eBPF programs' debug lines in the daemon's log (`--ebpf-log`).
     #[serde(default)]
     pub ebpf_log: bool,
+    /// The daemon's RLIMIT_NOFILE, soft and hard (when absent, the daemon raises its soft
+    /// limit to the hard one it inherits).
+    #[serde(default)]
+    pub open_files: Option<u64>,
+    /// The share of the descriptor budget one pod may take (`ZTUNNEL_POD_SHARE_PERCENT`: an
+    /// older build without it ignores the variable, where it would refuse the flag).
+    #[serde(default)]
+    pub pod_share_percent: Option<u8>,
 }
 
 impl DaemonOptions {
@@ -55,7 +70,10 @@ impl DaemonOptions {
 
     /// The directory the daemon and the CNI plugin are run from.
     pub fn daemon_bin_dir(&self) -> PathBuf {
-        self.bin_dir.clone().unwrap_or_else(topology::bin_dir)
+        self.bin_dir
+            .clone()
+            .or_else(|| std::env::var_os(DAEMON_BIN_DIR_VARIABLE).map(PathBuf::from))
+            .unwrap_or_else(topology::bin_dir)
     }
 
     /// `ztunnel` or `ztunnel-cni`, from `daemon_bin_dir`.
@@ -144,6 +162,17 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_for_stderr);
+    if let Some(percent) = options.pod_share_percent {
+        command.env("ZTUNNEL_POD_SHARE_PERCENT", percent.to_string());
+    }
+    if let Some(open_files) = options.open_files {
+        // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                setrlimit(Resource::RLIMIT_NOFILE, open_files, open_files).map_err(Into::into)
+            });
+        }
+    }
     let child = command
         .spawn()
         .map_err(|e| daemon_error(node, format!("could not be started: {e}")))?;

@@ -29,6 +29,27 @@ impl PodServer {
         PodServer::spawn(pod, "lab-tool", &["serve", "--port", &port.to_string()])
     }
 
+    /// Starts `lab-tool serve` with a listen backlog of `backlog`, accepting nothing for
+    /// `accept_after`: an app whose accept queue is full.
+    pub fn start_stalled(
+        pod: &str,
+        port: u16,
+        backlog: u32,
+        accept_after: Duration,
+    ) -> Result<PodServer> {
+        let args = [
+            "serve".to_owned(),
+            "--port".to_owned(),
+            port.to_string(),
+            "--backlog".to_owned(),
+            backlog.to_string(),
+            "--accept-after-ms".to_owned(),
+            accept_after.as_millis().to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        PodServer::spawn(pod, "lab-tool", &args)
+    }
+
     /// Starts `load-tool serve`, the benchmark's server: an echo port (latency, idle
     /// connections) and a port that replies once and closes (connection rate).
     pub fn start_load(pod: &str, echo_port: u16, reply_port: u16) -> Result<PodServer> {
@@ -124,6 +145,19 @@ pub fn send_from(
     run_tool(pod, "lab-tool", args, timeout)
 }
 
+/// `send_from`, from the local address and port `bind` (bound with SO_REUSEADDR first).
+pub fn send_bound_from(
+    pod: &str,
+    bind: SocketAddrV4,
+    to: SocketAddrV4,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<SendReport> {
+    let options = [("bytes", bytes.to_string()), ("bind", bind.to_string())];
+    let args = client_args("send", to, &options);
+    run_tool(pod, "lab-tool", args, timeout)
+}
+
 /// `send_from` with a pause of `pause` halfway through, the connection held open.
 pub fn send_pausing_from(
     pod: &str,
@@ -201,12 +235,38 @@ impl HeldConnections {
         hold: Duration,
         timeout: Duration,
     ) -> Result<HeldConnections> {
+        Self::start(pod, to, connections, hold, timeout, false)
+    }
+
+    /// A hostile client's flood: `connections` tried from `pod` to `to`, none sending a byte,
+    /// those that open held like `open`'s; the report counts those that did not.
+    pub fn flood(
+        pod: &str,
+        to: SocketAddrV4,
+        connections: usize,
+        hold: Duration,
+        timeout: Duration,
+    ) -> Result<HeldConnections> {
+        Self::start(pod, to, connections, hold, timeout, true)
+    }
+
+    fn start(
+        pod: &str,
+        to: SocketAddrV4,
+        connections: usize,
+        hold: Duration,
+        timeout: Duration,
+        silent: bool,
+    ) -> Result<HeldConnections> {
         let options = [
             ("connections", connections.to_string()),
             ("hold-secs", whole_seconds(hold)),
             ("timeout-secs", whole_seconds(timeout)),
         ];
-        let args = client_args("hold", to, &options);
+        let mut args = client_args("hold", to, &options);
+        if silent {
+            args.push("--silent".to_owned());
+        }
         let described = format!("load-tool {} in {pod}", args.join(" "));
         let mut child = crate::exec(pod, &[topology::binary("load-tool")?.as_os_str()])?
             .args(&args)
@@ -227,6 +287,7 @@ impl HeldConnections {
             stdin,
             report: HoldReport {
                 connections: 0,
+                failed: 0,
                 seconds_to_open: 0.0,
             },
         };

@@ -14,6 +14,8 @@ pub fn mesh_config() -> String {
 /// entries (`- {uid: ...}` lines), and top-level sections (`services:`, `policies:`).
 #[derive(Clone, Debug, Default)]
 pub struct MeshChanges<'a> {
+    /// Pods whose workload has another service account than the lab gives them.
+    pub service_accounts: &'a [(&'a str, &'a str)],
     pub workload_fields: &'a [(&'a str, &'a str)],
     pub extra_workloads: &'a str,
     pub sections: &'a str,
@@ -29,7 +31,11 @@ pub fn mesh_config_with(changes: &MeshChanges) -> String {
             uid = pod.uid,
             name = pod.name,
             namespace = pod.namespace,
-            sa = pod.service_account,
+            sa = changes
+                .service_accounts
+                .iter()
+                .find(|(name, _)| *name == pod.name)
+                .map_or(pod.service_account, |(_, account)| *account),
             ip = pod.expected_ip(),
             node = pod.node.name,
         );

@@ -92,14 +92,42 @@ fn hex(digest: &[u8]) -> String {
     digest.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
+/// How `serve` goes about it.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    /// Return after the first connection.
+    pub once: bool,
+    /// The listen backlog (the accept queue holds one more).
+    pub backlog: i32,
+    /// How long to listen before accepting the first connection: an app whose accept queue
+    /// fills up.
+    pub accept_after: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> ServeOptions {
+        ServeOptions {
+            once: false,
+            // Deep enough for the tests' bursts of a thousand simultaneous connections.
+            backlog: 4096,
+            accept_after: Duration::ZERO,
+        }
+    }
+}
+
 /// Listens on 0.0.0.0:`port` and reports every connection (to the client and to stdout);
-/// `on_ready` runs once the socket listens. With `once`, returns after the first connection.
-pub fn serve(port: u16, once: bool, on_ready: impl FnOnce()) -> Result<(), TrafficError> {
-    let listener = listen_all(port)?;
+/// `on_ready` runs once the socket listens.
+pub fn serve(
+    port: u16,
+    options: ServeOptions,
+    on_ready: impl FnOnce(),
+) -> Result<(), TrafficError> {
+    let listener = listen_all(port, options.backlog)?;
     on_ready();
+    std::thread::sleep(options.accept_after);
     for stream in listener.incoming() {
         let stream = stream.map_err(io_error("accepting"))?;
-        if once {
+        if options.once {
             return answer(stream);
         }
         std::thread::spawn(move || {
@@ -155,6 +183,9 @@ fn answer(mut stream: TcpStream) -> Result<(), TrafficError> {
 pub struct SendOptions {
     /// SO_MARK to set on the socket before connecting.
     pub mark: Option<u32>,
+    /// The local address and port to bind to (with SO_REUSEADDR) before connecting, as a
+    /// client that picks its own port does.
+    pub bind: Option<SocketAddrV4>,
     /// A pause halfway through the bytes, with the connection held open (to have a
     /// connection open across an event, such as a proxy draining).
     pub pause: Duration,
@@ -169,7 +200,7 @@ pub fn send(
     bytes: u64,
     options: SendOptions,
 ) -> Result<SendReport, TrafficError> {
-    let stream = connect_marked(to, options.mark, options.timeout)?;
+    let stream = connect_with(to, &options)?;
     exchange(stream, to, bytes, options.pause)
 }
 
@@ -231,9 +262,8 @@ fn exchange(
     })
 }
 
-/// Listens on 0.0.0.0:`port` with SO_REUSEADDR (a restarted server rebinds at once) and a
-/// backlog deep enough for the tests' bursts of a thousand simultaneous connections.
-fn listen_all(port: u16) -> Result<TcpListener, TrafficError> {
+/// Listens on 0.0.0.0:`port` with SO_REUSEADDR (a restarted server rebinds at once).
+fn listen_all(port: u16, backlog: i32) -> Result<TcpListener, TrafficError> {
     let what = format!("listening on 0.0.0.0:{port}");
     let nix_error = |cause: nix::errno::Errno| TrafficError::Io {
         what: what.clone(),
@@ -252,16 +282,13 @@ fn listen_all(port: u16) -> Result<TcpListener, TrafficError> {
         &SockaddrIn::from(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port)),
     )
     .map_err(nix_error)?;
-    listen(&fd, Backlog::new(4096).map_err(nix_error)?).map_err(nix_error)?;
+    listen(&fd, Backlog::new(backlog).map_err(nix_error)?).map_err(nix_error)?;
     Ok(TcpListener::from(fd))
 }
 
 /// std cannot set a socket option between socket() and connect(), so the socket is made here.
-fn connect_marked(
-    to: SocketAddrV4,
-    mark: Option<u32>,
-    timeout: Duration,
-) -> Result<TcpStream, TrafficError> {
+fn connect_with(to: SocketAddrV4, options: &SendOptions) -> Result<TcpStream, TrafficError> {
+    let (mark, timeout) = (options.mark, options.timeout);
     let nix_error = |what: &str| {
         let what = what.to_owned();
         move |errno: nix::errno::Errno| TrafficError::Io {
@@ -278,6 +305,14 @@ fn connect_marked(
     .map_err(nix_error("creating a socket"))?;
     if let Some(mark) = mark {
         setsockopt(&fd, sockopt::Mark, &mark).map_err(nix_error("setting SO_MARK"))?;
+    }
+    if let Some(local) = options.bind {
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(nix_error("setting SO_REUSEADDR"))?;
+        nix::sys::socket::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &SockaddrIn::from(local),
+        )
+        .map_err(nix_error(&format!("binding {local}")))?;
     }
     // Linux bounds a blocking connect() by the send timeout.
     let limit = TimeVal::new(
@@ -308,7 +343,13 @@ pub fn burst(to: SocketAddrV4, connections: usize, bytes: u64, timeout: Duration
         .map(|_| {
             let all_connected = all_connected.clone();
             std::thread::spawn(move || {
-                let stream = connect_marked(to, None, timeout);
+                let options = SendOptions {
+                    mark: None,
+                    bind: None,
+                    pause: Duration::ZERO,
+                    timeout,
+                };
+                let stream = connect_with(to, &options);
                 all_connected.wait();
                 exchange(stream?, to, bytes, Duration::ZERO).map(|_| ())
             })
@@ -358,9 +399,12 @@ impl ConnectRateReport {
     }
 }
 
-/// `load-tool hold`: printed once every connection is open and has carried one round trip.
+/// `load-tool hold`: printed once every connection is open and has carried one round trip
+/// (silent: once each was tried).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HoldReport {
     pub connections: usize,
+    /// Silent connections that did not open.
+    pub failed: usize,
     pub seconds_to_open: f64,
 }

@@ -42,7 +42,7 @@ fn add_check_del_against_a_running_daemon() {
         &Request::Enroll { pod: spec },
         Duration::from_secs(10),
     ) {
-        Ok(Response::Enrolled { pod }) => assert_eq!(pod.links.len(), 4),
+        Ok(Response::Enrolled { pod }) => assert_eq!(pod.links.len(), HOOKS_PER_POD),
         other => panic!("repeated enrollment: {other:?}"),
     }
     assert_eq!(
@@ -57,7 +57,9 @@ fn add_check_del_against_a_running_daemon() {
 
     ztunnel_lab::cni_del("a1").expect("DEL of a pod the daemon does not know succeeds");
     ztunnel_lab::cni_del("a1").expect("a second DEL succeeds too");
-    eventually("a1's links are released", || our_link_count() == links - 4);
+    eventually("a1's links are released", || {
+        our_link_count() == links - HOOKS_PER_POD
+    });
 }
 
 #[test]

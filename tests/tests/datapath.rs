@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 use support::*;
-use ztunnel_common::maps::{OrigDst, PodInfo, SocketKey, names};
+use ztunnel_common::maps::{FlowKey, OrigDst, PodInfo, names};
 use ztunnel_common::ports::DEFAULT_MARK;
 use ztunnel_lab::send_from;
 use ztunnel_user::api::Direction;
@@ -64,7 +64,7 @@ fn assert_captured_transfer(
     assert_eq!(kernel["orig_dst_miss"], 0);
     // The proxy took (and deleted) the original destination.
     assert_eq!(
-        pinned_map_len::<SocketKey, OrigDst>(&s.lab, client_node, names::ORIG_DST),
+        pinned_map_len::<FlowKey, OrigDst>(&s.lab, client_node, names::ORIG_DST),
         0
     );
 }
@@ -176,7 +176,7 @@ fn proxy_connections_are_never_captured_again() {
 fn cni_del_leaves_nothing_behind_and_add_captures_again() {
     let s = LabSession::start();
     let enrolled = 3; // a1, a2, b1
-    assert_eq!(our_link_count(), 4 * enrolled);
+    assert_eq!(our_link_count(), HOOKS_PER_POD * enrolled);
     assert_eq!(
         pinned_map_len::<u64, PodInfo>(&s.lab, "node1", names::PODS),
         2
@@ -221,7 +221,7 @@ fn cni_del_leaves_nothing_behind_and_add_captures_again() {
         .join(&a1.uid);
     assert!(!pins.exists(), "a1's pins are gone");
     eventually("a1's links are released", || {
-        our_link_count() == 4 * (enrolled - 1)
+        our_link_count() == HOOKS_PER_POD * (enrolled - 1)
     });
     assert_eq!(
         pinned_map_len::<u64, PodInfo>(&s.lab, "node1", names::PODS),

@@ -7,59 +7,7 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 use ztunnel_lab::topology::{MESH_CONFIG, node_spec};
-use ztunnel_lab::{DaemonOptions, Started, daemon_cli, exec_node, send_pausing_from};
-
-const KIB: u64 = 1024;
-
-/// `curl` inside `node`'s netns; the body, or the HTTP status as an error.
-fn curl(node: &str, args: &[&str]) -> Result<String, String> {
-    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
-    argv.extend(args);
-    let output = exec_node(node, &argv)
-        .expect("curl command")
-        .output()
-        .expect("running curl");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
-    match code {
-        "200" => Ok(body.to_owned()),
-        _ => Err(format!(
-            "{code}: {body}{}",
-            String::from_utf8_lossy(&output.stderr)
-        )),
-    }
-}
-
-fn scrape(node: &str) -> String {
-    curl(node, &["http://127.0.0.1:15020/metrics"]).unwrap_or_else(|e| panic!("{node}: {e}"))
-}
-
-/// The sum of the samples of `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
-            let set = rest.strip_suffix('}')?;
-            let has = |(key, value): &(&str, &str)| {
-                set.split("\",")
-                    .any(|pair| pair.trim_end_matches('"') == format!("{key}=\"{value}"))
-            };
-            (metric == name && labels.iter().all(has)).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
-fn cli(node: &str, args: &[&str]) -> String {
-    let output = daemon_cli(node, args).expect("ztunnel CLI");
-    assert!(
-        output.status.success(),
-        "ztunnel {args:?} on {node}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
+use ztunnel_lab::{DaemonOptions, Started, send_pausing_from};
 
 #[test]
 fn metrics_and_access_logs_report_both_sides_and_the_kernel() {
@@ -286,7 +234,7 @@ fn the_admin_api_and_the_cli_show_the_running_node() {
         "demo/a1",
         "demo/a2",
         "spiffe://cluster.local/ns/demo/sa/sa-a",
-        "sk_lookup,sock_ops,connect6,connect4",
+        "sk_lookup,sock_ops,bind6,bind4,connect6,connect4",
     ] {
         assert!(pods.contains(expected), "{expected} in\n{pods}");
     }
@@ -330,20 +278,39 @@ fn the_admin_api_and_the_cli_show_the_running_node() {
     assert_eq!(dump["settings"]["config"], MESH_CONFIG);
     assert_eq!(dump["settings"]["capture"], "ebpf");
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 5);
-    assert_eq!(dump["pods"][0]["links"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        dump["pods"][0]["links"].as_array().unwrap().len(),
+        HOOKS_PER_POD
+    );
+    assert!(dump["pods"][0].get("waiting").is_none(), "{dump}");
+    // A change needs a header no browser form or plain link can send (a page on the node
+    // cannot stop the daemon or raise its log level).
+    for path in ["/logging?level=debug", "/quitquitquit"] {
+        let refused = curl(
+            "node1",
+            &["-X", "POST", &format!("http://127.0.0.1:15000{path}")],
+        )
+        .unwrap_err();
+        assert!(refused.starts_with("403"), "{path}: {refused}");
+    }
+    assert_eq!(
+        curl("node1", &["http://127.0.0.1:15000/logging"]).unwrap(),
+        "log level: info\n"
+    );
+    let admin = ["-X", "POST", "-H", "x-ztunnel-admin: true"];
     let changed = curl(
         "node1",
-        &["-X", "POST", "http://127.0.0.1:15000/logging?level=debug"],
+        &[&admin[..], &["http://127.0.0.1:15000/logging?level=debug"]].concat(),
     )
     .unwrap();
     assert_eq!(changed, "log level: debug\n");
     let refused = curl(
         "node1",
         &[
-            "-X",
-            "POST",
-            "http://127.0.0.1:15000/logging?level=no=such=level",
-        ],
+            &admin[..],
+            &["http://127.0.0.1:15000/logging?level=no=such=level"],
+        ]
+        .concat(),
     )
     .unwrap_err();
     assert!(refused.starts_with("400"), "{refused}");

@@ -17,21 +17,11 @@ use ztunnel_lab::send_from;
 use ztunnel_user::api::Direction;
 
 const OTHER_PORT: u16 = 9090;
-const QUICK: Duration = Duration::from_secs(5);
-const KIB: u64 = 1024;
 
 fn policies(yaml: &'static str) -> MeshChanges<'static> {
     MeshChanges {
         sections: yaml,
         ..MeshChanges::default()
-    }
-}
-
-/// A connection `pod -> to` that must not get through; returns the client's error.
-fn denied(pod: &str, to: std::net::SocketAddrV4) -> String {
-    match send_from(pod, to, 4 * KIB, None, QUICK) {
-        Ok(report) => panic!("{pod} -> {to} got through: {report:?}"),
-        Err(err) => err.to_string(),
     }
 }
 
@@ -245,6 +235,7 @@ fn hot_reload_keeps_the_kernel_map_in_step_and_refuses_bad_files() {
             workload_fields: &[("b1", "  waypoint: {destination: /10.244.2.4}\n")],
             extra_workloads: &extra,
             sections: &policy,
+            ..MeshChanges::default()
         },
     );
     for node in NODES {

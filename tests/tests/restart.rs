@@ -28,7 +28,6 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(2);
 const DOWN_FOR: Duration = Duration::from_secs(3);
 /// Connections the loop must complete before the stop and after the restart.
 const SUCCESSES_EACH_SIDE: usize = 10;
-const HOOKS_PER_POD: usize = 4;
 /// tcpdump gets packets from the kernel in blocks, handed over at least once a second: wait
 /// that long before stopping it, or the last packets are missing.
 const CAPTURE_HANDOVER: Duration = Duration::from_millis(1500);
@@ -331,22 +330,23 @@ fn sigtermed_daemon_fails_closed_and_takes_its_pods_over_on_restart() {
 }
 
 #[test]
-fn restart_releases_pods_that_cannot_be_taken_over() {
+fn restart_keeps_pods_it_cannot_take_over_captured_until_they_are_gone() {
     let s = LabSession::start();
     let lab = &s.lab;
     let links_before = our_link_count();
+    assert_eq!(links_before, 3 * HOOKS_PER_POD);
     ztunnel_lab::kill_daemon("node1").expect("SIGKILL node1's daemon");
     ztunnel_lab::kill_daemon("node2").expect("SIGKILL node2's daemon");
     // a2 was deleted while the daemon was down: CNI DEL (which cannot reach the daemon and
-    // says so), then the runtime removes the netns. b1's DEL ran, its netns is still there.
-    // a1's record was damaged.
+    // says so), then the runtime removes the netns. b1 lost its address for a while (so
+    // the proxy cannot listen there). a1's record was damaged.
     ztunnel_lab::cni_del("a2").expect("CNI DEL of a2 while the daemon is down");
     let deleted = std::process::Command::new("ip")
         .args(["netns", "delete", "ztlab-a2"])
         .status()
         .expect("ip netns delete");
     assert!(deleted.success());
-    ztunnel_lab::cni_del("b1").expect("CNI DEL of b1 while the daemon is down");
+    let b1_address = PodAddress::remove("b1");
     let a1 = lab.pod("a1").unwrap();
     let record = ztunnel_lab::topology::node_spec("node1")
         .unwrap()
@@ -367,27 +367,123 @@ fn restart_releases_pods_that_cannot_be_taken_over() {
         daemon_log("node2").contains(&format!("listening on {}", s.addr("b1", 15001))),
         "b1's address is gone"
     );
-    // Nothing of any of them is left: no enrollment, record, link or map entry.
-    for node in NODES {
-        assert!(status(lab, node).pods.is_empty());
-        assert!(pod_record_files(node).is_empty());
-        assert!(pinned_link_programs(lab, node).is_empty());
-        assert_eq!(pinned_map_len::<u64, PodInfo>(lab, node, names::PODS), 0);
+    // a2 is gone, and so is everything of it. a1 (no record) and b1 (no address) stay
+    // captured, and say so: listed as waiting, links pinned, map entry in place.
+    for (node, pod, named) in [("node1", "a1", false), ("node2", "b1", true)] {
+        let uid = &lab.pod(pod).unwrap().uid;
+        let pods = status(lab, node).pods;
+        assert_eq!(pods.len(), 1, "{node}: {pods:?}");
+        assert_eq!(&pods[0].uid, uid);
+        assert_eq!(pods[0].name.is_empty(), !named);
+        assert!(
+            pods[0].waiting.as_ref().is_some_and(|w| w.attempts >= 1),
+            "{:?}",
+            pods[0].waiting
+        );
+        assert_eq!(pods[0].links.len(), HOOKS_PER_POD);
+        assert_eq!(pinned_link_programs(lab, node).len(), HOOKS_PER_POD);
+        assert_eq!(pinned_map_len::<u64, PodInfo>(lab, node, names::PODS), 1);
+        assert_eq!(
+            sample(&scrape(node), "ztunnel_pods", &[("state", "waiting")]),
+            1.0
+        );
+        assert!(
+            cli(node, &["pods"]).contains("WAITING"),
+            "`ztunnel pods` shows it"
+        );
+        assert!(cli(node, &["status"]).contains("1 waiting"));
     }
-    eventually("all links are released", || our_link_count() == 0);
-    assert_eq!(links_before, 3 * HOOKS_PER_POD);
-    // Released means uncaptured, as before its first ADD; a new ADD captures it again.
+    assert_eq!(pod_record_files("node2").len(), 1, "b1's record is kept");
+    eventually("a2's links are released", || {
+        our_link_count() == 2 * HOOKS_PER_POD
+    });
+    // Waiting means captured with its connections refused, never sent uncaptured: not a1's
+    // own, and not those to its app.
     let u1 = serve("u1", APP_PORT);
-    send("a1", s.addr("u1", APP_PORT), 1024);
-    assert_eq!(next_report(&u1).peer.ip(), s.ip("a1"));
-    assert!(connections(lab, "node1").is_empty());
-    enroll_again(lab, "node1", "a1");
-    send("a1", s.addr("u1", APP_PORT), 1024);
+    let _a1_app = serve("a1", APP_PORT);
+    let out = send_from(
+        "a1",
+        s.addr("u1", APP_PORT),
+        KIB,
+        None,
+        Duration::from_secs(3),
+    );
+    assert!(out.is_err(), "a1's connection got out: {out:?}");
+    let into = send_from(
+        "u1",
+        s.addr("a1", APP_PORT),
+        KIB,
+        None,
+        Duration::from_secs(3),
+    );
+    assert!(into.is_err(), "a connection reached a1's app: {into:?}");
+    let kernel = counters(lab, "node1");
+    assert!(kernel["inbound_refused_no_proxy"] >= 1, "{kernel:?}");
+
+    // b1's address is back: a retry (backing off to a minute at most) serves it again.
+    b1_address.restore();
+    eventually_within("b1 is served again", Duration::from_secs(70), || {
+        status(lab, "node2").pods[0].waiting.is_none()
+    });
+    let b1 = serve("b1", APP_PORT);
+    send("u1", s.addr("b1", APP_PORT), KIB);
+    next_report(&b1);
+    assert_eq!(
+        closed_connections(lab, "node2", Direction::Inbound).len(),
+        1
+    );
+
+    // a1 enrolled again (the runtime's next ADD) is served on the links it kept.
+    let enrolled = enroll_again(lab, "node1", "a1");
+    assert_eq!(enrolled.waiting, None);
+    send("a1", s.addr("u1", APP_PORT), KIB);
     next_report(&u1);
     assert_eq!(
         closed_connections(lab, "node1", Direction::Outbound).len(),
         1
     );
+    assert_eq!(our_link_count(), 2 * HOOKS_PER_POD);
+}
+
+/// A pod's IPv4 address and routes, taken away for a while.
+struct PodAddress {
+    pod: &'static str,
+    address: String,
+    routes: Vec<String>,
+}
+
+impl PodAddress {
+    fn remove(pod: &'static str) -> PodAddress {
+        let shown = run_in(pod, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+        let address = shown
+            .split_whitespace()
+            .skip_while(|word| *word != "inet")
+            .nth(1)
+            .expect("an IPv4 address on eth0")
+            .to_owned();
+        let routes = run_in(pod, &["ip", "-4", "route", "show"])
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        run_in(pod, &["ip", "addr", "del", &address, "dev", "eth0"]);
+        PodAddress {
+            pod,
+            address,
+            routes,
+        }
+    }
+
+    fn restore(self) {
+        run_in(
+            self.pod,
+            &["ip", "addr", "add", &self.address, "dev", "eth0"],
+        );
+        for route in &self.routes {
+            let mut argv = vec!["ip", "route", "replace"];
+            argv.extend(route.split_whitespace());
+            run_in(self.pod, &argv);
+        }
+    }
 }
 
 #[test]

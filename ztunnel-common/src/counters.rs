@@ -24,28 +24,28 @@ macro_rules! counters {
 
 counters! {
     OutboundCaptured => "outbound_captured",
-    OutboundBypassNotEnrolled => "outbound_bypass_not_enrolled",
     OutboundBypassNotTcp => "outbound_bypass_not_tcp",
     OutboundBypassMarked => "outbound_bypass_marked",
     OutboundBypassLoopback => "outbound_bypass_loopback",
     OutboundBypassOwnIp => "outbound_bypass_own_ip",
-    OutboundBypassProxyPort => "outbound_bypass_proxy_port",
     OutboundBypassExcludedPort => "outbound_bypass_excluded_port",
     OutboundBypassExcludedCidr => "outbound_bypass_excluded_cidr",
     OutboundBypassNoPodAddress => "outbound_bypass_no_pod_address",
     OutboundRefusedMapFull => "outbound_refused_map_full",
+    OutboundRefusedNoPodEntry => "outbound_refused_no_pod_entry",
     OrigDstRecorded => "orig_dst_recorded",
     OrigDstMiss => "orig_dst_miss",
     InboundSteered => "inbound_steered",
     InboundBypassNotTcp => "inbound_bypass_not_tcp",
     InboundBypassLocal => "inbound_bypass_local",
     InboundBypassDelivery => "inbound_bypass_delivery",
-    InboundBypassProxyPort => "inbound_bypass_proxy_port",
+    InboundBypassHbone => "inbound_bypass_hbone",
     InboundBypassExcludedPort => "inbound_bypass_excluded_port",
     InboundRefusedNoProxy => "inbound_refused_no_proxy",
     InboundAssignFailed => "inbound_assign_failed",
     InboundDeniedByPolicy => "inbound_denied_by_policy",
     InboundDeniedNeedsIdentity => "inbound_denied_needs_identity",
+    BindRefusedPodPort => "bind_refused_pod_port",
 }
 
 impl Counter {

@@ -37,6 +37,8 @@ pub mod programs {
     pub const CONNECT6: &str = "zt_connect6";
     pub const SOCK_OPS: &str = "zt_sock_ops";
     pub const SK_LOOKUP: &str = "zt_sk_lookup";
+    pub const BIND4: &str = "zt_bind4";
+    pub const BIND6: &str = "zt_bind6";
 }
 
 /// The programs' load-time constants (read-only globals the loader sets).
@@ -48,6 +50,9 @@ pub mod globals {
 pub const MAX_PODS: u32 = 4096;
 /// Connections between `connect()` and the proxy's `accept()`; LRU so a burst evicts the oldest.
 pub const MAX_IN_FLIGHT_CONNECTS: u32 = 65536;
+/// Open connections the proxy delivered into pods; LRU: beyond it the oldest lose their
+/// entry, which only their handshake needed.
+pub const MAX_DELIVERIES: u32 = 65536;
 pub const MAX_EXCLUDED_CIDRS: u32 = 1024;
 pub const MAX_EXCLUDED_PORTS: u32 = 1024;
 /// Addresses of the mesh's workloads (all nodes).
@@ -94,22 +99,25 @@ pub struct OrigDst {
     pub _pad: [u8; 6],
 }
 
-/// Key of `ORIG_DST`: the client end of the captured connection, as the proxy sees its peer.
+/// A TCP connection's four-tuple, from its client's end (key of `ORIG_DST` and `DELIVERIES`):
+/// an entry serves that one connection and no other.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
-pub struct SocketKey {
-    pub addr: Addr,
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
     /// Host byte order.
-    pub port: u16,
-    pub _pad: [u8; 2],
+    pub src_port: u16,
+    pub dst_port: u16,
 }
 
-impl SocketKey {
-    pub const fn new(addr: Addr, port: u16) -> SocketKey {
-        SocketKey {
-            addr,
-            port,
-            _pad: [0; 2],
+impl FlowKey {
+    pub const fn new(src: Addr, src_port: u16, dst: Addr, dst_port: u16) -> FlowKey {
+        FlowKey {
+            src,
+            dst,
+            src_port,
+            dst_port,
         }
     }
 }
@@ -172,7 +180,7 @@ mod pod_impls {
     // `_pad` fields fill every gap), so any byte pattern the kernel returns is a valid value.
     unsafe impl aya::Pod for super::PodInfo {}
     unsafe impl aya::Pod for super::OrigDst {}
-    unsafe impl aya::Pod for super::SocketKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::WorkloadEntry {}
     unsafe impl aya::Pod for super::PlaintextRuleKey {}

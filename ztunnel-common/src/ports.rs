@@ -11,22 +11,15 @@ pub const METRICS: u16 = 15020;
 pub const READINESS: u16 = 15021;
 pub const DNS: u16 = 15053;
 
-/// Ports owned by the proxy: never captured, never steered.
-pub const PROXY_PORTS: [u16; 7] = [
-    OUTBOUND,
-    INBOUND_PLAINTEXT,
-    HBONE,
-    ADMIN,
-    METRICS,
-    READINESS,
-    DNS,
-];
+/// The proxy's listeners inside every enrolled pod's netns: the pod's processes may not bind
+/// them, and nothing is delivered to them. Every other port is the app's, and captured.
+pub const POD_PORTS: [u16; 3] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE];
 
-pub fn is_proxy_port(port: u16) -> bool {
+pub fn is_pod_port(port: u16) -> bool {
     let mut i = 0;
     // A plain loop keeps the eBPF verifier's view simple (no iterator adaptors).
-    while i < PROXY_PORTS.len() {
-        if PROXY_PORTS[i] == port {
+    while i < POD_PORTS.len() {
+        if POD_PORTS[i] == port {
             return true;
         }
         i += 1;

@@ -20,12 +20,15 @@ pub enum Outbound {
     Capture { to: Addr },
     /// Leave the connection alone; the counter says why.
     Bypass(Counter),
+    /// Refuse the `connect()` (EPERM); the counter says why.
+    Refuse(Counter),
 }
 
 /// Decides whether a pod's `connect()` goes to the proxy.
 ///
-/// `pod` is the calling netns's entry in `PODS` (absent while the pod is being enrolled or
-/// disenrolled). The map lookups for exclusions are closures so that they only run when the
+/// `pod` is the calling netns's entry in `PODS`. The programs only run in the cgroups of
+/// captured pods, and the entry is there before the first link and gone after the last, so a
+/// missing one is state the daemon could not restore: fail closed. The map lookups for exclusions are closures so that they only run when the
 /// cheap checks did not already decide.
 pub fn outbound(
     connect: &Connect,
@@ -33,13 +36,13 @@ pub fn outbound(
     port_excluded: impl FnOnce(u16) -> bool,
     cidr_excluded: impl FnOnce(&Addr) -> bool,
 ) -> Outbound {
-    let Some(pod) = pod else {
-        return Outbound::Bypass(Counter::OutboundBypassNotEnrolled);
-    };
-    let dst = &connect.dst;
     if !connect.is_tcp {
         return Outbound::Bypass(Counter::OutboundBypassNotTcp);
     }
+    let Some(pod) = pod else {
+        return Outbound::Refuse(Counter::OutboundRefusedNoPodEntry);
+    };
+    let dst = &connect.dst;
     if connect.marked {
         return Outbound::Bypass(Counter::OutboundBypassMarked);
     }
@@ -48,9 +51,6 @@ pub fn outbound(
     }
     if pod.owns(dst) {
         return Outbound::Bypass(Counter::OutboundBypassOwnIp);
-    }
-    if ports::is_proxy_port(connect.dst_port) {
-        return Outbound::Bypass(Counter::OutboundBypassProxyPort);
     }
     if port_excluded(connect.dst_port) {
         return Outbound::Bypass(Counter::OutboundBypassExcludedPort);
@@ -108,8 +108,9 @@ pub fn inbound(
     {
         return Inbound::Pass(Counter::InboundBypassLocal);
     }
-    if ports::is_proxy_port(lookup.local_port) {
-        return Inbound::Pass(Counter::InboundBypassProxyPort);
+    // HBONE goes straight to the proxy's own 15008 listener; every other port is the app's.
+    if lookup.local_port == ports::HBONE {
+        return Inbound::Pass(Counter::InboundBypassHbone);
     }
     if port_excluded(lookup.local_port) {
         return Inbound::Pass(Counter::InboundBypassExcludedPort);
@@ -118,6 +119,13 @@ pub fn inbound(
         return Inbound::Pass(Counter::InboundBypassDelivery);
     }
     Inbound::Steer
+}
+
+/// Whether a pod's process may bind `port`: not the proxy's ports of the pod's netns, or it
+/// could take the listener the proxy opens there (after a restart, say) and with it the pod's
+/// captured or steered connections.
+pub fn bind_allowed(port: u16) -> bool {
+    !ports::is_pod_port(port)
 }
 
 #[cfg(all(test, feature = "user"))]
@@ -166,16 +174,11 @@ mod tests {
         let pod = pod_v4();
         let cases = [
             (
-                tcp_to("10.244.2.2", 80),
-                None,
-                Counter::OutboundBypassNotEnrolled,
-            ),
-            (
                 Connect {
                     is_tcp: false,
                     ..tcp_to("10.244.2.2", 53)
                 },
-                Some(&pod),
+                None,
                 Counter::OutboundBypassNotTcp,
             ),
             (
@@ -207,16 +210,6 @@ mod tests {
                 Counter::OutboundBypassOwnIp,
             ),
             (
-                tcp_to("10.244.2.2", 15008),
-                Some(&pod),
-                Counter::OutboundBypassProxyPort,
-            ),
-            (
-                tcp_to("10.244.2.2", 15001),
-                Some(&pod),
-                Counter::OutboundBypassProxyPort,
-            ),
-            (
                 tcp_to("10.244.2.2", 22),
                 Some(&pod),
                 Counter::OutboundBypassExcludedPort,
@@ -239,6 +232,14 @@ mod tests {
                 "{connect:?}"
             );
         }
+    }
+
+    #[test]
+    fn tcp_from_a_captured_cgroup_without_its_pod_entry_is_refused() {
+        assert_eq!(
+            decide(tcp_to("10.244.2.2", 80), None),
+            Outbound::Refuse(Counter::OutboundRefusedNoPodEntry)
+        );
     }
 
     #[test]
@@ -315,7 +316,7 @@ mod tests {
             (
                 lookup(true, 2, "10.244.1.2", 15008),
                 false,
-                Counter::InboundBypassProxyPort,
+                Counter::InboundBypassHbone,
             ),
             (
                 lookup(true, 2, "10.244.1.2", 9090),
@@ -360,6 +361,48 @@ mod tests {
     }
 
     #[test]
+    fn only_hbone_and_the_proxys_own_traffic_skip_capture() {
+        let pod = pod_v4();
+        // An app's port that happens to be one of the proxy's elsewhere is the app's here.
+        for port in [15000, 15001, 15008, 15020, 15021, 15053] {
+            let verdict = outbound(
+                &tcp_to("10.244.2.2", port),
+                Some(&pod),
+                |_| false,
+                |_| false,
+            );
+            assert!(
+                matches!(verdict, Outbound::Capture { .. }),
+                "{port}: {verdict:?}"
+            );
+        }
+        let lookup = |local_port| Lookup {
+            is_tcp: true,
+            ingress_ifindex: 2,
+            remote: addr("10.244.1.2"),
+            local: addr("10.244.2.2"),
+            local_port,
+        };
+        for port in [15000, 15001, 15006, 15020, 15021] {
+            assert_eq!(
+                inbound(&lookup(port), |_| false, || false),
+                Inbound::Steer,
+                "{port}"
+            );
+        }
+        assert_eq!(
+            inbound(&lookup(15008), |_| false, || false),
+            Inbound::Pass(Counter::InboundBypassHbone)
+        );
+        for port in [15001, 15006, 15008] {
+            assert!(!bind_allowed(port), "{port}");
+        }
+        for port in [80, 8080, 15000, 15020, 15021, 15053] {
+            assert!(bind_allowed(port), "{port}");
+        }
+    }
+
+    #[test]
     fn a_delivery_announcement_is_only_consumed_for_app_ports() {
         let l = Lookup {
             is_tcp: true,
@@ -370,7 +413,7 @@ mod tests {
         };
         assert_eq!(
             inbound(&l, |_| false, || panic!("consumed")),
-            Inbound::Pass(Counter::InboundBypassProxyPort)
+            Inbound::Pass(Counter::InboundBypassHbone)
         );
     }
 }

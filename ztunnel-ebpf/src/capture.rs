@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie};
 use aya_ebpf::macros::{cgroup_sock_addr, sk_lookup, sock_ops};
 use aya_ebpf::programs::{SkLookupContext, SockAddrContext, SockOpsContext};
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
-use ztunnel_common::maps::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, OrigDst, SocketKey};
+use ztunnel_common::maps::{EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, FlowKey, OrigDst};
 use ztunnel_common::verdict::{self, Connect, Inbound, Lookup, Outbound};
 use ztunnel_common::{Addr, Counter, ports};
 
@@ -22,9 +22,11 @@ const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 const ENOENT: i32 = 2;
 
-/// `cgroup/connect*` return values.
+/// `cgroup/connect*` and `cgroup/bind*` return values (a refusal is EPERM to the caller).
 const CONNECT_ALLOW: i32 = 1;
 const CONNECT_REFUSE: i32 = 0;
+const BIND_ALLOW: i32 = 1;
+const BIND_REFUSE: i32 = 0;
 /// `sk_lookup` return values: let the normal lookup (or our assignment) stand, or drop.
 const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
@@ -100,6 +102,17 @@ fn connect(
             );
             return CONNECT_ALLOW;
         }
+        Outbound::Refuse(reason) => {
+            count(reason);
+            decision!(
+                ctx,
+                "connect to {:i}:{} refused: {}",
+                dst.octets(),
+                facts.dst_port,
+                counter_name(reason)
+            );
+            return CONNECT_REFUSE;
+        }
         Outbound::Capture { to } => to,
     };
 
@@ -145,6 +158,38 @@ fn connect(
     CONNECT_ALLOW
 }
 
+/// The proxy's ports of the pod's netns are the proxy's: a pod's process may not bind them
+/// (it could take the listener the proxy opens there, after a restart say, and with it the
+/// pod's connections). The daemon's sockets are not in the pod's cgroup, so this never sees
+/// them.
+#[cgroup_sock_addr(bind4)]
+pub fn zt_bind4(ctx: SockAddrContext) -> i32 {
+    bind(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn zt_bind6(ctx: SockAddrContext) -> i32 {
+    bind(&ctx)
+}
+
+#[inline(always)]
+fn bind(ctx: &SockAddrContext) -> i32 {
+    // SAFETY: a 4-byte context read; the port is in network byte order in its low half.
+    let user_port = unsafe { read_volatile(addr_of!((*ctx.sock_addr).user_port)) };
+    let port = u16::from_be(user_port as u16);
+    if verdict::bind_allowed(port) {
+        return BIND_ALLOW;
+    }
+    count(Counter::BindRefusedPodPort);
+    decision!(
+        ctx,
+        "bind to port {} refused: {}",
+        port,
+        counter_name(Counter::BindRefusedPodPort)
+    );
+    BIND_REFUSE
+}
+
 /// Once the SYN is about to leave, the local port is known: re-key the original destination
 /// by the client's (address, port), which is what the proxy sees as its peer after `accept()`.
 #[sock_ops]
@@ -173,19 +218,28 @@ pub fn zt_sock_ops(ctx: SockOpsContext) -> u32 {
     // offset at run time, and the verifier refuses context access through a moved pointer.
     let ops = ctx.ops;
     // SAFETY: 4-byte context reads, one per word.
-    let (ip4, ip6) = unsafe {
+    let (local4, local6, remote4, remote6) = unsafe {
         (
             read_volatile(addr_of!((*ops).local_ip4)),
             read_words(addr_of!((*ops).local_ip6)),
+            read_volatile(addr_of!((*ops).remote_ip4)),
+            read_words(addr_of!((*ops).remote_ip6)),
         )
     };
-    let local = if ctx.family() == AF_INET {
-        Addr::from_ip4_be(ip4)
+    let (local, remote) = if ctx.family() == AF_INET {
+        (Addr::from_ip4_be(local4), Addr::from_ip4_be(remote4))
     } else {
-        Addr::from_ip6_be(ip6)
+        (Addr::from_ip6_be(local6), Addr::from_ip6_be(remote6))
     };
     let local_port = ctx.local_port() as u16;
-    let key = SocketKey::new(local, local_port);
+    // The whole four-tuple (the remote end is the pod's own 15001 it was sent to): only the
+    // connection that made the entry can take it, never another pod's with the same port.
+    let key = FlowKey::new(
+        local,
+        local_port,
+        remote,
+        u32::from_be(ctx.remote_port()) as u16,
+    );
     match ORIG_DST.insert(&key, &orig, 0) {
         Ok(()) => {
             count(Counter::OrigDstRecorded);
@@ -255,11 +309,14 @@ pub fn zt_sk_lookup(ctx: SkLookupContext) -> u32 {
         local,
         local_port: local_port as u16,
     };
-    let delivery = SocketKey::new(remote, u16::from_be(remote_port));
+    // The proxy's delivery of exactly this connection, announced while it lives (so a
+    // retransmitted SYN or a SYN-cookie ACK is let through as well as the first SYN).
+    let delivery = FlowKey::new(remote, u16::from_be(remote_port), local, local_port as u16);
     let decision = verdict::inbound(
         &facts,
         |port| port_excluded(port, EXCLUDE_INBOUND),
-        || DELIVERIES.remove(&delivery).is_ok(),
+        // SAFETY: only whether the entry exists is read.
+        || unsafe { DELIVERIES.get(&delivery) }.is_some(),
     );
     // How the lines below name the connection (the addresses are formatted only when a line
     // is written).

@@ -6,9 +6,9 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash}
 use ztunnel_common::Addr;
 use ztunnel_common::Counter;
 use ztunnel_common::maps::{
-    MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_IN_FLIGHT_CONNECTS, MAX_PLAINTEXT_RULES, MAX_PODS,
-    MAX_WORKLOAD_ADDRESSES, OrigDst, PLAINTEXT_ALLOW, PLAINTEXT_DENY_POLICY,
-    PLAINTEXT_RULE_FIXED_BITS, PlaintextRuleKey, PodInfo, Settings, SocketKey,
+    FlowKey, MAX_DELIVERIES, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_IN_FLIGHT_CONNECTS,
+    MAX_PLAINTEXT_RULES, MAX_PODS, MAX_WORKLOAD_ADDRESSES, OrigDst, PLAINTEXT_ALLOW,
+    PLAINTEXT_DENY_POLICY, PLAINTEXT_RULE_FIXED_BITS, PlaintextRuleKey, PodInfo, Settings,
     WORKLOAD_PLAINTEXT_RULES, WorkloadEntry,
 };
 
@@ -21,9 +21,10 @@ pub static PODS: HashMap<u64, PodInfo> = HashMap::with_max_entries(MAX_PODS, 0);
 pub static PENDING_ORIG_DST: LruHashMap<u64, OrigDst> =
     LruHashMap::with_max_entries(MAX_IN_FLIGHT_CONNECTS, 0);
 
-/// Original destination by the client's (address, port), read and deleted by the proxy.
+/// Original destination by the captured connection's four-tuple, read and deleted by the
+/// proxy.
 #[map(name = "ZT_ORIG_DST")]
-pub static ORIG_DST: LruHashMap<SocketKey, OrigDst> =
+pub static ORIG_DST: LruHashMap<FlowKey, OrigDst> =
     LruHashMap::with_max_entries(MAX_IN_FLIGHT_CONNECTS, 0);
 
 /// The proxy's 15006 listener of each enrolled pod, keyed by the pod's address.
@@ -39,11 +40,12 @@ pub static EXCLUDED_CIDRS: LpmTrie<[u8; 16], u8> =
 #[map(name = "ZT_EXCLUDED_PORTS")]
 pub static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUDED_PORTS, 0);
 
-/// Deliveries the proxy is about to make into a pod, by the client (address, port) its socket
-/// is bound to; `sk_lookup` consumes the entry and lets that one SYN through to the app.
+/// Deliveries the proxy is making into a pod, by their four-tuple (the client's address the
+/// proxy's socket is bound to, and the app's): `sk_lookup` lets their SYNs through to the app.
+/// The proxy withdraws each when the connection closes: a SYN-cookie ACK or a retransmitted
+/// SYN may come long after its connect returned.
 #[map(name = "ZT_DELIVERIES")]
-pub static DELIVERIES: LruHashMap<SocketKey, u8> =
-    LruHashMap::with_max_entries(MAX_IN_FLIGHT_CONNECTS, 0);
+pub static DELIVERIES: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_DELIVERIES, 0);
 
 /// The mesh's workloads by address, as the daemon's mesh config has them.
 #[map(name = "ZT_WORKLOADS")]

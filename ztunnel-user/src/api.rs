@@ -62,6 +62,19 @@ pub struct EnrolledPod {
     pub identity: String,
     /// The pinned bpf_links that capture this pod.
     pub links: Vec<PathBuf>,
+    /// Set while the proxy does not serve the pod: captured, its new connections refused
+    /// (never sent uncaptured) while the daemon retries taking it over. Absent from the
+    /// answers of older daemons, which serve every pod they list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<PodWaiting>,
+}
+
+/// Why a captured pod is not served yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodWaiting {
+    /// Why the last attempt to take it over failed.
+    pub reason: String,
+    pub attempts: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,9 +110,26 @@ pub struct ConfigDump {
     /// None when ready, else what is still missing.
     pub not_ready: Option<String>,
     pub settings: Settings,
+    pub limits: Limits,
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub policies: Vec<Policy>,
+}
+
+/// The resource limits the daemon enforces, as resolved at start (`proxy::admission`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// RLIMIT_NOFILE in force.
+    pub open_files: u64,
+    /// The descriptors connections may hold, node-wide: the limit less a reserve.
+    pub fd_budget: usize,
+    /// Of which one pod's connections may hold at most.
+    pub pod_fds: usize,
+    /// Connections that have not authenticated yet, node-wide.
+    pub unauthenticated: usize,
+    /// Connections that have not authenticated yet, from one source address.
+    pub unauthenticated_per_source: usize,
+    pub handshake_timeout_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

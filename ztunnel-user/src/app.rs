@@ -6,8 +6,9 @@
 //! take-over of the previous run's pods (once the mesh config is in force). Not ready until
 //! all of that is done.
 
+use crate::api::Limits;
 use crate::capture::{Capture, Datapath};
-use crate::delivery::Connector;
+use crate::delivery::{self, Connector};
 use crate::hbone::client::Pool;
 use crate::hbone::mtls::Mtls;
 use crate::host::netns::Netns;
@@ -22,9 +23,10 @@ use crate::ops::http;
 use crate::ops::logging::{self};
 use crate::ops::metrics::{self, NodeView};
 use crate::ops::readiness::Readiness;
-use crate::pods::Pods;
 use crate::pods::records::PodStates;
+use crate::pods::{PodCounts, Pods};
 use crate::proxy::ProxyContext;
+use crate::proxy::admission::Admission;
 use crate::settings::Settings;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::connections::ConnectionLog;
@@ -36,6 +38,8 @@ use tokio::sync::{Notify, watch};
 
 /// What readiness waits for until the pods of the previous run are served again.
 const TAKING_OVER: &str = "the pods of the previous run";
+/// How often the pods waiting to be served are looked at (each has its own backoff).
+const WAITING_POLL: Duration = Duration::from_secs(1);
 
 /// Runs the daemon until SIGTERM, SIGINT or `/quitquitquit`, then drains.
 pub fn run(mut settings: Settings) -> Result<()> {
@@ -45,7 +49,9 @@ pub fn run(mut settings: Settings) -> Result<()> {
     settings.cgroup_root = Some(node.pod_cgroups.clone());
     tracing::info!(settings = %serde_json::to_string(&settings)?, "starting");
     let settings = Arc::new(settings);
-    limits::raise_open_files_limit();
+    let limits = Limits::new(limits::raise_open_files_limit(), &settings);
+    tracing::info!(?limits, "connection limits");
+    let admission = Admission::new(limits);
     Netns::home()?;
 
     let config_file = settings
@@ -77,7 +83,12 @@ pub fn run(mut settings: Settings) -> Result<()> {
         let store = Arc::new(CertificateStore::new(Arc::new(ca), lifetime));
         store.clone().spawn_renewal();
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let pool = Arc::new(Pool::default());
+        // A CONNECT's answer waits for the peer's connection to its app.
+        let handshake_timeout = admission.handshake_timeout();
+        let pool = Arc::new(Pool::new(
+            handshake_timeout,
+            handshake_timeout + delivery::CONNECT_TIMEOUT,
+        ));
         pool.spawn_idle_release();
         let (config, applied) = match initial {
             Some((hash, config)) => (config, Some(hash)),
@@ -98,6 +109,8 @@ pub fn run(mut settings: Settings) -> Result<()> {
             hbone_server: Default::default(),
             shutdown: shutdown_rx,
             local_pods: Default::default(),
+            refusals: Default::default(),
+            admission,
             settings: settings.clone(),
         });
         let readiness = Arc::new(Readiness::default());
@@ -115,8 +128,14 @@ pub fn run(mut settings: Settings) -> Result<()> {
             }));
         }
         let listener = api_server::bind(&settings.api_socket)?;
+        let pod_counts = Arc::new(PodCounts::default());
         let server = Arc::new(ApiServer {
-            pods: tokio::sync::Mutex::new(Pods::new(ctx.clone(), states, node.pod_cgroups)),
+            pods: tokio::sync::Mutex::new(Pods::new(
+                ctx.clone(),
+                states,
+                node.pod_cgroups,
+                pod_counts.clone(),
+            )),
             ctx: ctx.clone(),
             readiness: readiness.clone(),
         });
@@ -129,13 +148,22 @@ pub fn run(mut settings: Settings) -> Result<()> {
             pool: ctx.pool.clone(),
             hbone_server: ctx.hbone_server.clone(),
             certificates: ctx.tls.store.clone(),
+            refusals: ctx.refusals.clone(),
+            pods: pod_counts,
+            admission: ctx.admission.clone(),
         };
         let admin = Admin {
             api: server.clone(),
             log,
             quit: quit.clone(),
         };
-        serve_http(&settings, admin, metrics::registry(&traffic, node), readiness).await?;
+        serve_http(
+            &ctx,
+            admin,
+            metrics::registry(&traffic, node),
+            readiness,
+        )
+        .await?;
         tracing::info!(node = %settings.node, api = %settings.api_socket.display(), admin = %settings.admin_addr, bpffs = %settings.bpffs.display(), "ztunnel started");
         let reason = tokio::select! {
             () = server.clone().serve(listener) => "the API server stopped",
@@ -159,38 +187,62 @@ async fn take_over_previous_pods(server: Arc<ApiServer>, config_file: Option<Arc
     {
         tokio::time::sleep(reload::POLL_INTERVAL).await;
     }
-    match server.pods.lock().await.restore() {
-        Ok(()) => server.readiness.done(TAKING_OVER),
+    if let Err(err) = server.pods.lock().await.restore() {
         // Not ready, and the log says why: the pods stay captured and refused.
-        Err(err) => tracing::error!(%err, "cannot take over the pods of the previous run"),
+        tracing::error!(%err, "cannot take over the pods of the previous run");
+        return;
+    }
+    server.readiness.done(TAKING_OVER);
+    // Pods that could not be served yet stay captured, and are tried again until drain.
+    let mut shutdown = server.ctx.shutdown.clone();
+    let mut retry = tokio::time::interval(WAITING_POLL);
+    loop {
+        tokio::select! {
+            _ = retry.tick() => server.pods.lock().await.retry_waiting(),
+            _ = async { shutdown.wait_for(|stopping| *stopping).await.map(drop) } => return,
+        }
     }
 }
 
 /// Starts the admin API, the metrics and the readiness endpoints.
 async fn serve_http(
-    settings: &Settings,
+    ctx: &ProxyContext,
     admin: Admin,
     registry: prometheus_client::registry::Registry,
     readiness: Arc<Readiness>,
 ) -> Result<()> {
+    let settings = &ctx.settings;
+    let share = ctx.admission.node_share();
+    let admittance = |name| http::Admittance {
+        name,
+        share: share.clone(),
+        refusals: ctx.refusals.clone(),
+        header_timeout: ctx.admission.handshake_timeout(),
+    };
     let admin = Arc::new(admin);
     let listener = http::bind(settings.admin_addr, "admin API").await?;
-    tokio::spawn(http::serve(listener, move |call| {
-        admin.clone().handle(call)
-    }));
+    tokio::spawn(http::serve(
+        listener,
+        admittance("admin API"),
+        move |call| admin.clone().handle(call),
+    ));
 
     let registry = Arc::new(registry);
     let listener = http::bind(settings.metrics_addr, "metrics").await?;
-    tokio::spawn(http::serve(listener, move |call| {
+    tokio::spawn(http::serve(listener, admittance("metrics"), move |call| {
         let reply = metrics::handle(&registry, &call);
         async move { reply }
     }));
 
     let listener = http::bind(settings.readiness_addr, "readiness").await?;
-    tokio::spawn(http::serve(listener, move |call| {
-        let reply = readiness.handle(&call);
-        async move { reply }
-    }));
+    tokio::spawn(http::serve(
+        listener,
+        admittance("readiness"),
+        move |call| {
+            let reply = readiness.handle(&call);
+            async move { reply }
+        },
+    ));
     Ok(())
 }
 

@@ -134,6 +134,37 @@ pub struct Settings {
     /// `ztunnel_ebpf`). Off, the kernel's verifier removes their logging code at load.
     #[arg(long, env = "ZTUNNEL_EBPF_LOG", value_parser = clap::builder::BoolishValueParser::new())]
     pub ebpf_log: bool,
+    /// How long a connection may take to authenticate: HBONE's TLS and HTTP/2 handshakes, as
+    /// server and as client (and the CONNECT's answer, a few seconds more), and an HTTP
+    /// endpoint's client to send a request's headers (or, between requests, the next one).
+    #[arg(
+        long,
+        env = "ZTUNNEL_HANDSHAKE_TIMEOUT_SECS",
+        default_value_t = 10,
+        value_name = "SECONDS"
+    )]
+    pub handshake_timeout_secs: u64,
+    /// Connections that have not authenticated yet (HBONE before its handshakes are done),
+    /// node-wide; never more than half the descriptor budget.
+    #[arg(long, env = "ZTUNNEL_MAX_UNAUTHENTICATED", default_value_t = 1024)]
+    pub max_unauthenticated: usize,
+    /// Connections that have not authenticated yet from one source address.
+    #[arg(
+        long,
+        env = "ZTUNNEL_MAX_UNAUTHENTICATED_PER_SOURCE",
+        default_value_t = 128
+    )]
+    pub max_unauthenticated_per_source: usize,
+    /// The largest share of the node's descriptor budget (RLIMIT_NOFILE less a reserve)
+    /// that one pod's connections may hold, in percent.
+    #[arg(
+        long,
+        env = "ZTUNNEL_POD_SHARE_PERCENT",
+        default_value_t = 50,
+        value_parser = clap::value_parser!(u8).range(1..=100),
+        value_name = "PERCENT"
+    )]
+    pub pod_share_percent: u8,
 }
 
 /// How enrolled pods' connections are brought to the proxy.
@@ -191,22 +222,26 @@ impl std::str::FromStr for AccessLogOutput {
     }
 }
 
+/// The settings `ztunnel run ARGS` gives, for the tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
+pub(crate) fn parse(args: &[&str]) -> Settings {
+    try_parse(args).unwrap()
+}
 
-    #[derive(Parser)]
+#[cfg(test)]
+fn try_parse(args: &[&str]) -> Result<Settings, clap::Error> {
+    #[derive(clap::Parser)]
     struct Command {
         #[command(flatten)]
         settings: Settings,
     }
+    let argv = std::iter::once("ztunnel").chain(args.iter().copied());
+    <Command as clap::Parser>::try_parse_from(argv).map(|command| command.settings)
+}
 
-    fn parse(args: &[&str]) -> Settings {
-        Command::try_parse_from(std::iter::once("ztunnel").chain(args.iter().copied()))
-            .unwrap()
-            .settings
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn flags_parse_and_round_trip_through_json() {
@@ -238,9 +273,7 @@ mod tests {
 
     #[test]
     fn a_ca_certificate_needs_its_key() {
-        let err = Command::try_parse_from(["ztunnel", "--ca-cert", "root.pem"])
-            .err()
-            .expect("refused");
+        let err = try_parse(&["--ca-cert", "root.pem"]).expect_err("refused");
         assert!(err.to_string().contains("--ca-key"), "{err}");
     }
 }

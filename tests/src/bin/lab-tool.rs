@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddrV4;
 use std::time::Duration;
-use ztunnel_lab::traffic;
+use ztunnel_lab::traffic::{self, ServeOptions};
 
 #[derive(Parser)]
 #[command(name = "lab-tool", about = "Traffic endpoints for the ztunnel lab")]
@@ -25,6 +25,12 @@ enum Command {
         /// Exit after the first connection.
         #[arg(long)]
         once: bool,
+        /// The listen backlog.
+        #[arg(long, default_value_t = ServeOptions::default().backlog)]
+        backlog: i32,
+        /// Listen this long before accepting anything (an app whose accept queue fills up).
+        #[arg(long, default_value_t = 0)]
+        accept_after_ms: u64,
     },
     /// Stream deterministic pseudo-random bytes to a server and check its report.
     Send {
@@ -37,6 +43,9 @@ enum Command {
         /// SO_MARK to set on the socket before connecting.
         #[arg(long)]
         mark: Option<u32>,
+        /// Bind to this address and port first (with SO_REUSEADDR).
+        #[arg(long, value_name = "IP:PORT")]
+        bind: Option<SocketAddrV4>,
         /// Pause this long halfway through, holding the connection open.
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
@@ -63,21 +72,35 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Serve { port, once } => traffic::serve(port, once, || {
-            // The caller waits for this line before connecting.
-            println!("ready");
-            let _ = std::io::stdout().flush();
-        })
-        .context("lab-tool serve"),
+        Command::Serve {
+            port,
+            once,
+            backlog,
+            accept_after_ms,
+        } => {
+            let options = ServeOptions {
+                once,
+                backlog,
+                accept_after: Duration::from_millis(accept_after_ms),
+            };
+            traffic::serve(port, options, || {
+                // The caller waits for this line before connecting.
+                println!("ready");
+                let _ = std::io::stdout().flush();
+            })
+            .context("lab-tool serve")
+        }
         Command::Send {
             to,
             bytes,
             mark,
+            bind,
             pause_ms,
             timeout_secs,
         } => {
             let options = traffic::SendOptions {
                 mark,
+                bind,
                 pause: Duration::from_millis(pause_ms),
                 timeout: Duration::from_secs(timeout_secs),
             };

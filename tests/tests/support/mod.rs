@@ -9,11 +9,14 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use ztunnel_common::maps::names;
 use ztunnel_lab::traffic::{SendReport, ServerReport};
-use ztunnel_lab::{DaemonOptions, Lab, PodServer, send_from};
+use ztunnel_lab::{DaemonOptions, Lab, PodServer, exec_node, send_from};
 use ztunnel_user::api::{self, ConnectionRecord, Direction, Request, Response, Status};
 
 pub const APP_PORT: u16 = 8080;
+pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;
+/// The bpf_links that capture a pod: sk_lookup, sock_ops, bind4/6 and connect4/6.
+pub const HOOKS_PER_POD: usize = 6;
 
 /// A lab brought up for one test and torn down when the test ends, pass or fail.
 pub struct LabSession {
@@ -42,12 +45,26 @@ impl LabSession {
 
 impl Drop for LabSession {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the daemons saw explains most failures; the lab's files go with `down`.
+            for node in ["node1", "node2"] {
+                let log = ztunnel_lab::topology::node_spec(node)
+                    .map(|spec| std::fs::read_to_string(spec.log_path()).unwrap_or_default())
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(LOG_TAIL_LINES).collect();
+                eprintln!("--- the last lines of {node}'s daemon log:");
+                tail.iter().rev().for_each(|line| eprintln!("{line}"));
+            }
+        }
         if let Err(err) = ztunnel_lab::down() {
             // Do not panic while unwinding from a failed assertion; the next `up` cleans again.
             eprintln!("lab down failed: {err}");
         }
     }
 }
+
+/// How much of each daemon's log a failed test prints.
+const LOG_TAIL_LINES: usize = 40;
 
 /// A server in `pod` on `port`, ready to accept.
 pub fn serve(pod: &str, port: u16) -> PodServer {
@@ -173,7 +190,12 @@ pub fn our_link_count() -> usize {
 
 /// Waits until `condition` holds (kernel objects are freed asynchronously).
 pub fn eventually(what: &str, condition: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    eventually_within(what, Duration::from_secs(10), condition);
+}
+
+/// Waits until `condition` holds, at most `limit`.
+pub fn eventually_within(what: &str, limit: Duration, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(100));
@@ -301,6 +323,28 @@ pub fn pod_record_files(node: &str) -> Vec<String> {
     names
 }
 
+/// How long a connection that must fail may take to.
+pub const QUICK: Duration = Duration::from_secs(5);
+
+/// A connection `pod -> to` that must not get through; returns the client's error.
+pub fn denied(pod: &str, to: SocketAddrV4) -> String {
+    match send_from(pod, to, 4 * KIB, None, QUICK) {
+        Ok(report) => panic!("{pod} -> {to} got through: {report:?}"),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// What `ztunnel ARGS` prints on `node`; the command must succeed.
+pub fn cli(node: &str, args: &[&str]) -> String {
+    let output = ztunnel_lab::daemon_cli(node, args).expect("ztunnel CLI");
+    assert!(
+        output.status.success(),
+        "ztunnel {args:?} on {node}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// What `node`'s daemon logged so far (all its runs).
 pub fn daemon_log(node: &str) -> String {
     let path = ztunnel_lab::topology::node_spec(node)
@@ -344,4 +388,45 @@ pub fn outside_hbone<'a>(
         .into_iter()
         .filter(|s| s.source.port() != 15008 && s.destination.port() != 15008)
         .collect()
+}
+
+/// `curl` inside `node`'s netns; the body, or the HTTP status as an error.
+pub fn curl(node: &str, args: &[&str]) -> Result<String, String> {
+    let mut argv = vec!["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    argv.extend(args);
+    let output = exec_node(node, &argv)
+        .expect("curl command")
+        .output()
+        .expect("running curl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    match code {
+        "200" => Ok(body.to_owned()),
+        _ => Err(format!(
+            "{code}: {body}{}",
+            String::from_utf8_lossy(&output.stderr)
+        )),
+    }
+}
+
+/// `node`'s `/metrics`.
+pub fn scrape(node: &str) -> String {
+    curl(node, &["http://127.0.0.1:15020/metrics"]).unwrap_or_else(|e| panic!("{node}: {e}"))
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            let set = rest.strip_suffix('}')?;
+            let has = |(key, value): &(&str, &str)| {
+                set.split("\",")
+                    .any(|pair| pair.trim_end_matches('"') == format!("{key}=\"{value}"))
+            };
+            (metric == name && labels.iter().all(has)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }

@@ -83,14 +83,14 @@ impl Path {
     pub fn bring_up(self) -> Result<Lab> {
         Ok(match self {
             Path::Direct | Path::Relay => ztunnel_lab::up_without_ztunnel()?,
-            Path::Mesh => ztunnel_lab::up()?,
+            Path::Mesh => ztunnel_lab::up_with(&measured())?,
             Path::MeshBaseline(dir) => ztunnel_lab::up_with(&ztunnel_lab::DaemonOptions {
                 bin_dir: Some(dir.to_path_buf()),
-                ..ztunnel_lab::DaemonOptions::default()
+                ..measured()
             })?,
             Path::Iptables => ztunnel_lab::up_with(&ztunnel_lab::DaemonOptions {
                 iptables_capture: true,
-                ..ztunnel_lab::DaemonOptions::default()
+                ..measured()
             })?,
         })
     }
@@ -197,6 +197,16 @@ impl Route {
     /// E.g. "cross node, a1 (node1) -> b1 (node2)".
     pub fn description(self) -> String {
         format!("{}, {}", self.name(), self.pods())
+    }
+}
+
+/// The daemons as the benchmark runs them: its one client pod holds every idle connection,
+/// which the per-pod share of the descriptor budget (not what is measured) would cap at half
+/// of this machine's limit.
+fn measured() -> ztunnel_lab::DaemonOptions {
+    ztunnel_lab::DaemonOptions {
+        pod_share_percent: Some(100),
+        ..ztunnel_lab::DaemonOptions::default()
     }
 }
 

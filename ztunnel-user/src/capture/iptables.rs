@@ -69,14 +69,16 @@ fn rules(ips: &[IpAddr], exclusions: &Exclusions, v6: bool) -> String {
     {
         rule(OUTPUT_CHAIN, format!("-d {net} -j RETURN"));
     }
-    for port in exclusions.outbound_ports.iter().chain(&ports::PROXY_PORTS) {
+    for port in &exclusions.outbound_ports {
         rule(OUTPUT_CHAIN, format!("-p tcp --dport {port} -j RETURN"));
     }
     rule(
         OUTPUT_CHAIN,
         format!("-p tcp -j REDIRECT --to-ports {}", ports::OUTBOUND),
     );
-    for port in exclusions.inbound_ports.iter().chain(&ports::PROXY_PORTS) {
+    // HBONE comes to the proxy's own 15008; everything else is the app's (as Istio's in-pod
+    // rules have it).
+    for port in exclusions.inbound_ports.iter().chain([&ports::HBONE]) {
         rule(PREROUTING_CHAIN, format!("-p tcp --dport {port} -j RETURN"));
     }
     rule(
@@ -204,7 +206,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rules_skip_the_proxy_loopback_own_address_and_exclusions() {
+    fn rules_skip_the_proxy_loopback_own_address_inbound_hbone_and_exclusions() {
         let ips: Vec<IpAddr> = vec!["10.244.1.2".parse().unwrap(), "fd00::2".parse().unwrap()];
         let exclusions = Exclusions {
             marks: vec![1337, 0x111],
@@ -225,12 +227,13 @@ mod tests {
             "-A ZTUNNEL_OUTPUT -d 10.244.1.2 -j RETURN",
             "-A ZTUNNEL_OUTPUT -d 10.96.0.1/32 -j RETURN",
             "-A ZTUNNEL_OUTPUT -p tcp --dport 22 -j RETURN",
-            "-A ZTUNNEL_OUTPUT -p tcp --dport 15008 -j RETURN",
             "-A ZTUNNEL_PREROUTING -p tcp --dport 9090 -j RETURN",
             "-A ZTUNNEL_PREROUTING -p tcp --dport 15008 -j RETURN",
         ] {
             assert!(lines.contains(&expected), "{expected} in\n{v4}");
         }
+        // The app's connections to another node's proxy ports are the app's, and captured.
+        assert!(!v4.contains("-A ZTUNNEL_OUTPUT -p tcp --dport 150"), "{v4}");
         // The redirects come last, after every exception.
         let last_output = lines
             .iter()

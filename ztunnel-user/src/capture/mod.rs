@@ -30,15 +30,6 @@ pub(crate) enum CaptureError {
     Iptables(#[from] IptablesError),
 }
 
-/// How a pod's eBPF links are put in place.
-#[derive(Clone, Copy)]
-pub(crate) enum Links<'a> {
-    /// New links on the pod's cgroup (this open directory) and netns.
-    Attach(&'a File),
-    /// The links a previous run pinned, moved on to this daemon's programs.
-    Adopt,
-}
-
 /// A pod as capture sees it.
 pub(crate) struct CapturedPod<'a> {
     pub(crate) uid: &'a str,
@@ -124,22 +115,19 @@ impl Capture {
         Ok(self.datapath.insert_pod(pod.netns_cookie, info)?)
     }
 
-    /// Starts capturing the pod: its links attached or adopted and pinned, or the iptables
-    /// rules installed (replacing ours, which stay in the netns across restarts). Undone by
-    /// `stop`.
+    /// Starts capturing the pod: its links on `cgroup` (an open directory) and its netns,
+    /// the ones pinned already adopted (`Datapath::capture_pod`), or the iptables rules
+    /// installed (replacing ours, which stay in the netns across restarts). Undone by `stop`.
     pub(crate) fn start(
         &self,
         pod: &CapturedPod<'_>,
-        links: Links<'_>,
+        cgroup: &File,
     ) -> Result<PodLinks, CaptureError> {
         if self.mode == CaptureMode::Iptables {
             iptables::install(pod.netns, pod.ips, &self.exclusions)?;
             return Ok(self.datapath.pod_links(pod.uid));
         }
-        Ok(match links {
-            Links::Attach(cgroup) => self.datapath.attach_pod(pod.uid, cgroup, pod.netns)?,
-            Links::Adopt => self.datapath.adopt_pod(pod.uid)?,
-        })
+        Ok(self.datapath.capture_pod(pod.uid, cgroup, pod.netns)?)
     }
 
     /// Stops capturing the pod. Errors are logged: a pod must be released as far as possible.

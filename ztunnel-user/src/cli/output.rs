@@ -1,6 +1,6 @@
 //! Plain-text tables for the CLI.
 
-use crate::api::{CertificateInfo, ConfigDump, ConnectionRecord, EnrolledPod};
+use crate::api::{CertificateInfo, ConfigDump, ConnectionRecord, EnrolledPod, PodWaiting};
 use crate::mesh::authz::Policy;
 use crate::mesh::config::{GatewayDestination, HealthStatus, Protocol, Service, Workload};
 use std::fmt::Write as _;
@@ -65,10 +65,13 @@ pub(super) fn status_table(dump: &ConfigDump) -> String {
         .iter()
         .map(|c| vec![c.name.clone(), c.value.to_string()])
         .collect();
+    let waiting = status.pods.iter().filter(|p| p.waiting.is_some()).count();
     let _ = write!(
         out,
-        "\n{} enrolled pod(s)\n{}\n{}\n{}",
+        "\n{} enrolled pod(s), {} served, {} waiting (captured, connections refused)\n{}\n{}\n{}",
         status.pods.len(),
+        status.pods.len() - waiting,
+        waiting,
         pods_table(&status.pods),
         certificates_table(&status.certificates, crate::host::process::unix_now()),
         table(&["KERNEL COUNTER", "VALUE"], &counters)
@@ -85,16 +88,30 @@ pub(super) fn pods_table(pods: &[EnrolledPod]) -> String {
                 .iter()
                 .filter_map(|l| Some(l.file_name()?.to_string_lossy().into_owned()))
                 .collect();
+            let state = match &p.waiting {
+                None => "serving".to_owned(),
+                Some(PodWaiting { reason, attempts }) => {
+                    format!("WAITING ({attempts} attempts): {reason}")
+                }
+            };
             vec![
-                format!("{}/{}", p.namespace, p.name),
+                if p.name.is_empty() {
+                    format!("uid {}", p.uid)
+                } else {
+                    format!("{}/{}", p.namespace, p.name)
+                },
                 list(&p.ips),
-                p.identity.clone(),
+                dash(&p.identity),
                 hooks.join(","),
-                p.cgroup.display().to_string(),
+                dash(&p.cgroup.display().to_string()),
+                state,
             ]
         })
         .collect();
-    table(&["POD", "IPS", "IDENTITY", "HOOKS", "CGROUP"], &rows)
+    table(
+        &["POD", "IPS", "IDENTITY", "HOOKS", "CGROUP", "STATE"],
+        &rows,
+    )
 }
 
 pub(super) fn workloads_table(workloads: &[Workload]) -> String {

@@ -4,6 +4,11 @@
 //! identities, destination address, source address) up to `CLIENT_STREAMS_PER_CONNECTION`
 //! streams each; then another connection is opened. Connections idle for
 //! `POOL_IDLE_TIMEOUT` are closed.
+//!
+//! A peer that accepts TCP and then stalls holds nothing up for long: opening a connection
+//! (TCP, TLS and HTTP/2 handshakes) has the handshake timeout, a CONNECT's answer a timeout of
+//! its own, and no lock is held across either. While one stream opens a key's connection,
+//! the streams that want the same key wait for that one and share its outcome.
 
 use super::OpenCounts;
 use crate::identity::Identity;
@@ -18,8 +23,9 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
@@ -112,17 +118,45 @@ impl Drop for StreamSlot {
     }
 }
 
-/// The connections of one key. The async lock makes concurrent first streams share one new
-/// connection instead of each opening its own.
-type KeyConnections = Arc<tokio::sync::Mutex<Vec<Arc<PooledConnection>>>>;
-
+/// The connections of one key, and the one being opened, if any.
 #[derive(Default)]
+struct KeyConnections {
+    open: Vec<Arc<PooledConnection>>,
+    /// Says how the opening went, once it is over.
+    opening: Option<watch::Receiver<Option<Opened>>>,
+}
+
+/// How opening a connection went, for the streams that waited on it.
+type Opened = Result<(), Arc<io::Error>>;
+
+/// Where a stream gets its slot.
+enum Next {
+    Slot(StreamSlot),
+    /// Another stream is opening a connection of the key.
+    Wait(watch::Receiver<Option<Opened>>),
+    /// Open one: this stream is the opener.
+    Open(watch::Sender<Option<Opened>>),
+}
+
 pub(crate) struct Pool {
-    connections: Mutex<HashMap<PoolKey, KeyConnections>>,
+    keys: Mutex<HashMap<PoolKey, KeyConnections>>,
     counts: Arc<OpenCounts>,
+    /// Bound on opening a connection: TCP, TLS and HTTP/2 handshakes.
+    handshake_timeout: Duration,
+    /// Bound on a CONNECT's answer (the peer connects to its app first).
+    response_timeout: Duration,
 }
 
 impl Pool {
+    pub(crate) fn new(handshake_timeout: Duration, response_timeout: Duration) -> Pool {
+        Pool {
+            keys: Mutex::default(),
+            counts: Arc::default(),
+            handshake_timeout,
+            response_timeout,
+        }
+    }
+
     /// Opens a CONNECT stream to `key.destination`, over a pooled connection or over a new one
     /// made by `connect` (which returns the established mTLS stream). Returns the stream once
     /// the server answered 200.
@@ -148,7 +182,18 @@ impl Pool {
         let (response, send) = sender
             .send_request(request.to_http(), false)
             .map_err(retired)?;
-        let response = response.await.map_err(io_error)?;
+        let response = tokio::time::timeout(self.response_timeout, response)
+            .await
+            .map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "HBONE peer {} did not answer the CONNECT to {} within {:?}",
+                        key.destination, request.authority, self.response_timeout
+                    ),
+                )
+            })?
+            .map_err(io_error)?;
         if response.status() != StatusCode::OK {
             // A 401 is the peer's authorization saying no; anything else, that it cannot
             // deliver.
@@ -174,6 +219,9 @@ impl Pool {
         })
     }
 
+    /// A slot on a connection of `key`: a pooled one with room, else the one another stream
+    /// is opening (waited for, not joined by a second attempt), else a new one, opened here
+    /// with `connect`. Its opening failure is every waiting stream's.
     async fn reserve<IO, Connect, Connecting>(
         &self,
         key: &PoolKey,
@@ -184,19 +232,88 @@ impl Pool {
         Connect: FnOnce() -> Connecting,
         Connecting: Future<Output = io::Result<IO>>,
     {
-        let entry = {
-            let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-            all.entry(key.clone()).or_default().clone()
-        };
-        let mut connections = entry.lock().await;
-        connections.retain(|c| !c.closed.load(Ordering::Acquire));
-        if let Some(connection) = connections.iter().find(|c| c.usable()) {
-            return Ok(StreamSlot::take(connection));
+        let mut connect = Some(connect);
+        loop {
+            let opened = match self.next(key) {
+                Next::Slot(slot) => return Ok(slot),
+                Next::Wait(mut opening) => {
+                    // A dropped opener (its client went away) leaves the channel closed:
+                    // look again, and open if nobody does.
+                    match opening.wait_for(Option::is_some).await {
+                        Ok(outcome) => outcome.clone().unwrap_or(Ok(())),
+                        Err(_) => Ok(()),
+                    }
+                }
+                Next::Open(done) => {
+                    let connect = connect.take().expect("a stream opens at most once");
+                    return self.open_connection(key, connect, done).await;
+                }
+            };
+            if let Err(err) = opened {
+                return Err(io::Error::new(err.kind(), err.to_string()));
+            }
         }
-        let connection = handshake(connect().await?, self.counts.clone()).await?;
-        connections.push(connection.clone());
-        tracing::debug!(destination = %key.destination, connections = connections.len(), "new HBONE connection");
-        Ok(StreamSlot::take(&connection))
+    }
+
+    fn next(&self, key: &PoolKey) -> Next {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = keys.entry(key.clone()).or_default();
+        entry.open.retain(|c| !c.closed.load(Ordering::Acquire));
+        if let Some(connection) = entry.open.iter().find(|c| c.usable()) {
+            return Next::Slot(StreamSlot::take(connection));
+        }
+        if let Some(opening) = entry.opening.as_ref().filter(|o| o.has_changed().is_ok()) {
+            return Next::Wait(opening.clone());
+        }
+        let (done, opening) = watch::channel(None);
+        entry.opening = Some(opening);
+        Next::Open(done)
+    }
+
+    /// Opens a connection of `key` with `connect`, within the handshake timeout, pools it and
+    /// tells the streams that waited (through `done`) how it went.
+    async fn open_connection<IO, Connect, Connecting>(
+        &self,
+        key: &PoolKey,
+        connect: Connect,
+        done: watch::Sender<Option<Opened>>,
+    ) -> io::Result<StreamSlot>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        Connect: FnOnce() -> Connecting,
+        Connecting: Future<Output = io::Result<IO>>,
+    {
+        let opening = async { handshake(connect().await?, self.counts.clone()).await };
+        let opened = tokio::time::timeout(self.handshake_timeout, opening)
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "HBONE peer {} did not complete the handshakes within {:?}",
+                        key.destination, self.handshake_timeout
+                    ),
+                ))
+            });
+        let slot = {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = keys.entry(key.clone()).or_default();
+            entry.opening = None;
+            opened.as_ref().ok().map(|connection| {
+                entry.open.push(connection.clone());
+                tracing::debug!(destination = %key.destination, connections = entry.open.len(), "new HBONE connection");
+                StreamSlot::take(connection)
+            })
+        };
+        let outcome = opened.map(drop).map_err(Arc::new);
+        done.send_replace(Some(outcome.clone()));
+        match slot {
+            Some(slot) => Ok(slot),
+            None => Err(outcome
+                .err()
+                .map(|err| io::Error::new(err.kind(), err.to_string()))
+                .expect("no slot means the opening failed")),
+        }
     }
 
     /// Open pooled connections (their driving tasks) and streams.
@@ -206,12 +323,9 @@ impl Pool {
 
     /// Closes connections without streams that have been idle for `POOL_IDLE_TIMEOUT`.
     fn release_idle(&self) {
-        let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
-        all.retain(|_, entry| {
-            let Ok(mut connections) = entry.try_lock() else {
-                return true; // busy opening a connection: certainly not idle
-            };
-            connections.retain(|c| {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.retain(|_, entry| {
+            entry.open.retain(|c| {
                 let idle = c.streams.load(Ordering::Acquire) == 0
                     && c.last_used
                         .lock()
@@ -220,7 +334,8 @@ impl Pool {
                         >= super::POOL_IDLE_TIMEOUT;
                 !(idle || c.closed.load(Ordering::Acquire))
             });
-            !connections.is_empty()
+            // A key being opened is certainly not idle.
+            !entry.open.is_empty() || entry.opening.is_some()
         });
     }
 
@@ -284,6 +399,70 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn key(destination: SocketAddr) -> PoolKey {
+        let identity = Identity {
+            trust_domain: "cluster.local".into(),
+            namespace: "demo".into(),
+            service_account: "sa-a".into(),
+        };
+        PoolKey {
+            source_identity: Arc::new(identity),
+            destination_identities: Vec::new(),
+            destination,
+            source_ip: "127.0.0.1".parse().unwrap(),
+        }
+    }
+
+    /// A peer that accepts TCP and never says a word: every stream to it fails within the
+    /// handshake timeout, over one attempt to connect, and no lock keeps another key waiting.
+    #[tokio::test]
+    async fn a_stalled_peer_fails_its_streams_in_time_over_one_attempt() {
+        let stalled = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = stalled.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            while let Ok((stream, _)) = stalled.accept().await {
+                accepted.push(stream);
+            }
+        });
+        let timeout = Duration::from_millis(500);
+        let pool = Arc::new(Pool::new(timeout, timeout));
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let request = ConnectRequest {
+            authority: "10.244.2.2:8080".parse().unwrap(),
+            client: "10.244.1.2:41000".parse().unwrap(),
+            baggage: String::new(),
+        };
+        let started = Instant::now();
+        let streams: Vec<_> = (0..3)
+            .map(|_| {
+                let (pool, attempts, request) = (pool.clone(), attempts.clone(), request.clone());
+                tokio::spawn(async move {
+                    let connect = || async {
+                        attempts.fetch_add(1, Ordering::SeqCst);
+                        TcpStream::connect(addr).await
+                    };
+                    pool.open(&key(addr), &request, connect).await.map(drop)
+                })
+            })
+            .collect();
+        // Meanwhile another peer's key goes its own way at once (here: refused outright).
+        let elsewhere = key("127.0.0.1:1".parse().unwrap());
+        let refused = pool
+            .open(&elsewhere, &request, || TcpStream::connect("127.0.0.1:1"))
+            .await
+            .map(drop);
+        assert!(refused.is_err() && started.elapsed() < timeout);
+        for stream in streams {
+            let err = stream.await.unwrap().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        }
+        assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
+        assert_eq!(attempts.load(Ordering::SeqCst), 1);
+        held.abort();
+    }
 
     #[test]
     fn connect_request_headers() {

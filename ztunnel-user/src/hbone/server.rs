@@ -211,7 +211,7 @@ pub fn target_of<B>(request: &Request<B>, local: SocketAddr) -> Result<SocketAdd
     if target.ip() != local.ip() {
         return Err(Refusal::WrongAddress { target, local });
     }
-    if ports::is_proxy_port(target.port()) {
+    if ports::is_pod_port(target.port()) {
         return Err(Refusal::ProxyPort(target.port()));
     }
     Ok(target)

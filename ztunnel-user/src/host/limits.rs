@@ -4,20 +4,23 @@
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit and logs the limit in force. A failure is
-/// logged, not fatal: the daemon still works, with fewer connections.
-pub(crate) fn raise_open_files_limit() {
+/// Raises the soft RLIMIT_NOFILE to the hard limit, logs it and returns the limit in force. A
+/// failure is logged, not fatal: the daemon still works, with fewer connections.
+pub(crate) fn raise_open_files_limit() -> u64 {
     match raise_soft_to_hard() {
-        Ok((before, now)) if before < now => {
-            tracing::info!(
-                before,
-                limit = now,
-                "raised the open files limit (RLIMIT_NOFILE)"
-            )
+        Ok((before, now)) => {
+            if before < now {
+                tracing::info!(
+                    before,
+                    limit = now,
+                    "raised the open files limit (RLIMIT_NOFILE)"
+                );
+            }
+            now
         }
-        Ok((_, now)) => tracing::info!(limit = now, "open files limit (RLIMIT_NOFILE)"),
         Err(err) => {
-            tracing::warn!(%err, "cannot raise the open files limit (RLIMIT_NOFILE)")
+            tracing::warn!(%err, "cannot raise the open files limit (RLIMIT_NOFILE)");
+            getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
         }
     }
 }

@@ -39,15 +39,26 @@ impl CertificateStore {
     }
 
     /// The certificate and key of `identity` for a handshake: the held one, or a new one if
-    /// there is none yet or the held one is past half its lifetime.
+    /// there is none yet or the held one is past half its lifetime. While the CA cannot issue,
+    /// a held certificate serves until it expires (the renewal task keeps trying).
     pub(crate) fn certified_key(&self, identity: &Identity) -> Result<Arc<CertifiedKey>, CaError> {
         let mut certs = self.lock();
+        let now = SystemTime::now();
         if let Some(cert) = certs.get(identity)
-            && SystemTime::now() < cert.renew_at()
+            && now < cert.renew_at()
         {
             return Ok(cert.certified_key.clone());
         }
-        let cert = self.ca.issue(identity, self.lifetime)?;
+        let cert = match self.ca.issue(identity, self.lifetime) {
+            Ok(cert) => cert,
+            Err(error) => match certs.get(identity) {
+                Some(held) if now < held.not_after => {
+                    tracing::debug!(%identity, %error, "cannot renew; the held certificate is still valid");
+                    return Ok(held.certified_key.clone());
+                }
+                _ => return Err(error),
+            },
+        };
         tracing::debug!(%identity, "issued a workload certificate");
         let key = cert.certified_key.clone();
         if certs.insert(identity.clone(), cert).is_none() {
@@ -177,6 +188,22 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &again));
         let other = store.certified_key(&identity("b")).unwrap();
         assert_ne!(first.cert, other.cert);
+    }
+
+    #[test]
+    fn a_failed_renewal_keeps_the_valid_certificate_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        let mut store = CertificateStore::new(Arc::new(ca), Duration::from_secs(2));
+        let held = store.certified_key(&identity("a")).unwrap();
+        // From now on the CA cannot issue (the lifetime is out of range).
+        store.lifetime = Duration::MAX;
+        std::thread::sleep(Duration::from_millis(1100));
+        let during = store.certified_key(&identity("a")).unwrap();
+        assert!(Arc::ptr_eq(&held, &during));
+        // Once it expired, there is nothing to present.
+        std::thread::sleep(Duration::from_millis(1000));
+        assert!(store.certified_key(&identity("a")).is_err());
     }
 
     #[tokio::test]

@@ -1,5 +1,8 @@
 //! The admin API (keep it on localhost): `/config_dump`, `/connections`, `/logging`,
-//! `/quitquitquit`.
+//! `/quitquitquit`. What changes the daemon (a POST) is taken only from a loopback address
+//! and with the `x-ztunnel-admin` header: a browser sends no custom header cross-origin
+//! without asking first (a CORS preflight this API never allows), so no web page can make a
+//! browser on the node stop the daemon.
 
 use super::api_server::ApiServer;
 use super::http::{Call, Reply};
@@ -17,8 +20,16 @@ pub(crate) struct Admin {
     pub(crate) quit: Arc<Notify>,
 }
 
+/// The header a POST must carry (any value).
+pub(crate) const ADMIN_HEADER: &str = "x-ztunnel-admin";
+
 impl Admin {
     pub(crate) async fn handle(self: Arc<Self>, call: Call) -> Reply {
+        if call.method == Method::POST
+            && let Err(refused) = may_change(&call)
+        {
+            return refused;
+        }
         match (&call.method, call.path.as_str()) {
             (&Method::GET, "/") => Reply::text(StatusCode::OK, INDEX),
             (&Method::GET, "/config_dump") => Reply::json(&self.config_dump().await),
@@ -58,11 +69,32 @@ impl Admin {
             status: self.api.status().await,
             not_ready: self.api.readiness.check().err().map(|err| err.to_string()),
             settings: Settings::clone(&ctx.settings),
+            limits: ctx.admission.limits().clone(),
             workloads: config.workloads.clone(),
             services: config.services.clone(),
             policies: config.policies.all().to_vec(),
         }
     }
+}
+
+/// Whether `call` may change the daemon: from loopback, with the admin header.
+fn may_change(call: &Call) -> Result<(), Reply> {
+    if !call.peer.ip().to_canonical().is_loopback() {
+        return Err(Reply::text(
+            StatusCode::FORBIDDEN,
+            format!("POST {} is taken from a loopback address only\n", call.path),
+        ));
+    }
+    if !call.headers.contains_key(ADMIN_HEADER) {
+        return Err(Reply::text(
+            StatusCode::FORBIDDEN,
+            format!(
+                "POST {} needs the header `{ADMIN_HEADER}: true`\n",
+                call.path
+            ),
+        ));
+    }
+    Ok(())
 }
 
 const INDEX: &str = "ztunnel admin API
@@ -71,4 +103,39 @@ GET  /connections          open and recent proxied connections
 GET  /logging              the log filter in force
 POST /logging?level=F      change it (tracing EnvFilter syntax)
 POST /quitquitquit         drain and exit
+(a POST is taken from loopback only, with the header `x-ztunnel-admin: true`)
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn post(peer: &str, headers: &[(&'static str, &'static str)]) -> Call {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in headers {
+            map.insert(*name, http::HeaderValue::from_static(value));
+        }
+        Call {
+            peer: peer.parse().unwrap(),
+            method: Method::POST,
+            path: "/quitquitquit".into(),
+            query: String::new(),
+            headers: map,
+        }
+    }
+
+    #[test]
+    fn a_post_needs_loopback_and_the_admin_header() {
+        let with_header = [(ADMIN_HEADER, "true")];
+        assert!(may_change(&post("127.0.0.1:40000", &with_header)).is_ok());
+        assert!(may_change(&post("[::1]:40000", &with_header)).is_ok());
+        assert!(may_change(&post("[::ffff:127.0.0.1]:40000", &with_header)).is_ok());
+        for refused in [
+            post("127.0.0.1:40000", &[("content-type", "text/plain")]),
+            post("10.0.0.7:40000", &with_header),
+        ] {
+            let reply = may_change(&refused).unwrap_err();
+            assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+        }
+    }
+}

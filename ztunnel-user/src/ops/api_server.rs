@@ -27,8 +27,10 @@ pub(crate) struct BindError {
     source: std::io::Error,
 }
 
-/// Binds the socket (replacing a stale one), readable and writable by root only.
+/// Binds the socket (replacing a stale one), readable and writable by root only from the
+/// moment it exists: the umask covers the instant between `bind` and `chmod`.
 pub(crate) fn bind(path: &Path) -> Result<UnixListener, BindError> {
+    use nix::sys::stat::{Mode, umask};
     use std::os::unix::fs::PermissionsExt;
     let err = |source| BindError {
         path: path.to_owned(),
@@ -41,18 +43,52 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, BindError> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
         _ => {}
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
+    let previous = umask(Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    umask(previous);
+    let listener = bound.map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
+}
+
+/// Only root (or the daemon's own user) may enroll and release pods: the socket's mode
+/// says so too, but a loosened mode or a bind mount into a pod must not open it.
+fn may_use(stream: &UnixStream) -> Result<(), String> {
+    let uid = stream
+        .peer_cred()
+        .map_err(|err| format!("cannot tell who the API client is: {err}"))?
+        .uid();
+    if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+        Ok(())
+    } else {
+        Err(format!(
+            "only root may use the ztunnel API; the client runs as uid {uid}"
+        ))
+    }
+}
+
+/// Writes `response` as one line.
+async fn reply(mut stream: UnixStream, response: Response) {
+    let mut out = serde_json::to_vec(&response).expect("responses always serialize");
+    out.push(b'\n');
+    if let Err(err) = stream.write_all(&out).await {
+        tracing::debug!(%err, "API client went away before the response");
+    }
 }
 
 impl ApiServer {
     pub(crate) async fn serve(self: Arc<Self>, listener: UnixListener) {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(self.clone().answer(stream));
-                }
+                Ok((stream, _)) => match may_use(&stream) {
+                    Ok(()) => {
+                        tokio::spawn(self.clone().answer(stream));
+                    }
+                    Err(refused) => {
+                        tracing::warn!(%refused, "API request refused");
+                        tokio::spawn(reply(stream, Response::Error { message: refused }));
+                    }
+                },
                 Err(err) => {
                     tracing::warn!(%err, "API accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -61,10 +97,9 @@ impl ApiServer {
         }
     }
 
-    async fn answer(self: Arc<Self>, stream: UnixStream) {
-        let (read, mut write) = stream.into_split();
+    async fn answer(self: Arc<Self>, mut stream: UnixStream) {
         let mut line = String::new();
-        let response = match BufReader::new(read.take(MAX_REQUEST))
+        let response = match BufReader::new((&mut stream).take(MAX_REQUEST))
             .read_line(&mut line)
             .await
         {
@@ -78,11 +113,7 @@ impl ApiServer {
                 message: format!("reading request: {err}"),
             },
         };
-        let mut out = serde_json::to_vec(&response).expect("responses always serialize");
-        out.push(b'\n');
-        if let Err(err) = write.write_all(&out).await {
-            tracing::debug!(%err, "API client went away before the response");
-        }
+        reply(stream, response).await;
     }
 
     /// The enrolled pods, certificates, kernel counters and the mesh config's status.

@@ -1,11 +1,19 @@
 //! The small HTTP/1.1 plumbing behind the admin API, the metrics and the readiness endpoints:
 //! serving a handler on a TCP listener, and the CLI's one-shot requests.
+//!
+//! None of these endpoints authenticates its clients, so each bounds what they can hold:
+//! connections at a time (per source address and overall, and charged to the node's
+//! descriptor budget), and how long a client may take to send a request's headers, or to
+//! start its next request on a kept-alive connection (hyper's header-read timeout, which
+//! needs a timer).
 
+use crate::proxy::admission::{CapHit, Share, SourceCaps};
+use crate::telemetry::refusals::{Refusal, Refusals};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,13 +22,18 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// Bodies of requests the endpoints accept (they take parameters in the query only).
 const MAX_REQUEST_BODY: usize = 64 * 1024;
+/// Connections an endpoint serves at a time (scrapers, probes and operators need a few).
+const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS_PER_SOURCE: usize = 16;
 
-/// A request as the handlers see it: method, path, query, and nothing they do not need.
+/// A request as the handlers see it: who sent it, method, path, query and headers.
 #[derive(Debug)]
 pub(crate) struct Call {
+    pub peer: SocketAddr,
     pub method: Method,
     pub path: String,
     pub query: String,
+    pub headers: http::HeaderMap,
 }
 
 impl Call {
@@ -78,33 +91,72 @@ pub(crate) async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpList
         .map_err(|source| BindError { addr, what, source })
 }
 
+/// What admits the connections of one endpoint.
+pub(crate) struct Admittance {
+    /// The endpoint, for the logs.
+    pub name: &'static str,
+    /// The node's share of the descriptor budget.
+    pub share: Arc<Share>,
+    pub refusals: Arc<Refusals>,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+}
+
 /// Serves `handler` on `listener` until the task is dropped.
-pub(crate) async fn serve<Handler, Handled>(listener: TcpListener, handler: Handler)
-where
+pub(crate) async fn serve<Handler, Handled>(
+    listener: TcpListener,
+    admittance: Admittance,
+    handler: Handler,
+) where
     Handler: Fn(Call) -> Handled + Send + Sync + 'static,
     Handled: Future<Output = Reply> + Send + 'static,
 {
     let handler = Arc::new(handler);
+    let caps = SourceCaps::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_SOURCE);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(admittance.header_timeout);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(err) => {
-                tracing::warn!(%err, "HTTP accept failed");
+                tracing::warn!(endpoint = admittance.name, %err, "HTTP accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        let admitted = caps
+            .enter(peer.ip())
+            .map_err(|cap| match cap {
+                CapHit::Total => Refusal::HttpConnections,
+                CapHit::PerSource => Refusal::HttpConnectionsPerSource,
+            })
+            .and_then(|entered| Ok((entered, admittance.share.admit()?)));
+        let admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                admittance.refusals.refuse(refusal, admittance.name, peer);
+                continue;
+            }
+        };
+        if let Err(err) = crate::host::tcp::configure(&stream) {
+            tracing::debug!(endpoint = admittance.name, %peer, %err, "cannot set the TCP options");
+        }
         let handler = handler.clone();
+        let connection =
+            http.serve_connection(
+                TokioIo::new(stream),
+                hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let handler = handler.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(answer(request, peer, &*handler).await)
+                    }
+                }),
+            );
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let handler = handler.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(request, &*handler).await) }
-            });
-            if let Err(err) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%err, "HTTP connection ended with an error");
+            let _admitted = admitted;
+            if let Err(err) = connection.await {
+                tracing::debug!(%peer, %err, "HTTP connection ended with an error");
             }
         });
     }
@@ -112,6 +164,7 @@ where
 
 async fn answer<Handler, Handled>(
     request: Request<Incoming>,
+    peer: SocketAddr,
     handler: &Handler,
 ) -> Response<Full<Bytes>>
 where
@@ -126,9 +179,11 @@ where
     {
         Ok(_) => {
             handler(Call {
+                peer,
                 method: parts.method,
                 path: parts.uri.path().to_owned(),
                 query: parts.uri.query().unwrap_or_default().to_owned(),
+                headers: parts.headers,
             })
             .await
         }
@@ -215,20 +270,92 @@ pub(crate) async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::Limits;
+    use crate::proxy::admission::Admission;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn admittance(header_timeout: Duration) -> Admittance {
+        let settings = crate::settings::parse(&["--node", "n"]);
+        Admittance {
+            name: "test",
+            share: Admission::new(Limits::new(1 << 20, &settings)).node_share(),
+            refusals: Default::default(),
+            header_timeout,
+        }
+    }
+
+    async fn hello_server(header_timeout: Duration) -> (SocketAddr, Arc<Refusals>) {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admittance = admittance(header_timeout);
+        let refusals = admittance.refusals.clone();
+        tokio::spawn(serve(listener, admittance, |_: Call| async move {
+            Reply::text(StatusCode::OK, "hello")
+        }));
+        (addr, refusals)
+    }
+
+    /// Reads until the server closes the connection, or fails after `limit`.
+    async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Vec<u8> {
+        let mut received = Vec::new();
+        tokio::time::timeout(limit, stream.read_to_end(&mut received))
+            .await
+            .expect("the server closed the connection in time")
+            .expect("read");
+        received
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_and_an_idle_kept_alive_one_are_closed() {
+        let (addr, _) = hello_server(Duration::from_millis(300)).await;
+        // Sends nothing at all.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        closed_within(&mut silent, Duration::from_secs(3)).await;
+        // One request, answered, then nothing: the wait for the next request is bounded too.
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answered = closed_within(&mut idle, Duration::from_secs(3)).await;
+        assert!(answered.starts_with(b"HTTP/1.1 200"), "{answered:?}");
+    }
+
+    #[tokio::test]
+    async fn one_source_holds_a_bounded_number_of_connections() {
+        let (addr, refusals) = hello_server(Duration::from_secs(30)).await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_SOURCE {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The next is accepted by the kernel, then closed at once by the server.
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        closed_within(&mut over, Duration::from_secs(3)).await;
+        let refused: Vec<_> = refusals.counts().filter(|(_, count)| *count > 0).collect();
+        assert_eq!(refused, [("http_connections_per_source", 1)]);
+        // A connection that goes away makes room.
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let body = request(addr, Method::GET, "/", Duration::from_secs(5)).await;
+        assert_eq!(body.unwrap(), "hello");
+    }
 
     #[tokio::test]
     async fn serves_a_handler_and_the_client_reads_it() {
         let listener = bind("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve(listener, |call: Call| async move {
-            match (&call.method, call.path.as_str()) {
-                (&Method::GET, "/hello") => Reply::text(
-                    StatusCode::OK,
-                    format!("hello {}", call.param("name").unwrap_or_default()),
-                ),
-                _ => Reply::text(StatusCode::NOT_FOUND, "nothing here"),
-            }
-        }));
+        tokio::spawn(serve(
+            listener,
+            admittance(Duration::from_secs(10)),
+            |call: Call| async move {
+                match (&call.method, call.path.as_str()) {
+                    (&Method::GET, "/hello") => Reply::text(
+                        StatusCode::OK,
+                        format!("hello {}", call.param("name").unwrap_or_default()),
+                    ),
+                    _ => Reply::text(StatusCode::NOT_FOUND, "nothing here"),
+                }
+            },
+        ));
         let timeout = Duration::from_secs(5);
         let body = request(addr, Method::GET, "/hello?x=1&name=ztunnel", timeout)
             .await

@@ -8,8 +8,11 @@ use crate::capture::Datapath;
 use crate::hbone::OpenCounts;
 use crate::hbone::client::Pool;
 use crate::identity::CertificateStore;
+use crate::pods::PodCounts;
 use crate::proxy::LocalPods;
+use crate::proxy::admission::Admission;
 use crate::telemetry::metrics::TrafficMetrics;
+use crate::telemetry::refusals::Refusals;
 use http::{Method, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -55,6 +58,9 @@ pub(crate) struct NodeView {
     pub(crate) pool: Arc<Pool>,
     pub(crate) hbone_server: Arc<OpenCounts>,
     pub(crate) certificates: Arc<CertificateStore>,
+    pub(crate) refusals: Arc<Refusals>,
+    pub(crate) pods: Arc<PodCounts>,
+    pub(crate) admission: Arc<Admission>,
 }
 
 /// Reads the node's state at each scrape.
@@ -102,6 +108,44 @@ impl Collector for NodeCollector {
         for (side, kind, count) in hbone {
             ConstGauge::new(count as i64)
                 .encode(open.encode_family(&[("side", side), ("kind", kind)])?)?;
+        }
+        let mut refused = encoder.encode_descriptor(
+            "ztunnel_connections_refused",
+            "Connections the proxy refused before serving them, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (reason, count) in node.refusals.counts() {
+            ConstCounter::new(count).encode(refused.encode_family(&[("reason", reason)])?)?;
+        }
+        let admission = &node.admission;
+        let limits = admission.limits();
+        let mut descriptors = encoder.encode_descriptor(
+            "ztunnel_file_descriptors",
+            "The node's descriptor budget for connections (RLIMIT_NOFILE less a reserve) and what the open connections are charged",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (kind, count) in [("budget", limits.fd_budget), ("charged", admission.used())] {
+            ConstGauge::new(count as i64).encode(descriptors.encode_family(&[("kind", kind)])?)?;
+        }
+        ConstGauge::new(admission.unauthenticated() as i64).encode(encoder.encode_descriptor(
+            "ztunnel_unauthenticated_connections",
+            "HBONE connections whose handshakes are not done yet",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let mut pods = encoder.encode_descriptor(
+            "ztunnel_pods",
+            "Captured pods: served, or waiting (captured, their connections refused) while taking them over fails",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, count) in [
+            ("serving", node.pods.serving()),
+            ("waiting", node.pods.waiting()),
+        ] {
+            ConstGauge::new(count as i64).encode(pods.encode_family(&[("state", state)])?)?;
         }
         let mut expiry = encoder.encode_descriptor(
             "ztunnel_certificate_expiration_timestamp_seconds",

@@ -1,18 +1,22 @@
 //! Enrolled pods: what enrolling one sets up, and tearing it down again; their records in the
-//! state directory (`records`), finding their cgroups (`cgroup`), and taking over the pods of
-//! a previous run (`restore`).
+//! state directory (`records`), finding their cgroups (`cgroup`), taking over the pods of a
+//! previous run (`restore`), and the pods that stay captured while that fails (`waiting`).
 //!
 //! Enrollment order makes capture the last step, so no connection is ever steered to a
 //! listener that is not there yet: routing for delivery, listeners, the sk_lookup target, the
 //! pod's map entry, the pod's record, and only then the bpf_links. Disenrollment starts by
 //! removing the links and ends with the record.
+//!
+//! A pod once captured is never released by a failure: it fails closed, captured with its
+//! connections refused, until it is served again or the pod is gone.
 
 mod cgroup;
 pub(crate) mod records;
 mod restore;
+mod waiting;
 
 use crate::api::{EnrolledPod, PodSpec};
-use crate::capture::{CaptureError, CapturedPod, Links, PodLinks};
+use crate::capture::{CaptureError, CapturedPod, DatapathError, PodLinks};
 use crate::delivery::routing::{self, RoutingError};
 use crate::host::netns::{Netns, NetnsError};
 use crate::proxy::listeners::{ListenerError, PodListeners};
@@ -23,7 +27,9 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::task::JoinSet;
+use waiting::{Waiting, WaitingPods};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EnrollError {
@@ -58,6 +64,55 @@ pub(crate) enum EnrollError {
     },
 }
 
+impl EnrollError {
+    /// The pod itself is gone (its netns deleted or replaced, its cgroup removed): nothing of
+    /// it is left to capture.
+    fn pod_is_gone(&self) -> bool {
+        let not_found = |err: &std::io::Error| err.kind() == std::io::ErrorKind::NotFound;
+        match self {
+            EnrollError::NetnsReplaced { .. } => true,
+            EnrollError::Netns(NetnsError::Open { source, .. })
+            | EnrollError::OpenCgroup { source, .. } => not_found(source),
+            EnrollError::Capture(CaptureError::Datapath(DatapathError::LinkTargetGone {
+                ..
+            })) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Where a captured pod is.
+enum Found {
+    Serving,
+    Waiting,
+}
+
+/// What a failed start leaves of the pod.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnFailure {
+    /// Nothing: the pod was not captured before.
+    Undo,
+    /// Its links, `ZT_PODS` entry and record: it was captured before, and stays captured.
+    StayCaptured,
+}
+
+/// How many pods are served and how many wait, for `/metrics`.
+#[derive(Default)]
+pub(crate) struct PodCounts {
+    serving: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+impl PodCounts {
+    pub(crate) fn serving(&self) -> usize {
+        self.serving.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
 struct Enrollment {
     record: PodRecord,
     links: PodLinks,
@@ -89,19 +144,35 @@ pub(crate) struct Pods {
     cgroup_root: PathBuf,
     states: PodStates,
     enrolled: BTreeMap<String, Enrollment>,
+    waiting: WaitingPods,
+    counts: Arc<PodCounts>,
     next_index: u32,
 }
 
 impl Pods {
     /// Pods whose cgroups the kubelet creates under `cgroup_root`.
-    pub(crate) fn new(ctx: Arc<ProxyContext>, states: PodStates, cgroup_root: PathBuf) -> Pods {
+    pub(crate) fn new(
+        ctx: Arc<ProxyContext>,
+        states: PodStates,
+        cgroup_root: PathBuf,
+        counts: Arc<PodCounts>,
+    ) -> Pods {
         Pods {
             cgroup_root,
             ctx,
             states,
             enrolled: BTreeMap::new(),
+            waiting: WaitingPods::default(),
+            counts,
             next_index: 0,
         }
+    }
+
+    /// Publishes the pod counts; called after every change.
+    fn recount(&self) {
+        let counts = &self.counts;
+        counts.serving.store(self.enrolled.len(), Ordering::Relaxed);
+        counts.waiting.store(self.waiting.len(), Ordering::Relaxed);
     }
 
     fn forget(&self, uid: &str) {
@@ -110,9 +181,15 @@ impl Pods {
         }
     }
 
-    /// Captures the pod. Enrolling the same sandbox again is a no-op; a new sandbox of the same
-    /// pod replaces the old one.
+    /// Captures the pod. Enrolling the same sandbox again is a no-op (or, for a sandbox that
+    /// waits, an immediate retry); a new sandbox of the same pod replaces the old one.
     pub(crate) fn enroll(&mut self, spec: PodSpec) -> Result<EnrolledPod, EnrollError> {
+        let enrolled = self.try_enroll(spec);
+        self.recount();
+        enrolled
+    }
+
+    fn try_enroll(&mut self, spec: PodSpec) -> Result<EnrolledPod, EnrollError> {
         let label = format!("{}/{}", spec.namespace, spec.name);
         if spec.uid.is_empty() {
             return Err(EnrollError::NoUid(label));
@@ -125,14 +202,19 @@ impl Pods {
                 return Ok(describe(existing));
             }
             tracing::info!(pod = %label, old = %existing.record.spec.container_id, "replacing the enrollment of an older sandbox");
-            self.disenroll(&spec.uid.clone(), None);
+            self.release(&spec.uid.clone(), None);
+        }
+        if let Some(Waiting {
+            record: Some(record),
+            ..
+        }) = self.waiting.get(&spec.uid)
+            && record.spec.container_id != spec.container_id
+        {
+            tracing::info!(pod = %label, old = %record.spec.container_id, "replacing a waiting older sandbox");
+            self.release(&spec.uid.clone(), None);
         }
 
         let cgroup = find_pod_cgroup(&self.cgroup_root, &spec.uid)?;
-        let cgroup_dir = File::open(&cgroup).map_err(|source| EnrollError::OpenCgroup {
-            path: cgroup.clone(),
-            source,
-        })?;
         let netns = Netns::open(&spec.netns)?;
         let netns_cookie = netns.cookie()?;
         let record = PodRecord {
@@ -140,17 +222,40 @@ impl Pods {
             cgroup,
             netns_cookie,
         };
-        self.start(record, netns, Links::Attach(&cgroup_dir))
+        // Links pinned already (a waiting pod, or links whose record was lost) keep the pod
+        // captured whatever happens here.
+        let on_failure = if self.waiting.get(&record.spec.uid).is_some()
+            || !self.pinned_links(&record.spec.uid).paths.is_empty()
+        {
+            OnFailure::StayCaptured
+        } else {
+            OnFailure::Undo
+        };
+        match on_failure {
+            OnFailure::Undo => self.start(record, netns, on_failure),
+            OnFailure::StayCaptured => {
+                let started = self.start(record.clone(), netns, on_failure);
+                self.settle(record, started).1
+            }
+        }
     }
 
-    /// Serves the pod: routing, listeners, map entries, capture. Any failure undoes the steps
-    /// taken.
+    fn pinned_links(&self, uid: &str) -> PodLinks {
+        self.ctx.capture.datapath().pod_links(uid)
+    }
+
+    /// Serves the pod: routing, listeners, map entries, capture. A failure undoes the steps
+    /// taken, but for a pod that stays captured leaves its map entry and record.
     fn start(
         &mut self,
         record: PodRecord,
         netns: Netns,
-        links: Links<'_>,
+        on_failure: OnFailure,
     ) -> Result<EnrolledPod, EnrollError> {
+        let cgroup = File::open(&record.cgroup).map_err(|source| EnrollError::OpenCgroup {
+            path: record.cgroup.clone(),
+            source,
+        })?;
         let spec = &record.spec;
         let label = format!("{}/{}", spec.namespace, spec.name);
         routing::install(&netns, &spec.ips)?;
@@ -160,17 +265,23 @@ impl Pods {
             namespace: spec.namespace.as_str().into(),
             label: label.as_str().into(),
             netns,
+            ips: spec.ips.clone(),
             hbone_acceptor: self.ctx.tls.acceptor(&identity),
+            share: self.ctx.admission.pod_share(),
             identity: Arc::new(identity),
             released: tokio_util::sync::CancellationToken::new(),
         });
         let index = self.next_index;
-        let (pinned, serving) = match self.capture(&record, &pod, index, links) {
+        let (pinned, serving) = match self.capture(&record, &pod, index, &cgroup) {
             Ok(done) => done,
             Err(err) => {
-                self.ctx
-                    .capture
-                    .clear(&captured(&record, &pod.netns, index));
+                // The inbound listeners, if registered, left the sockhash as they closed.
+                if on_failure == OnFailure::Undo {
+                    self.ctx
+                        .capture
+                        .clear(&captured(&record, &pod.netns, index));
+                    self.forget(&spec.uid);
+                }
                 if let Err(cleanup) = routing::remove(&pod.netns, &spec.ips) {
                     tracing::warn!(pod = %label, %cleanup, "cannot remove delivery routing");
                 }
@@ -187,7 +298,7 @@ impl Pods {
             index,
         };
         tracing::info!(pod = %label, ips = ?enrollment.record.spec.ips, identity = %enrollment.pod.identity,
-            cgroup = %enrollment.record.cgroup.display(), adopted = matches!(links, Links::Adopt), "pod enrolled");
+            cgroup = %enrollment.record.cgroup.display(), "pod enrolled");
         let described = describe(&enrollment);
         self.enrolled
             .insert(enrollment.record.spec.uid.clone(), enrollment);
@@ -195,40 +306,58 @@ impl Pods {
     }
 
     /// Listeners, map entries, record and capture: everything after routing, undone by the
-    /// caller on error (the record by this function).
+    /// caller on error.
     fn capture(
         &self,
         record: &PodRecord,
         pod: &Arc<PodProxy>,
         index: u32,
-        links: Links<'_>,
+        cgroup: &File,
     ) -> Result<(PodLinks, JoinSet<()>), EnrollError> {
         let listeners = PodListeners::open(&self.ctx, &pod.netns, &record.spec.ips)?;
         let captured = captured(record, &pod.netns, index);
         self.ctx.capture.prepare(&captured, &listeners.inbound)?;
-        let links = match links {
-            Links::Attach(_) => {
-                // The record first: pinned links never outlive the record that names them.
-                self.states.save(record)?;
-                self.ctx
-                    .capture
-                    .start(&captured, links)
-                    .inspect_err(|_| self.forget(&record.spec.uid))?
-            }
-            // A failed take-over is released by `restore`, record and all.
-            Links::Adopt => self.ctx.capture.start(&captured, links)?,
-        };
+        // The record first: pinned links never outlive the record that names them.
+        self.states.save(record)?;
+        let links = self.ctx.capture.start(&captured, cgroup)?;
         Ok((links, listeners.serve(self.ctx.clone(), pod.clone())))
     }
 
-    /// Releases the pod. `container_id` limits this to one sandbox (`None`: whichever).
-    /// Returns whether anything was enrolled.
+    /// Releases the pod, served or waiting. `container_id` limits this to one sandbox
+    /// (`None`: whichever). Returns whether anything was enrolled.
     pub(crate) fn disenroll(&mut self, uid: &str, container_id: Option<&str>) -> bool {
-        let matches = self.enrolled.get(uid).is_some_and(|e| {
-            container_id.is_none_or(|id| id.is_empty() || e.record.spec.container_id == id)
-        });
-        let Some(enrollment) = matches.then(|| self.enrolled.remove(uid)).flatten() else {
-            return false;
+        let released = self.release(uid, container_id);
+        self.recount();
+        released
+    }
+
+    fn release(&mut self, uid: &str, container_id: Option<&str>) -> bool {
+        match self.find(uid, container_id) {
+            Some(Found::Serving) => self.release_served(uid),
+            Some(Found::Waiting) => self.release_waiting(uid),
+            None => return false,
+        }
+        true
+    }
+
+    /// Where the pod's sandbox `container_id` (`None` or empty: any) is, if captured. A pod
+    /// waiting without a record could be any sandbox.
+    fn find(&self, uid: &str, container_id: Option<&str>) -> Option<Found> {
+        let sandbox =
+            |id: &str| container_id.is_none_or(|wanted| wanted.is_empty() || wanted == id);
+        if let Some(enrollment) = self.enrolled.get(uid) {
+            return sandbox(&enrollment.record.spec.container_id).then_some(Found::Serving);
+        }
+        let waiting = self.waiting.get(uid)?;
+        let record = waiting.record.as_ref();
+        record
+            .is_none_or(|record| sandbox(&record.spec.container_id))
+            .then_some(Found::Waiting)
+    }
+
+    fn release_served(&mut self, uid: &str) {
+        let Some(enrollment) = self.enrolled.remove(uid) else {
+            return;
         };
         let spec = &enrollment.record.spec;
         let captured = enrollment.captured();
@@ -245,8 +374,8 @@ impl Pods {
             self.ctx.tls.store.forget(identity);
         }
         self.forget(&spec.uid);
+        self.ctx.connections.forget_pod(&enrollment.pod.label);
         tracing::info!(pod = %enrollment.pod.label, "pod disenrolled");
-        true
     }
 
     /// Closes every pod's listeners (drain): new connections are refused by the kernel from
@@ -257,14 +386,19 @@ impl Pods {
         }
     }
 
+    /// Whether the sandbox is captured (served, or waiting to be).
     pub(crate) fn is_enrolled(&self, uid: &str, container_id: &str) -> bool {
-        self.enrolled
-            .get(uid)
-            .is_some_and(|e| container_id.is_empty() || e.record.spec.container_id == container_id)
+        self.find(uid, Some(container_id)).is_some()
     }
 
+    /// The served pods, then the waiting ones.
     pub(crate) fn list(&self) -> Vec<EnrolledPod> {
-        self.enrolled.values().map(describe).collect()
+        let serving = self.enrolled.values().map(describe);
+        let waiting = self
+            .waiting
+            .iter()
+            .map(|(uid, waiting)| waiting.describe(uid, self.pinned_links(uid)));
+        serving.chain(waiting).collect()
     }
 }
 
@@ -280,5 +414,6 @@ fn describe(e: &Enrollment) -> EnrolledPod {
         ips: spec.ips.clone(),
         identity: e.pod.identity.to_string(),
         links: e.links.paths.clone(),
+        waiting: None,
     }
 }

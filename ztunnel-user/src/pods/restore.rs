@@ -1,55 +1,65 @@
 //! Taking over the pods a previous run enrolled, from their records: their links stayed
 //! attached (refusing new connections while nobody listened), so the daemon opens their
-//! listeners and map entries again and then moves the links on to its own programs; what
-//! cannot be taken over is released.
+//! listeners and map entries again and then moves the links on to its own programs. A pod
+//! that cannot be served yet stays captured and waits (`waiting`); only a pod that is gone is
+//! released.
 
 use super::records::{PodRecord, PodStateError};
+use super::waiting::Outcome;
 use super::{EnrollError, Pods};
-use crate::api::EnrolledPod;
-use crate::capture::{Links, detach_pod};
 use crate::host::netns::Netns;
 use std::collections::HashSet;
 
 impl Pods {
-    /// Takes over the pods the previous run enrolled, from their records: a pod whose netns
-    /// and links are still there is served again, the leftovers of any other are removed, and
-    /// so are links and pod entries no record claims. Runs once at start, before the API
-    /// serves; fails only when the records cannot be listed at all.
+    /// Takes over the pods the previous run enrolled, from their records, and the links no
+    /// readable record describes. Runs once at start, before the API serves; fails only when
+    /// the records cannot be listed at all.
     pub(crate) fn restore(&mut self) -> Result<(), PodStateError> {
-        let (mut adopted, mut released, mut refused) = (0, 0, 0);
+        let (mut served, mut waiting, mut released) = (0, 0, 0);
+        let mut tally = |outcome| match outcome {
+            Outcome::Served => served += 1,
+            Outcome::Waiting => waiting += 1,
+            Outcome::Released => released += 1,
+        };
         for loaded in self.states.load_all()? {
-            let record = match loaded {
-                Ok(record) => record,
+            match loaded {
+                Ok(record) => tally(self.take_over(record)),
                 Err(err) => {
-                    tracing::error!(%err, "removing a pod record this daemon cannot use; the pod's links, if any, are removed below");
+                    // Its links, if any, stay: they are taken care of below.
+                    tracing::error!(%err, "removing a pod record this daemon cannot use");
                     if let Err(err) = self.states.discard(&err) {
                         tracing::warn!(%err, "cannot remove the refused record");
                     }
-                    refused += 1;
-                    continue;
-                }
-            };
-            let label = format!("{}/{}", record.spec.namespace, record.spec.name);
-            match self.adopt(record.clone()) {
-                Ok(_) => adopted += 1,
-                Err(err) => {
-                    tracing::warn!(pod = %label, %err, "cannot take the pod over; removing what its enrollment left");
-                    self.release_leftovers(&record);
-                    released += 1;
                 }
             }
         }
-        self.release_unclaimed();
+        let datapath = self.ctx.capture.datapath().clone();
+        let orphans: Vec<String> = datapath
+            .pinned_pods()
+            .into_iter()
+            .filter(|uid| !self.enrolled.contains_key(uid) && self.waiting.get(uid).is_none())
+            .collect();
+        let no_orphans = orphans.is_empty();
+        for uid in orphans {
+            tally(self.check_orphan(uid));
+        }
+        // A `ZT_PODS` entry no record claims is stale, unless it is a pod whose links have no
+        // record: those are only known by uid, so then every entry stays.
+        if no_orphans {
+            self.remove_unclaimed_entries();
+        }
+        self.recount();
         tracing::info!(
-            adopted,
+            served,
+            waiting,
             released,
-            refused,
             "took over the pods of the previous run"
         );
         Ok(())
     }
 
-    fn adopt(&mut self, record: PodRecord) -> Result<EnrolledPod, EnrollError> {
+    /// The pod's netns, if it is still the one its record names.
+    pub(super) fn reopen_netns(&self, record: &PodRecord) -> Result<Netns, EnrollError> {
         let netns = Netns::open(&record.spec.netns)?;
         let found = netns.cookie()?;
         if found != record.netns_cookie {
@@ -59,36 +69,20 @@ impl Pods {
                 found,
             });
         }
-        self.start(record, netns, Links::Adopt)
+        Ok(netns)
     }
 
-    /// What a recorded pod that cannot be taken over leaves: its links, its map entry and its
-    /// record. Its old listeners died with the previous run (closed sockets leave the sockhash
-    /// by themselves); a failed `start` has undone its own steps; and a netns that is gone or
-    /// no longer the pod's is left alone.
-    fn release_leftovers(&self, record: &PodRecord) {
+    fn remove_unclaimed_entries(&self) {
         let datapath = self.ctx.capture.datapath();
-        detach_pod(&datapath.pod_links(&record.spec.uid));
-        if let Err(err) = datapath.remove_pod(record.netns_cookie) {
-            tracing::warn!(%err, "cannot remove pod map entry");
-        }
-        self.forget(&record.spec.uid);
-    }
-
-    /// Links and `ZT_PODS` entries of pods no record claims (a record refused as corrupt, or
-    /// state from before records existed): nothing would serve those pods.
-    fn release_unclaimed(&self) {
-        let datapath = self.ctx.capture.datapath();
-        for uid in datapath.pinned_pods() {
-            if !self.enrolled.contains_key(&uid) {
-                tracing::warn!(%uid, "removing the links of a pod no record describes");
-                detach_pod(&datapath.pod_links(&uid));
-            }
-        }
         let claimed: HashSet<u64> = self
             .enrolled
             .values()
             .map(|e| e.record.netns_cookie)
+            .chain(
+                self.waiting
+                    .iter()
+                    .filter_map(|(_, w)| Some(w.record.as_ref()?.netns_cookie)),
+            )
             .collect();
         for cookie in datapath.pod_cookies() {
             if !claimed.contains(&cookie)

@@ -4,6 +4,8 @@
 //! before and are freed once it carries bytes: what an open connection costs is this state
 //! and its relay's, nothing of the set-up.
 
+use super::admission::Admitted;
+use crate::delivery::{Announcement, Delivery};
 use crate::hbone::client::{HboneStream, StreamSlot};
 use crate::relay::Carrier;
 use crate::relay::h2::bridge;
@@ -25,6 +27,8 @@ pub(super) struct Connected {
     pub(super) delivered: Option<Box<Tracked>>,
     /// An outbound HBONE stream's share of its pooled connection, held while it is open.
     pub(super) slot: Option<StreamSlot>,
+    /// A delivery's announcement to `sk_lookup`, held while it is open (boxed as `delivered`).
+    pub(super) _announcement: Option<Box<Announcement>>,
 }
 
 impl Connected {
@@ -34,6 +38,7 @@ impl Connected {
             carrier: Carrier::Tcp(relay(client, server)),
             delivered: None,
             slot: None,
+            _announcement: None,
         }
     }
 
@@ -46,18 +51,32 @@ impl Connected {
             },
             delivered: None,
             slot: Some(stream.slot),
+            _announcement: None,
+        }
+    }
+
+    /// A client's TCP connection delivered to the app's.
+    pub(super) fn delivered(client: TcpStream, delivery: Delivery) -> Connected {
+        Connected {
+            _announcement: Some(Box::new(delivery.announcement)),
+            ..Connected::tcp(client, delivery.app)
         }
     }
 
     /// An HBONE stream delivered to the app's TCP connection.
-    pub(super) fn to_app(app: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> Connected {
+    pub(super) fn to_app(
+        delivery: Delivery,
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+    ) -> Connected {
         Connected {
             carrier: Carrier::H2 {
-                bridge: bridge(app, send, recv),
+                bridge: bridge(delivery.app, send, recv),
                 tcp_is_client: false,
             },
             delivered: None,
             slot: None,
+            _announcement: Some(Box::new(delivery.announcement)),
         }
     }
 }
@@ -81,17 +100,24 @@ pub(super) struct Carriage {
     connected: Connected,
     /// The connection as the side that accepted it records it.
     tracked: Tracked,
+    /// Its charge on its pod's share of the descriptor budget.
+    _admitted: Admitted,
 }
 
 impl Carriage {
     /// The connection `tracked` as its set-up left it: carried from here, or, if it failed,
-    /// logged and recorded with its error.
+    /// logged and recorded with its error (and its charge given back).
     pub(super) fn after(
         tracked: Tracked,
+        admitted: Admitted,
         connected: Result<Connected, ConnectionError>,
     ) -> Option<Carriage> {
         match connected {
-            Ok(connected) => Some(Carriage { connected, tracked }),
+            Ok(connected) => Some(Carriage {
+                connected,
+                tracked,
+                _admitted: admitted,
+            }),
             Err(err) => {
                 tracked.log_failure(&err);
                 tracked.failed(&err);
@@ -116,7 +142,9 @@ impl Carriage {
     /// Closes both sides (if a revocation ended the carrying, that is what closes them) and
     /// reports how the connection ended on every record.
     fn finish(self, outcome: Result<(u64, u64), ConnectionError>) {
-        let Carriage { connected, tracked } = self;
+        let Carriage {
+            connected, tracked, ..
+        } = self;
         drop((connected.carrier, connected.slot));
         if let Err(err) = &outcome {
             tracked.log_failure(err);

@@ -3,6 +3,7 @@
 //! client that bypassed the pod's waypoint, sent to the waypoint.
 
 use super::carry::{self, Carriage, Connected};
+use super::listeners::Accepted;
 use super::outbound::open_hbone;
 use super::route::Route;
 use super::{PodProxy, ProxyContext, describe};
@@ -10,10 +11,10 @@ use crate::api::Direction;
 use crate::mesh::authz::Subject;
 use crate::telemetry::connections::ConnectionError;
 use crate::telemetry::labels::{Observed, Reporter, TrafficLabels};
+use crate::telemetry::refusals::Refusal;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpStream;
 use ztunnel_common::ports;
 
 /// A plaintext connection's whole life (its set-up owns the arguments, as in
@@ -21,10 +22,9 @@ use ztunnel_common::ports;
 pub(super) fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
-    stream: TcpStream,
-    client: SocketAddr,
+    accepted: Accepted,
 ) -> impl Future<Output = ()> + Send {
-    carry::serve(Box::pin(set_up(ctx, pod, stream, client)))
+    carry::serve(Box::pin(set_up(ctx, pod, accepted)))
 }
 
 /// Finds the original destination, authorizes and connects to the app (or sends a client
@@ -32,9 +32,13 @@ pub(super) fn handle(
 async fn set_up(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
-    stream: TcpStream,
-    client: SocketAddr,
+    accepted: Accepted,
 ) -> Option<Carriage> {
+    let Accepted {
+        stream,
+        client,
+        mut admitted,
+    } = accepted;
     let (ctx, pod) = (&ctx, &pod);
     let destination = match ctx.capture.inbound_destination(&stream) {
         Ok(addr) => addr,
@@ -43,9 +47,15 @@ async fn set_up(
             return None;
         }
     };
-    if ports::is_proxy_port(destination.port()) {
+    if ports::is_pod_port(destination.port()) {
         // A direct connection to 15006 itself: delivering it would loop back here.
-        tracing::warn!(pod = %pod.label, %client, %destination, "refusing a connection to a proxy port");
+        ctx.refusals
+            .refuse(Refusal::ToProxyPort, &pod.label, client);
+        return None;
+    }
+    // The delivery's socket (or, for a client sent to the waypoint, its stream's share).
+    if let Err(refusal) = admitted.charge_upstream() {
+        ctx.refusals.refuse(refusal, &pod.label, client);
         return None;
     }
     let config = ctx.mesh.current();
@@ -90,10 +100,10 @@ async fn set_up(
         // this netns: the delivery takes another port.
         let source = SocketAddr::new(client.ip(), 0);
         ctx.connector
-            .connect_from(&pod.netns, Some(source), destination)
+            .deliver(&pod.netns, source, destination)
             .await
-            .map(|app| Connected::tcp(stream, app))
+            .map(|app| Connected::delivered(stream, app))
             .map_err(ConnectionError::Io)
     };
-    Carriage::after(tracked, connected)
+    Carriage::after(tracked, admitted, connected)
 }

@@ -3,6 +3,7 @@
 //! client's address; the 200 goes out only once the app accepted.
 
 use super::carry::{self, Carriage, Connected};
+use super::listeners::Accepted;
 use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
 use crate::hbone::mtls::accept;
@@ -11,6 +12,7 @@ use crate::identity::Identity;
 use crate::mesh::authz::Subject;
 use crate::telemetry::connections::ConnectionError;
 use crate::telemetry::labels::{Observed, Reporter, TrafficLabels};
+use crate::telemetry::refusals::Refusal;
 use bytes::Bytes;
 use h2::server::Connection;
 use std::future::Future;
@@ -30,15 +32,29 @@ struct Peer {
     identity: Arc<Identity>,
 }
 
-/// An mTLS connection on the pod's 15008, until the client closes it.
-pub(super) async fn handle(
-    ctx: Arc<ProxyContext>,
-    pod: Arc<PodProxy>,
-    stream: TcpStream,
-    client: SocketAddr,
-) {
+/// An mTLS connection on the pod's 15008, until the client closes it. Until its handshakes
+/// are done it is one of the unauthenticated connections (capped per source address and
+/// node-wide), and it has the handshake timeout to get them done.
+pub(super) async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, accepted: Accepted) {
+    let Accepted {
+        stream,
+        client,
+        admitted: _admitted,
+    } = accepted;
+    let handshaking = match ctx.admission.begin_handshake(client.ip()) {
+        Ok(handshaking) => handshaking,
+        Err(refusal) => return ctx.refusals.refuse(refusal, &pod.label, client),
+    };
     // Boxed: the handshakes' state is freed before the connection's long life begins.
-    let Some((connection, peer)) = Box::pin(handshakes(&pod, stream, client)).await else {
+    let handshakes = Box::pin(handshakes(&pod, stream, client));
+    let Ok(handshaken) = tokio::time::timeout(ctx.admission.handshake_timeout(), handshakes).await
+    else {
+        return ctx
+            .refusals
+            .refuse(Refusal::HandshakeTimeout, &pod.label, client);
+    };
+    drop(handshaking);
+    let Some((connection, peer)) = handshaken else {
         return;
     };
     let (shutdown, counts) = (ctx.shutdown.clone(), ctx.hbone_server.clone());
@@ -114,6 +130,14 @@ async fn set_up(
     incoming: Incoming,
 ) -> Option<Carriage> {
     let (ctx, pod, peer) = (&ctx, &pod, &peer);
+    let admitted = match pod.share.admit() {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            ctx.refusals.refuse(refusal, &pod.label, peer.addr);
+            incoming.fail();
+            return None;
+        }
+    };
     let target = match incoming.target(peer.local) {
         Ok(target) => target,
         Err(refusal) => {
@@ -149,11 +173,7 @@ async fn set_up(
     }
     // The 200 goes out only once the app accepted: the client learns of a refusal.
     let source = delivery_source(client, peer.addr);
-    let app = match ctx
-        .connector
-        .connect_from(&pod.netns, Some(source), target)
-        .await
-    {
+    let app = match ctx.connector.deliver(&pod.netns, source, target).await {
         Ok(app) => app,
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");
@@ -166,7 +186,7 @@ async fn set_up(
         .accept()
         .map(|(send, recv)| Connected::to_app(app, send, recv))
         .map_err(ConnectionError::Io);
-    Carriage::after(tracked, delivered)
+    Carriage::after(tracked, admitted, delivered)
 }
 
 /// Where the delivery to the app comes from: the peer's address, with the original client's

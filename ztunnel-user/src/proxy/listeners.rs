@@ -1,6 +1,8 @@
-//! A pod's listeners, open inside its netns, and the accept loops that hand each connection
-//! to its handler on a task of its own. Every listener carries the proxy's mark.
+//! A pod's listeners, open inside its netns, and the accept loops that admit each connection
+//! (`admission`) and hand it to its handler on a task of its own. Every listener carries the
+//! proxy's mark.
 
+use super::admission::Admitted;
 use super::{PodProxy, ProxyContext, inbound, inbound_hbone, outbound};
 use crate::host::netns::{Netns, NetnsError, domain_of, unspecified};
 use pin_project_lite::pin_project;
@@ -72,33 +74,15 @@ impl PodListeners {
     pub(crate) fn serve(self, ctx: Arc<ProxyContext>, pod: Arc<PodProxy>) -> JoinSet<()> {
         let mut tasks = JoinSet::new();
         for listener in self.outbound {
-            let accepting = accept_loop(
-                ctx.clone(),
-                pod.clone(),
-                listener,
-                "outbound",
-                outbound::handle,
-            );
+            let accepting = accept_loop(ctx.clone(), pod.clone(), listener, outbound::handle);
             tasks.spawn(accepting);
         }
         for listener in self.hbone {
-            let accepting = accept_loop(
-                ctx.clone(),
-                pod.clone(),
-                listener,
-                "hbone",
-                inbound_hbone::handle,
-            );
+            let accepting = accept_loop(ctx.clone(), pod.clone(), listener, inbound_hbone::handle);
             tasks.spawn(accepting);
         }
         for (_, listener) in self.inbound {
-            let accepting = accept_loop(
-                ctx.clone(),
-                pod.clone(),
-                listener,
-                "inbound",
-                inbound::handle,
-            );
+            let accepting = accept_loop(ctx.clone(), pod.clone(), listener, inbound::handle);
             tasks.spawn(accepting);
         }
         tasks
@@ -125,33 +109,52 @@ fn listen(netns: &Netns, addr: SocketAddr, mark: u32) -> Result<TcpListener, Lis
     setup().map_err(err)
 }
 
-/// Accepts until aborted, handing each connection to `handle` on a task of its own.
+/// A connection a pod's listener accepted and admitted.
+pub(super) struct Accepted {
+    pub(super) stream: TcpStream,
+    pub(super) client: SocketAddr,
+    /// Its charge on the pod's share of the budget, held as long as the connection.
+    pub(super) admitted: Admitted,
+}
+
+/// Accepts until aborted, handing each admitted connection to `handle` on a task of its own;
+/// one over the budget is closed at once.
 async fn accept_loop<Handle, Handled>(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
     listener: TcpListener,
-    kind: &'static str,
     handle: Handle,
 ) where
-    Handle: Fn(Arc<ProxyContext>, Arc<PodProxy>, TcpStream, SocketAddr) -> Handled,
+    Handle: Fn(Arc<ProxyContext>, Arc<PodProxy>, Accepted) -> Handled,
     Handled: Future<Output = ()> + Send + 'static,
 {
     loop {
         match listener.accept().await {
             Ok((stream, client)) => {
-                // The relays write what they just read: Nagle's wait for an ACK would only add
-                // latency (a request/response round trip waits out the peer's delayed ACK).
-                if let Err(err) = stream.set_nodelay(true) {
-                    tracing::debug!(pod = %pod.label, %client, %err, "cannot set TCP_NODELAY");
+                let admitted = match pod.share.admit() {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => {
+                        ctx.refusals.refuse(refusal, &pod.label, client);
+                        continue;
+                    }
+                };
+                if let Err(err) = crate::host::tcp::configure(&stream) {
+                    tracing::debug!(pod = %pod.label, %client, %err, "cannot set the TCP options");
                 }
                 let released = pod.released.clone().cancelled_owned();
-                let handled = handle(ctx.clone(), pod.clone(), stream, client);
+                let accepted = Accepted {
+                    stream,
+                    client,
+                    admitted,
+                };
+                let handled = handle(ctx.clone(), pod.clone(), accepted);
                 tokio::spawn(UntilReleased { handled, released });
             }
             Err(err) => {
-                // Usually transient (out of file descriptors, a connection reset while queued):
-                // back off briefly so a persistent one cannot spin a core.
-                tracing::warn!(pod = %pod.label, listener = kind, %err, "accept failed");
+                // Usually transient (a connection reset while queued; the budget keeps the
+                // descriptors from running out): back off briefly so a persistent one cannot
+                // spin a core.
+                tracing::warn!(pod = %pod.label, %err, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }

@@ -10,6 +10,7 @@
 //! opening an HBONE stream) boxed, and what stays for the connection's life is a
 //! `carry::Carriage`: the relay's few hundred bytes and the connection's records.
 
+pub(crate) mod admission;
 mod authorize;
 mod carry;
 mod inbound;
@@ -30,6 +31,8 @@ use crate::mesh::config::{DEFAULT_SERVICE_ACCOUNT, MeshConfig};
 use crate::settings::Settings;
 use crate::telemetry::connections::ConnectionLog;
 use crate::telemetry::labels::Described;
+use crate::telemetry::refusals::Refusals;
+use admission::{Admission, Share};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
@@ -50,6 +53,9 @@ pub(crate) struct ProxyContext {
     /// Becomes true when the daemon shuts down (HBONE servers send GOAWAY).
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) local_pods: Arc<LocalPods>,
+    pub(crate) refusals: Arc<Refusals>,
+    /// The node's descriptor budget and the caps every accepted connection is admitted by.
+    pub(crate) admission: Arc<Admission>,
 }
 
 impl ProxyContext {
@@ -100,9 +106,13 @@ pub(crate) struct PodProxy {
     /// `namespace/name`, for records and logs.
     pub(crate) label: Arc<str>,
     pub(crate) netns: Netns,
+    /// The pod's addresses: its own connections come from one of them.
+    pub(crate) ips: Vec<IpAddr>,
     pub(crate) identity: Arc<Identity>,
     /// The mTLS server side of the pod's 15008, as `identity`.
     pub(crate) hbone_acceptor: tokio_rustls::TlsAcceptor,
+    /// The pod's share of the node's descriptor budget, charged by its connections.
+    pub(crate) share: Arc<Share>,
     /// Cancelled when the pod is released: its connections end (sockets in a deleted pod's
     /// netns would otherwise keep the netns, and a drain waiting on them, alive).
     pub(crate) released: CancellationToken,

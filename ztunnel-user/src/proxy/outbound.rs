@@ -2,6 +2,7 @@
 //! way `Route` says.
 
 use super::carry::{self, Carriage, Connected};
+use super::listeners::Accepted;
 use super::route::Route;
 use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
@@ -11,21 +12,21 @@ use crate::mesh::authz::Subject;
 use crate::mesh::config::MeshConfig;
 use crate::telemetry::connections::ConnectionError;
 use crate::telemetry::labels::{Observed, Reporter, TrafficLabels};
+use crate::telemetry::refusals::Refusal;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpStream;
+use ztunnel_common::ports;
 
 /// A connection's whole life: its set-up, boxed, then the carrying. The set-up owns the
 /// arguments, so the task keeps none of them while the connection carries bytes.
 pub(super) fn handle(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
-    stream: TcpStream,
-    client: SocketAddr,
+    accepted: Accepted,
 ) -> impl Future<Output = ()> + Send {
-    carry::serve(Box::pin(set_up(ctx, pod, stream, client)))
+    carry::serve(Box::pin(set_up(ctx, pod, accepted)))
 }
 
 /// Routes, authorizes (same node) and connects; `None` if the connection ended there (its
@@ -33,18 +34,46 @@ pub(super) fn handle(
 async fn set_up(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
-    stream: TcpStream,
-    client: SocketAddr,
+    accepted: Accepted,
 ) -> Option<Carriage> {
+    let Accepted {
+        stream,
+        client,
+        mut admitted,
+    } = accepted;
     let (ctx, pod) = (&ctx, &pod);
-    // Only connections the kernel captured have an original destination; anything else
-    // that reached 15001 (a direct connection to the port) is refused.
+    // Only the pod's own connections, sent here by capture, may go out as the pod: anything
+    // else that reached 15001 (from another pod or node, or a direct connection to the port)
+    // is refused.
+    if !pod.ips.contains(&client.ip()) {
+        ctx.refusals.refuse(Refusal::NotFromPod, &pod.label, client);
+        return None;
+    }
     let Some(destination) = ctx.capture.outbound_destination(&stream, client) else {
-        tracing::warn!(pod = %pod.label, %client, "connection to the outbound port without an original destination; closing");
+        ctx.refusals
+            .refuse(Refusal::NoOriginalDestination, &pod.label, client);
         return None;
     };
     let config = ctx.mesh.current();
     let route = Route::outbound(ctx, &config, client.ip(), destination);
+    if let Route::SameNode {
+        pod: target,
+        target: to,
+    } = &route
+        && ports::is_pod_port(to.port())
+    {
+        // The proxy's own listeners in another pod: the peer's HBONE server refuses the same
+        // across nodes.
+        ctx.refusals
+            .refuse(Refusal::ToProxyPort, &target.label, client);
+        return None;
+    }
+    if matches!(route, Route::SameNode { .. } | Route::Passthrough { .. })
+        && let Err(refusal) = admitted.charge_upstream()
+    {
+        ctx.refusals.refuse(refusal, &pod.label, client);
+        return None;
+    }
     let labels = |reporter| labels(ctx, &config, reporter, pod, client, destination, &route);
     let tracked = ctx.connections.record(
         Direction::Outbound,
@@ -74,7 +103,7 @@ async fn set_up(
             let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
                 Ok(()) => ctx
                     .connector
-                    .connect_from(&target.netns, Some(client), to)
+                    .deliver(&target.netns, client, to)
                     .await
                     .map_err(ConnectionError::Io),
                 Err(denial) => Err(ConnectionError::Denied(denial)),
@@ -82,7 +111,7 @@ async fn set_up(
             match connected {
                 Ok(app) => Ok(Connected {
                     delivered: Some(Box::new(delivered)),
-                    ..Connected::tcp(stream, app)
+                    ..Connected::delivered(stream, app)
                 }),
                 Err(err) => {
                     delivered.failed(&err);
@@ -100,13 +129,13 @@ async fn set_up(
             .map_err(ConnectionError::Io),
         Route::Passthrough { target } => ctx
             .connector
-            .connect_from(&pod.netns, None, target)
+            .connect(&pod.netns, target)
             .await
             .map(|upstream| Connected::tcp(stream, upstream))
             .map_err(ConnectionError::Io),
         Route::Unavailable(why) => Err(ConnectionError::Unroutable(why)),
     };
-    Carriage::after(tracked, connected)
+    Carriage::after(tracked, admitted, connected)
 }
 
 /// The metric labels of a connection from `pod`'s `client` to `destination` taking `route`,
@@ -155,7 +184,7 @@ pub(super) async fn open_hbone(
         baggage: pod.baggage(),
     };
     let connect = || async {
-        let tcp = ctx.connector.connect_from(&pod.netns, None, peer).await?;
+        let tcp = ctx.connector.connect(&pod.netns, peer).await?;
         ctx.tls
             .connect(&pod.identity, &key.destination_identities, tcp)
             .await

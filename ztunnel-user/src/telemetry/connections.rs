@@ -153,7 +153,7 @@ impl ConnectionLog {
         original_destination: SocketAddr,
         labels: TrafficLabels,
     ) -> Tracked {
-        let labels = self.reporting.metrics.intern(labels);
+        let labels = self.reporting.metrics.opened(pod, labels);
         let record = Arc::new(Mutex::new(Live {
             direction,
             pod: pod.clone(),
@@ -172,7 +172,6 @@ impl ConnectionLog {
         }
         entries.push_back(record.clone());
         drop(entries);
-        self.reporting.metrics.opened(&labels);
         self.reporting.open.fetch_add(1, Ordering::AcqRel);
         Tracked {
             record,
@@ -189,6 +188,11 @@ impl ConnectionLog {
             .iter()
             .map(|e| lock(e).record())
             .collect()
+    }
+
+    /// `pod` left the node: its metric series go (as its last connections close).
+    pub(crate) fn forget_pod(&self, pod: &str) {
+        self.reporting.metrics.forget_pod(pod);
     }
 
     /// Connections not yet finished.
@@ -270,15 +274,9 @@ impl Tracked {
         record.flags = flags;
         record.error = error;
         let reporting = &self.reporting;
-        let flagged;
-        let closed = match flags {
-            ResponseFlags::None => &*self.labels,
-            other => {
-                flagged = self.labels.with_flags(other);
-                &flagged
-            }
-        };
-        reporting.metrics.closed(closed, sent, received);
+        reporting
+            .metrics
+            .closed(&self.labels, flags, sent, received);
         let direction = match record.direction {
             Direction::Outbound => "outbound",
             Direction::Inbound => "inbound",

@@ -206,6 +206,12 @@ impl TrafficLabels {
 }
 
 impl ResponseFlags {
+    pub(crate) const ALL: [ResponseFlags; 3] = [
+        ResponseFlags::None,
+        ResponseFlags::Denied,
+        ResponseFlags::ConnectFailed,
+    ];
+
     pub(crate) fn label(self) -> &'static str {
         match self {
             ResponseFlags::None => "-",

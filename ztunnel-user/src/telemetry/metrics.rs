@@ -2,19 +2,19 @@
 //! reported by the source's proxy (`reporter="source"`) and by the destination's
 //! (`reporter="destination"`) as connections open and close.
 
-use super::labels::TrafficLabels;
+use super::labels::{ResponseFlags, TrafficLabels};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Istio's TCP metrics, recorded by `connections` as connections open and close.
 #[derive(Default)]
 pub(crate) struct TrafficMetrics {
     /// Every label set in use, once: connections between the same workloads share theirs
-    /// (as many as the metrics have series).
-    label_sets: Mutex<HashSet<Arc<TrafficLabels>>>,
+    /// (as many as the metrics have series), with what keeps its series.
+    label_sets: Mutex<HashMap<Arc<TrafficLabels>, Usage>>,
     opened: Family<TrafficLabels, Counter>,
     closed: Family<TrafficLabels, Counter>,
     /// Bytes from the source to the destination (Istio: received by the destination).
@@ -25,31 +25,97 @@ pub(crate) struct TrafficMetrics {
     pub access_log_dropped: Counter,
 }
 
+/// What keeps a label set's series: the local pods whose connections had it (most often
+/// one), and its connections still open. With neither, the series go: pods come and go, and a
+/// node must not keep the counters of every pod it ever ran.
+#[derive(Default)]
+struct Usage {
+    pods: Vec<Arc<str>>,
+    open: u32,
+}
+
 impl TrafficMetrics {
-    /// The shared copy of `labels`.
-    pub(crate) fn intern(&self, labels: TrafficLabels) -> Arc<TrafficLabels> {
-        let mut sets = self.label_sets.lock().unwrap_or_else(|p| p.into_inner());
-        match sets.get(&labels) {
-            Some(shared) => shared.clone(),
-            None => {
-                let shared = Arc::new(labels);
-                sets.insert(shared.clone());
-                shared
+    /// A connection of the local `pod` opened: the shared copy of its `labels`, counted.
+    pub(crate) fn opened(&self, pod: &Arc<str>, labels: TrafficLabels) -> Arc<TrafficLabels> {
+        let mut sets = self.lock();
+        let shared = match sets.get_key_value(&labels) {
+            Some((shared, _)) => shared.clone(),
+            None => Arc::new(labels),
+        };
+        let usage = sets.entry(shared.clone()).or_default();
+        usage.open += 1;
+        if !usage.pods.contains(pod) {
+            usage.pods.push(pod.clone());
+        }
+        drop(sets);
+        self.opened.get_or_create(&shared).inc();
+        shared
+    }
+
+    /// A connection with the shared `labels` ended with `flags`: `to_destination` and
+    /// `to_source` bytes went each way.
+    pub(crate) fn closed(
+        &self,
+        labels: &Arc<TrafficLabels>,
+        flags: ResponseFlags,
+        to_destination: u64,
+        to_source: u64,
+    ) {
+        let flagged;
+        let series: &TrafficLabels = match flags {
+            ResponseFlags::None => labels,
+            other => {
+                flagged = labels.with_flags(other);
+                &flagged
+            }
+        };
+        self.closed.get_or_create(series).inc();
+        self.received_bytes
+            .get_or_create(series)
+            .inc_by(to_destination);
+        self.sent_bytes.get_or_create(series).inc_by(to_source);
+        let mut sets = self.lock();
+        if let Some(usage) = sets.get_mut(labels) {
+            usage.open = usage.open.saturating_sub(1);
+            if usage.pods.is_empty() && usage.open == 0 {
+                sets.remove(labels);
+                self.remove_series(labels);
             }
         }
     }
 
-    pub(crate) fn opened(&self, labels: &TrafficLabels) {
-        self.opened.get_or_create(labels).inc();
+    /// `pod` left the node: the series only it kept go now, or as their last connection
+    /// closes.
+    pub(crate) fn forget_pod(&self, pod: &str) {
+        let mut sets = self.lock();
+        sets.retain(|labels, usage| {
+            usage.pods.retain(|p| &**p != pod);
+            let kept = !usage.pods.is_empty() || usage.open > 0;
+            if !kept {
+                self.remove_series(labels);
+            }
+            kept
+        });
     }
 
-    /// A connection ended: `to_destination` and `to_source` bytes went each way.
-    pub(crate) fn closed(&self, labels: &TrafficLabels, to_destination: u64, to_source: u64) {
-        self.closed.get_or_create(labels).inc();
-        self.received_bytes
-            .get_or_create(labels)
-            .inc_by(to_destination);
-        self.sent_bytes.get_or_create(labels).inc_by(to_source);
+    fn remove_series(&self, labels: &TrafficLabels) {
+        self.opened.remove(labels);
+        for flags in ResponseFlags::ALL {
+            let flagged = labels.with_flags(flags);
+            for family in [&self.closed, &self.received_bytes, &self.sent_bytes] {
+                family.remove(&flagged);
+            }
+        }
+    }
+
+    /// How many label sets are kept.
+    #[cfg(test)]
+    fn label_sets(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<TrafficLabels>, Usage>> {
+        self.label_sets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers the metrics under Istio's names: `istio_tcp_*` and the access log's drops.
@@ -85,5 +151,57 @@ impl TrafficMetrics {
             "Access log lines dropped because the writer fell behind",
             self.access_log_dropped.clone(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::labels::{Described, Observed, Reporter};
+
+    fn labels(source: &str) -> TrafficLabels {
+        TrafficLabels::new(&Observed {
+            reporter: Reporter::Source,
+            source: Some(Described {
+                name: source,
+                namespace: "demo",
+                workload: None,
+            }),
+            source_identity: None,
+            destination: None,
+            destination_identity: None,
+            service: None,
+            mutual_tls: false,
+        })
+    }
+
+    fn exposed(metrics: &TrafficMetrics) -> String {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn the_series_of_a_pod_that_left_go_once_its_connections_closed() {
+        let metrics = TrafficMetrics::default();
+        let (a1, b1): (Arc<str>, Arc<str>) = ("demo/a1".into(), "demo/b1".into());
+        let open = metrics.opened(&a1, labels("a1"));
+        let closed = metrics.opened(&a1, labels("a1"));
+        assert!(Arc::ptr_eq(&open, &closed));
+        metrics.closed(&closed, ResponseFlags::Denied, 1, 2);
+        let other = metrics.opened(&b1, labels("b1"));
+        metrics.closed(&other, ResponseFlags::None, 3, 4);
+        assert_eq!(metrics.label_sets(), 2);
+
+        // a1 leaves with a connection still open: its series stay until that one closes.
+        metrics.forget_pod("demo/a1");
+        assert!(exposed(&metrics).contains("source_workload=\"a1\""));
+        metrics.closed(&open, ResponseFlags::None, 5, 6);
+        let text = exposed(&metrics);
+        assert!(!text.contains("source_workload=\"a1\""), "{text}");
+        assert!(text.contains("source_workload=\"b1\""), "{text}");
+        assert_eq!(metrics.label_sets(), 1);
     }
 }

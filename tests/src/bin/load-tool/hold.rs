@@ -1,4 +1,5 @@
-//! Many idle connections held open, for the proxies' memory per connection.
+//! Many idle connections held open: for the proxies' memory per connection, or, silent, as a
+//! hostile client's flood.
 
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Write};
@@ -6,16 +7,34 @@ use std::net::{SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 use ztunnel_lab::traffic::HoldReport;
 
-pub fn hold(to: SocketAddrV4, connections: usize, hold: Duration, timeout: Duration) -> Result<()> {
+/// How long a silent connection may take to open: a server that stopped accepting is not
+/// waited for.
+const SILENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub fn hold(
+    to: SocketAddrV4,
+    connections: usize,
+    hold: Duration,
+    timeout: Duration,
+    silent: bool,
+) -> Result<()> {
     let started = Instant::now();
     let deadline = started + timeout;
     let mut open: Vec<TcpStream> = Vec::with_capacity(connections);
-    while open.len() < connections {
+    let mut failed = 0;
+    while open.len() + failed < connections {
         if Instant::now() >= deadline {
             bail!(
                 "opened only {} of {connections} connections within {timeout:?}",
                 open.len()
             );
+        }
+        if silent {
+            match TcpStream::connect_timeout(&to.into(), SILENT_CONNECT_TIMEOUT) {
+                Ok(stream) => open.push(stream),
+                Err(_) => failed += 1,
+            }
+            continue;
         }
         let mut stream = super::connect(to, timeout)
             .with_context(|| format!("connection {} of {connections}", open.len() + 1))?;
@@ -27,7 +46,8 @@ pub fn hold(to: SocketAddrV4, connections: usize, hold: Duration, timeout: Durat
         open.push(stream);
     }
     let report = HoldReport {
-        connections,
+        connections: open.len(),
+        failed,
         seconds_to_open: started.elapsed().as_secs_f64(),
     };
     super::announce(&serde_json::to_string(&report)?);

@@ -82,8 +82,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         timeout_secs: u64,
     },
-    /// Open connections to an echo port (one round trip each, so each is proxied end to end),
-    /// report, then hold them idle until stdin closes or --hold-secs pass.
+    /// Open connections to an echo port (one round trip each, so each is proxied end to end,
+    /// unless --silent), report, then hold them idle until stdin closes or --hold-secs pass.
     Hold {
         /// The echo port, as IP:PORT.
         #[arg(long)]
@@ -97,6 +97,10 @@ enum Command {
         /// Bound on opening all the connections, and on each connect, read and write.
         #[arg(long, default_value_t = 120)]
         timeout_secs: u64,
+        /// Send nothing, as a hostile client: each connection is only opened (within a
+        /// second), and one that fails to open is counted instead of failing the run.
+        #[arg(long)]
+        silent: bool,
     },
 }
 
@@ -137,12 +141,14 @@ fn main() -> Result<()> {
             connections,
             hold_secs,
             timeout_secs,
+            silent,
         } => {
             return hold::hold(
                 to,
                 connections,
                 Duration::from_secs(hold_secs),
                 Duration::from_secs(timeout_secs),
+                silent,
             );
         }
     };

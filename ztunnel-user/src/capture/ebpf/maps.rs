@@ -14,10 +14,10 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use ztunnel_common::maps::{
-    EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, PlaintextRuleKey, PodInfo, Settings as KernelSettings,
-    SocketKey, names,
+    EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, FlowKey, PlaintextRuleKey, PodInfo,
+    Settings as KernelSettings, names,
 };
-use ztunnel_common::{Addr, Counter};
+use ztunnel_common::{Addr, Counter, ports};
 
 /// Writes this run's settings: the proxy mark, and the exclusions (adopted maps hold the
 /// previous run's, which may differ).
@@ -63,17 +63,20 @@ pub(super) fn write_settings(ebpf: &mut Ebpf, settings: &Settings) -> Result<(),
     Ok(())
 }
 
-/// The deliveries map, emptied of the previous run's announcements: their sockets died with
-/// it, and one left would let a later SYN from that address and port past the proxy.
-pub(super) fn cleared_deliveries(
+/// `name`'s map, emptied of what the previous run left: the original destinations of
+/// connections captured while it was down or draining (refused: nobody will take them), and
+/// its delivery announcements (their sockets died with it; one left would let a later SYN
+/// with that four-tuple past the proxy).
+pub(super) fn cleared<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
-) -> Result<BpfHashMap<MapData, SocketKey, u8>, DatapathError> {
-    let mut deliveries: BpfHashMap<MapData, SocketKey, u8> = take_map(ebpf, names::DELIVERIES)?;
-    let announced: Vec<SocketKey> = deliveries.keys().filter_map(Result::ok).collect();
-    for key in announced {
-        ignore_missing(deliveries.remove(&key), names::DELIVERIES)?;
+    name: &'static str,
+) -> Result<BpfHashMap<MapData, K, V>, DatapathError> {
+    let mut map: BpfHashMap<MapData, K, V> = take_map(ebpf, name)?;
+    let left: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in left {
+        ignore_missing(map.remove(&key), name)?;
     }
-    Ok(deliveries)
+    Ok(map)
 }
 
 impl Datapath {
@@ -157,9 +160,12 @@ impl Datapath {
         lock(&self.pods).keys().filter_map(Result::ok).collect()
     }
 
-    /// Takes the original destination of a captured connection, by its client's address.
+    /// Takes the original destination of the captured connection from `client` to its pod's
+    /// outbound listener: capture recorded it under the whole four-tuple, the pod's own
+    /// address and port to the same address's 15001, so no other connection can take it.
     pub(crate) fn take_orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
-        let key = socket_key(client);
+        let to_proxy = SocketAddr::new(client.ip(), ports::OUTBOUND);
+        let key = flow_key(client, to_proxy);
         let mut map = lock(&self.orig_dst);
         let orig = map.get(&key, 0).ok()?;
         // Best effort: the LRU evicts it anyway if the delete fails.
@@ -167,23 +173,26 @@ impl Datapath {
         Some(SocketAddr::new(IpAddr::from(orig.addr), orig.port))
     }
 
-    /// Tells `sk_lookup` that the next connection from `source` into a pod is the proxy's own
-    /// delivery to the app, so it is not steered back to the proxy.
-    pub(crate) fn announce_delivery(&self, source: SocketAddr) -> Result<(), DatapathError> {
-        let key = socket_key(source);
+    /// Tells `sk_lookup` that the connection from `source` to `app` is the proxy's own
+    /// delivery to the app, so its SYNs are not steered back to the proxy; `withdraw_delivery`
+    /// once the connect returned.
+    pub(crate) fn announce_delivery(
+        &self,
+        source: SocketAddr,
+        app: SocketAddr,
+    ) -> Result<(), DatapathError> {
         lock(&self.deliveries)
-            .insert(key, 1, 0)
+            .insert(flow_key(source, app), 1, 0)
             .map_err(|source| DatapathError::Map {
                 name: names::DELIVERIES,
                 source,
             })
     }
 
-    /// Withdraws an announcement no SYN consumed; nothing if one did.
-    pub(crate) fn withdraw_delivery(&self, source: SocketAddr) {
-        let key = socket_key(source);
-        if let Err(err) = ignore_missing(lock(&self.deliveries).remove(&key), names::DELIVERIES) {
-            tracing::warn!(%source, %err, "cannot withdraw a delivery announcement");
+    pub(crate) fn withdraw_delivery(&self, source: SocketAddr, app: SocketAddr) {
+        let removed = lock(&self.deliveries).remove(&flow_key(source, app));
+        if let Err(err) = ignore_missing(removed, names::DELIVERIES) {
+            tracing::warn!(%source, %app, %err, "cannot withdraw a delivery announcement");
         }
     }
 
@@ -202,9 +211,14 @@ impl Datapath {
     }
 }
 
-/// The maps' key for a socket address.
-fn socket_key(addr: SocketAddr) -> SocketKey {
-    SocketKey::new(Addr::from(addr.ip()), addr.port())
+/// The maps' key for the connection from `from` to `to`.
+fn flow_key(from: SocketAddr, to: SocketAddr) -> FlowKey {
+    FlowKey::new(
+        Addr::from(from.ip()),
+        from.port(),
+        Addr::from(to.ip()),
+        to.port(),
+    )
 }
 
 fn ignore_missing(result: Result<(), MapError>, name: &'static str) -> Result<(), DatapathError> {

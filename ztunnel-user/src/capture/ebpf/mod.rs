@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! <dir>/maps/ZT_*                        every shared map
-//! <dir>/pods/<uid>/{connect4,connect6,sock_ops,sk_lookup}   one pinned link per hook
+//! <dir>/pods/<uid>/{sk_lookup,sock_ops,bind6,bind4,connect6,connect4}   a pinned link per hook
 //! ```
 //!
 //! Everything there outlives the daemon: while it is down the links keep capturing (new
@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use ztunnel_common::Addr;
 use ztunnel_common::maps::{
-    OrigDst, PlaintextRuleKey, PodInfo, SocketKey, WorkloadEntry, globals, names, programs,
+    FlowKey, OrigDst, PlaintextRuleKey, PodInfo, WorkloadEntry, globals, names, programs,
 };
 
 /// The programs, as `ztunnel-ebpf` builds them twice: without any logging code, and with
@@ -77,11 +77,6 @@ pub(crate) enum DatapathError {
         path: PathBuf,
         source: aya::programs::links::LinkError,
     },
-    #[error("the pinned links in {dir} are incomplete: no {}", missing.join(", "))]
-    MissingPins {
-        dir: PathBuf,
-        missing: Vec<&'static str>,
-    },
     #[error("the target (cgroup or netns) of link {path} is gone")]
     LinkTargetGone { path: PathBuf },
     #[error("moving link {path} on to the new program: {source}")]
@@ -97,9 +92,9 @@ pub(crate) struct Datapath {
     pin_dir: PathBuf,
     ebpf: Mutex<Ebpf>,
     pods: Mutex<BpfHashMap<MapData, u64, PodInfo>>,
-    orig_dst: Mutex<BpfHashMap<MapData, SocketKey, OrigDst>>,
+    orig_dst: Mutex<BpfHashMap<MapData, FlowKey, OrigDst>>,
     listeners: Mutex<SockHash<MapData, Addr>>,
-    deliveries: Mutex<BpfHashMap<MapData, SocketKey, u8>>,
+    deliveries: Mutex<BpfHashMap<MapData, FlowKey, u8>>,
     workloads: Mutex<BpfHashMap<MapData, Addr, WorkloadEntry>>,
     plaintext_rules: Mutex<LpmTrie<MapData, PlaintextRuleKey, u32>>,
     counters: PerCpuArray<MapData, u64>,
@@ -111,7 +106,7 @@ impl Datapath {
     /// so its pods keep their kernel state across the restart. Otherwise (no maps, some
     /// missing, a layout an upgrade changed) the programs get new maps, pinned in place of
     /// the old ones; the old maps live on, read only by the old programs, until every old
-    /// link has been moved on to the new programs (`adopt_pod`) or removed.
+    /// link has been moved on to the new programs (`capture_pod`) or removed.
     pub(crate) fn load(settings: &Settings, node: &Node) -> Result<Datapath, DatapathError> {
         let pin_dir = settings.bpffs.clone();
         pins::ensure_bpffs(pin_dir.parent().unwrap_or(&pin_dir))?;
@@ -166,7 +161,12 @@ impl Datapath {
         };
         loader.override_global(globals::HAS_INGRESS_IFINDEX, ingress_ifindex, true);
         let mut ebpf = loader.load(programs)?;
-        for name in [programs::CONNECT4, programs::CONNECT6] {
+        for name in [
+            programs::CONNECT4,
+            programs::CONNECT6,
+            programs::BIND4,
+            programs::BIND6,
+        ] {
             program::<CgroupSockAddr>(&mut ebpf, name)?
                 .load()
                 .map_err(|source| DatapathError::Program { name, source })?;
@@ -188,11 +188,13 @@ impl Datapath {
             logging::forward(&mut ebpf)?;
         }
         maps::write_settings(&mut ebpf, settings)?;
-        let deliveries = maps::cleared_deliveries(&mut ebpf)?;
+        let deliveries = maps::cleared(&mut ebpf, names::DELIVERIES)?;
+        let orig_dst = maps::cleared(&mut ebpf, names::ORIG_DST)?;
+        maps::cleared::<u64, OrigDst>(&mut ebpf, names::PENDING_ORIG_DST)?;
 
         Ok(Datapath {
             pods: Mutex::new(take_map(&mut ebpf, names::PODS)?),
-            orig_dst: Mutex::new(take_map(&mut ebpf, names::ORIG_DST)?),
+            orig_dst: Mutex::new(orig_dst),
             listeners: Mutex::new(take_map(&mut ebpf, names::INBOUND_LISTENERS)?),
             deliveries: Mutex::new(deliveries),
             workloads: Mutex::new(take_map(&mut ebpf, names::WORKLOADS)?),

@@ -58,7 +58,8 @@ impl ConfigFile {
     }
 
     /// Polls forever, calling `apply` with each new valid config; what `apply` refuses
-    /// (the kernel maps could not be written) is reported like a bad file.
+    /// (the kernel maps could not be written) is reported like a bad file, and tried again at
+    /// the next poll: the content is fine, its application may not fail twice.
     pub(crate) async fn watch<E: std::fmt::Display>(
         self: Arc<Self>,
         mut apply: impl FnMut(MeshConfig) -> Result<(), E> + Send,
@@ -73,7 +74,7 @@ impl ConfigFile {
             let summary = summary(&config);
             match apply(config) {
                 Ok(()) => self.applied(hash, &summary),
-                Err(problem) => self.refuse(Some(hash), problem.to_string()),
+                Err(problem) => self.refuse(false, problem.to_string()),
             }
         }
     }
@@ -86,7 +87,7 @@ impl ConfigFile {
             Err(err) => {
                 // Mid-replacement or deleted: keep the config in force, say so once.
                 let problem = format!("cannot read {}: {err}", self.path.display());
-                self.refuse(None, problem);
+                self.refuse(false, problem);
                 return None;
             }
         };
@@ -100,7 +101,7 @@ impl ConfigFile {
         match MeshConfig::parse(&self.path, &text) {
             Ok(config) => Some((hash, config)),
             Err(err) => {
-                self.refuse(Some(hash), err.to_string());
+                self.refuse(true, err.to_string());
                 None
             }
         }
@@ -115,14 +116,16 @@ impl ConfigFile {
         tracing::info!(path = %self.path.display(), version = %status.version, "mesh config applied: {summary}");
     }
 
-    fn refuse(&self, hash: Option<u64>, problem: String) {
+    /// Reports `problem`; `refused_for_good`: the content itself is bad, and is not read
+    /// again until it changes.
+    fn refuse(&self, refused_for_good: bool, problem: String) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         if status.rejected.as_deref() != Some(problem.as_str()) {
             tracing::error!(%problem, version_in_force = %status.version, "mesh config refused; the config in force stays");
         }
         status.rejected = Some(problem);
-        if hash.is_none() {
-            // An unreadable file: read it again next time whatever it then holds.
+        if !refused_for_good {
+            // Read the file again next time, whatever it then holds.
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
@@ -142,4 +145,44 @@ fn content_hash(text: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
     text.hash(&mut hasher);
     hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn a_config_whose_application_failed_is_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, "workloads: []\n").unwrap();
+        let file = Arc::new(ConfigFile::new(path));
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counted = attempts.clone();
+        let watching = tokio::spawn(file.clone().watch(move |_config| {
+            match counted.fetch_add(1, Ordering::Relaxed) {
+                0 => Err("ZT_WORKLOADS is full"),
+                _ => Ok(()),
+            }
+        }));
+        tokio::time::sleep(POLL_INTERVAL * 3).await;
+        watching.abort();
+        let status = file.status();
+        assert_eq!(attempts.load(Ordering::Relaxed), 2);
+        assert_eq!((status.generation, status.rejected), (1, None));
+    }
+
+    #[test]
+    fn a_bad_file_is_refused_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(&path, "workloads: [").unwrap();
+        let file = ConfigFile::new(path.clone());
+        assert!(file.poll().is_none());
+        assert!(file.status().rejected.is_some());
+        assert!(file.poll().is_none());
+        std::fs::write(&path, "workloads: []\n").unwrap();
+        assert!(file.poll().is_some());
+    }
 }
