@@ -236,6 +236,20 @@ pub fn daemon_not_ready(node: &str) -> Result<Option<String>> {
     }
 }
 
+/// What the node's daemon reports about itself (`ztunnel status -o json`: readiness, pods,
+/// certificates, counters, the mesh config in force), as plain JSON.
+pub fn daemon_config_dump(node: &str) -> Result<serde_json::Value> {
+    let output = daemon_cli(node, &["status", "-o", "json"])?;
+    let failed = |detail: String| LabError::Command {
+        command: format!("ztunnel status -o json on {node}"),
+        detail,
+    };
+    if !output.status.success() {
+        return Err(failed(String::from_utf8_lossy(&output.stderr).into_owned()));
+    }
+    serde_json::from_slice(&output.stdout).map_err(|e| failed(e.to_string()))
+}
+
 /// A `ztunnel` CLI command against the node's daemon (the CLI of the daemon's own build).
 pub fn daemon_cli(node: &str, args: &[&str]) -> Result<Output> {
     let binary = DaemonOptions::load()?.daemon_binary("ztunnel")?;
