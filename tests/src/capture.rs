@@ -3,6 +3,7 @@
 
 use crate::error::{LabError, Result};
 use crate::topology::{UNDERLAY_IFNAME, node_spec};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -98,6 +99,84 @@ impl Drop for UnderlayCapture {
     }
 }
 
+/// Finds what `lab-tool` puts on the wire in captured payloads: any 16 bytes in a row of the
+/// first `stream_bytes` of the pseudo-random stream its clients send (so a leak shows wherever
+/// it happened in a connection, not only at its start), or the JSON report its server sends
+/// back. A captured segment holds only its first bytes, so looking for one marker at the start
+/// of the stream would miss whatever crossed later in a connection.
+pub struct PlaintextFinder {
+    /// The stream as 8-byte words, in order.
+    words: Vec<u64>,
+    /// Word -> its first index in `words`.
+    index: HashMap<u64, usize>,
+    /// One bit per value of a word's low `FILTER_BITS` bits: most windows of a payload are
+    /// passed over without hashing.
+    filter: Vec<u64>,
+}
+
+const FILTER_BITS: u32 = 20;
+/// What every `lab-tool serve` report holds (`ServerReport` as serde_json writes it).
+const REPORT_MARKER: &[u8] = b"\"sha256\":\"";
+
+impl PlaintextFinder {
+    pub fn new(stream_bytes: usize) -> PlaintextFinder {
+        let mut stream = vec![0u8; stream_bytes.div_ceil(8).max(2) * 8];
+        crate::traffic::PseudoRandom::default().fill(&mut stream);
+        let words: Vec<u64> = stream
+            .chunks_exact(8)
+            .map(|chunk| u64::from_le_bytes(chunk.try_into().expect("8 bytes")))
+            .collect();
+        let mut index = HashMap::with_capacity(words.len());
+        let mut filter = vec![0u64; 1 << (FILTER_BITS - 6)];
+        for (at, &word) in words.iter().enumerate() {
+            index.entry(word).or_insert(at);
+            let bit = filter_bit(word);
+            filter[bit / 64] |= 1 << (bit % 64);
+        }
+        PlaintextFinder {
+            words,
+            index,
+            filter,
+        }
+    }
+
+    /// Whether `payload` holds two consecutive words of the stream (at any byte offset) or a
+    /// server's report.
+    pub fn carries_plaintext(&self, payload: &[u8]) -> bool {
+        self.stream_offset(payload).is_some()
+            || payload
+                .windows(REPORT_MARKER.len())
+                .any(|window| window == REPORT_MARKER)
+    }
+
+    /// Where in the stream the first piece of it found in `payload` begins, in bytes.
+    pub fn stream_offset(&self, payload: &[u8]) -> Option<usize> {
+        let word_at = |at: usize| {
+            payload
+                .get(at..at + 8)
+                .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
+        };
+        for at in 0..payload.len().saturating_sub(15) {
+            let word = word_at(at)?;
+            let bit = filter_bit(word);
+            if self.filter[bit / 64] & (1 << (bit % 64)) == 0 {
+                continue;
+            }
+            let Some(&position) = self.index.get(&word) else {
+                continue;
+            };
+            if self.words.get(position + 1).copied() == word_at(at + 8) {
+                return Some(position * 8);
+            }
+        }
+        None
+    }
+}
+
+fn filter_bit(word: u64) -> usize {
+    (word & ((1 << FILTER_BITS) - 1)) as usize
+}
+
 fn u16_be(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
@@ -159,6 +238,32 @@ fn tcp_segment(frame: &[u8]) -> Option<Segment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_any_piece_of_the_stream_and_the_servers_report() {
+        let finder = PlaintextFinder::new(64 * 1024);
+        let mut stream = vec![0u8; 64 * 1024];
+        crate::traffic::PseudoRandom::default().fill(&mut stream);
+        // 16 bytes from the middle of the stream, not on a word boundary, inside other bytes.
+        let mut payload = vec![0x5a; 100];
+        payload.extend_from_slice(&stream[40_003..40_026]);
+        payload.extend([0xa5; 50]);
+        assert_eq!(finder.stream_offset(&payload), Some(40_008));
+        assert!(finder.carries_plaintext(&payload));
+        // Fewer bytes than hold two whole words, or bytes past what it indexed: not found.
+        assert!(!finder.carries_plaintext(&stream[40_003..40_018]));
+        let mut longer = vec![0u8; 128 * 1024];
+        crate::traffic::PseudoRandom::default().fill(&mut longer);
+        assert!(!finder.carries_plaintext(&longer[100_000..100_400]));
+        // Bytes that are not the stream.
+        let other: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        assert!(!finder.carries_plaintext(&other));
+        let report =
+            br#"{"peer":"10.244.1.2:40000","local":"10.244.2.2:8080","bytes":4096,"sha256":"ab"}"#;
+        assert!(finder.carries_plaintext(report));
+    }
 
     #[test]
     fn parses_a_tcp_segment_from_a_pcap() {

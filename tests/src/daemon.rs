@@ -248,6 +248,15 @@ pub fn daemon_status(node: &str) -> Result<Output> {
 
 /// What the node's daemon says it still waits for (`None`: ready).
 pub fn daemon_not_ready(node: &str) -> Result<Option<String>> {
+    Ok(match &daemon_config_dump(node)?["not_ready"] {
+        serde_json::Value::Null => None,
+        missing => Some(missing.as_str().unwrap_or_default().to_owned()),
+    })
+}
+
+/// What the node's daemon reports about itself (`ztunnel status -o json`: readiness, pods,
+/// certificates, counters, the mesh config in force), as plain JSON.
+pub fn daemon_config_dump(node: &str) -> Result<serde_json::Value> {
     let output = daemon_cli(node, &["status", "-o", "json"])?;
     let failed = |detail: String| LabError::Command {
         command: format!("ztunnel status -o json on {node}"),
@@ -257,12 +266,7 @@ pub fn daemon_not_ready(node: &str) -> Result<Option<String>> {
         return Err(failed(String::from_utf8_lossy(&output.stderr).into_owned()));
     }
     // Read as plain JSON: the lab itself does not depend on ztunnel-user (see Cargo.toml).
-    let dump: serde_json::Value =
-        serde_json::from_slice(&output.stdout).map_err(|e| failed(e.to_string()))?;
-    match &dump["not_ready"] {
-        serde_json::Value::Null => Ok(None),
-        missing => Ok(Some(missing.as_str().unwrap_or_default().to_owned())),
-    }
+    serde_json::from_slice(&output.stdout).map_err(|e| failed(e.to_string()))
 }
 
 /// A `ztunnel` CLI command against the node's daemon (the CLI of the daemon's own build).

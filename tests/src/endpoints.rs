@@ -191,6 +191,39 @@ pub fn burst_from(
     run_tool(pod, "lab-tool", args, timeout)
 }
 
+/// `burst_from` for a caller that expects some connections to fail: the tool's report comes
+/// back whether or not all of them succeeded (`succeeded` counts those whose bytes the server
+/// confirmed; `failures` names the first few others). An error only when the tool printed no
+/// report at all.
+pub fn burst_outcome_from(
+    pod: &str,
+    to: SocketAddrV4,
+    connections: usize,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<BurstReport> {
+    let options = [
+        ("connections", connections.to_string()),
+        ("bytes", bytes.to_string()),
+        ("timeout-secs", whole_seconds(timeout)),
+    ];
+    let args = client_args("burst", to, &options);
+    let described = format!("lab-tool {} in {pod}", args.join(" "));
+    let mut argv = vec![topology::binary("lab-tool")?.display().to_string()];
+    argv.extend(args);
+    let output = crate::exec(pod, &argv)?
+        .output()
+        .map_err(|e| LabError::io("running a client in pod", pod, e))?;
+    // The report is printed before the tool decides its exit status.
+    serde_json::from_slice(&output.stdout).map_err(|e| LabError::Command {
+        command: described,
+        detail: format!(
+            "no report ({e}): {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+    })
+}
+
 /// Runs `load-tool rr` inside `pod`: round trips on one warm connection to an echo port.
 pub fn latency_from(pod: &str, to: SocketAddrV4, duration: Duration) -> Result<LatencyReport> {
     let args = client_args("rr", to, &[("duration-secs", whole_seconds(duration))]);

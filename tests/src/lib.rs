@@ -26,12 +26,12 @@ pub use bringup::{up, up_with, up_without_ztunnel};
 pub use cni::{CniResult, cni_add, cni_check, cni_del};
 pub use command::run;
 pub use daemon::{
-    DaemonOptions, Started, daemon_cli, daemon_not_ready, daemon_pid, daemon_status, kill_daemon,
-    start_daemon, start_daemon_until, stop_daemon,
+    DaemonOptions, Started, daemon_cli, daemon_config_dump, daemon_not_ready, daemon_pid,
+    daemon_status, kill_daemon, start_daemon, start_daemon_until, stop_daemon,
 };
 pub use endpoints::{
-    HeldConnections, PodServer, burst_from, connect_rate_from, latency_from, send_bound_from,
-    send_from, send_pausing_from,
+    HeldConnections, PodServer, burst_from, burst_outcome_from, connect_rate_from, latency_from,
+    send_bound_from, send_from, send_pausing_from,
 };
 pub use error::{LabError, Result};
 pub use exec::{exec, exec_node};

@@ -191,7 +191,7 @@ fn point_latest_at(bench_dir: &std::path::Path, out: &std::path::Path) -> Result
 }
 
 /// `YYYY-MM-DDTHHMMSSZ` (no colons, so the name works everywhere).
-fn utc_timestamp(time: SystemTime) -> String {
+pub(crate) fn utc_timestamp(time: SystemTime) -> String {
     let seconds = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, of_day) = (seconds / 86_400, seconds % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 use ztunnel_lab::topology;
 
 /// The crates whose tests need no lab (the eBPF crate only builds for the BPF target).
@@ -75,6 +76,8 @@ pub fn run() -> Result<()> {
     ];
     let end_to_end =
         host.and_then(|()| cargo("end-to-end tests on the lab", &lab_tests, Some(&mut tally)));
+    // A minute of everything at once: churn, policy flips, certificate rotation, a restart.
+    let end_to_end = end_to_end.and_then(|()| crate::soak::soak(Duration::from_secs(60)));
     // Whatever happened, leave the machine clean.
     let down = ztunnel_lab::down();
     println!("test: {} passed, {} failed", tally.passed, tally.failed);
