@@ -453,9 +453,27 @@ mod tests {
     #[test]
     fn a_key_left_without_certificate_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(ROOT_KEY_FILE), "interrupted").unwrap();
-        CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
-        CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        let key = dir.path().join(ROOT_KEY_FILE);
+        fs::write(&key, "interrupted").unwrap();
+        let created = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        // A whole new pair: the key file is a key now, and the next start loads the same root.
+        assert_ne!(fs::read_to_string(&key).unwrap(), "interrupted");
+        let loaded = CertificateAuthority::load_or_create(dir.path(), "cluster.local").unwrap();
+        assert_eq!(created.roots().roots, loaded.roots().roots);
+        let identity: Identity = "spiffe://cluster.local/ns/a/sa/b".parse().unwrap();
+        let issued = created.issue(&identity, Duration::from_secs(60)).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(loaded.roots(), provider)
+                .build()
+                .unwrap();
+        verifier
+            .verify_client_cert(
+                &issued.certified_key.cert[0],
+                &[],
+                rustls::pki_types::UnixTime::now(),
+            )
+            .expect("the loaded root verifies what the created one issued");
     }
 
     #[test]

@@ -228,14 +228,52 @@ mod tests {
         );
         assert_eq!(lines.len(), 2);
         let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
-        assert_eq!(
-            first["src_identity"],
-            "spiffe://cluster.local/ns/demo/sa/sa-a"
+        let expected = serde_json::json!({
+            "direction": "outbound",
+            "pod": "demo/a1",
+            "src_addr": "10.244.1.2:40000",
+            "dst_addr": "10.244.2.2:8080",
+            "src_workload": "a1",
+            "src_namespace": "demo",
+            "src_identity": "spiffe://cluster.local/ns/demo/sa/sa-a",
+            "dst_workload": "b1",
+            "dst_namespace": "demo",
+            "dst_identity": "spiffe://cluster.local/ns/demo/sa/sa-b",
+            "dst_service": "unknown",
+            "bytes_sent": 1000,
+            "bytes_received": 20,
+            "duration_ms": 5,
+            "response_flags": "-",
+            "error": null,
+        });
+        // Every field, each with its value; the time is checked as RFC 3339.
+        let mut fields = first.as_object().unwrap().clone();
+        let time = fields.remove("time").expect("a time field");
+        assert!(
+            is_rfc3339_utc(time.as_str().unwrap()),
+            "time {time} is not RFC 3339 UTC"
         );
-        assert_eq!(first["bytes_sent"], 1000);
-        assert!(first["error"].is_null());
+        assert_eq!(serde_json::Value::Object(fields), expected);
         let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
         assert_eq!(second["error"], "reset by peer");
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
+    fn is_rfc3339_utc(time: &str) -> bool {
+        let Some(rest) = time.strip_suffix('Z') else {
+            return false;
+        };
+        let (whole, fraction) = rest.split_once('.').unwrap_or((rest, "0"));
+        let digits_at = |text: &str, at: &[usize]| {
+            at.iter()
+                .all(|&i| text.as_bytes().get(i).is_some_and(u8::is_ascii_digit))
+        };
+        whole.len() == 19
+            && whole.as_bytes()[4] == b'-'
+            && whole.as_bytes()[10] == b'T'
+            && whole.as_bytes()[13] == b':'
+            && digits_at(whole, &[0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18])
+            && fraction.bytes().all(|b| b.is_ascii_digit())
     }
 
     #[test]
