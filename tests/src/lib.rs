@@ -14,6 +14,7 @@ mod daemon;
 mod endpoints;
 mod error;
 mod exec;
+mod lock;
 pub mod mesh;
 mod netns;
 mod state;
@@ -35,6 +36,7 @@ pub use endpoints::{
 };
 pub use error::{LabError, Result};
 pub use exec::{exec, exec_node};
+pub use lock::LabLock;
 pub use state::{Lab, Node, Pod, state_path};
 pub use status::status;
 pub use teardown::{down, leftovers};

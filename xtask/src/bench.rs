@@ -102,6 +102,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             topology::workspace_root().join("target/release"),
         )
     };
+    let _lock = ztunnel_lab::LabLock::acquire("bench")?;
     let bench_dir = topology::workspace_root().join("target/bench");
     let out = bench_dir.join(utc_timestamp(SystemTime::now()));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;

@@ -31,6 +31,7 @@ const TRANSFERS: [(&str, &str, &str); 4] = [
 pub fn run() -> Result<()> {
     crate::setup::run()?;
     crate::lab::build_binaries(false, false)?;
+    let _lock = ztunnel_lab::LabLock::acquire("demo")?;
     let lab = ztunnel_lab::up()?;
     let shown = show(&lab);
     println!("\ndemo: tearing the lab down");

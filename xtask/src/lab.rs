@@ -41,6 +41,8 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             if !no_build {
                 build_binaries(without_ztunnel, false)?;
             }
+            // Held while the lab is built: it stays up after, for whoever comes next.
+            let _lock = ztunnel_lab::LabLock::acquire("lab up")?;
             if without_ztunnel {
                 ztunnel_lab::up_without_ztunnel()?;
             } else {
@@ -48,6 +50,7 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             }
         }
         LabCommand::Down => {
+            let _lock = ztunnel_lab::LabLock::acquire("lab down")?;
             ztunnel_lab::down()?;
             println!("down: nothing of the lab is left");
         }

@@ -76,6 +76,7 @@ pub fn soak(duration: Duration) -> Result<()> {
         cert_lifetime_secs: Some(CERT_LIFETIME_SECS),
         ..DaemonOptions::default()
     };
+    let _lock = ztunnel_lab::LabLock::acquire("soak")?;
     let lab = ztunnel_lab::up_with(&options)?;
     let teardown = Teardown { done: false };
     let outcome = Soak {

@@ -79,7 +79,7 @@ pub fn run() -> Result<()> {
     // A minute of everything at once: churn, policy flips, certificate rotation, a restart.
     let end_to_end = end_to_end.and_then(|()| crate::soak::soak(Duration::from_secs(60)));
     // Whatever happened, leave the machine clean.
-    let down = ztunnel_lab::down();
+    let down = ztunnel_lab::LabLock::acquire("test").and_then(|_lock| ztunnel_lab::down());
     println!("test: {} passed, {} failed", tally.passed, tally.failed);
     end_to_end?;
     down?;

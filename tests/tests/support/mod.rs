@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use ztunnel_common::maps::names;
 use ztunnel_lab::traffic::{SendReport, ServerReport};
-use ztunnel_lab::{DaemonOptions, Lab, PodServer, exec_node, send_from};
+use ztunnel_lab::{DaemonOptions, Lab, LabLock, PodServer, exec_node, send_from};
 use ztunnel_user::api::{self, ConnectionRecord, Direction, Request, Response, Status};
 
 pub const APP_PORT: u16 = 8080;
@@ -18,9 +18,11 @@ pub const MIB: u64 = 1024 * 1024;
 /// The bpf_links that capture a pod: sk_lookup, sock_ops, bind4/6 and connect4/6.
 pub const HOOKS_PER_POD: usize = 6;
 
-/// A lab brought up for one test and torn down when the test ends, pass or fail.
+/// A lab brought up for one test and torn down when the test ends, pass or fail; tests run
+/// one at a time whatever cargo's `--test-threads`.
 pub struct LabSession {
     pub lab: Lab,
+    _lock: LabLock,
 }
 
 impl LabSession {
@@ -29,9 +31,10 @@ impl LabSession {
     }
 
     pub fn start_with(options: &DaemonOptions) -> LabSession {
+        let lock = LabLock::acquire("test").expect("taking the lab's lock");
         // A previous test that was killed may have left a lab behind; `up` clears it first.
         let lab = ztunnel_lab::up_with(options).expect("bringing the lab up");
-        LabSession { lab }
+        LabSession { lab, _lock: lock }
     }
 
     pub fn ip(&self, pod: &str) -> IpAddr {
