@@ -4,7 +4,8 @@
 #![allow(dead_code, reason = "each test binary uses its own subset")]
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use ztunnel_common::maps::names;
@@ -32,6 +33,7 @@ impl LabSession {
 
     pub fn start_with(options: &DaemonOptions) -> LabSession {
         let lock = LabLock::acquire("test").expect("taking the lab's lock");
+        *lock_ignoring_poison(&FOREIGN) = Foreign::now();
         // A previous test that was killed may have left a lab behind; `up` clears it first.
         let lab = ztunnel_lab::up_with(options).expect("bringing the lab up");
         LabSession { lab, _lock: lock }
@@ -169,20 +171,62 @@ pub fn pinned_map_len<K: aya::Pod, V: aya::Pod>(lab: &Lab, node: &str, name: &st
     map.keys().count()
 }
 
-/// The ids of the capture programs loaded in the kernel (any daemon's).
-fn our_program_ids() -> Vec<u32> {
+/// The capture programs and maps in the kernel when the session began, the lab's own not yet
+/// (another ztunnel on the host): what the lab's counts below leave out.
+#[derive(Default)]
+struct Foreign {
+    programs: BTreeSet<u32>,
+    maps: BTreeSet<u32>,
+}
+
+static FOREIGN: Mutex<Foreign> = Mutex::new(Foreign {
+    programs: BTreeSet::new(),
+    maps: BTreeSet::new(),
+});
+
+impl Foreign {
+    fn now() -> Foreign {
+        Foreign {
+            programs: capture_program_ids().collect(),
+            maps: capture_map_ids().collect(),
+        }
+    }
+}
+
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Every capture program in the kernel, whoever loaded it.
+fn capture_program_ids() -> impl Iterator<Item = u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("zt_")))
         .map(|p| p.id())
+}
+
+/// Every capture map in the kernel, whoever created it.
+fn capture_map_ids() -> impl Iterator<Item = u32> {
+    aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| m.name_as_str().is_some_and(|n| n.starts_with("ZT_")))
+        .map(|m| m.id())
+}
+
+/// The ids of the capture programs the lab's daemons loaded.
+fn our_program_ids() -> Vec<u32> {
+    let foreign = lock_ignoring_poison(&FOREIGN);
+    capture_program_ids()
+        .filter(|id| !foreign.programs.contains(id))
         .collect()
 }
 
+/// The capture programs the lab's daemons loaded.
 pub fn our_program_count() -> usize {
     our_program_ids().len()
 }
 
-/// bpf_links in the kernel that run one of our programs.
+/// bpf_links in the kernel that run one of the lab's programs.
 pub fn our_link_count() -> usize {
     let ours = our_program_ids();
     aya::programs::loaded_links()
@@ -278,11 +322,11 @@ pub fn newest_program_id() -> u32 {
     our_program_ids().into_iter().max().unwrap_or(0)
 }
 
-/// The maps in the kernel named like ours (`ZT_*`), any daemon's.
+/// The capture maps the lab's daemons created.
 pub fn our_map_count() -> usize {
-    aya::maps::loaded_maps()
-        .filter_map(Result::ok)
-        .filter(|m| m.name_as_str().is_some_and(|n| n.starts_with("ZT_")))
+    let foreign = lock_ignoring_poison(&FOREIGN);
+    capture_map_ids()
+        .filter(|id| !foreign.maps.contains(id))
         .count()
 }
 
