@@ -284,11 +284,20 @@ fn killed_daemons_fail_closed_and_lab_down_leaves_nothing() {
     ztunnel_lab::kill_daemon("node1").expect("kill node1 daemon");
     ztunnel_lab::kill_daemon("node2").expect("kill node2 daemon");
 
-    // The pinned links outlive the daemons: a1's connection is refused, never sent direct,
-    // and u1's connection to b1 is dropped before it reaches the app.
+    // The pinned links outlive the daemons: a1's connection is refused (its connect rewritten
+    // to a 15001 nothing listens on), never sent direct, and u1's SYN to b1 is dropped by
+    // sk_lookup, which the kernel answers with a reset: refused too, at once, not timed out.
     let quick = Duration::from_secs(3);
-    assert!(send_from("a1", s.addr("b1", APP_PORT), 1024, None, quick).is_err());
-    assert!(send_from("u1", s.addr("b1", APP_PORT), 1024, None, quick).is_err());
+    for client in ["a1", "u1"] {
+        let refused = send_from(client, s.addr("b1", APP_PORT), 1024, None, quick)
+            .expect_err("carried with the daemons dead");
+        assert!(
+            refused.to_string().contains("Connection refused"),
+            "{client}: {refused}"
+        );
+    }
+    // Nothing reached the app.
+    assert!(server.next_report(Duration::from_secs(1)).is_err());
     drop(server);
 
     ztunnel_lab::down().expect("lab down");
