@@ -379,10 +379,20 @@ fn drain_lets_open_streams_finish_and_refuses_new_connections() {
         connections(&s.lab, "node2").iter().any(|c| c.open)
     });
     let stopping = std::thread::spawn(|| ztunnel_lab::stop_daemon("node2"));
-    // Once b1's listeners are closed, a new connection is refused, by the kernel.
-    eventually("b1's proxy stopped accepting", || {
-        ztunnel_lab::send_from("a1", to, KIB, None, Duration::from_secs(5)).is_err()
+    eventually("node2's daemon drains", || {
+        daemon_log("node2").contains("draining;")
     });
+    // Draining: not ready, and every new connection is refused (b1's listeners are closed,
+    // the kernel answers), while the open transfer goes on.
+    let readiness = curl("node2", &["http://127.0.0.1:15021/healthz/ready"]);
+    assert!(
+        readiness.as_ref().is_err_and(|e| e.starts_with("503")),
+        "{readiness:?}"
+    );
+    for _ in 0..3 {
+        let probe = ztunnel_lab::send_from("a1", to, KIB, None, Duration::from_secs(5));
+        assert!(probe.is_err(), "a connection made while draining: {probe:?}");
+    }
     let report = transfer
         .join()
         .unwrap()
@@ -392,12 +402,12 @@ fn drain_lets_open_streams_finish_and_refuses_new_connections() {
         .join()
         .unwrap()
         .expect("node2's daemon exited once the transfer was done");
-    // b1 got the transfer, and none of the probes made after the drain began.
+    // b1 got the transfer, and nothing else.
     let mut received = Vec::new();
     while let Ok(report) = b1.next_report(Duration::from_millis(500)) {
         received.push(report.bytes);
     }
-    assert_eq!(received.last(), Some(&(4 * MIB)), "{received:?}");
+    assert_eq!(received, [4 * MIB]);
     let log = std::fs::read_to_string(node_spec("node2").unwrap().log_path()).unwrap();
     assert!(log.contains("drained: every connection finished"), "{log}");
 }
