@@ -391,7 +391,10 @@ fn drain_lets_open_streams_finish_and_refuses_new_connections() {
     );
     for _ in 0..3 {
         let probe = ztunnel_lab::send_from("a1", to, KIB, None, Duration::from_secs(5));
-        assert!(probe.is_err(), "a connection made while draining: {probe:?}");
+        assert!(
+            probe.is_err(),
+            "a connection made while draining: {probe:?}"
+        );
     }
     let report = transfer
         .join()

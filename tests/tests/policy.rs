@@ -223,8 +223,6 @@ fn hot_reload_keeps_the_kernel_map_in_step_and_refuses_bad_files() {
             .unwrap();
         std::thread::sleep(Duration::from_millis(150 * u64::from(round % 4)));
     }
-    // Let the daemons apply the burst's last file (two polls) before the final one.
-    std::thread::sleep(Duration::from_secs(1));
     let (extra, u1) = (extra_workloads(1), s.ip("u1"));
     let policy = format!(
         "policies:\n- {{name: no-u1, namespace: demo, scope: Namespace, action: Deny, rules: [[[{{sourceIps: [{u1}/32]}}]]]}}\n"

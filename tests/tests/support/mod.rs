@@ -5,8 +5,8 @@
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use ztunnel_common::maps::names;
 use ztunnel_lab::traffic::{SendReport, ServerReport};
@@ -267,19 +267,17 @@ pub fn mesh_status(lab: &Lab, node: &str) -> ztunnel_user::mesh::MeshStatus {
     status(lab, node).mesh
 }
 
-/// Writes the lab's mesh config with `changes` and waits until both daemons applied it.
+/// Writes the lab's mesh config with `changes` and waits until both daemons have exactly
+/// that file in force (by its version: an earlier write still being applied does not count).
 pub fn apply_mesh(lab: &Lab, changes: &ztunnel_lab::mesh::MeshChanges) {
-    let before: Vec<u64> = NODES
-        .iter()
-        .map(|node| mesh_status(lab, node).config.generation)
-        .collect();
-    ztunnel_lab::mesh::write_mesh_config_text(&ztunnel_lab::mesh::mesh_config_with(changes))
-        .expect("writing the mesh config");
-    for (node, before) in NODES.iter().zip(before) {
+    let text = ztunnel_lab::mesh::mesh_config_with(changes);
+    ztunnel_lab::mesh::write_mesh_config_text(&text).expect("writing the mesh config");
+    let version = ztunnel_user::mesh::config::reload::version_of(&text);
+    for node in NODES {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let config = mesh_status(lab, node).config;
-            if config.generation > before && config.rejected.is_none() {
+            if config.version == version && config.rejected.is_none() {
                 break;
             }
             assert!(
@@ -374,11 +372,19 @@ pub fn pod_record_files(node: &str) -> Vec<String> {
 pub const QUICK: Duration = Duration::from_secs(5);
 
 /// A connection `pod -> to` that must not get through; returns the client's error.
+/// It must be refused or closed by a proxy or the kernel, not time out: a connection that
+/// merely got lost proves no policy.
 pub fn denied(pod: &str, to: SocketAddrV4) -> String {
-    match send_from(pod, to, 4 * KIB, None, QUICK) {
+    let error = match send_from(pod, to, 4 * KIB, None, QUICK) {
         Ok(report) => panic!("{pod} -> {to} got through: {report:?}"),
         Err(err) => err.to_string(),
-    }
+    };
+    let timed_out = ["timed out", "os error 11)", "os error 110)"];
+    assert!(
+        !timed_out.iter().any(|sign| error.contains(sign)),
+        "{pod} -> {to} timed out rather than being denied: {error}"
+    );
+    error
 }
 
 /// What `ztunnel ARGS` prints on `node`; the command must succeed.

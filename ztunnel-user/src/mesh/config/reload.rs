@@ -110,7 +110,7 @@ impl ConfigFile {
     /// Records that the content with `hash` is in force.
     pub(crate) fn applied(&self, hash: u64, summary: &str) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        status.version = format!("{hash:016x}");
+        status.version = version_text(hash);
         status.generation += 1;
         status.rejected = None;
         tracing::info!(path = %self.path.display(), version = %status.version, "mesh config applied: {summary}");
@@ -139,6 +139,15 @@ pub(crate) fn summary(config: &MeshConfig) -> String {
         config.services.len(),
         config.policies.all().len()
     )
+}
+
+/// The `version` the status reports once a file with `text` is in force.
+pub fn version_of(text: &str) -> String {
+    version_text(content_hash(text))
+}
+
+fn version_text(hash: u64) -> String {
+    format!("{hash:016x}")
 }
 
 fn content_hash(text: &str) -> u64 {
