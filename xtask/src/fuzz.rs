@@ -99,17 +99,36 @@ pub fn run_targets(targets: &[String], seconds: u64) -> Result<()> {
 }
 
 /// `cargo +nightly fuzz` in the workspace, through rustup's proxy (the `cargo` that runs
-/// xtask is the stable one and would ignore `+nightly`).
+/// xtask is the stable one and would ignore `+nightly`), without what `cargo run` set for
+/// xtask: build scripts that read `CARGO_PKG_NAME` and the like (ring's) would otherwise see
+/// xtask's and rebuild whenever the targets are built another way (a replay by hand).
 fn fuzz_command(root: &Path) -> Command {
     let mut command = Command::new("cargo");
     command
         .current_dir(root)
         .args(["+nightly", "fuzz"])
         .stdin(Stdio::null());
-    for inherited in ["RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "CARGO"] {
-        command.env_remove(inherited);
+    for (name, _) in std::env::vars_os() {
+        if set_by_cargo_run(&name.to_string_lossy()) {
+            command.env_remove(name);
+        }
     }
     command
+}
+
+/// The variables `cargo run` sets for the program it runs (and rustup's toolchain choice).
+fn set_by_cargo_run(name: &str) -> bool {
+    const PREFIXES: [&str; 2] = ["CARGO_PKG_", "CARGO_MANIFEST_"];
+    const NAMES: [&str; 7] = [
+        "CARGO",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+    ];
+    NAMES.contains(&name) || PREFIXES.iter().any(|prefix| name.starts_with(prefix))
 }
 
 fn run_target(root: &Path, work: &Path, target: &str, seconds: u64) -> Result<Report> {
@@ -637,6 +656,21 @@ mod tests {
         ));
         assert!(is_progress("\"PRI * HTTP/2\" # Uses: 4"));
         assert!(is_progress("###### Recommended dictionary. ######"));
+    }
+
+    #[test]
+    fn the_targets_build_without_what_cargo_run_set_for_xtask() {
+        for set in [
+            "CARGO",
+            "CARGO_PKG_NAME",
+            "CARGO_MANIFEST_DIR",
+            "RUSTUP_TOOLCHAIN",
+        ] {
+            assert!(set_by_cargo_run(set), "{set}");
+        }
+        for kept in ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_TERM_COLOR", "PATH"] {
+            assert!(!set_by_cargo_run(kept), "{kept}");
+        }
     }
 
     #[test]
