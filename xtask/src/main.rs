@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod lab;
 mod layers;
 mod setup;
@@ -45,6 +46,10 @@ enum Command {
     /// each booted in a virtual machine over this machine's files, with cgroup v2 at
     /// /sys/fs/cgroup; prints the matrix of kernel, cgroup layout, result and time.
     VmTest(vm::VmTestArgs),
+    /// Fuzz the parsers (cargo-fuzz, nightly): the mesh config, the CNI plugin's input, the
+    /// control API's JSON and the HBONE server's frames, each target for --seconds; prints
+    /// executions and coverage; a crash or hang fails, naming its reproducer.
+    Fuzz(fuzz::FuzzArgs),
     /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
     Demo,
     /// The layers of ztunnel-user: its top-level modules, lowest first, each with the modules it
@@ -65,6 +70,7 @@ fn main() -> Result<ExitCode> {
         Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Soak(args) => soak::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Fuzz(args) => fuzz::run(args).map(|()| ExitCode::SUCCESS),
         Command::Layers => layers::run(),
         Command::VmTest(args) => vm::run(args).map(|()| ExitCode::SUCCESS),
     }

@@ -31,6 +31,7 @@ const DEBIAN_PACKAGES: [&str; 16] = [
     "kmod",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPFFS: &str = "/sys/fs/bpf";
 /// The Python `h2` package the independent HBONE peer (tests/hbone_peer) needs.
@@ -39,9 +40,7 @@ const PYTHON_H2: &str = "h2>=4,<5";
 const VIRTME_NG_VERSION: &str = "1.42";
 
 pub fn run() -> Result<()> {
-    debian_packages()?;
-    nightly_rust_src()?;
-    bpf_linker()?;
+    build_tools()?;
     pip_package(PYTHON_H2, python_h2_importable)?;
     pip_package(
         &format!("virtme-ng=={VIRTME_NG_VERSION}"),
@@ -51,6 +50,16 @@ pub fn run() -> Result<()> {
     cgroup2()?;
     println!("setup: done");
     Ok(())
+}
+
+/// What building the product and its fuzz targets needs (`cargo xtask fuzz` installs only
+/// this): the Debian packages, the nightly toolchain with `rust-src` (the eBPF programs, and
+/// cargo-fuzz's libFuzzer builds), `bpf-linker` and `cargo-fuzz`.
+pub fn build_tools() -> Result<()> {
+    debian_packages()?;
+    nightly_toolchain()?;
+    bpf_linker()?;
+    cargo_fuzz()
 }
 
 fn step(name: &str, state: &str) {
@@ -116,22 +125,43 @@ fn missing_packages() -> Result<Vec<&'static str>> {
     Ok(missing)
 }
 
-fn nightly_rust_src() -> Result<()> {
-    const STEP: &str = "rust-src for nightly";
-    let installed = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--toolchain",
-        "nightly",
-        "--installed",
-    ]))
-    .context("running rustup (install it from https://rustup.rs)")?;
+/// The nightly toolchain (the eBPF programs and the fuzz targets build with it) and its
+/// `rust-src` (the eBPF programs build their own `core`), each installed when missing.
+fn nightly_toolchain() -> Result<()> {
+    const STEP: &str = "nightly toolchain with rust-src";
+    let installed_components = || {
+        output(Command::new("rustup").args([
+            "component",
+            "list",
+            "--toolchain",
+            "nightly",
+            "--installed",
+        ]))
+        .context("running rustup (install it from https://rustup.rs)")
+    };
+    let mut installed = installed_components()?;
     if !installed.status.success() {
-        bail!(
-            "the nightly toolchain is missing (the eBPF programs need it): run \
-             `rustup toolchain install nightly`, then `cargo xtask setup` again\n{}",
-            String::from_utf8_lossy(&installed.stderr).trim()
-        );
+        // rustup refuses to list the components of a toolchain it does not have.
+        step(STEP, "no nightly toolchain; installing it with rustup...");
+        run_visibly(
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]),
+            "rustup toolchain install nightly (is the network up?)",
+        )?;
+        installed = installed_components()?;
+        if !installed.status.success() {
+            bail!(
+                "rustup installed the nightly toolchain but cannot list its components: {}",
+                String::from_utf8_lossy(&installed.stderr).trim()
+            );
+        }
     }
     let listed = String::from_utf8_lossy(&installed.stdout)
         .lines()
@@ -140,7 +170,7 @@ fn nightly_rust_src() -> Result<()> {
         step(STEP, "present");
         return Ok(());
     }
-    step(STEP, "installing...");
+    step(STEP, "installing rust-src...");
     run_visibly(
         Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
         "rustup component add rust-src --toolchain nightly",
@@ -178,6 +208,32 @@ fn bpf_linker() -> Result<()> {
              put cargo's bin directory (usually ~/.cargo/bin) first in PATH"
         ),
     }
+}
+
+/// cargo-fuzz, which `cargo xtask fuzz` runs the fuzz targets with (on nightly): any version
+/// already installed, else the pinned one.
+fn cargo_fuzz() -> Result<()> {
+    let step_name = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    let present = output(Command::new("cargo-fuzz").arg("--version"))
+        .ok()
+        .filter(|reported| reported.status.success());
+    if let Some(reported) = present {
+        let version = String::from_utf8_lossy(&reported.stdout);
+        step("cargo-fuzz", &format!("present ({})", version.trim()));
+        return Ok(());
+    }
+    step(&step_name, "installing with cargo install...");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_visibly(
+        Command::new(cargo).args([
+            "install",
+            &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+            "--locked",
+        ]),
+        "cargo install cargo-fuzz",
+    )?;
+    step(&step_name, "installed");
+    Ok(())
 }
 
 /// The version `bpf-linker --version` reports ("bpf-linker 0.13.0"), if it runs at all.

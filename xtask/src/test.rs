@@ -9,6 +9,28 @@ use ztunnel_lab::topology;
 /// The crates whose tests need no lab (the eBPF crate only builds for the BPF target).
 const HOST_CRATES: [&str; 6] = ["-p", "ztunnel-common", "-p", "ztunnel-user", "-p", "xtask"];
 
+/// The fuzz targets are a workspace of their own (fuzz/), built for fuzzing with nightly by
+/// `cargo xtask fuzz`; they are checked here like the rest, with the stable toolchain, in the
+/// main target directory (their dependencies are the product's).
+const FUZZ_FMT: [&str; 5] = [
+    "fmt",
+    "--manifest-path",
+    "fuzz/Cargo.toml",
+    "--all",
+    "--check",
+];
+const FUZZ_CLIPPY: [&str; 9] = [
+    "clippy",
+    "--manifest-path",
+    "fuzz/Cargo.toml",
+    "--target-dir",
+    "target",
+    "--all-targets",
+    "--",
+    "-D",
+    "warnings",
+];
+
 /// Test counts summed over every `test result:` line cargo printed.
 #[derive(Default)]
 struct Tally {
@@ -42,14 +64,17 @@ impl Tally {
 pub fn run() -> Result<()> {
     crate::setup::run()?;
     cargo("format check", &["fmt", "--all", "--check"], None)?;
-    // Lints and their levels are the workspace's (`[workspace.lints]`): a warning fails.
+    cargo("format check of the fuzz targets", &FUZZ_FMT, None)?;
+    // Lints and their levels are the workspace's (`[workspace.lints]`): a warning fails. The
+    // fuzz targets' entry points (`ztunnel-user`'s feature `fuzzing`) are linted with the rest.
     let clippy = [
         "clippy",
         "--all-targets",
         "--features",
-        "ztunnel-common/user",
+        "ztunnel-common/user,ztunnel-user/fuzzing",
     ];
     cargo("clippy", &clippy, None)?;
+    cargo("clippy of the fuzz targets", &FUZZ_CLIPPY, None)?;
     crate::lab::build_binaries(false, false)?;
 
     let mut tally = Tally::default();
@@ -86,7 +111,15 @@ pub fn run() -> Result<()> {
     // The same lab under the kernels most nodes run, with cgroup v2 at /sys/fs/cgroup.
     let kernels = crate::vm::DEFAULT_KERNELS.map(str::to_owned);
     println!("test: the smoke under other kernels: cargo xtask vm-test (kernels {kernels:?})");
-    crate::vm::run_kernels(&kernels)
+    crate::vm::run_kernels(&kernels)?;
+    println!(
+        "test: fuzzing: cargo xtask fuzz --seconds {}",
+        crate::fuzz::TEST_SECONDS
+    );
+    crate::fuzz::run_targets(
+        &crate::fuzz::TARGETS.map(str::to_owned),
+        crate::fuzz::TEST_SECONDS,
+    )
 }
 
 /// The independent HBONE peer's own tests (Python unittest, which reports on stderr).

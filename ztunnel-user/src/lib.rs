@@ -17,6 +17,8 @@ mod capture;
 pub mod cli;
 pub mod cni;
 mod delivery;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hbone;
 pub mod host;
 pub mod identity;

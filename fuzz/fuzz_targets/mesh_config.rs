@@ -1,0 +1,48 @@
+//! The mesh config parser (`MeshConfig::parse`) on arbitrary text: it must answer, in time,
+//! with a config or an error and never panic; a config it accepts must survive being written
+//! out as YAML (its workloads, services and policies as `/config_dump` shows them) and read
+//! again unchanged.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde::Serialize;
+use std::path::Path;
+use std::time::Duration;
+use ztunnel_fuzz::bounded;
+use ztunnel_user::mesh::authz::Policy;
+use ztunnel_user::mesh::config::{MeshConfig, Service, Workload};
+
+const BOUND: Duration = Duration::from_secs(5);
+
+/// The file's three lists, as a config is written out.
+#[derive(Serialize)]
+struct File<'a> {
+    workloads: &'a [Workload],
+    services: &'a [Service],
+    policies: &'a [Policy],
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = Path::new("fuzz/mesh.yaml");
+    bounded("MeshConfig::parse", BOUND, || {
+        let Ok(config) = MeshConfig::parse(path, text) else {
+            return;
+        };
+        let file = File {
+            workloads: &config.workloads,
+            services: &config.services,
+            policies: config.policies.all(),
+        };
+        let written = serde_yaml_ng::to_string(&file).expect("a config serializes");
+        let again = match MeshConfig::parse(path, &written) {
+            Ok(again) => again,
+            Err(err) => panic!("an accepted config, written out, is refused: {err}\n{written}"),
+        };
+        assert_eq!(config.workloads, again.workloads);
+        assert_eq!(config.services, again.services);
+        assert_eq!(config.policies.all(), again.policies.all());
+    });
+});
