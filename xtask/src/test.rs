@@ -1,9 +1,12 @@
 //! `cargo xtask test`: the whole suite, as CI runs it.
 
-use anyhow::{Context, Result, bail};
+mod tally;
+
+use anyhow::{Context, Result, bail, ensure};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tally::{Tally, tests_in_sources};
 use ztunnel_lab::topology;
 
 /// The crates whose tests need no lab (the eBPF crate only builds for the BPF target).
@@ -31,40 +34,21 @@ const FUZZ_CLIPPY: [&str; 9] = [
     "warnings",
 ];
 
-/// Test counts summed over every `test result:` line cargo printed.
-#[derive(Default)]
-struct Tally {
-    passed: u64,
-    failed: u64,
-}
-
-impl Tally {
-    /// Adds the counts of a line like `test result: ok. 10 passed; 0 failed; 0 ignored; ...`.
-    fn add_line(&mut self, line: &str) {
-        let Some(summary) = line.trim().strip_prefix("test result: ") else {
-            return;
-        };
-        for part in summary.split(';') {
-            let mut words = part.split_whitespace().rev();
-            let (Some(kind), Some(count)) = (words.next(), words.next()) else {
-                continue;
-            };
-            let Ok(count) = count.parse::<u64>() else {
-                continue;
-            };
-            match kind {
-                "passed" => self.passed += count,
-                "failed" => self.failed += count,
-                _ => {}
-            }
-        }
-    }
-}
+/// The Rust sources whose tests each phase runs (for the count it must reach).
+const HOST_TEST_SOURCES: [&str; 5] = [
+    "ztunnel-common/src",
+    "ztunnel-common/tests",
+    "ztunnel-user/src",
+    "ztunnel-user/tests",
+    "xtask/src",
+];
+const LAB_TEST_SOURCES: [&str; 2] = ["tests/src", "tests/tests"];
+const PEER_SELFTEST: &str = "tests/hbone_peer/test_peer_selftest.py";
 
 pub fn run() -> Result<()> {
     crate::setup::run()?;
-    cargo("format check", &["fmt", "--all", "--check"], None)?;
-    cargo("format check of the fuzz targets", &FUZZ_FMT, None)?;
+    cargo("format check", &["fmt", "--all", "--check"])?;
+    cargo("format check of the fuzz targets", &FUZZ_FMT)?;
     // Lints and their levels are the workspace's (`[workspace.lints]`): a warning fails. The
     // fuzz targets' entry points (`ztunnel-user`'s feature `fuzzing`) are linted with the rest.
     let clippy = [
@@ -73,20 +57,21 @@ pub fn run() -> Result<()> {
         "--features",
         "ztunnel-common/user,ztunnel-user/fuzzing",
     ];
-    cargo("clippy", &clippy, None)?;
-    cargo("clippy of the fuzz targets", &FUZZ_CLIPPY, None)?;
+    cargo("clippy", &clippy)?;
+    cargo("clippy of the fuzz targets", &FUZZ_CLIPPY)?;
     crate::lab::build_binaries(false, false)?;
 
-    let mut tally = Tally::default();
+    let mut summary = Summary::default();
     let host_tests = [
-        &["test", "--lib", "--bins", "--tests"][..],
+        &["test", "--lib", "--bins", "--tests", "--no-fail-fast"][..],
         &HOST_CRATES,
         &["--features", "ztunnel-common/user"],
     ]
     .concat();
-    let host = cargo("unit and CNI plugin tests", &host_tests, Some(&mut tally))
-        .and_then(|()| python_peer_selftest(&mut tally));
-    // Each end-to-end test brings up its own lab in the same fixed namespaces: one at a time.
+    summary.tests("unit and CNI plugin tests", &host_tests, &HOST_TEST_SOURCES);
+    summary.phase("independent HBONE peer self-test", python_peer_selftest);
+    // Each end-to-end test brings up its own lab in the same fixed namespaces: the lab's lock
+    // makes them take turns, and so does --test-threads=1 (in order, one output at a time).
     let lab_tests = [
         "test",
         "-p",
@@ -99,100 +84,184 @@ pub fn run() -> Result<()> {
         "--",
         "--test-threads=1",
     ];
-    let end_to_end =
-        host.and_then(|()| cargo("end-to-end tests on the lab", &lab_tests, Some(&mut tally)));
+    summary.tests("end-to-end tests on the lab", &lab_tests, &LAB_TEST_SOURCES);
     // A minute of everything at once: churn, policy flips, certificate rotation, a restart.
-    let end_to_end = end_to_end.and_then(|()| crate::soak::soak(Duration::from_secs(60)));
+    summary.phase("soak", || crate::soak::soak(Duration::from_secs(60)));
     // Whatever happened, leave the machine clean.
-    let down = ztunnel_lab::LabLock::acquire("test").and_then(|_lock| ztunnel_lab::down());
-    println!("test: {} passed, {} failed", tally.passed, tally.failed);
-    end_to_end?;
-    down?;
+    summary.always("lab down", || {
+        Ok(ztunnel_lab::LabLock::acquire("test").and_then(|_lock| ztunnel_lab::down())?)
+    });
     // The same lab under the kernels most nodes run, with cgroup v2 at /sys/fs/cgroup.
     let kernels = crate::vm::DEFAULT_KERNELS.map(str::to_owned);
-    println!("test: the smoke under other kernels: cargo xtask vm-test (kernels {kernels:?})");
-    crate::vm::run_kernels(&kernels)?;
-    println!(
-        "test: fuzzing: cargo xtask fuzz --seconds {}",
-        crate::fuzz::TEST_SECONDS
+    summary.phase(&format!("the smoke under kernels {kernels:?}"), || {
+        crate::vm::run_kernels(&kernels)
+    });
+    summary.phase(
+        &format!("fuzzing, {} s a target", crate::fuzz::TEST_SECONDS),
+        || {
+            crate::fuzz::run_targets(
+                &crate::fuzz::TARGETS.map(str::to_owned),
+                crate::fuzz::TEST_SECONDS,
+            )
+        },
     );
-    crate::fuzz::run_targets(
-        &crate::fuzz::TARGETS.map(str::to_owned),
-        crate::fuzz::TEST_SECONDS,
-    )
+    summary.print()
 }
 
-/// The independent HBONE peer's own tests (Python unittest, which reports on stderr).
-fn python_peer_selftest(tally: &mut Tally) -> Result<()> {
-    let script = "tests/hbone_peer/test_peer_selftest.py";
-    println!("test: independent HBONE peer self-test: python3 -m unittest {script}");
+/// Every phase of the run and how it ended, printed at the end: a phase that failed, or that
+/// did not run because one before it failed, fails the run and is named.
+#[derive(Default)]
+struct Summary {
+    phases: Vec<(String, Outcome)>,
+}
+
+enum Outcome {
+    Passed(String),
+    Failed(String),
+    NotRun,
+}
+
+impl Summary {
+    fn failed(&self) -> bool {
+        self.phases
+            .iter()
+            .any(|(_, outcome)| !matches!(outcome, Outcome::Passed(_)))
+    }
+
+    /// Runs `phase` unless an earlier one failed.
+    fn phase(&mut self, name: &str, phase: impl FnOnce() -> Result<()>) {
+        if self.failed() {
+            self.phases.push((name.to_owned(), Outcome::NotRun));
+        } else {
+            self.always(name, phase);
+        }
+    }
+
+    /// Runs `phase` whatever happened before (the lab's teardown).
+    fn always(&mut self, name: &str, phase: impl FnOnce() -> Result<()>) {
+        println!("test: {name}");
+        let outcome = match phase() {
+            Ok(()) => Outcome::Passed("passed".to_owned()),
+            Err(error) => Outcome::Failed(format!("{error:#}")),
+        };
+        self.phases.push((name.to_owned(), outcome));
+    }
+
+    /// Runs the tests of `cargo args`, which must account for every test in `sources`.
+    fn tests(&mut self, name: &str, args: &[&str], sources: &[&str]) {
+        if self.failed() {
+            self.phases.push((name.to_owned(), Outcome::NotRun));
+            return;
+        }
+        let outcome = match run_tests(name, args, sources) {
+            Ok((tally, expected)) => match tally.problem(expected) {
+                None => Outcome::Passed(tally.to_string()),
+                Some(problem) => Outcome::Failed(format!("{tally}: {problem}")),
+            },
+            Err(error) => Outcome::Failed(format!("{error:#}")),
+        };
+        self.phases.push((name.to_owned(), outcome));
+    }
+
+    fn print(&self) -> Result<()> {
+        println!("\ntest: summary");
+        for (name, outcome) in &self.phases {
+            let (verdict, detail) = match outcome {
+                Outcome::Passed(detail) => ("PASS", detail.as_str()),
+                Outcome::Failed(detail) => ("FAIL", detail.as_str()),
+                Outcome::NotRun => ("NOT RUN", "an earlier phase failed"),
+            };
+            println!("  {verdict:<7} {name}: {detail}");
+        }
+        if self.failed() {
+            bail!("the test suite failed (see the summary above)");
+        }
+        Ok(())
+    }
+}
+
+/// The independent HBONE peer's own tests (Python unittest, which reports on stderr); they
+/// must all run.
+fn python_peer_selftest() -> Result<()> {
+    let root = topology::workspace_root();
+    println!("test: python3 -m unittest {PEER_SELFTEST}");
     let output = Command::new("python3")
-        .current_dir(topology::workspace_root())
-        .args(["-m", "unittest", script])
+        .current_dir(&root)
+        .args(["-m", "unittest", PEER_SELFTEST])
         .stdin(Stdio::null())
         .output()
         .context("running python3")?;
     let report = String::from_utf8_lossy(&output.stderr);
     print!("{report}");
-    let ran = report
+    let ran = report.lines().find_map(|l| {
+        l.strip_prefix("Ran ")?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+    });
+    let script = std::fs::read_to_string(root.join(PEER_SELFTEST))
+        .with_context(|| format!("reading {PEER_SELFTEST}"))?;
+    let expected = script
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("Ran ")?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0);
-    if output.status.success() {
-        tally.passed += ran;
-        Ok(())
-    } else {
-        tally.failed += ran.max(1);
-        bail!("the HBONE peer self-test failed ({})", output.status)
-    }
-}
-
-/// Runs cargo in the workspace; with a tally, also counts the tests its output reports.
-fn cargo(what: &str, args: &[&str], tally: Option<&mut Tally>) -> Result<()> {
-    println!("test: {what}: cargo {}", args.join(" "));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
-    command.current_dir(topology::workspace_root()).args(args);
-    let status = match tally {
-        None => command.status().context("running cargo")?,
-        Some(tally) => {
-            let mut child = command
-                .stdout(Stdio::piped())
-                .spawn()
-                .context("running cargo")?;
-            let stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
-            for line in stdout.lines() {
-                let line = line.context("reading cargo's output")?;
-                println!("{line}");
-                tally.add_line(&line);
-            }
-            child.wait().context("waiting for cargo")?
-        }
-    };
-    if !status.success() {
-        bail!("{what} failed ({status})");
-    }
+        .filter(|l| l.trim_start().starts_with("def test_"))
+        .count() as u64;
+    ensure!(
+        output.status.success(),
+        "the HBONE peer self-test failed ({})",
+        output.status
+    );
+    ensure!(
+        ran == Some(expected),
+        "the HBONE peer self-test ran {ran:?} of the {expected} tests in {PEER_SELFTEST}"
+    );
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Tally;
-
-    #[test]
-    fn tallies_cargo_result_lines() {
-        let mut tally = Tally::default();
-        tally.add_line("test result: ok. 10 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.00s");
-        tally.add_line(
-            "test result: FAILED. 6 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
-        );
-        tally.add_line("test foo ... ok");
-        assert_eq!((tally.passed, tally.failed), (16, 2));
+/// Runs a cargo test command, its output shown and tallied, and counts the tests of
+/// `sources` it must have run.
+fn run_tests(what: &str, args: &[&str], sources: &[&str]) -> Result<(Tally, u64)> {
+    let root = topology::workspace_root();
+    let expected = tests_in_sources(&root, sources).context("counting the tests in the sources")?;
+    println!("test: {what}: cargo {}", args.join(" "));
+    // One pipe for both streams, so that each binary's result follows its `Running` line.
+    let (reader, writer) = std::io::pipe().context("creating a pipe")?;
+    let mut command = Command::new(cargo_binary());
+    command
+        .current_dir(&root)
+        .args(args)
+        .stdout(writer.try_clone().context("duplicating the pipe")?)
+        .stderr(writer);
+    let mut child = command.spawn().context("running cargo")?;
+    // Our copies of the writing end go with `command`, so the reader sees the end.
+    drop(command);
+    let mut tally = Tally::default();
+    for line in BufReader::new(reader).lines() {
+        let line = line.context("reading cargo's output")?;
+        println!("{line}");
+        tally.add_line(&line);
     }
+    tally.finish();
+    let status = child.wait().context("waiting for cargo")?;
+    if !status.success() && tally.problem(expected).is_none() {
+        // Cargo failed in a way no test showed (a build error, say).
+        bail!("cargo failed ({status}) with no test failing: {tally}");
+    }
+    Ok((tally, expected))
+}
+
+/// Runs cargo in the workspace.
+fn cargo(what: &str, args: &[&str]) -> Result<()> {
+    println!("test: {what}: cargo {}", args.join(" "));
+    let status = Command::new(cargo_binary())
+        .current_dir(topology::workspace_root())
+        .args(args)
+        .status()
+        .context("running cargo")?;
+    ensure!(status.success(), "{what} failed ({status})");
+    Ok(())
+}
+
+fn cargo_binary() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
