@@ -8,10 +8,12 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
+use ztunnel_user::api::Direction;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
 const CONNECTIONS: usize = 16;
+const UNHEALTHY_DRAWS: usize = 20;
 
 #[test]
 fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
@@ -45,23 +47,43 @@ fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
     // Random choice: both endpoints are used (all 16 on one has probability 2^-15).
     assert_eq!(served.len(), 2, "{served:?}");
 
-    // An endpoint marked unhealthy is no longer chosen.
+    // An endpoint marked unhealthy is no longer chosen: 20 draws that all miss it would come
+    // 1 time in a million from a choice that ignored health.
+    let unhealthy = "  services: {demo/echo.demo.svc.cluster.local: {}}\n  status: Unhealthy\n";
     apply_mesh(
         &s.lab,
         &MeshChanges {
-            workload_fields: &[
-                ("a2", endpoint),
-                (
-                    "b1",
-                    "  services: {demo/echo.demo.svc.cluster.local: {}}\n  status: Unhealthy\n",
-                ),
-            ],
+            workload_fields: &[("a2", endpoint), ("b1", unhealthy)],
             sections: &service,
             ..MeshChanges::default()
         },
     );
-    for _ in 0..4 {
+    for _ in 0..UNHEALTHY_DRAWS {
         let report = send("a1", SocketAddrV4::new(VIP, SERVICE_PORT), 1024);
         assert_eq!(report.server.local.ip(), s.ip("a2"));
     }
+    assert!(
+        servers[1]
+            .1
+            .next_report(Duration::from_millis(500))
+            .is_err()
+    );
+
+    // With no healthy endpoint left, the connection is closed and the record says why.
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            workload_fields: &[("a2", unhealthy), ("b1", unhealthy)],
+            sections: &service,
+            ..MeshChanges::default()
+        },
+    );
+    denied("a1", SocketAddrV4::new(VIP, SERVICE_PORT));
+    let failed = closed_connections(&s.lab, "node1", Direction::Outbound);
+    let last = failed.last().expect("a1's record");
+    assert_eq!(
+        last.error.as_deref(),
+        Some("service demo/echo.demo.svc.cluster.local has no healthy endpoint"),
+        "{last:?}"
+    );
 }

@@ -83,13 +83,43 @@ fn random_policies(rng: &mut StdRng) -> String {
                     format!("[{}]", clauses.join(", "))
                 })
                 .collect();
+            // Some select workloads, some only say what they would do.
+            let scope = if rng.next_u64().is_multiple_of(3) {
+                "WorkloadSelector"
+            } else {
+                "Namespace"
+            };
+            let dry_run = rng.next_u64().is_multiple_of(4);
             format!(
-                "{{name: p{i}, namespace: demo, scope: Namespace, action: {action}, rules: [{}]}}",
+                "{{name: p{i}, namespace: demo, scope: {scope}, action: {action}, dryRun: {dry_run}, rules: [{}]}}",
                 rules.join(", ")
             )
         })
         .collect();
     format!("[{}]", list.join(", "))
+}
+
+/// The WorkloadSelector policies (of `random_policies`' names) that select the target: some.
+fn random_selection(rng: &mut StdRng) -> Vec<String> {
+    (0..4)
+        .filter(|_| rng.next_u64().is_multiple_of(2))
+        .map(|i| format!("demo/p{i}"))
+        .collect()
+}
+
+/// Whether policy `i` takes part in decisions on `target`: not a dry run, and of the target's
+/// namespace or selecting it (as Istio's ztunnel, the workload's own list of selecting
+/// policies is trusted).
+fn applies(p: &Policies, i: usize, target: &Target) -> bool {
+    let policy = &p.all()[i];
+    let scoped = match policy.scope {
+        Scope::Namespace => policy.namespace == target.namespace,
+        Scope::WorkloadSelector => target
+            .selected
+            .contains(&format!("{}/{}", policy.namespace, policy.name)),
+        Scope::Global => false,
+    };
+    scoped && !policy.dry_run
 }
 
 fn random_source(rng: &mut StdRng) -> IpAddr {
@@ -113,14 +143,15 @@ fn random_source(rng: &mut StdRng) -> IpAddr {
 fn the_plaintext_plan_agrees_with_the_engine() {
     // Seeded, so a failure reproduces.
     let mut rng = StdRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
-    let target = Target {
-        namespace: "demo",
-        selected: &[],
-    };
     let mut with_denials = 0;
     for _ in 0..300 {
         let yaml = random_policies(&mut rng);
         let p = policies(&yaml);
+        let selected = random_selection(&mut rng);
+        let target = Target {
+            namespace: "demo",
+            selected: &selected,
+        };
         let plan = p
             .plaintext_plan(&target)
             .expect("no destination IPs: a plan exists");
@@ -140,7 +171,7 @@ fn the_plaintext_plan_agrees_with_the_engine() {
             assert_eq!(
                 plan.lookup(source, port),
                 expected,
-                "{yaml}\n{source} :{port}"
+                "{yaml}\nselecting {selected:?}: {source} :{port}"
             );
         }
     }
@@ -176,11 +207,12 @@ fn the_indices_never_hide_a_policy() {
     for _ in 0..300 {
         let yaml = random_policies(&mut rng);
         let p = policies(&yaml);
+        let selected = random_selection(&mut rng);
         for _ in 0..40 {
             let namespace = *["demo", "other"].choose(&mut rng).unwrap();
             let target = Target {
                 namespace,
-                selected: &[],
+                selected: &selected,
             };
             let connection = Connection {
                 source: random_source(&mut rng),
@@ -192,7 +224,7 @@ fn the_indices_never_hide_a_policy() {
             };
             let facts = Facts::of(&connection);
             let applying: Vec<usize> = (0..p.all().len())
-                .filter(|&i| p.all()[i].namespace == namespace)
+                .filter(|&i| applies(&p, i, &target))
                 .collect();
             let matching = |action: Action| {
                 applying
@@ -203,7 +235,10 @@ fn the_indices_never_hide_a_policy() {
             let expected = !matching(Action::Deny) && (!allows || matching(Action::Allow));
             let allowed = p.check(&target, &connection) == Decision::Allow;
             denied += usize::from(!allowed);
-            assert_eq!(allowed, expected, "{yaml}\n{connection:?} to {namespace}");
+            assert_eq!(
+                allowed, expected,
+                "{yaml}\n{connection:?} to {namespace} selecting {selected:?}"
+            );
         }
     }
     assert!(denied > 1000, "too few denials to test anything: {denied}");
