@@ -46,10 +46,11 @@ pub struct DaemonOptions {
     /// limit to the hard one it inherits).
     #[serde(default)]
     pub open_files: Option<u64>,
-    /// The share of the descriptor budget one pod may take (`ZTUNNEL_POD_SHARE_PERCENT`: an
-    /// older build without it ignores the variable, where it would refuse the flag).
+    /// Further settings, as the environment a DaemonSet gives them (`ZTUNNEL_EXCLUDE_PORTS`,
+    /// `ZTUNNEL_ACCESS_LOG`, ...): an older build ignores a variable it does not know, where
+    /// it would refuse the flag.
     #[serde(default)]
-    pub pod_share_percent: Option<u8>,
+    pub env: Vec<(String, String)>,
 }
 
 impl DaemonOptions {
@@ -162,9 +163,7 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_for_stderr);
-    if let Some(percent) = options.pod_share_percent {
-        command.env("ZTUNNEL_POD_SHARE_PERCENT", percent.to_string());
-    }
+    command.envs(options.env.iter().map(|(name, value)| (name, value)));
     if let Some(open_files) = options.open_files {
         // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
         unsafe {

@@ -414,3 +414,33 @@ fn drain_lets_open_streams_finish_and_refuses_new_connections() {
     let log = std::fs::read_to_string(node_spec("node2").unwrap().log_path()).unwrap();
     assert!(log.contains("drained: every connection finished"), "{log}");
 }
+
+/// A config file that is there but invalid when the daemon starts: up, not ready, saying which
+/// entry and field are wrong, until the file is fixed.
+#[test]
+fn an_invalid_mesh_config_at_start_keeps_the_daemon_not_ready_until_fixed() {
+    let _s = LabSession::start();
+    let ready = |node: &str| curl(node, &["http://127.0.0.1:15021/healthz/ready"]);
+    ztunnel_lab::stop_daemon("node2").unwrap();
+    let good = std::fs::read_to_string(MESH_CONFIG).unwrap();
+    let bad = good.replacen("protocol: HBONE", "protocol: SOMETIMES", 1);
+    assert_ne!(bad, good);
+    ztunnel_lab::mesh::write_mesh_config_text(&bad).unwrap();
+    ztunnel_lab::start_daemon_until("node2", Started::Answering).unwrap();
+    let refused = ready("node2").unwrap_err();
+    assert!(refused.starts_with("503: not ready"), "{refused}");
+    let status: serde_json::Value =
+        serde_json::from_str(&cli("node2", &["status", "-o", "json"])).unwrap();
+    let rejected = status["mesh"]["config"]["rejected"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        rejected.contains("workloads[0].protocol") && rejected.contains("SOMETIMES"),
+        "{status}"
+    );
+
+    ztunnel_lab::mesh::write_mesh_config_text(&good).unwrap();
+    eventually("node2 is ready with the fixed file", || {
+        ready("node2").is_ok()
+    });
+}

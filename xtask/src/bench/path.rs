@@ -205,7 +205,7 @@ impl Route {
 /// of this machine's limit.
 fn measured() -> ztunnel_lab::DaemonOptions {
     ztunnel_lab::DaemonOptions {
-        pod_share_percent: Some(100),
+        env: vec![("ZTUNNEL_POD_SHARE_PERCENT".into(), "100".into())],
         ..ztunnel_lab::DaemonOptions::default()
     }
 }
