@@ -7,7 +7,10 @@ Three modes (run with --help for details):
           the requests listed in a JSON spec file and prints one JSON report on stdout.
   server  accepts HBONE connections the way Istio's ztunnel does and, for every accepted
           CONNECT stream, plays the application: it reads the stream to its end, hashes the
-          bytes and answers with one JSON line.
+          bytes and answers with one JSON line. With --goaway-after N it retires each
+          connection once it has replied to N streams, as a draining or ageing server does:
+          GOAWAY (NO_ERROR) naming the last stream received, REFUSED_STREAM for later ones,
+          closed once the named ones are done.
   waypoint  plays an Istio waypoint as far as L4 goes: accepts HBONE connections like the
           server mode, and relays each accepted CONNECT stream over a new HBONE connection of
           its own to the workload its authority routes to (--route), both ways, passing on
@@ -52,6 +55,7 @@ try:
     )
     from h2.exceptions import H2Error, ProtocolError
     from h2.settings import SettingCodes, Settings
+    from hyperframe.frame import GoAwayFrame
 except ImportError:
     sys.exit(
         "peer.py: error: the Python package h2 (>=4,<5) is missing: "
@@ -171,6 +175,13 @@ def address_port(text: str) -> int:
     """argparse type for a TCP port, 1-65535."""
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a count of at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
     return int(text)
 
 
@@ -759,6 +770,8 @@ class ServerConfig:
     trust_domain: str
     deny_ports: frozenset[int]
     timeout: float
+    # Retire each connection with GOAWAY once it has replied to this many streams.
+    goaway_after: int | None = None
 
 
 def forwarded_for(value: str) -> str | None:
@@ -865,13 +878,19 @@ class ServerConnection:
         self.connection = new_h2_connection(client_side=False, settings=SERVER_SETTINGS)
         self.streams: dict[int, InboundStream] = {}
         self.outbound: dict[int, Outbound] = {}
+        self.replied = 0
+        # The last stream id the GOAWAY we sent names, once sent.
+        self.goaway_last_stream: int | None = None
         self.closing = False
 
     def serve(self) -> None:
-        """Runs until the client closes the connection (or breaks the protocol)."""
+        """Runs until the client closes the connection (or breaks the protocol, or the
+        connection is retired and its streams are done)."""
         self.tls.settimeout(None)
         self.flush()
         while not self.closing:
+            if self.goaway_last_stream is not None and not self.streams and not self.outbound:
+                return
             data = self.tls.recv(READ_SIZE)
             if not data:
                 return
@@ -890,6 +909,15 @@ class ServerConnection:
         data = self.connection.data_to_send()
         if data:
             self.tls.sendall(data)
+
+    def send_goaway(self, last_stream_id: int) -> None:
+        """GOAWAY (NO_ERROR) naming `last_stream_id`, while the streams up to it go on.
+        python-h2 would close the whole connection on its own GOAWAY, so the frame is written
+        here, after what it has queued."""
+        self.flush()
+        frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=ErrorCodes.NO_ERROR)
+        self.tls.sendall(frame.serialize())
+        self.goaway_last_stream = last_stream_id
 
     def handle(self, event: Event) -> None:
         if isinstance(event, RequestReceived):
@@ -918,6 +946,11 @@ class ServerConnection:
         pseudo, headers = split_headers(header_list)
         method = pseudo.get(":method", "")
         authority = pseudo.get(":authority", "")
+        if self.goaway_last_stream is not None and stream_id > self.goaway_last_stream:
+            # Not processed: the client may send it again on another connection.
+            self.connection.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self.log(stream_id, method, authority, 0, "refused after GOAWAY (REFUSED_STREAM)")
+            return
         status, reason = decide(method, authority, headers, self.local_ip, self.config)
         if status != 200:
             self.connection.send_headers(stream_id, [(":status", str(status))], end_stream=True)
@@ -959,6 +992,9 @@ class ServerConnection:
                 if not pending.data:
                     if pending.end_stream:
                         self.connection.end_stream(stream_id)
+                        self.replied += 1
+                        if self.replied == self.config.goaway_after:
+                            self.send_goaway(self.connection.highest_inbound_stream_id)
                     del self.outbound[stream_id]
             except H2Error as error:
                 self.output.error(f"{self.client}: stream {stream_id}: cannot reply: {error}")
@@ -1027,7 +1063,7 @@ def handle_connection(raw: socket.socket, address: tuple[Any, ...], context: ssl
 def run_server(args: argparse.Namespace) -> int:
     context = tls_context("server", args.ca, args.cert, args.key)
     config = ServerConfig(args.expect_client_trust_domain, frozenset(args.deny_port),
-                          args.timeout)
+                          args.timeout, args.goaway_after)
     output = Output("server")
 
     def serve(tls: ssl.SSLSocket, client: str, identity: str) -> None:
@@ -1745,6 +1781,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the trust domain the client's SPIFFE identity must be in")
     server.add_argument("--deny-port", type=int, action="append", default=[], metavar="PORT",
                         help="answer 401 to CONNECTs to this port (may be repeated)")
+    server.add_argument("--goaway-after", type=positive_int, metavar="N",
+                        help="retire each connection once it has replied to N streams: GOAWAY "
+                        "(NO_ERROR) naming the last stream received, REFUSED_STREAM for later "
+                        "ones, closed once the named ones are done")
     server.add_argument("--once", action="store_true",
                         help="exit after the first connection closes (status 0 if it got "
                         "through TLS and HTTP/2, else 1)")

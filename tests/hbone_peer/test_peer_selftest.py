@@ -191,14 +191,15 @@ class PeerSelfTest(unittest.TestCase):
 
     def run_client(self, spec: Path, *, port: int | None = None,
                    cert: tuple[Path, Path] | None = None, ca: Path | None = None,
-                   identity: str = SERVER_ID, timeout: str = "5"
+                   identity: str = SERVER_ID, timeout: str = "5", extra: tuple[str, ...] = ()
                    ) -> tuple[int, dict[str, Any] | None, str]:
         """Runs `peer.py client`; returns (exit status, parsed report or None, stderr)."""
         cert_path, key_path = cert or self.client_cert
         completed = subprocess.run(
             [sys.executable, str(PEER), "client", "--connect", f"{HOST}:{port or self.port}",
              "--ca", str(ca or self.pki.cert), "--cert", str(cert_path), "--key", str(key_path),
-             "--expect-identity", identity, "--check", str(spec), "--timeout", timeout],
+             "--expect-identity", identity, "--check", str(spec), "--timeout", timeout,
+             *extra],
             capture_output=True,
             text=True,
             timeout=PROCESS_TIMEOUT,
@@ -392,6 +393,24 @@ class PeerSelfTest(unittest.TestCase):
             status, _, stderr = self.run_client(spec, port=port)
             self.assertEqual(status, 0, stderr)
             self.assertEqual(server.process.wait(timeout=10), 0)
+        finally:
+            server.stop()
+
+    def test_server_retires_a_connection_with_goaway(self) -> None:
+        port = free_port()
+        server = PeerServer(port, self.pki.cert, *self.server_cert, "--goaway-after", "2")
+        try:
+            spec = self.write_spec([
+                {"name": f"stream {index}", "authority": f"{HOST}:80", "expect_status": 200,
+                 "send": 10, "expect_reply_json": True}
+                for index in range(2)
+            ])
+            status, report, stderr = self.run_client(spec, port=port, extra=("--await-goaway",
+                                                                              "5"))
+            assert report is not None, stderr
+            self.assertEqual(status, 0, json.dumps(report, indent=2))
+            self.assertEqual(self.checks_by_name(report)["goaway"]["detail"],
+                             "GOAWAY with NO_ERROR")
         finally:
             server.stop()
 

@@ -9,8 +9,10 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Stdio};
+use std::time::Duration;
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
+use ztunnel_lab::send_pausing_from;
 use ztunnel_lab::topology::{CA_DIR, STATE_DIR, TRUST_DOMAIN, workspace_root};
 use ztunnel_user::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE};
 
@@ -162,9 +164,14 @@ fn our_server_follows_the_contract() {
     );
 }
 
-/// The peer in w1 in `mode` (`server` or `waypoint`), on w1's 15008 and as w1's identity
-/// (`foreign/default`, as the mesh config has it), once it says it is ready; with its stdout.
-fn peer_in_w1(s: &LabSession, mode: &str) -> (Child, Lines<BufReader<ChildStdout>>) {
+/// The peer in w1 in `mode` (`server` or `waypoint`, with `extra` options), on w1's 15008 and
+/// as w1's identity (`foreign/default`, as the mesh config has it), once it says it is ready;
+/// with its stdout.
+fn peer_in_w1(
+    s: &LabSession,
+    mode: &str,
+    extra: &[&str],
+) -> (Child, Lines<BufReader<ChildStdout>>) {
     let w1 = s.ip("w1");
     let (cert, key) = peer_certificate(mode, &spiffe("foreign", "default"));
     let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
@@ -183,7 +190,7 @@ fn peer_in_w1(s: &LabSession, mode: &str) -> (Child, Lines<BufReader<ChildStdout
         "--expect-client-trust-domain",
         TRUST_DOMAIN,
     ];
-    let mut peer = ztunnel_lab::exec("w1", &argv)
+    let mut peer = ztunnel_lab::exec("w1", &[&argv[..], extra].concat())
         .unwrap()
         .stdout(Stdio::piped())
         .spawn()
@@ -201,7 +208,7 @@ fn next_json(lines: &mut Lines<BufReader<ChildStdout>>) -> Value {
 fn our_client_talks_to_an_istio_like_server() {
     let s = LabSession::start();
     let w1 = s.ip("w1");
-    let (mut peer, mut lines) = peer_in_w1(&s, "server");
+    let (mut peer, mut lines) = peer_in_w1(&s, "server", &[]);
 
     // a1's connection to w1 (an HBONE workload in the mesh config) goes over HBONE to the peer,
     // which answers as the application would (the JSON report lab-tool expects).
@@ -223,6 +230,64 @@ fn our_client_talks_to_an_istio_like_server() {
     let _ = peer.wait();
 }
 
+/// A server that retires a connection (GOAWAY once it has replied to 2 streams, the streams
+/// it named finishing first, as a draining or ageing peer does): the pool stops offering that
+/// connection, and the stream that met the GOAWAY goes again on a new one, so no application
+/// connection pays for it.
+#[test]
+fn our_client_pool_leaves_a_connection_the_server_retired() {
+    let s = LabSession::start();
+    let (mut peer, mut lines) = peer_in_w1(&s, "server", &["--goaway-after", "2"]);
+    let to = s.addr("w1", APP_PORT);
+    let mut refused = 0;
+    // Each connection's stream as the peer logged it (refusals of streams it did not process
+    // aside): the HBONE connection it came on.
+    let mut quick = || {
+        let report = send("a1", to, KIB);
+        assert_eq!(report.server.bytes, KIB);
+        loop {
+            let logged = next_json(&mut lines);
+            if logged["reason"] == "refused after GOAWAY (REFUSED_STREAM)" {
+                refused += 1;
+                continue;
+            }
+            assert_eq!(logged["status"], 200, "{logged:#}");
+            return logged["client"].as_str().unwrap().to_owned();
+        }
+    };
+    // A transfer paused halfway keeps the first connection open after its GOAWAY.
+    let paused = std::thread::spawn(move || {
+        send_pausing_from(
+            "a1",
+            to,
+            MIB,
+            Duration::from_secs(3),
+            Duration::from_secs(20),
+        )
+    });
+    eventually("the paused transfer is open", || {
+        connections(&s.lab, "node1").iter().any(|c| c.open)
+    });
+    let first = quick();
+    assert_eq!(quick(), first, "pooled");
+    // The second reply was followed by GOAWAY: the next stream must not be lost on it.
+    let after = quick();
+    assert_ne!(after, first, "a new connection after the GOAWAY");
+    assert_eq!(quick(), after, "the new connection is pooled in turn");
+    assert!(
+        refused <= 1,
+        "only the stream that met the GOAWAY: {refused}"
+    );
+    let report = paused
+        .join()
+        .unwrap()
+        .expect("the stream the GOAWAY named finished intact");
+    assert_eq!(report.server.bytes, MIB);
+    assert_eq!(next_json(&mut lines)["client"], first.as_str());
+    let _ = peer.kill();
+    let _ = peer.wait();
+}
+
 #[test]
 fn traffic_to_a_workload_with_a_waypoint_passes_through_it_once() {
     let s = LabSession::start();
@@ -236,7 +301,7 @@ fn traffic_to_a_workload_with_a_waypoint_passes_through_it_once() {
             ..MeshChanges::default()
         },
     );
-    let (mut peer, mut lines) = peer_in_w1(&s, "waypoint");
+    let (mut peer, mut lines) = peer_in_w1(&s, "waypoint", &[]);
     let authority = format!("{b1}:{APP_PORT}");
 
     // From a mesh pod on the other node: a1's proxy sends the connection to the waypoint,

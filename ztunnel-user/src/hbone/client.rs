@@ -5,6 +5,10 @@
 //! streams each; then another connection is opened. Connections idle for
 //! `POOL_IDLE_TIMEOUT` are closed.
 //!
+//! A stream the peer did not process (its connection was retired by GOAWAY, or refused with
+//! REFUSED_STREAM) is sent again, on another connection, up to `STREAM_ATTEMPTS` times: no
+//! byte of it has left yet, and the application should not pay for the peer's housekeeping.
+//!
 //! A peer that accepts TCP and then stalls holds nothing up for long: opening a connection
 //! (TCP, TLS and HTTP/2 handshakes) has the handshake timeout, a CONNECT's answer a timeout of
 //! its own, and no lock is held across either. While one stream opens a key's connection,
@@ -138,6 +142,16 @@ enum Next {
     Open(watch::Sender<Option<Opened>>),
 }
 
+/// How many connections a stream is offered to, when the peer did not process it.
+const STREAM_ATTEMPTS: usize = 3;
+
+/// How one attempt to open a stream failed.
+enum Attempt {
+    /// The peer did not process the stream: it may go again, elsewhere.
+    Unprocessed(io::Error),
+    Failed(io::Error),
+}
+
 pub(crate) struct Pool {
     keys: Mutex<HashMap<PoolKey, KeyConnections>>,
     counts: Arc<OpenCounts>,
@@ -168,15 +182,35 @@ impl Pool {
     ) -> io::Result<HboneStream>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        Connect: FnOnce() -> Connecting,
+        Connect: Fn() -> Connecting,
         Connecting: Future<Output = io::Result<IO>>,
     {
-        let slot = self.reserve(key, connect).await?;
+        let mut attempt = 1;
+        loop {
+            let slot = self.reserve(key, &connect).await?;
+            match self.request(key, request, slot).await {
+                Ok(stream) => return Ok(stream),
+                Err(Attempt::Unprocessed(err)) if attempt < STREAM_ATTEMPTS => {
+                    tracing::debug!(%err, destination = %key.destination, attempt, "HBONE stream not processed by the peer; sending it again");
+                    attempt += 1;
+                }
+                Err(Attempt::Unprocessed(err) | Attempt::Failed(err)) => return Err(err),
+            }
+        }
+    }
+
+    /// Sends the CONNECT on `slot`'s connection and waits for its answer.
+    async fn request(
+        &self,
+        key: &PoolKey,
+        request: &ConnectRequest,
+        slot: StreamSlot,
+    ) -> Result<HboneStream, Attempt> {
         // A connection that takes no new stream (the peer said GOAWAY, or it broke) is not
-        // offered again: the next stream opens a new connection.
+        // offered again, and the stream never left.
         let retired = |err: h2::Error| {
             slot.0.closed.store(true, Ordering::Release);
-            io_error(err)
+            Attempt::Unprocessed(io_error(err))
         };
         let mut sender = slot.0.sender.clone().ready().await.map_err(retired)?;
         let (response, send) = sender
@@ -185,15 +219,23 @@ impl Pool {
         let response = tokio::time::timeout(self.response_timeout, response)
             .await
             .map_err(|_| {
-                io::Error::new(
+                Attempt::Failed(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
                         "HBONE peer {} did not answer the CONNECT to {} within {:?}",
                         key.destination, request.authority, self.response_timeout
                     ),
-                )
+                ))
             })?
-            .map_err(io_error)?;
+            .map_err(|err| {
+                // Above the last stream id of the peer's GOAWAY, or refused outright: the
+                // peer says it did nothing with the stream.
+                if err.is_go_away() || err.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                    retired(err)
+                } else {
+                    Attempt::Failed(io_error(err))
+                }
+            })?;
         if response.status() != StatusCode::OK {
             // A 401 is the peer's authorization saying no; anything else, that it cannot
             // deliver.
@@ -202,7 +244,7 @@ impl Pool {
             } else {
                 io::ErrorKind::ConnectionRefused
             };
-            return Err(io::Error::new(
+            return Err(Attempt::Failed(io::Error::new(
                 kind,
                 format!(
                     "HBONE peer {} answered {} for {}",
@@ -210,7 +252,7 @@ impl Pool {
                     response.status(),
                     request.authority
                 ),
-            ));
+            )));
         }
         Ok(HboneStream {
             send,
