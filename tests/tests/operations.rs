@@ -4,10 +4,16 @@
 
 mod support;
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use support::*;
+use ztunnel_lab::mesh::MeshChanges;
 use ztunnel_lab::topology::{MESH_CONFIG, node_spec};
 use ztunnel_lab::{DaemonOptions, Started, send_pausing_from};
+
+/// A port a policy denies, and one nothing listens on.
+const DENIED_PORT: u16 = 9090;
+const CLOSED_PORT: u16 = 7070;
 
 #[test]
 fn metrics_and_access_logs_report_both_sides_and_the_kernel() {
@@ -159,6 +165,105 @@ fn metrics_and_access_logs_report_both_sides_and_the_kernel() {
             !log(node).contains(ztunnel_common::EBPF_LOG_TARGET),
             "{node} logged eBPF lines without --ebpf-log"
         );
+    }
+}
+
+/// The label values that say what happened: the service a client addressed, the flags of a
+/// denied and of a failed connection on both reporters, and both reporters on one node for
+/// same-node traffic.
+#[test]
+fn metric_labels_name_the_service_the_outcome_and_both_reporters() {
+    let s = LabSession::start();
+    let _b1 = serve("b1", APP_PORT);
+    let _a2 = serve("a2", APP_PORT);
+    let vip = Ipv4Addr::new(10, 96, 0, 10);
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            workload_fields: &[("b1", "  services: {demo/echo.demo.svc.cluster.local: {}}\n")],
+            sections: &format!(
+                "services:
+- name: echo
+  namespace: demo
+  hostname: echo.demo.svc.cluster.local
+  vips: [/{vip}]
+  ports: {{80: {APP_PORT}}}
+policies:
+- name: no-9090
+  namespace: demo
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - destinationPorts: [{DENIED_PORT}]
+"
+            ),
+            ..MeshChanges::default()
+        },
+    );
+    send("a1", SocketAddrV4::new(vip, 80), KIB);
+    send("a1", s.addr("a2", APP_PORT), KIB);
+    denied("a1", s.addr("b1", DENIED_PORT));
+    // Nothing listens on b1's port 7070: its proxy cannot connect.
+    denied("a1", s.addr("b1", CLOSED_PORT));
+    // Every record is closed before the scrape (the metrics count closed connections).
+    eventually("the records are closed", || {
+        [("node1", 4), ("node2", 3)].iter().all(|(node, closed)| {
+            connections(&s.lab, node).iter().filter(|c| !c.open).count() >= *closed
+        })
+    });
+    let (node1, node2) = (scrape("node1"), scrape("node2"));
+    let closed = |text: &str, labels: &[(&str, &str)]| {
+        sample(text, "istio_tcp_connections_closed_total", labels)
+    };
+
+    let to_service = [
+        ("reporter", "source"),
+        ("destination_workload", "b1"),
+        ("destination_service", "echo.demo.svc.cluster.local"),
+        ("destination_service_name", "echo"),
+        ("destination_service_namespace", "demo"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(closed(&node1, &to_service), 1.0, "{node1}");
+
+    // a1 -> a2 on node1: one node reports both ends.
+    for reporter in ["source", "destination"] {
+        let same_node = [
+            ("reporter", reporter),
+            ("source_workload", "a1"),
+            ("destination_workload", "a2"),
+            ("source_principal", "spiffe://cluster.local/ns/demo/sa/sa-a"),
+            ("connection_security_policy", "mutual_tls"),
+            ("response_flags", "-"),
+        ];
+        assert_eq!(closed(&node1, &same_node), 1.0, "{reporter}: {node1}");
+    }
+    assert_eq!(
+        closed(
+            &node2,
+            &[("source_workload", "a1"), ("destination_workload", "a2")]
+        ),
+        0.0
+    );
+
+    // The denial and the failure, as each side saw them.
+    for (flags, destination_port) in [("DENY", DENIED_PORT), ("CONNECT", CLOSED_PORT)] {
+        for (node, text, reporter) in [
+            ("node1", &node1, "source"),
+            ("node2", &node2, "destination"),
+        ] {
+            let labels = [
+                ("reporter", reporter),
+                ("source_workload", "a1"),
+                ("destination_workload", "b1"),
+                ("response_flags", flags),
+            ];
+            assert_eq!(
+                closed(text, &labels),
+                1.0,
+                "{node}: {flags} (port {destination_port}): {text}"
+            );
+        }
     }
 }
 
@@ -391,9 +496,12 @@ fn drain_lets_open_streams_finish_and_refuses_new_connections() {
     );
     for _ in 0..3 {
         let probe = ztunnel_lab::send_from("a1", to, KIB, None, Duration::from_secs(5));
+        // node1's proxy finds node2's HBONE listener closed and resets a1's connection at
+        // once (a timeout would mean something still took it).
+        let refused = probe.expect_err("a connection made while draining");
         assert!(
-            probe.is_err(),
-            "a connection made while draining: {probe:?}"
+            refused.to_string().contains("Connection reset by peer"),
+            "{refused}"
         );
     }
     let report = transfer
@@ -413,6 +521,59 @@ fn drain_lets_open_streams_finish_and_refuses_new_connections() {
     assert_eq!(received, [4 * MIB]);
     let log = std::fs::read_to_string(node_spec("node2").unwrap().log_path()).unwrap();
     assert!(log.contains("drained: every connection finished"), "{log}");
+}
+
+/// `/quitquitquit` drains as SIGTERM does, and the drain lasts `--drain-timeout-secs` at most:
+/// a transfer still open then is cut, and the daemon exits at the deadline, not when the
+/// transfer would have ended.
+#[test]
+fn quitquitquit_drains_until_the_drain_timeout_then_cuts_what_is_open() {
+    let s = LabSession::start_with(&DaemonOptions {
+        env: vec![("ZTUNNEL_DRAIN_TIMEOUT_SECS".into(), "1".into())],
+        ..DaemonOptions::default()
+    });
+    let b1 = serve("b1", APP_PORT);
+    let to = s.addr("b1", APP_PORT);
+    let pid = ztunnel_lab::daemon_pid("node2").expect("node2's daemon");
+    // Paused far longer than the drain may last.
+    let transfer = std::thread::spawn(move || {
+        send_pausing_from(
+            "a1",
+            to,
+            4 * MIB,
+            Duration::from_secs(8),
+            Duration::from_secs(10),
+        )
+    });
+    eventually("the transfer is open at b1", || {
+        connections(&s.lab, "node2").iter().any(|c| c.open)
+    });
+    let admin = ["-X", "POST", "-H", "x-ztunnel-admin: true"];
+    curl(
+        "node2",
+        &[&admin[..], &["http://127.0.0.1:15000/quitquitquit"]].concat(),
+    )
+    .expect("/quitquitquit");
+    eventually_within(
+        "node2's daemon exits at the drain deadline, the transfer still paused",
+        Duration::from_secs(5),
+        || ztunnel_lab::daemon_pid("node2") != Some(pid),
+    );
+    let log = std::fs::read_to_string(node_spec("node2").unwrap().log_path()).unwrap();
+    assert!(log.contains("reason=\"/quitquitquit\""), "{log}");
+    assert!(
+        log.contains(
+            "drain deadline reached; closing the connections still open connections=1 hbone=1"
+        ),
+        "{log}"
+    );
+    // b1 got the first half only, and a1's sender learns its connection is gone.
+    let report = b1
+        .next_report(Duration::from_secs(5))
+        .expect("b1's report of the cut connection");
+    assert_eq!(report.bytes, 2 * MIB);
+    let cut = transfer.join().unwrap();
+    assert!(cut.is_err(), "{cut:?}");
 }
 
 /// A config file that is there but invalid when the daemon starts: up, not ready, saying which

@@ -258,21 +258,28 @@ async fn drain(server: &ApiServer, shutdown: &watch::Sender<bool>, timeout: Dura
     let deadline = tokio::time::Instant::now() + timeout;
     let mut said = tokio::time::Instant::now();
     loop {
-        let open = ctx.connections.open() + ctx.hbone_server.connections();
-        if open == 0 {
+        // Proxied connections, and the HBONE connections peers carry them (or others) in.
+        let (connections, hbone) = (ctx.connections.open(), ctx.hbone_server.connections());
+        if connections + hbone == 0 {
             tracing::info!("drained: every connection finished");
             return;
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
             tracing::warn!(
-                open,
+                connections,
+                hbone,
                 "drain deadline reached; closing the connections still open"
             );
             return;
         }
         if now.duration_since(said) >= Duration::from_secs(1) {
-            tracing::info!(open, left_secs = (deadline - now).as_secs(), "draining");
+            tracing::info!(
+                connections,
+                hbone,
+                left_secs = (deadline - now).as_secs(),
+                "draining"
+            );
             said = now;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
