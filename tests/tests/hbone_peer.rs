@@ -346,6 +346,58 @@ fn traffic_to_a_workload_with_a_waypoint_passes_through_it_once() {
     assert_eq!(lines.count(), 0, "the waypoint saw more streams");
 }
 
+/// A service with a waypoint: a client's connection to the VIP goes to the waypoint with the
+/// VIP as its authority (the waypoint chooses the endpoint), and the endpoint's proxy delivers
+/// what comes from the waypoint. A connection straight to the endpoint's address is not the
+/// service's: it goes directly.
+#[test]
+fn traffic_to_a_service_with_a_waypoint_goes_to_it_with_the_vip() {
+    let s = LabSession::start();
+    let b1_app = serve("b1", APP_PORT);
+    let (b1, w1) = (s.ip("b1"), s.ip("w1"));
+    let vip = "10.96.0.10";
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            workload_fields: &[("b1", "  services: {demo/echo.demo.svc.cluster.local: {}}\n")],
+            sections: &format!(
+                "services:
+- name: echo
+  namespace: demo
+  hostname: echo.demo.svc.cluster.local
+  vips: [/{vip}]
+  ports: {{80: {APP_PORT}}}
+  waypoint: {{destination: /{w1}, hboneMtlsPort: 15008}}
+"
+            ),
+            ..MeshChanges::default()
+        },
+    );
+    let route = format!("{vip}:80={b1}:{APP_PORT}");
+    let (mut peer, mut lines) = peer_in_w1(&s, "waypoint", &["--route", &route]);
+
+    let report = send("a1", format!("{vip}:80").parse().unwrap(), MIB);
+    assert_eq!(report.server.bytes, MIB);
+    assert_eq!(report.server.peer.ip(), w1, "b1's app sees the waypoint");
+    assert_eq!(next_report(&b1_app).peer.ip(), w1);
+    let logged = next_json(&mut lines);
+    assert_eq!(logged["status"], 200, "{logged:#}");
+    assert_eq!(logged["authority"], format!("{vip}:80"));
+    assert_eq!(logged["client_identity"], spiffe("demo", "sa-a"));
+    assert_eq!(logged["upstream_identity"], spiffe("demo", "sa-b"));
+
+    let report = send("a1", s.addr("b1", APP_PORT), KIB);
+    assert_eq!(report.server.peer, report.local, "straight from a1");
+    next_report(&b1_app);
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert_eq!(
+        lines.count(),
+        0,
+        "the waypoint saw only the VIP's connection"
+    );
+}
+
 #[test]
 fn our_server_says_goaway_when_the_daemon_stops() {
     let s = LabSession::start();
