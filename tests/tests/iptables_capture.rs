@@ -7,7 +7,7 @@ mod support;
 
 use std::net::SocketAddr;
 use support::*;
-use ztunnel_lab::DaemonOptions;
+use ztunnel_lab::{DaemonOptions, send_from};
 use ztunnel_user::api::Direction;
 
 #[test]
@@ -62,8 +62,40 @@ fn iptables_capture_carries_every_path_without_ebpf() {
         );
         assert!(status(&s.lab, node).pods.iter().all(|p| p.links.is_empty()));
     }
-    let rules = run_in("a1", &["iptables", "-t", "nat", "-S", "ZTUNNEL_OUTPUT"]);
-    assert!(rules.contains("-j REDIRECT --to-ports 15001"), "{rules}");
+    // Each of our rules once: the jumps into our chains, and the redirects.
+    let assert_rules_once = || {
+        let rules = run_in("a1", &["iptables", "-t", "nat", "-S"]);
+        for rule in [
+            "-A OUTPUT -p tcp -j ZTUNNEL_OUTPUT",
+            "-A PREROUTING -p tcp -j ZTUNNEL_PREROUTING",
+            "-j REDIRECT --to-ports 15001",
+            "-j REDIRECT --to-ports 15006",
+        ] {
+            assert_eq!(rules.matches(rule).count(), 1, "{rule} in {rules}");
+        }
+    };
+    assert_rules_once();
+
+    // Across a restart of node1's daemon the rules stay: a1's connections are refused while
+    // it is down (never sent around the proxy), and carried again once it has taken a1 over,
+    // by the same rules, not a second set.
+    ztunnel_lab::stop_daemon("node1").unwrap();
+    let refused = send_from("a1", s.addr("b1", APP_PORT), KIB, None, QUICK)
+        .expect_err("a1's connection while node1's daemon is down");
+    assert!(
+        refused.to_string().contains("Connection refused"),
+        "{refused}"
+    );
+    ztunnel_lab::start_daemon("node1").unwrap();
+    let report = send("a1", s.addr("b1", APP_PORT), KIB);
+    assert_eq!(next_report(&b1).peer, report.local);
+    let outbound = closed_connections(&s.lab, "node1", Direction::Outbound);
+    assert_eq!(
+        outbound.last().map(|c| c.source),
+        Some(SocketAddr::from(report.local)),
+        "carried by the restarted proxy"
+    );
+    assert_rules_once();
 
     // CNI DEL takes the rules away again.
     ztunnel_lab::cni_del("a1").unwrap();
