@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 use support::*;
+use ztunnel_common::maps::names;
 use ztunnel_common::maps::{
     WORKLOAD_HAS_WAYPOINT, WORKLOAD_IN_MESH, WORKLOAD_ON_THIS_NODE, WORKLOAD_PLAINTEXT_RULES,
 };
@@ -267,6 +268,78 @@ fn hot_reload_keeps_the_kernel_map_in_step_and_refuses_bad_files() {
     assert!(error.contains("refused"), "{error}");
 }
 
+/// Kernel writes that fail (a frozen map here; a full one fails alike): without the plaintext
+/// rules the config still applies and the proxy alone enforces them; when the workloads map
+/// cannot be written either, the config is refused on that node, which keeps the one in force,
+/// in the kernel and in the proxy alike, and says why.
+#[test]
+fn a_failed_kernel_map_write_keeps_kernel_and_proxy_on_one_config() {
+    let s = LabSession::start();
+    let _b1 = serve("b1", APP_PORT);
+    let (u1, b1) = (s.ip("u1"), s.addr("b1", APP_PORT));
+    let deny_u1 = format!(
+        "policies:\n- {{name: no-u1, namespace: demo, scope: Namespace, action: Deny, rules: [[[{{sourceIps: [{u1}/32]}}]]]}}\n"
+    );
+    freeze_map(&s, "node2", names::PLAINTEXT_RULES);
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            sections: &deny_u1,
+            ..MeshChanges::default()
+        },
+    );
+    assert!(daemon_log("node2").contains("cannot write the plaintext rules to the kernel"));
+    assert_kernel_is_daemon_view(&s, "node2");
+    let b1_entry = kernel_workloads(&s.lab, "node2")[&IpAddr::V4(*b1.ip())];
+    assert_eq!(
+        b1_entry.flags & WORKLOAD_PLAINTEXT_RULES,
+        0,
+        "no rules in the kernel"
+    );
+    // Denied by b1's proxy (accepted, then closed), not refused in the kernel.
+    let error = denied("u1", b1);
+    assert!(!error.contains("Connection refused"), "{error}");
+
+    freeze_map(&s, "node2", names::WORKLOADS);
+    let before = mesh_status(&s.lab, "node2");
+    // Without the policy, and with one more workload (an entry to write).
+    let text = ztunnel_lab::mesh::mesh_config_with(&MeshChanges {
+        extra_workloads: &extra_workloads(0),
+        ..MeshChanges::default()
+    });
+    ztunnel_lab::mesh::write_mesh_config_text(&text).unwrap();
+    let version = ztunnel_user::mesh::config::reload::version_of(&text);
+    eventually("node1 applies the config, node2 refuses it", || {
+        mesh_status(&s.lab, "node1").config.version == version
+            && mesh_status(&s.lab, "node2").config.rejected.is_some()
+    });
+    let after = mesh_status(&s.lab, "node2");
+    let rejected = after.config.rejected.clone().unwrap_or_default();
+    assert!(rejected.contains(names::WORKLOADS), "{rejected}");
+    assert_eq!(after.config.version, before.config.version);
+    assert_eq!(after.config.generation, before.config.generation);
+    assert_eq!(after.workloads, before.workloads);
+    assert_kernel_is_daemon_view(&s, "node2");
+    // The policy the refused file dropped is still enforced where it is in force.
+    denied("u1", b1);
+}
+
+/// Freezes `node`'s pinned map `name`: from now on every write to it from userspace fails.
+fn freeze_map(s: &LabSession, node: &str, name: &str) {
+    let path = s.lab.node(node).unwrap().bpffs.join("maps").join(name);
+    let output = std::process::Command::new("bpftool")
+        .args(["map", "freeze", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("running bpftool (cargo xtask setup installs it)");
+    assert!(
+        output.status.success(),
+        "bpftool map freeze {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Workloads `extra-0..n` for a round of the burst, on both nodes, some sharing an identity.
 fn extra_workloads(round: u32) -> String {
     (0..1 + round % 5)
@@ -281,9 +354,32 @@ fn extra_workloads(round: u32) -> String {
         .collect()
 }
 
-/// The kernel's workload map of `node` is exactly the daemon's view of the config in force:
-/// the same addresses, indices and flags, one index per uid and per identity.
+/// The kernel's workload map of `node` is exactly the daemon's view of the config in force
+/// (`assert_kernel_is_daemon_view`), and its flags say what the burst's last config says.
 fn assert_kernel_matches_config(s: &LabSession, node: &str) {
+    let flags = assert_kernel_is_daemon_view(s, node);
+    let flags = |pod: &str| flags[&s.ip(pod)];
+    assert_ne!(flags("b1") & WORKLOAD_IN_MESH, 0);
+    assert_eq!(flags("u1") & WORKLOAD_IN_MESH, 0);
+    assert_ne!(flags("b1") & WORKLOAD_HAS_WAYPOINT, 0);
+    assert_eq!(flags("a1") & WORKLOAD_HAS_WAYPOINT, 0);
+    let here = |pod: &str| flags(pod) & WORKLOAD_ON_THIS_NODE != 0;
+    assert_eq!(here("a1"), node == "node1");
+    assert_eq!(here("b1"), node == "node2");
+    // The DENY for u1 gives this node's demo workloads plaintext rules.
+    let rules = |pod: &str| flags(pod) & WORKLOAD_PLAINTEXT_RULES != 0;
+    assert_eq!(rules("b1"), node == "node2");
+    assert_eq!(rules("a1"), node == "node1");
+    assert!(
+        !rules("u1"),
+        "u1 is in namespace legacy, which the policy does not cover"
+    );
+}
+
+/// The kernel's workload map of `node` is exactly the daemon's view of the config in force:
+/// the same addresses, indices and flags, one index per uid and per identity. Returns the
+/// flags of each address.
+fn assert_kernel_is_daemon_view(s: &LabSession, node: &str) -> BTreeMap<IpAddr, u32> {
     let status = mesh_status(&s.lab, node);
     let kernel = kernel_workloads(&s.lab, node);
     let mut expected = BTreeMap::new();
@@ -317,21 +413,8 @@ fn assert_kernel_matches_config(s: &LabSession, node: &str) {
         .map(|(ip, e)| (*ip, (e.workload, e.identity, e.flags)))
         .collect();
     assert_eq!(actual, expected, "{node}: kernel and daemon disagree");
-    // The flags say what the config says.
-    let flags = |pod: &str| actual[&s.ip(pod)].2;
-    assert_ne!(flags("b1") & WORKLOAD_IN_MESH, 0);
-    assert_eq!(flags("u1") & WORKLOAD_IN_MESH, 0);
-    assert_ne!(flags("b1") & WORKLOAD_HAS_WAYPOINT, 0);
-    assert_eq!(flags("a1") & WORKLOAD_HAS_WAYPOINT, 0);
-    let here = |pod: &str| flags(pod) & WORKLOAD_ON_THIS_NODE != 0;
-    assert_eq!(here("a1"), node == "node1");
-    assert_eq!(here("b1"), node == "node2");
-    // The DENY for u1 gives this node's demo workloads plaintext rules.
-    let rules = |pod: &str| flags(pod) & WORKLOAD_PLAINTEXT_RULES != 0;
-    assert_eq!(rules("b1"), node == "node2");
-    assert_eq!(rules("a1"), node == "node1");
-    assert!(
-        !rules("u1"),
-        "u1 is in namespace legacy, which the policy does not cover"
-    );
+    actual
+        .into_iter()
+        .map(|(ip, (_, _, flags))| (ip, flags))
+        .collect()
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::process::{Command, Output, Stdio};
 use ztunnel_common::cgroup2;
 
-const DEBIAN_PACKAGES: [&str; 16] = [
+const DEBIAN_PACKAGES: [&str; 17] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -20,6 +20,9 @@ const DEBIAN_PACKAGES: [&str; 16] = [
     "curl",
     // The iptables capture baseline the benchmark compares eBPF capture with.
     "iptables",
+    // Looking at the pinned maps and programs by hand; a test freezes a map with it to make
+    // the daemon's writes fail, as a full map would.
+    "bpftool",
     // The font of `cargo xtask bench`'s chart.
     "fonts-dejavu-core",
     // Building jemalloc, the daemon's allocator (its build runs configure and make).
