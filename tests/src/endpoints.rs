@@ -257,39 +257,26 @@ pub struct HeldConnections {
     pub report: HoldReport,
 }
 
+/// What each connection of `HeldConnections` says before it idles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opening {
+    /// One round trip to an echo port.
+    RoundTrip,
+    /// Nothing at all: a hostile client's flood (those that do not open are counted).
+    Silent,
+}
+
 impl HeldConnections {
-    /// Opens `connections` connections from `pod` to an echo port, each carrying one round
-    /// trip, and returns once all are up (within `timeout`). They stay open, idle, until the
-    /// value is dropped (or for `hold` at most).
+    /// Opens `connections` connections from `pod` to `to`, each `opening` as it says, and
+    /// returns once all are up or have failed (within `timeout`). Those up stay open, idle,
+    /// until the value is dropped (or for `hold` at most).
     pub fn open(
         pod: &str,
         to: SocketAddrV4,
         connections: usize,
+        opening: Opening,
         hold: Duration,
         timeout: Duration,
-    ) -> Result<HeldConnections> {
-        Self::start(pod, to, connections, hold, timeout, false)
-    }
-
-    /// A hostile client's flood: `connections` tried from `pod` to `to`, none sending a byte,
-    /// those that open held like `open`'s; the report counts those that did not.
-    pub fn flood(
-        pod: &str,
-        to: SocketAddrV4,
-        connections: usize,
-        hold: Duration,
-        timeout: Duration,
-    ) -> Result<HeldConnections> {
-        Self::start(pod, to, connections, hold, timeout, true)
-    }
-
-    fn start(
-        pod: &str,
-        to: SocketAddrV4,
-        connections: usize,
-        hold: Duration,
-        timeout: Duration,
-        silent: bool,
     ) -> Result<HeldConnections> {
         let options = [
             ("connections", connections.to_string()),
@@ -297,7 +284,7 @@ impl HeldConnections {
             ("timeout-secs", whole_seconds(timeout)),
         ];
         let mut args = client_args("hold", to, &options);
-        if silent {
+        if opening == Opening::Silent {
             args.push("--silent".to_owned());
         }
         let described = format!("load-tool {} in {pod}", args.join(" "));

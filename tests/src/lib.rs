@@ -31,8 +31,8 @@ pub use daemon::{
     daemon_status, kill_daemon, start_daemon, start_daemon_until, stop_daemon,
 };
 pub use endpoints::{
-    HeldConnections, PodServer, burst_from, burst_outcome_from, connect_rate_from, latency_from,
-    send_bound_from, send_from, send_pausing_from,
+    HeldConnections, Opening, PodServer, burst_from, burst_outcome_from, connect_rate_from,
+    latency_from, send_bound_from, send_from, send_pausing_from,
 };
 pub use error::{LabError, Result};
 pub use exec::{exec, exec_node};

@@ -92,7 +92,7 @@ fn iptables_capture_carries_every_path_without_ebpf() {
     let outbound = closed_connections(&s.lab, "node1", Direction::Outbound);
     assert_eq!(
         outbound.last().map(|c| c.source),
-        Some(SocketAddr::from(report.local)),
+        Some(report.local),
         "carried by the restarted proxy"
     );
     assert_rules_once();

@@ -8,7 +8,7 @@ use std::net::SocketAddrV4;
 use std::time::Duration;
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
-use ztunnel_lab::{DaemonOptions, HeldConnections, PodServer, send_bound_from};
+use ztunnel_lab::{DaemonOptions, HeldConnections, Opening, PodServer, send_bound_from};
 use ztunnel_user::api::Direction;
 
 /// a1 cannot have its connection carried under a2's identity (another service account) by
@@ -203,12 +203,26 @@ fn silent_connections_cannot_take_a_node_down() {
     let _b1 = serve("b1", APP_PORT);
     let hold = Duration::from_secs(120);
     let open_within = Duration::from_secs(60);
-    let hbone = HeldConnections::flood("u1", s.addr("b1", 15008), FLOOD, hold, open_within)
-        .expect("u1's flood of b1's HBONE port");
+    let hbone = HeldConnections::open(
+        "u1",
+        s.addr("b1", 15008),
+        FLOOD,
+        Opening::Silent,
+        hold,
+        open_within,
+    )
+    .expect("u1's flood of b1's HBONE port");
     let node2 = s.lab.node("node2").expect("node2").underlay_ip;
     let readiness = SocketAddrV4::new(node2, 15021);
-    let http = HeldConnections::flood("u1", readiness, HTTP_FLOOD, hold, open_within)
-        .expect("u1's flood of node2's readiness port");
+    let http = HeldConnections::open(
+        "u1",
+        readiness,
+        HTTP_FLOOD,
+        Opening::Silent,
+        hold,
+        open_within,
+    )
+    .expect("u1's flood of node2's readiness port");
     assert_eq!(hbone.report.connections + hbone.report.failed, FLOOD);
 
     // Everyone else is still served: a2 -> b1 over HBONE, readiness from the node itself.

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use procfs::process::{Process, Status};
 use std::net::SocketAddrV4;
 use std::time::Duration;
-use ztunnel_lab::{HeldConnections, Lab};
+use ztunnel_lab::{HeldConnections, Lab, Opening};
 
 /// Time for the daemons to finish what they were doing (enrollment, connection set-up)
 /// before their RSS is read.
@@ -60,7 +60,14 @@ pub fn measure(lab: &Lab, route: Route, to: SocketAddrV4, connections: usize) ->
     let idle = [rss(pids[0])?, rss(pids[1])?];
     // Opening runs at well over 1,000 connections a second; allow a tenth of that.
     let open_within = Duration::from_secs(30) + Duration::from_millis(10) * connections as u32;
-    let held = HeldConnections::open(route.client(), to, connections, HOLD_LIMIT, open_within)?;
+    let held = HeldConnections::open(
+        route.client(),
+        to,
+        connections,
+        Opening::RoundTrip,
+        HOLD_LIMIT,
+        open_within,
+    )?;
     std::thread::sleep(SETTLE);
     let with = [rss(pids[0])?, rss(pids[1])?];
     let seconds_to_open = held.report.seconds_to_open;

@@ -28,8 +28,9 @@ pub(crate) struct TrafficMetrics {
 /// What keeps a label set's series: the local pods whose connections had it (most often
 /// one), and its connections still open. With neither, the series go: pods come and go, and a
 /// node must not keep the counters of every pod it ever ran.
-#[derive(Default)]
 struct Usage {
+    /// The shared copy, also the map's key.
+    labels: Arc<TrafficLabels>,
     pods: Vec<Arc<str>>,
     open: u32,
 }
@@ -38,12 +39,20 @@ impl TrafficMetrics {
     /// A connection of the local `pod` opened: the shared copy of its `labels`, counted.
     pub(crate) fn opened(&self, pod: &Arc<str>, labels: TrafficLabels) -> Arc<TrafficLabels> {
         let mut sets = self.lock();
-        let shared = match sets.get_key_value(&labels) {
-            Some((shared, _)) => shared.clone(),
-            None => Arc::new(labels),
+        // One lookup for a label set in use (almost every connection), two for a new one.
+        let usage = match sets.get_mut(&labels) {
+            Some(usage) => usage,
+            None => {
+                let shared = Arc::new(labels);
+                sets.entry(shared.clone()).or_insert(Usage {
+                    labels: shared,
+                    pods: Vec::new(),
+                    open: 0,
+                })
+            }
         };
-        let usage = sets.entry(shared.clone()).or_default();
         usage.open += 1;
+        let shared = usage.labels.clone();
         if !usage.pods.contains(pod) {
             usage.pods.push(pod.clone());
         }
