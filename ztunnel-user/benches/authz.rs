@@ -10,6 +10,7 @@
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use ztunnel_user::identity::Identity;
 use ztunnel_user::mesh::authz::{
     Action, Connection, Decision, Match, Policies, Policy, Scope, StringMatch, Target,
@@ -65,14 +66,14 @@ fn policies(layout: Layout) -> Policies {
                     }]]
                 })
                 .collect();
-            Policy {
+            Arc::new(Policy {
                 name: format!("policy-{p}"),
                 namespace,
                 scope: Scope::Namespace,
                 action: Action::Allow,
                 rules,
                 dry_run: false,
-            }
+            })
         })
         .collect();
     Policies::new(list)

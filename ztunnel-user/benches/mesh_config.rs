@@ -67,7 +67,7 @@ fn config_yaml() -> String {
 
 fn lookups(c: &mut Criterion) {
     let config = MeshConfig::parse(Path::new("bench.yaml"), &config_yaml()).expect("valid config");
-    assert_eq!(config.workloads.len(), WORKLOADS as usize);
+    assert_eq!(config.workload_count(), WORKLOADS as usize);
     let known = IpAddr::V4(workload_ip(WORKLOADS / 2));
     let unknown = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
     let vip = SocketAddr::new(IpAddr::V4(service_vip(SERVICES / 2)), 80);

@@ -15,8 +15,8 @@ use crate::host::netns::Netns;
 use crate::host::{features, limits};
 use crate::identity::{CertificateAuthority, CertificateStore};
 use crate::mesh::Mesh;
-use crate::mesh::config::MeshConfig;
 use crate::mesh::config::reload::{self, ConfigFile};
+use crate::mesh::config::{MeshConfig, MeshFile};
 use crate::ops::admin::Admin;
 use crate::ops::api_server::{self, ApiServer};
 use crate::ops::http;
@@ -90,12 +90,15 @@ pub fn run(mut settings: Settings) -> Result<()> {
             handshake_timeout + delivery::CONNECT_TIMEOUT,
         ));
         pool.spawn_idle_release();
-        let (config, applied) = match initial {
-            Some((hash, config)) => (config, Some(hash)),
-            None => (MeshConfig::default(), None),
+        let (initial, applied) = match initial {
+            Some((hash, file)) => (Some(file), Some(hash)),
+            None => (None, None),
         };
-        let summary = reload::summary(&config);
-        let mesh = Mesh::new(config, config_file.clone(), &settings.node, |maps| {
+        let summary = initial.as_ref().map(MeshFile::summary).unwrap_or_default();
+        let source = |current: &MeshConfig| {
+            initial.map_or_else(Vec::new, |file| file.changes_from(current))
+        };
+        let mesh = Mesh::new(source, config_file.clone(), &settings.node, |maps| {
             datapath.sync_mesh(maps)
         })
         .context("writing the mesh config to the kernel maps")?;
@@ -121,8 +124,12 @@ pub fn run(mut settings: Settings) -> Result<()> {
                 None => readiness.pending(&waiting),
             }
             let (reloading, ready) = (ctx.clone(), readiness.clone());
-            tokio::spawn(file.clone().watch(move |config| {
-                reloading.apply_config(config)?;
+            tokio::spawn(file.clone().watch(move |file| {
+                let applied = reloading.apply_changes(|current| file.changes_from(current))?;
+                // A valid file's entries fit together: the model refuses none of them.
+                if let Some(refused) = applied.refused.first() {
+                    anyhow::bail!("mesh config entry refused: {refused}");
+                }
                 ready.done(&waiting);
                 anyhow::Ok(())
             }));

@@ -4,7 +4,7 @@
 //! reloads for as long as a uid or an identity stays in the config.
 
 use super::authz::{DenyReason, PlaintextPlan};
-use super::config::{MeshConfig, Protocol};
+use super::config::{MeshConfig, Protocol, Workload};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -117,18 +117,16 @@ impl WorkloadMap {
 
     /// The maps for `config`, and the indexed workloads the API reports.
     pub(crate) fn view(&mut self, config: &MeshConfig) -> (MeshMaps, Vec<IndexedWorkload>) {
-        let uids = config.workloads.iter().map(|w| w.uid.as_str()).collect();
+        let mut workloads: Vec<&Workload> = config.workloads().collect();
+        workloads.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
+        let uids = workloads.iter().map(|w| w.uid.as_str()).collect();
         self.workloads.retain(&uids);
-        let identities: Vec<String> = config
-            .workloads
-            .iter()
-            .map(|w| w.identity().to_string())
-            .collect();
+        let identities: Vec<String> = workloads.iter().map(|w| w.identity().to_string()).collect();
         self.identities
             .retain(&identities.iter().map(String::as_str).collect());
         let mut maps = MeshMaps::default();
-        let mut indexed = Vec::with_capacity(config.workloads.len());
-        for (workload, identity) in config.workloads.iter().zip(identities) {
+        let mut indexed = Vec::with_capacity(workloads.len());
+        for (workload, identity) in workloads.into_iter().zip(identities) {
             let workload_index = self.workloads.get(&workload.uid);
             let mut flags = 0;
             if workload.protocol == Protocol::Hbone {

@@ -9,8 +9,8 @@ pub(crate) mod kernel;
 
 pub use kernel::IndexedWorkload;
 
-use config::MeshConfig;
 use config::reload::{ConfigFile, ConfigStatus};
+use config::{Change, MeshConfig, Refused, Touched};
 use kernel::{MeshMaps, WorkloadMap};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, RwLock};
@@ -40,14 +40,22 @@ pub struct MeshStatus {
 pub(crate) struct Mesh {
     current: RwLock<Arc<MeshConfig>>,
     file: Option<Arc<ConfigFile>>,
+    /// Held while a batch is applied, so batches from any source take turns.
     kernel: Mutex<(WorkloadMap, Vec<IndexedWorkload>)>,
 }
 
+/// What applying a batch of changes did.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    pub(crate) touched: Touched,
+    pub(crate) refused: Vec<Refused>,
+}
+
 impl Mesh {
-    /// Starts from `config` (read from `file`, if any) and has `write` put its kernel view
-    /// into the kernel's maps.
+    /// Starts from the `changes` `source` makes to an empty model, and has `write` put its
+    /// kernel view into the kernel's maps (replacing whatever an earlier run left there).
     pub(crate) fn new<E: std::fmt::Display>(
-        config: MeshConfig,
+        source: impl FnOnce(&MeshConfig) -> Vec<Change>,
         file: Option<Arc<ConfigFile>>,
         node: &str,
         write: impl Fn(&MeshMaps) -> Result<(), E>,
@@ -57,7 +65,7 @@ impl Mesh {
             file,
             kernel: Mutex::new((WorkloadMap::new(node), Vec::new())),
         };
-        mesh.apply(config, write)?;
+        mesh.update(source, write, true)?;
         Ok(mesh)
     }
 
@@ -69,16 +77,36 @@ impl Mesh {
             .clone()
     }
 
-    /// Has `write` put the kernel view of `config` into the kernel's maps, then puts it in
-    /// force. If the kernel refuses the plaintext rules (a full map), they are left out: the
-    /// proxy still enforces every policy.
+    /// Makes the changes `source` derives from the config in force: has `write` put the kernel
+    /// view of the result into the kernel's maps, then puts it in force. If the kernel refuses
+    /// the plaintext rules (a full map), they are left out: the proxy still enforces every
+    /// policy. If it refuses the rest, the config in force stays.
     pub(crate) fn apply<E: std::fmt::Display>(
         &self,
-        config: MeshConfig,
+        source: impl FnOnce(&MeshConfig) -> Vec<Change>,
         write: impl Fn(&MeshMaps) -> Result<(), E>,
-    ) -> Result<(), E> {
+    ) -> Result<Applied, E> {
+        self.update(source, write, false)
+    }
+
+    /// `apply`, or with `always_write` the kernel written even when nothing changed.
+    fn update<E: std::fmt::Display>(
+        &self,
+        source: impl FnOnce(&MeshConfig) -> Vec<Change>,
+        write: impl Fn(&MeshMaps) -> Result<(), E>,
+        always_write: bool,
+    ) -> Result<Applied, E> {
         let mut kernel = self.kernel.lock().unwrap_or_else(|p| p.into_inner());
-        let (maps, mut indexed) = kernel.0.view(&config);
+        let current = self.current();
+        let updated = current.updated(source(&current));
+        let applied = Applied {
+            touched: updated.touched,
+            refused: updated.refused,
+        };
+        if applied.touched.is_empty() && !always_write {
+            return Ok(applied);
+        }
+        let (maps, mut indexed) = kernel.0.view(&updated.config);
         if let Err(err) = write(&maps) {
             tracing::error!(%err, "cannot write the plaintext rules to the kernel; the proxy alone enforces policies");
             write(&maps.without_plaintext_rules())?;
@@ -87,8 +115,8 @@ impl Mesh {
             }
         }
         kernel.1 = indexed;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
-        Ok(())
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(updated.config);
+        Ok(applied)
     }
 
     pub(crate) fn status(&self) -> MeshStatus {
@@ -98,7 +126,7 @@ impl Mesh {
                 .file
                 .as_ref()
                 .map_or_else(ConfigStatus::default, |f| f.status()),
-            services: config.services.len(),
+            services: config.service_count(),
             policies: config.policies.all().len(),
             workloads: self
                 .kernel

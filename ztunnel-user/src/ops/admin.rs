@@ -8,6 +8,7 @@ use super::api_server::ApiServer;
 use super::http::{Call, Reply};
 use super::logging::LogControl;
 use crate::api::ConfigDump;
+use crate::mesh::authz::Policy;
 use crate::settings::Settings;
 use http::{Method, StatusCode};
 use std::sync::Arc;
@@ -70,9 +71,14 @@ impl Admin {
             not_ready: self.api.readiness.check().err().map(|err| err.to_string()),
             settings: Settings::clone(&ctx.settings),
             limits: ctx.admission.limits().clone(),
-            workloads: config.workloads.clone(),
-            services: config.services.clone(),
-            policies: config.policies.all().to_vec(),
+            workloads: config.sorted_workloads(),
+            services: config.sorted_services(),
+            policies: config
+                .policies
+                .all()
+                .iter()
+                .map(|p| Policy::clone(p))
+                .collect(),
         }
     }
 }

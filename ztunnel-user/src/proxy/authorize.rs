@@ -3,8 +3,9 @@
 
 use super::{PodProxy, ProxyContext};
 use crate::capture::DatapathError;
+use crate::mesh::Applied;
 use crate::mesh::authz::{Denial, Subject};
-use crate::mesh::config::MeshConfig;
+use crate::mesh::config::{Change, MeshConfig};
 use crate::telemetry::connections::Tracked;
 
 /// A config the kernel's maps could not take; the config in force stays.
@@ -31,18 +32,26 @@ impl ProxyContext {
         Ok(())
     }
 
-    /// Puts `config` in force and closes the open connections it denies. If the kernel maps
-    /// cannot be written, the config in force stays and the error says why.
-    pub(crate) fn apply_config(&self, config: MeshConfig) -> Result<(), ApplyError> {
+    /// Makes the changes `source` derives from the config in force, and closes the open
+    /// connections the result denies. If the kernel maps cannot be written, the config in
+    /// force stays and the error says why.
+    pub(crate) fn apply_changes(
+        &self,
+        source: impl FnOnce(&MeshConfig) -> Vec<Change>,
+    ) -> Result<Applied, ApplyError> {
         let datapath = self.capture.datapath();
-        self.mesh.apply(config, |maps| datapath.sync_mesh(maps))?;
-        let config = self.mesh.current();
-        let closed = self
-            .connections
-            .revalidate(|subject| config.authorize(subject));
-        if closed > 0 {
-            tracing::info!(closed, "closed open connections the new policies deny");
+        let applied = self.mesh.apply(source, |maps| datapath.sync_mesh(maps))?;
+        // Services only route new connections; workloads and policies decide on open ones.
+        let touched = &applied.touched;
+        if touched.policies > 0 || !touched.workloads.is_empty() {
+            let config = self.mesh.current();
+            let closed = self
+                .connections
+                .revalidate(|subject| config.authorize(subject));
+            if closed > 0 {
+                tracing::info!(closed, "closed open connections the new policies deny");
+            }
         }
-        Ok(())
+        Ok(applied)
     }
 }

@@ -77,7 +77,7 @@ impl fmt::Display for Denial {
 /// The policies of a config, indexed by what they apply to and by what they can match.
 #[derive(Default)]
 pub struct Policies {
-    policies: Vec<Policy>,
+    policies: Vec<Arc<Policy>>,
     /// Per policy: the destination ports it can match at all (None: any port), a quick
     /// refusal before its rules are looked at.
     ports: Vec<Option<HashSet<u16>>>,
@@ -120,8 +120,9 @@ struct Facts<'a> {
 }
 
 impl Policies {
-    /// Indexes `policies` (validated, with unique keys).
-    pub fn new(policies: Vec<Policy>) -> Policies {
+    /// Indexes `policies` (validated, with unique keys), in the order of their keys.
+    pub fn new(mut policies: Vec<Arc<Policy>>) -> Policies {
+        policies.sort_by_cached_key(|p| p.key());
         let mut index = Policies {
             ports: policies
                 .iter()
@@ -155,8 +156,18 @@ impl Policies {
         index
     }
 
-    pub fn all(&self) -> &[Policy] {
+    /// Every policy, in the order of their keys.
+    pub fn all(&self) -> &[Arc<Policy>] {
         &self.policies
+    }
+
+    /// The policy with the key `namespace/name`.
+    pub fn get(&self, key: &str) -> Option<&Policy> {
+        let at = self
+            .policies
+            .binary_search_by(|p| p.key().as_str().cmp(key))
+            .ok()?;
+        Some(&self.policies[at])
     }
 
     /// Whether `connection` to `target` is allowed.

@@ -18,7 +18,7 @@ pub(super) fn policies(yaml: &str) -> Policies {
     for policy in &list {
         policy.validate().expect("policies are valid");
     }
-    Policies::new(list)
+    Policies::new(list.into_iter().map(Arc::new).collect())
 }
 
 /// One case: policies, the destination (namespace, selected keys), the client (source IP,

@@ -1,10 +1,10 @@
 //! Hot reload of the mesh config file. The file is polled rather than watched with inotify:
 //! editors replace files by rename and Kubernetes swaps ConfigMap symlinks, and a poll of the
 //! content sees every one of those the same way. A changed file that parses and validates is
-//! handed over whole; a bad one is refused with a log line and the config in force stays. A
+//! handed over whole (and applied as the changes it makes to the model in force); a bad one is refused with a log line and the config in force stays. A
 //! file that is missing or bad when the daemon starts leaves it not ready until it is fixed.
 
-use super::MeshConfig;
+use super::MeshFile;
 use serde::Serialize;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
@@ -57,31 +57,31 @@ impl ConfigFile {
             .clone()
     }
 
-    /// Polls forever, calling `apply` with each new valid config; what `apply` refuses
+    /// Polls forever, calling `apply` with each new valid file; what `apply` refuses
     /// (the kernel maps could not be written) is reported like a bad file, and tried again at
     /// the next poll: the content is fine, its application may not fail twice.
     pub(crate) async fn watch<E: std::fmt::Display>(
         self: Arc<Self>,
-        mut apply: impl FnMut(MeshConfig) -> Result<(), E> + Send,
+        mut apply: impl FnMut(MeshFile) -> Result<(), E> + Send,
     ) {
         let mut ticks = tokio::time::interval(POLL_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let Some((hash, config)) = self.poll() else {
+            let Some((hash, file)) = self.poll() else {
                 continue;
             };
-            let summary = summary(&config);
-            match apply(config) {
+            let summary = file.summary();
+            match apply(file) {
                 Ok(()) => self.applied(hash, &summary),
                 Err(problem) => self.refuse(false, problem.to_string()),
             }
         }
     }
 
-    /// A new valid config, with its hash, if the file changed since the last poll; a bad or
-    /// unreadable file is refused (logged, and reported in the status).
-    pub(crate) fn poll(&self) -> Option<(u64, MeshConfig)> {
+    /// The file's new valid content, with its hash, if it changed since the last poll; a bad
+    /// or unreadable file is refused (logged, and reported in the status).
+    pub(crate) fn poll(&self) -> Option<(u64, MeshFile)> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(err) => {
@@ -98,8 +98,8 @@ impl ConfigFile {
         }
         *seen = Some(hash);
         drop(seen);
-        match MeshConfig::parse(&self.path, &text) {
-            Ok(config) => Some((hash, config)),
+        match MeshFile::parse(&self.path, &text) {
+            Ok(file) => Some((hash, file)),
             Err(err) => {
                 self.refuse(true, err.to_string());
                 None
@@ -129,16 +129,6 @@ impl ConfigFile {
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = None;
         }
     }
-}
-
-/// What a config holds, for the log.
-pub(crate) fn summary(config: &MeshConfig) -> String {
-    format!(
-        "{} workloads, {} services, {} policies",
-        config.workloads.len(),
-        config.services.len(),
-        config.policies.all().len()
-    )
 }
 
 /// The `version` the status reports once a file with `text` is in force.

@@ -1,0 +1,202 @@
+//! The mesh config file, in the camelCase shape of Istio ztunnel's local config (so an Istio
+//! user's file works as it is): read, validated as a whole (a bad entry refuses the file,
+//! naming the entry and the field), then turned into the changes that make the model in force
+//! equal to it.
+
+use super::{Change, GatewayAddress, GatewayDestination, MeshConfig, Service, Workload};
+use crate::mesh::FieldError;
+use crate::mesh::authz::Policy;
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read mesh config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("mesh config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("mesh config {path}: {entry}: {problem}")]
+    Invalid {
+        path: PathBuf,
+        entry: String,
+        problem: FieldError,
+    },
+}
+
+/// A valid file's entries.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MeshFile {
+    #[serde(default)]
+    workloads: Vec<Workload>,
+    #[serde(default)]
+    services: Vec<Service>,
+    #[serde(default)]
+    policies: Vec<Policy>,
+}
+
+impl MeshFile {
+    /// Parses and validates; `path` only names the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
+        let file: MeshFile =
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        file.validate()
+            .map_err(|(entry, problem)| ConfigError::Invalid {
+                path: path.to_owned(),
+                entry,
+                problem,
+            })?;
+        Ok(file)
+    }
+
+    /// How many workloads, services and policies the file holds, for the log.
+    pub(crate) fn summary(&self) -> String {
+        format!(
+            "{} workloads, {} services, {} policies",
+            self.workloads.len(),
+            self.services.len(),
+            self.policies.len()
+        )
+    }
+
+    /// The changes that make `current` hold exactly this file's entries: those that differ
+    /// or are new, and the removal of those the file no longer has.
+    pub(crate) fn changes_from(self, current: &MeshConfig) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let uids: HashSet<&str> = self.workloads.iter().map(|w| w.uid.as_str()).collect();
+        changes.extend(
+            current
+                .workloads()
+                .filter(|w| !uids.contains(w.uid.as_str()))
+                .map(|w| Change::RemoveWorkload(w.uid.clone())),
+        );
+        let services: HashSet<String> = self.services.iter().map(Service::key).collect();
+        changes.extend(
+            current
+                .services()
+                .map(|s| s.key())
+                .filter(|key| !services.contains(key))
+                .map(Change::RemoveService),
+        );
+        let policies: HashSet<String> = self.policies.iter().map(Policy::key).collect();
+        changes.extend(
+            current
+                .policies
+                .all()
+                .iter()
+                .map(|p| p.key())
+                .filter(|key| !policies.contains(key))
+                .map(Change::RemovePolicy),
+        );
+        changes.extend(
+            self.workloads
+                .into_iter()
+                .filter(|w| current.workload_by_uid(&w.uid) != Some(w))
+                .map(|w| Change::Workload(Arc::new(w))),
+        );
+        changes.extend(
+            self.services
+                .into_iter()
+                .filter(|s| current.service_by_key(&s.key()) != Some(s))
+                .map(|s| Change::Service(Arc::new(s))),
+        );
+        changes.extend(
+            self.policies
+                .into_iter()
+                .filter(|p| current.policies.get(&p.key()) != Some(p))
+                .map(|p| Change::Policy(Arc::new(p))),
+        );
+        changes
+    }
+
+    /// Checks every entry, and that uids, addresses, hostnames and policy keys are unique and
+    /// waypoints name an entry of the file. The error names the entry.
+    fn validate(&self) -> Result<(), (String, FieldError)> {
+        let mut uids = HashSet::new();
+        let mut addresses: HashMap<IpAddr, &str> = HashMap::new();
+        for (index, workload) in self.workloads.iter().enumerate() {
+            let entry = || entry_name("workload", index, &workload.namespace, &workload.name);
+            workload.validate().map_err(|p| (entry(), p))?;
+            if !uids.insert(workload.uid.as_str()) {
+                let problem = format!("field uid {} is used by an earlier workload", workload.uid);
+                return Err((entry(), FieldError::new(problem)));
+            }
+            for ip in &workload.workload_ips {
+                if addresses.insert(*ip, "workload").is_some() {
+                    let problem = format!("field workloadIps: {ip} belongs to an earlier workload");
+                    return Err((entry(), FieldError::new(problem)));
+                }
+            }
+        }
+        let mut hostnames = HashSet::new();
+        for (index, service) in self.services.iter().enumerate() {
+            let entry = || entry_name("service", index, &service.namespace, &service.name);
+            service.validate().map_err(|p| (entry(), p))?;
+            if !hostnames.insert(service.key()) {
+                let problem = format!("hostname {} is used by an earlier service", service.key());
+                return Err((entry(), FieldError::new(problem)));
+            }
+            for vip in &service.vips {
+                if addresses.insert(vip.ip, "service").is_some() {
+                    let problem = format!("field vips: {} is already in use", vip.ip);
+                    return Err((entry(), FieldError::new(problem)));
+                }
+            }
+        }
+        // Waypoints may name any workload or service, so they are checked once all are known.
+        let known = |waypoint: &GatewayAddress| match &waypoint.destination {
+            GatewayDestination::Address(address) => addresses.contains_key(&address.ip),
+            GatewayDestination::Hostname(name) => {
+                hostnames.contains(&format!("{}/{}", name.namespace, name.hostname))
+            }
+        };
+        let waypoints = self
+            .workloads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| {
+                let entry = || entry_name("workload", i, &w.namespace, &w.name);
+                Some((entry(), w.waypoint.as_ref()?))
+            })
+            .chain(self.services.iter().enumerate().filter_map(|(i, s)| {
+                let entry = || entry_name("service", i, &s.namespace, &s.name);
+                Some((entry(), s.waypoint.as_ref()?))
+            }));
+        for (entry, waypoint) in waypoints {
+            if !known(waypoint) {
+                let problem = format!(
+                    "field waypoint: {:?} is neither a workload nor a service of this config",
+                    waypoint.destination
+                );
+                return Err((entry, FieldError::new(problem)));
+            }
+        }
+        let mut keys = HashSet::new();
+        for (index, policy) in self.policies.iter().enumerate() {
+            let entry = || entry_name("policy", index, &policy.namespace, &policy.name);
+            policy.validate().map_err(|p| (entry(), p))?;
+            if !keys.insert(policy.key()) {
+                let problem = format!("{} is used by an earlier policy", policy.key());
+                return Err((entry(), FieldError::new(problem)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How errors name an entry: its kind, position and `namespace/name`.
+fn entry_name(kind: &str, index: usize, namespace: &str, name: &str) -> String {
+    format!("{kind} #{index} ({namespace}/{name})")
+}
