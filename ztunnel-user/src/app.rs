@@ -98,10 +98,8 @@ pub fn run(mut settings: Settings) -> Result<()> {
         let source = |current: &MeshConfig| {
             initial.map_or_else(Vec::new, |file| file.changes_from(current))
         };
-        let mesh = Mesh::new(source, config_file.clone(), &settings.node, |maps| {
-            datapath.sync_mesh(maps)
-        })
-        .context("writing the mesh config to the kernel maps")?;
+        let mesh = Mesh::new(source, config_file.clone(), &settings.node, datapath.as_ref())
+            .context("writing the mesh config to the kernel maps")?;
         let ctx = Arc::new(ProxyContext {
             capture: Capture::new(&settings, datapath.clone()),
             connector: Connector::new(settings.mark, datapath.clone()),

@@ -4,10 +4,10 @@
 //! reloads for as long as a uid or an identity stays in the config.
 
 use super::authz::{DenyReason, PlaintextPlan};
-use super::config::{MeshConfig, Protocol, Workload};
+use super::config::{MeshConfig, Protocol, Touched, Workload};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use ztunnel_common::Addr;
 use ztunnel_common::maps::{
@@ -25,18 +25,13 @@ pub(crate) struct MeshMaps {
     pub(crate) plaintext_rules: BTreeMap<(u32, PlaintextRuleKey), u32>,
 }
 
-impl MeshMaps {
-    /// The same maps with no plaintext rules: the proxy alone enforces the policies.
-    pub(crate) fn without_plaintext_rules(&self) -> MeshMaps {
-        let mut workloads = self.workloads.clone();
-        for entry in workloads.values_mut() {
-            entry.flags &= !WORKLOAD_PLAINTEXT_RULES;
-        }
-        MeshMaps {
-            workloads,
-            plaintext_rules: BTreeMap::new(),
-        }
-    }
+/// Where the kernel view goes: the capture's maps.
+pub(crate) trait KernelMaps {
+    type Error: std::fmt::Display;
+    /// Makes the maps hold exactly `maps`, whatever they held.
+    fn sync(&self, maps: &MeshMaps) -> Result<(), Self::Error>;
+    /// Makes the changes `diff` lists.
+    fn write(&self, diff: &MapsDiff) -> Result<(), Self::Error>;
 }
 
 /// A CIDR in the kernel's 16-byte address space (IPv4 as v4-mapped IPv6): the network address
@@ -65,45 +60,115 @@ pub struct IndexedWorkload {
     pub flags: u32,
 }
 
-/// Hands out small integers for names and takes them back when a name leaves.
+/// What the kernel maps must change: each key's new value, or `None` to delete it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MapsDiff {
+    pub(crate) workloads: BTreeMap<Addr, Option<WorkloadEntry>>,
+    pub(crate) plaintext_rules: BTreeMap<(u32, PlaintextRuleKey), Option<u32>>,
+}
+
+/// Hands out small integers for names, counting the holders of each; a name's integer is
+/// taken back when its last holder leaves, at `release`, not before: within a batch a new
+/// name never gets the integer of one that left, so a key the batch deletes is never one it
+/// writes for someone else.
 #[derive(Default)]
 struct Indices {
-    by_name: HashMap<String, u32>,
+    by_name: HashMap<String, (u32, usize)>,
     free: Vec<u32>,
     next: u32,
 }
 
 impl Indices {
-    fn get(&mut self, name: &str) -> u32 {
-        if let Some(&index) = self.by_name.get(name) {
-            return index;
+    /// The index of `name`, with one more holder.
+    fn hold(&mut self, name: &str) -> u32 {
+        if let Some((index, holders)) = self.by_name.get_mut(name) {
+            *holders += 1;
+            return *index;
         }
         let index = self.free.pop().unwrap_or_else(|| {
             self.next += 1;
             self.next
         });
-        self.by_name.insert(name.to_owned(), index);
+        self.by_name.insert(name.to_owned(), (index, 1));
         index
     }
 
-    /// Frees the indices of names not in `keep`.
-    fn retain(&mut self, keep: &std::collections::HashSet<&str>) {
-        let free = &mut self.free;
-        self.by_name.retain(|name, index| {
-            let kept = keep.contains(name.as_str());
-            if !kept {
-                free.push(*index);
+    /// One holder of `name` fewer; with none left, its index is free again.
+    fn release(&mut self, name: &str) {
+        if let Some((index, holders)) = self.by_name.get_mut(name) {
+            *holders -= 1;
+            if *holders == 0 {
+                self.free.push(*index);
+                self.by_name.remove(name);
             }
-            kept
-        });
+        }
     }
 }
 
-/// Builds the kernel view of successive configs.
+/// One workload as the kernel knows it: its entry under each address, and, on this node, the
+/// plaintext rules `sk_lookup` applies to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct KernelWorkload {
+    indexed: IndexedWorkload,
+    rules: BTreeMap<(u32, PlaintextRuleKey), u32>,
+}
+
+impl KernelWorkload {
+    /// Adds what the kernel holds of it to `maps`.
+    fn write_into(&self, maps: &mut MeshMaps, with_rules: bool) {
+        let (entry, rules) = self.written(with_rules);
+        for ip in &self.indexed.addresses {
+            maps.workloads.insert(Addr::from(*ip), entry);
+        }
+        maps.plaintext_rules
+            .extend(rules.iter().map(|(key, verdict)| (*key, *verdict)));
+    }
+
+    /// What the kernel holds of it: without its rules (and their flag) while the plaintext
+    /// rules are not written.
+    fn written(
+        &self,
+        with_rules: bool,
+    ) -> (WorkloadEntry, &BTreeMap<(u32, PlaintextRuleKey), u32>) {
+        static NONE: BTreeMap<(u32, PlaintextRuleKey), u32> = BTreeMap::new();
+        let mut flags = self.indexed.flags;
+        if !with_rules {
+            flags &= !WORKLOAD_PLAINTEXT_RULES;
+        }
+        let entry = WorkloadEntry {
+            workload: self.indexed.workload_index,
+            identity: self.indexed.identity_index,
+            flags,
+            _pad: 0,
+        };
+        (entry, if with_rules { &self.rules } else { &NONE })
+    }
+}
+
+/// The kernel's view of the model, kept per workload: a batch of changes recomputes the
+/// workloads it touched (and, when policies changed, the plaintext rules of this node's
+/// workloads), and what the kernel maps must change follows from the entries before and
+/// after.
 pub(crate) struct WorkloadMap {
     node: String,
     workloads: Indices,
     identities: Indices,
+    entries: HashMap<String, KernelWorkload>,
+    /// The uids of the workloads on this node: their plaintext rules follow the policies.
+    local: BTreeSet<String>,
+    /// Whether the kernel holds the plaintext rules (a full map can refuse them; the proxy
+    /// then enforces every policy alone).
+    rules_written: bool,
+}
+
+/// A batch's kernel view, not in force until `commit`.
+pub(crate) struct Staged {
+    /// Each recomputed workload's entry (`None`: it left).
+    entries: Vec<(String, Option<KernelWorkload>)>,
+    /// The names whose indices the batch took, to give back if it is dropped.
+    held: Vec<(String, String)>,
+    /// The names whose indices the batch lets go of, once it is in force.
+    released: Vec<(String, String)>,
 }
 
 impl WorkloadMap {
@@ -112,61 +177,199 @@ impl WorkloadMap {
             node: node.to_owned(),
             workloads: Indices::default(),
             identities: Indices::default(),
+            entries: HashMap::new(),
+            local: BTreeSet::new(),
+            rules_written: true,
         }
     }
 
-    /// The maps for `config`, and the indexed workloads the API reports.
-    pub(crate) fn view(&mut self, config: &MeshConfig) -> (MeshMaps, Vec<IndexedWorkload>) {
-        let mut workloads: Vec<&Workload> = config.workloads().collect();
-        workloads.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
-        let uids = workloads.iter().map(|w| w.uid.as_str()).collect();
-        self.workloads.retain(&uids);
-        let identities: Vec<String> = workloads.iter().map(|w| w.identity().to_string()).collect();
-        self.identities
-            .retain(&identities.iter().map(String::as_str).collect());
-        let mut maps = MeshMaps::default();
-        let mut indexed = Vec::with_capacity(workloads.len());
-        for (workload, identity) in workloads.into_iter().zip(identities) {
-            let workload_index = self.workloads.get(&workload.uid);
-            let mut flags = 0;
-            if workload.protocol == Protocol::Hbone {
-                flags |= WORKLOAD_IN_MESH;
+    /// The kernel view of the workloads `touched` names (and of every workload on this node
+    /// when policies changed), as `config` has them.
+    pub(crate) fn stage(&mut self, config: &MeshConfig, touched: &Touched) -> Staged {
+        let mut uids: BTreeSet<String> = touched.workloads.iter().cloned().collect();
+        if touched.policies > 0 {
+            uids.extend(self.local.iter().cloned());
+        }
+        let mut staged = Staged {
+            entries: Vec::with_capacity(uids.len()),
+            held: Vec::new(),
+            released: Vec::new(),
+        };
+        for uid in uids {
+            if let Some(old) = self.entries.get(&uid) {
+                staged
+                    .released
+                    .push((uid.clone(), old.indexed.identity.clone()));
             }
-            if workload.waypoint.is_some() {
-                flags |= WORKLOAD_HAS_WAYPOINT;
+            let entry = config.workload_by_uid(&uid).map(|workload| {
+                let identity = workload.identity().to_string();
+                let workload_index = self.workloads.hold(&uid);
+                let identity_index = self.identities.hold(&identity);
+                staged.held.push((uid.clone(), identity.clone()));
+                self.compute(config, workload, workload_index, identity, identity_index)
+            });
+            staged.entries.push((uid, entry));
+        }
+        staged
+    }
+
+    fn compute(
+        &self,
+        config: &MeshConfig,
+        workload: &Workload,
+        workload_index: u32,
+        identity: String,
+        identity_index: u32,
+    ) -> KernelWorkload {
+        let mut flags = 0;
+        if workload.protocol == Protocol::Hbone {
+            flags |= WORKLOAD_IN_MESH;
+        }
+        if workload.waypoint.is_some() {
+            flags |= WORKLOAD_HAS_WAYPOINT;
+        }
+        let mut rules = BTreeMap::new();
+        if !self.node.is_empty() && workload.node == self.node {
+            flags |= WORKLOAD_ON_THIS_NODE;
+            let target = config.authz_target(workload.workload_ips[0], &workload.namespace);
+            let plan = config.policies.plaintext_plan(&target);
+            if let Some(planned) = plan
+                .as_ref()
+                .and_then(|p| plaintext_rules(p, workload_index))
+            {
+                flags |= WORKLOAD_PLAINTEXT_RULES;
+                rules = planned;
             }
-            if !self.node.is_empty() && workload.node == self.node {
-                flags |= WORKLOAD_ON_THIS_NODE;
-                let target = config.authz_target(workload.workload_ips[0], &workload.namespace);
-                let plan = config.policies.plaintext_plan(&target);
-                if let Some(rules) = plan
-                    .as_ref()
-                    .and_then(|p| plaintext_rules(p, workload_index))
-                {
-                    flags |= WORKLOAD_PLAINTEXT_RULES;
-                    maps.plaintext_rules.extend(rules);
-                }
-            }
-            let entry = WorkloadEntry {
-                workload: workload_index,
-                identity: self.identities.get(&identity),
-                flags,
-                _pad: 0,
-            };
-            for ip in &workload.workload_ips {
-                maps.workloads.insert(Addr::from(*ip), entry);
-            }
-            indexed.push(IndexedWorkload {
+        }
+        KernelWorkload {
+            indexed: IndexedWorkload {
                 uid: workload.uid.clone(),
                 workload_index,
                 identity,
-                identity_index: entry.identity,
+                identity_index,
                 addresses: workload.workload_ips.clone(),
                 flags,
-            });
+            },
+            rules,
         }
-        (maps, indexed)
     }
+
+    /// What the kernel maps must change for `staged`, as they are written now. Only the
+    /// batch's own workloads can hold its keys: the model gives no address to two workloads,
+    /// and a rule's key holds its workload's index.
+    pub(crate) fn diff(&self, staged: &Staged) -> MapsDiff {
+        let mut before = MeshMaps::default();
+        let mut after = MeshMaps::default();
+        let olds = staged
+            .entries
+            .iter()
+            .filter_map(|(uid, _)| self.entries.get(uid));
+        let news = staged.entries.iter().filter_map(|(_, new)| new.as_ref());
+        for (workloads, maps) in [
+            (olds.collect::<Vec<_>>(), &mut before),
+            (news.collect(), &mut after),
+        ] {
+            for workload in workloads {
+                workload.write_into(maps, self.rules_written);
+            }
+        }
+        MapsDiff {
+            workloads: changes(&before.workloads, &after.workloads),
+            plaintext_rules: changes(&before.plaintext_rules, &after.plaintext_rules),
+        }
+    }
+
+    /// Puts `staged` in force: the kernel holds it now (with the plaintext rules, or not).
+    pub(crate) fn commit(&mut self, staged: Staged, rules_written: bool) {
+        for (uid, entry) in staged.entries {
+            match entry {
+                Some(entry) => {
+                    if entry.indexed.flags & WORKLOAD_ON_THIS_NODE != 0 {
+                        self.local.insert(uid.clone());
+                    } else {
+                        self.local.remove(&uid);
+                    }
+                    self.entries.insert(uid, entry);
+                }
+                None => {
+                    self.local.remove(&uid);
+                    self.entries.remove(&uid);
+                }
+            }
+        }
+        for (uid, identity) in staged.released {
+            self.workloads.release(&uid);
+            self.identities.release(&identity);
+        }
+        self.rules_written = rules_written;
+    }
+
+    /// Drops `staged`: the indices it took are given back.
+    pub(crate) fn discard(&mut self, staged: Staged) {
+        for (uid, identity) in staged.held {
+            self.workloads.release(&uid);
+            self.identities.release(&identity);
+        }
+    }
+
+    /// Whether the kernel holds the plaintext rules.
+    pub(crate) fn rules_written(&self) -> bool {
+        self.rules_written
+    }
+
+    /// Everything the kernel maps hold with `staged` in force (with the plaintext rules or
+    /// not): what a full write reconciles them with.
+    pub(crate) fn full(&self, staged: Option<&Staged>, with_rules: bool) -> MeshMaps {
+        let replaced: HashMap<&str, Option<&KernelWorkload>> = staged
+            .map(|s| {
+                s.entries
+                    .iter()
+                    .map(|(uid, entry)| (uid.as_str(), entry.as_ref()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let kept = self
+            .entries
+            .iter()
+            .filter(|(uid, _)| !replaced.contains_key(uid.as_str()))
+            .map(|(_, entry)| entry);
+        let mut maps = MeshMaps::default();
+        for workload in kept.chain(replaced.values().flatten().copied()) {
+            workload.write_into(&mut maps, with_rules);
+        }
+        maps
+    }
+
+    /// Every workload with its indices, by uid, as the kernel knows them.
+    pub(crate) fn indexed(&self) -> Vec<IndexedWorkload> {
+        let mut indexed: Vec<IndexedWorkload> = self
+            .entries
+            .values()
+            .map(|e| IndexedWorkload {
+                flags: e.written(self.rules_written).0.flags,
+                ..e.indexed.clone()
+            })
+            .collect();
+        indexed.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
+        indexed
+    }
+}
+
+/// Each key whose value differs between `before` and `after`, with its value after (`None`:
+/// it goes).
+fn changes<K: Ord + Copy, V: PartialEq + Copy>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+) -> BTreeMap<K, Option<V>> {
+    let gone = before
+        .keys()
+        .filter(|key| !after.contains_key(key))
+        .map(|key| (*key, None));
+    let written = after
+        .iter()
+        .filter(|(key, value)| before.get(key) != Some(value))
+        .map(|(key, value)| (*key, Some(*value)));
+    gone.chain(written).collect()
 }
 
 /// The LPM entries of a plan, or None when it denies nothing (the kernel then need not look).

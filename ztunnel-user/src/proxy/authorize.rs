@@ -40,7 +40,7 @@ impl ProxyContext {
         source: impl FnOnce(&MeshConfig) -> Vec<Change>,
     ) -> Result<Applied, ApplyError> {
         let datapath = self.capture.datapath();
-        let applied = self.mesh.apply(source, |maps| datapath.sync_mesh(maps))?;
+        let applied = self.mesh.apply(source, datapath.as_ref())?;
         // Services only route new connections; workloads and policies decide on open ones.
         let touched = &applied.touched;
         if touched.policies > 0 || !touched.workloads.is_empty() {

@@ -4,7 +4,7 @@
 //! counters.
 
 use super::{Datapath, DatapathError, lock, take_map};
-use crate::mesh::kernel::{MeshMaps, mapped_prefix};
+use crate::mesh::kernel::{KernelMaps, MapsDiff, MeshMaps, mapped_prefix};
 use crate::settings::Settings;
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
@@ -112,47 +112,6 @@ impl Datapath {
 
     pub(crate) fn remove_pod(&self, netns_cookie: u64) -> Result<(), DatapathError> {
         ignore_missing(lock(&self.pods).remove(&netns_cookie), names::PODS)
-    }
-
-    /// Makes the workload and plaintext-rule maps hold exactly `wanted`, as a diff against
-    /// what they hold: new and changed entries first, stale ones last, so a lookup during the
-    /// update sees the old or the new entry of a key, never none.
-    pub(crate) fn sync_mesh(&self, wanted: &MeshMaps) -> Result<(), DatapathError> {
-        let map_error = |name| move |source| DatapathError::Map { name, source };
-        let mut rules = lock(&self.plaintext_rules);
-        let present_rules: Vec<(u32, PlaintextRuleKey)> = rules
-            .keys()
-            .filter_map(Result::ok)
-            .map(|key| (key.prefix_len(), key.data()))
-            .collect();
-        for (&(prefix, key), &verdict) in &wanted.plaintext_rules {
-            rules
-                .insert(&LpmKey::new(prefix, key), verdict, 0)
-                .map_err(map_error(names::PLAINTEXT_RULES))?;
-        }
-        let mut workloads = lock(&self.workloads);
-        let present_workloads: Vec<Addr> = workloads.keys().filter_map(Result::ok).collect();
-        for (addr, entry) in &wanted.workloads {
-            if workloads.get(addr, 0).ok().as_ref() != Some(entry) {
-                workloads
-                    .insert(addr, entry, 0)
-                    .map_err(map_error(names::WORKLOADS))?;
-            }
-        }
-        for addr in present_workloads {
-            if !wanted.workloads.contains_key(&addr) {
-                ignore_missing(workloads.remove(&addr), names::WORKLOADS)?;
-            }
-        }
-        for (prefix, key) in present_rules {
-            if !wanted.plaintext_rules.contains_key(&(prefix, key)) {
-                ignore_missing(
-                    rules.remove(&LpmKey::new(prefix, key)),
-                    names::PLAINTEXT_RULES,
-                )?;
-            }
-        }
-        Ok(())
     }
 
     /// The netns cookies `ZT_PODS` holds.
@@ -274,6 +233,89 @@ fn excluded_port_bits(outbound: &[u16], inbound: &[u16]) -> BTreeMap<u16, u8> {
         *bits.entry(port).or_insert(0) |= EXCLUDE_INBOUND;
     }
     bits
+}
+
+/// The mesh's view goes into `ZT_WORKLOADS` and `ZT_PLAINTEXT_RULES`: new and changed entries
+/// first, stale ones last, so a lookup during an update sees the old or the new entry of a
+/// key, never none.
+impl KernelMaps for Datapath {
+    type Error = DatapathError;
+
+    /// A diff against what the maps hold.
+    fn sync(&self, wanted: &MeshMaps) -> Result<(), DatapathError> {
+        let mut rules = lock(&self.plaintext_rules);
+        let present_rules: Vec<(u32, PlaintextRuleKey)> = rules
+            .keys()
+            .filter_map(Result::ok)
+            .map(|key| (key.prefix_len(), key.data()))
+            .collect();
+        for (&(prefix, key), &verdict) in &wanted.plaintext_rules {
+            rules
+                .insert(&LpmKey::new(prefix, key), verdict, 0)
+                .map_err(map_error(names::PLAINTEXT_RULES))?;
+        }
+        let mut workloads = lock(&self.workloads);
+        let present_workloads: Vec<Addr> = workloads.keys().filter_map(Result::ok).collect();
+        for (addr, entry) in &wanted.workloads {
+            if workloads.get(addr, 0).ok().as_ref() != Some(entry) {
+                workloads
+                    .insert(addr, entry, 0)
+                    .map_err(map_error(names::WORKLOADS))?;
+            }
+        }
+        for addr in present_workloads {
+            if !wanted.workloads.contains_key(&addr) {
+                ignore_missing(workloads.remove(&addr), names::WORKLOADS)?;
+            }
+        }
+        for (prefix, key) in present_rules {
+            if !wanted.plaintext_rules.contains_key(&(prefix, key)) {
+                ignore_missing(
+                    rules.remove(&LpmKey::new(prefix, key)),
+                    names::PLAINTEXT_RULES,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Only the keys `diff` names: nothing is read back.
+    fn write(&self, diff: &MapsDiff) -> Result<(), DatapathError> {
+        let mut rules = lock(&self.plaintext_rules);
+        let mut workloads = lock(&self.workloads);
+        for (&(prefix, key), verdict) in &diff.plaintext_rules {
+            if let Some(verdict) = verdict {
+                rules
+                    .insert(&LpmKey::new(prefix, key), verdict, 0)
+                    .map_err(map_error(names::PLAINTEXT_RULES))?;
+            }
+        }
+        for (addr, entry) in &diff.workloads {
+            if let Some(entry) = entry {
+                workloads
+                    .insert(addr, entry, 0)
+                    .map_err(map_error(names::WORKLOADS))?;
+            }
+        }
+        for (addr, entry) in &diff.workloads {
+            if entry.is_none() {
+                ignore_missing(workloads.remove(addr), names::WORKLOADS)?;
+            }
+        }
+        for (&(prefix, key), verdict) in &diff.plaintext_rules {
+            if verdict.is_none() {
+                ignore_missing(
+                    rules.remove(&LpmKey::new(prefix, key)),
+                    names::PLAINTEXT_RULES,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
 }
 
 #[cfg(test)]
