@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! app, cli, cni -> ops -> pods -> proxy -> {capture, hbone, delivery, telemetry}
-//!     -> api -> mesh -> {identity, relay, host, settings}
+//!     -> api -> mesh -> {identity, relay, host, settings, xds}
 //! ```
 #![warn(unreachable_pub)]
 
@@ -29,3 +29,4 @@ mod proxy;
 mod relay;
 pub mod settings;
 mod telemetry;
+pub mod xds;
