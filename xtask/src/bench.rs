@@ -17,6 +17,7 @@ mod memory;
 mod path;
 mod report;
 mod results;
+mod scale;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
@@ -64,6 +65,10 @@ enum Suite {
     /// ztunnel-user/benches: policy evaluation, mesh config lookups, HBONE requests); reports
     /// land in target/criterion.
     Micro,
+    /// What the size of the mesh costs a node: applying a full mesh config and a single
+    /// change at growing sizes, the daemon's RSS and idle CPU (report in
+    /// target/bench/scale-<UTC time>/).
+    Scale(scale::ScaleArgs),
 }
 
 impl BenchArgs {
@@ -89,8 +94,10 @@ impl BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
-    if let Some(Suite::Micro) = args.suite {
-        return micro();
+    match &args.suite {
+        Some(Suite::Micro) => return micro(),
+        Some(Suite::Scale(scale)) => return scale::run(scale),
+        None => {}
     }
     let settings = args.settings()?;
     crate::setup::run()?;

@@ -33,7 +33,7 @@ use crate::telemetry::connections::ConnectionLog;
 use crate::telemetry::metrics::TrafficMetrics;
 use anyhow::{Context, Result};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 
 /// What readiness waits for until the pods of the previous run are served again.
@@ -59,7 +59,9 @@ pub fn run(mut settings: Settings) -> Result<()> {
         .clone()
         .map(|path| Arc::new(ConfigFile::new(path)));
     // A missing or bad file leaves the daemon up but not ready until it is fixed.
+    let reading = Instant::now();
     let initial = config_file.as_ref().and_then(|file| file.poll());
+    let read = reading.elapsed();
     let ca = match (&settings.ca_cert, &settings.ca_key) {
         (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
         _ => CertificateAuthority::load_or_create(&settings.ca_dir, &settings.trust_domain)?,
@@ -98,8 +100,13 @@ pub fn run(mut settings: Settings) -> Result<()> {
         let source = |current: &MeshConfig| {
             initial.map_or_else(Vec::new, |file| file.changes_from(current))
         };
+        let applying = Instant::now();
         let mesh = Mesh::new(source, config_file.clone(), &settings.node, datapath.as_ref())
             .context("writing the mesh config to the kernel maps")?;
+        let took = reload::Took {
+            read,
+            apply: applying.elapsed(),
+        };
         let ctx = Arc::new(ProxyContext {
             capture: Capture::new(&settings, datapath.clone()),
             connector: Connector::new(settings.mark, datapath.clone()),
@@ -118,7 +125,7 @@ pub fn run(mut settings: Settings) -> Result<()> {
         if let Some(file) = &config_file {
             let waiting = format!("the mesh config {}", file.path().display());
             match applied {
-                Some(hash) => file.applied(hash, &summary),
+                Some(hash) => file.applied(hash, &summary, took),
                 None => readiness.pending(&waiting),
             }
             let (reloading, ready) = (ctx.clone(), readiness.clone());

@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often the file is read.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -24,6 +24,14 @@ pub struct ConfigStatus {
     pub generation: u64,
     /// Why the newest content of the file was refused, while the file still has it.
     pub rejected: Option<String>,
+}
+
+/// What a version of the file took: reading, parsing and validating it; then making its changes
+/// to the model and the kernel's maps.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Took {
+    pub(crate) read: Duration,
+    pub(crate) apply: Duration,
 }
 
 /// Tracks the file's content and the status the API reports.
@@ -68,12 +76,20 @@ impl ConfigFile {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
+            let reading = Instant::now();
             let Some((hash, file)) = self.poll() else {
                 continue;
             };
             let summary = file.summary();
+            let applying = Instant::now();
             match apply(file) {
-                Ok(()) => self.applied(hash, &summary),
+                Ok(()) => {
+                    let took = Took {
+                        read: applying - reading,
+                        apply: applying.elapsed(),
+                    };
+                    self.applied(hash, &summary, took);
+                }
                 Err(problem) => self.refuse(false, problem.to_string()),
             }
         }
@@ -107,13 +123,14 @@ impl ConfigFile {
         }
     }
 
-    /// Records that the content with `hash` is in force.
-    pub(crate) fn applied(&self, hash: u64, summary: &str) {
+    /// Records that the content with `hash` is in force, and what it took.
+    pub(crate) fn applied(&self, hash: u64, summary: &str, took: Took) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
         status.version = version_text(hash);
         status.generation += 1;
         status.rejected = None;
-        tracing::info!(path = %self.path.display(), version = %status.version, "mesh config applied: {summary}");
+        tracing::info!(path = %self.path.display(), version = %status.version,
+            read_us = took.read.as_micros(), apply_us = took.apply.as_micros(), "mesh config applied: {summary}");
     }
 
     /// Reports `problem`; `refused_for_good`: the content itself is bad, and is not read

@@ -1,0 +1,369 @@
+//! `cargo xtask bench scale`: what the size of the mesh costs a node. The lab's mesh config
+//! grows by synthetic workloads, services and policies (none on the lab's nodes, so nothing
+//! else changes), then one workload changes again and again; each step is timed from the
+//! file's replacement until node1's daemon logs it applied, and the daemon's RSS and idle CPU
+//! are read from /proc. With `--baseline DIR` another build runs the same steps beside this
+//! one, for the figures before and after a change.
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use procfs::process::Process;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use ztunnel_lab::mesh::{MeshChanges, mesh_config_with, write_mesh_config_text};
+use ztunnel_lab::topology::{self, node_spec};
+use ztunnel_lab::{DaemonOptions, daemon_pid};
+
+#[derive(Args)]
+pub struct ScaleArgs {
+    /// Mesh sizes in workloads, with a fifth as many services and a tenth as many policies.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,50000")]
+    sizes: Vec<u32>,
+    /// Single-workload changes timed at each size.
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// Also run another build's daemon (DIR holds its release `ztunnel` and `ztunnel-cni`).
+    #[arg(long, value_name = "DIR")]
+    baseline: Option<PathBuf>,
+}
+
+/// How long a daemon may take to apply one version of the file.
+const APPLY_LIMIT: Duration = Duration::from_secs(180);
+/// The window idle CPU is counted over.
+const IDLE_WINDOW: Duration = Duration::from_secs(10);
+/// Time for the daemon's memory to settle after an apply (freed pages go back in about a
+/// second).
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// One build's figures at one size.
+struct Figures {
+    build: String,
+    workloads: u32,
+    /// From the file's replacement until the daemon logged it applied (includes up to one
+    /// poll interval of the file).
+    full_seen: Duration,
+    /// The daemon's own account (this build logs it): reading and parsing, then applying.
+    full_daemon: Option<(Duration, Duration)>,
+    change_seen: Vec<Duration>,
+    change_apply: Vec<Duration>,
+    idle_rss_kib: u64,
+    rss_kib: u64,
+    peak_rss_kib: u64,
+    idle_ticks: u64,
+}
+
+pub fn run(args: &ScaleArgs) -> Result<()> {
+    ensure!(
+        !args.sizes.is_empty() && args.sizes.iter().all(|n| (10..=200_000).contains(n)),
+        "--sizes: each between 10 and 200000 workloads"
+    );
+    ensure!(args.changes >= 1, "--changes must be at least 1");
+    crate::setup::run()?;
+    crate::lab::build_binaries(false, true)?;
+    let this = topology::workspace_root().join("target/release");
+    let mut builds = vec![("this build".to_owned(), this)];
+    if let Some(dir) = &args.baseline {
+        let dir = std::fs::canonicalize(dir)
+            .with_context(|| format!("--baseline {}: no such directory", dir.display()))?;
+        builds.push((format!("baseline ({})", dir.display()), dir));
+    }
+    let _lock = ztunnel_lab::LabLock::acquire("bench scale")?;
+    let mut all = Vec::new();
+    for &size in &args.sizes {
+        for (build, dir) in &builds {
+            println!("bench scale: {build}, {size} workloads...");
+            let figures = measure(build, dir, size, args.changes);
+            ztunnel_lab::down()?;
+            all.push(figures?);
+        }
+    }
+    let report = report(&all, args.changes);
+    println!("\n{report}");
+    let out = topology::workspace_root()
+        .join("target/bench")
+        .join(format!(
+            "scale-{}",
+            super::utc_timestamp(std::time::SystemTime::now())
+        ));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    super::write(&out.join("report.md"), &report)?;
+    println!("bench scale: report written to {}", out.display());
+    Ok(())
+}
+
+fn measure(build: &str, bin_dir: &std::path::Path, size: u32, changes: usize) -> Result<Figures> {
+    let options = DaemonOptions {
+        bin_dir: Some(bin_dir.to_owned()),
+        ..DaemonOptions::default()
+    };
+    ztunnel_lab::up_with(&options)?;
+    let pid = daemon_pid("node1").context("node1's daemon is not running")?;
+    std::thread::sleep(SETTLE);
+    let idle_rss_kib = rss_kib(pid)?.0;
+
+    let mut mesh = Synthetic::new(size);
+    let (full_seen, full_daemon) = apply(&mesh.text())?;
+    std::thread::sleep(SETTLE);
+    let (rss_kib, peak_rss_kib) = rss_kib(pid)?;
+    let idle_ticks = ticks_over(pid, IDLE_WINDOW)?;
+
+    let mut change_seen = Vec::with_capacity(changes);
+    let mut change_apply = Vec::with_capacity(changes);
+    for round in 0..changes {
+        mesh.moved = round % 2 == 0;
+        let (seen, daemon) = apply(&mesh.text())?;
+        change_seen.push(seen);
+        change_apply.extend(daemon.map(|(_, apply)| apply));
+    }
+    Ok(Figures {
+        build: build.to_owned(),
+        workloads: size,
+        full_seen,
+        full_daemon,
+        change_seen,
+        change_apply,
+        idle_rss_kib,
+        rss_kib,
+        peak_rss_kib,
+        idle_ticks,
+    })
+}
+
+/// The lab's mesh config with `workloads` synthetic workloads in 100 namespaces (on 1,000
+/// nodes that are not the lab's), a fifth as many services (each workload an endpoint of one)
+/// and a tenth as many policies; `moved`: the first workload at another address.
+struct Synthetic {
+    workloads: u32,
+    moved: bool,
+}
+
+impl Synthetic {
+    fn new(workloads: u32) -> Synthetic {
+        Synthetic {
+            workloads,
+            moved: false,
+        }
+    }
+
+    fn text(&self) -> String {
+        let services = (self.workloads / 5).max(1);
+        let policies = (self.workloads / 10).max(1);
+        let address = |first: u32, index: u32| {
+            format!(
+                "10.{}.{}.{}",
+                first + (index >> 16),
+                (index >> 8) & 255,
+                index & 255
+            )
+        };
+        let mut extra = String::new();
+        for i in 0..self.workloads {
+            let service = i % services;
+            let ip = if i == 0 && self.moved {
+                address(150, 0)
+            } else {
+                address(100, i)
+            };
+            let _ = writeln!(
+                extra,
+                "- {{uid: scale-{i}, name: scale-{i}, namespace: scale-{ns}, serviceAccount: sa-{sa}, \
+                 workloadIps: [{ip}], protocol: HBONE, node: node-{node}, \
+                 services: {{scale-{sns}/svc-{service}.scale-{sns}.svc: {{80: 8080}}}}}}",
+                ns = i % 100,
+                sa = i % 500,
+                node = i % 1000,
+                sns = service % 100,
+            );
+        }
+        let mut sections = String::from("services:\n");
+        for j in 0..services {
+            let _ = writeln!(
+                sections,
+                "- {{name: svc-{j}, namespace: scale-{ns}, hostname: svc-{j}.scale-{ns}.svc, \
+                 vips: [/{vip}], ports: {{80: 8080}}}}",
+                ns = j % 100,
+                vip = address(200, j),
+            );
+        }
+        sections.push_str("policies:\n");
+        for k in 0..policies {
+            let action = if k % 2 == 0 { "Allow" } else { "Deny" };
+            let _ = writeln!(
+                sections,
+                "- {{name: p-{k}, namespace: scale-{ns}, scope: Namespace, action: {action}, \
+                 rules: [[[{{principals: [{{Exact: cluster.local/ns/scale-{ns}/sa/sa-{sa}}}], \
+                 destinationPorts: [8080]}}]]]}}",
+                ns = k % 100,
+                sa = k % 500,
+            );
+        }
+        mesh_config_with(&MeshChanges {
+            extra_workloads: &extra,
+            sections: &sections,
+            ..MeshChanges::default()
+        })
+    }
+}
+
+/// Writes `text` as the lab's mesh config and waits for node1's daemon to log it applied:
+/// the time that took, and the daemon's own read and apply times if it logs them.
+fn apply(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
+    let log_path = node_spec("node1")?.log_path();
+    let applied_lines = || -> Result<Vec<String>> {
+        let log = std::fs::read_to_string(&log_path)
+            .with_context(|| format!("reading {}", log_path.display()))?;
+        Ok(log
+            .lines()
+            .filter(|line| line.contains("mesh config applied"))
+            .map(str::to_owned)
+            .collect())
+    };
+    let before = applied_lines()?.len();
+    let written = Instant::now();
+    write_mesh_config_text(text)?;
+    loop {
+        let lines = applied_lines()?;
+        if lines.len() > before {
+            let seen = written.elapsed();
+            let line = lines.last().expect("a line");
+            let field = |name: &str| -> Option<Duration> {
+                let start = line.find(&format!("{name}="))? + name.len() + 1;
+                let digits: String = line[start..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                Some(Duration::from_micros(digits.parse().ok()?))
+            };
+            return Ok((seen, field("read_us").zip(field("apply_us"))));
+        }
+        if written.elapsed() > APPLY_LIMIT {
+            bail!(
+                "node1's daemon did not apply the mesh config within {APPLY_LIMIT:?} (see {})",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The RSS and its peak, in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = Process::new(pid as i32)
+        .and_then(|p| p.status())
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    Ok((
+        status.vmrss.context("no VmRSS")?,
+        status.vmhwm.context("no VmHWM")?,
+    ))
+}
+
+/// The CPU ticks (user and system) `pid` spends over `window`.
+fn ticks_over(pid: u32, window: Duration) -> Result<u64> {
+    let ticks = || -> Result<u64> {
+        let stat = Process::new(pid as i32)
+            .and_then(|p| p.stat())
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        Ok(stat.utime + stat.stime)
+    };
+    let before = ticks()?;
+    std::thread::sleep(window);
+    Ok(ticks()? - before)
+}
+
+fn report(all: &[Figures], changes: usize) -> String {
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    let mut out = format!(
+        "# Mesh size on node1's daemon\n\nEach size: the lab's 5 workloads plus N synthetic \
+         workloads (100 namespaces, on other nodes), N/5 services, N/10 policies; then {changes} \
+         changes of one workload's address. \"Seen\" runs from the file's replacement to the \
+         daemon's log line (it includes up to one 500 ms poll of the file); \"daemon\" is what \
+         the daemon logs it took (read and parse + apply to the model and the kernel maps).\n\n\
+         | build | workloads | full: seen (ms) | full: daemon read + apply (ms) | one change: \
+         seen, median (ms) | one change: apply median / p99 (ms) | RSS idle lab (MiB) | RSS (MiB) \
+         | per workload above idle (B) | peak RSS (MiB) | idle CPU ticks in {} s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        IDLE_WINDOW.as_secs()
+    );
+    for f in all {
+        let daemon = f.full_daemon.map_or("-".to_owned(), |(read, apply)| {
+            format!("{} + {}", ms(read), ms(apply))
+        });
+        let apply = if f.change_apply.is_empty() {
+            "-".to_owned()
+        } else {
+            format!(
+                "{} / {}",
+                ms(quantile(&f.change_apply, 0.5)),
+                ms(quantile(&f.change_apply, 0.99))
+            )
+        };
+        let per_workload =
+            (f.rss_kib.saturating_sub(f.idle_rss_kib) * 1024) / u64::from(f.workloads);
+        let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {daemon} | {} | {apply} | {} | {} | {per_workload} | {} | {} |",
+            f.build,
+            f.workloads,
+            ms(f.full_seen),
+            ms(quantile(&f.change_seen, 0.5)),
+            mib(f.idle_rss_kib),
+            mib(f.rss_kib),
+            mib(f.peak_rss_kib),
+            f.idle_ticks,
+        );
+    }
+    out
+}
+
+/// The `q` quantile (nearest rank) of `values`.
+fn quantile(values: &[Duration], q: f64) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort_unstable();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let values: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(quantile(&values, 0.5), Duration::from_millis(50));
+        assert_eq!(quantile(&values, 0.99), Duration::from_millis(99));
+        assert_eq!(
+            quantile(&[Duration::from_millis(7)], 0.99),
+            Duration::from_millis(7)
+        );
+    }
+
+    /// The synthetic mesh is a valid config of the size asked, and a move changes one
+    /// workload's address only.
+    #[test]
+    fn the_synthetic_mesh_is_valid_and_a_move_changes_one_address() {
+        let mut mesh = Synthetic::new(1000);
+        let path = std::path::Path::new("scale.yaml");
+        let config = ztunnel_user::mesh::config::MeshConfig::parse(path, &mesh.text())
+            .expect("a valid config");
+        assert_eq!(config.workload_count(), 1000 + topology::PODS.len());
+        assert_eq!(config.service_count(), 200);
+        assert_eq!(config.policies.all().len(), 100);
+        mesh.moved = true;
+        let moved = ztunnel_user::mesh::config::MeshConfig::parse(path, &mesh.text()).unwrap();
+        let first = |config: &ztunnel_user::mesh::config::MeshConfig| {
+            config
+                .workload_by_uid("scale-0")
+                .unwrap()
+                .workload_ips
+                .clone()
+        };
+        assert_ne!(first(&config), first(&moved));
+        assert_eq!(
+            config.workload_by_uid("scale-999"),
+            moved.workload_by_uid("scale-999")
+        );
+    }
+}
