@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! app, cli, cni -> ops -> pods -> proxy -> {capture, hbone, delivery, telemetry}
-//!     -> api -> mesh -> {identity, relay, host, settings, xds}
+//!     -> {api, xds} -> mesh -> {identity, relay, host, settings}
 //! ```
 #![warn(unreachable_pub)]
 

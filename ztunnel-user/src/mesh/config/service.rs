@@ -41,7 +41,7 @@ impl Service {
     }
 
     /// Checks the fields serde cannot; the problem names the field.
-    pub(super) fn validate(&self) -> Result<(), FieldError> {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
         for (field, value) in [
             ("name", &self.name),
             ("namespace", &self.namespace),

@@ -91,7 +91,7 @@ impl Workload {
     }
 
     /// Checks the fields serde cannot; the problem names the field.
-    pub(super) fn validate(&self) -> Result<(), FieldError> {
+    pub(crate) fn validate(&self) -> Result<(), FieldError> {
         for (field, value) in [
             ("uid", &self.uid),
             ("name", &self.name),

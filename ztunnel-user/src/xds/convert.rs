@@ -1,0 +1,388 @@
+//! Delta-xDS resources into changes of the mesh model: an `istio.workload.Address` (a workload
+//! or a service) becomes `Change::Workload` or `Change::Service`, an
+//! `istio.security.Authorization` becomes `Change::Policy`, and removed names become removals.
+//! A resource that cannot be taken gives a `ResourceError` naming it, so the client can apply
+//! the good resources of a response and NACK the others by name.
+//!
+//! The conversion is Istio's ztunnel's (`src/state/workload.rs`, `src/state/service.rs`,
+//! `src/rbac.rs`), into the model of the local config:
+//! - `Workload`: uid, name, namespace, addresses, hostname, network, tunnel_protocol (a
+//!   sidecar's LEGACY_ISTIO_MTLS: TCP), trust_domain and service_account (empty: the
+//!   defaults), waypoint, node, canonical_name, canonical_revision, workload_type (lower case,
+//!   as Istio shows it), workload_name, services (service and target ports),
+//!   authorization_policies, status, cluster_id;
+//! - `Service`: name, namespace, hostname, addresses, ports (service and target),
+//!   subject_alt_names, waypoint;
+//! - `GatewayAddress`: the address or the hostname, hbone_mtls_port (unset: 15008, as in the
+//!   local config);
+//! - `Authorization`: every field.
+//!
+//! Not read yet, and never a reason to refuse: `Workload`'s network_gateway, native_tunnel,
+//! application_tunnel, locality, network_mode, extensions and capacity; `Service`'s
+//! load_balancing, ip_families, extensions and canonical; `Port`'s app_protocol.
+//!
+//! Like Istio's ztunnel, an entry is keyed by its own uid or `namespace/hostname`, whatever the
+//! resource's name: the name only names the resource in errors. An address that is not 4 or
+//! 16 bytes and an unknown value of an enum read refuse the resource. Where Istio's ztunnel
+//! drops or truncates a value (a policy's bad address or prefix length, a port above 65535, a
+//! string match of no kind, an unknown workload_type), it is refused here: a dropped matcher
+//! would widen a policy. Last, the model's own `validate()` must pass.
+
+use super::proto::istio;
+use crate::mesh::FieldError;
+use crate::mesh::authz::{Action, Match, Policy, Scope, ServiceAccountMatch, StringMatch};
+use crate::mesh::config::{
+    Change, DEFAULT_SERVICE_ACCOUNT, GatewayAddress, GatewayDestination, HealthStatus, MeshConfig,
+    NamespacedHostname, NetworkAddress, Protocol, Service, Workload,
+};
+use crate::settings::DEFAULT_TRUST_DOMAIN;
+use ipnet::IpNet;
+use istio::security::string_match::MatchType;
+use istio::workload::{TunnelProtocol, WorkloadStatus, WorkloadType, address, gateway_address};
+use prost::{Message, Name};
+use prost_types::Any;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+/// A resource of a response that cannot be taken: its name and what is wrong, as a NACK
+/// lists it (`<name>: <reason>`).
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {problem}")]
+pub struct ResourceError {
+    name: String,
+    problem: Problem,
+}
+
+/// What is wrong with a resource.
+#[derive(Debug, thiserror::Error)]
+enum Problem {
+    #[error("type {found:?} where {expected:?} was expected")]
+    WrongType { found: String, expected: String },
+    #[error("cannot decode: {0}")]
+    Undecodable(#[from] prost::DecodeError),
+    #[error("{field}: an address of {len} bytes (an IP is 4 or 16)")]
+    AddressLength { field: String, len: usize },
+    #[error("{field}: unknown value {value}")]
+    UnknownEnum { field: &'static str, value: i32 },
+    /// A value the model cannot take, with the field it is in.
+    #[error("{0}")]
+    Unusable(String),
+    /// The model's own check of the converted entry.
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+}
+
+/// The `istio.workload.Address` `name`: its workload or service, added or replaced.
+pub fn address_change(name: &str, resource: &Any) -> Result<Change, ResourceError> {
+    let convert = || match decode::<istio::workload::Address>(resource)?.r#type {
+        Some(address::Type::Workload(w)) => Ok(Change::Workload(Arc::new(workload(w)?))),
+        Some(address::Type::Service(s)) => Ok(Change::Service(Arc::new(service(s)?))),
+        None => Err(Problem::Unusable(
+            "neither a workload nor a service".to_owned(),
+        )),
+    };
+    convert().map_err(|problem| named(name, problem))
+}
+
+/// The `istio.security.Authorization` `name`, added or replaced.
+pub fn authorization_change(name: &str, resource: &Any) -> Result<Change, ResourceError> {
+    let convert = || Ok(Change::Policy(Arc::new(policy(decode(resource)?)?)));
+    convert().map_err(|problem| named(name, problem))
+}
+
+/// The removal of the Address `name` from `config`, the version the batch is applied to (the
+/// one `Mesh::apply` hands the batch's source). As Istio's ztunnel does, the name is tried as a
+/// workload's uid first, then as a service's `namespace/hostname`; `None` when it is neither
+/// (already gone: nothing to do). A name added by the same batch is not found there, but istiod
+/// does not add and remove one name in one response.
+pub fn address_removal(config: &MeshConfig, name: &str) -> Option<Change> {
+    if config.workload_by_uid(name).is_some() {
+        Some(Change::RemoveWorkload(name.to_owned()))
+    } else if config.service_by_key(name).is_some() {
+        Some(Change::RemoveService(name.to_owned()))
+    } else {
+        None
+    }
+}
+
+/// The removal of the Authorization `name` (`namespace/name`, the policy's key).
+pub fn authorization_removal(name: &str) -> Change {
+    Change::RemovePolicy(name.to_owned())
+}
+
+fn named(name: &str, problem: Problem) -> ResourceError {
+    ResourceError {
+        name: name.to_owned(),
+        problem,
+    }
+}
+
+/// The message in `resource`, which must say it is an `M`.
+fn decode<M: Message + Name + Default>(resource: &Any) -> Result<M, Problem> {
+    let expected = M::type_url();
+    if resource.type_url != expected {
+        return Err(Problem::WrongType {
+            found: resource.type_url.clone(),
+            expected,
+        });
+    }
+    Ok(M::decode(resource.value.as_slice())?)
+}
+
+fn workload(w: istio::workload::Workload) -> Result<Workload, Problem> {
+    let protocol = match known(w.tunnel_protocol, "tunnel_protocol")? {
+        TunnelProtocol::Hbone => Protocol::Hbone,
+        // A sidecar's mutual TLS is not ours to speak: such a workload gets plain TCP, as
+        // from a client outside the mesh.
+        TunnelProtocol::None | TunnelProtocol::LegacyIstioMtls => Protocol::Tcp,
+    };
+    let status = match known(w.status, "status")? {
+        WorkloadStatus::Healthy => HealthStatus::Healthy,
+        WorkloadStatus::Unhealthy => HealthStatus::Unhealthy,
+    };
+    let workload_type: WorkloadType = known(w.workload_type, "workload_type")?;
+    let workload_ips = each(&w.addresses, |i, bytes| {
+        ip(bytes, || format!("addresses[{i}]"))
+    })?;
+    let services = w
+        .services
+        .into_iter()
+        .map(|(key, list)| {
+            let ports = port_map(&list.ports, || format!("services[{key:?}]"))?;
+            Ok((key, ports))
+        })
+        .collect::<Result<_, Problem>>()?;
+    let workload = Workload {
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        service_account: or_default(w.service_account, DEFAULT_SERVICE_ACCOUNT),
+        trust_domain: or_default(w.trust_domain, DEFAULT_TRUST_DOMAIN),
+        workload_ips,
+        protocol,
+        node: w.node,
+        status,
+        waypoint: w.waypoint.map(|g| gateway(g, "waypoint")).transpose()?,
+        authorization_policies: w.authorization_policies,
+        services,
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        workload_name: w.workload_name,
+        workload_type: workload_type.as_str_name().to_lowercase(),
+        hostname: w.hostname,
+        network: w.network,
+        cluster_id: w.cluster_id,
+    };
+    workload.validate()?;
+    Ok(workload)
+}
+
+fn service(s: istio::workload::Service) -> Result<Service, Problem> {
+    let vips = each(s.addresses, |i, address| {
+        network_address(address, || format!("addresses[{i}]"))
+    })?;
+    let service = Service {
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+        vips,
+        ports: port_map(&s.ports, || "ports".to_owned())?,
+        subject_alt_names: s.subject_alt_names,
+        waypoint: s.waypoint.map(|g| gateway(g, "waypoint")).transpose()?,
+    };
+    service.validate()?;
+    Ok(service)
+}
+
+fn gateway(g: istio::workload::GatewayAddress, field: &str) -> Result<GatewayAddress, Problem> {
+    let destination = match g.destination {
+        Some(gateway_address::Destination::Address(address)) => {
+            GatewayDestination::Address(network_address(address, || format!("{field}.address"))?)
+        }
+        Some(gateway_address::Destination::Hostname(name)) => {
+            GatewayDestination::Hostname(NamespacedHostname {
+                namespace: name.namespace,
+                hostname: name.hostname,
+            })
+        }
+        None => {
+            return Err(Problem::Unusable(format!(
+                "{field}: neither an address nor a hostname"
+            )));
+        }
+    };
+    // Protobuf cannot tell 0 from unset, and unset is HBONE's port (as in the local config).
+    let hbone_mtls_port = match g.hbone_mtls_port {
+        0 => ztunnel_common::ports::HBONE,
+        other => port(other, || format!("{field}.hbone_mtls_port"))?,
+    };
+    Ok(GatewayAddress {
+        destination,
+        hbone_mtls_port,
+    })
+}
+
+fn network_address(
+    address: istio::workload::NetworkAddress,
+    field: impl FnOnce() -> String,
+) -> Result<NetworkAddress, Problem> {
+    Ok(NetworkAddress {
+        ip: ip(&address.address, field)?,
+        network: address.network,
+    })
+}
+
+/// Service port -> target port.
+fn port_map(
+    ports: &[istio::workload::Port],
+    field: impl Fn() -> String,
+) -> Result<BTreeMap<u16, u16>, Problem> {
+    ports
+        .iter()
+        .map(|p| Ok((port(p.service_port, &field)?, port(p.target_port, &field)?)))
+        .collect()
+}
+
+fn policy(a: istio::security::Authorization) -> Result<Policy, Problem> {
+    let scope = match known(a.scope, "scope")? {
+        istio::security::Scope::Global => Scope::Global,
+        istio::security::Scope::Namespace => Scope::Namespace,
+        istio::security::Scope::WorkloadSelector => Scope::WorkloadSelector,
+    };
+    let action = match known(a.action, "action")? {
+        istio::security::Action::Allow => Action::Allow,
+        istio::security::Action::Deny => Action::Deny,
+    };
+    let rules = each(a.rules, |r, rule| {
+        each(rule.clauses, |c, clause| {
+            each(clause.matches, |m, matcher| {
+                policy_match(matcher, &format!("rules[{r}][{c}][{m}]"))
+            })
+        })
+    })?;
+    let policy = Policy {
+        name: a.name,
+        namespace: a.namespace,
+        scope,
+        action,
+        rules,
+        dry_run: a.dry_run,
+    };
+    policy.validate()?;
+    Ok(policy)
+}
+
+/// One match of a policy's clause; `at` is where it is (`rules[r][c][m]`).
+fn policy_match(m: istio::security::Match, at: &str) -> Result<Match, Problem> {
+    Ok(Match {
+        namespaces: string_matches(m.namespaces, at, "namespaces")?,
+        not_namespaces: string_matches(m.not_namespaces, at, "not_namespaces")?,
+        principals: string_matches(m.principals, at, "principals")?,
+        not_principals: string_matches(m.not_principals, at, "not_principals")?,
+        service_accounts: m.service_accounts.into_iter().map(account).collect(),
+        not_service_accounts: m.not_service_accounts.into_iter().map(account).collect(),
+        source_ips: nets(&m.source_ips, at, "source_ips")?,
+        not_source_ips: nets(&m.not_source_ips, at, "not_source_ips")?,
+        destination_ips: nets(&m.destination_ips, at, "destination_ips")?,
+        not_destination_ips: nets(&m.not_destination_ips, at, "not_destination_ips")?,
+        destination_ports: ports(&m.destination_ports, at, "destination_ports")?,
+        not_destination_ports: ports(&m.not_destination_ports, at, "not_destination_ports")?,
+    })
+}
+
+fn string_matches(
+    matches: Vec<istio::security::StringMatch>,
+    at: &str,
+    field: &str,
+) -> Result<Vec<StringMatch>, Problem> {
+    each(matches, |i, m| match m.match_type {
+        Some(MatchType::Exact(s)) => Ok(StringMatch::Exact(s)),
+        Some(MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s)),
+        Some(MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s)),
+        Some(MatchType::Presence(_)) => Ok(StringMatch::Presence()),
+        None => Err(Problem::Unusable(format!(
+            "{at}.{field}[{i}]: a string match of no kind"
+        ))),
+    })
+}
+
+fn account(a: istio::security::ServiceAccountMatch) -> ServiceAccountMatch {
+    ServiceAccountMatch {
+        namespace: a.namespace,
+        service_account: a.service_account,
+    }
+}
+
+/// CIDRs: an address and a prefix length no longer than the address.
+fn nets(
+    addresses: &[istio::security::Address],
+    at: &str,
+    field: &str,
+) -> Result<Vec<IpNet>, Problem> {
+    each(addresses, |i, a| {
+        let place = || format!("{at}.{field}[{i}]");
+        let ip = ip(&a.address, place)?;
+        u8::try_from(a.length)
+            .ok()
+            .and_then(|length| IpNet::new(ip, length).ok())
+            .ok_or_else(|| {
+                Problem::Unusable(format!(
+                    "{}: prefix length {} is longer than {ip}",
+                    place(),
+                    a.length
+                ))
+            })
+    })
+}
+
+fn ports(values: &[u32], at: &str, field: &str) -> Result<Vec<u16>, Problem> {
+    each(values, |i, &value| {
+        port(value, || format!("{at}.{field}[{i}]"))
+    })
+}
+
+/// Each item of a list converted, given its index for errors; or the first error.
+fn each<T, U>(
+    items: impl IntoIterator<Item = T>,
+    convert: impl Fn(usize, T) -> Result<U, Problem>,
+) -> Result<Vec<U>, Problem> {
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| convert(i, item))
+        .collect()
+}
+
+/// An IP as the wire carries it: 4 bytes (IPv4) or 16 (IPv6).
+fn ip(bytes: &[u8], field: impl FnOnce() -> String) -> Result<IpAddr, Problem> {
+    if let Ok(v4) = <[u8; 4]>::try_from(bytes) {
+        return Ok(IpAddr::from(v4));
+    }
+    if let Ok(v6) = <[u8; 16]>::try_from(bytes) {
+        return Ok(IpAddr::from(v6));
+    }
+    Err(Problem::AddressLength {
+        field: field(),
+        len: bytes.len(),
+    })
+}
+
+fn port(value: u32, field: impl FnOnce() -> String) -> Result<u16, Problem> {
+    u16::try_from(value)
+        .map_err(|_| Problem::Unusable(format!("{}: {value} is not a port", field())))
+}
+
+/// An enum field's value, which must be one this build knows.
+fn known<E: TryFrom<i32>>(value: i32, field: &'static str) -> Result<E, Problem> {
+    E::try_from(value).map_err(|_| Problem::UnknownEnum { field, value })
+}
+
+/// Protobuf's empty string is an unset field: `default` then, as in Istio's ztunnel.
+fn or_default(value: String, default: &str) -> String {
+    if value.is_empty() {
+        default.to_owned()
+    } else {
+        value
+    }
+}
