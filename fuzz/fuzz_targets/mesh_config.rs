@@ -32,7 +32,12 @@ fuzz_target!(|data: &[u8]| {
             return;
         };
         let (workloads, services) = (config.sorted_workloads(), config.sorted_services());
-        let policies: Vec<Policy> = config.policies.all().iter().map(|p| Policy::clone(p)).collect();
+        let policies: Vec<Policy> = config
+            .policies
+            .all()
+            .iter()
+            .map(|p| Policy::clone(p))
+            .collect();
         let file = File {
             workloads: &workloads,
             services: &services,
