@@ -3,6 +3,7 @@
 //! generated at build time from `ztunnel-user/proto/` without protoc; and `convert`, which
 //! turns delta-xDS resources into changes of the mesh model, naming each resource it refuses.
 
+pub mod client;
 pub mod convert;
 pub mod proto;
 
