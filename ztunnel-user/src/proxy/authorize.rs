@@ -7,7 +7,7 @@ use crate::mesh::Applied;
 use crate::mesh::authz::{Denial, Subject};
 use crate::mesh::config::{Change, MeshConfig};
 use crate::telemetry::connections::Tracked;
-use crate::xds::client::{Rejected, ResourceKind, SinkError, Upsert, XdsSink, apply_to_model};
+use crate::xds::client::{MeshBatch, Rejected, SinkError, XdsBatch, XdsSink, apply_to_model};
 
 /// A config the kernel's maps could not take; the config in force stays.
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +61,8 @@ impl ProxyContext {
 /// kernel's maps first, then the open connections re-checked. (Run in the lab with the
 /// client; `xds::client`'s tests run `apply_to_model` over a `Mesh` in memory.)
 impl XdsSink for ProxyContext {
-    fn apply(
-        &self,
-        kind: ResourceKind,
-        upserts: Vec<Upsert>,
-        removed: Vec<String>,
-    ) -> Result<Vec<Rejected>, SinkError> {
-        let rejected = apply_to_model(kind, upserts, removed, |batch| {
-            self.apply_changes(|config| batch.changes(config))
-        })?;
-        Ok(rejected)
+    fn apply(&self, batch: XdsBatch) -> Result<Vec<Rejected>, SinkError> {
+        let apply = |changes: MeshBatch| self.apply_changes(|config| changes.changes(config));
+        Ok(apply_to_model(batch, apply)?)
     }
 }

@@ -31,8 +31,8 @@ mod state;
 mod tests;
 
 pub use node::{NodeFacts, XdsConfig};
-pub(crate) use sink::apply_to_model;
-pub use sink::{Rejected, ResourceKind, SinkError, Upsert, XdsSink};
+pub(crate) use sink::{MeshBatch, apply_to_model};
+pub use sink::{Rejected, ResourceKind, SinkError, Upsert, XdsBatch, XdsSink};
 pub use state::{XdsAck, XdsHandle, XdsNack, XdsStatus, XdsTypeStatus};
 
 use super::proto::envoy::config::core::v3::Node;
@@ -60,60 +60,27 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// A NACK names at most this many resources, then says how many more.
 const NACK_NAMES_MAX: usize = 100;
 
-/// A channel to istiod the generated client can stream over (tonic's `GrpcService`, with
-/// what the stream needs to be `Send`).
-pub trait AdsChannel:
-    GrpcService<
-        tonic::body::Body,
-        Error: Into<StdError>,
-        ResponseBody: HttpBody<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
-        Future: Send,
-    > + Send
-    + 'static
-{
-}
-
-impl<T> AdsChannel for T where
-    T: GrpcService<
+/// Gives a fresh client to istiod for each stream opening, over any channel tonic's generated
+/// client can stream on (with what the stream needs to be `Send`).
+pub trait Connect: Send + Sync {
+    type Channel: GrpcService<
             tonic::body::Body,
             Error: Into<StdError>,
             ResponseBody: HttpBody<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
             Future: Send,
         > + Send
-        + 'static
-{
-}
-
-/// Gives a fresh client to istiod for each stream opening. Any `Fn() -> impl Future` returning
-/// one is a `Connect`.
-pub trait Connect: Send + Sync {
-    type Channel: AdsChannel;
+        + 'static;
 
     fn connect(
         &self,
     ) -> impl Future<Output = Result<AggregatedDiscoveryServiceClient<Self::Channel>, StdError>> + Send;
 }
 
-impl<F, Fut, T> Connect for F
-where
-    F: Fn() -> Fut + Send + Sync,
-    Fut: Future<Output = Result<AggregatedDiscoveryServiceClient<T>, StdError>> + Send,
-    T: AdsChannel,
-{
-    type Channel = T;
-
-    fn connect(
-        &self,
-    ) -> impl Future<Output = Result<AggregatedDiscoveryServiceClient<T>, StdError>> + Send {
-        self()
-    }
-}
-
 /// The delta ADS client. `handle` gives its status and readiness; `run` streams for ever.
-pub struct XdsClient<C, S> {
+pub struct XdsClient<C, S: ?Sized> {
     config: XdsConfig,
     connect: C,
-    sink: S,
+    sink: Arc<S>,
     shared: Arc<Shared>,
 }
 
@@ -154,8 +121,8 @@ fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-impl<C: Connect, S: XdsSink> XdsClient<C, S> {
-    pub fn new(config: XdsConfig, connect: C, sink: S) -> XdsClient<C, S> {
+impl<C: Connect, S: XdsSink + ?Sized> XdsClient<C, S> {
+    pub fn new(config: XdsConfig, connect: C, sink: Arc<S>) -> XdsClient<C, S> {
         XdsClient {
             config,
             connect,
@@ -285,7 +252,12 @@ impl<C: Connect, S: XdsSink> XdsClient<C, S> {
         let (converted, mut rejected) = sink::convert(kind, resources);
         let (upserts, versions): (Vec<Upsert>, Vec<String>) = converted.into_iter().unzip();
         let names: Vec<String> = upserts.iter().map(|upsert| upsert.name.clone()).collect();
-        let (accepted, removed) = match self.sink.apply(kind, upserts, removed.clone()) {
+        let batch = XdsBatch {
+            kind,
+            upserts,
+            removed: removed.clone(),
+        };
+        let (accepted, removed) = match self.sink.apply(batch) {
             Ok(refused) => {
                 let refused_names: HashSet<&str> =
                     refused.iter().map(|r| r.name.as_str()).collect();

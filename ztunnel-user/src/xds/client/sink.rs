@@ -10,7 +10,6 @@ use crate::mesh::Applied;
 use crate::mesh::config::{Change, MeshConfig, Refused};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 /// A type of resource the client subscribes to (every resource of it: wildcard).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -80,30 +79,22 @@ impl Rejected {
 /// resource of it is NACKed, and the config in force stays.
 pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The resources of one response, converted, for the sink: to apply as one batch, the
+/// `upserts` first, then the removal of the resources named `removed`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct XdsBatch {
+    pub kind: ResourceKind,
+    pub upserts: Vec<Upsert>,
+    pub removed: Vec<String>,
+}
+
 /// Takes the resources of each response, in the order they come. The client converts them
 /// first (a resource that does not convert is NACKed and never reaches the sink).
 pub trait XdsSink: Send + Sync {
-    /// Applies, as one batch, the `upserts` of a response of `kind`, then the removal of the
-    /// resources named `removed` (names already gone are no error). Returns the upserts the
-    /// model refused, by their names in `upserts` (the others stay applied); an `Err` when
-    /// nothing was applied.
-    fn apply(
-        &self,
-        kind: ResourceKind,
-        upserts: Vec<Upsert>,
-        removed: Vec<String>,
-    ) -> Result<Vec<Rejected>, SinkError>;
-}
-
-impl<S: XdsSink + ?Sized> XdsSink for Arc<S> {
-    fn apply(
-        &self,
-        kind: ResourceKind,
-        upserts: Vec<Upsert>,
-        removed: Vec<String>,
-    ) -> Result<Vec<Rejected>, SinkError> {
-        S::apply(self, kind, upserts, removed)
-    }
+    /// Applies `batch` (names removed that are already gone are no error). Returns the
+    /// upserts the model refused, by their names in the batch (the others stay applied); an
+    /// `Err` when nothing was applied.
+    fn apply(&self, batch: XdsBatch) -> Result<Vec<Rejected>, SinkError>;
 }
 
 /// The changes of one response for the mesh model, made from the version in force when the
@@ -130,13 +121,12 @@ impl MeshBatch {
 /// (through `Mesh::apply`, with the kernel's maps), and what the model refuses (by the
 /// entry's uid or key) is named by the resources that carried it.
 pub(crate) fn apply_to_model<E>(
-    kind: ResourceKind,
-    upserts: Vec<Upsert>,
-    removed: Vec<String>,
+    batch: XdsBatch,
     apply: impl FnOnce(MeshBatch) -> Result<Applied, E>,
 ) -> Result<Vec<Rejected>, E> {
     let mut carriers: HashMap<String, Vec<String>> = HashMap::new();
-    let changes = upserts
+    let upserts = batch
+        .upserts
         .into_iter()
         .map(|upsert| {
             if let Some(key) = entry_key(&upsert.change) {
@@ -146,9 +136,9 @@ pub(crate) fn apply_to_model<E>(
         })
         .collect();
     let applied = apply(MeshBatch {
-        kind,
-        upserts: changes,
-        removed,
+        kind: batch.kind,
+        upserts,
+        removed: batch.removed,
     })?;
     Ok(applied
         .refused

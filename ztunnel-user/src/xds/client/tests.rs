@@ -161,6 +161,16 @@ impl IstiodStream {
         assert_eq!(reply.error_detail, None, "NACKed");
     }
 
+    /// Sends workload a1 (version 1) and service echo (2), then policy demo/deny-ssh (3):
+    /// both ACKed.
+    async fn send_mesh(&mut self) {
+        let resources = vec![a1("1"), address_entry(ECHO, "2", echo_service())];
+        self.acked(response(ADDRESS, "n1", resources, &[])).await;
+        let policies = vec![policy("deny-ssh", "3")];
+        self.acked(response(AUTHORIZATION, "n2", policies, &[]))
+            .await;
+    }
+
     /// Ends the stream with `status`.
     fn fail(self, status: tonic::Status) {
         self.responses.send(Err(status)).unwrap();
@@ -220,20 +230,14 @@ struct ModelSink {
 }
 
 impl XdsSink for ModelSink {
-    fn apply(
-        &self,
-        kind: ResourceKind,
-        upserts: Vec<Upsert>,
-        removed: Vec<String>,
-    ) -> Result<Vec<Rejected>, SinkError> {
+    fn apply(&self, batch: XdsBatch) -> Result<Vec<Rejected>, SinkError> {
         self.calls.lock().unwrap().push(SinkCall {
-            kind,
-            upserts: upserts.iter().map(|upsert| upsert.name.clone()).collect(),
-            removed: removed.clone(),
+            kind: batch.kind,
+            upserts: batch.upserts.iter().map(|u| u.name.clone()).collect(),
+            removed: batch.removed.clone(),
         });
-        Ok(apply_to_model(kind, upserts, removed, |batch| {
-            self.mesh.apply(|config| batch.changes(config), &self.maps)
-        })?)
+        let apply = |changes: MeshBatch| self.mesh.apply(|c| changes.changes(c), &self.maps);
+        Ok(apply_to_model(batch, apply)?)
     }
 }
 
@@ -276,6 +280,31 @@ fn config(token_path: Option<PathBuf>) -> XdsConfig {
     XdsConfig::for_node(&facts(), env, token_path)
 }
 
+/// Gives the client channels to `istiod` in memory, recording when; the first `failing` ones
+/// cannot be had.
+struct Dialer {
+    istiod: FakeIstiod,
+    dials: Arc<Mutex<Vec<Instant>>>,
+    failing: AtomicUsize,
+}
+
+impl Connect for Dialer {
+    type Channel = AggregatedDiscoveryServiceServer<FakeIstiod>;
+
+    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<Self::Channel>, StdError> {
+        self.dials.lock().unwrap().push(Instant::now());
+        let fail = self
+            .failing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err("connection refused".into());
+        }
+        let server = AggregatedDiscoveryServiceServer::new(self.istiod.clone());
+        Ok(AggregatedDiscoveryServiceClient::new(server))
+    }
+}
+
 /// Starts a client whose first `failing_dials` channels cannot be had.
 fn start(config: XdsConfig, failing_dials: usize) -> Harness {
     let (istiod, streams) = FakeIstiod::new();
@@ -286,25 +315,12 @@ fn start(config: XdsConfig, failing_dials: usize) -> Harness {
         calls: Mutex::default(),
     });
     let dials = Arc::new(Mutex::new(Vec::new()));
-    let failing = Arc::new(AtomicUsize::new(failing_dials));
-    let connect = {
-        let (istiod, dials) = (istiod.clone(), dials.clone());
-        move || {
-            let (istiod, dials, failing) = (istiod.clone(), dials.clone(), failing.clone());
-            async move {
-                dials.lock().unwrap().push(Instant::now());
-                let fail = failing
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                    .is_ok();
-                if fail {
-                    return Err(StdError::from("connection refused"));
-                }
-                let server = AggregatedDiscoveryServiceServer::new(istiod);
-                Ok(AggregatedDiscoveryServiceClient::new(server))
-            }
-        }
+    let dialer = Dialer {
+        istiod: istiod.clone(),
+        dials: dials.clone(),
+        failing: AtomicUsize::new(failing_dials),
     };
-    let client = XdsClient::new(config, connect, sink.clone());
+    let client = XdsClient::new(config, dialer, sink.clone());
     let xds = client.handle();
     let task = tokio::spawn(client.run());
     Harness {
@@ -315,6 +331,15 @@ fn start(config: XdsConfig, failing_dials: usize) -> Harness {
         dials,
         task,
     }
+}
+
+/// Starts a client whose token file (in the temporary directory returned) holds `content`.
+fn start_with_token(content: &str) -> (tempfile::TempDir, PathBuf, Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("istio-token");
+    std::fs::write(&token, content).unwrap();
+    let h = start(config(Some(token.clone())), 0);
+    (dir, token, h)
 }
 
 /// Makes the first three openings fail, so the next delay due is 80 ms: distinct from "at
@@ -359,6 +384,11 @@ fn workload(name: &str, ip: &[u8]) -> address::Type {
         node: "node1".into(),
         ..Workload::default()
     })
+}
+
+/// Workload a1 at 10.0.0.1, at `version`.
+fn a1(version: &str) -> Resource {
+    address_entry(&uid("a1"), version, workload("a1", &[10, 0, 0, 1]))
 }
 
 const ECHO: &str = "demo/echo.demo.svc.cluster.local";
@@ -514,19 +544,7 @@ async fn initial_requests_carry_the_node_and_after_a_reconnect_the_versions_held
     assert_eq!(opening.authorization, None);
     assert_eq!(opening.cluster_id.as_deref(), Some("Kubernetes"));
 
-    let resources = vec![
-        address_entry(&uid("a1"), "1", workload("a1", &[10, 0, 0, 1])),
-        address_entry(ECHO, "2", echo_service()),
-    ];
-    stream.acked(response(ADDRESS, "n1", resources, &[])).await;
-    stream
-        .acked(response(
-            AUTHORIZATION,
-            "n2",
-            vec![policy("deny-ssh", "3")],
-            &[],
-        ))
-        .await;
+    stream.send_mesh().await;
     let status = h.xds.status();
     assert!(status.connected && status.ready);
     assert_eq!(status.attempts, 4);
@@ -571,7 +589,7 @@ async fn a_bad_resource_is_nacked_by_name_and_its_siblings_applied() {
         ..Resource::default()
     };
     let resources = vec![
-        address_entry(&uid("a1"), "1", workload("a1", &[10, 0, 0, 1])),
+        a1("1"),
         address_entry(ECHO, "2", echo_service()),
         address_entry("bad", "3", workload("bad", &[10, 0, 0])),
         empty,
@@ -616,19 +634,7 @@ async fn a_bad_resource_is_nacked_by_name_and_its_siblings_applied() {
 async fn removals_reach_the_model() {
     let mut h = start(config(None), 0);
     let mut stream = h.subscribed().await;
-    let resources = vec![
-        address_entry(&uid("a1"), "1", workload("a1", &[10, 0, 0, 1])),
-        address_entry(ECHO, "2", echo_service()),
-    ];
-    stream.acked(response(ADDRESS, "n1", resources, &[])).await;
-    stream
-        .acked(response(
-            AUTHORIZATION,
-            "n2",
-            vec![policy("deny-ssh", "3")],
-            &[],
-        ))
-        .await;
+    stream.send_mesh().await;
     assert_eq!(h.sink.mesh.current().policies.all().len(), 1);
 
     let a2 = address_entry(&uid("a2"), "4", workload("a2", &[10, 0, 0, 2]));
@@ -702,8 +708,9 @@ async fn unavailable_reconnects_at_once_other_statuses_back_off() {
     let mut h = start(config(None), 0);
     refuse_three(&h);
     let mut stream = h.subscribed().await;
-    let a1 = address_entry(&uid("a1"), "7", workload("a1", &[10, 0, 0, 1]));
-    stream.acked(response(ADDRESS, "n1", vec![a1], &[])).await;
+    stream
+        .acked(response(ADDRESS, "n1", vec![a1("7")], &[]))
+        .await;
 
     let failed = Instant::now();
     stream.fail(tonic::Status::internal("oops"));
@@ -816,10 +823,7 @@ async fn connect_errors_back_off() {
 /// The token file is read at every opening: a rotated token goes with the next stream.
 #[tokio::test(start_paused = true)]
 async fn the_token_is_read_again_at_every_opening() {
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("istio-token");
-    std::fs::write(&token, "token-one\n").unwrap();
-    let mut h = start(config(Some(token.clone())), 0);
+    let (_dir, token, mut h) = start_with_token("token-one\n");
     let stream = h.subscribed().await;
     std::fs::write(&token, "token-two").unwrap();
     drop(stream);
@@ -843,10 +847,7 @@ async fn the_token_is_read_again_at_every_opening() {
 /// An empty token file is an error, retried with the backoff until the token is there.
 #[tokio::test(start_paused = true)]
 async fn an_empty_token_file_is_retried_with_backoff() {
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("istio-token");
-    std::fs::write(&token, "").unwrap();
-    let mut h = start(config(Some(token.clone())), 0);
+    let (_dir, token, mut h) = start_with_token("");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let status = h.xds.status();
     // 10 + 20 + 40 ms at most, 5 + 10 + 20 + 40 at least: 4 or 5 attempts, not a busy loop.
@@ -869,8 +870,9 @@ async fn an_empty_token_file_is_retried_with_backoff() {
 async fn a_response_the_kernel_refuses_is_nacked_whole() {
     let mut h = start(config(None), 0);
     let mut stream = h.subscribed().await;
-    let a1 = address_entry(&uid("a1"), "1", workload("a1", &[10, 0, 0, 1]));
-    stream.acked(response(ADDRESS, "n1", vec![a1], &[])).await;
+    stream
+        .acked(response(ADDRESS, "n1", vec![a1("1")], &[]))
+        .await;
 
     h.sink.maps.refuse.store(true, Ordering::Relaxed);
     let resources = vec![
