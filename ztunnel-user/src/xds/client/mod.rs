@@ -10,7 +10,7 @@
 //!   `type_url`, no names (wildcard), and `initial_resource_versions`, the name -> version of
 //!   every resource held and accepted.
 //! - Each response: every resource is converted (`convert`), the good ones go to the sink as one
-//!   batch (upserts, then the removed names), and the response is ACKed, or NACKed with
+//!   `XdsBatch` (upserts, then the removed names), and the response is ACKed, or NACKed with
 //!   `error_detail.message = "<name>: <reason>; ..."` naming the resources not taken (refused by
 //!   the conversion or the model; all of them if the sink failed as a whole). The good
 //!   resources of a NACKed response stay applied. The version map takes the accepted ones and
@@ -20,9 +20,10 @@
 //!   count.
 //! - Reconnecting: at once (after a random spread under 10 ms) when istiod ends the stream
 //!   cleanly or with Unknown, Cancelled, DeadlineExceeded or Unavailable (a restart, a GOAWAY,
-//!   its connection age limit); after a backoff otherwise (the token, the channel or the
-//!   opening failed, or another status): 10 ms doubling to 15 s, each delay jittered down to
-//!   half of it. A routine end resets the backoff. Every failure is logged once, with why.
+//!   its connection age limit); after a backoff otherwise (the token or the channel could not
+//!   be had, the opening failed whatever its status, as in Istio's ztunnel, or the stream ended
+//!   with another status): 10 ms doubling to 15 s, each delay jittered down to half of it. A
+//!   routine end resets the backoff. Every failure is logged once, with why.
 
 mod node;
 mod sink;
