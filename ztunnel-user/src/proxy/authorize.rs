@@ -7,6 +7,7 @@ use crate::mesh::Applied;
 use crate::mesh::authz::{Denial, Subject};
 use crate::mesh::config::{Change, MeshConfig};
 use crate::telemetry::connections::Tracked;
+use crate::xds::client::{MeshBatch, Rejected, SinkError, XdsBatch, XdsSink, apply_to_model};
 
 /// A config the kernel's maps could not take; the config in force stays.
 #[derive(Debug, thiserror::Error)]
@@ -53,5 +54,15 @@ impl ProxyContext {
             }
         }
         Ok(applied)
+    }
+}
+
+/// istiod's resources go into force the way the file's do: one response is one batch, the
+/// kernel's maps first, then the open connections re-checked. (Run in the lab with the
+/// client; `xds::client`'s tests run `apply_to_model` over a `Mesh` in memory.)
+impl XdsSink for ProxyContext {
+    fn apply(&self, batch: XdsBatch) -> Result<Vec<Rejected>, SinkError> {
+        let apply = |changes: MeshBatch| self.apply_changes(|config| changes.changes(config));
+        Ok(apply_to_model(batch, apply)?)
     }
 }

@@ -54,6 +54,18 @@ pub struct ResourceError {
     problem: Problem,
 }
 
+impl ResourceError {
+    /// The resource's name in the response.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What is wrong with it, without the name.
+    pub fn problem(&self) -> String {
+        self.problem.to_string()
+    }
+}
+
 /// What is wrong with a resource.
 #[derive(Debug, thiserror::Error)]
 enum Problem {

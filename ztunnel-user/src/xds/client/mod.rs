@@ -1,0 +1,360 @@
+//! The delta ADS client: one bidirectional `DeltaAggregatedResources` stream to istiod at a
+//! time, subscribed to every `Address` and `Authorization` (wildcard), whose responses go to an
+//! `XdsSink` (the mesh model) and are ACKed or NACKed by name; reopened for ever with the state
+//! kept. The channel is the caller's (`Connect`: a fresh client per attempt, in memory in the
+//! tests, TLS to istiod in the daemon), so nothing here knows the transport.
+//!
+//! The flow, as Istio's ztunnel's (`src/xds/client.rs`):
+//! - At each opening: the headers `authorization: Bearer <token>` (the token file read again,
+//!   `node::XdsConfig`) and `clusterid`; then one request per type with the `Node`, the
+//!   `type_url`, no names (wildcard), and `initial_resource_versions`, the name -> version of
+//!   every resource held and accepted.
+//! - Each response: every resource is converted (`convert`), the good ones go to the sink as one
+//!   `XdsBatch` (upserts, then the removed names), and the response is ACKed, or NACKed with
+//!   `error_detail.message = "<name>: <reason>; ..."` naming the resources not taken (refused by
+//!   the conversion or the model; all of them if the sink failed as a whole). The good
+//!   resources of a NACKed response stay applied. The version map takes the accepted ones and
+//!   drops the removed names; a rejected one keeps the version held before, if any, so a
+//!   reconnect fetches it again. A response of a type not subscribed to is NACKed.
+//! - Readiness (`XdsHandle::ready`): each type has had one ACKed response; a NACK does not
+//!   count.
+//! - Reconnecting: at once (after a random spread under 10 ms) when istiod ends the stream
+//!   cleanly or with Unknown, Cancelled, DeadlineExceeded or Unavailable (a restart, a GOAWAY,
+//!   its connection age limit); after a backoff otherwise (the token or the channel could not
+//!   be had, the opening failed whatever its status, as in Istio's ztunnel, or the stream ended
+//!   with another status): 10 ms doubling to 15 s, each delay jittered down to half of it. A
+//!   routine end resets the backoff. Every failure is logged once, with why.
+
+mod node;
+mod sink;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use node::{NodeFacts, XdsConfig};
+pub(crate) use sink::{MeshBatch, apply_to_model};
+pub use sink::{Rejected, ResourceKind, SinkError, Upsert, XdsBatch, XdsSink};
+pub use state::{XdsAck, XdsHandle, XdsNack, XdsStatus, XdsTypeStatus};
+
+use super::proto::envoy::config::core::v3::Node;
+use super::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
+use super::proto::google::rpc::Status;
+use node::{HeaderError, stream_headers};
+use rand::Rng;
+use state::{Settled, Shared};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::client::GrpcService;
+use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codegen::{Body as HttpBody, Bytes, StdError};
+
+/// The largest response taken, as in Istio's ztunnel (tonic's default is 4 MiB).
+const MAX_RESPONSE_BYTES: usize = 200 * 1024 * 1024;
+/// The first delay after a failure, doubled at each failure in a row up to `MAX_BACKOFF`.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// A NACK names at most this many resources, then says how many more.
+const NACK_NAMES_MAX: usize = 100;
+
+/// Gives a fresh client to istiod for each stream opening, over any channel tonic's generated
+/// client can stream on (with what the stream needs to be `Send`).
+pub trait Connect: Send + Sync {
+    type Channel: GrpcService<
+            tonic::body::Body,
+            Error: Into<StdError>,
+            ResponseBody: HttpBody<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+            Future: Send,
+        > + Send
+        + 'static;
+
+    fn connect(
+        &self,
+    ) -> impl Future<Output = Result<AggregatedDiscoveryServiceClient<Self::Channel>, StdError>> + Send;
+}
+
+/// The delta ADS client. `handle` gives its status and readiness; `run` streams for ever.
+pub struct XdsClient<C, S: ?Sized> {
+    config: XdsConfig,
+    connect: C,
+    sink: Arc<S>,
+    shared: Arc<Shared>,
+}
+
+/// Why a stream opening failed or a stream ended.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error(transparent)]
+    Headers(#[from] HeaderError),
+    #[error("cannot connect to istiod: {0}")]
+    Connect(StdError),
+    #[error("istiod refused the stream: {}", status_text(.0))]
+    Refused(tonic::Status),
+    #[error("the stream failed: {}", status_text(.0))]
+    Failed(tonic::Status),
+    #[error("istiod ended the stream")]
+    Closed,
+}
+
+impl Ended {
+    /// A routine end of an open stream (istiod restarting, going away, closing old streams):
+    /// reconnect at once.
+    fn routine(&self) -> bool {
+        match self {
+            Ended::Failed(status) => matches!(
+                status.code(),
+                tonic::Code::Unknown
+                    | tonic::Code::Cancelled
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Unavailable
+            ),
+            Ended::Closed => true,
+            Ended::Headers(_) | Ended::Connect(_) | Ended::Refused(_) => false,
+        }
+    }
+}
+
+fn status_text(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+impl<C: Connect, S: XdsSink + ?Sized> XdsClient<C, S> {
+    pub fn new(config: XdsConfig, connect: C, sink: Arc<S>) -> XdsClient<C, S> {
+        XdsClient {
+            config,
+            connect,
+            sink,
+            shared: Arc::new(Shared::new()),
+        }
+    }
+
+    pub fn handle(&self) -> XdsHandle {
+        XdsHandle::new(self.shared.clone())
+    }
+
+    /// Opens a stream, takes its responses until it ends, and opens the next one (see the
+    /// module's doc for when), for ever. Drop the future to stop.
+    pub async fn run(self) {
+        let mut backoff = Backoff::default();
+        let mut attempt: u64 = 0;
+        loop {
+            attempt = attempt.wrapping_add(1);
+            self.shared.attempting();
+            let ended = self.stream(attempt).await;
+            let delay = if ended.routine() {
+                let delay = backoff.reset();
+                tracing::info!(attempt, reason = %ended, ?delay, "xds: reconnecting to istiod");
+                delay
+            } else {
+                let delay = backoff.failed();
+                tracing::warn!(attempt, reason = %ended, ?delay, "xds: retrying istiod after a delay");
+                delay
+            };
+            self.shared.disconnected(ended.to_string());
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One stream, from its opening to its end.
+    async fn stream(&self, attempt: u64) -> Ended {
+        let headers = match stream_headers(&self.config).await {
+            Ok(headers) => headers,
+            Err(err) => return err.into(),
+        };
+        let client = match self.connect.connect().await {
+            Ok(client) => client,
+            Err(err) => return Ended::Connect(err),
+        };
+        let (requests, outbound) = mpsc::unbounded_channel();
+        let node = self.config.node();
+        for kind in ResourceKind::ALL {
+            let versions = self.shared.versions(kind);
+            tracing::debug!(
+                attempt,
+                type_url = kind.type_url(),
+                held = versions.len(),
+                "xds: subscribing"
+            );
+            // The receiver is ours until the stream ends.
+            let _ = requests.send(initial_request(kind, &node, versions));
+        }
+        let mut request = tonic::Request::new(UnboundedReceiverStream::new(outbound));
+        *request.metadata_mut() = headers;
+        let mut responses = match client
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+            .delta_aggregated_resources(request)
+            .await
+        {
+            Ok(responses) => responses.into_inner(),
+            Err(status) => return Ended::Refused(status),
+        };
+        self.shared.connected();
+        tracing::info!(attempt, "xds: stream to istiod open");
+        loop {
+            match responses.message().await {
+                Ok(Some(response)) => {
+                    let reply = self.take(response);
+                    // If the stream is gone, the next read says why.
+                    let _ = requests.send(reply);
+                }
+                Ok(None) => return Ended::Closed,
+                Err(status) => return Ended::Failed(status),
+            }
+        }
+    }
+
+    /// Takes one response; returns its ACK or NACK.
+    fn take(&self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let DeltaDiscoveryResponse {
+            type_url,
+            nonce,
+            resources,
+            removed_resources,
+            ..
+        } = response;
+        tracing::debug!(
+            type_url,
+            nonce,
+            resources = resources.len(),
+            removed = removed_resources.len(),
+            "xds: response"
+        );
+        let nack = match ResourceKind::from_type_url(&type_url) {
+            Some(kind) => self.apply(kind, &nonce, resources, removed_resources),
+            None => Some(format!("{type_url}: not a type this client subscribes to")),
+        };
+        if let Some(message) = &nack {
+            tracing::warn!(type_url, nonce, %message, "xds: NACK");
+        }
+        DeltaDiscoveryRequest {
+            type_url,
+            response_nonce: nonce,
+            error_detail: nack.map(|message| Status {
+                code: tonic::Code::InvalidArgument as i32,
+                message,
+                details: Vec::new(),
+            }),
+            ..DeltaDiscoveryRequest::default()
+        }
+    }
+
+    /// Applies a response of `kind` and records it; returns the NACK's message, if any.
+    fn apply(
+        &self,
+        kind: ResourceKind,
+        nonce: &str,
+        resources: Vec<super::proto::envoy::service::discovery::v3::Resource>,
+        removed: Vec<String>,
+    ) -> Option<String> {
+        let (converted, mut rejected) = sink::convert(kind, resources);
+        let (upserts, versions): (Vec<Upsert>, Vec<String>) = converted.into_iter().unzip();
+        let names: Vec<String> = upserts.iter().map(|upsert| upsert.name.clone()).collect();
+        let batch = XdsBatch {
+            kind,
+            upserts,
+            removed: removed.clone(),
+        };
+        let (accepted, removed) = match self.sink.apply(batch) {
+            Ok(refused) => {
+                let refused_names: HashSet<&str> =
+                    refused.iter().map(|r| r.name.as_str()).collect();
+                let accepted = names
+                    .iter()
+                    .zip(versions)
+                    .filter(|(name, _)| !refused_names.contains(name.as_str()))
+                    .map(|(name, version)| (name.clone(), version))
+                    .collect();
+                rejected.extend(refused);
+                (accepted, removed)
+            }
+            Err(err) => {
+                // Nothing was applied: the versions held stay as they were.
+                let reason = format!("not applied: {err}");
+                rejected.extend(
+                    names
+                        .into_iter()
+                        .chain(removed)
+                        .map(|name| Rejected::new(name, &reason)),
+                );
+                (Vec::new(), Vec::new())
+            }
+        };
+        let nack = (!rejected.is_empty()).then(|| nack_message(&rejected));
+        let settled = Settled {
+            accepted,
+            removed,
+            nonce: nonce.to_owned(),
+            nack: nack.clone(),
+        };
+        if self.shared.settle(kind, settled) {
+            tracing::info!("xds: every type has had an accepted response: ready");
+        }
+        nack
+    }
+}
+
+/// The first request of `kind` on a stream: wildcard, with the versions held.
+fn initial_request(
+    kind: ResourceKind,
+    node: &Node,
+    versions: HashMap<String, String>,
+) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(node.clone()),
+        type_url: kind.type_url().to_owned(),
+        initial_resource_versions: versions,
+        ..DeltaDiscoveryRequest::default()
+    }
+}
+
+/// `<name>: <reason>; ...`, at most `NACK_NAMES_MAX` of them.
+fn nack_message(rejected: &[Rejected]) -> String {
+    let mut message = rejected
+        .iter()
+        .take(NACK_NAMES_MAX)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if let Some(more) = rejected
+        .len()
+        .checked_sub(NACK_NAMES_MAX)
+        .filter(|n| *n > 0)
+    {
+        message.push_str(&format!("; and {more} more"));
+    }
+    message
+}
+
+/// The delay before the next attempt.
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff {
+            next: INITIAL_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// After a failure: the delay due, jittered between half of it and all of it; the next
+    /// one doubles, up to `MAX_BACKOFF`.
+    fn failed(&mut self) -> Duration {
+        let due = self.next;
+        self.next = due.saturating_mul(2).min(MAX_BACKOFF);
+        rand::rng().random_range(due / 2..=due)
+    }
+
+    /// After a routine end: back to the first delay; wait only a random spread under it, so
+    /// the nodes istiod drops at once do not all come back at once.
+    fn reset(&mut self) -> Duration {
+        self.next = INITIAL_BACKOFF;
+        rand::rng().random_range(Duration::ZERO..INITIAL_BACKOFF)
+    }
+}

@@ -1,0 +1,162 @@
+//! Who the client says it is (the `Node` of every initial request, as Istio's ztunnel builds
+//! it) and how it authenticates (the bearer token, read from its file at every stream opening).
+
+use super::super::proto::envoy::config::core::v3::Node;
+use prost_types::{Struct, Value, value::Kind};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+
+/// The prefix of the environment variables that become node metadata (without it).
+const ISTIO_META_PREFIX: &str = "ISTIO_META_";
+/// The `INSTANCE_IP` Istio's ztunnel uses when none is set.
+const DEFAULT_INSTANCE_IP: &str = "1.1.1.1";
+
+/// What the client needs to talk to istiod, whatever the channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct XdsConfig {
+    /// `Node.id`: `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`
+    /// (`NodeFacts::node_id`); istiod takes the proxy's type from its first field.
+    pub node_id: String,
+    /// `Node.metadata`, a Struct of strings (`NodeFacts::metadata`).
+    pub node_metadata: Struct,
+    /// Sent as the `clusterid` header of every stream (none when empty).
+    pub cluster_id: String,
+    /// The file of the bearer token (`authorization: Bearer <token>`), read again at every
+    /// stream opening: the projected token is rotated. An empty file is an error. `None`: no
+    /// `authorization` header.
+    pub token_path: Option<PathBuf>,
+}
+
+impl XdsConfig {
+    /// The config Istio's ztunnel would run with on this node: its `Node` from `facts` and
+    /// the `ISTIO_META_*` variables of `env` (`std::env::vars()`), the cluster id of `facts`.
+    pub fn for_node(
+        facts: &NodeFacts,
+        env: impl IntoIterator<Item = (String, String)>,
+        token_path: Option<PathBuf>,
+    ) -> XdsConfig {
+        XdsConfig {
+            node_id: facts.node_id(),
+            node_metadata: facts.metadata(env),
+            cluster_id: facts.cluster_id.clone(),
+            token_path,
+        }
+    }
+
+    pub(super) fn node(&self) -> Node {
+        Node {
+            id: self.node_id.clone(),
+            metadata: Some(self.node_metadata.clone()),
+            ..Node::default()
+        }
+    }
+}
+
+/// The downward-API facts Istio's ztunnel reads from its environment to name itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// `INSTANCE_IP`, the proxy pod's IP; `1.1.1.1` when unset, as in Istio's ztunnel.
+    pub instance_ip: Option<IpAddr>,
+    /// `POD_NAME`, `POD_NAMESPACE`: the proxy's own pod.
+    pub pod_name: String,
+    pub pod_namespace: String,
+    /// `NODE_NAME`.
+    pub node_name: String,
+    /// `ISTIO_META_CLUSTER_ID`, else `CLUSTER_ID`, else `Kubernetes` (the caller resolves it).
+    pub cluster_id: String,
+}
+
+impl NodeFacts {
+    fn instance_ip(&self) -> String {
+        self.instance_ip
+            .map_or_else(|| DEFAULT_INSTANCE_IP.to_owned(), |ip| ip.to_string())
+    }
+
+    /// `ztunnel~<INSTANCE_IP>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local`.
+    pub fn node_id(&self) -> String {
+        let (ip, pod, ns) = (self.instance_ip(), &self.pod_name, &self.pod_namespace);
+        format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
+    }
+
+    /// `NAME`, `NAMESPACE`, `INSTANCE_IPS` and `NODE_NAME`; then each `ISTIO_META_<K>` of
+    /// `env` as `<K>` (replacing those, as in Istio's ztunnel); last `CLUSTER_ID`, always
+    /// sent (Istio's chart sets `ISTIO_META_CLUSTER_ID`, which `cluster_id` already took).
+    /// Every value is a string; `ISTIO_METAJSON_*` and a ProxyConfig's `proxyMetadata` are
+    /// not read.
+    pub fn metadata(&self, env: impl IntoIterator<Item = (String, String)>) -> Struct {
+        let mut fields = [
+            ("NAME", self.pod_name.clone()),
+            ("NAMESPACE", self.pod_namespace.clone()),
+            ("INSTANCE_IPS", self.instance_ip()),
+            ("NODE_NAME", self.node_name.clone()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), string_value(value)))
+        .collect::<std::collections::BTreeMap<_, _>>();
+        for (key, value) in env {
+            match key.strip_prefix(ISTIO_META_PREFIX) {
+                Some(name) if !name.is_empty() => {
+                    fields.insert(name.to_owned(), string_value(value));
+                }
+                _ => {}
+            }
+        }
+        fields.insert(
+            "CLUSTER_ID".to_owned(),
+            string_value(self.cluster_id.clone()),
+        );
+        Struct { fields }
+    }
+}
+
+fn string_value(value: String) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(value)),
+    }
+}
+
+/// Why the headers of a stream could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum HeaderError {
+    #[error("cannot read the token file {path}: {source}")]
+    TokenUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the token file {0} is empty")]
+    TokenEmpty(PathBuf),
+    #[error("the token in {0} is not a valid header value")]
+    TokenInvalid(PathBuf),
+    #[error("the cluster id {0:?} is not a valid header value")]
+    ClusterIdInvalid(String),
+}
+
+/// The headers of a stream opening: `authorization: Bearer <token>` with the token read from
+/// its file now (surrounding whitespace trimmed), and `clusterid`.
+pub(super) async fn stream_headers(config: &XdsConfig) -> Result<MetadataMap, HeaderError> {
+    let mut headers = MetadataMap::new();
+    if let Some(path) = &config.token_path {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| HeaderError::TokenUnreadable {
+                path: path.clone(),
+                source,
+            })?;
+        let token = bytes.trim_ascii();
+        if token.is_empty() {
+            return Err(HeaderError::TokenEmpty(path.clone()));
+        }
+        let bearer = [b"Bearer ".as_slice(), token].concat();
+        let mut value = AsciiMetadataValue::try_from(bearer)
+            .map_err(|_| HeaderError::TokenInvalid(path.clone()))?;
+        value.set_sensitive(true);
+        headers.insert("authorization", value);
+    }
+    if !config.cluster_id.is_empty() {
+        let value = AsciiMetadataValue::try_from(config.cluster_id.as_str())
+            .map_err(|_| HeaderError::ClusterIdInvalid(config.cluster_id.clone()))?;
+        headers.insert("clusterid", value);
+    }
+    Ok(headers)
+}

@@ -1,0 +1,233 @@
+//! What the client keeps across streams: per type, the name -> version of every resource held
+//! and accepted (echoed in `initial_resource_versions` at each reconnect), whether a response
+//! of it was ever ACKed (readiness), and what operators see (`XdsStatus`).
+
+use super::sink::ResourceKind;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::watch;
+
+/// The client's connection and resources, as operators see them (`XdsHandle::status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdsStatus {
+    /// Whether a stream to istiod is open.
+    pub connected: bool,
+    /// Since when it is open, or not (milliseconds since the Unix epoch): the last opening or
+    /// end of a stream, else the client's creation.
+    pub since_unix_ms: u64,
+    /// Stream openings tried so far.
+    pub attempts: u64,
+    /// Why the last attempt failed or the last stream ended.
+    pub last_error: Option<String>,
+    /// Every type has had one ACKed response.
+    pub ready: bool,
+    pub types: Vec<XdsTypeStatus>,
+}
+
+/// One type's resources and the last response of it that was ACKed, and NACKed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdsTypeStatus {
+    pub type_url: String,
+    /// Resources held and accepted.
+    pub resources: usize,
+    pub last_ack: Option<XdsAck>,
+    pub last_nack: Option<XdsNack>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdsAck {
+    pub nonce: String,
+    pub at_unix_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdsNack {
+    pub nonce: String,
+    /// The NACK's `error_detail.message`: `<name>: <reason>; ...`.
+    pub message: String,
+    pub at_unix_ms: u64,
+}
+
+/// A view of a running client: its status and its readiness. Cheap to clone.
+#[derive(Clone)]
+pub struct XdsHandle {
+    shared: Arc<Shared>,
+}
+
+impl XdsHandle {
+    pub(super) fn new(shared: Arc<Shared>) -> XdsHandle {
+        XdsHandle { shared }
+    }
+
+    pub fn status(&self) -> XdsStatus {
+        let state = self.shared.lock();
+        XdsStatus {
+            connected: state.connected,
+            since_unix_ms: state.since_unix_ms,
+            attempts: state.attempts,
+            last_error: state.last_error.clone(),
+            ready: *self.shared.ready.borrow(),
+            types: state
+                .types
+                .iter()
+                .map(|(kind, held)| XdsTypeStatus {
+                    type_url: kind.type_url().to_owned(),
+                    resources: held.versions.len(),
+                    last_ack: held.last_ack.clone(),
+                    last_nack: held.last_nack.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The name -> version of the resources of `kind` held and accepted: what the next stream
+    /// sends as `initial_resource_versions`.
+    pub fn versions(&self, kind: ResourceKind) -> HashMap<String, String> {
+        self.shared.versions(kind)
+    }
+
+    /// Whether every type has had one ACKed response (on any stream). Once ready, the client
+    /// stays ready across reconnects: the model keeps what it was given.
+    pub fn is_ready(&self) -> bool {
+        *self.shared.ready.borrow()
+    }
+
+    /// Waits until `is_ready`. A response with a NACK does not count: its type must still
+    /// have one fully accepted response, as in Istio's ztunnel.
+    pub async fn ready(&self) {
+        let mut ready = self.shared.ready.subscribe();
+        // The sender lives in `shared`, which this handle holds: it cannot close.
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+}
+
+/// The state the client's loop and its handles share.
+pub(super) struct Shared {
+    state: Mutex<State>,
+    ready: watch::Sender<bool>,
+}
+
+struct State {
+    connected: bool,
+    since_unix_ms: u64,
+    attempts: u64,
+    last_error: Option<String>,
+    types: BTreeMap<ResourceKind, Held>,
+}
+
+/// One type's resources held and what was said about its responses.
+#[derive(Default)]
+struct Held {
+    /// Name -> version of the resources accepted.
+    versions: BTreeMap<String, String>,
+    /// A response was ACKed.
+    acked: bool,
+    last_ack: Option<XdsAck>,
+    last_nack: Option<XdsNack>,
+}
+
+/// How a response was taken: the resources accepted (name, version) and the names removed,
+/// and the NACK's message if anything was rejected.
+pub(super) struct Settled {
+    pub(super) accepted: Vec<(String, String)>,
+    pub(super) removed: Vec<String>,
+    pub(super) nonce: String,
+    pub(super) nack: Option<String>,
+}
+
+impl Shared {
+    pub(super) fn new() -> Shared {
+        Shared {
+            state: Mutex::new(State {
+                connected: false,
+                since_unix_ms: unix_ms(),
+                attempts: 0,
+                last_error: None,
+                types: ResourceKind::ALL
+                    .into_iter()
+                    .map(|kind| (kind, Held::default()))
+                    .collect(),
+            }),
+            ready: watch::Sender::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn versions(&self, kind: ResourceKind) -> HashMap<String, String> {
+        self.lock()
+            .types
+            .get(&kind)
+            .map_or_else(HashMap::new, |held| {
+                held.versions
+                    .iter()
+                    .map(|(name, version)| (name.clone(), version.clone()))
+                    .collect()
+            })
+    }
+
+    pub(super) fn attempting(&self) {
+        self.lock().attempts += 1;
+    }
+
+    pub(super) fn connected(&self) {
+        let mut state = self.lock();
+        state.connected = true;
+        state.since_unix_ms = unix_ms();
+    }
+
+    /// An attempt failed or a stream ended, for `reason`.
+    pub(super) fn disconnected(&self, reason: String) {
+        let mut state = self.lock();
+        if state.connected {
+            state.connected = false;
+            state.since_unix_ms = unix_ms();
+        }
+        state.last_error = Some(reason);
+    }
+
+    /// Records how a response of `kind` was taken; the client becomes ready with the first
+    /// ACK of the last type that had none (then returns true).
+    pub(super) fn settle(&self, kind: ResourceKind, settled: Settled) -> bool {
+        let mut state = self.lock();
+        let Some(held) = state.types.get_mut(&kind) else {
+            return false;
+        };
+        held.versions.extend(settled.accepted);
+        for name in &settled.removed {
+            held.versions.remove(name);
+        }
+        let at_unix_ms = unix_ms();
+        match settled.nack {
+            None => {
+                held.acked = true;
+                held.last_ack = Some(XdsAck {
+                    nonce: settled.nonce,
+                    at_unix_ms,
+                });
+            }
+            Some(message) => {
+                held.last_nack = Some(XdsNack {
+                    nonce: settled.nonce,
+                    message,
+                    at_unix_ms,
+                });
+            }
+        }
+        state.types.values().all(|held| held.acked)
+            && self
+                .ready
+                .send_if_modified(|ready| !std::mem::replace(ready, true))
+    }
+}
+
+fn unix_ms() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}

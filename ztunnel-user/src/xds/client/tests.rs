@@ -1,0 +1,938 @@
+//! The client against a scripted istiod: the generated server's trait, implemented here, fed to
+//! the generated client in memory (no network), so every request and response is a real
+//! protobuf message through tonic. The sink is the mesh model itself (`apply_to_model` over a
+//! `Mesh` with kernel maps in memory), as the daemon's `ProxyContext` applies it (that one is
+//! run in the lab). Time is tokio's paused clock: delays are checked without waiting them.
+
+use super::super::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
+};
+use super::super::proto::istio::security::{Action, Authorization, Clause, Match, Rule, Scope};
+use super::super::proto::istio::workload::{
+    Address, NetworkAddress, Port, Service, TunnelProtocol, Workload, address,
+};
+use super::*;
+use crate::mesh::Mesh;
+use crate::mesh::kernel::{KernelMaps, MapsDiff, MeshMaps};
+use prost_types::Any;
+use prost_types::value::Kind;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, timeout};
+
+const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
+const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
+const NODE_ID: &str = "ztunnel~10.0.0.5~ztunnel-x7.istio-system~istio-system.svc.cluster.local";
+/// How long a test waits for the client (virtual time: only a stuck client takes it).
+const WAIT: Duration = Duration::from_secs(60);
+/// What "at once" allows: the spread under the first backoff, and the timer's millisecond.
+const AT_ONCE: Duration = Duration::from_millis(11);
+
+// ---- istiod ----------------------------------------------------------------------------
+
+/// istiod as the tests script it: each stream opening is recorded (time and headers) and
+/// either refused with the next queued status or handed to the test as an `IstiodStream`.
+#[derive(Clone)]
+struct FakeIstiod {
+    inner: Arc<Istiod>,
+}
+
+struct Istiod {
+    refusals: Mutex<VecDeque<tonic::Status>>,
+    openings: Mutex<Vec<Opening>>,
+    streams: UnboundedSender<IstiodStream>,
+}
+
+/// One stream opening as istiod saw it.
+#[derive(Clone, Debug)]
+struct Opening {
+    at: Instant,
+    authorization: Option<String>,
+    cluster_id: Option<String>,
+}
+
+/// An open stream: what the client sent on it, and the way to answer. Dropping it ends the
+/// stream cleanly.
+struct IstiodStream {
+    requests: UnboundedReceiver<DeltaDiscoveryRequest>,
+    responses: UnboundedSender<Result<DeltaDiscoveryResponse, tonic::Status>>,
+}
+
+impl FakeIstiod {
+    fn new() -> (FakeIstiod, UnboundedReceiver<IstiodStream>) {
+        let (streams, opened) = unbounded_channel();
+        let istiod = Istiod {
+            refusals: Mutex::default(),
+            openings: Mutex::default(),
+            streams,
+        };
+        let fake = FakeIstiod {
+            inner: Arc::new(istiod),
+        };
+        (fake, opened)
+    }
+
+    fn refuse_next(&self, status: tonic::Status) {
+        self.inner.refusals.lock().unwrap().push_back(status);
+    }
+
+    fn openings(&self) -> Vec<Opening> {
+        self.inner.openings.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for FakeIstiod {
+    type DeltaAggregatedResourcesStream =
+        UnboundedReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        let header = |name: &str| {
+            request
+                .metadata()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let opening = Opening {
+            at: Instant::now(),
+            authorization: header("authorization"),
+            cluster_id: header("clusterid"),
+        };
+        self.inner.openings.lock().unwrap().push(opening);
+        if let Some(status) = self.inner.refusals.lock().unwrap().pop_front() {
+            return Err(status);
+        }
+        let mut incoming = request.into_inner();
+        let (forward, requests) = unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(request)) = incoming.message().await {
+                if forward.send(request).is_err() {
+                    break;
+                }
+            }
+        });
+        let (responses, outgoing) = unbounded_channel();
+        let _ = self.inner.streams.send(IstiodStream {
+            requests,
+            responses,
+        });
+        Ok(tonic::Response::new(UnboundedReceiverStream::new(outgoing)))
+    }
+}
+
+impl IstiodStream {
+    async fn request(&mut self) -> DeltaDiscoveryRequest {
+        timeout(WAIT, self.requests.recv())
+            .await
+            .expect("a request in time")
+            .expect("the stream is open")
+    }
+
+    /// The two initial requests, in the client's order.
+    async fn initial_requests(&mut self) -> [DeltaDiscoveryRequest; 2] {
+        [self.request().await, self.request().await]
+    }
+
+    /// Sends `response`; returns the client's ACK or NACK of it.
+    async fn reply(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        self.responses.send(Ok(response)).unwrap();
+        let reply = self.request().await;
+        assert!(reply.node.is_none() && reply.initial_resource_versions.is_empty());
+        reply
+    }
+
+    /// Sends `response`, which the client must ACK.
+    async fn acked(&mut self, response: DeltaDiscoveryResponse) {
+        let nonce = response.nonce.clone();
+        let reply = self.reply(response).await;
+        assert_eq!(reply.response_nonce, nonce);
+        assert_eq!(reply.error_detail, None, "NACKed");
+    }
+
+    /// Sends workload a1 (version 1) and service echo (2), then policy demo/deny-ssh (3):
+    /// both ACKed.
+    async fn send_mesh(&mut self) {
+        let resources = vec![a1("1"), address_entry(ECHO, "2", echo_service())];
+        self.acked(response(ADDRESS, "n1", resources, &[])).await;
+        let policies = vec![policy("deny-ssh", "3")];
+        self.acked(response(AUTHORIZATION, "n2", policies, &[]))
+            .await;
+    }
+
+    /// Ends the stream with `status`.
+    fn fail(self, status: tonic::Status) {
+        self.responses.send(Err(status)).unwrap();
+    }
+}
+
+async fn next_stream(streams: &mut UnboundedReceiver<IstiodStream>) -> IstiodStream {
+    timeout(WAIT, streams.recv())
+        .await
+        .expect("a stream opening in time")
+        .unwrap()
+}
+
+// ---- the sink: the mesh model ----------------------------------------------------------
+
+/// Kernel maps that take everything, or refuse everything when told to.
+#[derive(Default)]
+struct MemoryMaps {
+    refuse: AtomicBool,
+}
+
+impl MemoryMaps {
+    fn check(&self) -> Result<(), String> {
+        if self.refuse.load(Ordering::Relaxed) {
+            Err("ZT_WORKLOADS is full".to_owned())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl KernelMaps for MemoryMaps {
+    type Error = String;
+
+    fn sync(&self, _maps: &MeshMaps) -> Result<(), String> {
+        self.check()
+    }
+
+    fn write(&self, _diff: &MapsDiff) -> Result<(), String> {
+        self.check()
+    }
+}
+
+/// One call of the sink: the names it was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SinkCall {
+    kind: ResourceKind,
+    upserts: Vec<String>,
+    removed: Vec<String>,
+}
+
+/// The mesh model as the sink, recording each call.
+struct ModelSink {
+    mesh: Mesh,
+    maps: MemoryMaps,
+    calls: Mutex<Vec<SinkCall>>,
+}
+
+impl XdsSink for ModelSink {
+    fn apply(&self, batch: XdsBatch) -> Result<Vec<Rejected>, SinkError> {
+        self.calls.lock().unwrap().push(SinkCall {
+            kind: batch.kind,
+            upserts: batch.upserts.iter().map(|u| u.name.clone()).collect(),
+            removed: batch.removed.clone(),
+        });
+        let apply = |changes: MeshBatch| self.mesh.apply(|c| changes.changes(c), &self.maps);
+        Ok(apply_to_model(batch, apply)?)
+    }
+}
+
+impl ModelSink {
+    fn calls(&self) -> Vec<SinkCall> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+// ---- the client under test -------------------------------------------------------------
+
+struct Harness {
+    istiod: FakeIstiod,
+    streams: UnboundedReceiver<IstiodStream>,
+    sink: Arc<ModelSink>,
+    xds: XdsHandle,
+    /// When the client asked for a channel.
+    dials: Arc<Mutex<Vec<Instant>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn facts() -> NodeFacts {
+    NodeFacts {
+        instance_ip: Some("10.0.0.5".parse().unwrap()),
+        pod_name: "ztunnel-x7".into(),
+        pod_namespace: "istio-system".into(),
+        node_name: "node1".into(),
+        cluster_id: "Kubernetes".into(),
+    }
+}
+
+fn config(token_path: Option<PathBuf>) -> XdsConfig {
+    let env = [("ISTIO_META_DNS_CAPTURE".to_owned(), "true".to_owned())];
+    XdsConfig::for_node(&facts(), env, token_path)
+}
+
+/// Gives the client channels to `istiod` in memory, recording when; the first `failing` ones
+/// cannot be had.
+struct Dialer {
+    istiod: FakeIstiod,
+    dials: Arc<Mutex<Vec<Instant>>>,
+    failing: AtomicUsize,
+}
+
+impl Connect for Dialer {
+    type Channel = AggregatedDiscoveryServiceServer<FakeIstiod>;
+
+    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<Self::Channel>, StdError> {
+        self.dials.lock().unwrap().push(Instant::now());
+        let fail = self
+            .failing
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err("connection refused".into());
+        }
+        let server = AggregatedDiscoveryServiceServer::new(self.istiod.clone());
+        Ok(AggregatedDiscoveryServiceClient::new(server))
+    }
+}
+
+/// Starts a client whose first `failing_dials` channels cannot be had.
+fn start(config: XdsConfig, failing_dials: usize) -> Harness {
+    let (istiod, streams) = FakeIstiod::new();
+    let maps = MemoryMaps::default();
+    let sink = Arc::new(ModelSink {
+        mesh: Mesh::new(|_| Vec::new(), None, "node1", &maps).unwrap(),
+        maps,
+        calls: Mutex::default(),
+    });
+    let dials = Arc::new(Mutex::new(Vec::new()));
+    let dialer = Dialer {
+        istiod: istiod.clone(),
+        dials: dials.clone(),
+        failing: AtomicUsize::new(failing_dials),
+    };
+    let client = XdsClient::new(config, dialer, sink.clone());
+    let xds = client.handle();
+    let task = tokio::spawn(client.run());
+    Harness {
+        istiod,
+        streams,
+        sink,
+        xds,
+        dials,
+        task,
+    }
+}
+
+/// Starts a client whose token file (in the temporary directory returned) holds `content`.
+fn start_with_token(content: &str) -> (tempfile::TempDir, PathBuf, Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("istio-token");
+    std::fs::write(&token, content).unwrap();
+    let h = start(config(Some(token.clone())), 0);
+    (dir, token, h)
+}
+
+/// Makes the first three openings fail, so the next delay due is 80 ms: distinct from "at
+/// once" (under 10 ms).
+fn refuse_three(h: &Harness) {
+    for _ in 0..3 {
+        h.istiod
+            .refuse_next(tonic::Status::unauthenticated("not yet"));
+    }
+}
+
+impl Harness {
+    async fn next_stream(&mut self) -> IstiodStream {
+        next_stream(&mut self.streams).await
+    }
+
+    /// A stream whose initial requests were read.
+    async fn subscribed(&mut self) -> IstiodStream {
+        let mut stream = self.next_stream().await;
+        stream.initial_requests().await;
+        stream
+    }
+
+    fn dials(&self) -> Vec<Instant> {
+        self.dials.lock().unwrap().clone()
+    }
+}
+
+// ---- resources -------------------------------------------------------------------------
+
+fn uid(name: &str) -> String {
+    format!("Kubernetes//Pod/demo/{name}")
+}
+
+fn workload(name: &str, ip: &[u8]) -> address::Type {
+    address::Type::Workload(Workload {
+        uid: uid(name),
+        name: name.into(),
+        namespace: "demo".into(),
+        addresses: vec![ip.to_vec()],
+        tunnel_protocol: TunnelProtocol::Hbone.into(),
+        node: "node1".into(),
+        ..Workload::default()
+    })
+}
+
+/// Workload a1 at 10.0.0.1, at `version`.
+fn a1(version: &str) -> Resource {
+    address_entry(&uid("a1"), version, workload("a1", &[10, 0, 0, 1]))
+}
+
+const ECHO: &str = "demo/echo.demo.svc.cluster.local";
+
+fn echo_service() -> address::Type {
+    address::Type::Service(Service {
+        name: "echo".into(),
+        namespace: "demo".into(),
+        hostname: "echo.demo.svc.cluster.local".into(),
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 10],
+        }],
+        ports: vec![Port {
+            service_port: 80,
+            target_port: 8080,
+            ..Port::default()
+        }],
+        ..Service::default()
+    })
+}
+
+fn address_entry(name: &str, version: &str, address: address::Type) -> Resource {
+    Resource {
+        name: name.into(),
+        version: version.into(),
+        resource: Some(
+            Any::from_msg(&Address {
+                r#type: Some(address),
+            })
+            .unwrap(),
+        ),
+        ..Resource::default()
+    }
+}
+
+/// The DENY policy `demo/<name>` of port 22.
+fn policy(name: &str, version: &str) -> Resource {
+    let policy = Authorization {
+        name: name.into(),
+        namespace: "demo".into(),
+        scope: Scope::Namespace.into(),
+        action: Action::Deny.into(),
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    destination_ports: vec![22],
+                    ..Match::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    };
+    Resource {
+        name: format!("demo/{name}"),
+        version: version.into(),
+        resource: Some(Any::from_msg(&policy).unwrap()),
+        ..Resource::default()
+    }
+}
+
+fn response(
+    type_url: &str,
+    nonce: &str,
+    resources: Vec<Resource>,
+    removed: &[&str],
+) -> DeltaDiscoveryResponse {
+    DeltaDiscoveryResponse {
+        type_url: type_url.into(),
+        nonce: nonce.into(),
+        resources,
+        removed_resources: removed.iter().map(|name| (*name).to_owned()).collect(),
+        ..DeltaDiscoveryResponse::default()
+    }
+}
+
+fn versions(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(name, version)| ((*name).to_owned(), (*version).to_owned()))
+        .collect()
+}
+
+fn string(value: &str) -> prost_types::Value {
+    prost_types::Value {
+        kind: Some(Kind::StringValue(value.into())),
+    }
+}
+
+// ---- tests -----------------------------------------------------------------------------
+
+#[test]
+fn the_node_is_named_as_istios_ztunnel_names_it() {
+    let env = [
+        ("ISTIO_META_DNS_CAPTURE", "true"),
+        ("ISTIO_META_NAME", "renamed"),
+        ("ISTIO_META_", "no key"),
+        ("ISTIO_METAJSON_LABELS", "{}"),
+        ("PATH", "/bin"),
+    ]
+    .map(|(key, value)| (key.to_owned(), value.to_owned()));
+    let config = XdsConfig::for_node(&facts(), env, None);
+    assert_eq!(config.node_id, NODE_ID);
+    assert_eq!(config.cluster_id, "Kubernetes");
+    let expected = [
+        ("NAME", "renamed"),
+        ("NAMESPACE", "istio-system"),
+        ("INSTANCE_IPS", "10.0.0.5"),
+        ("NODE_NAME", "node1"),
+        ("DNS_CAPTURE", "true"),
+        ("CLUSTER_ID", "Kubernetes"),
+    ]
+    .map(|(key, value)| (key.to_owned(), string(value)));
+    assert_eq!(config.node_metadata.fields, expected.into());
+
+    let unset = NodeFacts {
+        instance_ip: None,
+        ..facts()
+    };
+    assert_eq!(
+        unset.node_id(),
+        "ztunnel~1.1.1.1~ztunnel-x7.istio-system~istio-system.svc.cluster.local"
+    );
+    assert_eq!(unset.metadata([]).fields["INSTANCE_IPS"], string("1.1.1.1"));
+}
+
+/// Each opening subscribes to both types with the node and no names; after a clean end the
+/// client is back at once (not after the 80 ms three refused openings made the backoff) and
+/// echoes the versions it holds.
+#[tokio::test(start_paused = true)]
+async fn initial_requests_carry_the_node_and_after_a_reconnect_the_versions_held() {
+    let mut h = start(config(None), 0);
+    refuse_three(&h);
+    let mut stream = h.next_stream().await;
+    for (request, type_url) in stream
+        .initial_requests()
+        .await
+        .iter()
+        .zip([ADDRESS, AUTHORIZATION])
+    {
+        assert_eq!(request.type_url, type_url);
+        let node = request.node.as_ref().unwrap();
+        assert_eq!(node.id, NODE_ID);
+        let metadata = &node.metadata.as_ref().unwrap().fields;
+        assert_eq!(metadata["CLUSTER_ID"], string("Kubernetes"));
+        assert_eq!(metadata["DNS_CAPTURE"], string("true"));
+        assert!(request.resource_names_subscribe.is_empty());
+        assert!(request.resource_names_unsubscribe.is_empty());
+        assert!(request.initial_resource_versions.is_empty());
+        assert!(request.response_nonce.is_empty() && request.error_detail.is_none());
+    }
+    let opening = h.istiod.openings().pop().unwrap();
+    assert_eq!(opening.authorization, None);
+    assert_eq!(opening.cluster_id.as_deref(), Some("Kubernetes"));
+
+    stream.send_mesh().await;
+    let status = h.xds.status();
+    assert!(status.connected && status.ready);
+    assert_eq!(status.attempts, 4);
+    let held: Vec<_> = status.types.iter().map(|t| t.resources).collect();
+    assert_eq!(held, [2, 1]);
+    let ack = status.types[1].last_ack.as_ref().unwrap();
+    assert_eq!(ack.nonce, "n2");
+    let json = serde_json::to_value(&status).unwrap();
+    assert_eq!(json["types"][0]["type_url"], ADDRESS);
+
+    let ended = Instant::now();
+    drop(stream);
+    let mut stream = h.next_stream().await;
+    assert!(h.istiod.openings().last().unwrap().at - ended < AT_ONCE);
+    let [address_request, authorization_request] = stream.initial_requests().await;
+    assert_eq!(
+        address_request.initial_resource_versions,
+        versions(&[(&uid("a1"), "1"), (ECHO, "2")])
+    );
+    assert_eq!(
+        authorization_request.initial_resource_versions,
+        versions(&[("demo/deny-ssh", "3")])
+    );
+    assert_eq!(address_request.node.unwrap().id, NODE_ID);
+    let status = h.xds.status();
+    assert_eq!(status.attempts, 5);
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("istiod ended the stream")
+    );
+}
+
+/// A response with a good workload and service, one the conversion refuses, one that holds
+/// nothing and one the model refuses: the good ones are applied, the NACK names the others,
+/// and only the good ones are held.
+#[tokio::test(start_paused = true)]
+async fn a_bad_resource_is_nacked_by_name_and_its_siblings_applied() {
+    let mut h = start(config(None), 0);
+    let mut stream = h.subscribed().await;
+    let empty = Resource {
+        name: "empty".into(),
+        ..Resource::default()
+    };
+    let resources = vec![
+        a1("1"),
+        address_entry(ECHO, "2", echo_service()),
+        address_entry("bad", "3", workload("bad", &[10, 0, 0])),
+        empty,
+        address_entry("squatter", "4", workload("squatter", &[10, 0, 0, 1])),
+    ];
+    let nack = stream.reply(response(ADDRESS, "n1", resources, &[])).await;
+
+    assert_eq!(nack.type_url, ADDRESS);
+    assert_eq!(nack.response_nonce, "n1");
+    let message = nack.error_detail.unwrap().message;
+    assert_eq!(
+        message,
+        "bad: addresses[0]: an address of 3 bytes (an IP is 4 or 16); \
+         empty: the entry holds no resource; \
+         squatter: field workloadIps: 10.0.0.1 belongs to workload Kubernetes//Pod/demo/a1"
+    );
+    assert_eq!(
+        h.sink.calls(),
+        [SinkCall {
+            kind: ResourceKind::Address,
+            upserts: vec![uid("a1"), ECHO.into(), "squatter".into()],
+            removed: vec![],
+        }]
+    );
+    let config = h.sink.mesh.current();
+    assert!(config.workload_by_uid(&uid("a1")).is_some());
+    assert!(config.service_by_key(ECHO).is_some());
+    assert!(config.workload_by_uid(&uid("squatter")).is_none());
+    assert_eq!(
+        h.xds.versions(ResourceKind::Address),
+        versions(&[(&uid("a1"), "1"), (ECHO, "2")])
+    );
+    let status = h.xds.status();
+    let address_status = &status.types[0];
+    assert_eq!(address_status.last_ack, None);
+    let last_nack = address_status.last_nack.as_ref().unwrap();
+    assert_eq!((&*last_nack.nonce, &*last_nack.message), ("n1", &*message));
+}
+
+/// Removed names reach the sink after the upserts, and leave the model and the versions.
+#[tokio::test(start_paused = true)]
+async fn removals_reach_the_model() {
+    let mut h = start(config(None), 0);
+    let mut stream = h.subscribed().await;
+    stream.send_mesh().await;
+    assert_eq!(h.sink.mesh.current().policies.all().len(), 1);
+
+    let a2 = address_entry(&uid("a2"), "4", workload("a2", &[10, 0, 0, 2]));
+    let removed = [uid("a1"), ECHO.to_owned(), "never-held".to_owned()];
+    let removed: Vec<&str> = removed.iter().map(String::as_str).collect();
+    stream
+        .acked(response(ADDRESS, "n3", vec![a2], &removed))
+        .await;
+    stream
+        .acked(response(AUTHORIZATION, "n4", vec![], &["demo/deny-ssh"]))
+        .await;
+
+    let calls = h.sink.calls();
+    assert_eq!(
+        calls[2],
+        SinkCall {
+            kind: ResourceKind::Address,
+            upserts: vec![uid("a2")],
+            removed: removed.iter().map(|name| (*name).to_owned()).collect(),
+        }
+    );
+    assert_eq!(calls[3].removed, ["demo/deny-ssh"]);
+    let config = h.sink.mesh.current();
+    assert!(config.workload_by_uid(&uid("a1")).is_none());
+    assert!(config.workload_by_uid(&uid("a2")).is_some());
+    assert!(config.service_by_key(ECHO).is_none());
+    assert!(config.policies.all().is_empty());
+    assert_eq!(
+        h.xds.versions(ResourceKind::Address),
+        versions(&[(&uid("a2"), "4")])
+    );
+    assert!(h.xds.versions(ResourceKind::Authorization).is_empty());
+}
+
+/// Ready once each type has had an ACKed response: a NACKed one does not count.
+#[tokio::test(start_paused = true)]
+async fn ready_only_once_both_types_had_an_acked_response() {
+    let mut h = start(config(None), 0);
+    let mut stream = h.subscribed().await;
+    assert!(!h.xds.is_ready());
+
+    let bad = address_entry("bad", "1", workload("bad", &[10, 0, 0]));
+    let nack = stream.reply(response(ADDRESS, "n1", vec![bad], &[])).await;
+    assert!(nack.error_detail.is_some());
+    stream
+        .acked(response(
+            AUTHORIZATION,
+            "n2",
+            vec![policy("deny-ssh", "1")],
+            &[],
+        ))
+        .await;
+    assert!(!h.xds.is_ready());
+    assert!(
+        timeout(Duration::from_secs(1), h.xds.ready())
+            .await
+            .is_err()
+    );
+
+    // An empty response is a response: wildcard on an empty mesh.
+    stream.acked(response(ADDRESS, "n3", vec![], &[])).await;
+    assert!(h.xds.is_ready());
+    timeout(WAIT, h.xds.ready()).await.unwrap();
+    assert!(h.xds.status().ready);
+}
+
+/// After failures that grew the backoff to 80 ms: Internal in the middle of a stream waits
+/// it, Unavailable (istiod going away) comes back at once; both with the versions held.
+#[tokio::test(start_paused = true)]
+async fn unavailable_reconnects_at_once_other_statuses_back_off() {
+    let mut h = start(config(None), 0);
+    refuse_three(&h);
+    let mut stream = h.subscribed().await;
+    stream
+        .acked(response(ADDRESS, "n1", vec![a1("7")], &[]))
+        .await;
+
+    let failed = Instant::now();
+    stream.fail(tonic::Status::internal("oops"));
+    let mut stream = h.next_stream().await;
+    let gap = h.istiod.openings().last().unwrap().at - failed;
+    assert!(Duration::from_millis(40) <= gap && gap <= Duration::from_millis(81));
+    let [address_request, _] = stream.initial_requests().await;
+    assert_eq!(
+        address_request.initial_resource_versions,
+        versions(&[(&uid("a1"), "7")])
+    );
+
+    let failed = Instant::now();
+    stream.fail(tonic::Status::unavailable("transport is closing"));
+    let mut stream = h.next_stream().await;
+    assert!(h.istiod.openings().last().unwrap().at - failed < AT_ONCE);
+    let [address_request, _] = stream.initial_requests().await;
+    assert_eq!(
+        address_request.initial_resource_versions,
+        versions(&[(&uid("a1"), "7")])
+    );
+    assert_eq!(
+        h.xds.status().last_error.as_deref(),
+        Some("the stream failed: Unavailable: transport is closing")
+    );
+}
+
+/// Which ends are routine (reconnect at once): a clean end, and Unknown, Cancelled,
+/// DeadlineExceeded or Unavailable in the middle of a stream; not a refused opening.
+#[test]
+fn routine_ends_are_a_clean_end_and_four_statuses() {
+    let routine: Vec<tonic::Code> = (0..=16)
+        .map(tonic::Code::from_i32)
+        .filter(|code| Ended::Failed(tonic::Status::new(*code, "")).routine())
+        .collect();
+    assert_eq!(
+        routine,
+        [
+            tonic::Code::Cancelled,
+            tonic::Code::Unknown,
+            tonic::Code::DeadlineExceeded,
+            tonic::Code::Unavailable
+        ]
+    );
+    assert!(Ended::Closed.routine());
+    assert!(!Ended::Refused(tonic::Status::unavailable("")).routine());
+    assert!(!Ended::Connect("refused".into()).routine());
+}
+
+/// Openings refused with Unauthenticated: 10 ms, doubling up to 15 s, each jittered down to
+/// half; once a stream ends as routine, the backoff starts over.
+#[tokio::test(start_paused = true)]
+async fn refused_openings_back_off_doubling_to_15_s() {
+    const REFUSALS: u32 = 14;
+    let mut h = start(config(None), 0);
+    for _ in 0..REFUSALS {
+        h.istiod
+            .refuse_next(tonic::Status::unauthenticated("token expired"));
+    }
+    let stream = h.next_stream().await;
+    let openings = h.istiod.openings();
+    assert_eq!(openings.len(), REFUSALS as usize + 1);
+    for (i, pair) in openings.windows(2).enumerate() {
+        let due = (INITIAL_BACKOFF * 2u32.pow(i as u32)).min(MAX_BACKOFF);
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            due / 2 <= gap && gap <= due + Duration::from_millis(1),
+            "delay {i}: {gap:?} for {due:?}"
+        );
+    }
+    let status = h.xds.status();
+    assert_eq!(
+        status.last_error.as_deref(),
+        Some("istiod refused the stream: Unauthenticated: token expired")
+    );
+
+    // A clean end: back at once; then a refusal waits the first delay again.
+    h.istiod
+        .refuse_next(tonic::Status::permission_denied("not yet"));
+    drop(stream);
+    let _stream = h.next_stream().await;
+    let openings = h.istiod.openings();
+    let [.., ended, refused, open] = openings.as_slice() else {
+        unreachable!()
+    };
+    assert!(refused.at - ended.at < AT_ONCE);
+    let gap = open.at - refused.at;
+    assert!(INITIAL_BACKOFF / 2 <= gap && gap <= INITIAL_BACKOFF + Duration::from_millis(1));
+}
+
+/// A channel that cannot be had is retried with the backoff too.
+#[tokio::test(start_paused = true)]
+async fn connect_errors_back_off() {
+    let mut h = start(config(None), 3);
+    let _stream = h.subscribed().await;
+    let dials = h.dials();
+    assert_eq!(dials.len(), 4);
+    for (i, pair) in dials.windows(2).enumerate() {
+        let due = INITIAL_BACKOFF * 2u32.pow(i as u32);
+        let gap = pair[1] - pair[0];
+        assert!(
+            due / 2 <= gap && gap <= due + Duration::from_millis(1),
+            "{gap:?}"
+        );
+    }
+    assert_eq!(h.istiod.openings().len(), 1);
+    assert_eq!(h.xds.status().attempts, 4);
+}
+
+/// The token file is read at every opening: a rotated token goes with the next stream.
+#[tokio::test(start_paused = true)]
+async fn the_token_is_read_again_at_every_opening() {
+    let (_dir, token, mut h) = start_with_token("token-one\n");
+    let stream = h.subscribed().await;
+    std::fs::write(&token, "token-two").unwrap();
+    drop(stream);
+    let _stream = h.subscribed().await;
+    let openings = h.istiod.openings();
+    let authorizations: Vec<_> = openings
+        .iter()
+        .map(|opening| opening.authorization.as_deref())
+        .collect();
+    assert_eq!(
+        authorizations,
+        [Some("Bearer token-one"), Some("Bearer token-two")]
+    );
+    assert!(
+        openings
+            .iter()
+            .all(|opening| opening.cluster_id.as_deref() == Some("Kubernetes"))
+    );
+}
+
+/// An empty token file is an error, retried with the backoff until the token is there.
+#[tokio::test(start_paused = true)]
+async fn an_empty_token_file_is_retried_with_backoff() {
+    let (_dir, token, mut h) = start_with_token("");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = h.xds.status();
+    // 10 + 20 + 40 ms at most, 5 + 10 + 20 + 40 at least: 4 or 5 attempts, not a busy loop.
+    assert!((4..=5).contains(&status.attempts), "{}", status.attempts);
+    assert!(!status.connected);
+    let expected = format!("the token file {} is empty", token.display());
+    assert_eq!(status.last_error, Some(expected));
+    assert!(h.istiod.openings().is_empty() && h.dials().is_empty());
+
+    std::fs::write(&token, "token").unwrap();
+    let _stream = h.subscribed().await;
+    let openings = h.istiod.openings();
+    assert_eq!(openings[0].authorization.as_deref(), Some("Bearer token"));
+    assert!(h.xds.status().connected);
+}
+
+/// A response the kernel's maps refuse as a whole: every resource of it is NACKed, the model
+/// and the versions held stay.
+#[tokio::test(start_paused = true)]
+async fn a_response_the_kernel_refuses_is_nacked_whole() {
+    let mut h = start(config(None), 0);
+    let mut stream = h.subscribed().await;
+    stream
+        .acked(response(ADDRESS, "n1", vec![a1("1")], &[]))
+        .await;
+
+    h.sink.maps.refuse.store(true, Ordering::Relaxed);
+    let resources = vec![
+        address_entry(&uid("a1"), "2", workload("a1", &[10, 0, 0, 9])),
+        address_entry(&uid("a2"), "1", workload("a2", &[10, 0, 0, 2])),
+        address_entry("bad", "1", workload("bad", &[])),
+    ];
+    let removed = uid("a3");
+    let nack = stream
+        .reply(response(ADDRESS, "n2", resources, &[&removed]))
+        .await;
+    let not_applied = "not applied: ZT_WORKLOADS is full";
+    assert_eq!(
+        nack.error_detail.unwrap().message,
+        format!(
+            "bad: addresses[0]: an address of 0 bytes (an IP is 4 or 16); \
+             {a1}: {not_applied}; {a2}: {not_applied}; {removed}: {not_applied}",
+            a1 = uid("a1"),
+            a2 = uid("a2"),
+        )
+    );
+    let config = h.sink.mesh.current();
+    let a1 = config.workload_by_uid(&uid("a1")).unwrap();
+    assert_eq!(
+        a1.workload_ips,
+        ["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+    );
+    assert!(config.workload_by_uid(&uid("a2")).is_none());
+    assert_eq!(
+        h.xds.versions(ResourceKind::Address),
+        versions(&[(&uid("a1"), "1")])
+    );
+}
+
+/// A response of a type the client did not subscribe to is NACKed and goes nowhere.
+#[tokio::test(start_paused = true)]
+async fn a_response_of_an_unknown_type_is_nacked() {
+    let mut h = start(config(None), 0);
+    let mut stream = h.subscribed().await;
+    let cluster = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    let nack = stream
+        .reply(response(cluster, "n1", vec![policy("p", "1")], &[]))
+        .await;
+    assert_eq!(nack.type_url, cluster);
+    assert_eq!(nack.response_nonce, "n1");
+    assert_eq!(
+        nack.error_detail.unwrap().message,
+        format!("{cluster}: not a type this client subscribes to")
+    );
+    assert!(h.sink.calls().is_empty());
+    assert!(!h.xds.is_ready());
+}
+
+#[test]
+fn a_nack_names_at_most_100_resources() {
+    let rejected: Vec<Rejected> = (0..250)
+        .map(|i| Rejected::new(format!("r{i}"), "bad"))
+        .collect();
+    let message = nack_message(&rejected);
+    assert!(message.starts_with("r0: bad; r1: bad; "));
+    assert!(message.ends_with("r99: bad; and 150 more"));
+    assert_eq!(nack_message(&rejected[..100]).matches("; ").count(), 99);
+}
