@@ -359,16 +359,10 @@ fn traffic_to_a_service_with_a_waypoint_goes_to_it_with_the_vip() {
     apply_mesh(
         &s.lab,
         &MeshChanges {
-            workload_fields: &[("b1", "  services: {demo/echo.demo.svc.cluster.local: {}}\n")],
-            sections: &format!(
-                "services:
-- name: echo
-  namespace: demo
-  hostname: echo.demo.svc.cluster.local
-  vips: [/{vip}]
-  ports: {{80: {APP_PORT}}}
-  waypoint: {{destination: /{w1}, hboneMtlsPort: 15008}}
-"
+            workload_fields: &[("b1", ECHO_ENDPOINT)],
+            sections: &echo_service(
+                vip,
+                &format!("  waypoint: {{destination: /{w1}, hboneMtlsPort: 15008}}\n"),
             ),
             ..MeshChanges::default()
         },

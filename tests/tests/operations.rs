@@ -180,22 +180,17 @@ fn metric_labels_name_the_service_the_outcome_and_both_reporters() {
     apply_mesh(
         &s.lab,
         &MeshChanges {
-            workload_fields: &[("b1", "  services: {demo/echo.demo.svc.cluster.local: {}}\n")],
+            workload_fields: &[("b1", ECHO_ENDPOINT)],
             sections: &format!(
-                "services:
-- name: echo
-  namespace: demo
-  hostname: echo.demo.svc.cluster.local
-  vips: [/{vip}]
-  ports: {{80: {APP_PORT}}}
-policies:
+                "{services}policies:
 - name: no-9090
   namespace: demo
   scope: Namespace
   action: Deny
   rules:
   - - - destinationPorts: [{DENIED_PORT}]
-"
+",
+                services = echo_service(vip, ""),
             ),
             ..MeshChanges::default()
         },

@@ -11,7 +11,6 @@ use ztunnel_lab::mesh::MeshChanges;
 use ztunnel_user::api::Direction;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const SERVICE_PORT: u16 = 80;
 const CONNECTIONS: usize = 16;
 const UNHEALTHY_DRAWS: usize = 20;
 
@@ -19,10 +18,8 @@ const UNHEALTHY_DRAWS: usize = 20;
 fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
     let s = LabSession::start();
     let servers = [("a2", serve("a2", APP_PORT)), ("b1", serve("b1", APP_PORT))];
-    let endpoint = "  services: {demo/echo.demo.svc.cluster.local: {}}\n";
-    let service = format!(
-        "services:\n- name: echo\n  namespace: demo\n  hostname: echo.demo.svc.cluster.local\n  vips: [/{VIP}]\n  ports: {{{SERVICE_PORT}: {APP_PORT}}}\n"
-    );
+    let endpoint = ECHO_ENDPOINT;
+    let service = echo_service(VIP, "");
     apply_mesh(
         &s.lab,
         &MeshChanges {
@@ -32,7 +29,7 @@ fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
         },
     );
     for _ in 0..CONNECTIONS {
-        let report = send("a1", SocketAddrV4::new(VIP, SERVICE_PORT), 16 * 1024);
+        let report = send("a1", SocketAddrV4::new(VIP, ECHO_PORT), 16 * 1024);
         // Whichever endpoint took it saw a1, on the target port.
         assert_eq!(report.server.peer.ip(), s.ip("a1"));
         assert_eq!(report.server.local.port(), APP_PORT);
@@ -49,7 +46,7 @@ fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
 
     // An endpoint marked unhealthy is no longer chosen: 20 draws that all miss it would come
     // 1 time in a million from a choice that ignored health.
-    let unhealthy = "  services: {demo/echo.demo.svc.cluster.local: {}}\n  status: Unhealthy\n";
+    let unhealthy = &format!("{ECHO_ENDPOINT}  status: Unhealthy\n");
     apply_mesh(
         &s.lab,
         &MeshChanges {
@@ -59,7 +56,7 @@ fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
         },
     );
     for _ in 0..UNHEALTHY_DRAWS {
-        let report = send("a1", SocketAddrV4::new(VIP, SERVICE_PORT), 1024);
+        let report = send("a1", SocketAddrV4::new(VIP, ECHO_PORT), 1024);
         assert_eq!(report.server.local.ip(), s.ip("a2"));
     }
     assert!(
@@ -78,7 +75,7 @@ fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
             ..MeshChanges::default()
         },
     );
-    denied("a1", SocketAddrV4::new(VIP, SERVICE_PORT));
+    denied("a1", SocketAddrV4::new(VIP, ECHO_PORT));
     let failed = closed_connections(&s.lab, "node1", Direction::Outbound);
     let last = failed.last().expect("a1's record");
     assert_eq!(

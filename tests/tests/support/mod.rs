@@ -291,6 +291,22 @@ pub fn apply_mesh(lab: &Lab, changes: &ztunnel_lab::mesh::MeshChanges) {
 
 pub const NODES: [&str; 2] = ["node1", "node2"];
 
+/// The line that makes a workload an endpoint of the `echo` service (for
+/// `MeshChanges::workload_fields`).
+pub const ECHO_ENDPOINT: &str = "  services: {demo/echo.demo.svc.cluster.local: {}}\n";
+
+/// The `echo` service's port on its VIP.
+pub const ECHO_PORT: u16 = 80;
+
+/// A `services:` section with the `echo` service: `vip` port `ECHO_PORT` to the app's port, and the
+/// `extra` fields given (lines indented by two spaces).
+pub fn echo_service(vip: impl std::fmt::Display, extra: &str) -> String {
+    format!(
+        "services:\n- name: echo\n  namespace: demo\n  hostname: echo.demo.svc.cluster.local\n  \
+         vips: [/{vip}]\n  ports: {{{ECHO_PORT}: {APP_PORT}}}\n{extra}"
+    )
+}
+
 /// The pinned `ZT_WORKLOADS` map of `node`.
 pub fn kernel_workloads(
     lab: &Lab,

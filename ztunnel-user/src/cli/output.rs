@@ -240,7 +240,7 @@ fn dash(text: &str) -> String {
 fn waypoint_name(destination: &GatewayDestination) -> String {
     match destination {
         GatewayDestination::Address(address) => address.ip.to_string(),
-        GatewayDestination::Hostname(name) => format!("{}/{}", name.namespace, name.hostname),
+        GatewayDestination::Hostname(name) => name.key().to_owned(),
     }
 }
 

@@ -11,7 +11,7 @@ pub use kernel::IndexedWorkload;
 
 use config::reload::{ConfigFile, ConfigStatus};
 use config::{Change, MeshConfig, Refused, Touched};
-use kernel::{KernelMaps, WorkloadMap};
+use kernel::{KernelMaps, Staged, WorkloadMap};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -106,45 +106,32 @@ impl Mesh {
         if applied.touched.is_empty() && !reconcile {
             return Ok(applied);
         }
-        let staged = kernel.stage(&updated.config, &applied.touched);
+        let next = updated.config;
+        let staged = kernel.stage(&current, &next, &applied.touched);
         // The usual way: write what changed. Without the plaintext rules in the kernel, a
         // policy change tries them again in full.
         let retry_rules = !kernel.rules_written() && applied.touched.policies > 0;
         let written = !reconcile
             && !retry_rules
             && {
-                let diff = kernel.diff(&staged);
-                match maps.write(&diff) {
-                    Ok(()) => true,
-                    Err(err) => {
-                        tracing::warn!(%err, "cannot write the changes to the kernel maps; writing them whole");
-                        false
-                    }
-                }
+                let diff = kernel.diff(&current, &next, &staged);
+                maps.write(&diff)
+                .inspect_err(|err| tracing::warn!(%err, "cannot write the changes to the kernel maps; writing them whole"))
+                .is_ok()
             };
-        if written {
-            let rules = kernel.rules_written();
-            kernel.commit(staged, rules);
+        let rules = if written {
+            kernel.rules_written()
         } else {
-            // Whole: the maps may hold part of a failed write.
-            let rules = match maps.sync(&kernel.full(Some(&staged), true)) {
-                Ok(()) => true,
+            match write_whole(&kernel, &current, &next, &staged, maps) {
+                Ok(rules) => rules,
                 Err(err) => {
-                    tracing::error!(%err, "cannot write the plaintext rules to the kernel; the proxy alone enforces policies");
-                    if let Err(err) = maps.sync(&kernel.full(Some(&staged), false)) {
-                        kernel.discard(staged);
-                        let in_force = kernel.full(None, kernel.rules_written());
-                        if let Err(again) = maps.sync(&in_force) {
-                            tracing::error!(err = %again, "cannot put the kernel maps back to the config in force");
-                        }
-                        return Err(err);
-                    }
-                    false
+                    kernel.discard(staged);
+                    return Err(err);
                 }
-            };
-            kernel.commit(staged, rules);
-        }
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(updated.config);
+            }
+        };
+        kernel.commit(staged, rules);
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         Ok(applied)
     }
 
@@ -161,9 +148,33 @@ impl Mesh {
                 .kernel
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .indexed(),
+                .indexed(&config),
         }
     }
+}
+
+/// Makes `maps` hold the whole view of `next` with `staged` (they may hold part of a failed
+/// write): with the plaintext rules if the kernel takes them, else without, else the view of
+/// `current` again. Returns whether the rules are written.
+fn write_whole<M: KernelMaps>(
+    kernel: &WorkloadMap,
+    current: &MeshConfig,
+    next: &MeshConfig,
+    staged: &Staged,
+    maps: &M,
+) -> Result<bool, M::Error> {
+    let Err(err) = maps.sync(&kernel.full(next, Some(staged), true)) else {
+        return Ok(true);
+    };
+    tracing::error!(%err, "cannot write the plaintext rules to the kernel; the proxy alone enforces policies");
+    let Err(err) = maps.sync(&kernel.full(next, Some(staged), false)) else {
+        return Ok(false);
+    };
+    let in_force = kernel.full(current, None, kernel.rules_written());
+    if let Err(again) = maps.sync(&in_force) {
+        tracing::error!(err = %again, "cannot put the kernel maps back to the config in force");
+    }
+    Err(err)
 }
 
 #[cfg(test)]
@@ -171,64 +182,8 @@ mod tests {
     use super::*;
     use authz::Policy;
     use config::Workload;
-    use kernel::{MapsDiff, MeshMaps};
-    use std::cell::{Cell, RefCell};
-
-    /// Maps in memory that behave as the kernel's (keys written and deleted, a map that
-    /// refuses writes when told to), counting the keys each write names.
-    #[derive(Default)]
-    struct MemoryMaps {
-        maps: RefCell<MeshMaps>,
-        keys_written: Cell<usize>,
-        refuse_rules: Cell<bool>,
-        refuse_workloads: Cell<bool>,
-    }
-
-    impl MemoryMaps {
-        fn check(&self, rules: usize, workloads: usize) -> Result<(), String> {
-            if self.refuse_rules.get() && rules > 0 {
-                return Err("ZT_PLAINTEXT_RULES is full".into());
-            }
-            if self.refuse_workloads.get() && workloads > 0 {
-                return Err("ZT_WORKLOADS is full".into());
-            }
-            self.keys_written
-                .set(self.keys_written.get() + rules + workloads);
-            Ok(())
-        }
-    }
-
-    impl KernelMaps for MemoryMaps {
-        type Error = String;
-
-        fn sync(&self, maps: &MeshMaps) -> Result<(), String> {
-            self.check(maps.plaintext_rules.len(), maps.workloads.len())?;
-            *self.maps.borrow_mut() = maps.clone();
-            Ok(())
-        }
-
-        fn write(&self, diff: &MapsDiff) -> Result<(), String> {
-            let written = |values: Vec<bool>| values.into_iter().filter(|v| *v).count();
-            self.check(
-                written(diff.plaintext_rules.values().map(Option::is_some).collect()),
-                written(diff.workloads.values().map(Option::is_some).collect()),
-            )?;
-            let mut maps = self.maps.borrow_mut();
-            for (key, value) in &diff.workloads {
-                match value {
-                    Some(entry) => maps.workloads.insert(*key, *entry),
-                    None => maps.workloads.remove(key),
-                };
-            }
-            for (key, value) in &diff.plaintext_rules {
-                match value {
-                    Some(verdict) => maps.plaintext_rules.insert(*key, *verdict),
-                    None => maps.plaintext_rules.remove(key),
-                };
-            }
-            Ok(())
-        }
-    }
+    use kernel::memory::{MapFull, MemoryMaps};
+    use std::sync::atomic::Ordering;
 
     /// Workload `w<i>` at 10.x.y.z; the first `local` on node `here`, in namespace `demo`.
     fn workload(i: u32, local: bool) -> Change {
@@ -277,7 +232,7 @@ mod tests {
             )
             .collect();
         Mesh::new(|_| changes, None, "here", &fresh).unwrap();
-        let (held, expected) = (maps.maps.borrow(), fresh.maps.borrow());
+        let (held, expected) = (maps.held(), fresh.held());
         assert_eq!(held.workloads.len(), expected.workloads.len());
         assert_eq!(held.plaintext_rules, expected.plaintext_rules);
         // Indices may differ from a fresh start's; flags and identities' sharing may not.
@@ -289,9 +244,9 @@ mod tests {
     #[test]
     fn one_change_at_ten_thousand_workloads_writes_only_its_keys() {
         let (mesh, maps) = large_mesh();
-        assert_eq!(maps.maps.borrow().workloads.len(), 10_000);
-        assert!(!maps.maps.borrow().plaintext_rules.is_empty());
-        maps.keys_written.set(0);
+        assert_eq!(maps.held().workloads.len(), 10_000);
+        assert!(!maps.held().plaintext_rules.is_empty());
+        maps.keys_written.store(0, Ordering::Relaxed);
 
         // w5000 moves to another address: its old key goes, its new one is written.
         let Change::Workload(moved) = workload(5000, false) else {
@@ -303,23 +258,23 @@ mod tests {
             .apply(|_| vec![Change::Workload(Arc::new(moved))], &maps)
             .unwrap();
         assert_eq!(applied.touched.workloads, ["w5000"]);
-        assert_eq!(maps.keys_written.get(), 1);
+        assert_eq!(maps.keys_written.load(Ordering::Relaxed), 1);
         assert_maps_hold_the_config(&mesh, &maps);
 
         // A policy change rewrites what the 10 local workloads hold, nothing else.
-        maps.keys_written.set(0);
+        maps.keys_written.store(0, Ordering::Relaxed);
         mesh.apply(|_| vec![deny(9091)], &maps).unwrap();
-        let rules_per_workload = maps.maps.borrow().plaintext_rules.len() / 10;
-        assert!(maps.keys_written.get() <= 10 * (1 + rules_per_workload));
+        let rules_per_workload = maps.held().plaintext_rules.len() / 10;
+        assert!(maps.keys_written.load(Ordering::Relaxed) <= 10 * (1 + rules_per_workload));
         assert_maps_hold_the_config(&mesh, &maps);
 
         // Nothing changed, nothing written.
-        maps.keys_written.set(0);
+        maps.keys_written.store(0, Ordering::Relaxed);
         let config = mesh.current();
         let same = config.workload_by_uid("w1").unwrap().clone();
         mesh.apply(|_| vec![Change::Workload(Arc::new(same))], &maps)
             .unwrap();
-        assert_eq!(maps.keys_written.get(), 0);
+        assert_eq!(maps.keys_written.load(Ordering::Relaxed), 0);
     }
 
     /// A workload that leaves and one that comes in one batch never share an index: the
@@ -354,9 +309,9 @@ mod tests {
     #[test]
     fn refused_writes_leave_the_rules_to_the_proxy_or_keep_the_config_in_force() {
         let (mesh, maps) = large_mesh();
-        maps.refuse_rules.set(true);
+        maps.refuse_rules.store(true, Ordering::Relaxed);
         mesh.apply(|_| vec![deny(9091)], &maps).unwrap();
-        assert!(maps.maps.borrow().plaintext_rules.is_empty());
+        assert!(maps.held().plaintext_rules.is_empty());
         let flags = mesh
             .status()
             .workloads
@@ -365,16 +320,16 @@ mod tests {
             .fold(0, |a, f| a | f);
         assert_eq!(flags & ztunnel_common::maps::WORKLOAD_PLAINTEXT_RULES, 0);
 
-        maps.refuse_rules.set(false);
+        maps.refuse_rules.store(false, Ordering::Relaxed);
         mesh.apply(|_| vec![deny(9092)], &maps).unwrap();
-        assert!(!maps.maps.borrow().plaintext_rules.is_empty());
+        assert!(!maps.held().plaintext_rules.is_empty());
         assert_maps_hold_the_config(&mesh, &maps);
 
-        maps.refuse_workloads.set(true);
-        let before = maps.maps.borrow().clone();
+        maps.refuse_workloads.store(true, Ordering::Relaxed);
+        let before = maps.held();
         let refused = mesh.apply(|_| vec![workload(20_000, false)], &maps);
-        assert_eq!(refused.unwrap_err(), "ZT_WORKLOADS is full");
+        assert_eq!(refused.unwrap_err(), MapFull("ZT_WORKLOADS"));
         assert!(mesh.current().workload_by_uid("w20000").is_none());
-        assert_eq!(*maps.maps.borrow(), before);
+        assert_eq!(maps.held(), before);
     }
 }

@@ -51,19 +51,23 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
+/// Why an API client is turned away.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("cannot tell who the API client is: {0}")]
+    Unknown(std::io::Error),
+    #[error("only root may use the ztunnel API; the client runs as uid {0}")]
+    NotRoot(u32),
+}
+
 /// Only root (or the daemon's own user) may enroll and release pods: the socket's mode
 /// says so too, but a loosened mode or a bind mount into a pod must not open it.
-fn may_use(stream: &UnixStream) -> Result<(), String> {
-    let uid = stream
-        .peer_cred()
-        .map_err(|err| format!("cannot tell who the API client is: {err}"))?
-        .uid();
+fn may_use(stream: &UnixStream) -> Result<(), Refusal> {
+    let uid = stream.peer_cred().map_err(Refusal::Unknown)?.uid();
     if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
         Ok(())
     } else {
-        Err(format!(
-            "only root may use the ztunnel API; the client runs as uid {uid}"
-        ))
+        Err(Refusal::NotRoot(uid))
     }
 }
 
@@ -86,7 +90,8 @@ impl ApiServer {
                     }
                     Err(refused) => {
                         tracing::warn!(%refused, "API request refused");
-                        tokio::spawn(reply(stream, Response::Error { message: refused }));
+                        let message = refused.to_string();
+                        tokio::spawn(reply(stream, Response::Error { message }));
                     }
                 },
                 Err(err) => {

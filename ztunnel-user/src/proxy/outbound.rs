@@ -157,7 +157,7 @@ fn labels(
         source_identity: Some(&pod.identity),
         destination: target.and_then(|t| describe(config, t.ip(), None)),
         destination_identity: target_identity.as_ref(),
-        service: config.service_at(destination),
+        service: config.service_at(destination).map(|s| &*s.service),
         mutual_tls: route.carries_identities(),
     })
 }

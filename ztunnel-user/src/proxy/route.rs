@@ -62,7 +62,7 @@ impl Route {
                 return via_waypoint(config, waypoint, destination);
             }
             let Some(endpoint) = config.pick_endpoint(service, destination.port()) else {
-                return Route::Unavailable(Unroutable::NoHealthyEndpoint(service.key()));
+                return Route::Unavailable(Unroutable::NoHealthyEndpoint(service.key.to_string()));
             };
             target = endpoint.address;
             extra_identities = service.extra_identities();

@@ -213,10 +213,7 @@ fn gateway(g: istio::workload::GatewayAddress, field: &str) -> Result<GatewayAdd
             GatewayDestination::Address(network_address(address, || format!("{field}.address"))?)
         }
         Some(gateway_address::Destination::Hostname(name)) => {
-            GatewayDestination::Hostname(NamespacedHostname {
-                namespace: name.namespace,
-                hostname: name.hostname,
-            })
+            GatewayDestination::Hostname(NamespacedHostname::new(&name.namespace, &name.hostname))
         }
         None => {
             return Err(Problem::Unusable(format!(

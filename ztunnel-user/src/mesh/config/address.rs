@@ -55,11 +55,59 @@ pub enum GatewayDestination {
     Hostname(NamespacedHostname),
 }
 
+/// A service by namespace and hostname, kept as the key the model finds services by
+/// (`namespace/hostname`), so that a connection routed to it looks it up as it is.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(from = "HostnameFields", into = "HostnameFields")]
 pub struct NamespacedHostname {
-    pub namespace: String,
-    pub hostname: String,
+    key: String,
+    /// Where the namespace ends in `key`.
+    slash: usize,
+}
+
+impl NamespacedHostname {
+    pub fn new(namespace: &str, hostname: &str) -> NamespacedHostname {
+        NamespacedHostname {
+            key: format!("{namespace}/{hostname}"),
+            slash: namespace.len(),
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.key[..self.slash]
+    }
+
+    pub fn hostname(&self) -> &str {
+        &self.key[self.slash + 1..]
+    }
+
+    /// `namespace/hostname`: the service's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// `NamespacedHostname` as the config writes it.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HostnameFields {
+    namespace: String,
+    hostname: String,
+}
+
+impl From<HostnameFields> for NamespacedHostname {
+    fn from(fields: HostnameFields) -> Self {
+        NamespacedHostname::new(&fields.namespace, &fields.hostname)
+    }
+}
+
+impl From<NamespacedHostname> for HostnameFields {
+    fn from(name: NamespacedHostname) -> Self {
+        HostnameFields {
+            namespace: name.namespace().to_owned(),
+            hostname: name.hostname().to_owned(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]

@@ -158,9 +158,7 @@ impl MeshFile {
         // Waypoints may name any workload or service, so they are checked once all are known.
         let known = |waypoint: &GatewayAddress| match &waypoint.destination {
             GatewayDestination::Address(address) => addresses.contains_key(&address.ip),
-            GatewayDestination::Hostname(name) => {
-                hostnames.contains(&format!("{}/{}", name.namespace, name.hostname))
-            }
+            GatewayDestination::Hostname(name) => hostnames.contains(name.key()),
         };
         let waypoints = self
             .workloads

@@ -87,14 +87,30 @@ pub struct MeshConfig {
     workloads: imbl::HashMap<Arc<str>, Arc<Workload>>,
     by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
     /// By `namespace/hostname`.
-    services: imbl::HashMap<Arc<str>, Arc<Service>>,
+    services: imbl::HashMap<Arc<str>, KeyedService>,
     /// By VIP (`service_at` checks the port).
-    services_by_vip: imbl::HashMap<IpAddr, Arc<Service>>,
+    services_by_vip: imbl::HashMap<IpAddr, KeyedService>,
     /// The endpoints of each service key (whether that service is known yet or not), by uid.
     endpoints: imbl::HashMap<Arc<str>, imbl::OrdMap<Arc<str>, Arc<Workload>>>,
     /// Policies by `namespace/name`; `policies` indexes them for checks.
     policy_entries: imbl::HashMap<Arc<str>, Arc<Policy>>,
     pub policies: Arc<Policies>,
+}
+
+/// A service as the model holds it: with its key, made once (connections routed to it look its
+/// endpoints up by the key).
+#[derive(Clone, Debug)]
+pub struct KeyedService {
+    pub key: Arc<str>,
+    pub service: Arc<Service>,
+}
+
+impl std::ops::Deref for KeyedService {
+    type Target = Service;
+
+    fn deref(&self) -> &Service {
+        &self.service
+    }
 }
 
 /// A service endpoint chosen for a connection.
@@ -127,6 +143,7 @@ impl MeshConfig {
     pub fn updated(&self, changes: Vec<Change>) -> Updated {
         let mut next = self.clone();
         let mut replaced = HashMap::new();
+        let mut replaced_services = HashMap::new();
         let mut touched = Touched::default();
         for change in &changes {
             match change {
@@ -141,10 +158,15 @@ impl MeshConfig {
                     }
                 }
                 Change::Service(service) => {
-                    next.unlink_service(&service.key());
+                    let key = service.key();
+                    if let Some(old) = next.unlink_service(&key) {
+                        replaced_services.insert(key, old);
+                    }
                 }
                 Change::RemoveService(key) => {
-                    next.unlink_service(key);
+                    if let Some(old) = next.unlink_service(key) {
+                        replaced_services.insert(key.clone(), old);
+                    }
                 }
                 Change::Policy(_) | Change::RemovePolicy(_) => {}
             }
@@ -171,12 +193,23 @@ impl MeshConfig {
                 }
                 Change::Service(service) => {
                     let key = service.key();
-                    match next.link_service(service) {
-                        Ok(()) => touched.services += 1,
-                        Err(problem) => refused.push(Refused { name: key, problem }),
+                    if let Err(problem) = next.link_service(service) {
+                        // As for workloads: the version in force stays if it still fits.
+                        if let Some(old) = replaced_services.remove(&key)
+                            && next.link_service(old).is_err()
+                        {
+                            touched.services += 1;
+                        }
+                        refused.push(Refused { name: key, problem });
+                        continue;
+                    }
+                    touched.services += 1;
+                }
+                Change::RemoveService(key) => {
+                    if replaced_services.remove(&key).is_some() {
+                        touched.services += 1;
                     }
                 }
-                Change::RemoveService(_) => touched.services += 1,
                 Change::Policy(policy) => match policy.validate() {
                     Ok(()) => {
                         next.policy_entries.insert(policy.key().into(), policy);
@@ -254,12 +287,13 @@ impl MeshConfig {
         Ok(())
     }
 
-    fn unlink_service(&mut self, key: &str) {
-        if let Some(old) = self.services.remove(key) {
-            for vip in &old.vips {
-                self.services_by_vip.remove(&vip.ip);
-            }
+    /// Takes the service `key` out of every lookup; returns it.
+    fn unlink_service(&mut self, key: &str) -> Option<Arc<Service>> {
+        let old = self.services.remove(key)?;
+        for vip in &old.vips {
+            self.services_by_vip.remove(&vip.ip);
         }
+        Some(old.service)
     }
 
     /// Puts `service` into every lookup, unless it is invalid or a VIP is taken.
@@ -275,10 +309,14 @@ impl MeshConfig {
                 )));
             }
         }
-        for vip in &service.vips {
-            self.services_by_vip.insert(vip.ip, service.clone());
+        let keyed = KeyedService {
+            key: service.key().into(),
+            service,
+        };
+        for vip in &keyed.vips {
+            self.services_by_vip.insert(vip.ip, keyed.clone());
         }
-        self.services.insert(service.key().into(), service);
+        self.services.insert(keyed.key.clone(), keyed);
         Ok(())
     }
 
@@ -293,7 +331,7 @@ impl MeshConfig {
 
     /// Every service, in no particular order.
     pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.services.values().map(|s| &**s)
+        self.services.values().map(|s| &*s.service)
     }
 
     pub fn service_count(&self) -> usize {
@@ -324,31 +362,30 @@ impl MeshConfig {
 
     /// The service with the key `namespace/hostname`.
     pub fn service_by_key(&self, key: &str) -> Option<&Service> {
-        self.services.get(key).map(|s| &**s)
+        self.services.get(key).map(|s| &*s.service)
     }
 
     /// The service a connection to `address` is for: one of its VIPs and one of its ports.
-    pub fn service_at(&self, address: SocketAddr) -> Option<&Service> {
+    pub fn service_at(&self, address: SocketAddr) -> Option<&KeyedService> {
         let service = self.services_by_vip.get(&address.ip())?;
         service
             .ports
             .contains_key(&address.port())
-            .then_some(&**service)
+            .then_some(service)
     }
 
     /// One healthy endpoint of `service` for its `port`, chosen at random (the default load
     /// balancing of Istio's ztunnel), with the port mapped to the endpoint's target port.
-    pub fn pick_endpoint(&self, service: &Service, port: u16) -> Option<Endpoint<'_>> {
-        let key = service.key();
+    pub fn pick_endpoint(&self, service: &KeyedService, port: u16) -> Option<Endpoint<'_>> {
         let healthy: Vec<&Workload> = self
             .endpoints
-            .get(key.as_str())?
+            .get(&service.key)?
             .values()
             .map(|w| &**w)
             .filter(|w| w.status == HealthStatus::Healthy)
             .collect();
         let workload = *healthy.choose(&mut rand::rng())?;
-        let from_workload = workload.services[&key].get(&port).copied();
+        let from_workload = workload.services[&*service.key].get(&port).copied();
         let target_port = [from_workload, service.ports.get(&port).copied()]
             .into_iter()
             .flatten()
@@ -361,14 +398,11 @@ impl MeshConfig {
     }
 
     /// The service a waypoint names, when it is not a workload's address.
-    fn waypoint_service(&self, waypoint: &GatewayAddress) -> Option<&Service> {
+    fn waypoint_service(&self, waypoint: &GatewayAddress) -> Option<&KeyedService> {
         match &waypoint.destination {
             GatewayDestination::Address(address) => self.services_by_vip.get(&address.ip),
-            GatewayDestination::Hostname(name) => self
-                .services
-                .get(format!("{}/{}", name.namespace, name.hostname).as_str()),
+            GatewayDestination::Hostname(name) => self.services.get(name.key()),
         }
-        .map(|s| &**s)
     }
 
     /// The workload that serves as the waypoint for a connection, and where it takes HBONE.
@@ -405,7 +439,7 @@ impl MeshConfig {
         }
         self.waypoint_service(waypoint).is_some_and(|service| {
             self.endpoints
-                .get(service.key().as_str())
+                .get(&service.key)
                 .is_some_and(|endpoints| endpoints.contains_key(workload.uid.as_str()))
         })
     }
@@ -441,308 +475,4 @@ impl MeshConfig {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::{BTreeMap, HashSet};
-
-    const FILE: &str = "mesh.yaml";
-
-    fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
-        MeshConfig::parse(Path::new(FILE), text)
-    }
-
-    fn addr(text: &str) -> SocketAddr {
-        text.parse().unwrap()
-    }
-
-    #[test]
-    fn an_istio_style_workload_list() {
-        let config = parse(
-            "workloads:\n\
-             - uid: cluster1//v1/Pod/demo/a1\n  name: a1\n  namespace: demo\n  serviceAccount: sa-a\n  \
-               workloadIps: [10.244.1.2]\n  protocol: HBONE\n  node: node1\n  network: ''\n  \
-               canonicalName: a\n  clusterId: Kubernetes\n\
-             - uid: legacy-u1\n  name: u1\n  namespace: legacy\n  workloadIps: [10.244.2.3]\n",
-        )
-        .unwrap();
-        let a1 = config
-            .workload_by_ip("10.244.1.2".parse().unwrap())
-            .unwrap();
-        assert_eq!(a1.protocol, Protocol::Hbone);
-        assert_eq!(
-            a1.identity().to_string(),
-            "spiffe://cluster.local/ns/demo/sa/sa-a"
-        );
-        let u1 = config.workload_by_uid("legacy-u1").unwrap();
-        assert_eq!(
-            (u1.protocol, u1.service_account.as_str()),
-            (Protocol::Tcp, "default")
-        );
-        assert!(config.workload_by_ip("10.0.0.1".parse().unwrap()).is_none());
-    }
-
-    const SERVICES: &str = "\
-workloads:
-- {uid: e1, name: e1, namespace: demo, workloadIps: [10.0.1.1], protocol: HBONE,
-   services: {demo/echo.demo.svc: {80: 8081}}}
-- {uid: e2, name: e2, namespace: demo, workloadIps: [10.0.2.1], protocol: HBONE,
-   services: {demo/echo.demo.svc: {}}}
-- {uid: e3, name: e3, namespace: demo, workloadIps: [10.0.2.2], status: Unhealthy,
-   services: {demo/echo.demo.svc: {}}}
-- {uid: wp, name: wp, namespace: demo, serviceAccount: waypoint, workloadIps: [10.0.2.9],
-   protocol: HBONE}
-- {uid: b1, name: b1, namespace: demo, workloadIps: [10.0.2.5], protocol: HBONE,
-   waypoint: {destination: /10.0.2.9, hboneMtlsPort: 15008}}
-services:
-- name: echo
-  namespace: demo
-  hostname: echo.demo.svc
-  vips: [/10.96.0.10]
-  ports: {80: 8080, 81: 0}
-  subjectAltNames: [spiffe://cluster.local/ns/demo/sa/extra]
-- name: waypointed
-  namespace: demo
-  hostname: w.demo.svc
-  vips: [10.96.0.11]
-  ports: {80: 8080}
-  waypoint: {destination: {namespace: demo, hostname: echo.demo.svc}}
-";
-
-    #[test]
-    fn services_resolve_to_healthy_endpoints_with_their_target_ports() {
-        let config = parse(SERVICES).unwrap();
-        assert!(config.service_at(addr("10.96.0.10:90")).is_none());
-        let echo = config.service_at(addr("10.96.0.10:80")).unwrap();
-        let mut seen = HashSet::new();
-        for _ in 0..200 {
-            let endpoint = config.pick_endpoint(echo, 80).unwrap();
-            seen.insert(endpoint.address);
-        }
-        // e1 maps 80 to its own 8081; e2 takes the service's 8080; unhealthy e3 never.
-        let expected: HashSet<SocketAddr> = [addr("10.0.1.1:8081"), addr("10.0.2.1:8080")].into();
-        assert_eq!(seen, expected);
-        // Target port 0 means the service port itself.
-        let port_81 = config.pick_endpoint(echo, 81).unwrap().address.port();
-        assert_eq!(port_81, 81);
-        assert_eq!(
-            echo.extra_identities()[0].to_string(),
-            "spiffe://cluster.local/ns/demo/sa/extra"
-        );
-    }
-
-    #[test]
-    fn waypoints_resolve_and_know_their_own_traffic() {
-        let config = parse(SERVICES).unwrap();
-        let b1 = config.workload_by_uid("b1").unwrap();
-        let waypoint = b1.waypoint.as_ref().unwrap();
-        let endpoint = config.resolve_waypoint(waypoint).unwrap();
-        assert_eq!(endpoint.address, addr("10.0.2.9:15008"));
-        assert_eq!(endpoint.workload.service_account, "waypoint");
-        assert!(config.is_waypoint(waypoint, "10.0.2.9".parse().unwrap()));
-        assert!(!config.is_waypoint(waypoint, "10.0.1.1".parse().unwrap()));
-        // A waypoint named by service hostname: any of the service's endpoints is it.
-        let service = config.service_at(addr("10.96.0.11:80")).unwrap();
-        let by_name = service.waypoint.as_ref().unwrap();
-        let endpoint = config.resolve_waypoint(by_name).unwrap();
-        assert_eq!(endpoint.address.port(), 15008);
-        assert!(config.is_waypoint(by_name, "10.0.2.1".parse().unwrap()));
-        assert!(!config.is_waypoint(by_name, "10.0.2.9".parse().unwrap()));
-    }
-
-    /// `count` HBONE workloads `w<i>` in namespace `demo`, each an endpoint of service
-    /// `demo/s<i % 100>`.
-    fn workloads(count: u32) -> Vec<Change> {
-        (0..count)
-            .map(|i| {
-                let text = format!(
-                    "{{uid: w{i}, name: w{i}, namespace: demo, workloadIps: [10.{}.{}.{}], protocol: HBONE, services: {{demo/s{}: {{}}}}}}",
-                    i >> 16,
-                    (i >> 8) & 255,
-                    i & 255,
-                    i % 100
-                );
-                Change::Workload(Arc::new(serde_yaml_ng::from_str(&text).unwrap()))
-            })
-            .collect()
-    }
-
-    fn ip(text: &str) -> IpAddr {
-        text.parse().unwrap()
-    }
-
-    /// A change at 10,000 workloads touches that workload: the next version shares every other
-    /// entry with the one before, and only its service's endpoints change.
-    #[test]
-    fn one_change_touches_only_what_depends_on_it() {
-        let updated = MeshConfig::default().updated(workloads(10_000));
-        assert!(updated.refused.is_empty());
-        assert_eq!(updated.touched.workloads.len(), 10_000);
-        let before = updated.config;
-        let mut moved: Workload = before.workload_by_uid("w7").unwrap().clone();
-        moved.workload_ips = vec![ip("10.200.0.7")];
-        moved.services = [("demo/other".to_owned(), BTreeMap::new())].into();
-        let after = before.updated(vec![Change::Workload(Arc::new(moved))]);
-        assert_eq!(
-            after.touched,
-            Touched {
-                workloads: vec!["w7".to_owned()],
-                ..Touched::default()
-            }
-        );
-        let after = after.config;
-        assert!(after.workload_by_ip(ip("10.0.0.7")).is_none());
-        assert_eq!(after.workload_by_ip(ip("10.200.0.7")).unwrap().uid, "w7");
-        for uid in ["w0", "w8", "w9999"] {
-            assert!(Arc::ptr_eq(&before.workloads[uid], &after.workloads[uid]));
-        }
-        let endpoints =
-            |config: &MeshConfig, key: &str| config.endpoints.get(key).map_or(0, imbl::OrdMap::len);
-        assert_eq!(endpoints(&before, "demo/s7"), 100);
-        assert_eq!(endpoints(&after, "demo/s7"), 99);
-        assert_eq!(endpoints(&after, "demo/other"), 1);
-        assert!(after.endpoints["demo/s8"].ptr_eq(&before.endpoints["demo/s8"]));
-        // The version before is intact: a connection holding it sees no change.
-        assert_eq!(before.workload_by_ip(ip("10.0.0.7")).unwrap().uid, "w7");
-    }
-
-    #[test]
-    fn entries_may_trade_addresses_within_one_batch() {
-        let config = MeshConfig::default().updated(workloads(2)).config;
-        let mut first = config.workload_by_uid("w0").unwrap().clone();
-        let mut second = config.workload_by_uid("w1").unwrap().clone();
-        std::mem::swap(&mut first.workload_ips, &mut second.workload_ips);
-        let updated = config.updated(vec![
-            Change::Workload(Arc::new(first)),
-            Change::Workload(Arc::new(second)),
-        ]);
-        assert!(updated.refused.is_empty(), "{:?}", updated.refused);
-        assert_eq!(
-            updated.config.workload_by_ip(ip("10.0.0.0")).unwrap().uid,
-            "w1"
-        );
-        assert_eq!(
-            updated.config.workload_by_ip(ip("10.0.0.1")).unwrap().uid,
-            "w0"
-        );
-    }
-
-    /// An entry that takes an address outside its batch is refused, naming the holder, and its
-    /// previous version stays; the rest of the batch is applied.
-    #[test]
-    fn a_conflicting_entry_is_refused_and_its_previous_version_stays() {
-        let config = MeshConfig::default().updated(workloads(3)).config;
-        let mut thief = config.workload_by_uid("w0").unwrap().clone();
-        thief.workload_ips = vec![ip("10.0.0.1")];
-        let service = "{name: s, namespace: demo, hostname: s, vips: [/10.0.0.2], ports: {80: 80}}";
-        let updated = config.updated(vec![
-            Change::Workload(Arc::new(thief)),
-            Change::Service(Arc::new(serde_yaml_ng::from_str(service).unwrap())),
-            Change::RemoveWorkload("w2".to_owned()),
-        ]);
-        let refused: Vec<String> = updated.refused.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            refused,
-            ["w0: field workloadIps: 10.0.0.1 belongs to workload w1"]
-        );
-        let config = updated.config;
-        assert_eq!(config.workload_by_ip(ip("10.0.0.0")).unwrap().uid, "w0");
-        assert_eq!(config.workload_by_ip(ip("10.0.0.1")).unwrap().uid, "w1");
-        assert!(config.service_at("10.0.0.2:80".parse().unwrap()).is_some());
-        assert!(config.workload_by_uid("w2").is_none());
-        assert_eq!(
-            (updated.touched.workloads, updated.touched.services),
-            (vec!["w2".to_owned()], 1)
-        );
-    }
-
-    /// A file's changes make the model equal to the file: what differs, what is new, and the
-    /// removal of what the file no longer has; an unchanged file makes none.
-    #[test]
-    fn a_file_becomes_the_changes_that_make_the_model_equal_to_it() {
-        let first = parse(SERVICES).unwrap();
-        let edited = SERVICES
-            .replace("status: Unhealthy", "status: Healthy")
-            .replace("- {uid: wp,", "- {uid: wp2,");
-        let file = MeshFile::parse(Path::new(FILE), &edited).unwrap();
-        let changes = file.changes_from(&first);
-        let names: Vec<String> = changes
-            .iter()
-            .map(|change| match change {
-                Change::Workload(w) => format!("+{}", w.uid),
-                Change::RemoveWorkload(uid) => format!("-{uid}"),
-                other => format!("{other:?}"),
-            })
-            .collect();
-        assert_eq!(names, ["-wp", "+e3", "+wp2"]);
-        let updated = first.updated(changes);
-        assert_eq!(
-            updated.config.sorted_workloads(),
-            parse(&edited).unwrap().sorted_workloads()
-        );
-        let again = MeshFile::parse(Path::new(FILE), &edited).unwrap();
-        assert!(again.changes_from(&updated.config).is_empty());
-    }
-
-    #[test]
-    fn errors_name_the_file_the_entry_and_the_field() {
-        let cases = [
-            (
-                "workloads:\n- uid: x\n  name: a\n  namespace: ''\n  workloadIps: [10.0.0.1]\n",
-                "workload #0 (/a): field namespace must not be empty",
-            ),
-            (
-                "workloads:\n- uid: x\n  name: a\n  namespace: n\n  workloadIps: []\n",
-                "workload #0 (n/a): field workloadIps",
-            ),
-            (
-                "workloads:\n- {uid: x, name: a, namespace: n, workloadIps: [10.0.0.1]}\n- {uid: x, name: b, namespace: n, workloadIps: [10.0.0.2]}\n",
-                "workload #1 (n/b): field uid x is used",
-            ),
-            (
-                "workloads:\n- {uid: x, name: a, namespace: n, workloadIps: [10.0.0.1]}\n- {uid: y, name: b, namespace: n, workloadIps: [10.0.0.1]}\n",
-                "workload #1 (n/b): field workloadIps: 10.0.0.1",
-            ),
-            (
-                "workloads:\n- {uid: x, name: a, namespace: n, serviceAccount: a/b, workloadIps: [10.0.0.1]}\n",
-                "serviceAccount must not contain",
-            ),
-            (
-                "workloads:\n- {uid: x, name: a, namespace: n, workloadIps: [10.0.0.1], services: {nohost: {}}}\n",
-                "workload #0 (n/a): field services: \"nohost\"",
-            ),
-            (
-                "workloads:\n- {uid: x, name: a, namespace: n, workloadIps: [10.0.0.1], waypoint: {destination: /10.9.9.9}}\n",
-                "workload #0 (n/a): field waypoint",
-            ),
-            (
-                "services:\n- {name: s, namespace: n, hostname: h, vips: [/10.96.0.1], ports: {}}\n",
-                "service #0 (n/s): field ports",
-            ),
-            (
-                "services:\n- {name: s, namespace: n, hostname: h, vips: [/10.96.0.1], ports: {80: 80}}\n- {name: t, namespace: n, hostname: i, vips: [/10.96.0.1], ports: {80: 80}}\n",
-                "service #1 (n/t): field vips: 10.96.0.1 is already in use",
-            ),
-            (
-                "services:\n- {name: s, namespace: n, hostname: h, vips: [/10.96.0.1], ports: {80: 80}, subjectAltNames: [x]}\n",
-                "service #0 (n/s): field subjectAltNames",
-            ),
-        ];
-        for (text, expected) in cases {
-            let err = parse(text)
-                .err()
-                .expect("the config is refused")
-                .to_string();
-            assert!(err.starts_with("mesh config mesh.yaml"), "{err}");
-            assert!(err.contains(expected), "{err} should contain {expected}");
-        }
-        let err = parse("workloads:\n- {uid: x, name: a, namespace: n, workloadIps: [10.0.0.1], protocl: HBONE}\n").err().expect("the config is refused");
-        assert!(err.to_string().contains("protocl"), "{err}");
-        for bad in [
-            "workloads:\n- {uid: x, name: a, namespace: n, workloadIps: [not-an-ip]}\n",
-            "services:\n- {name: s, namespace: n, hostname: h, vips: [net/bad], ports: {80: 80}}\n",
-        ] {
-            let err = parse(bad).err().expect("the config is refused");
-            assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
-        }
-    }
-}
+mod tests;

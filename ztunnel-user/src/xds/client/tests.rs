@@ -17,13 +17,13 @@ use super::super::proto::istio::workload::{
 };
 use super::*;
 use crate::mesh::Mesh;
-use crate::mesh::kernel::{KernelMaps, MapsDiff, MeshMaps};
+use crate::mesh::kernel::memory::MemoryMaps;
 use prost_types::Any;
 use prost_types::value::Kind;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -185,34 +185,6 @@ async fn next_stream(streams: &mut UnboundedReceiver<IstiodStream>) -> IstiodStr
 }
 
 // ---- the sink: the mesh model ----------------------------------------------------------
-
-/// Kernel maps that take everything, or refuse everything when told to.
-#[derive(Default)]
-struct MemoryMaps {
-    refuse: AtomicBool,
-}
-
-impl MemoryMaps {
-    fn check(&self) -> Result<(), String> {
-        if self.refuse.load(Ordering::Relaxed) {
-            Err("ZT_WORKLOADS is full".to_owned())
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl KernelMaps for MemoryMaps {
-    type Error = String;
-
-    fn sync(&self, _maps: &MeshMaps) -> Result<(), String> {
-        self.check()
-    }
-
-    fn write(&self, _diff: &MapsDiff) -> Result<(), String> {
-        self.check()
-    }
-}
 
 /// One call of the sink: the names it was given.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -874,7 +846,7 @@ async fn a_response_the_kernel_refuses_is_nacked_whole() {
         .acked(response(ADDRESS, "n1", vec![a1("1")], &[]))
         .await;
 
-    h.sink.maps.refuse.store(true, Ordering::Relaxed);
+    h.sink.maps.refuse_workloads.store(true, Ordering::Relaxed);
     let resources = vec![
         address_entry(&uid("a1"), "2", workload("a1", &[10, 0, 0, 9])),
         address_entry(&uid("a2"), "1", workload("a2", &[10, 0, 0, 2])),

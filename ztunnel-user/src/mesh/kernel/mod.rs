@@ -79,6 +79,11 @@ struct Indices {
 }
 
 impl Indices {
+    /// The index `name` holds, if any.
+    fn index(&self, name: &str) -> Option<u32> {
+        self.by_name.get(name).map(|(index, _)| *index)
+    }
+
     /// The index of `name`, with one more holder.
     fn hold(&mut self, name: &str) -> u32 {
         if let Some((index, holders)) = self.by_name.get_mut(name) {
@@ -105,55 +110,61 @@ impl Indices {
     }
 }
 
-/// One workload as the kernel knows it: its entry under each address, and, on this node, the
-/// plaintext rules `sk_lookup` applies to it.
+/// One workload as the kernel knows it (its uid, identity and addresses are the model's):
+/// its entry's integers, and, on this node, the plaintext rules `sk_lookup` applies to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct KernelWorkload {
-    indexed: IndexedWorkload,
+    identity_index: u32,
+    flags: u32,
     rules: BTreeMap<(u32, PlaintextRuleKey), u32>,
 }
 
 impl KernelWorkload {
-    /// Adds what the kernel holds of it to `maps`.
-    fn write_into(&self, maps: &mut MeshMaps, with_rules: bool) {
-        let (entry, rules) = self.written(with_rules);
-        for ip in &self.indexed.addresses {
-            maps.workloads.insert(Addr::from(*ip), entry);
-        }
-        maps.plaintext_rules
-            .extend(rules.iter().map(|(key, verdict)| (*key, *verdict)));
-    }
-
-    /// What the kernel holds of it: without its rules (and their flag) while the plaintext
-    /// rules are not written.
-    fn written(
-        &self,
-        with_rules: bool,
-    ) -> (WorkloadEntry, &BTreeMap<(u32, PlaintextRuleKey), u32>) {
-        static NONE: BTreeMap<(u32, PlaintextRuleKey), u32> = BTreeMap::new();
-        let mut flags = self.indexed.flags;
+    /// What the kernel holds of it: its entry, without its rules (and their flag) while the
+    /// plaintext rules are not written.
+    fn entry(&self, workload_index: u32, with_rules: bool) -> WorkloadEntry {
+        let mut flags = self.flags;
         if !with_rules {
             flags &= !WORKLOAD_PLAINTEXT_RULES;
         }
-        let entry = WorkloadEntry {
-            workload: self.indexed.workload_index,
-            identity: self.indexed.identity_index,
+        WorkloadEntry {
+            workload: workload_index,
+            identity: self.identity_index,
             flags,
             _pad: 0,
-        };
-        (entry, if with_rules { &self.rules } else { &NONE })
+        }
+    }
+
+    /// Adds what the kernel holds of it, at `addresses`, to `maps`.
+    fn write_into(
+        &self,
+        maps: &mut MeshMaps,
+        workload_index: u32,
+        addresses: &[IpAddr],
+        with_rules: bool,
+    ) {
+        let entry = self.entry(workload_index, with_rules);
+        for ip in addresses {
+            maps.workloads.insert(Addr::from(*ip), entry);
+        }
+        if with_rules {
+            maps.plaintext_rules
+                .extend(self.rules.iter().map(|(key, verdict)| (*key, *verdict)));
+        }
     }
 }
 
 /// The kernel's view of the model, kept per workload: a batch of changes recomputes the
 /// workloads it touched (and, when policies changed, the plaintext rules of this node's
 /// workloads), and what the kernel maps must change follows from the entries before and
-/// after.
+/// after. Only integers are kept here; names and addresses are read from the model, the one
+/// in force or the one a batch makes.
 pub(crate) struct WorkloadMap {
     node: String,
     workloads: Indices,
     identities: Indices,
-    entries: HashMap<String, KernelWorkload>,
+    /// By workload index.
+    entries: HashMap<u32, KernelWorkload>,
     /// The uids of the workloads on this node: their plaintext rules follow the policies.
     local: BTreeSet<String>,
     /// Whether the kernel holds the plaintext rules (a full map can refuse them; the proxy
@@ -163,8 +174,8 @@ pub(crate) struct WorkloadMap {
 
 /// A batch's kernel view, not in force until `commit`.
 pub(crate) struct Staged {
-    /// Each recomputed workload's entry (`None`: it left).
-    entries: Vec<(String, Option<KernelWorkload>)>,
+    /// Each recomputed workload's uid, index and entry (`None`: it left).
+    entries: Vec<(String, u32, Option<KernelWorkload>)>,
     /// The names whose indices the batch took, to give back if it is dropped.
     held: Vec<(String, String)>,
     /// The names whose indices the batch lets go of, once it is in force.
@@ -184,8 +195,13 @@ impl WorkloadMap {
     }
 
     /// The kernel view of the workloads `touched` names (and of every workload on this node
-    /// when policies changed), as `config` has them.
-    pub(crate) fn stage(&mut self, config: &MeshConfig, touched: &Touched) -> Staged {
+    /// when policies changed), as `next` has them; `current` is the model in force.
+    pub(crate) fn stage(
+        &mut self,
+        current: &MeshConfig,
+        next: &MeshConfig,
+        touched: &Touched,
+    ) -> Staged {
         let mut uids: BTreeSet<String> = touched.workloads.iter().cloned().collect();
         if touched.policies > 0 {
             uids.extend(self.local.iter().cloned());
@@ -196,19 +212,27 @@ impl WorkloadMap {
             released: Vec::new(),
         };
         for uid in uids {
-            if let Some(old) = self.entries.get(&uid) {
+            let old_index = self.workloads.index(&uid);
+            if let Some(old) = current.workload_by_uid(&uid) {
                 staged
                     .released
-                    .push((uid.clone(), old.indexed.identity.clone()));
+                    .push((uid.clone(), old.identity().to_string()));
             }
-            let entry = config.workload_by_uid(&uid).map(|workload| {
-                let identity = workload.identity().to_string();
-                let workload_index = self.workloads.hold(&uid);
-                let identity_index = self.identities.hold(&identity);
-                staged.held.push((uid.clone(), identity.clone()));
-                self.compute(config, workload, workload_index, identity, identity_index)
-            });
-            staged.entries.push((uid, entry));
+            match next.workload_by_uid(&uid) {
+                Some(workload) => {
+                    let identity = workload.identity().to_string();
+                    let workload_index = self.workloads.hold(&uid);
+                    let identity_index = self.identities.hold(&identity);
+                    staged.held.push((uid.clone(), identity));
+                    let entry = self.compute(next, workload, workload_index, identity_index);
+                    staged.entries.push((uid, workload_index, Some(entry)));
+                }
+                None => {
+                    if let Some(index) = old_index {
+                        staged.entries.push((uid, index, None));
+                    }
+                }
+            }
         }
         staged
     }
@@ -218,7 +242,6 @@ impl WorkloadMap {
         config: &MeshConfig,
         workload: &Workload,
         workload_index: u32,
-        identity: String,
         identity_index: u32,
     ) -> KernelWorkload {
         let mut flags = 0;
@@ -242,35 +265,36 @@ impl WorkloadMap {
             }
         }
         KernelWorkload {
-            indexed: IndexedWorkload {
-                uid: workload.uid.clone(),
-                workload_index,
-                identity,
-                identity_index,
-                addresses: workload.workload_ips.clone(),
-                flags,
-            },
+            identity_index,
+            flags,
             rules,
         }
     }
 
-    /// What the kernel maps must change for `staged`, as they are written now. Only the
-    /// batch's own workloads can hold its keys: the model gives no address to two workloads,
-    /// and a rule's key holds its workload's index.
-    pub(crate) fn diff(&self, staged: &Staged) -> MapsDiff {
+    /// What the kernel maps must change for `staged` (made from `current` to `next`), as they
+    /// are written now. Only the batch's own workloads can hold its keys: the model gives no
+    /// address to two workloads, and a rule's key holds its workload's index.
+    pub(crate) fn diff(
+        &self,
+        current: &MeshConfig,
+        next: &MeshConfig,
+        staged: &Staged,
+    ) -> MapsDiff {
         let mut before = MeshMaps::default();
         let mut after = MeshMaps::default();
-        let olds = staged
-            .entries
-            .iter()
-            .filter_map(|(uid, _)| self.entries.get(uid));
-        let news = staged.entries.iter().filter_map(|(_, new)| new.as_ref());
-        for (workloads, maps) in [
-            (olds.collect::<Vec<_>>(), &mut before),
-            (news.collect(), &mut after),
-        ] {
-            for workload in workloads {
-                workload.write_into(maps, self.rules_written);
+        for (uid, index, new) in &staged.entries {
+            let old_index = self.workloads.index(uid);
+            let old = old_index.and_then(|i| Some((i, self.entries.get(&i)?)));
+            if let (Some((i, old)), Some(workload)) = (old, current.workload_by_uid(uid)) {
+                old.write_into(&mut before, i, &workload.workload_ips, self.rules_written);
+            }
+            if let (Some(new), Some(workload)) = (new, next.workload_by_uid(uid)) {
+                new.write_into(
+                    &mut after,
+                    *index,
+                    &workload.workload_ips,
+                    self.rules_written,
+                );
             }
         }
         MapsDiff {
@@ -281,19 +305,19 @@ impl WorkloadMap {
 
     /// Puts `staged` in force: the kernel holds it now (with the plaintext rules, or not).
     pub(crate) fn commit(&mut self, staged: Staged, rules_written: bool) {
-        for (uid, entry) in staged.entries {
+        for (uid, index, entry) in staged.entries {
             match entry {
                 Some(entry) => {
-                    if entry.indexed.flags & WORKLOAD_ON_THIS_NODE != 0 {
-                        self.local.insert(uid.clone());
+                    if entry.flags & WORKLOAD_ON_THIS_NODE != 0 {
+                        self.local.insert(uid);
                     } else {
                         self.local.remove(&uid);
                     }
-                    self.entries.insert(uid, entry);
+                    self.entries.insert(index, entry);
                 }
                 None => {
                     self.local.remove(&uid);
-                    self.entries.remove(&uid);
+                    self.entries.remove(&index);
                 }
             }
         }
@@ -317,37 +341,55 @@ impl WorkloadMap {
         self.rules_written
     }
 
-    /// Everything the kernel maps hold with `staged` in force (with the plaintext rules or
-    /// not): what a full write reconciles them with.
-    pub(crate) fn full(&self, staged: Option<&Staged>, with_rules: bool) -> MeshMaps {
-        let replaced: HashMap<&str, Option<&KernelWorkload>> = staged
+    /// Everything the kernel maps hold for `config` (with the plaintext rules or not), which
+    /// is the model in force, or the one `staged` was made for: what a full write reconciles
+    /// them with.
+    pub(crate) fn full(
+        &self,
+        config: &MeshConfig,
+        staged: Option<&Staged>,
+        with_rules: bool,
+    ) -> MeshMaps {
+        let staged: HashMap<u32, &KernelWorkload> = staged
             .map(|s| {
                 s.entries
                     .iter()
-                    .map(|(uid, entry)| (uid.as_str(), entry.as_ref()))
+                    .filter_map(|(_, index, entry)| Some((*index, entry.as_ref()?)))
                     .collect()
             })
             .unwrap_or_default();
-        let kept = self
-            .entries
-            .iter()
-            .filter(|(uid, _)| !replaced.contains_key(uid.as_str()))
-            .map(|(_, entry)| entry);
         let mut maps = MeshMaps::default();
-        for workload in kept.chain(replaced.values().flatten().copied()) {
-            workload.write_into(&mut maps, with_rules);
+        for workload in config.workloads() {
+            let Some(index) = self.workloads.index(&workload.uid) else {
+                continue;
+            };
+            let entry = staged
+                .get(&index)
+                .copied()
+                .or_else(|| self.entries.get(&index));
+            if let Some(entry) = entry {
+                entry.write_into(&mut maps, index, &workload.workload_ips, with_rules);
+            }
         }
         maps
     }
 
-    /// Every workload with its indices, by uid, as the kernel knows them.
-    pub(crate) fn indexed(&self) -> Vec<IndexedWorkload> {
-        let mut indexed: Vec<IndexedWorkload> = self
-            .entries
-            .values()
-            .map(|e| IndexedWorkload {
-                flags: e.written(self.rules_written).0.flags,
-                ..e.indexed.clone()
+    /// Every workload of `config` (the model in force) with its indices, by uid, as the
+    /// kernel knows them.
+    pub(crate) fn indexed(&self, config: &MeshConfig) -> Vec<IndexedWorkload> {
+        let mut indexed: Vec<IndexedWorkload> = config
+            .workloads()
+            .filter_map(|workload| {
+                let index = self.workloads.index(&workload.uid)?;
+                let entry = self.entries.get(&index)?.entry(index, self.rules_written);
+                Some(IndexedWorkload {
+                    uid: workload.uid.clone(),
+                    workload_index: index,
+                    identity: workload.identity().to_string(),
+                    identity_index: entry.identity,
+                    addresses: workload.workload_ips.clone(),
+                    flags: entry.flags,
+                })
             })
             .collect();
         indexed.sort_unstable_by(|a, b| a.uid.cmp(&b.uid));
@@ -397,3 +439,6 @@ fn plaintext_rules(
     });
     Some(entries.collect())
 }
+
+#[cfg(test)]
+pub(crate) mod memory;
