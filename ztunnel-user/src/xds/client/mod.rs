@@ -6,7 +6,7 @@
 //!
 //! The flow, as Istio's ztunnel's (`src/xds/client.rs`):
 //! - At each opening: the headers `authorization: Bearer <token>` (the token file read again,
-//!   `node::XdsConfig`) and `clusterid`; then one request per type with the `Node`, the
+//!   `istiod::Credentials`) and `clusterid`; then one request per type with the `Node`, the
 //!   `type_url`, no names (wildcard), and `initial_resource_versions`, the name -> version of
 //!   every resource held and accepted.
 //! - Each response: every resource is converted (`convert`), the good ones go to the sink as one
@@ -42,7 +42,7 @@ use super::proto::envoy::service::discovery::v3::{
     aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
 use super::proto::google::rpc::Status;
-use node::{HeaderError, stream_headers};
+use crate::istiod::CredentialsError;
 use rand::Rng;
 use state::{Settled, Shared};
 use std::collections::{HashMap, HashSet};
@@ -89,7 +89,7 @@ pub struct XdsClient<C, S: ?Sized> {
 #[derive(Debug, thiserror::Error)]
 enum Ended {
     #[error(transparent)]
-    Headers(#[from] HeaderError),
+    Headers(#[from] CredentialsError),
     #[error("cannot connect to istiod: {0}")]
     Connect(StdError),
     #[error("istiod refused the stream: {}", status_text(.0))]
@@ -161,7 +161,7 @@ impl<C: Connect, S: XdsSink + ?Sized> XdsClient<C, S> {
 
     /// One stream, from its opening to its end.
     async fn stream(&self, attempt: u64) -> Ended {
-        let headers = match stream_headers(&self.config).await {
+        let headers = match self.config.credentials.metadata().await {
             Ok(headers) => headers,
             Err(err) => return err.into(),
         };

@@ -1,11 +1,11 @@
 //! Who the client says it is (the `Node` of every initial request, as Istio's ztunnel builds
-//! it) and how it authenticates (the bearer token, read from its file at every stream opening).
+//! it) and how it authenticates (`istiod::Credentials`, at every stream opening).
 
 use super::super::proto::envoy::config::core::v3::Node;
+use crate::istiod::Credentials;
 use prost_types::{Struct, Value, value::Kind};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 
 /// The prefix of the environment variables that become node metadata (without it).
 const ISTIO_META_PREFIX: &str = "ISTIO_META_";
@@ -20,17 +20,14 @@ pub struct XdsConfig {
     pub node_id: String,
     /// `Node.metadata`, a Struct of strings (`NodeFacts::metadata`).
     pub node_metadata: Struct,
-    /// Sent as the `clusterid` header of every stream (none when empty).
-    pub cluster_id: String,
-    /// The file of the bearer token (`authorization: Bearer <token>`), read again at every
-    /// stream opening: the projected token is rotated. An empty file is an error. `None`: no
-    /// `authorization` header.
-    pub token_path: Option<PathBuf>,
+    /// The headers of every stream opening.
+    pub credentials: Credentials,
 }
 
 impl XdsConfig {
     /// The config Istio's ztunnel would run with on this node: its `Node` from `facts` and
-    /// the `ISTIO_META_*` variables of `env` (`std::env::vars()`), the cluster id of `facts`.
+    /// the `ISTIO_META_*` variables of `env` (`std::env::vars()`), authenticating with the
+    /// token in `token_path` and the cluster id of `facts`.
     pub fn for_node(
         facts: &NodeFacts,
         env: impl IntoIterator<Item = (String, String)>,
@@ -39,8 +36,10 @@ impl XdsConfig {
         XdsConfig {
             node_id: facts.node_id(),
             node_metadata: facts.metadata(env),
-            cluster_id: facts.cluster_id.clone(),
-            token_path,
+            credentials: Credentials {
+                cluster_id: facts.cluster_id.clone(),
+                token_path,
+            },
         }
     }
 
@@ -114,49 +113,4 @@ fn string_value(value: String) -> Value {
     Value {
         kind: Some(Kind::StringValue(value)),
     }
-}
-
-/// Why the headers of a stream could not be made.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum HeaderError {
-    #[error("cannot read the token file {path}: {source}")]
-    TokenUnreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the token file {0} is empty")]
-    TokenEmpty(PathBuf),
-    #[error("the token in {0} is not a valid header value")]
-    TokenInvalid(PathBuf),
-    #[error("the cluster id {0:?} is not a valid header value")]
-    ClusterIdInvalid(String),
-}
-
-/// The headers of a stream opening: `authorization: Bearer <token>` with the token read from
-/// its file now (surrounding whitespace trimmed), and `clusterid`.
-pub(super) async fn stream_headers(config: &XdsConfig) -> Result<MetadataMap, HeaderError> {
-    let mut headers = MetadataMap::new();
-    if let Some(path) = &config.token_path {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|source| HeaderError::TokenUnreadable {
-                path: path.clone(),
-                source,
-            })?;
-        let token = bytes.trim_ascii();
-        if token.is_empty() {
-            return Err(HeaderError::TokenEmpty(path.clone()));
-        }
-        let bearer = [b"Bearer ".as_slice(), token].concat();
-        let mut value = AsciiMetadataValue::try_from(bearer)
-            .map_err(|_| HeaderError::TokenInvalid(path.clone()))?;
-        value.set_sensitive(true);
-        headers.insert("authorization", value);
-    }
-    if !config.cluster_id.is_empty() {
-        let value = AsciiMetadataValue::try_from(config.cluster_id.as_str())
-            .map_err(|_| HeaderError::ClusterIdInvalid(config.cluster_id.clone()))?;
-        headers.insert("clusterid", value);
-    }
-    Ok(headers)
 }

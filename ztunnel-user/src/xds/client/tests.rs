@@ -464,7 +464,7 @@ fn the_node_is_named_as_istios_ztunnel_names_it() {
     .map(|(key, value)| (key.to_owned(), value.to_owned()));
     let config = XdsConfig::for_node(&facts(), env, None);
     assert_eq!(config.node_id, NODE_ID);
-    assert_eq!(config.cluster_id, "Kubernetes");
+    assert_eq!(config.credentials.cluster_id, "Kubernetes");
     let expected = [
         ("NAME", "renamed"),
         ("NAMESPACE", "istio-system"),
