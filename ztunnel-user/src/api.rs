@@ -7,6 +7,7 @@ use crate::mesh::MeshStatus;
 use crate::mesh::authz::Policy;
 use crate::mesh::config::{Service, Workload};
 use crate::settings::Settings;
+use crate::xds::client::XdsStatus;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -99,6 +100,9 @@ pub struct Status {
     /// Kernel decision counters, summed over CPUs.
     pub counters: Vec<CounterValue>,
     pub mesh: MeshStatus,
+    /// istiod's xDS stream and resources, when the daemon takes the mesh from istiod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xds: Option<XdsStatus>,
 }
 
 /// What the admin API's `/config_dump` answers: the status, the readiness, the settings the

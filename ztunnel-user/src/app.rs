@@ -2,7 +2,7 @@
 //!
 //! Start-up: logging, the kernel features check, the mesh config file's first read, the CA,
 //! the pod records, the eBPF programs and maps, then the proxy's shared state, the config
-//! reload loop, the control API, the admin, metrics and readiness endpoints, and the
+//! reload loop, the xDS client, the control API, the admin, metrics and readiness endpoints, and the
 //! take-over of the previous run's pods (once the mesh config is in force). Not ready until
 //! all of that is done.
 
@@ -16,7 +16,7 @@ use crate::host::{features, limits};
 use crate::identity::{CertificateAuthority, CertificateStore};
 use crate::mesh::Mesh;
 use crate::mesh::config::reload::{self, ConfigFile};
-use crate::mesh::config::{MeshConfig, MeshFile};
+use crate::mesh::config::{FileEntries, MeshConfig, MeshFile};
 use crate::ops::admin::Admin;
 use crate::ops::api_server::{self, ApiServer};
 use crate::ops::http;
@@ -31,6 +31,7 @@ use crate::settings::Settings;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::connections::ConnectionLog;
 use crate::telemetry::metrics::TrafficMetrics;
+use crate::xds::{self, client::XdsHandle};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,8 +98,13 @@ pub fn run(mut settings: Settings) -> Result<()> {
             None => (None, None),
         };
         let summary = initial.as_ref().map(MeshFile::summary).unwrap_or_default();
+        // What the file put in the model: its next version is diffed against it, so that
+        // what istiod gives is left alone.
+        let mut file_entries = initial.as_ref().map(MeshFile::entries).unwrap_or_default();
         let source = |current: &MeshConfig| {
-            initial.map_or_else(Vec::new, |file| file.changes_from(current))
+            initial.map_or_else(Vec::new, |file| {
+                file.changes_from(current, &FileEntries::default())
+            })
         };
         let applying = Instant::now();
         let mesh = Mesh::new(source, config_file.clone(), &settings.node, datapath.as_ref())
@@ -130,7 +136,10 @@ pub fn run(mut settings: Settings) -> Result<()> {
             }
             let (reloading, ready) = (ctx.clone(), readiness.clone());
             tokio::spawn(file.clone().watch(move |file| {
-                let applied = reloading.apply_changes(|current| file.changes_from(current))?;
+                let entries = file.entries();
+                let applied = reloading
+                    .apply_changes(|current| file.changes_from(current, &file_entries))?;
+                file_entries = entries;
                 // A valid file's entries fit together: the model refuses none of them.
                 if let Some(refused) = applied.refused.first() {
                     anyhow::bail!("mesh config entry refused: {refused}");
@@ -139,6 +148,7 @@ pub fn run(mut settings: Settings) -> Result<()> {
                 anyhow::Ok(())
             }));
         }
+        let xds = start_xds(&settings, &ctx, &readiness)?;
         let listener = api_server::bind(&settings.api_socket)?;
         let pod_counts = Arc::new(PodCounts::default());
         let server = Arc::new(ApiServer {
@@ -150,9 +160,10 @@ pub fn run(mut settings: Settings) -> Result<()> {
             )),
             ctx: ctx.clone(),
             readiness: readiness.clone(),
+            xds: xds.clone(),
         });
         readiness.pending(TAKING_OVER);
-        tokio::spawn(take_over_previous_pods(server.clone(), config_file.clone()));
+        tokio::spawn(take_over_previous_pods(server.clone(), config_file.clone(), xds));
         let quit = Arc::new(Notify::new());
         let node = NodeView {
             datapath,
@@ -189,15 +200,49 @@ pub fn run(mut settings: Settings) -> Result<()> {
     })
 }
 
-/// Serves the pods the previous run enrolled again, once the mesh config is in force (their
-/// identities and policies come from it). Until then they stay captured, their new
-/// connections refused, and the daemon is not ready.
-async fn take_over_previous_pods(server: Arc<ApiServer>, config_file: Option<Arc<ConfigFile>>) {
+/// Starts the xDS client if `XDS_ADDRESS` is set: the daemon is not ready until each type
+/// had one response applied.
+fn start_xds(
+    settings: &Settings,
+    ctx: &Arc<ProxyContext>,
+    readiness: &Arc<Readiness>,
+) -> Result<Option<XdsHandle>> {
+    let env = std::env::vars().collect();
+    let Some(client) =
+        xds::client::from_settings(&settings.istiod, &settings.node, env, ctx.clone())
+            .context("--xds-address")?
+    else {
+        return Ok(None);
+    };
+    let handle = client.handle();
+    let waiting = format!("istiod's xDS at {}", settings.istiod.xds_address);
+    readiness.pending(&waiting);
+    tokio::spawn(client.run());
+    let (ready, xds) = (readiness.clone(), handle.clone());
+    tokio::spawn(async move {
+        xds.ready().await;
+        tracing::info!("xds: every type applied; the mesh from istiod is in force");
+        ready.done(&waiting);
+    });
+    Ok(Some(handle))
+}
+
+/// Serves the pods the previous run enrolled again, once the mesh config is in force from
+/// each source (their identities and policies come from it). Until then they stay captured,
+/// their new connections refused, and the daemon is not ready.
+async fn take_over_previous_pods(
+    server: Arc<ApiServer>,
+    config_file: Option<Arc<ConfigFile>>,
+    xds: Option<XdsHandle>,
+) {
     while config_file
         .as_ref()
         .is_some_and(|file| file.status().generation == 0)
     {
         tokio::time::sleep(reload::POLL_INTERVAL).await;
+    }
+    if let Some(xds) = xds {
+        xds.ready().await;
     }
     if let Err(err) = server.pods.lock().await.restore() {
         // Not ready, and the log says why: the pods stay captured and refused.

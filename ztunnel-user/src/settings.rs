@@ -2,7 +2,7 @@
 //! flag can also come from an environment variable (the way Istio's ztunnel is configured, and
 //! what a DaemonSet's `env` sets), shared as `Arc<Settings>`, logged at start and shown in
 //! `/config_dump`. Names are Istio's where Istio's ztunnel has the same setting (`NODE_NAME`,
-//! `TRUST_DOMAIN`, `PACKET_MARK`, `LOCAL_XDS_PATH`), else `ZTUNNEL_<FLAG>`.
+//! `TRUST_DOMAIN`, `PACKET_MARK`, `LOCAL_XDS_PATH`, `XDS_ADDRESS`, ...), else `ZTUNNEL_<FLAG>`.
 //!
 //! This module depends on no other of the crate, so that every part may read the settings.
 
@@ -21,6 +21,9 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 pub const DEFAULT_ADMIN_ADDR: &str = "127.0.0.1:15000";
 pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:15020";
 pub const DEFAULT_READINESS_ADDR: &str = "0.0.0.0:15021";
+/// Where Istio's DaemonSet mounts istiod's root certificate and the proxy's token.
+pub const DEFAULT_ISTIOD_ROOT: &str = "/var/run/secrets/istio/root-cert.pem";
+pub const DEFAULT_AUTH_TOKEN: &str = "/var/run/secrets/tokens/istio-token";
 
 /// `ztunnel run`'s settings.
 #[derive(Args, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +168,45 @@ pub struct Settings {
         value_name = "PERCENT"
     )]
     pub pod_share_percent: u8,
+    #[command(flatten)]
+    pub istiod: IstiodSettings,
+}
+
+/// How the daemon reaches istiod, and who it says it is there; Istio's ztunnel's variables.
+#[derive(Args, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IstiodSettings {
+    /// istiod's xDS endpoint (`host:port`, `https://` implied), e.g.
+    /// `istiod.istio-system.svc:15012`: workloads, services and policies come from it (with
+    /// --config, both feed the mesh). Empty: off.
+    #[arg(
+        long,
+        env = "XDS_ADDRESS",
+        default_value = "",
+        value_name = "HOST:PORT"
+    )]
+    pub xds_address: String,
+    /// istiod's root certificate: a PEM file's path (the `istio-ca-root-cert` ConfigMap
+    /// mounted), or the PEM itself. Read again at each connection to istiod.
+    #[arg(long, env = "XDS_ROOT_CA", default_value = DEFAULT_ISTIOD_ROOT, value_name = "PEM")]
+    pub xds_root_ca: String,
+    /// The name istiod's certificate is checked for, when not the address's host.
+    #[arg(long, env = "ALT_XDS_HOSTNAME", value_name = "NAME")]
+    pub alt_xds_hostname: Option<String>,
+    /// The file of the token each request to istiod carries (a projected service-account
+    /// token with audience `istio-ca`), read again for each request.
+    #[arg(long, env = "AUTH_TOKEN", default_value = DEFAULT_AUTH_TOKEN, value_name = "FILE")]
+    pub auth_token: PathBuf,
+    /// The cluster's id, sent to istiod (`ISTIO_META_CLUSTER_ID`, if set, wins).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// This daemon's own pod (downward API), by which istiod knows the proxy.
+    #[arg(long, env = "POD_NAME", default_value = "ztunnel")]
+    pub pod_name: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    /// This daemon's pod IP (downward API `status.podIP`).
+    #[arg(long, env = "INSTANCE_IP", value_name = "IP")]
+    pub instance_ip: Option<std::net::IpAddr>,
 }
 
 /// How enrolled pods' connections are brought to the proxy.

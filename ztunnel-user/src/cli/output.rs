@@ -3,6 +3,7 @@
 use crate::api::{CertificateInfo, ConfigDump, ConnectionRecord, EnrolledPod, PodWaiting};
 use crate::mesh::authz::Policy;
 use crate::mesh::config::{GatewayDestination, HealthStatus, Protocol, Service, Workload};
+use crate::xds::client::XdsStatus;
 use std::fmt::Write as _;
 
 /// Left-aligned columns sized to their widest cell.
@@ -24,6 +25,39 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     line(&mut header.iter().copied());
     for row in rows {
         line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// The xDS stream's state and each type's resources and last ACK or NACK.
+fn xds_lines(xds: &XdsStatus) -> String {
+    let mut out = format!(
+        "istiod xDS: {}, {}, {} attempt(s)\n",
+        if xds.connected {
+            "connected"
+        } else {
+            "NOT CONNECTED"
+        },
+        if xds.ready {
+            "synced"
+        } else {
+            "not synced yet"
+        },
+        xds.attempts
+    );
+    if let (false, Some(error)) = (xds.connected, &xds.last_error) {
+        let _ = writeln!(out, "  last error: {error}");
+    }
+    for kind in &xds.types {
+        let name = kind.type_url.rsplit('.').next().unwrap_or(&kind.type_url);
+        let _ = write!(out, "  {name}: {} resource(s)", kind.resources);
+        if let Some(ack) = &kind.last_ack {
+            let _ = write!(out, ", last ACK nonce {}", ack.nonce);
+        }
+        out.push('\n');
+        if let Some(nack) = &kind.last_nack {
+            let _ = writeln!(out, "    last NACK nonce {}: {}", nack.nonce, nack.message);
+        }
     }
     out
 }
@@ -58,7 +92,15 @@ pub(super) fn status_table(dump: &ConfigDump) -> String {
                 );
             }
         }
-        None => out.push_str("no mesh config file: every destination is outside the mesh\n"),
+        None if status.xds.is_none() => {
+            out.push_str(
+                "no mesh config file and no istiod: every destination is outside the mesh\n",
+            );
+        }
+        None => {}
+    }
+    if let Some(xds) = &status.xds {
+        out.push_str(&xds_lines(xds));
     }
     let counters: Vec<Vec<String>> = status
         .counters

@@ -5,6 +5,7 @@ use super::readiness::Readiness;
 use crate::api::{CertificateInfo, CounterValue, Request, Response, Status};
 use crate::pods::Pods;
 use crate::proxy::ProxyContext;
+use crate::xds::client::XdsHandle;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -18,6 +19,8 @@ pub(crate) struct ApiServer {
     pub(crate) pods: Mutex<Pods>,
     pub(crate) ctx: Arc<ProxyContext>,
     pub(crate) readiness: Arc<Readiness>,
+    /// The xDS client's view, when it runs.
+    pub(crate) xds: Option<XdsHandle>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +154,7 @@ impl ApiServer {
                 })
                 .collect(),
             mesh: self.ctx.mesh.status(),
+            xds: self.xds.as_ref().map(XdsHandle::status),
         }
     }
 

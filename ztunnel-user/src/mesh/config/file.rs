@@ -32,6 +32,14 @@ pub enum ConfigError {
     },
 }
 
+/// The names of a file's entries, by kind.
+#[derive(Clone, Debug, Default)]
+pub struct FileEntries {
+    workloads: HashSet<String>,
+    services: HashSet<String>,
+    policies: HashSet<String>,
+}
+
 /// A valid file's entries.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -71,34 +79,39 @@ impl MeshFile {
         )
     }
 
-    /// The changes that make `current` hold exactly this file's entries: those that differ
-    /// or are new, and the removal of those the file no longer has.
-    pub(crate) fn changes_from(self, current: &MeshConfig) -> Vec<Change> {
-        let mut changes = Vec::new();
-        let uids: HashSet<&str> = self.workloads.iter().map(|w| w.uid.as_str()).collect();
+    /// The names of its entries: what a later version of the file is diffed against.
+    pub(crate) fn entries(&self) -> FileEntries {
+        FileEntries {
+            workloads: self.workloads.iter().map(|w| w.uid.clone()).collect(),
+            services: self.services.iter().map(Service::key).collect(),
+            policies: self.policies.iter().map(Policy::key).collect(),
+        }
+    }
+
+    /// The changes that make `current` hold this file's entries as the file has them (those
+    /// that differ or are new), and no longer those of the file's version before (`before`)
+    /// that it dropped. Entries from another source (istiod) are left alone.
+    pub(crate) fn changes_from(self, current: &MeshConfig, before: &FileEntries) -> Vec<Change> {
+        let now = self.entries();
+        let mut changes: Vec<Change> = before
+            .workloads
+            .difference(&now.workloads)
+            .filter(|uid| current.workload_by_uid(uid).is_some())
+            .map(|uid| Change::RemoveWorkload(uid.clone()))
+            .collect();
         changes.extend(
-            current
-                .workloads()
-                .filter(|w| !uids.contains(w.uid.as_str()))
-                .map(|w| Change::RemoveWorkload(w.uid.clone())),
+            before
+                .services
+                .difference(&now.services)
+                .filter(|key| current.service_by_key(key).is_some())
+                .map(|key| Change::RemoveService(key.clone())),
         );
-        let services: HashSet<String> = self.services.iter().map(Service::key).collect();
         changes.extend(
-            current
-                .services()
-                .map(|s| s.key())
-                .filter(|key| !services.contains(key))
-                .map(Change::RemoveService),
-        );
-        let policies: HashSet<String> = self.policies.iter().map(Policy::key).collect();
-        changes.extend(
-            current
+            before
                 .policies
-                .all()
-                .iter()
-                .map(|p| p.key())
-                .filter(|key| !policies.contains(key))
-                .map(Change::RemovePolicy),
+                .difference(&now.policies)
+                .filter(|key| current.policies.get(key).is_some())
+                .map(|key| Change::RemovePolicy(key.clone())),
         );
         changes.extend(
             self.workloads

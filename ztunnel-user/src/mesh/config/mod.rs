@@ -13,7 +13,7 @@ mod service;
 mod workload;
 
 pub use address::{GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress};
-pub use file::{ConfigError, MeshFile};
+pub use file::{ConfigError, FileEntries, MeshFile};
 pub use service::Service;
 pub(crate) use workload::DEFAULT_SERVICE_ACCOUNT;
 pub use workload::{HealthStatus, Protocol, Workload};
@@ -122,7 +122,8 @@ pub struct Endpoint<'a> {
 impl MeshConfig {
     /// The model a valid file describes; `path` only names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<MeshConfig, ConfigError> {
-        let changes = MeshFile::parse(path, text)?.changes_from(&MeshConfig::default());
+        let changes = MeshFile::parse(path, text)?
+            .changes_from(&MeshConfig::default(), &FileEntries::default());
         let mut updated = MeshConfig::default().updated(changes);
         // A valid file's entries fit together, so nothing is refused; if something were, the
         // file is.

@@ -248,7 +248,10 @@ fn a_file_becomes_the_changes_that_make_the_model_equal_to_it() {
         .replace("status: Unhealthy", "status: Healthy")
         .replace("- {uid: wp,", "- {uid: wp2,");
     let file = MeshFile::parse(Path::new(FILE), &edited).unwrap();
-    let changes = file.changes_from(&first);
+    let before = MeshFile::parse(Path::new(FILE), SERVICES)
+        .unwrap()
+        .entries();
+    let changes = file.changes_from(&first, &before);
     let names: Vec<String> = changes
         .iter()
         .map(|change| match change {
@@ -264,7 +267,30 @@ fn a_file_becomes_the_changes_that_make_the_model_equal_to_it() {
         parse(&edited).unwrap().sorted_workloads()
     );
     let again = MeshFile::parse(Path::new(FILE), &edited).unwrap();
-    assert!(again.changes_from(&updated.config).is_empty());
+    let before = MeshFile::parse(Path::new(FILE), &edited).unwrap().entries();
+    assert!(again.changes_from(&updated.config, &before).is_empty());
+}
+
+/// With istiod feeding the model too, a new version of the file removes only what its
+/// version before held and it dropped: istiod's entries stay.
+#[test]
+fn a_file_leaves_the_entries_of_another_source_alone() {
+    let file = |text: &str| MeshFile::parse(Path::new(FILE), text).unwrap();
+    let first = file(SERVICES);
+    let before = first.entries();
+    let from_file = MeshConfig::default()
+        .updated(first.changes_from(&MeshConfig::default(), &FileEntries::default()))
+        .config;
+    let with_istiod = from_file.updated(workloads(1)).config;
+    let edited = SERVICES.replace("- {uid: wp,", "- {uid: wp2,");
+    let changes = file(&edited).changes_from(&with_istiod, &before);
+    let config = with_istiod.updated(changes).config;
+    assert!(
+        config.workload_by_uid("w0").is_some(),
+        "istiod's entry stays"
+    );
+    assert!(config.workload_by_uid("wp").is_none());
+    assert!(config.workload_by_uid("wp2").is_some());
 }
 
 #[test]

@@ -25,12 +25,14 @@
 //!   with another status): 10 ms doubling to 15 s, each delay jittered down to half of it. A
 //!   routine end resets the backoff. Every failure is logged once, with why.
 
+mod connect;
 mod node;
 mod sink;
 mod state;
 #[cfg(test)]
 mod tests;
 
+pub use connect::from_settings;
 pub use node::{NodeFacts, XdsConfig};
 pub(crate) use sink::{MeshBatch, apply_to_model};
 pub use sink::{Rejected, ResourceKind, SinkError, Upsert, XdsBatch, XdsSink};
@@ -90,7 +92,7 @@ pub struct XdsClient<C, S: ?Sized> {
 enum Ended {
     #[error(transparent)]
     Headers(#[from] CredentialsError),
-    #[error("cannot connect to istiod: {0}")]
+    #[error("cannot connect to istiod: {}", with_causes(.0.as_ref()))]
     Connect(StdError),
     #[error("istiod refused the stream: {}", status_text(.0))]
     Refused(tonic::Status),
@@ -116,6 +118,19 @@ impl Ended {
             Ended::Headers(_) | Ended::Connect(_) | Ended::Refused(_) => false,
         }
     }
+}
+
+/// An error with its causes, `a: b: c`: a channel's error alone says little ("client error
+/// (Connect)"); its causes say why (a certificate not trusted, a name not matched).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        text.push_str(": ");
+        text.push_str(&next.to_string());
+        cause = next.source();
+    }
+    text
 }
 
 fn status_text(status: &tonic::Status) -> String {
@@ -190,7 +205,14 @@ impl<C: Connect, S: XdsSink + ?Sized> XdsClient<C, S> {
             .await
         {
             Ok(responses) => responses.into_inner(),
-            Err(status) => return Ended::Refused(status),
+            // The channel connects at the first call: its failure comes as a status that
+            // carries the channel's error, not one istiod sent.
+            Err(status) => {
+                return match std::error::Error::source(&status) {
+                    Some(channel) => Ended::Connect(with_causes(channel).into()),
+                    None => Ended::Refused(status),
+                };
+            }
         };
         self.shared.connected();
         tracing::info!(attempt, "xds: stream to istiod open");

@@ -28,6 +28,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
+mod tls;
+
 const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
 const AUTHORIZATION: &str = "type.googleapis.com/istio.security.Authorization";
 const NODE_ID: &str = "ztunnel~10.0.0.5~ztunnel-x7.istio-system~istio-system.svc.cluster.local";
@@ -280,19 +282,29 @@ impl Connect for Dialer {
 /// Starts a client whose first `failing_dials` channels cannot be had.
 fn start(config: XdsConfig, failing_dials: usize) -> Harness {
     let (istiod, streams) = FakeIstiod::new();
-    let maps = MemoryMaps::default();
-    let sink = Arc::new(ModelSink {
-        mesh: Mesh::new(|_| Vec::new(), None, "node1", &maps).unwrap(),
-        maps,
-        calls: Mutex::default(),
-    });
     let dials = Arc::new(Mutex::new(Vec::new()));
     let dialer = Dialer {
         istiod: istiod.clone(),
         dials: dials.clone(),
         failing: AtomicUsize::new(failing_dials),
     };
-    let client = XdsClient::new(config, dialer, sink.clone());
+    start_client(config, dialer, (istiod, streams), dials)
+}
+
+/// Starts a client that reaches `istiod` with `connect`, the mesh model as its sink.
+fn start_client<C: Connect + 'static>(
+    config: XdsConfig,
+    connect: C,
+    (istiod, streams): (FakeIstiod, UnboundedReceiver<IstiodStream>),
+    dials: Arc<Mutex<Vec<Instant>>>,
+) -> Harness {
+    let maps = MemoryMaps::default();
+    let sink = Arc::new(ModelSink {
+        mesh: Mesh::new(|_| Vec::new(), None, "node1", &maps).unwrap(),
+        maps,
+        calls: Mutex::default(),
+    });
+    let client = XdsClient::new(config, connect, sink.clone());
     let xds = client.handle();
     let task = tokio::spawn(client.run());
     Harness {
