@@ -12,8 +12,10 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// The control API's socket, for the CNI plugin and the lab's tests.
-pub const DEFAULT_API_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
+/// The control API's socket, for the CNI plugin and the lab's tests. Not Istio's
+/// `/var/run/ztunnel/ztunnel.sock`: istio-cni's node agent binds that path for ZDS (and removes
+/// what is there), so on a node with istio-cni the two would take each other's socket.
+pub const DEFAULT_API_SOCKET: &str = "/var/run/ztunnel/api.sock";
 /// The enrolled pods' records (tmpfs, like bpffs: a reboot clears both together).
 pub const DEFAULT_STATE_DIR: &str = "/var/run/ztunnel/state";
 /// The trust domain of identities nothing else names.
