@@ -13,7 +13,7 @@ use crate::hbone::client::Pool;
 use crate::hbone::mtls::Mtls;
 use crate::host::netns::Netns;
 use crate::host::{features, limits};
-use crate::identity::{CertificateAuthority, CertificateStore};
+use crate::identity::{BuiltInSource, CertificateAuthority, CertificateStore};
 use crate::mesh::Mesh;
 use crate::mesh::config::reload::{self, ConfigFile};
 use crate::mesh::config::{FileEntries, MeshConfig, MeshFile};
@@ -81,10 +81,8 @@ pub fn run(mut settings: Settings) -> Result<()> {
             settings.access_log.clone(),
             traffic.access_log_dropped.clone(),
         )?;
-        let roots = ca.roots();
         let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
-        let store = Arc::new(CertificateStore::new(Arc::new(ca), lifetime));
-        store.clone().spawn_renewal();
+        let store = CertificateStore::start(Arc::new(BuiltInSource::new(ca, lifetime)));
         let (shutdown, shutdown_rx) = watch::channel(false);
         // A CONNECT's answer waits for the peer's connection to its app.
         let handshake_timeout = admission.handshake_timeout();
@@ -118,7 +116,7 @@ pub fn run(mut settings: Settings) -> Result<()> {
             connector: Connector::new(settings.mark, datapath.clone()),
             connections: ConnectionLog::new(traffic.clone(), access_log),
             mesh,
-            tls: Mtls { store, roots },
+            tls: Mtls { store },
             pool,
             hbone_server: Default::default(),
             shutdown: shutdown_rx,

@@ -22,6 +22,7 @@ pub mod fuzzing;
 pub mod hbone;
 pub mod host;
 pub mod identity;
+pub mod istio_ca;
 pub mod istiod;
 pub mod mesh;
 mod ops;

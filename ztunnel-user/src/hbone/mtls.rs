@@ -3,30 +3,34 @@
 
 use crate::identity::tls::{client_config, peer_identity, server_config};
 use crate::identity::{CertificateStore, Identity};
-use rustls::RootCertStore;
 use rustls::pki_types::ServerName;
 use std::io;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
+/// The node's certificates, and the roots they and the peers' chain to, both from the store.
 pub(crate) struct Mtls {
     pub store: Arc<CertificateStore>,
-    pub roots: Arc<RootCertStore>,
 }
 
 impl Mtls {
     /// The client handshake as `local`, accepting only a server presenting one of `expected`.
+    /// Waits for `local`'s certificate first (the handshake only reads what the store holds).
     pub(crate) async fn connect(
         &self,
         local: &Identity,
         expected: &[Identity],
         tcp: TcpStream,
     ) -> io::Result<client::TlsStream<TcpStream>> {
+        self.store
+            .certificate(local)
+            .await
+            .map_err(io::Error::other)?;
         let config = client_config(
             self.store.clone(),
             local.clone(),
-            self.roots.clone(),
+            self.store.roots(),
             expected.to_vec(),
         );
         // SNI is disabled in the config: the name is only a placeholder rustls requires.
@@ -35,12 +39,14 @@ impl Mtls {
     }
 
     /// The server side as `local`: built once per pod (the certificate itself is resolved per
-    /// handshake, so rotation needs no new acceptor).
+    /// handshake, so rotation needs no new acceptor). It presents only a certificate the store
+    /// holds: `local` must have been prefetched (at enrollment). The roots are the store's when
+    /// this is built.
     pub(crate) fn acceptor(&self, local: &Identity) -> TlsAcceptor {
         TlsAcceptor::from(server_config(
             self.store.clone(),
             local.clone(),
-            self.roots.clone(),
+            self.store.roots(),
         ))
     }
 }

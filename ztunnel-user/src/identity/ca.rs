@@ -81,11 +81,11 @@ pub(crate) enum CaError {
 /// A workload's certificate and key, as the CA issued them.
 #[derive(Clone, Debug)]
 pub(crate) struct WorkloadCertificate {
-    pub identity: Identity,
-    /// The chain and key for rustls. The chain is the leaf alone: peers hold the root already,
-    /// and Istio does not send it either.
+    /// The chain and key for rustls. The chain is the leaf, then any intermediates, never the
+    /// root: peers hold it already, and Istio does not send it either.
     pub certified_key: Arc<CertifiedKey>,
-    /// The requested validity; the certificate's own, in whole seconds, covers it.
+    /// When it is valid. The built-in CA gives the requested validity (the certificate's own,
+    /// in whole seconds, covers it); Istio's CA, the leaf's.
     pub not_before: SystemTime,
     pub not_after: SystemTime,
 }
@@ -183,7 +183,6 @@ impl CertificateAuthority {
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing_key = any_ecdsa_type(&key_der).map_err(|e| failed(&e))?;
         Ok(WorkloadCertificate {
-            identity: identity.clone(),
             certified_key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing_key)),
             not_before,
             not_after,
@@ -485,7 +484,6 @@ mod tests {
             .unwrap();
         let lifetime = Duration::from_secs(3600);
         let issued = ca.issue(&identity, lifetime).unwrap();
-        assert_eq!(issued.identity, identity);
         assert_eq!(
             issued.not_after.duration_since(issued.not_before).unwrap(),
             lifetime

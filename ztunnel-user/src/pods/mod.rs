@@ -19,6 +19,7 @@ use crate::api::{EnrolledPod, PodSpec};
 use crate::capture::{CaptureError, CapturedPod, DatapathError, PodLinks};
 use crate::delivery::routing::{self, RoutingError};
 use crate::host::netns::{Netns, NetnsError};
+use crate::identity::Identity;
 use crate::proxy::listeners::{ListenerError, PodListeners};
 use crate::proxy::{PodProxy, ProxyContext};
 use cgroup::{CgroupError, find_pod_cgroup};
@@ -260,6 +261,8 @@ impl Pods {
         let label = format!("{}/{}", spec.namespace, spec.name);
         routing::install(&netns, &spec.ips)?;
         let identity = self.ctx.identity_of(&spec.uid, &spec.namespace);
+        // Inbound handshakes only read the store: fetch the pod's certificate now.
+        self.ctx.tls.store.prefetch(&identity);
         let pod = Arc::new(PodProxy {
             name: spec.name.clone(),
             namespace: spec.namespace.as_str().into(),
@@ -285,6 +288,7 @@ impl Pods {
                 if let Err(cleanup) = routing::remove(&pod.netns, &spec.ips) {
                     tracing::warn!(pod = %label, %cleanup, "cannot remove delivery routing");
                 }
+                self.release_identity(&pod.identity);
                 return Err(err);
             }
         };
@@ -368,14 +372,18 @@ impl Pods {
         if let Err(err) = routing::remove(&enrollment.pod.netns, &spec.ips) {
             tracing::warn!(pod = %enrollment.pod.label, %err, "cannot remove delivery routing (netns already gone?)");
         }
-        // The certificate goes with the last pod of its identity.
-        let identity = &enrollment.pod.identity;
-        if !self.enrolled.values().any(|e| &e.pod.identity == identity) {
-            self.ctx.tls.store.forget(identity);
-        }
+        self.release_identity(&enrollment.pod.identity);
         self.forget(&spec.uid);
         self.ctx.connections.forget_pod(&enrollment.pod.label);
         tracing::info!(pod = %enrollment.pod.label, "pod disenrolled");
+    }
+
+    /// Drops the certificate of `identity` unless a served pod still has it: the certificate
+    /// goes with the last pod of its identity.
+    fn release_identity(&self, identity: &Identity) {
+        if !self.enrolled.values().any(|e| *e.pod.identity == *identity) {
+            self.ctx.tls.store.forget(identity);
+        }
     }
 
     /// Closes every pod's listeners (drain): new connections are refused by the kernel from

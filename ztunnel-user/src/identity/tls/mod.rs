@@ -1,7 +1,7 @@
 //! The rustls configurations of HBONE's mutual TLS, as Istio's ztunnel sets them up: TLS 1.3
 //! only, AES-GCM suites, ALPN `h2`, no SNI, no resumption, and a certificate on both sides
-//! whose SPIFFE identity is checked. Certificates come from the [`CertificateStore`] at each
-//! handshake, so renewals reach new connections only.
+//! whose SPIFFE identity is checked. Certificates are read from the [`CertificateStore`] at
+//! each handshake (never fetched there), so renewals reach new connections only.
 //!
 //! `rustls` wants a server name to connect: callers pass the peer's address
 //! (`ServerName::IpAddress`). SNI is disabled, so it is never sent, and the verifier checks
@@ -120,13 +120,14 @@ struct StoreResolver {
 }
 
 impl StoreResolver {
+    /// The certificate held now; without one the handshake fails (rustls cannot wait, so the
+    /// certificate is fetched ahead: `CertificateStore::prefetch` and `certificate`).
     fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
-        self.store
-            .certified_key(&self.local)
-            .inspect_err(|error| {
-                tracing::warn!(identity = %self.local, %error, "no certificate for a handshake");
-            })
-            .ok()
+        let held = self.store.held(&self.local);
+        if held.is_none() {
+            tracing::warn!(identity = %self.local, "no valid certificate held for a handshake");
+        }
+        held
     }
 }
 

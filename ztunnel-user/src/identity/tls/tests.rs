@@ -1,7 +1,7 @@
 //! The TLS configurations against real handshakes: what each side accepts and refuses.
 
 use super::*;
-use crate::identity::CertificateAuthority;
+use crate::identity::{BuiltInSource, CertificateAuthority};
 use rustls::{CipherSuite, ProtocolVersion};
 use std::io;
 use std::net::Ipv4Addr;
@@ -16,19 +16,26 @@ const STEP: Duration = Duration::from_secs(5);
 
 struct Node {
     _dir: tempfile::TempDir,
-    ca: Arc<CertificateAuthority>,
     store: Arc<CertificateStore>,
 }
 
-fn node(trust_domain: &str, lifetime: Duration) -> Node {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Arc::new(CertificateAuthority::load_or_create(dir.path(), trust_domain).unwrap());
-    let store = Arc::new(CertificateStore::new(ca.clone(), lifetime));
-    Node {
-        _dir: dir,
-        ca,
-        store,
+impl Node {
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.store.roots()
     }
+}
+
+/// A node with its own built-in CA, holding the certificates of the server and the client
+/// identities of `trust_domain` (the handshakes only read what is held).
+async fn node(trust_domain: &str, lifetime: Duration) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = CertificateAuthority::load_or_create(dir.path(), trust_domain).unwrap();
+    let store = CertificateStore::start(Arc::new(BuiltInSource::new(ca, lifetime)));
+    for workload in ["ns/shop/sa/checkout", "ns/web/sa/frontend"] {
+        let identity = id(&format!("spiffe://{trust_domain}/{workload}"));
+        store.certificate(&identity).await.unwrap();
+    }
+    Node { _dir: dir, store }
 }
 
 fn id(text: &str) -> Identity {
@@ -71,11 +78,11 @@ async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Hand
 
 /// The usual pair: a server as `server_id()` and a client as `client_id()` expecting it.
 fn configs(node: &Node) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-    let server = server_config(node.store.clone(), server_id(), node.ca.roots());
+    let server = server_config(node.store.clone(), server_id(), node.roots());
     let client = client_config(
         node.store.clone(),
         client_id(),
-        node.ca.roots(),
+        node.roots(),
         vec![server_id()],
     );
     (server, client)
@@ -108,7 +115,7 @@ fn leaf(conn: &CommonState) -> CertificateDer<'static> {
 
 #[tokio::test]
 async fn peers_of_one_trust_domain_connect_as_istio_does() {
-    let node = node("cluster.local", Duration::from_secs(600));
+    let node = node("cluster.local", Duration::from_secs(600)).await;
     let (server, client) = configs(&node);
     let (server, client) = handshake(server, client).await;
     let (mut server, mut client) = (server.unwrap(), client.unwrap());
@@ -134,10 +141,10 @@ async fn peers_of_one_trust_domain_connect_as_istio_does() {
 
 #[tokio::test]
 async fn client_refuses_a_server_it_does_not_expect() {
-    let node = node("cluster.local", Duration::from_secs(600));
-    let server = server_config(node.store.clone(), server_id(), node.ca.roots());
+    let node = node("cluster.local", Duration::from_secs(600)).await;
+    let server = server_config(node.store.clone(), server_id(), node.roots());
     let expected = vec![id("spiffe://cluster.local/ns/shop/sa/payments")];
-    let client = client_config(node.store.clone(), client_id(), node.ca.roots(), expected);
+    let client = client_config(node.store.clone(), client_id(), node.roots(), expected);
     let (server, client) = handshake(server, client).await;
     let error = client.unwrap_err().to_string();
     assert!(error.contains("UnexpectedServer"), "{error}");
@@ -147,16 +154,16 @@ async fn client_refuses_a_server_it_does_not_expect() {
 
 #[tokio::test]
 async fn server_refuses_a_client_of_another_trust_domain() {
-    let home = node("cluster.local", Duration::from_secs(600));
-    let foreign = node("other.local", Duration::from_secs(600));
+    let home = node("cluster.local", Duration::from_secs(600)).await;
+    let foreign = node("other.local", Duration::from_secs(600)).await;
     // The server trusts both roots, so only the trust domain tells them apart.
-    let mut roots = (*home.ca.roots()).clone();
-    roots.extend(foreign.ca.roots().roots.iter().cloned());
+    let mut roots = (*home.roots()).clone();
+    roots.extend(foreign.roots().roots.iter().cloned());
     let server = server_config(home.store.clone(), server_id(), Arc::new(roots));
     let client = client_config(
         foreign.store.clone(),
         id("spiffe://other.local/ns/web/sa/frontend"),
-        home.ca.roots(),
+        home.roots(),
         vec![server_id()],
     );
     let (server, _client) = handshake(server, client).await;
@@ -170,13 +177,13 @@ async fn server_refuses_a_client_of_another_trust_domain() {
 
 #[tokio::test]
 async fn server_refuses_a_client_of_an_untrusted_ca() {
-    let home = node("cluster.local", Duration::from_secs(600));
-    let stranger = node("cluster.local", Duration::from_secs(600));
-    let server = server_config(home.store.clone(), server_id(), home.ca.roots());
+    let home = node("cluster.local", Duration::from_secs(600)).await;
+    let stranger = node("cluster.local", Duration::from_secs(600)).await;
+    let server = server_config(home.store.clone(), server_id(), home.roots());
     let client = client_config(
         stranger.store.clone(),
         client_id(),
-        home.ca.roots(),
+        home.roots(),
         vec![server_id()],
     );
     let (server, _client) = handshake(server, client).await;
@@ -186,13 +193,13 @@ async fn server_refuses_a_client_of_an_untrusted_ca() {
 
 #[tokio::test]
 async fn client_refuses_a_server_of_an_untrusted_ca() {
-    let home = node("cluster.local", Duration::from_secs(600));
-    let stranger = node("cluster.local", Duration::from_secs(600));
-    let server = server_config(stranger.store.clone(), server_id(), home.ca.roots());
+    let home = node("cluster.local", Duration::from_secs(600)).await;
+    let stranger = node("cluster.local", Duration::from_secs(600)).await;
+    let server = server_config(stranger.store.clone(), server_id(), home.roots());
     let client = client_config(
         home.store.clone(),
         client_id(),
-        home.ca.roots(),
+        home.roots(),
         vec![server_id()],
     );
     let (_server, client) = handshake(server, client).await;
@@ -210,7 +217,7 @@ fn custom_client(
     ) -> ClientConfig,
 ) -> Arc<ClientConfig> {
     let verifier = SpiffeServerVerifier {
-        roots: node.ca.roots(),
+        roots: node.roots(),
         expected: vec![server_id()],
         algorithms: provider.signature_verification_algorithms,
     };
@@ -226,7 +233,7 @@ fn custom_client(
 
 #[tokio::test]
 async fn server_refuses_a_client_without_certificate() {
-    let node = node("cluster.local", Duration::from_secs(600));
+    let node = node("cluster.local", Duration::from_secs(600)).await;
     let (server, _) = configs(&node);
     let client = custom_client(&node, default_provider(), &[&TLS13], |builder| {
         builder.with_no_client_auth()
@@ -238,7 +245,7 @@ async fn server_refuses_a_client_without_certificate() {
 
 #[tokio::test]
 async fn server_refuses_a_tls12_client() {
-    let node = node("cluster.local", Duration::from_secs(600));
+    let node = node("cluster.local", Duration::from_secs(600)).await;
     let (server, _) = configs(&node);
     let store = node.store.clone();
     let versions = [&rustls::version::TLS12];
@@ -256,7 +263,7 @@ async fn server_refuses_a_tls12_client() {
 
 #[tokio::test]
 async fn server_refuses_a_client_without_alpn_h2() {
-    let node = node("cluster.local", Duration::from_secs(600));
+    let node = node("cluster.local", Duration::from_secs(600)).await;
     let (server, client) = configs(&node);
     for offered in [vec![b"http/1.1".to_vec()], vec![]] {
         let mut client = (*client).clone();
@@ -269,16 +276,16 @@ async fn server_refuses_a_client_without_alpn_h2() {
 
 #[tokio::test]
 async fn renewal_reaches_new_connections_and_spares_established_ones() {
-    let node = node("cluster.local", Duration::from_secs(2));
+    let node = node("cluster.local", Duration::from_secs(2)).await;
     let (server, client) = configs(&node);
     let (first_server, first_client) = handshake(server.clone(), client.clone()).await;
     let (mut first_server, mut first_client) = (first_server.unwrap(), first_client.unwrap());
     let first_leaf = leaf(first_client.get_ref().1);
 
-    // Wait past half the lifetime: the store then issues a new certificate.
+    // Wait past half the lifetime: the store then renews the certificate.
     let renewal = async {
         loop {
-            let current = node.store.certified_key(&server_id()).unwrap();
+            let current = node.store.held(&server_id()).unwrap();
             if current.cert[0] != first_leaf {
                 break;
             }
@@ -298,4 +305,30 @@ async fn renewal_reaches_new_connections_and_spares_established_ones() {
         cert.raw_serial().to_vec()
     };
     assert_ne!(serial(&second_leaf), serial(&first_leaf));
+}
+
+#[tokio::test]
+async fn a_handshake_only_reads_what_the_store_holds() {
+    let node = node("cluster.local", Duration::from_secs(600)).await;
+    let unheld = id("spiffe://cluster.local/ns/shop/sa/cart");
+    let server = server_config(node.store.clone(), unheld.clone(), node.roots());
+    let client = client_config(
+        node.store.clone(),
+        client_id(),
+        node.roots(),
+        vec![unheld.clone()],
+    );
+    let (server, client) = handshake(server, client).await;
+    assert!(server.is_err());
+    assert!(client.is_err());
+    // The failed handshake fetched nothing: only the identities fetched ahead are held.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(node.store.held(&unheld).is_none());
+    let held: Vec<Identity> = node
+        .store
+        .expiries()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(held, vec![server_id(), client_id()]);
 }

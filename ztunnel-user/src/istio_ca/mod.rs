@@ -1,0 +1,362 @@
+//! Istio's CA as a source of workload certificates: for each certificate, a unary
+//! `/istio.v1.auth.IstioCertificateService/CreateCertificate` to istiod, as Istio's ztunnel
+//! asks (`src/identity/caclient.rs`).
+//!
+//! - The request: a PEM CSR with a fresh ECDSA P-256 key, an empty subject and one URI SAN, the
+//!   SPIFFE identity; `validity_duration`, the configured TTL in seconds (Istio's `SECRET_TTL`,
+//!   24 h by default); `metadata {"ImpersonatedIdentity": "<spiffe uri>"}`, since the node proxy
+//!   asks on behalf of its pods (istiod lets it when our service account is in its
+//!   `CA_TRUSTED_NODE_ACCOUNTS` and such a pod runs on our node); the headers of
+//!   `istiod::Credentials`, the token file read again per request.
+//! - The response: `cert_chain`, the leaf first and the roots last (the last entry may hold
+//!   several PEM roots, all of them trust anchors; what lies between is sent with the leaf).
+//!   Refused: an empty chain, a leaf that does not parse, a leaf for another identity or for
+//!   another key than the request's.
+//! - The roots: those of the latest response that carried any, with the mesh's root file
+//!   (`istio-ca-root-cert`) if one is given.
+//!
+//! The channel is the caller's (`CaConnect`: a fresh client per request, in memory in the
+//! tests, TLS to istiod in the daemon), so nothing here knows the transport. It sits above
+//! `identity` (it implements its `CertificateSource`) because the generated code lives in
+//! `xds`, which `identity` must not reach: `xds` depends on `mesh`, which depends on
+//! `identity`.
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod store_tests;
+#[cfg(test)]
+mod tests;
+
+use crate::identity::{CertificateSource, Identity, IssueError, Issuing, WorkloadCertificate};
+use crate::istiod::{Credentials, CredentialsError};
+use crate::xds::proto::istio::v1::auth::{
+    IstioCertificateRequest, IstioCertificateResponse,
+    istio_certificate_service_client::IstioCertificateServiceClient,
+};
+use prost_types::value::Kind;
+use prost_types::{Struct, Value};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::RootCertStore;
+use rustls::crypto::ring::sign::any_ecdsa_type;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, TrustAnchor};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tonic::client::GrpcService;
+use tonic::codegen::{Body as HttpBody, Bytes, StdError};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+
+/// The validity asked for by default, as Istio's `SECRET_TTL`.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The metadata key naming the identity a node proxy asks for.
+const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// Gives a fresh client to istiod's CA for each request, over any channel tonic's generated
+/// client can call on (with what the call needs to be `Send`).
+pub trait CaConnect: Send + Sync + 'static {
+    type Channel: GrpcService<
+            tonic::body::Body,
+            Error: Into<StdError>,
+            ResponseBody: HttpBody<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+            Future: Send,
+        > + Send
+        + 'static;
+
+    fn connect(
+        &self,
+    ) -> impl Future<Output = Result<IstioCertificateServiceClient<Self::Channel>, StdError>> + Send;
+}
+
+/// What the CA client is told.
+#[derive(Clone, Debug)]
+pub struct IstioCaConfig {
+    /// The headers of every request.
+    pub credentials: Credentials,
+    /// The validity asked for (whole seconds).
+    pub ttl: Duration,
+    /// A PEM file of the mesh's roots (Istio's `istio-ca-root-cert`), trusted besides the
+    /// roots the CA sends; read once, when the client is made.
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Why the CA client could not be made, or a certificate could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum IstioCaError {
+    #[error("cannot read the mesh's roots from {path}: {reason}")]
+    RootCert { path: PathBuf, reason: String },
+    #[error("cannot make a key and certificate request for {identity}: {reason}")]
+    Request { identity: Identity, reason: String },
+    #[error("cannot authenticate the certificate request for {identity}: {source}")]
+    Credentials {
+        identity: Identity,
+        source: CredentialsError,
+    },
+    #[error("cannot reach the CA to ask for {identity}: {reason}")]
+    Connect {
+        identity: Identity,
+        reason: StdError,
+    },
+    #[error("the CA refused a certificate for {identity}: {:?}: {}", .status.code(), .status.message())]
+    Refused {
+        identity: Identity,
+        status: tonic::Status,
+    },
+    #[error("the CA answered the request for {identity} with an empty certificate chain")]
+    EmptyChain { identity: Identity },
+    #[error("the CA's leaf certificate for {identity} does not parse: {reason}")]
+    BadLeaf { identity: Identity, reason: String },
+    #[error("entry {index} of the CA's chain for {identity} is not PEM certificates: {reason}")]
+    BadChain {
+        identity: Identity,
+        index: usize,
+        reason: String,
+    },
+    #[error("the CA's certificate asked for {identity} is for {issued}")]
+    WrongIdentity { identity: Identity, issued: String },
+    #[error("the CA's certificate for {identity} is not for the key of the request")]
+    WrongKey { identity: Identity },
+}
+
+/// The client of Istio's CA, over the channels `connect` gives.
+pub struct IstioCa<C> {
+    connect: C,
+    credentials: Credentials,
+    ttl: Duration,
+    /// The roots of the root file.
+    file_roots: RootCertStore,
+    /// The file's roots and those of the latest response that carried any.
+    roots: Mutex<Arc<RootCertStore>>,
+}
+
+/// A response taken: the certificate, and the roots it came with.
+struct Accepted {
+    cert: WorkloadCertificate,
+    roots: Vec<TrustAnchor<'static>>,
+}
+
+impl<C: CaConnect> IstioCa<C> {
+    /// A client asking over `connect`, as `config` says; reads the root file.
+    pub fn new(connect: C, config: IstioCaConfig) -> Result<Self, IstioCaError> {
+        let file_roots = match &config.root_cert {
+            Some(path) => read_roots(path)?,
+            None => RootCertStore::empty(),
+        };
+        Ok(IstioCa {
+            connect,
+            credentials: config.credentials,
+            ttl: config.ttl,
+            roots: Mutex::new(Arc::new(file_roots.clone())),
+            file_roots,
+        })
+    }
+
+    /// Asks the CA for a certificate for `identity`, with a new key; takes the roots of the
+    /// response.
+    pub(crate) async fn issue(
+        &self,
+        identity: &Identity,
+    ) -> Result<WorkloadCertificate, IstioCaError> {
+        let (key, request) = self.request(identity)?;
+        let headers =
+            self.credentials
+                .metadata()
+                .await
+                .map_err(|source| IstioCaError::Credentials {
+                    identity: identity.clone(),
+                    source,
+                })?;
+        let mut client = self
+            .connect
+            .connect()
+            .await
+            .map_err(|reason| IstioCaError::Connect {
+                identity: identity.clone(),
+                reason,
+            })?;
+        let mut request = tonic::Request::new(request);
+        *request.metadata_mut() = headers;
+        let response = client
+            .create_certificate(request)
+            .await
+            .map_err(|status| IstioCaError::Refused {
+                identity: identity.clone(),
+                status,
+            })?
+            .into_inner();
+        let accepted = accept(identity, &key, response)?;
+        if !accepted.roots.is_empty() {
+            let mut roots = self.file_roots.clone();
+            roots.extend(accepted.roots);
+            *self.roots.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(roots);
+        }
+        Ok(accepted.cert)
+    }
+
+    /// A new key, and the request for a certificate of `identity` for it.
+    fn request(
+        &self,
+        identity: &Identity,
+    ) -> Result<(KeyPair, IstioCertificateRequest), IstioCaError> {
+        let failed = |reason: &dyn std::fmt::Display| IstioCaError::Request {
+            identity: identity.clone(),
+            reason: reason.to_string(),
+        };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| failed(&e))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity.to_string().try_into().map_err(|e| failed(&e))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        let csr = params.serialize_request(&key).map_err(|e| failed(&e))?;
+        let csr = csr.pem().map_err(|e| failed(&e))?;
+        let impersonated = Value {
+            kind: Some(Kind::StringValue(identity.to_string())),
+        };
+        let request = IstioCertificateRequest {
+            csr,
+            validity_duration: i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: Some(Struct {
+                fields: [(IMPERSONATED_IDENTITY.to_owned(), impersonated)].into(),
+            }),
+        };
+        Ok((key, request))
+    }
+}
+
+impl<C: CaConnect> CertificateSource for IstioCa<C> {
+    fn issue<'a>(&'a self, identity: &'a Identity) -> Issuing<'a> {
+        Box::pin(async move { self.issue(identity).await.map_err(IssueError::from) })
+    }
+
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.roots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Checks a response to the request for `identity` with `key`, and makes the certificate.
+fn accept(
+    identity: &Identity,
+    key: &KeyPair,
+    response: IstioCertificateResponse,
+) -> Result<Accepted, IstioCaError> {
+    let chain = response.cert_chain;
+    let bad_leaf = |reason: &dyn std::fmt::Display| IstioCaError::BadLeaf {
+        identity: identity.clone(),
+        reason: reason.to_string(),
+    };
+    let (first, rest) = chain
+        .split_first()
+        .ok_or_else(|| IstioCaError::EmptyChain {
+            identity: identity.clone(),
+        })?;
+    let mut sent = parse_entry(identity, 0, first)?;
+    // The roots are the last entry's, unless the leaf is alone.
+    let (between, roots) = match rest.split_last() {
+        Some((last, between)) => {
+            let index = chain.len() - 1;
+            let roots = trust_anchors(&parse_entry(identity, index, last)?).map_err(|reason| {
+                IstioCaError::BadChain {
+                    identity: identity.clone(),
+                    index,
+                    reason,
+                }
+            })?;
+            (between, roots.roots)
+        }
+        None => (rest, Vec::new()),
+    };
+    for (index, entry) in between.iter().enumerate() {
+        sent.extend(parse_entry(identity, index + 1, entry)?);
+    }
+    let (not_before, not_after) = {
+        let (_, leaf) = X509Certificate::from_der(&sent[0]).map_err(|e| bad_leaf(&e))?;
+        if leaf.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(IstioCaError::WrongKey {
+                identity: identity.clone(),
+            });
+        }
+        let validity = leaf.validity();
+        (
+            system_time(validity.not_before.timestamp())
+                .ok_or_else(|| bad_leaf(&"its notBefore is out of range"))?,
+            system_time(validity.not_after.timestamp())
+                .ok_or_else(|| bad_leaf(&"its notAfter is out of range"))?,
+        )
+    };
+    let issued = Identity::from_certificate(&sent[0]).map_err(|e| bad_leaf(&e))?;
+    if issued != *identity {
+        return Err(IstioCaError::WrongIdentity {
+            identity: identity.clone(),
+            issued: issued.to_string(),
+        });
+    }
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing_key = any_ecdsa_type(&key_der).map_err(|e| IstioCaError::Request {
+        identity: identity.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Accepted {
+        cert: WorkloadCertificate {
+            certified_key: Arc::new(CertifiedKey::new(sent, signing_key)),
+            not_before,
+            not_after,
+        },
+        roots,
+    })
+}
+
+/// The certificates of the chain's entry `index`: one or more PEM blocks.
+fn parse_entry(
+    identity: &Identity,
+    index: usize,
+    entry: &str,
+) -> Result<Vec<CertificateDer<'static>>, IstioCaError> {
+    let bad = |reason: String| IstioCaError::BadChain {
+        identity: identity.clone(),
+        index,
+        reason,
+    };
+    let certs = CertificateDer::pem_slice_iter(entry.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("it holds no certificate".to_owned()));
+    }
+    Ok(certs)
+}
+
+/// The roots in the PEM file at `path`.
+fn read_roots(path: &Path) -> Result<RootCertStore, IstioCaError> {
+    let failed = |reason: String| IstioCaError::RootCert {
+        path: path.to_owned(),
+        reason,
+    };
+    let roots = CertificateDer::pem_file_iter(path)
+        .map_err(|e| failed(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| failed(e.to_string()))?;
+    if roots.is_empty() {
+        return Err(failed("it holds no certificate".to_owned()));
+    }
+    trust_anchors(&roots).map_err(failed)
+}
+
+/// A root store of `roots`; each must be a certificate webpki can anchor to.
+fn trust_anchors(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, String> {
+    let mut store = RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).map_err(|e| e.to_string())?;
+    }
+    Ok(store)
+}
+
+/// The time `seconds` after the epoch, if a `SystemTime` holds it.
+fn system_time(seconds: i64) -> Option<SystemTime> {
+    UNIX_EPOCH.checked_add(Duration::from_secs(u64::try_from(seconds).ok()?))
+}
