@@ -13,7 +13,8 @@ use crate::hbone::client::Pool;
 use crate::hbone::mtls::Mtls;
 use crate::host::netns::Netns;
 use crate::host::{features, limits};
-use crate::identity::{BuiltInSource, CertificateAuthority, CertificateStore};
+use crate::identity::{BuiltInSource, CertificateAuthority, CertificateSource, CertificateStore};
+use crate::istio_ca;
 use crate::mesh::Mesh;
 use crate::mesh::config::reload::{self, ConfigFile};
 use crate::mesh::config::{FileEntries, MeshConfig, MeshFile};
@@ -63,9 +64,20 @@ pub fn run(mut settings: Settings) -> Result<()> {
     let reading = Instant::now();
     let initial = config_file.as_ref().and_then(|file| file.poll());
     let read = reading.elapsed();
-    let ca = match (&settings.ca_cert, &settings.ca_key) {
-        (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
-        _ => CertificateAuthority::load_or_create(&settings.ca_dir, &settings.trust_domain)?,
+    let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let certificates: Arc<dyn CertificateSource> = match istio_ca::from_settings(
+        &settings.istiod,
+        lifetime,
+        &env,
+    )
+    .context("--ca-address")?
+    {
+        Some(istio_ca) => {
+            tracing::info!(ca = %settings.istiod.ca_address, "workload certificates from istiod's CA");
+            Arc::new(istio_ca)
+        }
+        None => Arc::new(BuiltInSource::new(built_in_ca(&settings)?, lifetime)),
     };
     let states = PodStates::open(&settings.state_dir).context("--state-dir")?;
     let datapath =
@@ -81,8 +93,7 @@ pub fn run(mut settings: Settings) -> Result<()> {
             settings.access_log.clone(),
             traffic.access_log_dropped.clone(),
         )?;
-        let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
-        let store = CertificateStore::start(Arc::new(BuiltInSource::new(ca, lifetime)));
+        let store = CertificateStore::start(certificates);
         let (shutdown, shutdown_rx) = watch::channel(false);
         // A CONNECT's answer waits for the peer's connection to its app.
         let handshake_timeout = admission.handshake_timeout();
@@ -195,6 +206,14 @@ pub fn run(mut settings: Settings) -> Result<()> {
         drain(&server, &shutdown, Duration::from_secs(settings.drain_timeout_secs)).await;
         let _ = std::fs::remove_file(&settings.api_socket);
         anyhow::Ok(())
+    })
+}
+
+/// The built-in CA: the operator's, or the node's own (created on first start).
+fn built_in_ca(settings: &Settings) -> Result<CertificateAuthority> {
+    Ok(match (&settings.ca_cert, &settings.ca_key) {
+        (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
+        _ => CertificateAuthority::load_or_create(&settings.ca_dir, &settings.trust_domain)?,
     })
 }
 

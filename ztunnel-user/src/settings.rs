@@ -194,6 +194,17 @@ pub struct IstiodSettings {
     /// The name istiod's certificate is checked for, when not the address's host.
     #[arg(long, env = "ALT_XDS_HOSTNAME", value_name = "NAME")]
     pub alt_xds_hostname: Option<String>,
+    /// istiod's CA (`host:port`): workload certificates come from it instead of the built-in
+    /// CA, each valid for --cert-lifetime-secs. Empty: the built-in CA.
+    #[arg(long, env = "CA_ADDRESS", default_value = "", value_name = "HOST:PORT")]
+    pub ca_address: String,
+    /// The CA's root certificate (a path or the PEM), as --xds-root-ca; also trusted for the
+    /// peers' certificates, with the roots the CA sends.
+    #[arg(long, env = "CA_ROOT_CA", default_value = DEFAULT_ISTIOD_ROOT, value_name = "PEM")]
+    pub ca_root_ca: String,
+    /// The name the CA's certificate is checked for, when not the address's host.
+    #[arg(long, env = "ALT_CA_HOSTNAME", value_name = "NAME")]
+    pub alt_ca_hostname: Option<String>,
     /// The file of the token each request to istiod carries (a projected service-account
     /// token with audience `istio-ca`), read again for each request.
     #[arg(long, env = "AUTH_TOKEN", default_value = DEFAULT_AUTH_TOKEN, value_name = "FILE")]

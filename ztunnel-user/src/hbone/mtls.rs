@@ -38,10 +38,33 @@ impl Mtls {
         TlsConnector::from(config).connect(name, tcp).await
     }
 
+    /// The server handshake as `local` with its `acceptor`, once `local`'s certificate is
+    /// held (the handshake only reads what the store holds, and a pod's first connections may
+    /// come before the fetch its enrollment started is done); returns the stream and the
+    /// client's identity.
+    pub(crate) async fn accept(
+        &self,
+        acceptor: &TlsAcceptor,
+        local: &Identity,
+        tcp: TcpStream,
+    ) -> io::Result<(server::TlsStream<TcpStream>, Identity)> {
+        self.store
+            .certificate(local)
+            .await
+            .map_err(io::Error::other)?;
+        let tls = acceptor.accept(tcp).await?;
+        let identity = peer_identity(tls.get_ref().1).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "client presented no SPIFFE identity",
+            )
+        })?;
+        Ok((tls, identity))
+    }
+
     /// The server side as `local`: built once per pod (the certificate itself is resolved per
-    /// handshake, so rotation needs no new acceptor). It presents only a certificate the store
-    /// holds: `local` must have been prefetched (at enrollment). The roots are the store's when
-    /// this is built.
+    /// handshake, so rotation needs no new acceptor): use it through `accept`. The roots are
+    /// the store's when this is built.
     pub(crate) fn acceptor(&self, local: &Identity) -> TlsAcceptor {
         TlsAcceptor::from(server_config(
             self.store.clone(),
@@ -49,19 +72,4 @@ impl Mtls {
             self.store.roots(),
         ))
     }
-}
-
-/// The server handshake; returns the stream and the client's identity.
-pub(crate) async fn accept(
-    acceptor: &TlsAcceptor,
-    tcp: TcpStream,
-) -> io::Result<(server::TlsStream<TcpStream>, Identity)> {
-    let tls = acceptor.accept(tcp).await?;
-    let identity = peer_identity(tls.get_ref().1).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "client presented no SPIFFE identity",
-        )
-    })?;
-    Ok((tls, identity))
 }

@@ -21,6 +21,7 @@
 //! `xds`, which `identity` must not reach: `xds` depends on `mesh`, which depends on
 //! `identity`.
 
+mod connect;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
@@ -28,8 +29,10 @@ mod store_tests;
 #[cfg(test)]
 mod tests;
 
+pub use connect::{CaSettingsError, from_settings};
+
 use crate::identity::{CertificateSource, Identity, IssueError, Issuing, WorkloadCertificate};
-use crate::istiod::{Credentials, CredentialsError};
+use crate::istiod::{Credentials, CredentialsError, channel_failure};
 use crate::xds::proto::istio::v1::auth::{
     IstioCertificateRequest, IstioCertificateResponse,
     istio_certificate_service_client::IstioCertificateServiceClient,
@@ -182,9 +185,15 @@ impl<C: CaConnect> IstioCa<C> {
         let response = client
             .create_certificate(request)
             .await
-            .map_err(|status| IstioCaError::Refused {
-                identity: identity.clone(),
-                status,
+            .map_err(|status| match channel_failure(&status) {
+                Some(failure) => IstioCaError::Connect {
+                    identity: identity.clone(),
+                    reason: failure.into(),
+                },
+                None => IstioCaError::Refused {
+                    identity: identity.clone(),
+                    status,
+                },
             })?
             .into_inner();
         let accepted = accept(identity, &key, response)?;

@@ -1,8 +1,44 @@
 //! What the daemon's clients of istiod (the xDS client, the CA client) share: the channel
-//! (TLS, HTTP/2) and the credentials every request carries.
+//! (TLS, HTTP/2), the credentials every request carries, and how a channel's failure is told
+//! from istiod's answer.
 
 mod channel;
 mod credentials;
 
 pub use channel::{ChannelError, IstiodChannel, IstiodEndpoint, RootCertificates};
 pub use credentials::{Credentials, CredentialsError};
+
+use crate::settings::IstiodSettings;
+
+/// The variable that, set, names the cluster instead of `CLUSTER_ID` (Istio's chart sets it).
+const META_CLUSTER_ID: &str = "ISTIO_META_CLUSTER_ID";
+
+/// The credentials `settings` give, with the daemon's environment `env`
+/// (`ISTIO_META_CLUSTER_ID`, if set, names the cluster).
+pub fn credentials(settings: &IstiodSettings, env: &[(String, String)]) -> Credentials {
+    let cluster_id = env
+        .iter()
+        .find(|(key, value)| key == META_CLUSTER_ID && !value.is_empty())
+        .map_or_else(|| settings.cluster_id.clone(), |(_, value)| value.clone());
+    Credentials {
+        cluster_id,
+        token_path: Some(settings.auth_token.clone()),
+    }
+}
+
+/// The channel's failure a call's status carries, with its causes (`a: b: c`), or `None` if
+/// istiod sent the status. The channel connects at a client's first call, so a connection
+/// that failed comes as a status, and its own text says little ("client error (Connect)"):
+/// the causes say why (a certificate not trusted, a name not matched, a refused connection).
+pub fn channel_failure(status: &tonic::Status) -> Option<String> {
+    let mut cause = std::error::Error::source(status);
+    let mut text = String::new();
+    while let Some(error) = cause {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&error.to_string());
+        cause = error.source();
+    }
+    (!text.is_empty()).then_some(text)
+}

@@ -6,7 +6,6 @@ use super::carry::{self, Carriage, Connected};
 use super::listeners::Accepted;
 use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
-use crate::hbone::mtls::accept;
 use crate::hbone::server::{Incoming, handshake, serve_connection};
 use crate::identity::Identity;
 use crate::mesh::authz::Subject;
@@ -46,7 +45,7 @@ pub(super) async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, accepted:
         Err(refusal) => return ctx.refusals.refuse(refusal, &pod.label, client),
     };
     // Boxed: the handshakes' state is freed before the connection's long life begins.
-    let handshakes = Box::pin(handshakes(&pod, stream, client));
+    let handshakes = Box::pin(handshakes(&ctx, &pod, stream, client));
     let Ok(handshaken) = tokio::time::timeout(ctx.admission.handshake_timeout(), handshakes).await
     else {
         return ctx
@@ -87,6 +86,7 @@ impl Streams {
 
 /// The TLS and HTTP/2 handshakes of an HBONE connection; `None` (logged) if either failed.
 async fn handshakes(
+    ctx: &ProxyContext,
     pod: &PodProxy,
     stream: TcpStream,
     client: SocketAddr,
@@ -98,7 +98,8 @@ async fn handshakes(
             return None;
         }
     };
-    let (tls, identity) = match accept(&pod.hbone_acceptor, stream).await {
+    let accepted = ctx.tls.accept(&pod.hbone_acceptor, &pod.identity, stream);
+    let (tls, identity) = match accepted.await {
         Ok(accepted) => accepted,
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %err, "HBONE TLS handshake refused");

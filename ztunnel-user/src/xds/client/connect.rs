@@ -3,13 +3,10 @@
 
 use super::super::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use super::{Connect, NodeFacts, XdsClient, XdsConfig, XdsSink};
-use crate::istiod::{ChannelError, IstiodChannel, IstiodEndpoint, RootCertificates};
+use crate::istiod::{self, ChannelError, IstiodChannel, IstiodEndpoint, RootCertificates};
 use crate::settings::IstiodSettings;
 use std::sync::Arc;
 use tonic::codegen::StdError;
-
-/// The variable that, set, names the cluster instead of `CLUSTER_ID` (Istio's chart sets it).
-const META_CLUSTER_ID: &str = "ISTIO_META_CLUSTER_ID";
 
 /// Each stream opening makes a fresh channel, with istiod's roots as they are then.
 impl Connect for IstiodEndpoint {
@@ -41,17 +38,14 @@ pub fn from_settings<S: XdsSink + ?Sized>(
     else {
         return Ok(None);
     };
-    let cluster_id = env
-        .iter()
-        .find(|(key, value)| key == META_CLUSTER_ID && !value.is_empty())
-        .map_or_else(|| settings.cluster_id.clone(), |(_, value)| value.clone());
+    let credentials = istiod::credentials(settings, &env);
     let facts = NodeFacts {
         instance_ip: settings.instance_ip,
         pod_name: settings.pod_name.clone(),
         pod_namespace: settings.pod_namespace.clone(),
         node_name: node.to_owned(),
-        cluster_id,
+        cluster_id: credentials.cluster_id.clone(),
     };
-    let config = XdsConfig::for_node(&facts, env, Some(settings.auth_token.clone()));
+    let config = XdsConfig::for_node(&facts, env, credentials.token_path);
     Ok(Some(XdsClient::new(config, endpoint, sink)))
 }

@@ -44,7 +44,7 @@ use super::proto::envoy::service::discovery::v3::{
     aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
 use super::proto::google::rpc::Status;
-use crate::istiod::CredentialsError;
+use crate::istiod::{CredentialsError, channel_failure};
 use rand::Rng;
 use state::{Settled, Shared};
 use std::collections::{HashMap, HashSet};
@@ -92,7 +92,7 @@ pub struct XdsClient<C, S: ?Sized> {
 enum Ended {
     #[error(transparent)]
     Headers(#[from] CredentialsError),
-    #[error("cannot connect to istiod: {}", with_causes(.0.as_ref()))]
+    #[error("cannot connect to istiod: {0}")]
     Connect(StdError),
     #[error("istiod refused the stream: {}", status_text(.0))]
     Refused(tonic::Status),
@@ -118,19 +118,6 @@ impl Ended {
             Ended::Headers(_) | Ended::Connect(_) | Ended::Refused(_) => false,
         }
     }
-}
-
-/// An error with its causes, `a: b: c`: a channel's error alone says little ("client error
-/// (Connect)"); its causes say why (a certificate not trusted, a name not matched).
-fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(next) = cause {
-        text.push_str(": ");
-        text.push_str(&next.to_string());
-        cause = next.source();
-    }
-    text
 }
 
 fn status_text(status: &tonic::Status) -> String {
@@ -208,8 +195,8 @@ impl<C: Connect, S: XdsSink + ?Sized> XdsClient<C, S> {
             // The channel connects at the first call: its failure comes as a status that
             // carries the channel's error, not one istiod sent.
             Err(status) => {
-                return match std::error::Error::source(&status) {
-                    Some(channel) => Ended::Connect(with_causes(channel).into()),
+                return match channel_failure(&status) {
+                    Some(failure) => Ended::Connect(failure.into()),
                     None => Ended::Refused(status),
                 };
             }
