@@ -60,7 +60,7 @@ pub fn run(mut settings: Settings) -> Result<()> {
         .map(|path| Arc::new(ConfigFile::new(path)));
     // A missing or bad file leaves the daemon up but not ready until it is fixed.
     let reading = Instant::now();
-    let initial = config_file.as_ref().and_then(|file| file.poll());
+    let initial = config_file.as_ref().and_then(|file| file.read_if_changed());
     let read = reading.elapsed();
     let ca = match (&settings.ca_cert, &settings.ca_key) {
         (Some(cert), Some(key)) => CertificateAuthority::from_files(cert, key)?,
@@ -193,11 +193,8 @@ pub fn run(mut settings: Settings) -> Result<()> {
 /// identities and policies come from it). Until then they stay captured, their new
 /// connections refused, and the daemon is not ready.
 async fn take_over_previous_pods(server: Arc<ApiServer>, config_file: Option<Arc<ConfigFile>>) {
-    while config_file
-        .as_ref()
-        .is_some_and(|file| file.status().generation == 0)
-    {
-        tokio::time::sleep(reload::POLL_INTERVAL).await;
+    if let Some(file) = &config_file {
+        file.in_force().await;
     }
     if let Err(err) = server.pods.lock().await.restore() {
         // Not ready, and the log says why: the pods stay captured and refused.
