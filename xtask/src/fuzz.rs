@@ -461,7 +461,7 @@ fn api_messages() -> Vec<(&'static str, Value)> {
                 "certificates": [{"identity": identity, "expires_unix": 1_900_000_000u64}],
                 "counters": [{"name": "captured_connect4", "value": 3}],
                 "mesh": {"config": {"path": "/run/ztunnel-lab/mesh.yaml", "version": "0123abcd",
-                    "generation": 1, "rejected": null},
+                    "generation": 1, "rejected": null, "reads": 1},
                     "services": 0, "policies": 0,
                     "workloads": [{"uid": pod.uid, "workload_index": 1, "identity": identity,
                         "identity_index": 1, "addresses": [pod.expected_ip()], "flags": 1}]}}),

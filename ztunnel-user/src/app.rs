@@ -62,7 +62,7 @@ pub fn run(mut settings: Settings) -> Result<()> {
         .map(|path| Arc::new(ConfigFile::new(path)));
     // A missing or bad file leaves the daemon up but not ready until it is fixed.
     let reading = Instant::now();
-    let initial = config_file.as_ref().and_then(|file| file.poll());
+    let initial = config_file.as_ref().and_then(|file| file.read_if_changed());
     let read = reading.elapsed();
     let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -252,11 +252,8 @@ async fn take_over_previous_pods(
     config_file: Option<Arc<ConfigFile>>,
     xds: Option<XdsHandle>,
 ) {
-    while config_file
-        .as_ref()
-        .is_some_and(|file| file.status().generation == 0)
-    {
-        tokio::time::sleep(reload::POLL_INTERVAL).await;
+    if let Some(file) = &config_file {
+        file.in_force().await;
     }
     if let Some(xds) = xds {
         xds.ready().await;

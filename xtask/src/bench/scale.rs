@@ -277,7 +277,8 @@ fn report(all: &[Figures], changes: usize) -> String {
         "# Mesh size on node1's daemon\n\nEach size: the lab's 5 workloads plus N synthetic \
          workloads (100 namespaces, on other nodes), N/5 services, N/10 policies; then {changes} \
          changes of one workload's address. \"Seen\" runs from the file's replacement to the \
-         daemon's log line (it includes up to one 500 ms poll of the file); \"daemon\" is what \
+         daemon's log line (it includes the daemon's wait for the writes to settle, 50 ms with \
+         inotify; a build that polls the file adds up to its 500 ms poll); \"daemon\" is what \
          the daemon logs it took (read and parse + apply to the model and the kernel maps).\n\n\
          | build | workloads | full: seen (ms) | full: daemon read + apply (ms) | one change: \
          seen, median (ms) | one change: apply median / p99 (ms) | RSS idle lab (MiB) | RSS (MiB) \

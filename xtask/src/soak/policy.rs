@@ -12,7 +12,7 @@ use ztunnel_lab::mesh::{MeshChanges, mesh_config_with, write_mesh_config_text};
 
 /// How often the policy changes.
 pub const FLIP_EVERY: Duration = Duration::from_secs(5);
-/// The daemons poll the file every 500 ms; applying must not take much longer.
+/// The daemons read the file some 50 ms after it changed; applying must not take much longer.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The node whose daemon decides on u1's connections to b1.
 const DECIDING_NODE: &str = "node2";
