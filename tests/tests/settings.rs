@@ -1,16 +1,19 @@
 //! Settings that change what the daemon captures and reports, end to end: exclusions by port
-//! and CIDR, the access log's format and destination, and a mesh config that is invalid (not
-//! missing) at start.
+//! and CIDR, the access log's format and destination, the capacity of the workloads' kernel
+//! map, and a mesh config that is invalid (not missing) at start.
 
 mod support;
 
 use std::time::Duration;
 use support::*;
 use ztunnel_lab::DaemonOptions;
+use ztunnel_lab::mesh::{MeshChanges, mesh_config_with, write_mesh_config_text};
 use ztunnel_user::api::Direction;
 
 const EXCLUDED_PORT: u16 = 9090;
 const EXCLUDED_INBOUND_PORT: u16 = 9091;
+/// `--max-workload-addresses` for the capacity test: room for the lab's workloads and a few.
+const WORKLOAD_CAPACITY: usize = 8;
 
 fn with_env(env: &[(&str, &str)]) -> DaemonOptions {
     DaemonOptions {
@@ -130,4 +133,84 @@ fn access_logs_go_where_and_as_they_are_told() {
         let log = daemon_log(node);
         assert!(!log.contains("connection complete"), "{node}: {log}");
     }
+}
+
+/// A mesh config with more workload addresses than `ZT_WORKLOADS` holds (a setting) is refused
+/// with the map, its capacity and the setting to raise; the daemon stays up with the config in
+/// force, in its model and in the kernel, and traffic goes on; a config that fits again is
+/// applied.
+#[test]
+fn a_mesh_beyond_the_workload_capacity_is_refused_naming_the_setting() {
+    let s = LabSession::start_with(&with_env(&[(
+        "ZTUNNEL_MAX_WORKLOAD_ADDRESSES",
+        &WORKLOAD_CAPACITY.to_string(),
+    )]));
+    let _b1 = serve("b1", APP_PORT);
+    let lab_addresses = kernel_workloads(&s.lab, "node1").len();
+    assert!(lab_addresses + 2 < WORKLOAD_CAPACITY, "{lab_addresses}");
+    let before = mesh_status(&s.lab, "node1");
+
+    let beyond = extra_workloads(WORKLOAD_CAPACITY + 1 - lab_addresses);
+    write_mesh_config_text(&mesh_config_with(&MeshChanges {
+        extra_workloads: &beyond,
+        ..MeshChanges::default()
+    }))
+    .unwrap();
+    for node in NODES {
+        eventually(&format!("{node} refused the config"), || {
+            mesh_status(&s.lab, node)
+                .config
+                .rejected
+                .is_some_and(|r| r.contains("ZT_WORKLOADS is full"))
+        });
+    }
+    let after = mesh_status(&s.lab, "node1");
+    let rejected = after.config.rejected.clone().unwrap_or_default();
+    for needed in [
+        "ZT_WORKLOADS",
+        &format!("{WORKLOAD_CAPACITY} entries"),
+        "--max-workload-addresses",
+        "ZTUNNEL_MAX_WORKLOAD_ADDRESSES",
+    ] {
+        assert!(rejected.contains(needed), "{needed} in {rejected}");
+    }
+    assert!(
+        daemon_log("node1").contains(&rejected),
+        "the refusal is logged"
+    );
+    assert_eq!(after.config.version, before.config.version);
+    assert_eq!(after.config.generation, before.config.generation);
+    assert_eq!(after.workloads, before.workloads);
+    assert_eq!(kernel_workloads(&s.lab, "node1").len(), lab_addresses);
+    assert!(
+        ztunnel_lab::daemon_pid("node1").is_some(),
+        "node1's daemon is up"
+    );
+    send("a1", s.addr("b1", APP_PORT), KIB);
+
+    let fits = extra_workloads(WORKLOAD_CAPACITY - 1 - lab_addresses);
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            extra_workloads: &fits,
+            ..MeshChanges::default()
+        },
+    );
+    assert_eq!(
+        kernel_workloads(&s.lab, "node1").len(),
+        WORKLOAD_CAPACITY - 1
+    );
+    send("a1", s.addr("b1", APP_PORT), KIB);
+}
+
+/// `count` workloads of another node, an address each.
+fn extra_workloads(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                "- {{uid: extra-{i}, name: extra-{i}, namespace: extra, workloadIps: [10.250.0.{}], protocol: HBONE, node: node9}}\n",
+                10 + i
+            )
+        })
+        .collect()
 }

@@ -47,6 +47,10 @@ pub mod globals {
     pub const HAS_INGRESS_IFINDEX: &str = "ZT_HAS_INGRESS_IFINDEX";
 }
 
+// The maps' sizes as the programs define them. The daemon sets those of `PODS`,
+// `INBOUND_LISTENERS` (twice `PODS`), `WORKLOADS` and `PLAINTEXT_RULES` at load from its
+// settings, whose defaults these are.
+/// Enrolled pods on the node.
 pub const MAX_PODS: u32 = 4096;
 /// Connections between `connect()` and the proxy's `accept()`; LRU so a burst evicts the oldest.
 pub const MAX_IN_FLIGHT_CONNECTS: u32 = 65536;
@@ -57,6 +61,7 @@ pub const MAX_EXCLUDED_CIDRS: u32 = 1024;
 pub const MAX_EXCLUDED_PORTS: u32 = 1024;
 /// Addresses of the mesh's workloads (all nodes).
 pub const MAX_WORKLOAD_ADDRESSES: u32 = 65536;
+/// The verdicts for identity-less clients of this node's workloads.
 pub const MAX_PLAINTEXT_RULES: u32 = 65536;
 
 /// `PodInfo.flags`

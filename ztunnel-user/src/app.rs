@@ -116,8 +116,23 @@ pub fn run(mut settings: Settings) -> Result<()> {
             })
         };
         let applying = Instant::now();
-        let mesh = Mesh::new(source, config_file.clone(), &settings.node, datapath.as_ref())
-            .context("writing the mesh config to the kernel maps")?;
+        let (mesh, applied) =
+            match Mesh::new(source, config_file.clone(), &settings.node, datapath.as_ref()) {
+                Ok(mesh) => (mesh, applied),
+                // A file the kernel maps cannot take (a full one) is refused as it would be
+                // later: the daemon stays up, not ready, says why, and tries it again.
+                Err(err) if applied.is_some() => {
+                    if let Some(file) = &config_file {
+                        file.application_failed(err.to_string());
+                    }
+                    let empty = |_: &MeshConfig| Vec::new();
+                    let mesh =
+                        Mesh::new(empty, config_file.clone(), &settings.node, datapath.as_ref())
+                            .context("writing the kernel maps")?;
+                    (mesh, None)
+                }
+                Err(err) => return Err(err).context("writing the kernel maps"),
+            };
         let took = reload::Took {
             read,
             apply: applying.elapsed(),

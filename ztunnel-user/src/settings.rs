@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use ztunnel_common::maps;
 
 /// The control API's socket, for the CNI plugin and the lab's tests. Not Istio's
 /// `/var/run/ztunnel/ztunnel.sock`: istio-cni's node agent binds that path for ZDS (and removes
@@ -170,8 +171,90 @@ pub struct Settings {
         value_name = "PERCENT"
     )]
     pub pod_share_percent: u8,
+    /// Pods this node can enroll (`ZT_PODS`, and twice as many addresses in
+    /// `ZT_INBOUND_LISTENERS`). Beyond it an enrollment fails (the runtime retries the CNI
+    /// ADD).
+    #[arg(
+        long = flags::MAX_PODS,
+        env = flags::MAX_PODS_ENV,
+        default_value_t = maps::MAX_PODS,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(u32::MAX / 2)),
+        value_name = "PODS"
+    )]
+    pub max_pods: u32,
+    /// Addresses of the mesh's workloads, on every node, the kernel can hold (`ZT_WORKLOADS`,
+    /// preallocated: its kernel memory is taken whole at start). Beyond it a new mesh config
+    /// is refused and the one in force stays.
+    #[arg(
+        long = flags::MAX_WORKLOAD_ADDRESSES,
+        env = flags::MAX_WORKLOAD_ADDRESSES_ENV,
+        default_value_t = maps::MAX_WORKLOAD_ADDRESSES,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "ADDRESSES"
+    )]
+    pub max_workload_addresses: u32,
+    /// Plaintext rules the kernel can hold (`ZT_PLAINTEXT_RULES`: what this node's workloads'
+    /// policies decide for clients without an identity). Beyond it the proxy alone enforces
+    /// the policies.
+    #[arg(
+        long = flags::MAX_PLAINTEXT_RULES,
+        env = flags::MAX_PLAINTEXT_RULES_ENV,
+        default_value_t = maps::MAX_PLAINTEXT_RULES,
+        value_parser = clap::value_parser!(u32).range(1..),
+        value_name = "RULES"
+    )]
+    pub max_plaintext_rules: u32,
     #[command(flatten)]
     pub istiod: IstiodSettings,
+}
+
+/// The flags (and variables) that size the kernel maps: the errors of a full map name them.
+pub mod flags {
+    pub const MAX_PODS: &str = "max-pods";
+    pub const MAX_PODS_ENV: &str = "ZTUNNEL_MAX_PODS";
+    pub const MAX_WORKLOAD_ADDRESSES: &str = "max-workload-addresses";
+    pub const MAX_WORKLOAD_ADDRESSES_ENV: &str = "ZTUNNEL_MAX_WORKLOAD_ADDRESSES";
+    pub const MAX_PLAINTEXT_RULES: &str = "max-plaintext-rules";
+    pub const MAX_PLAINTEXT_RULES_ENV: &str = "ZTUNNEL_MAX_PLAINTEXT_RULES";
+}
+
+/// A kernel map whose capacity is a setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacity {
+    pub map: &'static str,
+    pub entries: u32,
+    /// The setting's flag (without `--`) and variable.
+    pub flag: &'static str,
+    pub env: &'static str,
+}
+
+impl Settings {
+    /// The maps the settings size, with their capacities.
+    pub fn map_capacities(&self) -> [MapCapacity; 4] {
+        let pods = |map, entries| MapCapacity {
+            map,
+            entries,
+            flag: flags::MAX_PODS,
+            env: flags::MAX_PODS_ENV,
+        };
+        [
+            pods(maps::names::PODS, self.max_pods),
+            // An address per family, each with its listener.
+            pods(maps::names::INBOUND_LISTENERS, self.max_pods * 2),
+            MapCapacity {
+                map: maps::names::WORKLOADS,
+                entries: self.max_workload_addresses,
+                flag: flags::MAX_WORKLOAD_ADDRESSES,
+                env: flags::MAX_WORKLOAD_ADDRESSES_ENV,
+            },
+            MapCapacity {
+                map: maps::names::PLAINTEXT_RULES,
+                entries: self.max_plaintext_rules,
+                flag: flags::MAX_PLAINTEXT_RULES,
+                env: flags::MAX_PLAINTEXT_RULES_ENV,
+            },
+        ]
+    }
 }
 
 /// How the daemon reaches istiod, and who it says it is there; Istio's ztunnel's variables.
@@ -324,6 +407,25 @@ mod tests {
         assert_eq!(json["access_log"], "/var/log/ztunnel.log");
         assert_eq!(serde_json::from_value::<Settings>(json).unwrap(), settings);
         assert_eq!(parse(&[]).access_log, AccessLogOutput::Stdout);
+    }
+
+    #[test]
+    fn map_capacities_default_to_the_programs_own() {
+        let capacities = parse(&[]).map_capacities();
+        let entries: Vec<(&str, u32)> = capacities.iter().map(|c| (c.map, c.entries)).collect();
+        assert_eq!(
+            entries,
+            [
+                (maps::names::PODS, maps::MAX_PODS),
+                (maps::names::INBOUND_LISTENERS, maps::MAX_PODS * 2),
+                (maps::names::WORKLOADS, maps::MAX_WORKLOAD_ADDRESSES),
+                (maps::names::PLAINTEXT_RULES, maps::MAX_PLAINTEXT_RULES),
+            ]
+        );
+        let small = parse(&["--max-workload-addresses", "8"]);
+        assert_eq!(small.map_capacities()[2].entries, 8);
+        assert!(try_parse(&["--max-pods", "0"]).is_err());
+        assert!(try_parse(&["--max-pods", &(u32::MAX / 2 + 1).to_string()]).is_err());
     }
 
     #[test]

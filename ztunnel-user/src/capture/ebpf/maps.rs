@@ -88,10 +88,7 @@ impl Datapath {
     ) -> Result<(), DatapathError> {
         lock(&self.listeners)
             .insert(Addr::from(ip), listener.as_raw_fd(), 0)
-            .map_err(|source| DatapathError::Map {
-                name: names::INBOUND_LISTENERS,
-                source,
-            })
+            .map_err(self.write_error(names::INBOUND_LISTENERS))
     }
 
     pub(crate) fn unregister_inbound_listener(&self, ip: IpAddr) -> Result<(), DatapathError> {
@@ -104,10 +101,7 @@ impl Datapath {
     pub(crate) fn insert_pod(&self, netns_cookie: u64, info: PodInfo) -> Result<(), DatapathError> {
         lock(&self.pods)
             .insert(netns_cookie, info, 0)
-            .map_err(|source| DatapathError::Map {
-                name: names::PODS,
-                source,
-            })
+            .map_err(self.write_error(names::PODS))
     }
 
     pub(crate) fn remove_pod(&self, netns_cookie: u64) -> Result<(), DatapathError> {
@@ -152,6 +146,19 @@ impl Datapath {
         let removed = lock(&self.deliveries).remove(&flow_key(source, app));
         if let Err(err) = ignore_missing(removed, names::DELIVERIES) {
             tracing::warn!(%source, %app, %err, "cannot withdraw a delivery announcement");
+        }
+    }
+
+    /// What a failed write to `name` is: `MapFull`, naming the setting that sizes it, when the
+    /// map has no room left (a hash map answers E2BIG, an LPM trie ENOSPC).
+    fn write_error(&self, name: &'static str) -> impl Fn(MapError) -> DatapathError + '_ {
+        move |source| {
+            let full = matches!(&source, MapError::SyscallError(err)
+                if matches!(err.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)));
+            match self.capacities.iter().find(|capacity| capacity.map == name) {
+                Some(&capacity) if full => DatapathError::MapFull { capacity },
+                _ => DatapathError::Map { name, source },
+            }
         }
     }
 
@@ -252,7 +259,7 @@ impl KernelMaps for Datapath {
         for (&(prefix, key), &verdict) in &wanted.plaintext_rules {
             rules
                 .insert(&LpmKey::new(prefix, key), verdict, 0)
-                .map_err(map_error(names::PLAINTEXT_RULES))?;
+                .map_err(self.write_error(names::PLAINTEXT_RULES))?;
         }
         let mut workloads = lock(&self.workloads);
         let present_workloads: Vec<Addr> = workloads.keys().filter_map(Result::ok).collect();
@@ -260,7 +267,7 @@ impl KernelMaps for Datapath {
             if workloads.get(addr, 0).ok().as_ref() != Some(entry) {
                 workloads
                     .insert(addr, entry, 0)
-                    .map_err(map_error(names::WORKLOADS))?;
+                    .map_err(self.write_error(names::WORKLOADS))?;
             }
         }
         for addr in present_workloads {
@@ -287,14 +294,14 @@ impl KernelMaps for Datapath {
             if let Some(verdict) = verdict {
                 rules
                     .insert(&LpmKey::new(prefix, key), verdict, 0)
-                    .map_err(map_error(names::PLAINTEXT_RULES))?;
+                    .map_err(self.write_error(names::PLAINTEXT_RULES))?;
             }
         }
         for (addr, entry) in &diff.workloads {
             if let Some(entry) = entry {
                 workloads
                     .insert(addr, entry, 0)
-                    .map_err(map_error(names::WORKLOADS))?;
+                    .map_err(self.write_error(names::WORKLOADS))?;
             }
         }
         for (addr, entry) in &diff.workloads {
@@ -312,10 +319,6 @@ impl KernelMaps for Datapath {
         }
         Ok(())
     }
-}
-
-fn map_error(name: &'static str) -> impl Fn(MapError) -> DatapathError {
-    move |source| DatapathError::Map { name, source }
 }
 
 #[cfg(test)]

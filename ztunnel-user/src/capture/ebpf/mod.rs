@@ -22,7 +22,7 @@ mod pins;
 pub(crate) use links::{PodLinks, detach_pod};
 
 use crate::host::features::Node;
-use crate::settings::Settings;
+use crate::settings::{MapCapacity, Settings};
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, SockHash};
 use aya::programs::{CgroupSockAddr, ProgramError, SkLookup, SockOps};
@@ -65,6 +65,11 @@ pub(crate) enum DatapathError {
         name: &'static str,
         source: MapError,
     },
+    #[error(
+        "eBPF map {} is full: it holds {} entries; raise --{} ({}) to make it larger",
+        .capacity.map, .capacity.entries, .capacity.flag, .capacity.env
+    )]
+    MapFull { capacity: MapCapacity },
     #[error("eBPF object has no {0}")]
     Missing(&'static str),
     #[error("pinning link {path}: {source}")]
@@ -98,6 +103,8 @@ pub(crate) struct Datapath {
     workloads: Mutex<BpfHashMap<MapData, Addr, WorkloadEntry>>,
     plaintext_rules: Mutex<LpmTrie<MapData, PlaintextRuleKey, u32>>,
     counters: PerCpuArray<MapData, u64>,
+    /// The maps sized by the settings, for the error a full one gives.
+    capacities: [MapCapacity; 4],
 }
 
 impl Datapath {
@@ -106,7 +113,9 @@ impl Datapath {
     /// so its pods keep their kernel state across the restart. Otherwise (no maps, some
     /// missing, a layout an upgrade changed) the programs get new maps, pinned in place of
     /// the old ones; the old maps live on, read only by the old programs, until every old
-    /// link has been moved on to the new programs (`capture_pod`) or removed.
+    /// link has been moved on to the new programs (`capture_pod`) or removed. The settings
+    /// size some maps (`Settings::map_capacities`); a pinned map of another size is replaced
+    /// the same way, so a changed setting takes effect at the next start.
     pub(crate) fn load(settings: &Settings, node: &Node) -> Result<Datapath, DatapathError> {
         let pin_dir = settings.bpffs.clone();
         pins::ensure_bpffs(pin_dir.parent().unwrap_or(&pin_dir))?;
@@ -125,7 +134,8 @@ impl Datapath {
             PROGRAMS
         };
         let object = aya_obj::Object::parse(programs).map_err(DatapathError::Parse)?;
-        match pins::check_pinned_maps(&maps_dir, &object) {
+        let capacities = settings.map_capacities();
+        match pins::check_pinned_maps(&maps_dir, &object, &capacities) {
             pins::PinnedMaps::Absent => {
                 tracing::info!(dir = %maps_dir.display(), "no maps pinned by a previous run; creating them")
             }
@@ -134,7 +144,7 @@ impl Datapath {
             }
             pins::PinnedMaps::Unfit(problems) => {
                 tracing::error!(dir = %maps_dir.display(), problems = %problems.join("; "),
-                    "the maps pinned by the previous run do not fit these programs; starting with new maps (the pods of the previous run move on to them, or are released)");
+                    "the maps pinned by the previous run do not fit these programs and settings; starting with new maps (the pods of the previous run move on to them, or are released)");
                 pins::remove_pins(&maps_dir)?;
                 std::fs::create_dir_all(&maps_dir).map_err(|source| DatapathError::Fs {
                     what: "creating",
@@ -148,6 +158,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         for name in names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
+        }
+        for capacity in &capacities {
+            loader.map_max_entries(capacity.map, capacity.entries);
         }
         if !settings.ebpf_log {
             logging::shrink_unused_buffer(&mut loader);
@@ -202,6 +215,7 @@ impl Datapath {
             counters: take_map(&mut ebpf, names::COUNTERS)?,
             ebpf: Mutex::new(ebpf),
             pin_dir,
+            capacities,
         })
     }
 }

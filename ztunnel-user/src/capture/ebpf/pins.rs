@@ -3,6 +3,7 @@
 
 use super::DatapathError;
 use crate::host::mounts::{Filesystem, is_on};
+use crate::settings::MapCapacity;
 use aya::maps::{MapError, MapInfo};
 use std::path::Path;
 use ztunnel_common::maps::names;
@@ -59,9 +60,20 @@ impl std::fmt::Display for MapLayout {
     }
 }
 
-/// Compares the maps pinned in `dir` with the definitions in `object`. Pins of maps these
-/// programs do not have (an upgrade removed them) are removed.
-pub(super) fn check_pinned_maps(dir: &Path, object: &aya_obj::Object) -> PinnedMaps {
+/// Compares the maps pinned in `dir` with the definitions in `object`, sized by `capacities`
+/// where the settings size them. Pins of maps these programs do not have (an upgrade removed
+/// them) are removed.
+///
+/// A map pinned with another capacity than the setting is unfit like one of another layout,
+/// and replaced with the rest: the daemon starts, its new maps are filled from scratch (pods,
+/// listeners, the mesh config's view; only the counters start again from zero) and the pods
+/// move on to them as after an upgrade. Refusing to start would leave every pod of the node
+/// refused until an operator removed the pins by hand, for a change the operator asked for.
+pub(super) fn check_pinned_maps(
+    dir: &Path,
+    object: &aya_obj::Object,
+    capacities: &[MapCapacity],
+) -> PinnedMaps {
     remove_unknown_pins(dir);
     let mut found = 0;
     let mut problems = Vec::new();
@@ -76,11 +88,11 @@ pub(super) fn check_pinned_maps(dir: &Path, object: &aya_obj::Object) -> PinnedM
             problems.push(format!("{name} is not in the eBPF object"));
             continue;
         };
-        if let Some(problem) = layout_problem(
-            name,
-            MapLayout::of_pin(&path),
-            MapLayout::of_definition(definition),
-        ) {
+        let mut wanted = MapLayout::of_definition(definition);
+        if let Some(capacity) = capacities.iter().find(|capacity| capacity.map == name) {
+            wanted.max_entries = capacity.entries;
+        }
+        if let Some(problem) = layout_problem(name, MapLayout::of_pin(&path), wanted) {
             problems.push(problem);
         }
     }

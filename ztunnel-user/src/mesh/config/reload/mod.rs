@@ -178,7 +178,7 @@ impl ConfigFile {
                 Reload::Done
             }
             Err(problem) => {
-                self.refuse(false, problem.to_string());
+                self.application_failed(problem.to_string());
                 Reload::ApplyFailed
             }
         }
@@ -223,6 +223,11 @@ impl ConfigFile {
             status.generation += 1;
             status.rejected = None;
         });
+    }
+
+    /// Reports that a valid content could not be applied: it is applied again when watched.
+    pub(crate) fn application_failed(&self, problem: String) {
+        self.refuse(false, problem);
     }
 
     /// Reports `problem`; `refused_for_good`: the content itself is bad, and is not applied
