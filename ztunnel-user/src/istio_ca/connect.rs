@@ -46,14 +46,10 @@ pub fn from_settings(
     else {
         return Ok(None);
     };
-    let root_cert = match roots {
-        RootCertificates::File(path) => Some(path),
-        RootCertificates::Pem(_) => None,
-    };
     let config = IstioCaConfig {
         credentials: istiod::credentials(settings, env),
         ttl,
-        root_cert,
+        root_cert: Some(roots),
     };
     Ok(Some(IstioCa::new(endpoint, config)?))
 }

@@ -4,7 +4,7 @@
 //! to stall, fail, or answer wrongly.
 
 use super::{CaConnect, IstioCa, IstioCaConfig};
-use crate::istiod::Credentials;
+use crate::istiod::{Credentials, RootCertificates};
 use crate::xds::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::xds::proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
@@ -156,7 +156,7 @@ impl FakeCa {
                 token_path,
             },
             ttl,
-            root_cert,
+            root_cert: root_cert.map(RootCertificates::File),
         };
         IstioCa::new(self.dialer(), config).unwrap()
     }

@@ -32,7 +32,9 @@ mod tests;
 pub use connect::{CaSettingsError, from_settings};
 
 use crate::identity::{CertificateSource, Identity, IssueError, Issuing, WorkloadCertificate};
-use crate::istiod::{Credentials, CredentialsError, channel_failure};
+use crate::istiod::{
+    ChannelError, Credentials, CredentialsError, RootCertificates, channel_failure,
+};
 use crate::xds::proto::istio::v1::auth::{
     IstioCertificateRequest, IstioCertificateResponse,
     istio_certificate_service_client::IstioCertificateServiceClient,
@@ -45,7 +47,6 @@ use rustls::crypto::ring::sign::any_ecdsa_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, TrustAnchor};
 use rustls::sign::CertifiedKey;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::client::GrpcService;
@@ -83,14 +84,14 @@ pub struct IstioCaConfig {
     pub ttl: Duration,
     /// A PEM file of the mesh's roots (Istio's `istio-ca-root-cert`), trusted besides the
     /// roots the CA sends; read once, when the client is made.
-    pub root_cert: Option<PathBuf>,
+    pub root_cert: Option<RootCertificates>,
 }
 
 /// Why the CA client could not be made, or a certificate could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum IstioCaError {
-    #[error("cannot read the mesh's roots from {path}: {reason}")]
-    RootCert { path: PathBuf, reason: String },
+    #[error("the mesh's roots for the CA client: {0}")]
+    RootCert(ChannelError),
     #[error("cannot make a key and certificate request for {identity}: {reason}")]
     Request { identity: Identity, reason: String },
     #[error("cannot authenticate the certificate request for {identity}: {source}")]
@@ -145,7 +146,7 @@ impl<C: CaConnect> IstioCa<C> {
     /// A client asking over `connect`, as `config` says; reads the root file.
     pub fn new(connect: C, config: IstioCaConfig) -> Result<Self, IstioCaError> {
         let file_roots = match &config.root_cert {
-            Some(path) => read_roots(path)?,
+            Some(roots) => roots.load().map_err(IstioCaError::RootCert)?,
             None => RootCertStore::empty(),
         };
         Ok(IstioCa {
@@ -273,7 +274,7 @@ fn accept(
                 IstioCaError::BadChain {
                     identity: identity.clone(),
                     index,
-                    reason,
+                    reason: reason.to_string(),
                 }
             })?;
             (between, roots.roots)
@@ -340,27 +341,11 @@ fn parse_entry(
     Ok(certs)
 }
 
-/// The roots in the PEM file at `path`.
-fn read_roots(path: &Path) -> Result<RootCertStore, IstioCaError> {
-    let failed = |reason: String| IstioCaError::RootCert {
-        path: path.to_owned(),
-        reason,
-    };
-    let roots = CertificateDer::pem_file_iter(path)
-        .map_err(|e| failed(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| failed(e.to_string()))?;
-    if roots.is_empty() {
-        return Err(failed("it holds no certificate".to_owned()));
-    }
-    trust_anchors(&roots).map_err(failed)
-}
-
 /// A root store of `roots`; each must be a certificate webpki can anchor to.
-fn trust_anchors(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, String> {
+fn trust_anchors(roots: &[CertificateDer<'static>]) -> Result<RootCertStore, rustls::Error> {
     let mut store = RootCertStore::empty();
     for root in roots {
-        store.add(root.clone()).map_err(|e| e.to_string())?;
+        store.add(root.clone())?;
     }
     Ok(store)
 }

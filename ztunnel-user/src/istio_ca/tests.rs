@@ -5,6 +5,7 @@ use super::fake::{Answer, FakeCa, OTHER_IDENTITY, Root};
 use super::*;
 use rustls::pki_types::pem::PemObject;
 use std::fs;
+use std::path::PathBuf;
 
 const TTL: Duration = Duration::from_secs(3600);
 
@@ -167,7 +168,7 @@ fn a_root_file_without_certificates_is_a_clear_error() {
         let config = IstioCaConfig {
             credentials: Credentials::default(),
             ttl: TTL,
-            root_cert: Some(path.clone()),
+            root_cert: Some(RootCertificates::File(path.clone())),
         };
         let error = IstioCa::new(FakeCa::new().dialer(), config).err().unwrap();
         assert!(matches!(error, IstioCaError::RootCert { .. }), "{error}");

@@ -62,7 +62,7 @@ impl RootCertificates {
     }
 
     /// The roots as they are now.
-    fn load(&self) -> Result<RootCertStore, ChannelError> {
+    pub(crate) fn load(&self) -> Result<RootCertStore, ChannelError> {
         let pem = match self {
             RootCertificates::File(path) => {
                 std::fs::read(path).map_err(|source| ChannelError::RootsUnreadable {

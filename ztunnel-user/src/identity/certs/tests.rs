@@ -1,5 +1,5 @@
 //! The store over the built-in CA. Its life against Istio's CA (failures, backoff, concurrency)
-//! is tested in `crate::istio_ca`, whose fake istiod can fail and stall.
+//! is tested with the Istio CA client's fake istiod, which can fail and stall.
 
 use super::*;
 use crate::identity::{BuiltInSource, CertificateAuthority};
