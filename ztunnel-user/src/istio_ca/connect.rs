@@ -1,25 +1,9 @@
-//! The CA client on the daemon's channel to istiod, as the daemon's settings make it.
+//! The CA client as the daemon's settings make it, on the daemon's channel to istiod.
 
-use super::{CaConnect, IstioCa, IstioCaConfig, IstioCaError};
-use crate::istiod::{self, ChannelError, IstiodChannel, IstiodEndpoint, RootCertificates};
+use super::{IstioCa, IstioCaConfig, IstioCaError};
+use crate::istiod::{self, ChannelError, IstiodEndpoint, RootCertificates};
 use crate::settings::IstiodSettings;
-use crate::xds::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
 use std::time::Duration;
-use tonic::codegen::StdError;
-
-/// Each request makes a fresh channel, with istiod's roots as they are then: requests are
-/// few (one per identity and half lifetime).
-impl CaConnect for IstiodEndpoint {
-    type Channel = IstiodChannel;
-
-    async fn connect(&self) -> Result<IstioCertificateServiceClient<IstiodChannel>, StdError> {
-        let channel = self.channel()?;
-        Ok(IstioCertificateServiceClient::with_origin(
-            channel,
-            self.origin.clone(),
-        ))
-    }
-}
 
 /// Why the CA client the settings ask for cannot be made.
 #[derive(Debug, thiserror::Error)]

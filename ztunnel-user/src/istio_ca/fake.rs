@@ -3,13 +3,13 @@
 //! signs each CSR with its own rcgen root, records what each request carried, and can be told
 //! to stall, fail, or answer wrongly.
 
-use super::{CaConnect, IstioCa, IstioCaConfig};
-use crate::istiod::{Credentials, RootCertificates};
-use crate::xds::proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use super::{IstioCa, IstioCaConfig};
+use crate::istiod::{Credentials, Dial, RootCertificates};
 use crate::xds::proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use crate::xds::proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use http::Uri;
 use prost_types::value::Kind;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
@@ -268,11 +268,15 @@ impl IstioCertificateService for FakeCa {
 /// Gives the client a channel to the fake CA, in memory.
 pub(super) struct Dialer(FakeCa);
 
-impl CaConnect for Dialer {
+impl Dial for Dialer {
     type Channel = IstioCertificateServiceServer<FakeCa>;
 
-    async fn connect(&self) -> Result<IstioCertificateServiceClient<Self::Channel>, StdError> {
+    async fn dial<Client>(
+        &self,
+        client: fn(Self::Channel, Uri) -> Client,
+    ) -> Result<Client, StdError> {
+        // No origin: the server is the channel, so requests name no host.
         let server = IstioCertificateServiceServer::new(self.0.clone());
-        Ok(IstioCertificateServiceClient::new(server))
+        Ok(client(server, Uri::default()))
     }
 }

@@ -15,7 +15,7 @@
 //! - The roots: those of the latest response that carried any, with the mesh's root file
 //!   (`istio-ca-root-cert`) if one is given.
 //!
-//! The channel is the caller's (`CaConnect`: a fresh client per request, in memory in the
+//! The channel is the caller's (`istiod::Dial`: a fresh one per request, in memory in the
 //! tests, TLS to istiod in the daemon), so nothing here knows the transport. It sits above
 //! `identity` (it implements its `CertificateSource`) because the generated code lives in
 //! `xds`, which `identity` must not reach: `xds` depends on `mesh`, which depends on
@@ -33,7 +33,7 @@ pub use connect::{CaSettingsError, from_settings};
 
 use crate::identity::{CertificateSource, Identity, IssueError, Issuing, WorkloadCertificate};
 use crate::istiod::{
-    ChannelError, Credentials, CredentialsError, RootCertificates, channel_failure,
+    ChannelError, Credentials, CredentialsError, Dial, RootCertificates, channel_failure,
 };
 use crate::xds::proto::istio::v1::auth::{
     IstioCertificateRequest, IstioCertificateResponse,
@@ -49,8 +49,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Trust
 use rustls::sign::CertifiedKey;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tonic::client::GrpcService;
-use tonic::codegen::{Body as HttpBody, Bytes, StdError};
+use tonic::codegen::StdError;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 
@@ -58,22 +57,6 @@ use x509_parser::prelude::FromDer;
 pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// The metadata key naming the identity a node proxy asks for.
 const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
-
-/// Gives a fresh client to istiod's CA for each request, over any channel tonic's generated
-/// client can call on (with what the call needs to be `Send`).
-pub trait CaConnect: Send + Sync + 'static {
-    type Channel: GrpcService<
-            tonic::body::Body,
-            Error: Into<StdError>,
-            ResponseBody: HttpBody<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
-            Future: Send,
-        > + Send
-        + 'static;
-
-    fn connect(
-        &self,
-    ) -> impl Future<Output = Result<IstioCertificateServiceClient<Self::Channel>, StdError>> + Send;
-}
 
 /// What the CA client is told.
 #[derive(Clone, Debug)]
@@ -125,9 +108,9 @@ pub enum IstioCaError {
     WrongKey { identity: Identity },
 }
 
-/// The client of Istio's CA, over the channels `connect` gives.
-pub struct IstioCa<C> {
-    connect: C,
+/// The client of Istio's CA, over the channels `istiod` gives.
+pub struct IstioCa<D> {
+    istiod: D,
     credentials: Credentials,
     ttl: Duration,
     /// The roots of the root file.
@@ -142,15 +125,16 @@ struct Accepted {
     roots: Vec<TrustAnchor<'static>>,
 }
 
-impl<C: CaConnect> IstioCa<C> {
-    /// A client asking over `connect`, as `config` says; reads the root file.
-    pub fn new(connect: C, config: IstioCaConfig) -> Result<Self, IstioCaError> {
+impl<D: Dial> IstioCa<D> {
+    /// A client asking over the channels `istiod` gives, as `config` says; reads the root
+    /// file.
+    pub fn new(istiod: D, config: IstioCaConfig) -> Result<Self, IstioCaError> {
         let file_roots = match &config.root_cert {
             Some(roots) => roots.load().map_err(IstioCaError::RootCert)?,
             None => RootCertStore::empty(),
         };
         Ok(IstioCa {
-            connect,
+            istiod,
             credentials: config.credentials,
             ttl: config.ttl,
             roots: Mutex::new(Arc::new(file_roots.clone())),
@@ -174,8 +158,8 @@ impl<C: CaConnect> IstioCa<C> {
                     source,
                 })?;
         let mut client = self
-            .connect
-            .connect()
+            .istiod
+            .dial(IstioCertificateServiceClient::with_origin)
             .await
             .map_err(|reason| IstioCaError::Connect {
                 identity: identity.clone(),
@@ -236,7 +220,7 @@ impl<C: CaConnect> IstioCa<C> {
     }
 }
 
-impl<C: CaConnect> CertificateSource for IstioCa<C> {
+impl<D: Dial> CertificateSource for IstioCa<D> {
     fn issue<'a>(&'a self, identity: &'a Identity) -> Issuing<'a> {
         Box::pin(async move { self.issue(identity).await.map_err(IssueError::from) })
     }

@@ -1,12 +1,14 @@
-//! What the daemon's clients of istiod (the xDS client, the CA client) share: the channel
-//! (TLS, HTTP/2), the credentials every request carries, and how a channel's failure is told
-//! from istiod's answer.
+//! What the daemon's clients of istiod (the xDS client, the CA client) share: the way they
+//! reach it (`Dial`) and the channel the daemon dials (TLS, HTTP/2), the credentials every
+//! request carries, and how a channel's failure is told from istiod's answer.
 
 mod channel;
 mod credentials;
+mod dial;
 
 pub use channel::{ChannelError, IstiodChannel, IstiodEndpoint, RootCertificates};
 pub use credentials::{Credentials, CredentialsError};
+pub use dial::Dial;
 
 use crate::settings::IstiodSettings;
 

@@ -1,25 +1,9 @@
-//! The client on the daemon's channel to istiod, and the client as the daemon's settings make
-//! it.
+//! The client as the daemon's settings make it, on the daemon's channel to istiod.
 
-use super::super::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use super::{Connect, NodeFacts, XdsClient, XdsConfig, XdsSink};
-use crate::istiod::{self, ChannelError, IstiodChannel, IstiodEndpoint, RootCertificates};
+use super::{NodeFacts, XdsClient, XdsConfig, XdsSink};
+use crate::istiod::{self, ChannelError, IstiodEndpoint, RootCertificates};
 use crate::settings::IstiodSettings;
 use std::sync::Arc;
-use tonic::codegen::StdError;
-
-/// Each stream opening makes a fresh channel, with istiod's roots as they are then.
-impl Connect for IstiodEndpoint {
-    type Channel = IstiodChannel;
-
-    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<IstiodChannel>, StdError> {
-        let channel = self.channel()?;
-        Ok(AggregatedDiscoveryServiceClient::with_origin(
-            channel,
-            self.origin.clone(),
-        ))
-    }
-}
 
 /// The xDS client `settings` ask for on node `node` (None: `XDS_ADDRESS` is empty), feeding
 /// `sink`; `env` is the daemon's environment (`ISTIO_META_*`).

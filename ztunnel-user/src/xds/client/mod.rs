@@ -1,7 +1,7 @@
 //! The delta ADS client: one bidirectional `DeltaAggregatedResources` stream to istiod at a
 //! time, subscribed to every `Address` and `Authorization` (wildcard), whose responses go to an
 //! `XdsSink` (the mesh model) and are ACKed or NACKed by name; reopened for ever with the state
-//! kept. The channel is the caller's (`Connect`: a fresh client per attempt, in memory in the
+//! kept. The channel is the caller's (`istiod::Dial`: a fresh one per attempt, in memory in the
 //! tests, TLS to istiod in the daemon), so nothing here knows the transport.
 //!
 //! The flow, as Istio's ztunnel's (`src/xds/client.rs`):
@@ -44,16 +44,15 @@ use super::proto::envoy::service::discovery::v3::{
     aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
 use super::proto::google::rpc::Status;
-use crate::istiod::{CredentialsError, channel_failure};
+use crate::istiod::{CredentialsError, Dial, channel_failure};
 use rand::Rng;
 use state::{Settled, Shared};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::client::GrpcService;
+use tonic::codegen::StdError;
 use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::codegen::{Body as HttpBody, Bytes, StdError};
 
 /// The largest response taken, as in Istio's ztunnel (tonic's default is 4 MiB).
 const MAX_RESPONSE_BYTES: usize = 200 * 1024 * 1024;
@@ -63,26 +62,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(15);
 /// A NACK names at most this many resources, then says how many more.
 const NACK_NAMES_MAX: usize = 100;
 
-/// Gives a fresh client to istiod for each stream opening, over any channel tonic's generated
-/// client can stream on (with what the stream needs to be `Send`).
-pub trait Connect: Send + Sync {
-    type Channel: GrpcService<
-            tonic::body::Body,
-            Error: Into<StdError>,
-            ResponseBody: HttpBody<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
-            Future: Send,
-        > + Send
-        + 'static;
-
-    fn connect(
-        &self,
-    ) -> impl Future<Output = Result<AggregatedDiscoveryServiceClient<Self::Channel>, StdError>> + Send;
-}
-
 /// The delta ADS client. `handle` gives its status and readiness; `run` streams for ever.
-pub struct XdsClient<C, S: ?Sized> {
+pub struct XdsClient<D, S: ?Sized> {
     config: XdsConfig,
-    connect: C,
+    istiod: D,
     sink: Arc<S>,
     shared: Arc<Shared>,
 }
@@ -124,11 +107,11 @@ fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
 
-impl<C: Connect, S: XdsSink + ?Sized> XdsClient<C, S> {
-    pub fn new(config: XdsConfig, connect: C, sink: Arc<S>) -> XdsClient<C, S> {
+impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
+    pub fn new(config: XdsConfig, istiod: D, sink: Arc<S>) -> XdsClient<D, S> {
         XdsClient {
             config,
-            connect,
+            istiod,
             sink,
             shared: Arc::new(Shared::new()),
         }
@@ -167,7 +150,11 @@ impl<C: Connect, S: XdsSink + ?Sized> XdsClient<C, S> {
             Ok(headers) => headers,
             Err(err) => return err.into(),
         };
-        let client = match self.connect.connect().await {
+        let client = match self
+            .istiod
+            .dial(AggregatedDiscoveryServiceClient::with_origin)
+            .await
+        {
             Ok(client) => client,
             Err(err) => return Ended::Connect(err),
         };

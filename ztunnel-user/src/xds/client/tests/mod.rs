@@ -1,16 +1,10 @@
-//! The client against a scripted istiod: the generated server's trait, implemented here, fed to
-//! the generated client in memory (no network), so every request and response is a real
+//! The client's tests, against a scripted istiod (`istiod`: the generated server's trait fed
+//! to the generated client in memory, no network), so every request and response is a real
 //! protobuf message through tonic. The sink is the mesh model itself (`apply_to_model` over a
 //! `Mesh` with kernel maps in memory), as the daemon's `ProxyContext` applies it (that one is
 //! run in the lab). Time is tokio's paused clock: delays are checked without waiting them.
 
-use super::super::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-    aggregated_discovery_service_server::{
-        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-    },
-};
+use super::super::proto::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
 use super::super::proto::istio::security::{Action, Authorization, Clause, Match, Rule, Scope};
 use super::super::proto::istio::workload::{
     Address, NetworkAddress, Port, Service, TunnelProtocol, Workload, address,
@@ -18,16 +12,14 @@ use super::super::proto::istio::workload::{
 use super::*;
 use crate::mesh::Mesh;
 use crate::mesh::kernel::memory::MemoryMaps;
+use istiod::{config, facts, refuse_three, start, start_with_token};
 use prost_types::Any;
 use prost_types::value::Kind;
-use std::collections::VecDeque;
-use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
-use tokio::task::JoinHandle;
+use std::sync::atomic::Ordering;
 use tokio::time::{Instant, timeout};
 
+mod istiod;
 mod tls;
 
 const ADDRESS: &str = "type.googleapis.com/istio.workload.Address";
@@ -37,154 +29,6 @@ const NODE_ID: &str = "ztunnel~10.0.0.5~ztunnel-x7.istio-system~istio-system.svc
 const WAIT: Duration = Duration::from_secs(60);
 /// What "at once" allows: the spread under the first backoff, and the timer's millisecond.
 const AT_ONCE: Duration = Duration::from_millis(11);
-
-// ---- istiod ----------------------------------------------------------------------------
-
-/// istiod as the tests script it: each stream opening is recorded (time and headers) and
-/// either refused with the next queued status or handed to the test as an `IstiodStream`.
-#[derive(Clone)]
-struct FakeIstiod {
-    inner: Arc<Istiod>,
-}
-
-struct Istiod {
-    refusals: Mutex<VecDeque<tonic::Status>>,
-    openings: Mutex<Vec<Opening>>,
-    streams: UnboundedSender<IstiodStream>,
-}
-
-/// One stream opening as istiod saw it.
-#[derive(Clone, Debug)]
-struct Opening {
-    at: Instant,
-    authorization: Option<String>,
-    cluster_id: Option<String>,
-}
-
-/// An open stream: what the client sent on it, and the way to answer. Dropping it ends the
-/// stream cleanly.
-struct IstiodStream {
-    requests: UnboundedReceiver<DeltaDiscoveryRequest>,
-    responses: UnboundedSender<Result<DeltaDiscoveryResponse, tonic::Status>>,
-}
-
-impl FakeIstiod {
-    fn new() -> (FakeIstiod, UnboundedReceiver<IstiodStream>) {
-        let (streams, opened) = unbounded_channel();
-        let istiod = Istiod {
-            refusals: Mutex::default(),
-            openings: Mutex::default(),
-            streams,
-        };
-        let fake = FakeIstiod {
-            inner: Arc::new(istiod),
-        };
-        (fake, opened)
-    }
-
-    fn refuse_next(&self, status: tonic::Status) {
-        self.inner.refusals.lock().unwrap().push_back(status);
-    }
-
-    fn openings(&self) -> Vec<Opening> {
-        self.inner.openings.lock().unwrap().clone()
-    }
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for FakeIstiod {
-    type DeltaAggregatedResourcesStream =
-        UnboundedReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        let header = |name: &str| {
-            request
-                .metadata()
-                .get(name)
-                .and_then(|value| value.to_str().ok())
-                .map(str::to_owned)
-        };
-        let opening = Opening {
-            at: Instant::now(),
-            authorization: header("authorization"),
-            cluster_id: header("clusterid"),
-        };
-        self.inner.openings.lock().unwrap().push(opening);
-        if let Some(status) = self.inner.refusals.lock().unwrap().pop_front() {
-            return Err(status);
-        }
-        let mut incoming = request.into_inner();
-        let (forward, requests) = unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(request)) = incoming.message().await {
-                if forward.send(request).is_err() {
-                    break;
-                }
-            }
-        });
-        let (responses, outgoing) = unbounded_channel();
-        let _ = self.inner.streams.send(IstiodStream {
-            requests,
-            responses,
-        });
-        Ok(tonic::Response::new(UnboundedReceiverStream::new(outgoing)))
-    }
-}
-
-impl IstiodStream {
-    async fn request(&mut self) -> DeltaDiscoveryRequest {
-        timeout(WAIT, self.requests.recv())
-            .await
-            .expect("a request in time")
-            .expect("the stream is open")
-    }
-
-    /// The two initial requests, in the client's order.
-    async fn initial_requests(&mut self) -> [DeltaDiscoveryRequest; 2] {
-        [self.request().await, self.request().await]
-    }
-
-    /// Sends `response`; returns the client's ACK or NACK of it.
-    async fn reply(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-        self.responses.send(Ok(response)).unwrap();
-        let reply = self.request().await;
-        assert!(reply.node.is_none() && reply.initial_resource_versions.is_empty());
-        reply
-    }
-
-    /// Sends `response`, which the client must ACK.
-    async fn acked(&mut self, response: DeltaDiscoveryResponse) {
-        let nonce = response.nonce.clone();
-        let reply = self.reply(response).await;
-        assert_eq!(reply.response_nonce, nonce);
-        assert_eq!(reply.error_detail, None, "NACKed");
-    }
-
-    /// Sends workload a1 (version 1) and service echo (2), then policy demo/deny-ssh (3):
-    /// both ACKed.
-    async fn send_mesh(&mut self) {
-        let resources = vec![a1("1"), address_entry(ECHO, "2", echo_service())];
-        self.acked(response(ADDRESS, "n1", resources, &[])).await;
-        let policies = vec![policy("deny-ssh", "3")];
-        self.acked(response(AUTHORIZATION, "n2", policies, &[]))
-            .await;
-    }
-
-    /// Ends the stream with `status`.
-    fn fail(self, status: tonic::Status) {
-        self.responses.send(Err(status)).unwrap();
-    }
-}
-
-async fn next_stream(streams: &mut UnboundedReceiver<IstiodStream>) -> IstiodStream {
-    timeout(WAIT, streams.recv())
-        .await
-        .expect("a stream opening in time")
-        .unwrap()
-}
 
 // ---- the sink: the mesh model ----------------------------------------------------------
 
@@ -216,139 +60,18 @@ impl XdsSink for ModelSink {
 }
 
 impl ModelSink {
+    /// The model of an empty mesh on node1.
+    fn new() -> ModelSink {
+        let maps = MemoryMaps::default();
+        ModelSink {
+            mesh: Mesh::new(|_| Vec::new(), None, "node1", &maps).unwrap(),
+            maps,
+            calls: Mutex::default(),
+        }
+    }
+
     fn calls(&self) -> Vec<SinkCall> {
         self.calls.lock().unwrap().clone()
-    }
-}
-
-// ---- the client under test -------------------------------------------------------------
-
-struct Harness {
-    istiod: FakeIstiod,
-    streams: UnboundedReceiver<IstiodStream>,
-    sink: Arc<ModelSink>,
-    xds: XdsHandle,
-    /// When the client asked for a channel.
-    dials: Arc<Mutex<Vec<Instant>>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-fn facts() -> NodeFacts {
-    NodeFacts {
-        instance_ip: Some("10.0.0.5".parse().unwrap()),
-        pod_name: "ztunnel-x7".into(),
-        pod_namespace: "istio-system".into(),
-        node_name: "node1".into(),
-        cluster_id: "Kubernetes".into(),
-    }
-}
-
-fn config(token_path: Option<PathBuf>) -> XdsConfig {
-    let env = [("ISTIO_META_DNS_CAPTURE".to_owned(), "true".to_owned())];
-    XdsConfig::for_node(&facts(), env, token_path)
-}
-
-/// Gives the client channels to `istiod` in memory, recording when; the first `failing` ones
-/// cannot be had.
-struct Dialer {
-    istiod: FakeIstiod,
-    dials: Arc<Mutex<Vec<Instant>>>,
-    failing: AtomicUsize,
-}
-
-impl Connect for Dialer {
-    type Channel = AggregatedDiscoveryServiceServer<FakeIstiod>;
-
-    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<Self::Channel>, StdError> {
-        self.dials.lock().unwrap().push(Instant::now());
-        let fail = self
-            .failing
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
-            return Err("connection refused".into());
-        }
-        let server = AggregatedDiscoveryServiceServer::new(self.istiod.clone());
-        Ok(AggregatedDiscoveryServiceClient::new(server))
-    }
-}
-
-/// Starts a client whose first `failing_dials` channels cannot be had.
-fn start(config: XdsConfig, failing_dials: usize) -> Harness {
-    let (istiod, streams) = FakeIstiod::new();
-    let dials = Arc::new(Mutex::new(Vec::new()));
-    let dialer = Dialer {
-        istiod: istiod.clone(),
-        dials: dials.clone(),
-        failing: AtomicUsize::new(failing_dials),
-    };
-    start_client(config, dialer, (istiod, streams), dials)
-}
-
-/// Starts a client that reaches `istiod` with `connect`, the mesh model as its sink.
-fn start_client<C: Connect + 'static>(
-    config: XdsConfig,
-    connect: C,
-    (istiod, streams): (FakeIstiod, UnboundedReceiver<IstiodStream>),
-    dials: Arc<Mutex<Vec<Instant>>>,
-) -> Harness {
-    let maps = MemoryMaps::default();
-    let sink = Arc::new(ModelSink {
-        mesh: Mesh::new(|_| Vec::new(), None, "node1", &maps).unwrap(),
-        maps,
-        calls: Mutex::default(),
-    });
-    let client = XdsClient::new(config, connect, sink.clone());
-    let xds = client.handle();
-    let task = tokio::spawn(client.run());
-    Harness {
-        istiod,
-        streams,
-        sink,
-        xds,
-        dials,
-        task,
-    }
-}
-
-/// Starts a client whose token file (in the temporary directory returned) holds `content`.
-fn start_with_token(content: &str) -> (tempfile::TempDir, PathBuf, Harness) {
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("istio-token");
-    std::fs::write(&token, content).unwrap();
-    let h = start(config(Some(token.clone())), 0);
-    (dir, token, h)
-}
-
-/// Makes the first three openings fail, so the next delay due is 80 ms: distinct from "at
-/// once" (under 10 ms).
-fn refuse_three(h: &Harness) {
-    for _ in 0..3 {
-        h.istiod
-            .refuse_next(tonic::Status::unauthenticated("not yet"));
-    }
-}
-
-impl Harness {
-    async fn next_stream(&mut self) -> IstiodStream {
-        next_stream(&mut self.streams).await
-    }
-
-    /// A stream whose initial requests were read.
-    async fn subscribed(&mut self) -> IstiodStream {
-        let mut stream = self.next_stream().await;
-        stream.initial_requests().await;
-        stream
-    }
-
-    fn dials(&self) -> Vec<Instant> {
-        self.dials.lock().unwrap().clone()
     }
 }
 

@@ -2,8 +2,10 @@
 //! sockets on 127.0.0.1, to the scripted istiod behind a TLS listener, its certificate
 //! checked against the roots given and the name asked for.
 
+use super::istiod::{FakeIstiod, Harness, IstiodStream, start_client};
 use super::*;
 use crate::istiod::{IstiodEndpoint, RootCertificates};
+use crate::xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use rcgen::{CertificateParams, Issuer, KeyPair};
@@ -11,6 +13,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::net::SocketAddr;
 use std::path::Path;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::UnboundedReceiver;
 
 /// The name in istiod's certificate (with 127.0.0.1), as Istio's istiod carries it.
 const ISTIOD_NAME: &str = "istiod.istio-system.svc";
