@@ -3,8 +3,9 @@
 use crate::cgroup;
 use crate::cni;
 use crate::command::ip_in;
-use crate::daemon::{self, DaemonOptions};
+use crate::daemon::{self, ControlPlane, DaemonOptions};
 use crate::error::{LabError, Result};
+use crate::istiod;
 use crate::mesh;
 use crate::netns;
 use crate::state::{Lab, Node, Pod};
@@ -76,6 +77,13 @@ fn build(daemons: Option<&DaemonOptions>) -> Result<Lab> {
     if let Some(options) = daemons {
         mesh::write_mesh_config()?;
         options.save()?;
+        if options.control_plane == ControlPlane::Istiod {
+            let pid = istiod::start_istiod()?;
+            println!(
+                "up: istiod (fake-istiod, pid {pid}) serving the mesh file on {}",
+                istiod::address()
+            );
+        }
     }
     let mut nodes = Vec::new();
     for node in &NODES {

@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use std::fs::OpenOptions;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,27 @@ const LOG_TAIL_LINES: usize = 30;
 /// directory of another build's binaries, e.g. to see an end-to-end test fail on an older one
 /// (`ZTUNNEL_DAEMON_BIN_DIR=/path/to/old/bins cargo test -p ztunnel-lab --test security`).
 pub const DAEMON_BIN_DIR_VARIABLE: &str = "ZTUNNEL_DAEMON_BIN_DIR";
+
+/// Where the daemons take the mesh and their certificates from.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlPlane {
+    /// The lab's mesh file (`--config`) and the built-in CA, shared by the nodes.
+    #[default]
+    File,
+    /// The lab's istiod (`fake-istiod`): delta xDS and the Istio CA, serving the same file.
+    Istiod,
+}
 
 /// How the lab starts its daemons; saved by `up` so daemons restarted later match.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -51,6 +72,8 @@ pub struct DaemonOptions {
     /// it would refuse the flag.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub control_plane: ControlPlane,
 }
 
 impl DaemonOptions {
@@ -92,7 +115,7 @@ impl DaemonOptions {
     }
 
     /// The options the lab's daemons run with (the defaults when none are saved).
-    pub(crate) fn load() -> Result<DaemonOptions> {
+    pub fn load() -> Result<DaemonOptions> {
         match std::fs::read_to_string(Self::path()) {
             Ok(text) => serde_json::from_str(&text).map_err(|e| LabError::State {
                 path: Self::path(),
@@ -129,16 +152,6 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
     }
     let options = DaemonOptions::load()?;
     let binary = options.daemon_binary("ztunnel")?;
-    let log_path = node.log_path();
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|e| LabError::io("opening", &log_path, e))?;
-    let log_for_stderr = log
-        .try_clone()
-        .map_err(|e| LabError::io("duplicating", &log_path, e))?;
-
     let mut command = Placement::new(&node.daemon_cgroup(), &node.netns_path(), true)?
         .command(binary.as_os_str());
     command
@@ -153,16 +166,24 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .arg(node.bpffs_dir())
         .arg("--state-dir")
         .arg(node.daemon_state_dir())
-        .arg("--config")
-        .arg(topology::MESH_CONFIG)
-        .arg("--ca-dir")
-        .arg(topology::CA_DIR)
         .arg("--trust-domain")
         .arg(topology::TRUST_DOMAIN)
         .args(options.args())
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_for_stderr);
+        .stdin(Stdio::null());
+    log_output_to(&mut command, &node.log_path())?;
+    match options.control_plane {
+        ControlPlane::File => {
+            command
+                .arg("--config")
+                .arg(topology::MESH_CONFIG)
+                .arg("--ca-dir")
+                .arg(topology::CA_DIR);
+        }
+        ControlPlane::Istiod => {
+            command.envs(crate::istiod::daemon_env(node));
+        }
+    }
+    // After istiod's: a test may point one of them elsewhere.
     command.envs(options.env.iter().map(|(name, value)| (name, value)));
     if let Some(open_files) = options.open_files {
         // SAFETY: setrlimit is async-signal-safe, and the closure allocates nothing.
@@ -189,6 +210,20 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         return Err(error);
     }
     Ok(pid)
+}
+
+/// Appends `command`'s standard output and error to the log at `path`.
+pub(crate) fn log_output_to(command: &mut std::process::Command, path: &Path) -> Result<()> {
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| LabError::io("opening", path, e))?;
+    let log_for_stderr = log
+        .try_clone()
+        .map_err(|e| LabError::io("duplicating", path, e))?;
+    command.stdout(log).stderr(log_for_stderr);
+    Ok(())
 }
 
 /// SIGKILLs the daemon, leaving whatever it set up behind (to test crash recovery).

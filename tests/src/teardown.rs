@@ -19,6 +19,9 @@ const CGROUP_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn down() -> Result<()> {
     disenroll_pods();
     stop_daemons();
+    if crate::istiod::stop_istiod()? {
+        println!("down: stopped istiod");
+    }
     kill_netns_processes();
     let cgroups = cgroup_root();
     if cgroups.is_dir() {

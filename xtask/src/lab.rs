@@ -15,8 +15,13 @@ pub enum LabCommand {
         no_build: bool,
         /// A plain pod network without ztunnel (no daemons, no ztunnel-cni plugin): a baseline
         /// for measurements and for debugging the wiring.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "control_plane")]
         without_ztunnel: bool,
+        /// Where the daemons take the mesh and their certificates from: the lab's mesh file
+        /// and the built-in CA, or the lab's istiod (a fake one serving the same file over
+        /// delta xDS, with Istio's CA).
+        #[arg(long, value_enum, default_value_t = ztunnel_lab::ControlPlane::File)]
+        control_plane: ztunnel_lab::ControlPlane,
     },
     /// Remove everything the lab and ztunnel created (also after a crashed or killed run).
     Down,
@@ -37,6 +42,7 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
         LabCommand::Up {
             no_build,
             without_ztunnel,
+            control_plane,
         } => {
             if !no_build {
                 build_binaries(without_ztunnel, false)?;
@@ -46,7 +52,10 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             if without_ztunnel {
                 ztunnel_lab::up_without_ztunnel()?;
             } else {
-                ztunnel_lab::up()?;
+                ztunnel_lab::up_with(&ztunnel_lab::DaemonOptions {
+                    control_plane,
+                    ..ztunnel_lab::DaemonOptions::default()
+                })?;
             }
         }
         LabCommand::Down => {
@@ -66,7 +75,7 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
 pub fn build_binaries(without_ztunnel: bool, release: bool) -> Result<()> {
     let mut args = vec!["build", "-p", "ztunnel-lab"];
     if !without_ztunnel {
-        args.extend(["-p", "ztunnel-user"]);
+        args.extend(["-p", "ztunnel-user", "-p", "fake-istiod"]);
     }
     args.push("--bins");
     if release {

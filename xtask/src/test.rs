@@ -10,7 +10,16 @@ use tally::{Tally, tests_in_sources};
 use ztunnel_lab::topology;
 
 /// The crates whose tests need no lab (the eBPF crate only builds for the BPF target).
-const HOST_CRATES: [&str; 6] = ["-p", "ztunnel-common", "-p", "ztunnel-user", "-p", "xtask"];
+const HOST_CRATES: [&str; 8] = [
+    "-p",
+    "ztunnel-common",
+    "-p",
+    "ztunnel-user",
+    "-p",
+    "fake-istiod",
+    "-p",
+    "xtask",
+];
 
 /// The fuzz targets are a workspace of their own (fuzz/), built for fuzzing with nightly by
 /// `cargo xtask fuzz`; they are checked here like the rest, with the stable toolchain, in the
@@ -35,11 +44,12 @@ const FUZZ_CLIPPY: [&str; 9] = [
 ];
 
 /// The Rust sources whose tests each phase runs (for the count it must reach).
-const HOST_TEST_SOURCES: [&str; 5] = [
+const HOST_TEST_SOURCES: [&str; 6] = [
     "ztunnel-common/src",
     "ztunnel-common/tests",
     "ztunnel-user/src",
     "ztunnel-user/tests",
+    "tests/fake-istiod/src",
     "xtask/src",
 ];
 const LAB_TEST_SOURCES: [&str; 2] = ["tests/src", "tests/tests"];

@@ -268,22 +268,38 @@ pub fn mesh_status(lab: &Lab, node: &str) -> ztunnel_user::mesh::MeshStatus {
 }
 
 /// Writes the lab's mesh config with `changes` and waits until both daemons have exactly
-/// that file in force (by its version: an earlier write still being applied does not count).
+/// that file in force (by its version: an earlier write still being applied does not count):
+/// read from the file, or, when the lab runs istiod, ACKed from istiod's deltas of it.
 pub fn apply_mesh(lab: &Lab, changes: &ztunnel_lab::mesh::MeshChanges) {
     let text = ztunnel_lab::mesh::mesh_config_with(changes);
     ztunnel_lab::mesh::write_mesh_config_text(&text).expect("writing the mesh config");
     let version = ztunnel_user::mesh::config::reload::version_of(&text);
+    let from_istiod = DaemonOptions::load()
+        .expect("the lab's options")
+        .control_plane
+        == ztunnel_lab::ControlPlane::Istiod;
     for node in NODES {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let config = mesh_status(lab, node).config;
-            if config.version == version && config.rejected.is_none() {
-                break;
+            if from_istiod {
+                let synced = ztunnel_lab::istiod::synced_versions();
+                if synced.get(node) == Some(&version) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{node} did not ACK version {version} of the mesh from istiod: {synced:?}"
+                );
+            } else {
+                let config = mesh_status(lab, node).config;
+                if config.version == version && config.rejected.is_none() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{node} did not apply the new mesh config: {config:?}"
+                );
             }
-            assert!(
-                Instant::now() < deadline,
-                "{node} did not apply the new mesh config: {config:?}"
-            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -69,6 +69,18 @@ impl MeshFile {
         Ok(file)
     }
 
+    pub fn workloads(&self) -> &[Workload] {
+        &self.workloads
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    pub fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
     /// How many workloads, services and policies the file holds, for the log.
     pub(crate) fn summary(&self) -> String {
         format!(

@@ -1,0 +1,278 @@
+//! The mesh file's entries as istiod sends them: each workload and service an
+//! `istio.workload.Address`, each policy an `istio.security.Authorization`, named as Istio
+//! names them (a workload by its uid, a service `namespace/hostname`, a policy
+//! `namespace/name`) and versioned by a digest of their bytes, so that a resource whose
+//! content did not change keeps its version across reads of the file.
+
+use prost::{Message, Name};
+use prost_types::Any;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use ztunnel_user::mesh::authz::{Match, Policy, StringMatch};
+use ztunnel_user::mesh::config::{
+    GatewayAddress, GatewayDestination, HealthStatus, MeshFile, NetworkAddress, Protocol, Service,
+    Workload,
+};
+use ztunnel_user::xds::proto::istio::{security, workload as wire};
+
+/// One resource as the stream carries it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    pub version: String,
+    pub body: Any,
+}
+
+/// Resources by name, for one type.
+pub type Resources = BTreeMap<String, Resource>;
+
+/// Everything istiod would send for one version of the mesh file.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// The file's version (the daemon's digest of its text): what a proxy is synced to.
+    pub version: String,
+    pub addresses: Resources,
+    pub authorizations: Resources,
+    /// The SPIFFE identities of the workloads: those the CA signs for.
+    pub identities: BTreeSet<String>,
+}
+
+impl Snapshot {
+    pub fn of(file: &MeshFile, version: String) -> Snapshot {
+        let workloads = file.workloads().iter().map(|w| {
+            (
+                w.uid.clone(),
+                address(wire::address::Type::Workload(workload(w))),
+            )
+        });
+        let services = file
+            .services()
+            .iter()
+            .map(|s| (s.key(), address(wire::address::Type::Service(service(s)))));
+        let policies = file
+            .policies()
+            .iter()
+            .map(|p| (p.key(), resource(&authorization(p))));
+        Snapshot {
+            version,
+            addresses: workloads.chain(services).collect(),
+            authorizations: policies.collect(),
+            identities: file
+                .workloads()
+                .iter()
+                .map(|w| w.identity().to_string())
+                .collect(),
+        }
+    }
+
+    /// This snapshot's resources of `type_url`, or None for a type istiod does not serve here.
+    pub fn of_type(&self, type_url: &str) -> Option<&Resources> {
+        if type_url == wire::Address::type_url() {
+            Some(&self.addresses)
+        } else if type_url == security::Authorization::type_url() {
+            Some(&self.authorizations)
+        } else {
+            None
+        }
+    }
+}
+
+fn address(kind: wire::address::Type) -> Resource {
+    resource(&wire::Address { r#type: Some(kind) })
+}
+
+fn resource<M: Message + Name>(message: &M) -> Resource {
+    let body = Any::from_msg(message).expect("encoding into a Vec cannot fail");
+    let digest = Sha256::digest(&body.value);
+    let version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Resource { version, body }
+}
+
+fn workload(w: &Workload) -> wire::Workload {
+    let tunnel_protocol = match w.protocol {
+        Protocol::Hbone => wire::TunnelProtocol::Hbone,
+        Protocol::Tcp => wire::TunnelProtocol::None,
+    };
+    let status = match w.status {
+        HealthStatus::Healthy => wire::WorkloadStatus::Healthy,
+        HealthStatus::Unhealthy => wire::WorkloadStatus::Unhealthy,
+    };
+    // The file says it in lower case; unset is what protobuf's zero, a Deployment, means.
+    let workload_type = wire::WorkloadType::from_str_name(&w.workload_type.to_uppercase())
+        .unwrap_or(wire::WorkloadType::Deployment);
+    let services = w
+        .services
+        .iter()
+        .map(|(key, ports)| {
+            (
+                key.clone(),
+                wire::PortList {
+                    ports: ports_of(ports),
+                },
+            )
+        })
+        .collect();
+    wire::Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses: w.workload_ips.iter().map(|ip| ip_bytes(*ip)).collect(),
+        hostname: w.hostname.clone(),
+        network: w.network.clone(),
+        tunnel_protocol: tunnel_protocol.into(),
+        trust_domain: w.trust_domain.clone(),
+        service_account: w.service_account.clone(),
+        waypoint: w.waypoint.as_ref().map(gateway),
+        node: w.node.clone(),
+        canonical_name: w.canonical_name.clone(),
+        canonical_revision: w.canonical_revision.clone(),
+        workload_type: workload_type.into(),
+        workload_name: w.workload_name.clone(),
+        services,
+        authorization_policies: w.authorization_policies.clone(),
+        status: status.into(),
+        cluster_id: w.cluster_id.clone(),
+        ..Default::default()
+    }
+}
+
+fn service(s: &Service) -> wire::Service {
+    wire::Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        addresses: s.vips.iter().map(network_address).collect(),
+        ports: ports_of(&s.ports),
+        subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(gateway),
+        ..Default::default()
+    }
+}
+
+fn gateway(g: &GatewayAddress) -> wire::GatewayAddress {
+    let destination = match &g.destination {
+        GatewayDestination::Address(address) => {
+            wire::gateway_address::Destination::Address(network_address(address))
+        }
+        GatewayDestination::Hostname(name) => {
+            wire::gateway_address::Destination::Hostname(wire::NamespacedHostname {
+                namespace: name.namespace().to_owned(),
+                hostname: name.hostname().to_owned(),
+            })
+        }
+    };
+    wire::GatewayAddress {
+        destination: Some(destination),
+        hbone_mtls_port: g.hbone_mtls_port.into(),
+    }
+}
+
+fn network_address(address: &NetworkAddress) -> wire::NetworkAddress {
+    wire::NetworkAddress {
+        network: address.network.clone(),
+        address: ip_bytes(address.ip),
+    }
+}
+
+fn ports_of(ports: &BTreeMap<u16, u16>) -> Vec<wire::Port> {
+    ports
+        .iter()
+        .map(|(&service_port, &target_port)| wire::Port {
+            service_port: service_port.into(),
+            target_port: target_port.into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn authorization(p: &Policy) -> security::Authorization {
+    use ztunnel_user::mesh::authz::{Action, Scope};
+    let scope = match p.scope {
+        Scope::Global => security::Scope::Global,
+        Scope::Namespace => security::Scope::Namespace,
+        Scope::WorkloadSelector => security::Scope::WorkloadSelector,
+    };
+    let action = match p.action {
+        Action::Allow => security::Action::Allow,
+        Action::Deny => security::Action::Deny,
+    };
+    let rules = p
+        .rules
+        .iter()
+        .map(|rule| security::Rule {
+            clauses: rule
+                .iter()
+                .map(|clause| security::Clause {
+                    matches: clause.iter().map(policy_match).collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    security::Authorization {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: scope.into(),
+        action: action.into(),
+        rules,
+        dry_run: p.dry_run,
+    }
+}
+
+fn policy_match(m: &Match) -> security::Match {
+    let strings = |matches: &[StringMatch]| matches.iter().map(string_match).collect();
+    let accounts = |accounts: &[ztunnel_user::mesh::authz::ServiceAccountMatch]| {
+        accounts
+            .iter()
+            .map(|a| security::ServiceAccountMatch {
+                namespace: a.namespace.clone(),
+                service_account: a.service_account.clone(),
+            })
+            .collect()
+    };
+    let nets = |nets: &[ipnet::IpNet]| {
+        nets.iter()
+            .map(|net| security::Address {
+                address: ip_bytes(net.addr()),
+                length: net.prefix_len().into(),
+            })
+            .collect()
+    };
+    let ports = |ports: &[u16]| ports.iter().map(|&port| port.into()).collect();
+    security::Match {
+        namespaces: strings(&m.namespaces),
+        not_namespaces: strings(&m.not_namespaces),
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
+        principals: strings(&m.principals),
+        not_principals: strings(&m.not_principals),
+        source_ips: nets(&m.source_ips),
+        not_source_ips: nets(&m.not_source_ips),
+        destination_ips: nets(&m.destination_ips),
+        not_destination_ips: nets(&m.not_destination_ips),
+        destination_ports: ports(&m.destination_ports),
+        not_destination_ports: ports(&m.not_destination_ports),
+    }
+}
+
+fn string_match(m: &StringMatch) -> security::StringMatch {
+    use security::string_match::MatchType;
+    let match_type = match m {
+        StringMatch::Exact(s) => MatchType::Exact(s.clone()),
+        StringMatch::Prefix(s) => MatchType::Prefix(s.clone()),
+        StringMatch::Suffix(s) => MatchType::Suffix(s.clone()),
+        StringMatch::Presence() => MatchType::Presence(()),
+    };
+    security::StringMatch {
+        match_type: Some(match_type),
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

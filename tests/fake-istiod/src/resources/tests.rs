@@ -1,0 +1,155 @@
+//! What the fake sends is what the file says: each resource, read back by the daemon's own
+//! xDS conversion, is the file's entry again, field for field.
+
+use super::*;
+use std::path::Path;
+use std::sync::Arc;
+use ztunnel_user::mesh::config::Change;
+use ztunnel_user::xds::convert::{address_change, authorization_change};
+
+/// Every field the file has, set (the lab's own file sets only some).
+const EVERY_FIELD: &str = r#"
+workloads:
+- uid: cluster1//Pod/demo/a1
+  name: a1
+  namespace: demo
+  serviceAccount: sa-a
+  trustDomain: example.org
+  workloadIps: [10.244.1.2, "fd00::2"]
+  protocol: HBONE
+  node: node1
+  status: Unhealthy
+  waypoint: {destination: {namespace: demo, hostname: waypoint.demo.svc.cluster.local}, hboneMtlsPort: 15009}
+  authorizationPolicies: [demo/allow-a]
+  services: {demo/echo.demo.svc.cluster.local: {80: 8080}}
+  canonicalName: a
+  canonicalRevision: v1
+  workloadName: a-deploy
+  workloadType: pod
+  hostname: a1.example.org
+  network: net1
+  clusterId: cluster1
+- uid: u1
+  name: u1
+  namespace: legacy
+  workloadIps: [10.244.2.3]
+  waypoint: {destination: /10.96.0.20}
+  workloadType: deployment
+services:
+- name: echo
+  namespace: demo
+  hostname: echo.demo.svc.cluster.local
+  vips: [net1/10.96.0.10, /fd00:96::10]
+  ports: {80: 8080, 443: 8443}
+  subjectAltNames: [spiffe://example.org/ns/demo/sa/extra]
+  waypoint: {destination: /10.96.0.20, hboneMtlsPort: 15008}
+- name: waypoint
+  namespace: demo
+  hostname: waypoint.demo.svc.cluster.local
+  vips: [/10.96.0.20]
+  ports: {15008: 15008}
+policies:
+- name: allow-a
+  namespace: demo
+  scope: WorkloadSelector
+  action: Allow
+  dryRun: true
+  rules:
+  - - - namespaces: [{Exact: demo}, {Prefix: de}]
+        notNamespaces: [{Suffix: mo}]
+        principals: [{Presence: []}]
+        notPrincipals: [{Exact: spiffe://example.org/ns/demo/sa/evil}]
+        serviceAccounts: [{namespace: demo, serviceAccount: sa-a}]
+        notServiceAccounts: [{namespace: demo, serviceAccount: sa-b}]
+        sourceIps: [10.244.0.0/16]
+        notSourceIps: ["fd00::/8"]
+        destinationIps: [10.96.0.10/32]
+        notDestinationIps: [10.97.0.0/16]
+        destinationPorts: [8080]
+        notDestinationPorts: [22]
+    - - {}
+- name: deny-all
+  namespace: legacy
+  scope: Namespace
+  action: Deny
+"#;
+
+fn file(text: &str) -> MeshFile {
+    MeshFile::parse(Path::new("test.yaml"), text).expect("a valid mesh file")
+}
+
+/// The daemon's reading of every resource in `snapshot`.
+fn read_back(snapshot: &Snapshot) -> Vec<Change> {
+    let addresses = snapshot
+        .addresses
+        .iter()
+        .map(|(name, r)| address_change(name, &r.body));
+    let policies = snapshot
+        .authorizations
+        .iter()
+        .map(|(name, r)| authorization_change(name, &r.body));
+    addresses
+        .chain(policies)
+        .map(|change| change.expect("the daemon accepts what the fake sends"))
+        .collect()
+}
+
+/// The file's entries as changes, in the snapshot's order (by name, addresses first).
+fn entries(file: &MeshFile) -> Vec<Change> {
+    let mut addresses: Vec<(String, Change)> = file
+        .workloads()
+        .iter()
+        .map(|w| (w.uid.clone(), Change::Workload(Arc::new(w.clone()))))
+        .chain(
+            file.services()
+                .iter()
+                .map(|s| (s.key(), Change::Service(Arc::new(s.clone())))),
+        )
+        .collect();
+    addresses.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut policies: Vec<(String, Change)> = file
+        .policies()
+        .iter()
+        .map(|p| (p.key(), Change::Policy(Arc::new(p.clone()))))
+        .collect();
+    policies.sort_by(|a, b| a.0.cmp(&b.0));
+    addresses
+        .into_iter()
+        .chain(policies)
+        .map(|(_, c)| c)
+        .collect()
+}
+
+#[test]
+fn every_field_of_the_file_reaches_the_daemon_unchanged() {
+    let file = file(EVERY_FIELD);
+    let snapshot = Snapshot::of(&file, String::new());
+    assert_eq!(snapshot.addresses.len(), 4);
+    assert_eq!(snapshot.authorizations.len(), 2);
+    assert_eq!(read_back(&snapshot), entries(&file));
+}
+
+#[test]
+fn the_labs_own_mesh_reaches_the_daemon_unchanged() {
+    let mut text = ztunnel_lab::mesh::mesh_config();
+    // The lab's file leaves workloadType unset, which the wire can only say as Deployment.
+    text = text.replace("  node: ", "  workloadType: deployment\n  node: ");
+    let file = file(&text);
+    assert_eq!(
+        read_back(&Snapshot::of(&file, String::new())),
+        entries(&file)
+    );
+}
+
+#[test]
+fn a_resource_keeps_its_version_until_its_content_changes() {
+    let before = Snapshot::of(&file(EVERY_FIELD), String::new());
+    let changed = EVERY_FIELD.replace("canonicalRevision: v1", "canonicalRevision: v2");
+    let after = Snapshot::of(&file(&changed), String::new());
+    assert_ne!(
+        before.addresses["cluster1//Pod/demo/a1"].version,
+        after.addresses["cluster1//Pod/demo/a1"].version
+    );
+    assert_eq!(before.addresses["u1"], after.addresses["u1"]);
+    assert_eq!(before.authorizations, after.authorizations);
+}

@@ -1,0 +1,183 @@
+//! The lab's istiod, when its daemons take the mesh and their certificates from a control plane
+//! (`--control-plane istiod`) instead of the mesh file and the built-in CA: the `fake-istiod`
+//! binary (delta xDS and the Istio CA over TLS, serving the lab's mesh file), run in node1's
+//! netns as istiod runs as a pod on some node. node2 reaches it over the underlay.
+
+use crate::daemon::{is_alive, log_output_to, signal_and_wait};
+use crate::error::{LabError, Result};
+use crate::exec::Placement;
+use crate::topology::{self, NODES};
+use nix::sys::signal::Signal;
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// istiod's port for xDS and its CA.
+const PORT: u16 = 15012;
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The line the fake logs once it listens.
+const SERVING: &str = "serving";
+
+/// Where the daemons reach istiod: node1's underlay address.
+pub fn address() -> SocketAddrV4 {
+    SocketAddrV4::new(NODES[0].underlay_ip, PORT)
+}
+
+/// The projected service-account token the daemons present.
+pub fn token_path() -> PathBuf {
+    Path::new(topology::STATE_DIR).join("istio-token")
+}
+
+/// The token istiod accepts (what the API server would validate the daemons' against).
+fn accepted_token_path() -> PathBuf {
+    Path::new(topology::STATE_DIR).join("istiod-accepted-token")
+}
+
+/// The token of a fresh lab, on both sides.
+const LAB_TOKEN: &str = "lab-token";
+
+/// istiod's root certificate: the lab's CA root, which istiod signs with (see `fake-istiod`).
+pub fn root_cert_path() -> PathBuf {
+    Path::new(topology::CA_DIR).join("root-cert.pem")
+}
+
+pub fn log_path() -> PathBuf {
+    Path::new(topology::STATE_DIR).join("istiod.log")
+}
+
+fn pid_file() -> PathBuf {
+    Path::new(topology::STATE_DIR).join("istiod.pid")
+}
+
+fn proxy_status_path() -> PathBuf {
+    Path::new(topology::STATE_DIR).join("istiod-proxy-status.json")
+}
+
+/// The environment that points a daemon at the lab's istiod, as a DaemonSet sets it.
+pub fn daemon_env(node: &topology::NodeSpec) -> Vec<(String, String)> {
+    let root = root_cert_path().display().to_string();
+    [
+        ("XDS_ADDRESS", address().to_string()),
+        ("XDS_ROOT_CA", root.clone()),
+        ("CA_ADDRESS", address().to_string()),
+        ("CA_ROOT_CA", root),
+        ("AUTH_TOKEN", token_path().display().to_string()),
+        ("POD_NAME", format!("ztunnel-{}", node.name)),
+        ("INSTANCE_IP", node.underlay_ip.to_string()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect()
+}
+
+/// Starts istiod (writing the token first if there is none) and waits until it listens.
+pub fn start_istiod() -> Result<u32> {
+    if let Some(pid) = istiod_pid() {
+        return Err(istiod_error(format!("is already running (pid {pid})")));
+    }
+    for path in [token_path(), accepted_token_path()] {
+        if !path.exists() {
+            std::fs::write(&path, LAB_TOKEN).map_err(|e| LabError::io("writing", path, e))?;
+        }
+    }
+    let binary = topology::binary_in(&topology::bin_dir(), "fake-istiod")?;
+    let log_path = log_path();
+    let node = &NODES[0];
+    let mut command = Placement::new(&node.system_cgroup(), &node.netns_path(), true)?
+        .command(binary.as_os_str());
+    command
+        .arg("--listen")
+        .arg(address().to_string())
+        .arg("--mesh-config")
+        .arg(topology::MESH_CONFIG)
+        .arg("--ca-dir")
+        .arg(topology::CA_DIR)
+        .arg("--token-file")
+        .arg(accepted_token_path())
+        .arg("--proxy-status")
+        .arg(proxy_status_path())
+        .stdin(Stdio::null());
+    log_output_to(&mut command, &log_path)?;
+    let logged_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+    let child = command
+        .spawn()
+        .map_err(|e| istiod_error(format!("could not be started: {e}")))?;
+    let pid = child.id();
+    // Not waited for: it outlives us, as the daemons do.
+    drop(child);
+    std::fs::write(pid_file(), pid.to_string())
+        .map_err(|e| LabError::io("writing", pid_file(), e))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if !is_alive(pid) {
+            return Err(istiod_error(format!(
+                "exited while starting; see {}",
+                log_path.display()
+            )));
+        }
+        let log = std::fs::read(&log_path).unwrap_or_default();
+        let new = log.get(logged_before as usize..).unwrap_or_default();
+        if String::from_utf8_lossy(new).contains(SERVING) {
+            return Ok(pid);
+        }
+        if Instant::now() >= deadline {
+            signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT);
+            return Err(istiod_error(format!(
+                "did not listen within {}s",
+                START_TIMEOUT.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops istiod, if it runs; says whether it did.
+pub fn stop_istiod() -> Result<bool> {
+    let Some(pid) = istiod_pid() else {
+        return Ok(false);
+    };
+    if !signal_and_wait(pid, Signal::SIGTERM, STOP_TIMEOUT) {
+        signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT);
+    }
+    let _ = std::fs::remove_file(pid_file());
+    Ok(true)
+}
+
+pub fn istiod_pid() -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let is_fake_istiod = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|comm| comm.trim() == "fake-istiod");
+    (is_alive(pid) && is_fake_istiod).then_some(pid)
+}
+
+/// Replaces the token the daemons present (istiod accepts only the lab's).
+pub fn write_daemon_token(token: &str) -> Result<()> {
+    std::fs::write(token_path(), token).map_err(|e| LabError::io("writing", token_path(), e))
+}
+
+/// The token a fresh lab's daemons present, which istiod accepts.
+pub fn restore_daemon_token() -> Result<()> {
+    write_daemon_token(LAB_TOKEN)
+}
+
+/// The version of the mesh file each node's daemon has ACKed from istiod, by node.
+pub fn synced_versions() -> BTreeMap<String, String> {
+    std::fs::read(proxy_status_path())
+        .ok()
+        .and_then(|text| serde_json::from_slice(&text).ok())
+        .unwrap_or_default()
+}
+
+fn istiod_error(problem: String) -> LabError {
+    LabError::Command {
+        command: "fake-istiod".to_owned(),
+        detail: problem,
+    }
+}

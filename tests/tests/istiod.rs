@@ -1,0 +1,167 @@
+//! The daemons against istiod (the lab's `fake-istiod`, serving the lab's mesh file): the mesh
+//! by delta xDS and the workload certificates from Istio's CA, over TLS with a bearer token;
+//! a change arriving as a delta and enforced; istiod going away (the daemons keep what they
+//! hold and serve traffic) and coming back (the change made meanwhile arrives); a token istiod
+//! refuses (the daemon stays not ready and says why, until the token is right).
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::*;
+use ztunnel_lab::mesh::MeshChanges;
+use ztunnel_lab::{ControlPlane, DaemonOptions, Started, istiod};
+use ztunnel_user::xds::client::XdsStatus;
+
+const DENY_SA_A: &str = "policies:\n- {name: no-sa-a, namespace: demo, scope: Namespace, \
+                         action: Deny, rules: [[[{principals: [{Exact: cluster.local/ns/demo/sa/sa-a}]}]]]}\n";
+
+fn istiod_lab() -> LabSession {
+    LabSession::start_with(&DaemonOptions {
+        control_plane: ControlPlane::Istiod,
+        ..DaemonOptions::default()
+    })
+}
+
+fn deny_sa_a() -> MeshChanges<'static> {
+    MeshChanges {
+        sections: DENY_SA_A,
+        ..MeshChanges::default()
+    }
+}
+
+fn xds(s: &LabSession, node: &str) -> XdsStatus {
+    status(&s.lab, node)
+        .xds
+        .unwrap_or_else(|| panic!("{node}'s daemon runs without xDS"))
+}
+
+/// Polls `node`'s xDS status until `done` holds (at most `within`).
+fn wait_xds(s: &LabSession, node: &str, within: Duration, done: impl Fn(&XdsStatus) -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = xds(s, node);
+        if done(&status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{node}: {status:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The lines of istiod's log that hold `text`.
+fn istiod_log_lines(text: &str) -> Vec<String> {
+    std::fs::read_to_string(istiod::log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.contains(text))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_mesh_and_the_certificates_come_from_istiod_and_a_change_arrives_as_a_delta() {
+    let s = istiod_lab();
+    for node in NODES {
+        let status = xds(&s, node);
+        assert!(status.connected && status.ready, "{node}: {status:?}");
+        // Every workload of the file, and no policy yet, as Address and Authorization.
+        let held: Vec<usize> = status.types.iter().map(|t| t.resources).collect();
+        assert_eq!(held, [5, 0], "{node}: {status:?}");
+    }
+    // Each captured pod's identity was signed by istiod's CA, asked for by its node.
+    for identity in ["ns/demo/sa/sa-a", "ns/demo/sa/sa-b"] {
+        assert!(
+            !istiod_log_lines(&format!(
+                "issued a certificate identity=spiffe://cluster.local/{identity}"
+            ))
+            .is_empty(),
+            "istiod did not sign {identity}"
+        );
+    }
+    let b1_app = serve("b1", APP_PORT);
+    let report = send("a1", s.addr("b1", APP_PORT), 64 * KIB);
+    assert_eq!(report.server.peer.ip(), s.ip("a1"));
+    assert_eq!(next_report(&b1_app).bytes, 64 * KIB);
+
+    // A policy added to the file reaches both daemons as one delta, and is enforced.
+    apply_mesh(&s.lab, &deny_sa_a());
+    let error = denied("a1", s.addr("b1", APP_PORT));
+    assert!(!error.is_empty());
+    let policies: Vec<usize> = NODES.map(|node| xds(&s, node).types[1].resources).to_vec();
+    assert_eq!(policies, [1, 1]);
+    // Its removal, as a removed resource.
+    apply_mesh(&s.lab, &MeshChanges::default());
+    send("a1", s.addr("b1", APP_PORT), 4 * KIB);
+    assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
+}
+
+#[test]
+fn while_istiod_is_away_the_daemons_serve_what_they_hold_and_catch_up_when_it_returns() {
+    let s = istiod_lab();
+    let b1_app = serve("b1", APP_PORT);
+    assert!(istiod::stop_istiod().expect("stopping istiod"));
+    for node in NODES {
+        wait_xds(&s, node, Duration::from_secs(10), |x| !x.connected);
+    }
+    // Nothing is lost: the mesh and the certificates held keep traffic flowing.
+    send("a1", s.addr("b1", APP_PORT), 64 * KIB);
+    assert_eq!(next_report(&b1_app).bytes, 64 * KIB);
+    for node in NODES {
+        assert!(
+            daemon_ready(node),
+            "{node} stopped being ready without istiod"
+        );
+    }
+
+    // A change made while istiod is away arrives once it is back: the daemons reconnect on
+    // their own, presenting the versions they hold, and get only the difference.
+    let opened_before = istiod_log_lines("xDS stream opened").len();
+    ztunnel_lab::mesh::write_mesh_config_text(&ztunnel_lab::mesh::mesh_config_with(&deny_sa_a()))
+        .expect("writing the mesh config");
+    istiod::start_istiod().expect("starting istiod again");
+    apply_mesh(&s.lab, &deny_sa_a());
+    denied("a1", s.addr("b1", APP_PORT));
+    let reopened = istiod_log_lines("xDS stream opened").len() - opened_before;
+    assert!(reopened >= 2, "{reopened} streams opened after the restart");
+    let resubscribed = istiod_log_lines("held=5");
+    assert!(
+        resubscribed.len() >= 2,
+        "the daemons did not present the 5 addresses they hold: {resubscribed:?}"
+    );
+}
+
+#[test]
+fn a_token_istiod_refuses_keeps_the_daemon_not_ready_until_the_token_is_right() {
+    let s = istiod_lab();
+    ztunnel_lab::stop_daemon("node2").expect("stopping node2's daemon");
+    istiod::write_daemon_token("a-stolen-token").expect("writing the token");
+    ztunnel_lab::start_daemon_until("node2", Started::Answering).expect("starting node2");
+    wait_xds(&s, "node2", Duration::from_secs(10), |x| {
+        x.attempts >= 2 && x.last_error.is_some()
+    });
+    let status = xds(&s, "node2");
+    let error = status.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("Unauthenticated") || error.contains("unauthenticated"),
+        "{error}"
+    );
+    assert!(!status.ready && !daemon_ready("node2"), "{status:?}");
+
+    // The token is read again for each attempt: the right one makes it ready, no restart.
+    istiod::restore_daemon_token().expect("writing the token");
+    wait_xds(&s, "node2", Duration::from_secs(40), |x| x.ready);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !daemon_ready("node2") {
+        assert!(Instant::now() < deadline, "node2 did not become ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let b1_app = serve("b1", APP_PORT);
+    send("a1", s.addr("b1", APP_PORT), 4 * KIB);
+    assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
+}
+
+fn daemon_ready(node: &str) -> bool {
+    ztunnel_lab::daemon_not_ready(node)
+        .unwrap_or_else(|e| panic!("{node}: {e}"))
+        .is_none()
+}
