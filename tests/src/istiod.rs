@@ -8,6 +8,7 @@ use crate::error::{LabError, Result};
 use crate::exec::Placement;
 use crate::topology::{self, NODES};
 use nix::sys::signal::Signal;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
@@ -167,7 +168,17 @@ pub fn restore_daemon_token() -> Result<()> {
     write_daemon_token(LAB_TOKEN)
 }
 
-/// The version of the mesh file each node's daemon has ACKed from istiod, by node.
+/// How istiod versions what it serves, a resource's bytes or the mesh file's text: the first
+/// 8 bytes of their SHA-256, in hex.
+pub fn digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The version of the mesh file each node's daemon has ACKed from istiod, by node (the
+/// `digest` of the file's text).
 pub fn synced_versions() -> BTreeMap<String, String> {
     std::fs::read(proxy_status_path())
         .ok()

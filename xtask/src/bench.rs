@@ -93,13 +93,8 @@ impl BenchArgs {
     }
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    match &args.suite {
-        Some(Suite::Micro) => return micro(),
-        Some(Suite::Scale(scale)) => return scale::run(scale),
-        None => {}
-    }
-    let settings = args.settings()?;
+/// Sets up the machine and builds the lab's binaries optimized, then has the lab run those.
+fn build_release_binaries() -> Result<()> {
     crate::setup::run()?;
     crate::lab::build_binaries(false, true)?;
     // SAFETY: set before any thread is started; the lab reads it to find the binaries.
@@ -109,6 +104,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             topology::workspace_root().join("target/release"),
         )
     };
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    match &args.suite {
+        Some(Suite::Micro) => return micro(),
+        Some(Suite::Scale(scale)) => return scale::run(scale),
+        None => {}
+    }
+    let settings = args.settings()?;
+    build_release_binaries()?;
     let _lock = ztunnel_lab::LabLock::acquire("bench")?;
     let bench_dir = topology::workspace_root().join("target/bench");
     let out = bench_dir.join(utc_timestamp(SystemTime::now()));

@@ -22,7 +22,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::codegen::Service;
 use ztunnel_user::mesh::config::MeshFile;
-use ztunnel_user::mesh::config::reload::version_of;
 use ztunnel_user::xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use ztunnel_user::xds::proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
 
@@ -125,7 +124,10 @@ async fn main() -> anyhow::Result<()> {
 
 fn snapshot(path: &Path, text: &str) -> anyhow::Result<Snapshot> {
     let file = MeshFile::parse(path, text)?;
-    Ok(Snapshot::of(&file, version_of(text)))
+    Ok(Snapshot::of(
+        &file,
+        ztunnel_lab::istiod::digest(text.as_bytes()),
+    ))
 }
 
 /// Publishes each new valid version of the file; a bad one is logged and the last good one

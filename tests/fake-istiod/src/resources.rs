@@ -6,9 +6,9 @@
 
 use prost::{Message, Name};
 use prost_types::Any;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use ztunnel_lab::istiod::digest;
 use ztunnel_user::mesh::authz::{Match, Policy, StringMatch};
 use ztunnel_user::mesh::config::{
     GatewayAddress, GatewayDestination, HealthStatus, MeshFile, NetworkAddress, Protocol, Service,
@@ -29,7 +29,7 @@ pub type Resources = BTreeMap<String, Resource>;
 /// Everything istiod would send for one version of the mesh file.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
-    /// The file's version (the daemon's digest of its text): what a proxy is synced to.
+    /// The file's version (the `digest` of its text): what a proxy is synced to.
     pub version: String,
     pub addresses: Resources,
     pub authorizations: Resources,
@@ -83,8 +83,7 @@ fn address(kind: wire::address::Type) -> Resource {
 
 fn resource<M: Message + Name>(message: &M) -> Resource {
     let body = Any::from_msg(message).expect("encoding into a Vec cannot fail");
-    let digest = Sha256::digest(&body.value);
-    let version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let version = digest(&body.value);
     Resource { version, body }
 }
 

@@ -11,6 +11,7 @@ use prost_types::value::Kind;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 use tokio::sync::{mpsc, watch};
 use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -74,13 +75,21 @@ struct XdsStream {
     status: ProxyStatus,
 }
 
+/// A response sent and not yet ACKed.
+struct Pending {
+    nonce: String,
+    /// The file version it brings.
+    version: String,
+    sent: Instant,
+}
+
 /// One subscribed type.
 #[derive(Default)]
 struct Subscription {
     /// The version of each resource the client holds, as far as we know.
     held: BTreeMap<String, String>,
-    /// The response not yet ACKed: its nonce, and the file version it brings.
-    pending: Option<(String, String)>,
+    /// The response not yet ACKed.
+    pending: Option<Pending>,
     /// The file version the client has ACKed all of.
     synced: Option<String>,
 }
@@ -148,7 +157,7 @@ impl XdsStream {
             ..Subscription::default()
         };
         let response = self.difference(&type_url, &mut subscription.held, resources);
-        subscription.pending = Some((response.nonce.clone(), snapshot.version.clone()));
+        subscription.pending = Some(Pending::of(&response, snapshot));
         self.subscriptions.insert(type_url, subscription);
         self.send(response)
     }
@@ -163,16 +172,21 @@ impl XdsStream {
             tracing::warn!(peer = %self.peer, %type_url, %nonce, "NACK: {}", error.message);
             return;
         }
-        tracing::info!(peer = %self.peer, %type_url, %nonce, "ACK");
         let Some(subscription) = self.subscriptions.get_mut(type_url) else {
             return;
         };
-        if subscription
+        match subscription
             .pending
-            .as_ref()
-            .is_some_and(|(pending, _)| pending == nonce)
+            .take_if(|pending| pending.nonce == nonce)
         {
-            subscription.synced = subscription.pending.take().map(|(_, version)| version);
+            Some(pending) => {
+                // From the response's sending to its ACK: the proxy's decode, apply and
+                // answer (the benchmark reads it).
+                let after_us = pending.sent.elapsed().as_micros();
+                tracing::info!(peer = %self.peer, %type_url, %nonce, after_us, "ACK");
+                subscription.synced = Some(pending.version);
+            }
+            None => tracing::info!(peer = %self.peer, %type_url, %nonce, "ACK of a stale response"),
         }
     }
 
@@ -192,7 +206,7 @@ impl XdsStream {
                 }
                 continue;
             }
-            subscription.pending = Some((response.nonce.clone(), snapshot.version.clone()));
+            subscription.pending = Some(Pending::of(&response, snapshot));
             delivered = delivered.and(self.send(response));
         }
         self.subscriptions = subscriptions;
@@ -258,6 +272,16 @@ impl XdsStream {
             "sent"
         );
         self.responses.send(Ok(response)).map_err(|_| Gone)
+    }
+}
+
+impl Pending {
+    fn of(response: &DeltaDiscoveryResponse, snapshot: &Snapshot) -> Pending {
+        Pending {
+            nonce: response.nonce.clone(),
+            version: snapshot.version.clone(),
+            sent: Instant::now(),
+        }
     }
 }
 

@@ -273,11 +273,15 @@ pub fn mesh_status(lab: &Lab, node: &str) -> ztunnel_user::mesh::MeshStatus {
 pub fn apply_mesh(lab: &Lab, changes: &ztunnel_lab::mesh::MeshChanges) {
     let text = ztunnel_lab::mesh::mesh_config_with(changes);
     ztunnel_lab::mesh::write_mesh_config_text(&text).expect("writing the mesh config");
-    let version = ztunnel_user::mesh::config::reload::version_of(&text);
     let from_istiod = DaemonOptions::load()
         .expect("the lab's options")
         .control_plane
         == ztunnel_lab::ControlPlane::Istiod;
+    let version = if from_istiod {
+        ztunnel_lab::istiod::digest(text.as_bytes())
+    } else {
+        ztunnel_user::mesh::config::reload::version_of(&text)
+    };
     for node in NODES {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

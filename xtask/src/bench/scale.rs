@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use ztunnel_lab::mesh::{MeshChanges, mesh_config_with, write_mesh_config_text};
 use ztunnel_lab::topology::{self, node_spec};
-use ztunnel_lab::{DaemonOptions, daemon_pid};
+use ztunnel_lab::{ControlPlane, DaemonOptions, daemon_pid, istiod};
 
 #[derive(Args)]
 pub struct ScaleArgs {
@@ -26,6 +26,10 @@ pub struct ScaleArgs {
     /// Also run another build's daemon (DIR holds its release `ztunnel` and `ztunnel-cni`).
     #[arg(long, value_name = "DIR")]
     baseline: Option<PathBuf>,
+    /// Where the daemons take the mesh from: the file itself, or the lab's istiod pushing
+    /// each version of it as a delta-xDS difference.
+    #[arg(long, value_enum, default_value_t = ControlPlane::File)]
+    control_plane: ControlPlane,
 }
 
 /// How long a daemon may take to apply one version of the file.
@@ -40,10 +44,11 @@ const SETTLE: Duration = Duration::from_secs(3);
 struct Figures {
     build: String,
     workloads: u32,
-    /// From the file's replacement until the daemon logged it applied (includes up to one
-    /// poll interval of the file).
+    /// From the file's replacement until the daemon logged it applied, or (from istiod)
+    /// ACKed it.
     full_seen: Duration,
-    /// The daemon's own account (this build logs it): reading and parsing, then applying.
+    /// The daemon's own account (this build logs it): reading and parsing, then applying; or,
+    /// from istiod, nothing, then the time from istiod's push to the daemon's ACK.
     full_daemon: Option<(Duration, Duration)>,
     change_seen: Vec<Duration>,
     change_apply: Vec<Duration>,
@@ -59,8 +64,7 @@ pub fn run(args: &ScaleArgs) -> Result<()> {
         "--sizes: each between 10 and 200000 workloads"
     );
     ensure!(args.changes >= 1, "--changes must be at least 1");
-    crate::setup::run()?;
-    crate::lab::build_binaries(false, true)?;
+    super::build_release_binaries()?;
     let this = topology::workspace_root().join("target/release");
     let mut builds = vec![("this build".to_owned(), this)];
     if let Some(dir) = &args.baseline {
@@ -73,12 +77,12 @@ pub fn run(args: &ScaleArgs) -> Result<()> {
     for &size in &args.sizes {
         for (build, dir) in &builds {
             println!("bench scale: {build}, {size} workloads...");
-            let figures = measure(build, dir, size, args.changes);
+            let figures = measure(build, dir, size, args.changes, args.control_plane);
             ztunnel_lab::down()?;
             all.push(figures?);
         }
     }
-    let report = report(&all, args.changes);
+    let report = report(&all, args.changes, args.control_plane);
     println!("\n{report}");
     let out = topology::workspace_root()
         .join("target/bench")
@@ -92,10 +96,21 @@ pub fn run(args: &ScaleArgs) -> Result<()> {
     Ok(())
 }
 
-fn measure(build: &str, bin_dir: &std::path::Path, size: u32, changes: usize) -> Result<Figures> {
+fn measure(
+    build: &str,
+    bin_dir: &std::path::Path,
+    size: u32,
+    changes: usize,
+    control_plane: ControlPlane,
+) -> Result<Figures> {
     let options = DaemonOptions {
         bin_dir: Some(bin_dir.to_owned()),
+        control_plane,
         ..DaemonOptions::default()
+    };
+    let apply = |text: &str| match control_plane {
+        ControlPlane::File => apply_from_file(text),
+        ControlPlane::Istiod => apply_from_istiod(text),
     };
     ztunnel_lab::up_with(&options)?;
     let pid = daemon_pid("node1").context("node1's daemon is not running")?;
@@ -208,7 +223,7 @@ impl Synthetic {
 
 /// Writes `text` as the lab's mesh config and waits for node1's daemon to log it applied:
 /// the time that took, and the daemon's own read and apply times if it logs them.
-fn apply(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
+fn apply_from_file(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
     let log_path = node_spec("node1")?.log_path();
     let applied_lines = || -> Result<Vec<String>> {
         let log = std::fs::read_to_string(&log_path)
@@ -227,14 +242,7 @@ fn apply(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
         if lines.len() > before {
             let seen = written.elapsed();
             let line = lines.last().expect("a line");
-            let field = |name: &str| -> Option<Duration> {
-                let start = line.find(&format!("{name}="))? + name.len() + 1;
-                let digits: String = line[start..]
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                Some(Duration::from_micros(digits.parse().ok()?))
-            };
+            let field = |name| micros_field(line, name);
             return Ok((seen, field("read_us").zip(field("apply_us"))));
         }
         if written.elapsed() > APPLY_LIMIT {
@@ -245,6 +253,50 @@ fn apply(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Writes `text` as the lab's mesh config and waits until istiod says node1's daemon ACKed
+/// it for every type: the time that took (it includes istiod's poll of the file, up to
+/// 100 ms), and the longest time from one of istiod's pushes of it to the daemon's ACK.
+fn apply_from_istiod(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
+    let node1 = format!("peer={}:", node_spec("node1")?.underlay_ip);
+    let acks = || -> Result<Vec<Duration>> {
+        let log = std::fs::read_to_string(istiod::log_path())
+            .with_context(|| format!("reading {}", istiod::log_path().display()))?;
+        Ok(log
+            .lines()
+            .filter(|line| line.contains(&node1))
+            .filter_map(|line| micros_field(line, "after_us"))
+            .collect())
+    };
+    let before = acks()?.len();
+    let version = istiod::digest(text.as_bytes());
+    let written = Instant::now();
+    write_mesh_config_text(text)?;
+    loop {
+        if istiod::synced_versions().get("node1") == Some(&version) {
+            let seen = written.elapsed();
+            let push_to_ack = acks()?.into_iter().skip(before).max().unwrap_or_default();
+            return Ok((seen, Some((Duration::ZERO, push_to_ack))));
+        }
+        if written.elapsed() > APPLY_LIMIT {
+            bail!(
+                "node1's daemon did not ACK the mesh from istiod within {APPLY_LIMIT:?} (see {})",
+                istiod::log_path().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The microseconds a log line gives as `name=N`.
+fn micros_field(line: &str, name: &str) -> Option<Duration> {
+    let start = line.find(&format!("{name}="))? + name.len() + 1;
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    Some(Duration::from_micros(digits.parse().ok()?))
 }
 
 /// The RSS and its peak, in KiB.
@@ -271,15 +323,29 @@ fn ticks_over(pid: u32, window: Duration) -> Result<u64> {
     Ok(ticks()? - before)
 }
 
-fn report(all: &[Figures], changes: usize) -> String {
+fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> String {
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    let how = match control_plane {
+        ControlPlane::File => {
+            "The daemons read the file. \"Seen\" runs from the file's replacement to the \
+             daemon's log line (it includes the daemon's wait for the writes to settle, 50 ms \
+             with inotify; a build that polls the file adds up to its 500 ms poll); \"daemon\" \
+             is what the daemon logs it took (read and parse + apply to the model and the \
+             kernel maps)."
+        }
+        ControlPlane::Istiod => {
+            "The daemons take the mesh from the lab's istiod, which pushes each version of the \
+             file as a delta-xDS difference. \"Seen\" runs from the file's replacement until \
+             istiod has node1's ACK of it for every type (it includes istiod's poll of the \
+             file, up to 100 ms); \"daemon\" and \"apply\" are istiod's time from a push \
+             to node1's ACK of it (decode, apply to the model and the kernel maps, answer), the \
+             longest of the version's pushes (no read: shown as 0)."
+        }
+    };
     let mut out = format!(
         "# Mesh size on node1's daemon\n\nEach size: the lab's 5 workloads plus N synthetic \
          workloads (100 namespaces, on other nodes), N/5 services, N/10 policies; then {changes} \
-         changes of one workload's address. \"Seen\" runs from the file's replacement to the \
-         daemon's log line (it includes the daemon's wait for the writes to settle, 50 ms with \
-         inotify; a build that polls the file adds up to its 500 ms poll); \"daemon\" is what \
-         the daemon logs it took (read and parse + apply to the model and the kernel maps).\n\n\
+         changes of one workload's address. {how}\n\n\
          | build | workloads | full: seen (ms) | full: daemon read + apply (ms) | one change: \
          seen, median (ms) | one change: apply median / p99 (ms) | RSS idle lab (MiB) | RSS (MiB) \
          | per workload above idle (B) | peak RSS (MiB) | idle CPU ticks in {} s |\n\
