@@ -62,14 +62,9 @@ impl Mtls {
         Ok((tls, identity))
     }
 
-    /// The server side as `local`: built once per pod (the certificate itself is resolved per
-    /// handshake, so rotation needs no new acceptor): use it through `accept`. The roots are
-    /// the store's when this is built.
+    /// The server side as `local`: built once per pod (the certificate and the roots are the
+    /// store's at each handshake, so rotation needs no new acceptor): use it through `accept`.
     pub(crate) fn acceptor(&self, local: &Identity) -> TlsAcceptor {
-        TlsAcceptor::from(server_config(
-            self.store.clone(),
-            local.clone(),
-            self.store.roots(),
-        ))
+        TlsAcceptor::from(server_config(self.store.clone(), local.clone()))
     }
 }

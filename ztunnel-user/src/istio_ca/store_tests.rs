@@ -231,32 +231,29 @@ fn transfer(from: &mut Connection, to: &mut Connection) -> Result<usize, rustls:
 }
 
 #[tokio::test]
-async fn handshakes_never_call_the_ca() {
+async fn handshakes_never_call_the_ca_and_a_server_takes_the_roots_that_come_later() {
     let ca = FakeCa::new();
     let store = store(&ca, Duration::from_secs(3600));
     let (server, client) = (identity("checkout"), identity("frontend"));
-    let configs = || {
-        let roots = store.roots();
-        (
-            client_config(
-                store.clone(),
-                client.clone(),
-                roots.clone(),
-                vec![server.clone()],
-            ),
-            server_config(store.clone(), server.clone(), roots),
+    // A client's configuration is made per connection, with the roots of that moment.
+    let client_side = || {
+        client_config(
+            store.clone(),
+            client.clone(),
+            store.roots(),
+            vec![server.clone()],
         )
     };
-    let (client_side, server_side) = configs();
-    assert!(handshake(client_side, server_side).is_err());
+    // A server's lives as long as its pod: it must take the roots that come later.
+    let server_side = server_config(store.clone(), server.clone());
+    assert!(handshake(client_side(), server_side.clone()).is_err());
     sleep(Duration::from_millis(50)).await;
     assert!(ca.seen().is_empty(), "the resolver asked the CA");
 
     store.certificate(&server).await.unwrap();
     store.certificate(&client).await.unwrap();
-    // The roots came with the CA's answers.
-    let (client_side, server_side) = configs();
-    handshake(client_side.clone(), server_side.clone()).unwrap();
-    handshake(client_side, server_side).unwrap();
+    // The roots came with the CA's answers, after the server's configuration was made.
+    handshake(client_side(), server_side.clone()).unwrap();
+    handshake(client_side(), server_side).unwrap();
     assert_eq!(ca.seen().len(), 2);
 }

@@ -45,15 +45,13 @@ pub(crate) enum PeerError {
     },
 }
 
-/// The server side: requires a client certificate from this trust domain, serves `local`'s.
-pub(crate) fn server_config(
-    store: Arc<CertificateStore>,
-    local: Identity,
-    roots: Arc<RootCertStore>,
-) -> Arc<ServerConfig> {
+/// The server side: requires a client certificate from this trust domain, chaining to the
+/// roots the store names at that handshake (a pod's configuration lives as long as the pod,
+/// and Istio's roots may rotate meanwhile), and serves `local`'s.
+pub(crate) fn server_config(store: Arc<CertificateStore>, local: Identity) -> Arc<ServerConfig> {
     let provider = provider();
     let verifier = SpiffeClientVerifier {
-        roots,
+        store: store.clone(),
         trust_domain: local.trust_domain.clone(),
         algorithms: provider.signature_verification_algorithms,
     };
@@ -217,13 +215,20 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// Requires a client certificate, checks its chain up to the roots, and that the client is in
-/// the server's trust domain.
-#[derive(Debug)]
+/// Requires a client certificate, checks its chain up to the store's roots, and that the
+/// client is in the server's trust domain.
 struct SpiffeClientVerifier {
-    roots: Arc<RootCertStore>,
+    store: Arc<CertificateStore>,
     trust_domain: String,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -245,7 +250,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let identity = verify_chain(
             end_entity,
             intermediates,
-            &self.roots,
+            &self.store.roots(),
             now,
             KeyUsage::client_auth(),
             &self.algorithms,

@@ -15,7 +15,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 const STEP: Duration = Duration::from_secs(5);
 
 struct Node {
-    _dir: tempfile::TempDir,
+    ca_dir: tempfile::TempDir,
     store: Arc<CertificateStore>,
 }
 
@@ -29,13 +29,18 @@ impl Node {
 /// identities of `trust_domain` (the handshakes only read what is held).
 async fn node(trust_domain: &str, lifetime: Duration) -> Node {
     let dir = tempfile::tempdir().unwrap();
+    node_of_ca(dir, trust_domain, lifetime).await
+}
+
+/// A node of `trust_domain` whose built-in CA is the root kept in `dir` (created if none).
+async fn node_of_ca(dir: tempfile::TempDir, trust_domain: &str, lifetime: Duration) -> Node {
     let ca = CertificateAuthority::load_or_create(dir.path(), trust_domain).unwrap();
     let store = CertificateStore::start(Arc::new(BuiltInSource::new(ca, lifetime)));
     for workload in ["ns/shop/sa/checkout", "ns/web/sa/frontend"] {
         let identity = id(&format!("spiffe://{trust_domain}/{workload}"));
         store.certificate(&identity).await.unwrap();
     }
-    Node { _dir: dir, store }
+    Node { ca_dir: dir, store }
 }
 
 fn id(text: &str) -> Identity {
@@ -78,7 +83,7 @@ async fn handshake(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Hand
 
 /// The usual pair: a server as `server_id()` and a client as `client_id()` expecting it.
 fn configs(node: &Node) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
-    let server = server_config(node.store.clone(), server_id(), node.roots());
+    let server = server_config(node.store.clone(), server_id());
     let client = client_config(
         node.store.clone(),
         client_id(),
@@ -142,7 +147,7 @@ async fn peers_of_one_trust_domain_connect_as_istio_does() {
 #[tokio::test]
 async fn client_refuses_a_server_it_does_not_expect() {
     let node = node("cluster.local", Duration::from_secs(600)).await;
-    let server = server_config(node.store.clone(), server_id(), node.roots());
+    let server = server_config(node.store.clone(), server_id());
     let expected = vec![id("spiffe://cluster.local/ns/shop/sa/payments")];
     let client = client_config(node.store.clone(), client_id(), node.roots(), expected);
     let (server, client) = handshake(server, client).await;
@@ -155,11 +160,16 @@ async fn client_refuses_a_server_it_does_not_expect() {
 #[tokio::test]
 async fn server_refuses_a_client_of_another_trust_domain() {
     let home = node("cluster.local", Duration::from_secs(600)).await;
-    let foreign = node("other.local", Duration::from_secs(600)).await;
-    // The server trusts both roots, so only the trust domain tells them apart.
-    let mut roots = (*home.roots()).clone();
-    roots.extend(foreign.roots().roots.iter().cloned());
-    let server = server_config(home.store.clone(), server_id(), Arc::new(roots));
+    // One root signs both trust domains, so only the trust domain tells them apart.
+    let shared_root = tempfile::tempdir().unwrap();
+    for file in [
+        crate::identity::ROOT_CERT_FILE,
+        crate::identity::ROOT_KEY_FILE,
+    ] {
+        std::fs::copy(home.ca_dir.path().join(file), shared_root.path().join(file)).unwrap();
+    }
+    let foreign = node_of_ca(shared_root, "other.local", Duration::from_secs(600)).await;
+    let server = server_config(home.store.clone(), server_id());
     let client = client_config(
         foreign.store.clone(),
         id("spiffe://other.local/ns/web/sa/frontend"),
@@ -179,7 +189,7 @@ async fn server_refuses_a_client_of_another_trust_domain() {
 async fn server_refuses_a_client_of_an_untrusted_ca() {
     let home = node("cluster.local", Duration::from_secs(600)).await;
     let stranger = node("cluster.local", Duration::from_secs(600)).await;
-    let server = server_config(home.store.clone(), server_id(), home.roots());
+    let server = server_config(home.store.clone(), server_id());
     let client = client_config(
         stranger.store.clone(),
         client_id(),
@@ -195,7 +205,7 @@ async fn server_refuses_a_client_of_an_untrusted_ca() {
 async fn client_refuses_a_server_of_an_untrusted_ca() {
     let home = node("cluster.local", Duration::from_secs(600)).await;
     let stranger = node("cluster.local", Duration::from_secs(600)).await;
-    let server = server_config(stranger.store.clone(), server_id(), home.roots());
+    let server = server_config(stranger.store.clone(), server_id());
     let client = client_config(
         home.store.clone(),
         client_id(),
@@ -311,7 +321,7 @@ async fn renewal_reaches_new_connections_and_spares_established_ones() {
 async fn a_handshake_only_reads_what_the_store_holds() {
     let node = node("cluster.local", Duration::from_secs(600)).await;
     let unheld = id("spiffe://cluster.local/ns/shop/sa/cart");
-    let server = server_config(node.store.clone(), unheld.clone(), node.roots());
+    let server = server_config(node.store.clone(), unheld.clone());
     let client = client_config(
         node.store.clone(),
         client_id(),
