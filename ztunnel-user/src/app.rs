@@ -15,6 +15,7 @@ use crate::host::netns::Netns;
 use crate::host::{features, limits};
 use crate::identity::{BuiltInSource, CertificateAuthority, CertificateSource, CertificateStore};
 use crate::istio_ca;
+use crate::istiod::IstiodEndpoint;
 use crate::mesh::Mesh;
 use crate::mesh::config::reload::{self, ConfigFile};
 use crate::mesh::config::{FileEntries, MeshConfig, MeshFile};
@@ -32,7 +33,10 @@ use crate::settings::Settings;
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::connections::ConnectionLog;
 use crate::telemetry::metrics::TrafficMetrics;
-use crate::xds::{self, client::XdsHandle};
+use crate::xds::{
+    self,
+    client::{XdsClient, XdsHandle},
+};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,6 +83,9 @@ pub fn run(mut settings: Settings) -> Result<()> {
         }
         None => Arc::new(BuiltInSource::new(built_in_ca(&settings)?, lifetime)),
     };
+    // Checked before the programs are loaded: a bad setting changes nothing on the node.
+    let xds = xds::client::from_settings(&settings.istiod, &settings.node, env)
+        .context("--xds-address")?;
     let states = PodStates::open(&settings.state_dir).context("--state-dir")?;
     let datapath =
         Arc::new(Datapath::load(&settings, &node).context("loading the capture programs")?);
@@ -172,7 +179,9 @@ pub fn run(mut settings: Settings) -> Result<()> {
                 anyhow::Ok(())
             }));
         }
-        let xds = start_xds(&settings, &ctx, &readiness)?;
+        let xds = xds.map(|(config, istiod)| {
+            start_xds(XdsClient::new(config, istiod, ctx.clone()), &settings, &readiness)
+        });
         let listener = api_server::bind(&settings.api_socket)?;
         let pod_counts = Arc::new(PodCounts::default());
         let server = Arc::new(ApiServer {
@@ -232,20 +241,12 @@ fn built_in_ca(settings: &Settings) -> Result<CertificateAuthority> {
     })
 }
 
-/// Starts the xDS client if `XDS_ADDRESS` is set: the daemon is not ready until each type
-/// had one response applied.
+/// Starts the xDS client: the daemon is not ready until each type had one response applied.
 fn start_xds(
+    client: XdsClient<IstiodEndpoint, ProxyContext>,
     settings: &Settings,
-    ctx: &Arc<ProxyContext>,
     readiness: &Arc<Readiness>,
-) -> Result<Option<XdsHandle>> {
-    let env = std::env::vars().collect();
-    let Some(client) =
-        xds::client::from_settings(&settings.istiod, &settings.node, env, ctx.clone())
-            .context("--xds-address")?
-    else {
-        return Ok(None);
-    };
+) -> XdsHandle {
     let handle = client.handle();
     let waiting = format!("istiod's xDS at {}", settings.istiod.xds_address);
     readiness.pending(&waiting);
@@ -256,7 +257,7 @@ fn start_xds(
         tracing::info!("xds: every type applied; the mesh from istiod is in force");
         ready.done(&waiting);
     });
-    Ok(Some(handle))
+    handle
 }
 
 /// Serves the pods the previous run enrolled again, once the mesh config is in force from

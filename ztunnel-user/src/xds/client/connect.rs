@@ -1,18 +1,17 @@
 //! The client as the daemon's settings make it, on the daemon's channel to istiod.
 
-use super::{NodeFacts, XdsClient, XdsConfig, XdsSink};
+use super::{NodeFacts, XdsConfig};
 use crate::istiod::{self, ChannelError, IstiodEndpoint, RootCertificates};
 use crate::settings::IstiodSettings;
-use std::sync::Arc;
 
-/// The xDS client `settings` ask for on node `node` (None: `XDS_ADDRESS` is empty), feeding
-/// `sink`; `env` is the daemon's environment (`ISTIO_META_*`).
-pub fn from_settings<S: XdsSink + ?Sized>(
+/// What the xDS client `settings` ask for on node `node` needs, its configuration and the
+/// channel's endpoint (None: `XDS_ADDRESS` is empty); `env` is the daemon's environment
+/// (`ISTIO_META_*`). Made before anything is loaded, so a bad setting stops the daemon first.
+pub fn from_settings(
     settings: &IstiodSettings,
     node: &str,
     env: Vec<(String, String)>,
-    sink: Arc<S>,
-) -> Result<Option<XdsClient<IstiodEndpoint, S>>, ChannelError> {
+) -> Result<Option<(XdsConfig, IstiodEndpoint)>, ChannelError> {
     let roots = RootCertificates::parse(&settings.xds_root_ca);
     let Some(endpoint) = IstiodEndpoint::new(
         &settings.xds_address,
@@ -31,5 +30,5 @@ pub fn from_settings<S: XdsSink + ?Sized>(
         cluster_id: credentials.cluster_id.clone(),
     };
     let config = XdsConfig::for_node(&facts, env, credentials.token_path);
-    Ok(Some(XdsClient::new(config, endpoint, sink)))
+    Ok(Some((config, endpoint)))
 }
