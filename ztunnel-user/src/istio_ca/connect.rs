@@ -31,7 +31,7 @@ pub fn from_settings(
         return Ok(None);
     };
     let config = IstioCaConfig {
-        credentials: istiod::credentials(settings, env),
+        credentials: istiod::credentials(settings, env, istiod::CA_HEADER_PREFIX),
         ttl,
         root_cert: Some(roots),
     };

@@ -154,6 +154,7 @@ impl FakeCa {
             credentials: Credentials {
                 cluster_id: "Kubernetes".into(),
                 token_path,
+                headers: Vec::new(),
             },
             ttl,
             root_cert: root_cert.map(RootCertificates::File),

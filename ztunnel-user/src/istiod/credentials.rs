@@ -1,9 +1,10 @@
 //! How a request to istiod authenticates, as Istio's ztunnel's do: `authorization: Bearer
 //! <token>` with the token read from its file for each request (the projected service-account
-//! token is rotated under the daemon), and `clusterid`.
+//! token is rotated under the daemon), `clusterid`, and the extra headers the environment
+//! gives (`XDS_HEADER_<name>`, `CA_HEADER_<name>`).
 
 use std::path::PathBuf;
-use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue, MetadataMap};
 
 /// The headers of every request to istiod.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -13,6 +14,8 @@ pub struct Credentials {
     /// The file of the bearer token, read again for each request; an empty file is an
     /// error. `None`: no `authorization` header.
     pub token_path: Option<PathBuf>,
+    /// More headers, by name.
+    pub headers: Vec<(String, String)>,
 }
 
 /// Why the headers of a request could not be made.
@@ -29,6 +32,11 @@ pub enum CredentialsError {
     TokenInvalid(PathBuf),
     #[error("the cluster id {0:?} is not a valid header value")]
     ClusterIdInvalid(String),
+    #[error(
+        "the extra header {0:?} (an XDS_HEADER_* or CA_HEADER_* variable) is not a valid header \
+         name and value"
+    )]
+    HeaderInvalid(String),
 }
 
 impl Credentials {
@@ -58,6 +66,33 @@ impl Credentials {
                 .map_err(|_| CredentialsError::ClusterIdInvalid(self.cluster_id.clone()))?;
             headers.insert("clusterid", value);
         }
+        for (name, value) in &self.headers {
+            let invalid = || CredentialsError::HeaderInvalid(name.clone());
+            let key = AsciiMetadataKey::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+            let value = AsciiMetadataValue::try_from(value.as_str()).map_err(|_| invalid())?;
+            headers.insert(key, value);
+        }
         Ok(headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn extra_headers_go_on_every_request_and_a_bad_one_is_named() {
+        let mut credentials = Credentials {
+            cluster_id: "east".into(),
+            token_path: None,
+            headers: vec![("X-Tenant".into(), "blue".into())],
+        };
+        let headers = credentials.metadata().await.unwrap();
+        assert_eq!(headers.get("x-tenant").unwrap(), "blue");
+        assert_eq!(headers.get("clusterid").unwrap(), "east");
+
+        credentials.headers.push(("bad name".into(), "x".into()));
+        let error = credentials.metadata().await.unwrap_err();
+        assert!(matches!(&error, CredentialsError::HeaderInvalid(name) if name == "bad name"));
     }
 }

@@ -15,16 +15,34 @@ use crate::settings::IstiodSettings;
 /// The variable that, set, names the cluster instead of `CLUSTER_ID` (Istio's chart sets it).
 const META_CLUSTER_ID: &str = "ISTIO_META_CLUSTER_ID";
 
+/// The prefix of the variables whose rest names an extra header of the xDS requests.
+pub const XDS_HEADER_PREFIX: &str = "XDS_HEADER_";
+/// The same for the CA's requests.
+pub const CA_HEADER_PREFIX: &str = "CA_HEADER_";
+
 /// The credentials `settings` give, with the daemon's environment `env`
-/// (`ISTIO_META_CLUSTER_ID`, if set, names the cluster).
-pub fn credentials(settings: &IstiodSettings, env: &[(String, String)]) -> Credentials {
+/// (`ISTIO_META_CLUSTER_ID`, if set, names the cluster; each `<header_prefix><name>` adds a
+/// header).
+pub fn credentials(
+    settings: &IstiodSettings,
+    env: &[(String, String)],
+    header_prefix: &str,
+) -> Credentials {
     let cluster_id = env
         .iter()
         .find(|(key, value)| key == META_CLUSTER_ID && !value.is_empty())
         .map_or_else(|| settings.cluster_id.clone(), |(_, value)| value.clone());
+    let headers = env
+        .iter()
+        .filter_map(|(key, value)| {
+            let name = key.strip_prefix(header_prefix)?;
+            Some((name.to_owned(), value.clone()))
+        })
+        .collect();
     Credentials {
         cluster_id,
         token_path: Some(settings.auth_token.clone()),
+        headers,
     }
 }
 

@@ -21,7 +21,7 @@ pub fn from_settings(
     else {
         return Ok(None);
     };
-    let credentials = istiod::credentials(settings, &env);
+    let credentials = istiod::credentials(settings, &env, istiod::XDS_HEADER_PREFIX);
     let facts = NodeFacts {
         instance_ip: settings.instance_ip,
         pod_name: settings.pod_name.clone(),
@@ -29,6 +29,6 @@ pub fn from_settings(
         node_name: node.to_owned(),
         cluster_id: credentials.cluster_id.clone(),
     };
-    let config = XdsConfig::for_node(&facts, env, credentials.token_path);
+    let config = XdsConfig::for_node(&facts, env, credentials);
     Ok(Some((config, endpoint)))
 }

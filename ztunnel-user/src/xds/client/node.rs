@@ -5,7 +5,6 @@ use super::super::proto::envoy::config::core::v3::Node;
 use crate::istiod::Credentials;
 use prost_types::{Struct, Value, value::Kind};
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 /// The prefix of the environment variables that become node metadata (without it).
 const ISTIO_META_PREFIX: &str = "ISTIO_META_";
@@ -26,20 +25,17 @@ pub struct XdsConfig {
 
 impl XdsConfig {
     /// The config Istio's ztunnel would run with on this node: its `Node` from `facts` and
-    /// the `ISTIO_META_*` variables of `env` (`std::env::vars()`), authenticating with the
-    /// token in `token_path` and the cluster id of `facts`.
+    /// the `ISTIO_META_*` variables of `env` (`std::env::vars()`), authenticating with
+    /// `credentials`.
     pub fn for_node(
         facts: &NodeFacts,
         env: impl IntoIterator<Item = (String, String)>,
-        token_path: Option<PathBuf>,
+        credentials: Credentials,
     ) -> XdsConfig {
         XdsConfig {
             node_id: facts.node_id(),
             node_metadata: facts.metadata(env),
-            credentials: Credentials {
-                cluster_id: facts.cluster_id.clone(),
-                token_path,
-            },
+            credentials,
         }
     }
 

@@ -5,6 +5,7 @@ use super::{
     ADDRESS, AUTHORIZATION, ECHO, ModelSink, WAIT, a1, address_entry, echo_service, policy,
     response,
 };
+use crate::istiod::Credentials;
 use crate::istiod::Dial;
 use crate::xds::client::{NodeFacts, XdsClient, XdsConfig, XdsHandle};
 use crate::xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
@@ -231,10 +232,19 @@ pub(super) fn facts() -> NodeFacts {
     }
 }
 
+/// The credentials on that node: its cluster id, and the token of `token_path` if given.
+pub(super) fn credentials(token_path: Option<PathBuf>) -> Credentials {
+    Credentials {
+        cluster_id: facts().cluster_id,
+        token_path,
+        headers: Vec::new(),
+    }
+}
+
 /// The client's config on that node, reading its token from `token_path` if given.
 pub(super) fn config(token_path: Option<PathBuf>) -> XdsConfig {
     let env = [("ISTIO_META_DNS_CAPTURE".to_owned(), "true".to_owned())];
-    XdsConfig::for_node(&facts(), env, token_path)
+    XdsConfig::for_node(&facts(), env, credentials(token_path))
 }
 
 /// Starts a client whose first `failing_dials` channels cannot be had.

@@ -12,7 +12,7 @@ use super::super::proto::istio::workload::{
 use super::*;
 use crate::mesh::Mesh;
 use crate::mesh::kernel::memory::MemoryMaps;
-use istiod::{config, facts, refuse_three, start, start_with_token};
+use istiod::{config, credentials, facts, refuse_three, start, start_with_token};
 use prost_types::Any;
 use prost_types::value::Kind;
 use std::sync::Mutex;
@@ -197,7 +197,7 @@ fn the_node_is_named_as_istios_ztunnel_names_it() {
         ("PATH", "/bin"),
     ]
     .map(|(key, value)| (key.to_owned(), value.to_owned()));
-    let config = XdsConfig::for_node(&facts(), env, None);
+    let config = XdsConfig::for_node(&facts(), env, credentials(None));
     assert_eq!(config.node_id, NODE_ID);
     assert_eq!(config.credentials.cluster_id, "Kubernetes");
     let expected = [
