@@ -29,23 +29,27 @@ pub const DAEMON_BIN_DIR_VARIABLE: &str = "ZTUNNEL_DAEMON_BIN_DIR";
 
 /// Where the daemons take the mesh and their certificates from.
 #[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    clap::ValueEnum,
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ControlPlane {
     /// The lab's mesh file (`--config`) and the built-in CA, shared by the nodes.
-    #[default]
     File,
     /// The lab's istiod (`fake-istiod`): delta xDS and the Istio CA, serving the same file.
     Istiod,
+}
+
+/// What sets the control plane of labs that do not choose one (`istiod` or `file`): the
+/// test suite runs some end-to-end suites a second time against istiod through it.
+pub const CONTROL_PLANE_VARIABLE: &str = "ZTUNNEL_LAB_CONTROL_PLANE";
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        match std::env::var(CONTROL_PLANE_VARIABLE).as_deref() {
+            Ok("istiod") => ControlPlane::Istiod,
+            _ => ControlPlane::File,
+        }
+    }
 }
 
 /// How the lab starts its daemons; saved by `up` so daemons restarted later match.

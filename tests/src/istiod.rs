@@ -100,6 +100,8 @@ pub fn start_istiod() -> Result<u32> {
         .arg(accepted_token_path())
         .arg("--proxy-status")
         .arg(proxy_status_path())
+        .arg("--faults")
+        .arg(faults_path())
         .stdin(Stdio::null());
     log_output_to(&mut command, &log_path)?;
     let logged_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
@@ -184,6 +186,79 @@ pub fn synced_versions() -> BTreeMap<String, String> {
         .ok()
         .and_then(|text| serde_json::from_slice(&text).ok())
         .unwrap_or_default()
+}
+
+/// The faults istiod shows, read by it at each call (and, for `bad_address`, with each
+/// version of the mesh file): what the fault tests set with `set_faults`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// How the CA answers `CreateCertificate`.
+    pub ca: CaAnswer,
+    /// How long each `CreateCertificate` takes first.
+    pub ca_delay_ms: u64,
+    /// The names of the certificate istiod serves to new connections (its DNS name and
+    /// address when None).
+    pub serving_names: Option<Vec<String>>,
+    /// Also serve an Address no proxy can take (`BAD_ADDRESS`: a workload with a 3-byte IP).
+    pub bad_address: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaAnswer {
+    /// Signs the CSR as asked.
+    #[default]
+    Sign,
+    /// Fails every call with `Unavailable`, as a CA that is down.
+    Refuse,
+    /// Answers with no certificate.
+    EmptyChain,
+    /// Signs the CSR's key for another identity.
+    WrongIdentity,
+}
+
+/// The name of the Address `Faults::bad_address` adds.
+pub const BAD_ADDRESS: &str = "Kubernetes//Pod/demo/broken";
+
+pub fn faults_path() -> PathBuf {
+    Path::new(topology::STATE_DIR).join("istiod-faults.json")
+}
+
+/// Puts istiod in `faults` from its next call on.
+pub fn set_faults(faults: &Faults) -> Result<()> {
+    let text = serde_json::to_string(faults).expect("faults serialize");
+    let partial = faults_path().with_extension("partial");
+    std::fs::write(&partial, text)
+        .and_then(|()| std::fs::rename(&partial, faults_path()))
+        .map_err(|e| LabError::io("writing", faults_path(), e))
+}
+
+/// The faults in `path` (none when it is absent); an unreadable file is reported as such.
+pub fn read_faults(path: &Path) -> std::result::Result<Faults, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Faults::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Has istiod end every xDS stream with `Unavailable` (its connections stay).
+pub fn drop_streams() -> Result<()> {
+    signal_istiod(Signal::SIGUSR1)
+}
+
+/// Has istiod send GOAWAY on every connection, as istiod does when it shuts down or
+/// rebalances: the proxies must come back at once.
+pub fn goaway() -> Result<()> {
+    signal_istiod(Signal::SIGUSR2)
+}
+
+fn signal_istiod(signal: Signal) -> Result<()> {
+    let pid = istiod_pid().ok_or_else(|| istiod_error("is not running".to_owned()))?;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits in i32"));
+    nix::sys::signal::kill(pid, signal)
+        .map_err(|e| istiod_error(format!("cannot be sent {signal}: {e}")))
 }
 
 fn istiod_error(problem: String) -> LabError {

@@ -28,8 +28,9 @@ pub use bringup::{up, up_with, up_without_ztunnel};
 pub use cni::{CniResult, cni_add, cni_check, cni_del};
 pub use command::run;
 pub use daemon::{
-    ControlPlane, DaemonOptions, Started, daemon_cli, daemon_config_dump, daemon_not_ready,
-    daemon_pid, daemon_status, kill_daemon, start_daemon, start_daemon_until, stop_daemon,
+    CONTROL_PLANE_VARIABLE, ControlPlane, DaemonOptions, Started, daemon_cli, daemon_config_dump,
+    daemon_not_ready, daemon_pid, daemon_status, kill_daemon, start_daemon, start_daemon_until,
+    stop_daemon,
 };
 pub use endpoints::{
     HeldConnections, Opening, PodServer, burst_from, burst_outcome_from, connect_rate_from,

@@ -1,13 +1,17 @@
 //! The daemons against istiod (the lab's `fake-istiod`, serving the lab's mesh file): the mesh
 //! by delta xDS and the workload certificates from Istio's CA, over TLS with a bearer token;
-//! a change arriving as a delta and enforced; istiod going away (the daemons keep what they
-//! hold and serve traffic) and coming back (the change made meanwhile arrives); a token istiod
-//! refuses (the daemon stays not ready and says why, until the token is right).
+//! a change arriving as a delta and enforced; and istiod's faults: going away (the daemons
+//! keep what they hold and serve traffic) and coming back (the change made meanwhile
+//! arrives), GOAWAY and ended streams (back at once), a token it refuses (not ready until it
+//! is right), a resource no proxy can take (NACKed by name, its siblings applied), its CA down
+//! when a node starts (HBONE waits, then works without a restart), its certificate for its
+//! DNS name only (taken through the alternative name).
 
 mod support;
 
 use std::time::{Duration, Instant};
 use support::*;
+use ztunnel_lab::istiod::{CaAnswer, Faults};
 use ztunnel_lab::mesh::MeshChanges;
 use ztunnel_lab::{ControlPlane, DaemonOptions, Started, istiod};
 use ztunnel_user::xds::client::XdsStatus;
@@ -16,10 +20,29 @@ const DENY_SA_A: &str = "policies:\n- {name: no-sa-a, namespace: demo, scope: Na
                          action: Deny, rules: [[[{principals: [{Exact: cluster.local/ns/demo/sa/sa-a}]}]]]}\n";
 
 fn istiod_lab() -> LabSession {
+    istiod_lab_with_env(Vec::new())
+}
+
+fn istiod_lab_with_env(env: Vec<(String, String)>) -> LabSession {
     LabSession::start_with(&DaemonOptions {
         control_plane: ControlPlane::Istiod,
+        env,
         ..DaemonOptions::default()
     })
+}
+
+/// The stream openings each node has tried so far.
+fn attempts(s: &LabSession) -> [u64; 2] {
+    NODES.map(|node| xds(s, node).attempts)
+}
+
+/// Waits until every node has opened a new stream since `before` and is synced on it.
+fn wait_reconnected(s: &LabSession, before: [u64; 2], within: Duration) {
+    for (node, before) in NODES.into_iter().zip(before) {
+        wait_xds(s, node, within, |x| {
+            x.attempts > before && x.connected && x.ready
+        });
+    }
 }
 
 fn deny_sa_a() -> MeshChanges<'static> {
@@ -164,4 +187,127 @@ fn daemon_ready(node: &str) -> bool {
     ztunnel_lab::daemon_not_ready(node)
         .unwrap_or_else(|e| panic!("{node}: {e}"))
         .is_none()
+}
+
+#[test]
+fn after_goaway_or_an_ended_stream_the_daemons_are_back_at_once_with_their_state() {
+    let s = istiod_lab();
+    let before = attempts(&s);
+    istiod::goaway().expect("GOAWAY");
+    // A routine end: reconnected without a backoff (10 ms at the first failure).
+    wait_reconnected(&s, before, Duration::from_secs(2));
+    let before = attempts(&s);
+    istiod::drop_streams().expect("ending the streams");
+    wait_reconnected(&s, before, Duration::from_secs(2));
+    // Each came back with the versions it held: nothing to send but the first responses.
+    assert!(istiod_log_lines("held=5").len() >= 4);
+    apply_mesh(&s.lab, &deny_sa_a());
+    denied("a1", s.addr("b1", APP_PORT));
+}
+
+#[test]
+fn a_resource_no_proxy_can_take_is_nacked_by_name_and_its_siblings_are_applied() {
+    let s = istiod_lab();
+    istiod::set_faults(&Faults {
+        bad_address: true,
+        ..Faults::default()
+    })
+    .expect("setting the faults");
+    // One more workload in the same version of the file as the bad Address.
+    let extra = "- {uid: extra-1, name: extra-1, namespace: demo, workloadIps: [10.244.9.9], \
+                 protocol: HBONE, node: elsewhere}\n";
+    let text = ztunnel_lab::mesh::mesh_config_with(&MeshChanges {
+        extra_workloads: extra,
+        ..MeshChanges::default()
+    });
+    ztunnel_lab::mesh::write_mesh_config_text(&text).expect("writing the mesh config");
+    for node in NODES {
+        wait_xds(&s, node, Duration::from_secs(10), |x| {
+            x.types[0].last_nack.is_some()
+        });
+        let status = xds(&s, node);
+        let nack = status.types[0].last_nack.clone().unwrap();
+        assert!(nack.message.contains(istiod::BAD_ADDRESS), "{nack:?}");
+        // The 5 workloads and the new one are held; the bad one is not.
+        assert_eq!(status.types[0].resources, 6, "{status:?}");
+        let workloads = mesh_status(&s.lab, node).workloads;
+        assert!(
+            workloads.iter().any(|w| w.uid == "extra-1"),
+            "{node}: {workloads:?}"
+        );
+        assert!(status.ready, "a NACK made {node} not ready");
+    }
+}
+
+#[test]
+fn with_the_ca_down_as_a_node_starts_hbone_waits_and_works_once_it_is_back() {
+    let s = istiod_lab();
+    let b1_app = serve("b1", APP_PORT);
+    istiod::set_faults(&Faults {
+        ca: CaAnswer::Refuse,
+        ..Faults::default()
+    })
+    .expect("setting the faults");
+    ztunnel_lab::stop_daemon("node2").expect("stopping node2's daemon");
+    ztunnel_lab::start_daemon_until("node2", Started::Answering).expect("starting node2");
+    wait_xds(&s, "node2", Duration::from_secs(10), |x| x.ready);
+    // b1 is served again (taken over), but without a certificate its HBONE cannot be.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !status(&s.lab, "node2").pods.iter().any(|p| p.name == "b1") {
+        assert!(Instant::now() < deadline, "node2 did not take b1 over");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    denied("a1", s.addr("b1", APP_PORT));
+    assert!(!istiod_log_lines("refused (a fault)").is_empty());
+
+    istiod::set_faults(&Faults::default()).expect("clearing the faults");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sent = ztunnel_lab::send_from(
+            "a1",
+            s.addr("b1", APP_PORT),
+            4 * KIB,
+            None,
+            Duration::from_secs(5),
+        );
+        if sent.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a1 -> b1 still fails: {sent:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
+}
+
+#[test]
+fn a_certificate_for_istiods_dns_name_only_is_taken_through_the_alternative_name() {
+    let name = "istiod.istio-system.svc";
+    let s = istiod_lab_with_env(
+        ["ALT_XDS_HOSTNAME", "ALT_CA_HOSTNAME"]
+            .map(|variable| (variable.to_owned(), name.to_owned()))
+            .to_vec(),
+    );
+    // The daemons dial istiod by its address; its new certificate no longer names it.
+    istiod::set_faults(&Faults {
+        serving_names: Some(vec![name.to_owned()]),
+        ..Faults::default()
+    })
+    .expect("setting the faults");
+    let before = attempts(&s);
+    istiod::goaway().expect("GOAWAY");
+    wait_reconnected(&s, before, Duration::from_secs(5));
+
+    // A certificate for another name is refused, and the daemon says why.
+    istiod::set_faults(&Faults {
+        serving_names: Some(vec!["istiod.elsewhere.svc".to_owned()]),
+        ..Faults::default()
+    })
+    .expect("setting the faults");
+    istiod::goaway().expect("GOAWAY");
+    wait_xds(&s, "node1", Duration::from_secs(10), |x| {
+        !x.connected
+            && x.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("not valid for name"))
+    });
 }

@@ -211,7 +211,8 @@ fn open_connections_are_closed_when_a_new_policy_denies_them() {
 
 #[test]
 fn hot_reload_keeps_the_kernel_map_in_step_and_refuses_bad_files() {
-    let s = LabSession::start();
+    // The file's refusal and versions are what is checked.
+    let s = LabSession::start_from_file();
     // A burst of changes, as fast as the file can be rewritten: extra workloads come and
     // go, identities are shared and split, a waypoint and plaintext rules appear.
     for round in 0..20u32 {
@@ -274,7 +275,8 @@ fn hot_reload_keeps_the_kernel_map_in_step_and_refuses_bad_files() {
 /// in the kernel and in the proxy alike, and says why.
 #[test]
 fn a_failed_kernel_map_write_keeps_kernel_and_proxy_on_one_config() {
-    let s = LabSession::start();
+    // The file's refusal and versions are what is checked.
+    let s = LabSession::start_from_file();
     let _b1 = serve("b1", APP_PORT);
     let (u1, b1) = (s.ip("u1"), s.addr("b1", APP_PORT));
     let deny_u1 = format!(

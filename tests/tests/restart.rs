@@ -14,7 +14,7 @@ use support::*;
 use ztunnel_common::maps::{PodInfo, names};
 use ztunnel_lab::capture::{Segment, UnderlayCapture};
 use ztunnel_lab::topology::MESH_CONFIG;
-use ztunnel_lab::{Lab, Started, send_from};
+use ztunnel_lab::{ControlPlane, DaemonOptions, Lab, Started, send_from};
 use ztunnel_user::api::Direction;
 
 /// Each connection of the loop: small, so the first segment carries the marker.
@@ -540,14 +540,27 @@ fn pods_are_taken_over_only_once_the_mesh_config_is_in_force() {
     let programs_before = newest_program_id();
     let links_before = our_link_count();
     ztunnel_lab::kill_daemon("node1").expect("SIGKILL node1's daemon");
+    // The mesh's source away: the file hidden, or istiod stopped.
+    let control_plane = DaemonOptions::load()
+        .expect("the lab's options")
+        .control_plane;
     let kept = format!("{MESH_CONFIG}.kept");
-    std::fs::rename(MESH_CONFIG, &kept).expect("hiding the mesh config");
+    let awaited = match control_plane {
+        ControlPlane::File => {
+            std::fs::rename(MESH_CONFIG, &kept).expect("hiding the mesh config");
+            "the mesh config"
+        }
+        ControlPlane::Istiod => {
+            ztunnel_lab::istiod::stop_istiod().expect("stopping istiod");
+            "istiod's xDS"
+        }
+    };
     ztunnel_lab::start_daemon_until("node1", Started::Answering).expect("restarting node1");
     let waiting = ztunnel_lab::daemon_not_ready("node1")
         .expect("asking node1")
         .expect("node1 is not ready");
     assert!(
-        waiting.contains("the mesh config") && waiting.contains("the pods of the previous run"),
+        waiting.contains(awaited) && waiting.contains("the pods of the previous run"),
         "{waiting}"
     );
     // Served without their config, the pods would have the wrong identity and no policy:
@@ -561,7 +574,12 @@ fn pods_are_taken_over_only_once_the_mesh_config_is_in_force() {
         "{refused}"
     );
 
-    std::fs::rename(&kept, MESH_CONFIG).expect("restoring the mesh config");
+    match control_plane {
+        ControlPlane::File => std::fs::rename(&kept, MESH_CONFIG).expect("restoring the config"),
+        ControlPlane::Istiod => {
+            ztunnel_lab::istiod::start_istiod().expect("starting istiod again");
+        }
+    }
     eventually("node1 is ready", || {
         ztunnel_lab::daemon_not_ready("node1").is_ok_and(|waiting| waiting.is_none())
     });

@@ -53,6 +53,9 @@ const HOST_TEST_SOURCES: [&str; 6] = [
     "xtask/src",
 ];
 const LAB_TEST_SOURCES: [&str; 2] = ["tests/src", "tests/tests"];
+/// The end-to-end suites run a second time with the daemons on the lab's istiod (delta xDS
+/// and Istio's CA) instead of the mesh file and the built-in CA.
+const ISTIOD_SUITES: [&str; 4] = ["datapath", "hbone", "policy", "restart"];
 const PEER_SELFTEST: &str = "tests/hbone_peer/test_peer_selftest.py";
 
 pub fn run() -> Result<()> {
@@ -78,7 +81,12 @@ pub fn run() -> Result<()> {
         &["--features", "ztunnel-common/user"],
     ]
     .concat();
-    summary.tests("unit and CNI plugin tests", &host_tests, &HOST_TEST_SOURCES);
+    summary.tests(
+        "unit and CNI plugin tests",
+        &host_tests,
+        &HOST_TEST_SOURCES,
+        &[],
+    );
     summary.phase("independent HBONE peer self-test", python_peer_selftest);
     // Each end-to-end test brings up its own lab in the same fixed namespaces: the lab's lock
     // makes them take turns, and so does --test-threads=1 (in order, one output at a time).
@@ -94,7 +102,22 @@ pub fn run() -> Result<()> {
         "--",
         "--test-threads=1",
     ];
-    summary.tests("end-to-end tests on the lab", &lab_tests, &LAB_TEST_SOURCES);
+    summary.tests(
+        "end-to-end tests on the lab",
+        &lab_tests,
+        &LAB_TEST_SOURCES,
+        &[],
+    );
+    let mut istiod_tests = vec!["test", "-p", "ztunnel-lab"];
+    istiod_tests.extend(ISTIOD_SUITES.iter().flat_map(|suite| ["--test", suite]));
+    istiod_tests.extend(["--no-fail-fast", "--", "--test-threads=1"]);
+    let istiod_sources = ISTIOD_SUITES.map(|suite| format!("tests/tests/{suite}.rs"));
+    summary.tests(
+        "end-to-end suites against istiod",
+        &istiod_tests,
+        &istiod_sources.each_ref().map(String::as_str),
+        &[(ztunnel_lab::CONTROL_PLANE_VARIABLE, "istiod")],
+    );
     // A minute of everything at once: churn, policy flips, certificate rotation, a restart.
     summary.phase("soak", || crate::soak::soak(Duration::from_secs(60)));
     // Whatever happened, leave the machine clean.
@@ -157,13 +180,14 @@ impl Summary {
         self.phases.push((name.to_owned(), outcome));
     }
 
-    /// Runs the tests of `cargo args`, which must account for every test in `sources`.
-    fn tests(&mut self, name: &str, args: &[&str], sources: &[&str]) {
+    /// Runs the tests of `cargo args` with `env` set, which must account for every test in
+    /// `sources`.
+    fn tests(&mut self, name: &str, args: &[&str], sources: &[&str], env: &[(&str, &str)]) {
         if self.failed() {
             self.phases.push((name.to_owned(), Outcome::NotRun));
             return;
         }
-        let outcome = match run_tests(name, args, sources) {
+        let outcome = match run_tests(name, args, sources, env) {
             Ok((tally, expected)) => match tally.problem(expected) {
                 None => Outcome::Passed(tally.to_string()),
                 Some(problem) => Outcome::Failed(format!("{tally}: {problem}")),
@@ -230,7 +254,12 @@ fn python_peer_selftest() -> Result<()> {
 
 /// Runs a cargo test command, its output shown and tallied, and counts the tests of
 /// `sources` it must have run.
-fn run_tests(what: &str, args: &[&str], sources: &[&str]) -> Result<(Tally, u64)> {
+fn run_tests(
+    what: &str,
+    args: &[&str],
+    sources: &[&str],
+    env: &[(&str, &str)],
+) -> Result<(Tally, u64)> {
     let root = topology::workspace_root();
     let expected = tests_in_sources(&root, sources).context("counting the tests in the sources")?;
     println!("test: {what}: cargo {}", args.join(" "));
@@ -240,6 +269,7 @@ fn run_tests(what: &str, args: &[&str], sources: &[&str]) -> Result<(Tally, u64)
     command
         .current_dir(&root)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(writer.try_clone().context("duplicating the pipe")?)
         .stderr(writer);
     let mut child = command.spawn().context("running cargo")?;

@@ -5,6 +5,7 @@
 //! directory, as Istio's `cacerts` plugs one in), so every piece of the lab trusts one root;
 //! it also signs istiod's own serving certificate.
 
+use crate::faults::FaultsFile;
 use crate::resources::Snapshot;
 use crate::token::TokenFile;
 use anyhow::Context;
@@ -16,14 +17,19 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use ztunnel_lab::istiod::CaAnswer;
 use ztunnel_user::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE};
 use ztunnel_user::xds::proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateService;
 use ztunnel_user::xds::proto::istio::v1::auth::{
     IstioCertificateRequest, IstioCertificateResponse,
 };
+
+/// The identity `CaAnswer::WrongIdentity` signs for.
+const WRONG_IDENTITY: &str = "spiffe://cluster.local/ns/evil/sa/mallory";
 
 /// The longest certificate istiod gives (its `MAX_WORKLOAD_CERT_TTL` default).
 const MAX_TTL_SECS: i64 = 90 * 24 * 3600;
@@ -106,6 +112,7 @@ pub struct Ca {
     pub root: Arc<Root>,
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
     pub token: TokenFile,
+    pub faults: FaultsFile,
 }
 
 #[tonic::async_trait]
@@ -115,6 +122,8 @@ impl IstioCertificateService for Ca {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         self.token.authenticate(request.metadata())?;
+        let faults = self.faults.read();
+        tokio::time::sleep(Duration::from_millis(faults.ca_delay_ms)).await;
         let request = request.into_inner();
         let csr = CertificateSigningRequestParams::from_pem(&request.csr)
             .map_err(|err| Status::invalid_argument(format!("the CSR: {err}")))?;
@@ -138,6 +147,23 @@ impl IstioCertificateService for Ca {
             asked @ 1..=MAX_TTL_SECS => asked,
             _ => MAX_TTL_SECS,
         };
+        let mut csr = csr;
+        match faults.ca {
+            CaAnswer::Sign => {}
+            CaAnswer::Refuse => {
+                tracing::info!(%identity, "refused (a fault)");
+                return Err(Status::unavailable("istiod's CA is down (a fault)"));
+            }
+            CaAnswer::EmptyChain => {
+                tracing::info!(%identity, "answered no certificate (a fault)");
+                return Ok(Response::new(IstioCertificateResponse::default()));
+            }
+            CaAnswer::WrongIdentity => {
+                tracing::info!(%identity, "signing for {WRONG_IDENTITY} instead (a fault)");
+                let uri = WRONG_IDENTITY.try_into().expect("a valid URI");
+                csr.params.subject_alt_names = vec![SanType::URI(uri)];
+            }
+        }
         let leaf = self.root.sign(csr, seconds)?;
         tracing::info!(%identity, seconds, "issued a certificate");
         Ok(Response::new(IstioCertificateResponse {

@@ -4,6 +4,7 @@
 //! messages, names, versions, token and TLS. Each change of the file is pushed as a delta.
 
 mod ca;
+mod faults;
 mod proxy_status;
 mod resources;
 mod token;
@@ -19,8 +20,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tonic::codegen::Service;
+use ztunnel_lab::istiod::Faults;
 use ztunnel_user::mesh::config::MeshFile;
 use ztunnel_user::xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use ztunnel_user::xds::proto::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer;
@@ -28,6 +32,8 @@ use ztunnel_user::xds::proto::istio::v1::auth::istio_certificate_service_server:
 /// How often the mesh file is looked at: a fake's simplicity, well under the time a test
 /// waits for a change.
 const FILE_POLL: Duration = Duration::from_millis(100);
+/// How long after its GOAWAY a connection's streams are ended.
+const GOAWAY_DRAIN: Duration = Duration::from_millis(50);
 /// The gRPC path prefix of the CA's service; every other call goes to xDS.
 const CA_PATH: &str = "/istio.v1.auth.IstioCertificateService/";
 
@@ -51,6 +57,10 @@ struct Args {
     /// Where each proxy's synced version of the mesh file is written (JSON, by node).
     #[arg(long, value_name = "FILE")]
     proxy_status: PathBuf,
+    /// The faults to show (JSON, `ztunnel_lab::istiod::Faults`), read at each use; absent:
+    /// none. SIGUSR1 ends every xDS stream, SIGUSR2 sends GOAWAY on every connection.
+    #[arg(long, value_name = "FILE")]
+    faults: PathBuf,
     /// The DNS name in istiod's certificate (its listening address is there too).
     #[arg(long, default_value = "istiod.istio-system.svc")]
     name: String,
@@ -66,13 +76,19 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let root = Arc::new(ca::Root::load_or_create(&args.ca_dir)?);
-    let tls = root.server_config(vec![args.name.clone(), args.listen.ip().to_string()])?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let names = vec![args.name.clone(), args.listen.ip().to_string()];
+    let acceptor = TlsAcceptor::from(Arc::new(root.server_config(names)?));
+    let faults = faults::FaultsFile(args.faults.clone());
     let text = std::fs::read_to_string(&args.mesh_config)
         .with_context(|| format!("reading {}", args.mesh_config.display()))?;
-    let first = snapshot(&args.mesh_config, &text)?;
+    let first = snapshot(&args.mesh_config, &text, &faults.read())?;
     let (publish, snapshots) = watch::channel(Arc::new(first));
-    tokio::spawn(watch_mesh(args.mesh_config.clone(), text, publish));
+    tokio::spawn(watch_mesh(
+        args.mesh_config.clone(),
+        faults.clone(),
+        publish,
+    ));
+    let (drops, goaways) = on_signals()?;
 
     let token = token::TokenFile(args.token_file.clone());
     let xds = AggregatedDiscoveryServiceServer::new(xds::Xds {
@@ -80,11 +96,13 @@ async fn main() -> anyhow::Result<()> {
         token: token.clone(),
         status: proxy_status::ProxyStatus::new(args.proxy_status.clone()),
         streams: Arc::default(),
+        drops,
     });
     let ca = IstioCertificateServiceServer::new(ca::Ca {
-        root,
+        root: root.clone(),
         snapshots,
         token,
+        faults: faults.clone(),
     });
     let listener = TcpListener::bind(args.listen)
         .await
@@ -92,7 +110,17 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %args.listen, mesh = %args.mesh_config.display(), "serving");
     loop {
         let (tcp, peer) = listener.accept().await.context("accepting")?;
-        let (acceptor, ads, ca) = (acceptor.clone(), xds.clone(), ca.clone());
+        let acceptor = match faults.read().serving_names {
+            Some(names) => match root.server_config(names) {
+                Ok(config) => TlsAcceptor::from(Arc::new(config)),
+                Err(err) => {
+                    tracing::warn!("the faults' serving names are not usable: {err:#}");
+                    acceptor.clone()
+                }
+            },
+            None => acceptor.clone(),
+        };
+        let (ads, ca, mut goaways) = (xds.clone(), ca.clone(), goaways.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(tls) => tls,
@@ -112,9 +140,16 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }
             });
-            let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                _ = goaways.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
             if let Err(err) = served {
                 tracing::info!(%peer, "connection ended: {err}");
             }
@@ -122,26 +157,60 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn snapshot(path: &Path, text: &str) -> anyhow::Result<Snapshot> {
+fn snapshot(path: &Path, text: &str, faults: &Faults) -> anyhow::Result<Snapshot> {
     let file = MeshFile::parse(path, text)?;
-    Ok(Snapshot::of(
-        &file,
-        ztunnel_lab::istiod::digest(text.as_bytes()),
-    ))
+    let mut snapshot = Snapshot::of(&file, ztunnel_lab::istiod::digest(text.as_bytes()));
+    if faults.bad_address {
+        snapshot.add_bad_address();
+    }
+    Ok(snapshot)
 }
 
-/// Publishes each new valid version of the file; a bad one is logged and the last good one
-/// stays served, as istiod keeps serving the last good state of the cluster.
-async fn watch_mesh(path: PathBuf, mut last: String, publish: watch::Sender<Arc<Snapshot>>) {
+/// What the fault signals ask: SIGUSR1 ends every xDS stream (the first receiver changes);
+/// SIGUSR2 sends GOAWAY on every connection (the second), then ends their streams a moment
+/// later, as a draining istiod does.
+fn on_signals() -> anyhow::Result<(watch::Receiver<u64>, watch::Receiver<u64>)> {
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing a signal handler")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("installing a signal handler")?;
+    let (drop, drops) = watch::channel(0);
+    let (goaway, goaways) = watch::channel(0);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = usr1.recv() => tracing::info!("signalled: ending every xDS stream"),
+                Some(()) = usr2.recv() => {
+                    tracing::info!("signalled: GOAWAY on every connection, then ending the streams");
+                    goaway.send_modify(|n| *n += 1);
+                    tokio::time::sleep(GOAWAY_DRAIN).await;
+                }
+                else => return,
+            }
+            drop.send_modify(|n| *n += 1);
+        }
+    });
+    Ok((drops, goaways))
+}
+
+/// Publishes each new valid version of the file, with the faults of that moment; a bad file
+/// is logged and the last good one stays served, as istiod keeps serving the last good state
+/// of the cluster.
+async fn watch_mesh(
+    path: PathBuf,
+    faults: faults::FaultsFile,
+    publish: watch::Sender<Arc<Snapshot>>,
+) {
+    let mut last = std::fs::read_to_string(&path).ok();
     loop {
         tokio::time::sleep(FILE_POLL).await;
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        if text == last {
+        let now = std::fs::read_to_string(&path).ok();
+        if now == last {
             continue;
         }
-        match snapshot(&path, &text) {
+        last = now.clone();
+        let Some(text) = now else {
+            continue;
+        };
+        match snapshot(&path, &text, &faults.read()) {
             Ok(snapshot) => {
                 tracing::info!(
                     version = %snapshot.version,
@@ -153,6 +222,5 @@ async fn watch_mesh(path: PathBuf, mut last: String, publish: watch::Sender<Arc<
             }
             Err(err) => tracing::warn!("the mesh file is not served: {err:#}"),
         }
-        last = text;
     }
 }

@@ -8,7 +8,7 @@ use prost::{Message, Name};
 use prost_types::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use ztunnel_lab::istiod::digest;
+use ztunnel_lab::istiod::{BAD_ADDRESS, digest};
 use ztunnel_user::mesh::authz::{Match, Policy, StringMatch};
 use ztunnel_user::mesh::config::{
     GatewayAddress, GatewayDestination, HealthStatus, MeshFile, NetworkAddress, Protocol, Service,
@@ -63,6 +63,20 @@ impl Snapshot {
                 .map(|w| w.identity().to_string())
                 .collect(),
         }
+    }
+
+    /// Adds `BAD_ADDRESS`: a workload whose address has 3 bytes, which a proxy must refuse
+    /// (NACK it by name) while it takes the others.
+    pub fn add_bad_address(&mut self) {
+        let broken = wire::Workload {
+            uid: BAD_ADDRESS.to_owned(),
+            name: "broken".to_owned(),
+            namespace: "demo".to_owned(),
+            addresses: vec![vec![10, 244, 9]],
+            ..Default::default()
+        };
+        let resource = address(wire::address::Type::Workload(broken));
+        self.addresses.insert(BAD_ADDRESS.to_owned(), resource);
     }
 
     /// This snapshot's resources of `type_url`, or None for a type istiod does not serve here.

@@ -32,6 +32,8 @@ pub struct Xds {
     pub token: TokenFile,
     pub status: ProxyStatus,
     pub streams: Arc<AtomicU64>,
+    /// Changes when every stream is to end with `Unavailable` (a fault).
+    pub drops: watch::Receiver<u64>,
 }
 
 #[tonic::async_trait]
@@ -58,7 +60,9 @@ impl AggregatedDiscoveryService for Xds {
             nonces: 0,
             status: self.status.clone(),
         };
-        tokio::spawn(stream.serve(request.into_inner(), self.snapshots.clone()));
+        let (snapshots, mut drops) = (self.snapshots.clone(), self.drops.clone());
+        drops.mark_unchanged();
+        tokio::spawn(stream.serve(request.into_inner(), snapshots, drops));
         Ok(Response::new(UnboundedReceiverStream::new(outgoing)))
     }
 }
@@ -99,6 +103,7 @@ impl XdsStream {
         mut self,
         mut requests: Streaming<DeltaDiscoveryRequest>,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        mut drops: watch::Receiver<u64>,
     ) {
         tracing::info!(peer = %self.peer, "xDS stream opened");
         loop {
@@ -120,6 +125,11 @@ impl XdsStream {
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
                     self.push(&snapshot)
+                }
+                Ok(()) = drops.changed() => {
+                    let status = Status::unavailable("istiod ended the stream (a fault)");
+                    let _ = self.responses.send(Err(status));
+                    break;
                 }
             };
             if delivered.is_err() {

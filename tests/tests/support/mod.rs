@@ -31,6 +31,15 @@ impl LabSession {
         LabSession::start_with(&DaemonOptions::default())
     }
 
+    /// A lab whose daemons read the mesh file whatever `ZTUNNEL_LAB_CONTROL_PLANE` says: for
+    /// tests of the file's own handling (its versions, its refusal).
+    pub fn start_from_file() -> LabSession {
+        LabSession::start_with(&DaemonOptions {
+            control_plane: ztunnel_lab::ControlPlane::File,
+            ..DaemonOptions::default()
+        })
+    }
+
     pub fn start_with(options: &DaemonOptions) -> LabSession {
         let lock = LabLock::acquire("test").expect("taking the lab's lock");
         *lock_ignoring_poison(&FOREIGN) = Foreign::now();

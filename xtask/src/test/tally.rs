@@ -104,26 +104,22 @@ impl fmt::Display for Tally {
     }
 }
 
-/// How many tests the Rust sources under `dirs` declare: `#[test]` and `#[tokio::test]`
-/// attributes at the start of a line.
-pub fn tests_in_sources(root: &Path, dirs: &[&str]) -> std::io::Result<u64> {
+/// How many tests the Rust `sources` (files, or directories searched whole) declare:
+/// `#[test]` and `#[tokio::test]` attributes at the start of a line.
+pub fn tests_in_sources(root: &Path, sources: &[&str]) -> std::io::Result<u64> {
     let mut count = 0;
-    let mut pending: Vec<_> = dirs.iter().map(|dir| root.join(dir)).collect();
-    while let Some(dir) = pending.pop() {
-        if !dir.exists() {
-            continue;
-        }
-        for entry in std::fs::read_dir(&dir)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                count += std::fs::read_to_string(&path)?
-                    .lines()
-                    .map(str::trim_start)
-                    .filter(|l| l.starts_with("#[test]") || l.starts_with("#[tokio::test"))
-                    .count() as u64;
+    let mut pending: Vec<_> = sources.iter().map(|source| root.join(source)).collect();
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path)? {
+                pending.push(entry?.path());
             }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            count += std::fs::read_to_string(&path)?
+                .lines()
+                .map(str::trim_start)
+                .filter(|l| l.starts_with("#[test]") || l.starts_with("#[tokio::test"))
+                .count() as u64;
         }
     }
     Ok(count)
