@@ -1,9 +1,18 @@
 //! `cargo xtask demo`: the product on the lab, start to finish.
 
 use anyhow::Result;
+use clap::Args;
 use std::net::SocketAddrV4;
 use std::time::Duration;
-use ztunnel_lab::{Lab, PodServer, send_from};
+use ztunnel_lab::{ControlPlane, DaemonOptions, Lab, PodServer, istiod, send_from};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the daemons take the mesh and their certificates from: the lab's mesh file and
+    /// the built-in CA, or the lab's istiod (delta xDS and Istio's CA, serving the same file).
+    #[arg(long, value_enum, default_value_t = ControlPlane::File)]
+    control_plane: ControlPlane,
+}
 
 const APP_PORT: u16 = 8080;
 const BYTES: u64 = 10 * 1024 * 1024;
@@ -28,12 +37,18 @@ const TRANSFERS: [(&str, &str, &str); 4] = [
     ),
 ];
 
-pub fn run() -> Result<()> {
+pub fn run(args: &DemoArgs) -> Result<()> {
     crate::setup::run()?;
     crate::lab::build_binaries(false, false)?;
     let _lock = ztunnel_lab::LabLock::acquire("demo")?;
-    let lab = ztunnel_lab::up()?;
-    let shown = show(&lab);
+    let lab = ztunnel_lab::up_with(&DaemonOptions {
+        control_plane: args.control_plane,
+        ..DaemonOptions::default()
+    })?;
+    let shown = show(&lab).and_then(|()| match args.control_plane {
+        ControlPlane::File => Ok(()),
+        ControlPlane::Istiod => show_istiod(),
+    });
     println!("\ndemo: tearing the lab down");
     let down = ztunnel_lab::down();
     shown?;
@@ -70,6 +85,31 @@ fn show(lab: &Lab) -> Result<()> {
         ztunnel(node, &["connections"])?;
         println!("\ndemo: {node} readiness, pods and kernel counters (`ztunnel status`)");
         ztunnel(node, &["status"])?;
+    }
+    Ok(())
+}
+
+/// What istiod did: the certificates its CA signed, and the version of the mesh each node
+/// has ACKed.
+fn show_istiod() -> Result<()> {
+    println!(
+        "\ndemo: istiod's CA signed (from {})",
+        istiod::log_path().display()
+    );
+    let log = std::fs::read_to_string(istiod::log_path())?;
+    for line in log
+        .lines()
+        .filter(|line| line.contains("issued a certificate"))
+    {
+        println!(
+            "  {}",
+            line.split_once("INFO")
+                .map_or(line, |(_, rest)| rest.trim())
+        );
+    }
+    println!("\ndemo: the mesh file's version each node has ACKed from istiod");
+    for (node, version) in istiod::synced_versions() {
+        println!("  {node}: {version}");
     }
     Ok(())
 }

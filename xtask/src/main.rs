@@ -51,7 +51,7 @@ enum Command {
     /// executions and coverage; a crash or hang fails, naming its reproducer.
     Fuzz(fuzz::FuzzArgs),
     /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
-    Demo,
+    Demo(demo::DemoArgs),
     /// The layers of ztunnel-user: its top-level modules, lowest first, each with the modules it
     /// uses; fails, naming a place for each edge, when their imports form a cycle.
     Layers,
@@ -67,7 +67,7 @@ fn main() -> Result<ExitCode> {
         Command::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Command::Lab { command } => lab::run(command),
         Command::Test => test::run().map(|()| ExitCode::SUCCESS),
-        Command::Demo => demo::run().map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(&args).map(|()| ExitCode::SUCCESS),
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Soak(args) => soak::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fuzz(args) => fuzz::run(args).map(|()| ExitCode::SUCCESS),
