@@ -376,6 +376,26 @@ async fn removals_reach_the_model() {
     assert!(h.xds.versions(ResourceKind::Authorization).is_empty());
 }
 
+/// A response beyond tonic's default limit of 4 MiB (a big cluster's first push) is taken
+/// whole, as Istio's ztunnel takes up to 200 MiB.
+#[tokio::test(start_paused = true)]
+async fn a_response_over_4_mib_is_taken() {
+    let mut h = start(config(None), 0);
+    let mut stream = h.subscribed().await;
+    let count: u16 = 20_000;
+    let resources: Vec<Resource> = (0..count)
+        .map(|i| {
+            let name = format!("w{i}-{}", "x".repeat(200));
+            let [high, low] = i.to_be_bytes();
+            address_entry(&uid(&name), "1", workload(&name, &[10, 1, high, low]))
+        })
+        .collect();
+    let response = response(ADDRESS, "big", resources, &[]);
+    assert!(prost::Message::encoded_len(&response) > 4 * 1024 * 1024);
+    stream.acked(response).await;
+    assert_eq!(h.sink.mesh.current().workload_count(), usize::from(count));
+}
+
 /// Ready once each type has had an ACKed response: a NACKed one does not count.
 #[tokio::test(start_paused = true)]
 async fn ready_only_once_both_types_had_an_acked_response() {
