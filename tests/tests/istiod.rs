@@ -4,8 +4,9 @@
 //! keep what they hold and serve traffic) and coming back (the change made meanwhile
 //! arrives), GOAWAY and ended streams (back at once), a token it refuses (not ready until it
 //! is right), a resource no proxy can take (NACKed by name, its siblings applied), its CA down
-//! when a node starts (HBONE waits, then works without a restart), its certificate for its
-//! DNS name only (taken through the alternative name).
+//! when a node starts (HBONE waits, then works without a restart) or at a renewal (the held
+//! certificate serves until it expires, then service resumes with the CA), its certificate for
+//! its DNS name only (taken through the alternative name).
 
 mod support;
 
@@ -310,4 +311,64 @@ fn a_certificate_for_istiods_dns_name_only_is_taken_through_the_alternative_name
                 .as_deref()
                 .is_some_and(|e| e.contains("not valid for name"))
     });
+}
+
+#[test]
+fn with_the_ca_down_at_renewal_the_held_certificate_serves_and_a_new_one_comes_with_the_ca() {
+    let s = LabSession::start_with(&DaemonOptions {
+        control_plane: ControlPlane::Istiod,
+        cert_lifetime_secs: Some(10),
+        ..DaemonOptions::default()
+    });
+    let b1_app = serve("b1", APP_PORT);
+    istiod::set_faults(&Faults {
+        ca: CaAnswer::Refuse,
+        ..Faults::default()
+    })
+    .expect("setting the faults");
+    let sa_a = "spiffe://cluster.local/ns/demo/sa/sa-a";
+    let expiry = certificate_expiries(&s.lab, "node1")
+        .into_iter()
+        .find_map(|(identity, expires)| (identity == sa_a).then_some(expires))
+        .expect("node1 holds sa-a's certificate");
+    // Its renewal at half life is refused...
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while istiod_log_lines(&format!("refused (a fault) identity={sa_a}")).is_empty() {
+        assert!(Instant::now() < deadline, "sa-a's renewal was not tried");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ...and the certificate held still serves.
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    assert!(now() + 1 < expiry, "too late to check the held certificate");
+    send("a1", s.addr("b1", APP_PORT), 4 * KIB);
+    assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
+
+    // Kept, not dropped, while the retries fail (its expiry is what the status shows).
+    let held = |node| {
+        certificate_expiries(&s.lab, node)
+            .into_iter()
+            .find_map(|(identity, expires)| (identity == sa_a).then_some(expires))
+    };
+    assert_eq!(held("node1"), Some(expiry));
+    while now() <= expiry {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The CA back: a retry gets a new certificate, and a1 -> b1 works with it.
+    istiod::set_faults(&Faults::default()).expect("clearing the faults");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while held("node1").is_none_or(|expires| expires <= expiry) {
+        assert!(
+            Instant::now() < deadline,
+            "no new certificate after the CA came back"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    send("a1", s.addr("b1", APP_PORT), 4 * KIB);
+    assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
 }
