@@ -70,16 +70,13 @@ pub fn run(mut settings: Settings) -> Result<()> {
     let read = reading.elapsed();
     let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
     let env: Vec<(String, String)> = std::env::vars().collect();
-    let certificates: Arc<dyn CertificateSource> = match istio_ca::from_settings(
-        &settings.istiod,
-        lifetime,
-        &env,
-    )
-    .context("--ca-address")?
-    {
+    let istio_ca = istio_ca::from_settings(&settings.istiod, lifetime, &env)
+        .context("--ca-address")?
+        .map(Arc::new);
+    let certificates: Arc<dyn CertificateSource> = match &istio_ca {
         Some(istio_ca) => {
             tracing::info!(ca = %settings.istiod.ca_address, "workload certificates from istiod's CA");
-            Arc::new(istio_ca)
+            istio_ca.clone()
         }
         None => Arc::new(BuiltInSource::new(built_in_ca(&settings)?, lifetime)),
     };
@@ -101,6 +98,9 @@ pub fn run(mut settings: Settings) -> Result<()> {
             traffic.access_log_dropped.clone(),
         )?;
         let store = CertificateStore::start(certificates);
+        if let Some(istio_ca) = istio_ca {
+            tokio::spawn(istio_ca.follow_root_file());
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         // A CONNECT's answer waits for the peer's connection to its app.
         let handshake_timeout = admission.handshake_timeout();

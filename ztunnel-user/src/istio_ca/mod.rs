@@ -31,6 +31,7 @@ mod tests;
 
 pub use connect::{CaSettingsError, from_settings};
 
+use crate::host::file_watch;
 use crate::identity::{CertificateSource, Identity, IssueError, Issuing, WorkloadCertificate};
 use crate::istiod::{
     ChannelError, Credentials, CredentialsError, Dial, RootCertificates, channel_failure,
@@ -66,7 +67,8 @@ pub struct IstioCaConfig {
     /// The validity asked for (whole seconds).
     pub ttl: Duration,
     /// A PEM file of the mesh's roots (Istio's `istio-ca-root-cert`), trusted besides the
-    /// roots the CA sends; read once, when the client is made.
+    /// roots the CA sends; read when the client is made, and again at each change while
+    /// `follow_root_file` runs.
     pub root_cert: Option<RootCertificates>,
 }
 
@@ -113,10 +115,40 @@ pub struct IstioCa<D> {
     istiod: D,
     credentials: Credentials,
     ttl: Duration,
-    /// The roots of the root file.
-    file_roots: RootCertStore,
-    /// The file's roots and those of the latest response that carried any.
-    roots: Mutex<Arc<RootCertStore>>,
+    root_cert: Option<RootCertificates>,
+    trust: Mutex<Trust>,
+}
+
+/// The roots peers are checked against.
+struct Trust {
+    /// The root file's.
+    file: RootCertStore,
+    /// Those of the latest response that carried any.
+    answered: Vec<TrustAnchor<'static>>,
+    /// Both.
+    all: Arc<RootCertStore>,
+}
+
+impl Trust {
+    fn new(file: RootCertStore) -> Trust {
+        Trust {
+            all: Arc::new(file.clone()),
+            file,
+            answered: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, file: Option<RootCertStore>, answered: Option<Vec<TrustAnchor<'static>>>) {
+        if let Some(file) = file {
+            self.file = file;
+        }
+        if let Some(answered) = answered {
+            self.answered = answered;
+        }
+        let mut all = self.file.clone();
+        all.extend(self.answered.iter().cloned());
+        self.all = Arc::new(all);
+    }
 }
 
 /// A response taken: the certificate, and the roots it came with.
@@ -137,9 +169,36 @@ impl<D: Dial> IstioCa<D> {
             istiod,
             credentials: config.credentials,
             ttl: config.ttl,
-            roots: Mutex::new(Arc::new(file_roots.clone())),
-            file_roots,
+            root_cert: config.root_cert,
+            trust: Mutex::new(Trust::new(file_roots)),
         })
+    }
+
+    /// Reads the root file again at each change (an operator's rotation, a ConfigMap swap),
+    /// forever; returns at once when the roots are not a file. A file that cannot be read or
+    /// holds no usable root is logged, and the roots in force stay.
+    pub async fn follow_root_file(self: Arc<Self>) {
+        let Some(RootCertificates::File(path)) = self.root_cert.clone() else {
+            return;
+        };
+        file_watch::on_changes(path.clone(), move || {
+            let Some(roots) = &self.root_cert else {
+                return;
+            };
+            match roots.load() {
+                Ok(file) => {
+                    let count = file.len();
+                    self.trust().update(Some(file), None);
+                    tracing::info!(path = %path.display(), roots = count, "the mesh's root file read");
+                }
+                Err(err) => tracing::warn!(%err, "the mesh's roots in force stay"),
+            }
+        })
+        .await;
+    }
+
+    fn trust(&self) -> std::sync::MutexGuard<'_, Trust> {
+        self.trust.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Asks the CA for a certificate for `identity`, with a new key; takes the roots of the
@@ -183,9 +242,7 @@ impl<D: Dial> IstioCa<D> {
             .into_inner();
         let accepted = accept(identity, &key, response)?;
         if !accepted.roots.is_empty() {
-            let mut roots = self.file_roots.clone();
-            roots.extend(accepted.roots);
-            *self.roots.lock().unwrap_or_else(PoisonError::into_inner) = Arc::new(roots);
+            self.trust().update(None, Some(accepted.roots));
         }
         Ok(accepted.cert)
     }
@@ -226,10 +283,7 @@ impl<D: Dial> CertificateSource for IstioCa<D> {
     }
 
     fn roots(&self) -> Arc<RootCertStore> {
-        self.roots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.trust().all.clone()
     }
 }
 

@@ -157,6 +157,44 @@ async fn every_root_of_the_last_entry_is_trusted_with_the_root_file() {
     assert_eq!(roots.roots, expected);
 }
 
+#[tokio::test]
+async fn a_root_file_replaced_on_disk_is_trusted_instead_and_a_bad_one_is_not_taken() {
+    let ca = FakeCa::new();
+    let (old_root, new_root) = (Root::new("old mesh root"), Root::new("new mesh root"));
+    let dir = tempfile::tempdir().unwrap();
+    let root_cert = dir.path().join("root-cert.pem");
+    fs::write(&root_cert, &old_root.pem).unwrap();
+    let client = Arc::new(ca.client(TTL, None, Some(root_cert.clone())));
+    client.issue(&checkout()).await.unwrap();
+    let following = tokio::spawn(client.clone().follow_root_file());
+    let roots_become = |expected: [&str; 2]| {
+        let client = client.clone();
+        let expected = expected.map(anchor);
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while CertificateSource::roots(client.as_ref()).roots != expected {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the roots did not change"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+
+    // Replaced as an operator or a ConfigMap swap would: the new root, with the CA's.
+    let partial = dir.path().join("partial");
+    fs::write(&partial, &new_root.pem).unwrap();
+    fs::rename(&partial, &root_cert).unwrap();
+    roots_become([new_root.pem.as_str(), ca.root_pem()]).await;
+
+    // A file with no certificate in it is not taken: the roots in force stay.
+    fs::write(&root_cert, "no PEM here").unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    roots_become([new_root.pem.as_str(), ca.root_pem()]).await;
+    following.abort();
+}
+
 #[test]
 fn a_root_file_without_certificates_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,7 @@
 //! The watch, on real files and real inotify in a temporary directory.
 
 use super::*;
+use crate::host::file_watch::SETTLE_AT_MOST;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU32;
 

@@ -1,0 +1,231 @@
+//! Changes of a file, watched with inotify, for the files the daemon follows while it runs
+//! (the mesh config, istiod's root certificate): an idle daemon reads nothing.
+//!
+//! inotify through nix, on the daemon's tokio runtime (`AsyncFd`): the daemon runs on Linux
+//! only and already depends on nix, so the watch costs no thread and no crate, where `notify`
+//! would bring its own event thread and portability layers the daemon has no use for.
+//!
+//! The file's directory is watched, not only the file: editors replace a file by rename, and
+//! Kubernetes swaps a ConfigMap volume's `..data` symlink (the file is a symlink through it),
+//! and neither changes the inode a watch on the file holds. An event naming the file or
+//! `..data`, a write to the file's current target (which a symlink may put elsewhere), or a
+//! lost event (the queue overflowed) counts as a change, once the events have stopped for
+//! `SETTLE`: a burst of writes is one change.
+
+use nix::errno::Errno;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// How long the events must have stopped before a change is reported: a burst of writes (or
+/// an editor's save, or a ConfigMap swap) is one change, when it is done.
+const SETTLE: Duration = Duration::from_millis(50);
+/// The longest a change waits for events to stop, so a file written without pause is still
+/// read.
+pub(crate) const SETTLE_AT_MOST: Duration = Duration::from_millis(500);
+/// How often a directory that cannot be watched (it does not exist yet) is tried again.
+pub(crate) const WATCH_RETRY: Duration = Duration::from_secs(1);
+/// The symlink a Kubernetes ConfigMap volume replaces (by rename) to publish a new version.
+const CONFIGMAP_DATA: &str = "..data";
+
+/// Calls `changed` at once, then after each change of the file at `path`, forever; a watch
+/// that fails is logged and set up again.
+pub(crate) async fn on_changes(path: PathBuf, mut changed: impl FnMut() + Send) {
+    loop {
+        let mut changes = match FileChanges::watch(&path) {
+            Ok(changes) => changes,
+            Err(err) => {
+                tracing::warn!(%err, "watching again in {WATCH_RETRY:?}");
+                tokio::time::sleep(WATCH_RETRY).await;
+                continue;
+            }
+        };
+        loop {
+            // Watched before it is read, so no change after the read goes unseen.
+            changes.follow_target();
+            changed();
+            if let Err(err) = changes.settled().await {
+                tracing::warn!(%err, "watching again");
+                break;
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WatchError {
+    #[error("cannot watch {dir} for changes of {path}: {source}")]
+    Watch {
+        dir: PathBuf,
+        path: PathBuf,
+        source: Errno,
+    },
+    #[error("cannot wait for changes of {path}: {source}")]
+    Wait {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the directory {dir} of {path} was removed or moved")]
+    DirectoryGone { dir: PathBuf, path: PathBuf },
+}
+
+/// The inotify watches that tell when the file may read differently: its directory, and its
+/// current target.
+pub(crate) struct FileChanges {
+    inotify: AsyncFd<InotifyFd>,
+    directory: WatchDescriptor,
+    dir: PathBuf,
+    path: PathBuf,
+    name: OsString,
+}
+
+/// nix's `Inotify` for tokio, which wants the raw descriptor.
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl FileChanges {
+    pub(crate) fn watch(path: &Path) -> Result<FileChanges, WatchError> {
+        let dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let watch_error = |source| WatchError::Watch {
+            dir: dir.clone(),
+            path: path.to_owned(),
+            source,
+        };
+        let inotify =
+            Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(watch_error)?;
+        let directory = inotify
+            .add_watch(
+                &dir,
+                AddWatchFlags::IN_CREATE
+                    | AddWatchFlags::IN_DELETE
+                    | AddWatchFlags::IN_MOVED_FROM
+                    | AddWatchFlags::IN_MOVED_TO
+                    | AddWatchFlags::IN_MODIFY
+                    | AddWatchFlags::IN_CLOSE_WRITE
+                    | AddWatchFlags::IN_ATTRIB
+                    | AddWatchFlags::IN_DELETE_SELF
+                    | AddWatchFlags::IN_MOVE_SELF
+                    | AddWatchFlags::IN_ONLYDIR,
+            )
+            .map_err(watch_error)?;
+        // SAFETY: `InotifyFd` owns its descriptor and gives the same one for its whole life.
+        let inotify =
+            unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), Interest::READABLE) }
+                .map_err(|err| WatchError::Wait {
+                    path: path.to_owned(),
+                    source: err.into(),
+                })?;
+        Ok(FileChanges {
+            inotify,
+            directory,
+            name: path.file_name().unwrap_or(path.as_os_str()).to_owned(),
+            path: path.to_owned(),
+            dir,
+        })
+    }
+
+    /// Watches the file the path leads to now (through any symlinks) for writes in place:
+    /// where a symlink leads out of the directory, its events would not name the file.
+    pub(crate) fn follow_target(&self) {
+        let watched = self.inotify.get_ref().0.add_watch(
+            &self.path,
+            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_ATTRIB,
+        );
+        match watched {
+            // Missing: the directory's watch sees it appear.
+            Ok(_) | Err(Errno::ENOENT) => {}
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), %err, "cannot watch the file's target for writes in place; its directory is still watched")
+            }
+        }
+    }
+
+    /// Waits for an event that may change what the file reads, then until the events stop.
+    pub(crate) async fn settled(&mut self) -> Result<(), WatchError> {
+        while !self.next_events_touch_file().await? {}
+        let deadline = tokio::time::Instant::now() + SETTLE_AT_MOST;
+        loop {
+            let quiet_until = (tokio::time::Instant::now() + SETTLE).min(deadline);
+            match tokio::time::timeout_at(quiet_until, self.next_events_touch_file()).await {
+                Err(_quiet) => return Ok(()),
+                Ok(events) => {
+                    events?;
+                }
+            }
+        }
+    }
+
+    /// Waits for the next events; whether one of them may change what the file reads.
+    async fn next_events_touch_file(&self) -> Result<bool, WatchError> {
+        let events = loop {
+            let mut ready = self
+                .inotify
+                .readable()
+                .await
+                .map_err(|e| self.wait_error(e))?;
+            // EAGAIN becomes WouldBlock, which clears the readiness and waits again.
+            if let Ok(events) =
+                ready.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from))
+            {
+                break events.map_err(|e| self.wait_error(e))?;
+            }
+        };
+        let mut touched = false;
+        for event in &events {
+            if event.wd == self.directory && event.mask.intersects(DIRECTORY_GONE) {
+                return Err(WatchError::DirectoryGone {
+                    dir: self.dir.clone(),
+                    path: self.path.clone(),
+                });
+            }
+            touched |= self.touches_file(event);
+        }
+        Ok(touched)
+    }
+
+    fn wait_error(&self, source: std::io::Error) -> WatchError {
+        WatchError::Wait {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn touches_file(&self, event: &InotifyEvent) -> bool {
+        if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+            // Events were lost: any of them may have been the file's.
+            return true;
+        }
+        if event.wd == self.directory {
+            return event
+                .name
+                .as_deref()
+                .is_some_and(|name| name == self.name || name == OsStr::new(CONFIGMAP_DATA));
+        }
+        // The target's watch; its IN_IGNORED (the old target is gone) follows an event of the
+        // directory's.
+        event.mask.intersects(
+            AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_ATTRIB,
+        )
+    }
+}
+
+/// The directory's own events after which its watch sees nothing more of the path.
+const DIRECTORY_GONE: AddWatchFlags = AddWatchFlags::IN_IGNORED
+    .union(AddWatchFlags::IN_DELETE_SELF)
+    .union(AddWatchFlags::IN_MOVE_SELF)
+    .union(AddWatchFlags::IN_UNMOUNT);
+
+#[cfg(test)]
+mod tests;
