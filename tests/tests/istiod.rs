@@ -233,7 +233,9 @@ fn a_resource_no_proxy_can_take_is_nacked_by_name_and_its_siblings_are_applied()
         assert_eq!(status.types[0].resources, 6, "{status:?}");
         let workloads = mesh_status(&s.lab, node).workloads;
         assert!(
-            workloads.iter().any(|w| w.uid == "extra-1"),
+            workloads
+                .iter()
+                .any(|w| w.uid == "Kubernetes//Pod/demo/extra-1"),
             "{node}: {workloads:?}"
         );
         assert!(status.ready, "a NACK made {node} not ready");

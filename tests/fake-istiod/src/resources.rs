@@ -40,9 +40,10 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn of(file: &MeshFile, version: String) -> Snapshot {
         let workloads = file.workloads().iter().map(|w| {
+            let workload = workload(w);
             (
-                w.uid.clone(),
-                address(wire::address::Type::Workload(workload(w))),
+                workload.uid.clone(),
+                address(wire::address::Type::Workload(workload)),
             )
         });
         let services = file
@@ -126,7 +127,7 @@ fn workload(w: &Workload) -> wire::Workload {
         })
         .collect();
     wire::Workload {
-        uid: w.uid.clone(),
+        uid: istiod_uid(w),
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         addresses: w.workload_ips.iter().map(|ip| ip_bytes(*ip)).collect(),
@@ -147,6 +148,16 @@ fn workload(w: &Workload) -> wire::Workload {
         cluster_id: w.cluster_id.clone(),
         ..Default::default()
     }
+}
+
+/// The name istiod gives a pod's workload, `<cluster>//Pod/<namespace>/<name>`, not the
+/// pod's uid the file has: the daemons must join their pods to it by namespace, name and node.
+pub fn istiod_uid(w: &Workload) -> String {
+    let cluster = match w.cluster_id.as_str() {
+        "" => "Kubernetes",
+        cluster => cluster,
+    };
+    format!("{cluster}//Pod/{}/{}", w.namespace, w.name)
 }
 
 fn service(s: &Service) -> wire::Service {

@@ -260,7 +260,7 @@ impl Pods {
         let spec = &record.spec;
         let label = format!("{}/{}", spec.namespace, spec.name);
         routing::install(&netns, &spec.ips)?;
-        let identity = self.ctx.identity_of(&spec.uid, &spec.namespace);
+        let identity = self.ctx.identity_of(&spec.uid, &spec.namespace, &spec.name);
         // Inbound handshakes only read the store: fetch the pod's certificate now.
         self.ctx.tls.store.prefetch(&identity);
         let pod = Arc::new(PodProxy {

@@ -59,10 +59,12 @@ pub(crate) struct ProxyContext {
 }
 
 impl ProxyContext {
-    /// A pod's identity: from its mesh config entry, else its namespace's `default` service
-    /// account in this node's trust domain (what Kubernetes gives a pod that names none).
-    pub(crate) fn identity_of(&self, uid: &str, namespace: &str) -> Identity {
-        match self.mesh.current().workload_by_uid(uid) {
+    /// A pod's identity: from its workload in the mesh (`MeshConfig::pod_workload`), else its
+    /// namespace's `default` service account in this node's trust domain (what Kubernetes
+    /// gives a pod that names none).
+    pub(crate) fn identity_of(&self, uid: &str, namespace: &str, name: &str) -> Identity {
+        let config = self.mesh.current();
+        match config.pod_workload(uid, namespace, name, &self.settings.node) {
             Some(workload) => workload.identity(),
             None => Identity {
                 trust_domain: self.settings.trust_domain.clone(),

@@ -4,7 +4,7 @@
 use super::*;
 use std::path::Path;
 use std::sync::Arc;
-use ztunnel_user::mesh::config::Change;
+use ztunnel_user::mesh::config::{Change, Workload};
 use ztunnel_user::xds::convert::{address_change, authorization_change};
 
 /// Every field the file has, set (the lab's own file sets only some).
@@ -94,12 +94,22 @@ fn read_back(snapshot: &Snapshot) -> Vec<Change> {
         .collect()
 }
 
-/// The file's entries as changes, in the snapshot's order (by name, addresses first).
+/// The file's entries as changes, in the snapshot's order (by name, addresses first), the
+/// workloads named as istiod names them.
 fn entries(file: &MeshFile) -> Vec<Change> {
     let mut addresses: Vec<(String, Change)> = file
         .workloads()
         .iter()
-        .map(|w| (w.uid.clone(), Change::Workload(Arc::new(w.clone()))))
+        .map(|w| {
+            let named_by_istiod = Workload {
+                uid: istiod_uid(w),
+                ..w.clone()
+            };
+            (
+                named_by_istiod.uid.clone(),
+                Change::Workload(Arc::new(named_by_istiod)),
+            )
+        })
         .chain(
             file.services()
                 .iter()
@@ -150,6 +160,9 @@ fn a_resource_keeps_its_version_until_its_content_changes() {
         before.addresses["cluster1//Pod/demo/a1"].version,
         after.addresses["cluster1//Pod/demo/a1"].version
     );
-    assert_eq!(before.addresses["u1"], after.addresses["u1"]);
+    assert_eq!(
+        before.addresses["Kubernetes//Pod/legacy/u1"],
+        after.addresses["Kubernetes//Pod/legacy/u1"]
+    );
     assert_eq!(before.authorizations, after.authorizations);
 }

@@ -361,6 +361,23 @@ impl MeshConfig {
         self.workloads.get(uid).map(|w| &**w)
     }
 
+    /// The workload of an enrolled pod: the one with the pod's uid (a mesh file lists pods by
+    /// it), else the one named `namespace`/`name` on `node` (istiod names workloads
+    /// `<cluster>//Pod/<namespace>/<name>`, so Istio's ztunnel joins its local pods so). A
+    /// look through every workload, once per enrollment.
+    pub(crate) fn pod_workload(
+        &self,
+        uid: &str,
+        namespace: &str,
+        name: &str,
+        node: &str,
+    ) -> Option<&Workload> {
+        self.workload_by_uid(uid).or_else(|| {
+            self.workloads()
+                .find(|w| w.namespace == namespace && w.name == name && w.node == node)
+        })
+    }
+
     /// The service with the key `namespace/hostname`.
     pub fn service_by_key(&self, key: &str) -> Option<&Service> {
         self.services.get(key).map(|s| &*s.service)

@@ -359,3 +359,25 @@ fn errors_name_the_file_the_entry_and_the_field() {
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 }
+
+#[test]
+fn an_enrolled_pod_is_its_workload_by_uid_else_by_namespace_name_and_node() {
+    let config = parse(
+        "workloads:
+- {uid: 0a1b, name: a1, namespace: demo, serviceAccount: by-uid, workloadIps: [10.0.0.1], node: node1}
+- {uid: Kubernetes//Pod/demo/a2, name: a2, namespace: demo, serviceAccount: by-name, workloadIps: [10.0.0.2], node: node1}
+- {uid: Kubernetes//Pod/demo/a3, name: a3, namespace: demo, serviceAccount: elsewhere, workloadIps: [10.0.0.3], node: node2}
+",
+    )
+    .unwrap();
+    let account = |uid: &str, name: &str| {
+        config
+            .pod_workload(uid, "demo", name, "node1")
+            .map(|w| w.service_account.as_str())
+    };
+    assert_eq!(account("0a1b", "a1"), Some("by-uid"));
+    // istiod's name, not the pod's uid: joined by namespace, name and node.
+    assert_eq!(account("9f8e", "a2"), Some("by-name"));
+    // The same name on another node is another pod.
+    assert_eq!(account("7c6d", "a3"), None);
+}
