@@ -91,6 +91,11 @@ fn the_mesh_and_the_certificates_come_from_istiod_and_a_change_arrives_as_a_delt
         // Every workload of the file, and no policy yet, as Address and Authorization.
         let held: Vec<usize> = status.types.iter().map(|t| t.resources).collect();
         assert_eq!(held, [5, 0], "{node}: {status:?}");
+        // The same on /metrics.
+        let metrics = scrape(node);
+        assert_eq!(sample(&metrics, "ztunnel_xds_connected", &[]), 1.0);
+        let address = [("type_url", "type.googleapis.com/istio.workload.Address")];
+        assert_eq!(sample(&metrics, "ztunnel_xds_resources", &address), 5.0);
     }
     // Each captured pod's identity was signed by istiod's CA, asked for by its node.
     for identity in ["ns/demo/sa/sa-a", "ns/demo/sa/sa-b"] {

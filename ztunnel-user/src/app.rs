@@ -207,6 +207,7 @@ pub fn run(mut settings: Settings) -> Result<()> {
             refusals: ctx.refusals.clone(),
             pods: pod_counts,
             admission: ctx.admission.clone(),
+            xds: server.xds.clone(),
         };
         let admin = Admin {
             api: server.clone(),

@@ -100,8 +100,15 @@ pub struct Settings {
     /// The private key (PEM) of --ca-cert.
     #[arg(long, env = "ZTUNNEL_CA_KEY", requires = "ca_cert", value_name = "PEM")]
     pub ca_key: Option<PathBuf>,
-    /// Lifetime of workload certificates; each is renewed at half of it.
-    #[arg(long, env = "ZTUNNEL_CERT_LIFETIME_SECS", default_value_t = 24 * 3600, value_name = "SECONDS")]
+    /// Lifetime of workload certificates, in seconds or as Istio's `SECRET_TTL` gives it
+    /// (`24h`, `1h30m`, `90s`); each is renewed at half of it.
+    #[arg(
+        long,
+        env = "SECRET_TTL",
+        default_value = "86400",
+        value_name = "SECONDS",
+        value_parser = seconds_or_duration
+    )]
     pub cert_lifetime_secs: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ztunnel_user=debug`; the admin
     /// API's `/logging` changes it at run time.
@@ -360,6 +367,53 @@ impl std::str::FromStr for AccessLogOutput {
     }
 }
 
+/// Why a certificate lifetime is refused.
+#[derive(Debug, thiserror::Error)]
+enum LifetimeError {
+    #[error("{0:?} is neither seconds nor a duration such as 24h or 1h30m")]
+    Unreadable(String),
+    #[error("{0:?}: a certificate must live more than 0 s")]
+    Zero(String),
+}
+
+/// Whole seconds, or a Go duration of hours, minutes and seconds (`24h0m0s`, `90m`), as
+/// Istio's `SECRET_TTL` is written; more than zero.
+fn seconds_or_duration(text: &str) -> Result<u64, LifetimeError> {
+    let unreadable = || LifetimeError::Unreadable(text.to_owned());
+    let seconds = match text.parse::<u64>() {
+        Ok(seconds) => seconds,
+        Err(_) => {
+            let (mut total, mut number) = (0u64, String::new());
+            for c in text.chars() {
+                if c.is_ascii_digit() {
+                    number.push(c);
+                    continue;
+                }
+                let unit = match c {
+                    'h' => 3600,
+                    'm' => 60,
+                    's' => 1,
+                    _ => return Err(unreadable()),
+                };
+                let value: u64 = number.parse().map_err(|_| unreadable())?;
+                total = value
+                    .checked_mul(unit)
+                    .and_then(|part| total.checked_add(part))
+                    .ok_or_else(unreadable)?;
+                number.clear();
+            }
+            if !number.is_empty() {
+                return Err(unreadable());
+            }
+            total
+        }
+    };
+    if seconds == 0 {
+        return Err(LifetimeError::Zero(text.to_owned()));
+    }
+    Ok(seconds)
+}
+
 /// The settings `ztunnel run ARGS` gives, for the tests.
 #[cfg(test)]
 pub(crate) fn parse(args: &[&str]) -> Settings {
@@ -426,6 +480,27 @@ mod tests {
         assert_eq!(small.map_capacities()[2].entries, 8);
         assert!(try_parse(&["--max-pods", "0"]).is_err());
         assert!(try_parse(&["--max-pods", &(u32::MAX / 2 + 1).to_string()]).is_err());
+    }
+
+    #[test]
+    fn the_certificate_lifetime_is_seconds_or_istios_secret_ttl() {
+        let lifetime = |value: &str| try_parse(&["--cert-lifetime-secs", value]);
+        for (value, seconds) in [
+            ("3600", 3600),
+            ("24h0m0s", 86_400),
+            ("1h30m", 5400),
+            ("90s", 90),
+        ] {
+            assert_eq!(
+                lifetime(value).unwrap().cert_lifetime_secs,
+                seconds,
+                "{value}"
+            );
+        }
+        for value in ["0", "0h", "24x", "500ms", "h"] {
+            assert!(lifetime(value).is_err(), "{value}");
+        }
+        assert_eq!(parse(&[]).cert_lifetime_secs, 86_400);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::proxy::LocalPods;
 use crate::proxy::admission::Admission;
 use crate::telemetry::metrics::TrafficMetrics;
 use crate::telemetry::refusals::Refusals;
+use crate::xds::client::XdsHandle;
 use http::{Method, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -61,6 +62,8 @@ pub(crate) struct NodeView {
     pub(crate) refusals: Arc<Refusals>,
     pub(crate) pods: Arc<PodCounts>,
     pub(crate) admission: Arc<Admission>,
+    /// The xDS client's state, when istiod feeds the mesh.
+    pub(crate) xds: Option<XdsHandle>,
 }
 
 /// Reads the node's state at each scrape.
@@ -159,6 +162,31 @@ impl Collector for NodeCollector {
                 .map_or(0, |d| d.as_secs());
             ConstGauge::new(seconds as i64)
                 .encode(expiry.encode_family(&[("identity", identity.to_string())])?)?;
+        }
+        if let Some(xds) = &node.xds {
+            let status = xds.status();
+            gauge(
+                &mut encoder,
+                "ztunnel_xds_connected",
+                "Whether a stream to istiod is open (1) or not (0)",
+                i64::from(status.connected),
+            )?;
+            ConstCounter::new(status.attempts).encode(encoder.encode_descriptor(
+                "ztunnel_xds_stream_openings",
+                "Streams to istiod tried since the start",
+                None,
+                MetricType::Counter,
+            )?)?;
+            let mut held = encoder.encode_descriptor(
+                "ztunnel_xds_resources",
+                "Resources held and accepted from istiod, by type",
+                None,
+                MetricType::Gauge,
+            )?;
+            for held_type in &status.types {
+                ConstGauge::new(held_type.resources as i64)
+                    .encode(held.encode_family(&[("type_url", held_type.type_url.as_str())])?)?;
+            }
         }
         if let Some(process) = crate::host::process::sample() {
             gauge(
