@@ -179,11 +179,9 @@ fn a_token_istiod_refuses_keeps_the_daemon_not_ready_until_the_token_is_right() 
     // The token is read again for each attempt: the right one makes it ready, no restart.
     istiod::restore_daemon_token().expect("writing the token");
     wait_xds(&s, "node2", Duration::from_secs(40), |x| x.ready);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !daemon_ready("node2") {
-        assert!(Instant::now() < deadline, "node2 did not become ready");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_within("node2 is ready", Duration::from_secs(20), || {
+        daemon_ready("node2")
+    });
     let b1_app = serve("b1", APP_PORT);
     send("a1", s.addr("b1", APP_PORT), 4 * KIB);
     assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
@@ -260,30 +258,17 @@ fn with_the_ca_down_as_a_node_starts_hbone_waits_and_works_once_it_is_back() {
     ztunnel_lab::start_daemon_until("node2", Started::Answering).expect("starting node2");
     wait_xds(&s, "node2", Duration::from_secs(10), |x| x.ready);
     // b1 is served again (taken over), but without a certificate its HBONE cannot be.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !status(&s.lab, "node2").pods.iter().any(|p| p.name == "b1") {
-        assert!(Instant::now() < deadline, "node2 did not take b1 over");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_within("node2 takes b1 over", Duration::from_secs(20), || {
+        status(&s.lab, "node2").pods.iter().any(|p| p.name == "b1")
+    });
     denied("a1", s.addr("b1", APP_PORT));
     assert!(!istiod_log_lines("refused (a fault)").is_empty());
 
     istiod::set_faults(&Faults::default()).expect("clearing the faults");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let sent = ztunnel_lab::send_from(
-            "a1",
-            s.addr("b1", APP_PORT),
-            4 * KIB,
-            None,
-            Duration::from_secs(5),
-        );
-        if sent.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "a1 -> b1 still fails: {sent:?}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    eventually_within("a1 -> b1 works", Duration::from_secs(60), || {
+        let to = s.addr("b1", APP_PORT);
+        ztunnel_lab::send_from("a1", to, 4 * KIB, None, Duration::from_secs(5)).is_ok()
+    });
     assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
 }
 
@@ -334,16 +319,18 @@ fn with_the_ca_down_at_renewal_the_held_certificate_serves_and_a_new_one_comes_w
     })
     .expect("setting the faults");
     let sa_a = "spiffe://cluster.local/ns/demo/sa/sa-a";
-    let expiry = certificate_expiries(&s.lab, "node1")
-        .into_iter()
-        .find_map(|(identity, expires)| (identity == sa_a).then_some(expires))
-        .expect("node1 holds sa-a's certificate");
+    // The expiry of the sa-a certificate `node` holds, as its status shows it.
+    let held = |node| {
+        certificate_expiries(&s.lab, node)
+            .into_iter()
+            .find_map(|(identity, expires)| (identity == sa_a).then_some(expires))
+    };
+    let expiry = held("node1").expect("node1 holds sa-a's certificate");
     // Its renewal at half life is refused...
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while istiod_log_lines(&format!("refused (a fault) identity={sa_a}")).is_empty() {
-        assert!(Instant::now() < deadline, "sa-a's renewal was not tried");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let refused = format!("refused (a fault) identity={sa_a}");
+    eventually_within("sa-a's renewal is refused", Duration::from_secs(15), || {
+        !istiod_log_lines(&refused).is_empty()
+    });
     // ...and the certificate held still serves.
     let now = || {
         std::time::SystemTime::now()
@@ -355,12 +342,7 @@ fn with_the_ca_down_at_renewal_the_held_certificate_serves_and_a_new_one_comes_w
     send("a1", s.addr("b1", APP_PORT), 4 * KIB);
     assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
 
-    // Kept, not dropped, while the retries fail (its expiry is what the status shows).
-    let held = |node| {
-        certificate_expiries(&s.lab, node)
-            .into_iter()
-            .find_map(|(identity, expires)| (identity == sa_a).then_some(expires))
-    };
+    // Kept, not dropped, while the retries fail.
     assert_eq!(held("node1"), Some(expiry));
     while now() <= expiry {
         std::thread::sleep(Duration::from_millis(200));
@@ -368,14 +350,9 @@ fn with_the_ca_down_at_renewal_the_held_certificate_serves_and_a_new_one_comes_w
 
     // The CA back: a retry gets a new certificate, and a1 -> b1 works with it.
     istiod::set_faults(&Faults::default()).expect("clearing the faults");
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while held("node1").is_none_or(|expires| expires <= expiry) {
-        assert!(
-            Instant::now() < deadline,
-            "no new certificate after the CA came back"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually_within("a new certificate", Duration::from_secs(40), || {
+        held("node1").is_some_and(|expires| expires > expiry)
+    });
     send("a1", s.addr("b1", APP_PORT), 4 * KIB);
     assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
 }

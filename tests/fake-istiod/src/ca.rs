@@ -88,8 +88,11 @@ impl Root {
     }
 
     /// The CSR's key certified for its identity, valid from now for `seconds`.
-    fn sign(&self, csr: CertificateSigningRequestParams, seconds: i64) -> Result<String, Status> {
-        let mut csr = csr;
+    fn sign(
+        &self,
+        mut csr: CertificateSigningRequestParams,
+        seconds: i64,
+    ) -> Result<String, Status> {
         let now = OffsetDateTime::now_utc();
         let params = &mut csr.params;
         params.not_before = now;
@@ -125,7 +128,7 @@ impl IstioCertificateService for Ca {
         let faults = self.faults.read();
         tokio::time::sleep(Duration::from_millis(faults.ca_delay_ms)).await;
         let request = request.into_inner();
-        let csr = CertificateSigningRequestParams::from_pem(&request.csr)
+        let mut csr = CertificateSigningRequestParams::from_pem(&request.csr)
             .map_err(|err| Status::invalid_argument(format!("the CSR: {err}")))?;
         let identity = match csr.params.subject_alt_names.as_slice() {
             [SanType::URI(uri)] => uri.as_str().to_owned(),
@@ -147,7 +150,6 @@ impl IstioCertificateService for Ca {
             asked @ 1..=MAX_TTL_SECS => asked,
             _ => MAX_TTL_SECS,
         };
-        let mut csr = csr;
         match faults.ca {
             CaAnswer::Sign => {}
             CaAnswer::Refuse => {

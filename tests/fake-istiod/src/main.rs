@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -85,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
     let (publish, snapshots) = watch::channel(Arc::new(first));
     tokio::spawn(watch_mesh(
         args.mesh_config.clone(),
+        text,
         faults.clone(),
         publish,
     ));
@@ -120,40 +121,60 @@ async fn main() -> anyhow::Result<()> {
             },
             None => acceptor.clone(),
         };
-        let (ads, ca, mut goaways) = (xds.clone(), ca.clone(), goaways.clone());
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(err) => {
-                    tracing::warn!(%peer, "TLS handshake failed: {err}");
-                    return;
+        let connection = Connection {
+            peer,
+            xds: xds.clone(),
+            ca: ca.clone(),
+            goaways: goaways.clone(),
+        };
+        tokio::spawn(connection.serve(acceptor, tcp));
+    }
+}
+
+/// One client's connection: xDS and the CA on its HTTP/2 streams, until it ends or a GOAWAY
+/// (SIGUSR2) drains it.
+struct Connection {
+    peer: SocketAddr,
+    xds: AggregatedDiscoveryServiceServer<xds::Xds>,
+    ca: IstioCertificateServiceServer<ca::Ca>,
+    goaways: watch::Receiver<u64>,
+}
+
+impl Connection {
+    async fn serve(mut self, acceptor: TlsAcceptor, tcp: TcpStream) {
+        let peer = self.peer;
+        let tls = match acceptor.accept(tcp).await {
+            Ok(tls) => tls,
+            Err(err) => {
+                tracing::warn!(%peer, "TLS handshake failed: {err}");
+                return;
+            }
+        };
+        let (xds, ca) = (self.xds, self.ca);
+        let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(xds::Peer(peer));
+            let (mut xds, mut ca) = (xds.clone(), ca.clone());
+            async move {
+                if request.uri().path().starts_with(CA_PATH) {
+                    ca.call(request).await
+                } else {
+                    xds.call(request).await
                 }
-            };
-            let service = service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(xds::Peer(peer));
-                let (mut ads, mut ca) = (ads.clone(), ca.clone());
-                async move {
-                    if request.uri().path().starts_with(CA_PATH) {
-                        ca.call(request).await
-                    } else {
-                        ads.call(request).await
-                    }
-                }
-            });
-            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            tokio::pin!(connection);
-            let served = tokio::select! {
-                served = connection.as_mut() => served,
-                _ = goaways.changed() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(err) = served {
-                tracing::info!(%peer, "connection ended: {err}");
             }
         });
+        let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let connection = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            _ = self.goaways.changed() => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(err) = served {
+            tracing::info!(%peer, "connection ended: {err}");
+        }
     }
 }
 
@@ -196,10 +217,11 @@ fn on_signals() -> anyhow::Result<(watch::Receiver<u64>, watch::Receiver<u64>)> 
 /// of the cluster.
 async fn watch_mesh(
     path: PathBuf,
+    first: String,
     faults: faults::FaultsFile,
     publish: watch::Sender<Arc<Snapshot>>,
 ) {
-    let mut last = std::fs::read_to_string(&path).ok();
+    let mut last = Some(first);
     loop {
         tokio::time::sleep(FILE_POLL).await;
         let now = std::fs::read_to_string(&path).ok();

@@ -235,24 +235,20 @@ fn apply_from_file(text: &str) -> Result<(Duration, Option<(Duration, Duration)>
             .collect())
     };
     let before = applied_lines()?.len();
-    let written = Instant::now();
-    write_mesh_config_text(text)?;
-    loop {
-        let lines = applied_lines()?;
-        if lines.len() > before {
-            let seen = written.elapsed();
-            let line = lines.last().expect("a line");
-            let field = |name| micros_field(line, name);
-            return Ok((seen, field("read_us").zip(field("apply_us"))));
-        }
-        if written.elapsed() > APPLY_LIMIT {
-            bail!(
-                "node1's daemon did not apply the mesh config within {APPLY_LIMIT:?} (see {})",
+    let seen = write_and_wait(
+        text,
+        || Ok(applied_lines()?.len() > before),
+        || {
+            format!(
+                "node1's daemon did not apply the mesh config (see {})",
                 log_path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+            )
+        },
+    )?;
+    let lines = applied_lines()?;
+    let line = lines.last().expect("the line waited for");
+    let field = |name| micros_field(line, name);
+    Ok((seen, field("read_us").zip(field("apply_us"))))
 }
 
 /// Writes `text` as the lab's mesh config and waits until istiod says node1's daemon ACKed
@@ -271,19 +267,32 @@ fn apply_from_istiod(text: &str) -> Result<(Duration, Option<(Duration, Duration
     };
     let before = acks()?.len();
     let version = istiod::digest(text.as_bytes());
+    let synced = || Ok(istiod::synced_versions().get("node1") == Some(&version));
+    let seen = write_and_wait(text, synced, || {
+        format!(
+            "node1's daemon did not ACK the mesh from istiod (see {})",
+            istiod::log_path().display()
+        )
+    })?;
+    let push_to_ack = acks()?.into_iter().skip(before).max().unwrap_or_default();
+    Ok((seen, Some((Duration::ZERO, push_to_ack))))
+}
+
+/// Writes `text` as the lab's mesh config, then waits until `done`: the time from the write.
+/// After `APPLY_LIMIT`, fails with what `late` says.
+fn write_and_wait(
+    text: &str,
+    mut done: impl FnMut() -> Result<bool>,
+    late: impl FnOnce() -> String,
+) -> Result<Duration> {
     let written = Instant::now();
     write_mesh_config_text(text)?;
     loop {
-        if istiod::synced_versions().get("node1") == Some(&version) {
-            let seen = written.elapsed();
-            let push_to_ack = acks()?.into_iter().skip(before).max().unwrap_or_default();
-            return Ok((seen, Some((Duration::ZERO, push_to_ack))));
+        if done()? {
+            return Ok(written.elapsed());
         }
         if written.elapsed() > APPLY_LIMIT {
-            bail!(
-                "node1's daemon did not ACK the mesh from istiod within {APPLY_LIMIT:?} (see {})",
-                istiod::log_path().display()
-            );
+            bail!("{} within {APPLY_LIMIT:?}", late());
         }
         std::thread::sleep(Duration::from_millis(5));
     }

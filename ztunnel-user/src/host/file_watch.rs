@@ -28,27 +28,39 @@ const SETTLE: Duration = Duration::from_millis(50);
 /// read.
 pub(crate) const SETTLE_AT_MOST: Duration = Duration::from_millis(500);
 /// How often a directory that cannot be watched (it does not exist yet) is tried again.
-pub(crate) const WATCH_RETRY: Duration = Duration::from_secs(1);
+const WATCH_RETRY: Duration = Duration::from_secs(1);
 /// The symlink a Kubernetes ConfigMap volume replaces (by rename) to publish a new version.
 const CONFIGMAP_DATA: &str = "..data";
 
-/// Calls `changed` at once, then after each change of the file at `path`, forever; a watch
-/// that fails is logged and set up again.
-pub(crate) async fn on_changes(path: PathBuf, mut changed: impl FnMut() + Send) {
+/// Calls `changed` at once, then after each change of the file at `path`, forever. When
+/// `changed` asks for it (`Some(delay)`: what it did must be tried again), it is called again
+/// after that delay even if nothing changed. A watch that cannot be set up is reported to
+/// `unwatched` and tried again after `WATCH_RETRY`; one that fails is set up again.
+pub(crate) async fn on_changes(
+    path: &Path,
+    mut unwatched: impl FnMut(&WatchError) + Send,
+    mut changed: impl FnMut() -> Option<Duration> + Send,
+) {
     loop {
-        let mut changes = match FileChanges::watch(&path) {
+        let mut changes = match FileChanges::watch(path) {
             Ok(changes) => changes,
             Err(err) => {
-                tracing::warn!(%err, "watching again in {WATCH_RETRY:?}");
+                unwatched(&err);
                 tokio::time::sleep(WATCH_RETRY).await;
                 continue;
             }
         };
         loop {
-            // Watched before it is read, so no change after the read goes unseen.
+            // Watched before it is read, so no change after the read goes unseen; the
+            // first call also sees whatever changed while nothing watched.
             changes.follow_target();
-            changed();
-            if let Err(err) = changes.settled().await {
+            let settled = match changed() {
+                Some(delay) => tokio::time::timeout(delay, changes.settled())
+                    .await
+                    .unwrap_or(Ok(())),
+                None => changes.settled().await,
+            };
+            if let Err(err) = settled {
                 tracing::warn!(%err, "watching again");
                 break;
             }
@@ -75,7 +87,7 @@ pub(crate) enum WatchError {
 
 /// The inotify watches that tell when the file may read differently: its directory, and its
 /// current target.
-pub(crate) struct FileChanges {
+struct FileChanges {
     inotify: AsyncFd<InotifyFd>,
     directory: WatchDescriptor,
     dir: PathBuf,
@@ -93,7 +105,7 @@ impl AsRawFd for InotifyFd {
 }
 
 impl FileChanges {
-    pub(crate) fn watch(path: &Path) -> Result<FileChanges, WatchError> {
+    fn watch(path: &Path) -> Result<FileChanges, WatchError> {
         let dir = match path.parent() {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
             _ => PathBuf::from("."),
@@ -138,7 +150,7 @@ impl FileChanges {
 
     /// Watches the file the path leads to now (through any symlinks) for writes in place:
     /// where a symlink leads out of the directory, its events would not name the file.
-    pub(crate) fn follow_target(&self) {
+    fn follow_target(&self) {
         let watched = self.inotify.get_ref().0.add_watch(
             &self.path,
             AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_ATTRIB,
@@ -153,7 +165,7 @@ impl FileChanges {
     }
 
     /// Waits for an event that may change what the file reads, then until the events stop.
-    pub(crate) async fn settled(&mut self) -> Result<(), WatchError> {
+    async fn settled(&mut self) -> Result<(), WatchError> {
         while !self.next_events_touch_file().await? {}
         let deadline = tokio::time::Instant::now() + SETTLE_AT_MOST;
         loop {

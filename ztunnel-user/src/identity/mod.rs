@@ -1,7 +1,6 @@
 //! Workload identities (SPIFFE), the built-in CA, the sources of certificates (the built-in CA
 //! here; Istio's CA client lives above this module and implements `CertificateSource`), the
-//! per-identity
-//! certificate store, and the mutual-TLS configurations of HBONE.
+//! per-identity certificate store, and the mutual-TLS configurations of HBONE.
 
 mod ca;
 mod certs;

@@ -1,9 +1,8 @@
 //! Where the workload certificates come from. Standalone, the built-in CA signs them on this
 //! node; with istiod, Istio's CA signs a request per certificate (its client implements
-//! `CertificateSource` above this module). The
-//! certificate store drives either through `CertificateSource`, so that prefetching, renewal
-//! and retries are written once, and the TLS verifiers trust whatever roots the source
-//! vouches for now.
+//! `CertificateSource` above this module). The certificate store drives either through
+//! `CertificateSource`, so that prefetching, renewal and retries are written once, and the TLS
+//! verifiers trust whatever roots the source vouches for now.
 
 use super::ca::{CertificateAuthority, WorkloadCertificate};
 use super::spiffe::Identity;

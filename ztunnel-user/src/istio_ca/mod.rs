@@ -125,7 +125,7 @@ struct Trust {
     file: RootCertStore,
     /// Those of the latest response that carried any.
     answered: Vec<TrustAnchor<'static>>,
-    /// Both.
+    /// Both, combined at each change: every handshake reads them.
     all: Arc<RootCertStore>,
 }
 
@@ -138,13 +138,17 @@ impl Trust {
         }
     }
 
-    fn update(&mut self, file: Option<RootCertStore>, answered: Option<Vec<TrustAnchor<'static>>>) {
-        if let Some(file) = file {
-            self.file = file;
-        }
-        if let Some(answered) = answered {
-            self.answered = answered;
-        }
+    fn set_file(&mut self, file: RootCertStore) {
+        self.file = file;
+        self.combine();
+    }
+
+    fn set_answered(&mut self, answered: Vec<TrustAnchor<'static>>) {
+        self.answered = answered;
+        self.combine();
+    }
+
+    fn combine(&mut self) {
         let mut all = self.file.clone();
         all.extend(self.answered.iter().cloned());
         self.all = Arc::new(all);
@@ -178,21 +182,21 @@ impl<D: Dial> IstioCa<D> {
     /// forever; returns at once when the roots are not a file. A file that cannot be read or
     /// holds no usable root is logged, and the roots in force stay.
     pub async fn follow_root_file(self: Arc<Self>) {
-        let Some(RootCertificates::File(path)) = self.root_cert.clone() else {
+        let Some(roots @ RootCertificates::File(path)) = &self.root_cert else {
             return;
         };
-        file_watch::on_changes(path.clone(), move || {
-            let Some(roots) = &self.root_cert else {
-                return;
-            };
+        let unwatched =
+            |err: &file_watch::WatchError| tracing::warn!(%err, "the mesh's roots in force stay");
+        file_watch::on_changes(path, unwatched, || {
             match roots.load() {
                 Ok(file) => {
                     let count = file.len();
-                    self.trust().update(Some(file), None);
+                    self.trust().set_file(file);
                     tracing::info!(path = %path.display(), roots = count, "the mesh's root file read");
                 }
                 Err(err) => tracing::warn!(%err, "the mesh's roots in force stay"),
             }
+            None
         })
         .await;
     }
@@ -242,7 +246,7 @@ impl<D: Dial> IstioCa<D> {
             .into_inner();
         let accepted = accept(identity, &key, response)?;
         if !accepted.roots.is_empty() {
-            self.trust().update(None, Some(accepted.roots));
+            self.trust().set_answered(accepted.roots);
         }
         Ok(accepted.cert)
     }

@@ -21,9 +21,15 @@ async fn replacements_and_writes_in_place_are_reported_and_a_burst_once() {
     let path = dir.path().join("root-cert.pem");
     std::fs::write(&path, "one").unwrap();
     let (report, mut changes) = mpsc::unbounded_channel();
-    let watch = tokio::spawn(on_changes(path.clone(), move || {
-        let _ = report.send(());
-    }));
+    let watched = path.clone();
+    let watch = tokio::spawn(async move {
+        let unwatched = |err: &WatchError| panic!("{err}");
+        on_changes(&watched, unwatched, || {
+            let _ = report.send(());
+            None
+        })
+        .await;
+    });
     // The first call, at once.
     next(&mut changes).await;
 

@@ -13,7 +13,7 @@
 //! kernel maps refused it) is applied again after a growing delay, or at its next change.
 
 use super::MeshFile;
-use crate::host::file_watch::{FileChanges, WATCH_RETRY};
+use crate::host::file_watch::{self, WatchError};
 use serde::Serialize;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -101,37 +101,17 @@ impl ConfigFile {
         self: Arc<Self>,
         mut apply: impl FnMut(MeshFile) -> Result<(), E> + Send,
     ) {
-        loop {
-            let mut changes = match FileChanges::watch(&self.path) {
-                Ok(changes) => changes,
-                Err(err) => {
-                    self.refuse(false, err.to_string());
-                    tokio::time::sleep(WATCH_RETRY).await;
-                    continue;
-                }
+        let mut retry_in = None;
+        let unwatched = |err: &WatchError| self.refuse(false, err.to_string());
+        file_watch::on_changes(&self.path, unwatched, || {
+            retry_in = match (self.reload(&mut apply), retry_in) {
+                (Reload::Done, _) => None,
+                (Reload::ApplyFailed, None) => Some(RETRY_FIRST),
+                (Reload::ApplyFailed, Some(delay)) => Some((delay * 2).min(RETRY_AT_MOST)),
             };
-            let mut retry_in = None;
-            loop {
-                // Watched before it is read, so no change after the read goes unseen; the
-                // first read also takes whatever changed while nothing watched.
-                changes.follow_target();
-                retry_in = match (self.reload(&mut apply), retry_in) {
-                    (Reload::Done, _) => None,
-                    (Reload::ApplyFailed, None) => Some(RETRY_FIRST),
-                    (Reload::ApplyFailed, Some(delay)) => Some((delay * 2).min(RETRY_AT_MOST)),
-                };
-                let settled = match retry_in {
-                    Some(delay) => tokio::time::timeout(delay, changes.settled())
-                        .await
-                        .unwrap_or(Ok(())),
-                    None => changes.settled().await,
-                };
-                if let Err(err) = settled {
-                    tracing::warn!(%err, "watching the mesh config again");
-                    break;
-                }
-            }
-        }
+            retry_in
+        })
+        .await;
     }
 
     /// Reads the file and applies a new valid content.
