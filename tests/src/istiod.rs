@@ -188,8 +188,9 @@ pub fn synced_versions() -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-/// The faults istiod shows, read by it at each call (and, for `bad_address`, with each
-/// version of the mesh file): what the fault tests set with `set_faults`.
+/// The faults istiod shows, read by it at each call (and, for `bad_address` and
+/// `withheld_workloads`, with each version of the mesh file): what the fault tests set with
+/// `set_faults`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
@@ -202,6 +203,8 @@ pub struct Faults {
     pub serving_names: Option<Vec<String>>,
     /// Also serve an Address no proxy can take (`BAD_ADDRESS`: a workload with a 3-byte IP).
     pub bad_address: bool,
+    /// The workloads (`namespace/name`) not served, as istiod before it has seen a pod.
+    pub withheld_workloads: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -185,15 +185,13 @@ fn cni_del_leaves_nothing_behind_and_add_captures_again() {
     // A connection of a1's that is open when the pod goes: DEL ends it, on both nodes.
     let server = serve("b1", APP_PORT);
     let to = s.addr("b1", APP_PORT);
-    let open = std::thread::spawn(move || {
-        ztunnel_lab::send_pausing_from(
-            "a1",
-            to,
-            MIB,
-            Duration::from_secs(5),
-            Duration::from_secs(10),
-        )
-    });
+    let open = send_pausing(
+        "a1",
+        to,
+        MIB,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    );
     eventually("a1's transfer is open", || {
         ["node1", "node2"]
             .iter()

@@ -143,9 +143,7 @@ fn certificate_rotation_keeps_open_transfers_and_new_handshakes_use_the_new_cert
     let server = serve("b1", APP_PORT);
     let first = certificate_expiries(&s.lab, "node1");
     let to = s.addr("b1", APP_PORT);
-    let transfer = std::thread::spawn(move || {
-        ztunnel_lab::send_pausing_from("a1", to, 4 * MIB, Duration::from_secs(5), QUICK * 6)
-    });
+    let transfer = send_pausing("a1", to, 4 * MIB, Duration::from_secs(5), QUICK * 6);
     eventually_within("node1 renewed its certificate", QUICK, || {
         certificate_expiries(&s.lab, "node1") != first
     });

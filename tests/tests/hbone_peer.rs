@@ -12,7 +12,6 @@ use std::process::{Child, ChildStdout, Stdio};
 use std::time::Duration;
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
-use ztunnel_lab::send_pausing_from;
 use ztunnel_lab::topology::{CA_DIR, STATE_DIR, TRUST_DOMAIN, workspace_root};
 use ztunnel_user::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE};
 
@@ -256,15 +255,13 @@ fn our_client_pool_leaves_a_connection_the_server_retired() {
         }
     };
     // A transfer paused halfway keeps the first connection open after its GOAWAY.
-    let paused = std::thread::spawn(move || {
-        send_pausing_from(
-            "a1",
-            to,
-            MIB,
-            Duration::from_secs(3),
-            Duration::from_secs(20),
-        )
-    });
+    let paused = send_pausing(
+        "a1",
+        to,
+        MIB,
+        Duration::from_secs(3),
+        Duration::from_secs(20),
+    );
     eventually("the paused transfer is open", || {
         connections(&s.lab, "node1").iter().any(|c| c.open)
     });

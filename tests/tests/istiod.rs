@@ -6,7 +6,8 @@
 //! is right), a resource no proxy can take (NACKed by name, its siblings applied), its CA down
 //! when a node starts (HBONE waits, then works without a restart) or at a renewal (the held
 //! certificate serves until it expires, then service resumes with the CA), its certificate for
-//! its DNS name only (taken through the alternative name).
+//! its DNS name only (taken through the alternative name); a pod enrolled before istiod sends
+//! its workload (serving as its namespace's default account until the workload arrives).
 
 mod support;
 
@@ -15,6 +16,7 @@ use support::*;
 use ztunnel_lab::istiod::{CaAnswer, Faults};
 use ztunnel_lab::mesh::MeshChanges;
 use ztunnel_lab::{ControlPlane, DaemonOptions, Started, istiod};
+use ztunnel_user::api::Direction;
 use ztunnel_user::xds::client::XdsStatus;
 
 const DENY_SA_A: &str = "policies:\n- {name: no-sa-a, namespace: demo, scope: Namespace, \
@@ -44,6 +46,18 @@ fn wait_reconnected(s: &LabSession, before: [u64; 2], within: Duration) {
             x.attempts > before && x.connected && x.ready
         });
     }
+}
+
+/// A new version of the mesh file: the lab's, with one more workload (`extra-1`, on no node
+/// of the lab).
+fn write_mesh_with_extra_workload() {
+    let extra = "- {uid: extra-1, name: extra-1, namespace: demo, workloadIps: [10.244.9.9], \
+                 protocol: HBONE, node: elsewhere}\n";
+    let text = ztunnel_lab::mesh::mesh_config_with(&MeshChanges {
+        extra_workloads: extra,
+        ..MeshChanges::default()
+    });
+    ztunnel_lab::mesh::write_mesh_config_text(&text).expect("writing the mesh config");
 }
 
 fn deny_sa_a() -> MeshChanges<'static> {
@@ -218,13 +232,7 @@ fn a_resource_no_proxy_can_take_is_nacked_by_name_and_its_siblings_are_applied()
     })
     .expect("setting the faults");
     // One more workload in the same version of the file as the bad Address.
-    let extra = "- {uid: extra-1, name: extra-1, namespace: demo, workloadIps: [10.244.9.9], \
-                 protocol: HBONE, node: elsewhere}\n";
-    let text = ztunnel_lab::mesh::mesh_config_with(&MeshChanges {
-        extra_workloads: extra,
-        ..MeshChanges::default()
-    });
-    ztunnel_lab::mesh::write_mesh_config_text(&text).expect("writing the mesh config");
+    write_mesh_with_extra_workload();
     for node in NODES {
         wait_xds(&s, node, Duration::from_secs(10), |x| {
             x.types[0].last_nack.is_some()
@@ -355,4 +363,78 @@ fn with_the_ca_down_at_renewal_the_held_certificate_serves_and_a_new_one_comes_w
     });
     send("a1", s.addr("b1", APP_PORT), 4 * KIB);
     assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
+}
+
+#[test]
+fn a_pod_enrolled_before_istiod_knows_it_takes_its_identity_when_its_workload_arrives() {
+    let s = istiod_lab();
+    let b1_app = serve("b1", APP_PORT);
+    let b1_uid = "Kubernetes//Pod/demo/b1";
+    let has_b1 = |node| {
+        mesh_status(&s.lab, node)
+            .workloads
+            .iter()
+            .any(|w| w.uid == b1_uid)
+    };
+    // istiod has not seen b1 yet (withheld from the file's next version on).
+    istiod::set_faults(&Faults {
+        withheld_workloads: vec!["demo/b1".to_owned()],
+        ..Faults::default()
+    })
+    .expect("setting the faults");
+    write_mesh_with_extra_workload();
+    eventually("b1's workload is withdrawn", || {
+        NODES.iter().all(|node| !has_b1(node))
+    });
+
+    // b1 enrolled again meanwhile: without a workload, its namespace's default account.
+    let b1 = s.lab.pod("b1").expect("b1");
+    disenroll(&s.lab, "node2", &b1.uid, &b1.container_id);
+    let enrolled = enroll_again(&s.lab, "node2", "b1");
+    assert_eq!(
+        enrolled.identity,
+        "spiffe://cluster.local/ns/demo/sa/default"
+    );
+    // A connection into b1 made meanwhile (node1 knows no b1: it goes in plaintext).
+    let to = s.addr("b1", APP_PORT);
+    let open = send_pausing(
+        "a1",
+        to,
+        MIB,
+        Duration::from_secs(5),
+        Duration::from_secs(10),
+    );
+    eventually("the connection into b1 is open", || {
+        connections(&s.lab, "node2").iter().any(|c| c.open)
+    });
+
+    // Its workload arrives: b1 serves as sa-b, which is what node1 expects of it.
+    istiod::set_faults(&Faults::default()).expect("clearing the faults");
+    ztunnel_lab::mesh::write_mesh_config().expect("writing the mesh config");
+    let b1_identity = || {
+        status(&s.lab, "node2")
+            .pods
+            .into_iter()
+            .find(|p| p.name == "b1")
+            .map(|p| p.identity)
+    };
+    eventually("b1 serves as sa-b", || {
+        b1_identity().as_deref() == Some("spiffe://cluster.local/ns/demo/sa/sa-b")
+    });
+    assert!(daemon_log("node2").contains("pod joined to its workload"));
+    assert!(
+        open.join().unwrap().is_err(),
+        "the connection made as default ended"
+    );
+    assert!(next_report(&b1_app).bytes < MIB);
+    eventually_within("a1 -> b1 works", Duration::from_secs(20), || {
+        ztunnel_lab::send_from("a1", to, 4 * KIB, None, Duration::from_secs(5)).is_ok()
+    });
+    assert_eq!(next_report(&b1_app).bytes, 4 * KIB);
+    let inbound = closed_connections(&s.lab, "node2", Direction::Inbound);
+    let carried = inbound.last().expect("node2 recorded the connection");
+    assert_eq!(
+        carried.destination_identity,
+        "spiffe://cluster.local/ns/demo/sa/sa-b"
+    );
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
 use ztunnel_lab::topology::{MESH_CONFIG, node_spec};
-use ztunnel_lab::{DaemonOptions, Started, send_pausing_from};
+use ztunnel_lab::{DaemonOptions, Started};
 
 /// A port a policy denies, and one nothing listens on.
 const DENIED_PORT: u16 = 9090;
@@ -466,15 +466,13 @@ fn drain_lets_open_streams_finish_and_refuses_new_connections() {
     let b1 = serve("b1", APP_PORT);
     let to = s.addr("b1", APP_PORT);
     // A transfer that holds its connection open for 3 s halfway through.
-    let transfer = std::thread::spawn(move || {
-        send_pausing_from(
-            "a1",
-            to,
-            4 * MIB,
-            Duration::from_secs(3),
-            Duration::from_secs(30),
-        )
-    });
+    let transfer = send_pausing(
+        "a1",
+        to,
+        4 * MIB,
+        Duration::from_secs(3),
+        Duration::from_secs(30),
+    );
     eventually("the transfer is open at b1", || {
         connections(&s.lab, "node2").iter().any(|c| c.open)
     });
@@ -526,15 +524,13 @@ fn quitquitquit_drains_until_the_drain_timeout_then_cuts_what_is_open() {
     let to = s.addr("b1", APP_PORT);
     let pid = ztunnel_lab::daemon_pid("node2").expect("node2's daemon");
     // Paused far longer than the drain may last.
-    let transfer = std::thread::spawn(move || {
-        send_pausing_from(
-            "a1",
-            to,
-            4 * MIB,
-            Duration::from_secs(8),
-            Duration::from_secs(10),
-        )
-    });
+    let transfer = send_pausing(
+        "a1",
+        to,
+        4 * MIB,
+        Duration::from_secs(8),
+        Duration::from_secs(10),
+    );
     eventually("the transfer is open at b1", || {
         connections(&s.lab, "node2").iter().any(|c| c.open)
     });

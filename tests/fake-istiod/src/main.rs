@@ -184,6 +184,9 @@ fn snapshot(path: &Path, text: &str, faults: &Faults) -> anyhow::Result<Snapshot
     if faults.bad_address {
         snapshot.add_bad_address();
     }
+    for workload in &faults.withheld_workloads {
+        snapshot.withhold_workload(workload);
+    }
     Ok(snapshot)
 }
 

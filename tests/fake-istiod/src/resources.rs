@@ -80,6 +80,12 @@ impl Snapshot {
         self.addresses.insert(BAD_ADDRESS.to_owned(), resource);
     }
 
+    /// Leaves out the workload `namespace/name` (of any cluster).
+    pub fn withhold_workload(&mut self, workload: &str) {
+        let suffix = format!("//Pod/{workload}");
+        self.addresses.retain(|name, _| !name.ends_with(&suffix));
+    }
+
     /// This snapshot's resources of `type_url`, or None for a type istiod does not serve here.
     pub fn of_type(&self, type_url: &str) -> Option<&Resources> {
         if type_url == wire::Address::type_url() {

@@ -92,6 +92,18 @@ pub fn next_report(server: &PodServer) -> ServerReport {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// Starts sending `bytes` from `pod` to `to` on a thread of its own, pausing `pause` halfway
+/// (the connection stays open meanwhile); joining the thread gives the outcome.
+pub fn send_pausing(
+    pod: &'static str,
+    to: SocketAddrV4,
+    bytes: u64,
+    pause: Duration,
+    timeout: Duration,
+) -> std::thread::JoinHandle<ztunnel_lab::Result<SendReport>> {
+    std::thread::spawn(move || ztunnel_lab::send_pausing_from(pod, to, bytes, pause, timeout))
+}
+
 /// Sends `bytes` from `pod` to `to` and returns the report; the tool itself checks that the
 /// server received exactly those bytes (length and SHA-256).
 pub fn send(pod: &str, to: SocketAddrV4, bytes: u64) -> SendReport {

@@ -19,7 +19,6 @@ use crate::api::{EnrolledPod, PodSpec};
 use crate::capture::{CaptureError, CapturedPod, DatapathError, PodLinks};
 use crate::delivery::routing::{self, RoutingError};
 use crate::host::netns::{Netns, NetnsError};
-use crate::identity::Identity;
 use crate::proxy::listeners::{ListenerError, PodListeners};
 use crate::proxy::{PodProxy, ProxyContext};
 use cgroup::{CgroupError, find_pod_cgroup};
@@ -258,22 +257,15 @@ impl Pods {
             source,
         })?;
         let spec = &record.spec;
-        let label = format!("{}/{}", spec.namespace, spec.name);
         routing::install(&netns, &spec.ips)?;
-        let identity = self.ctx.identity_of(&spec.uid, &spec.namespace, &spec.name);
+        let config = self.ctx.mesh.current();
+        let identity = self
+            .ctx
+            .identity_of(&config, &spec.uid, &spec.namespace, &spec.name);
         // Inbound handshakes only read the store: fetch the pod's certificate now.
         self.ctx.tls.store.prefetch(&identity);
-        let pod = Arc::new(PodProxy {
-            name: spec.name.clone(),
-            namespace: spec.namespace.as_str().into(),
-            label: label.as_str().into(),
-            netns,
-            ips: spec.ips.clone(),
-            hbone_acceptor: self.ctx.tls.acceptor(&identity),
-            share: self.ctx.admission.pod_share(),
-            identity: Arc::new(identity),
-            released: tokio_util::sync::CancellationToken::new(),
-        });
+        let share = self.ctx.admission.pod_share();
+        let pod = Arc::new(PodProxy::new(spec, netns, share, &self.ctx.tls, identity));
         let index = self.next_index;
         let (pinned, serving) = match self.capture(&record, &pod, index, &cgroup) {
             Ok(done) => done,
@@ -286,14 +278,18 @@ impl Pods {
                     self.forget(&spec.uid);
                 }
                 if let Err(cleanup) = routing::remove(&pod.netns, &spec.ips) {
-                    tracing::warn!(pod = %label, %cleanup, "cannot remove delivery routing");
+                    tracing::warn!(pod = %pod.label, %cleanup, "cannot remove delivery routing");
                 }
-                self.release_identity(&pod.identity);
+                self.ctx.release_identity(&pod.identity());
                 return Err(err);
             }
         };
         self.next_index += 1;
         self.ctx.local_pods.set(&spec.ips, Some(&pod));
+        // A change applied since `config` did not see the pod among the local ones.
+        if !Arc::ptr_eq(&config, &self.ctx.mesh.current()) {
+            self.ctx.rejoin(&pod);
+        }
         let enrollment = Enrollment {
             record,
             links: pinned,
@@ -301,7 +297,7 @@ impl Pods {
             serving,
             index,
         };
-        tracing::info!(pod = %label, ips = ?enrollment.record.spec.ips, identity = %enrollment.pod.identity,
+        tracing::info!(pod = %enrollment.pod.label, ips = ?enrollment.record.spec.ips, identity = %enrollment.pod.identity(),
             cgroup = %enrollment.record.cgroup.display(), "pod enrolled");
         let described = describe(&enrollment);
         self.enrolled
@@ -372,18 +368,10 @@ impl Pods {
         if let Err(err) = routing::remove(&enrollment.pod.netns, &spec.ips) {
             tracing::warn!(pod = %enrollment.pod.label, %err, "cannot remove delivery routing (netns already gone?)");
         }
-        self.release_identity(&enrollment.pod.identity);
+        self.ctx.release_identity(&enrollment.pod.identity());
         self.forget(&spec.uid);
         self.ctx.connections.forget_pod(&enrollment.pod.label);
         tracing::info!(pod = %enrollment.pod.label, "pod disenrolled");
-    }
-
-    /// Drops the certificate of `identity` unless a served pod still has it: the certificate
-    /// goes with the last pod of its identity.
-    fn release_identity(&self, identity: &Identity) {
-        if !self.enrolled.values().any(|e| *e.pod.identity == *identity) {
-            self.ctx.tls.store.forget(identity);
-        }
     }
 
     /// Closes every pod's listeners (drain): new connections are refused by the kernel from
@@ -420,7 +408,7 @@ fn describe(e: &Enrollment) -> EnrolledPod {
         netns: spec.netns.clone(),
         cgroup: e.record.cgroup.clone(),
         ips: spec.ips.clone(),
-        identity: e.pod.identity.to_string(),
+        identity: e.pod.identity().to_string(),
         links: e.links.paths.clone(),
         waiting: None,
     }

@@ -46,6 +46,7 @@ impl ProxyContext {
         let touched = &applied.touched;
         if touched.policies > 0 || !touched.workloads.is_empty() {
             let config = self.mesh.current();
+            self.rejoin_changed(&config, &touched.workloads);
             let closed = self
                 .connections
                 .revalidate(|subject| config.authorize(subject));

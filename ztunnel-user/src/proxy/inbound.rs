@@ -64,7 +64,7 @@ async fn set_up(
         source: describe(&config, client.ip(), None),
         source_identity: None,
         destination: describe(&config, destination.ip(), Some(pod)),
-        destination_identity: Some(&pod.identity),
+        destination_identity: Some(&pod.identity()),
         service: None,
         mutual_tls: false,
     });

@@ -98,7 +98,10 @@ async fn handshakes(
             return None;
         }
     };
-    let accepted = ctx.tls.accept(&pod.hbone_acceptor, &pod.identity, stream);
+    let serving_as = pod.serving_as();
+    let accepted = ctx
+        .tls
+        .accept(&serving_as.hbone_acceptor, &serving_as.identity, stream);
     let (tls, identity) = match accepted.await {
         Ok(accepted) => accepted,
         Err(err) => {
@@ -154,7 +157,7 @@ async fn set_up(
         source: describe(&config, peer.addr.ip(), None),
         source_identity: Some(&peer.identity),
         destination: describe(&config, target.ip(), Some(pod)),
-        destination_identity: Some(&pod.identity),
+        destination_identity: Some(&pod.identity()),
         service: None,
         mutual_tls: true,
     });

@@ -141,7 +141,7 @@ async fn accept_loop<Handle, Handled>(
                 if let Err(err) = crate::host::tcp::configure(&stream) {
                     tracing::debug!(pod = %pod.label, %client, %err, "cannot set the TCP options");
                 }
-                let released = pod.released.clone().cancelled_owned();
+                let released = pod.connection_ends();
                 let accepted = Accepted {
                     stream,
                     client,
@@ -162,9 +162,9 @@ async fn accept_loop<Handle, Handled>(
 }
 
 pin_project! {
-    /// A connection's handler, cut short when its pod is released. Written out rather than as
-    /// an async block, which would store the handler's future twice (as its capture and as the
-    /// local it awaits) and so double every connection's task.
+    /// A connection's handler, cut short when it must end (`PodProxy::connection_ends`).
+    /// Written out rather than as an async block, which would store the handler's future twice
+    /// (as its capture and as the local it awaits) and so double every connection's task.
     struct UntilReleased<Handled> {
         #[pin]
         handled: Handled,

@@ -15,10 +15,12 @@ mod authorize;
 mod carry;
 mod inbound;
 mod inbound_hbone;
+mod joining;
 pub(crate) mod listeners;
 mod outbound;
 mod route;
 
+use crate::api::PodSpec;
 use crate::capture::Capture;
 use crate::delivery::Connector;
 use crate::hbone::OpenCounts;
@@ -27,7 +29,7 @@ use crate::hbone::mtls::Mtls;
 use crate::host::netns::Netns;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
-use crate::mesh::config::{DEFAULT_SERVICE_ACCOUNT, MeshConfig};
+use crate::mesh::config::MeshConfig;
 use crate::settings::Settings;
 use crate::telemetry::connections::ConnectionLog;
 use crate::telemetry::labels::Described;
@@ -37,7 +39,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// What the proxy's handlers share.
 pub(crate) struct ProxyContext {
@@ -58,32 +61,6 @@ pub(crate) struct ProxyContext {
     pub(crate) admission: Arc<Admission>,
 }
 
-impl ProxyContext {
-    /// A pod's identity: from its workload in the mesh (`MeshConfig::pod_workload`), else its
-    /// namespace's `default` service account in this node's trust domain (what Kubernetes
-    /// gives a pod that names none).
-    pub(crate) fn identity_of(&self, uid: &str, namespace: &str, name: &str) -> Identity {
-        let config = self.mesh.current();
-        match config.pod_workload(uid, namespace, name, &self.settings.node) {
-            Some(workload) => workload.identity(),
-            None => Identity {
-                trust_domain: self.settings.trust_domain.clone(),
-                namespace: namespace.to_owned(),
-                service_account: DEFAULT_SERVICE_ACCOUNT.to_owned(),
-            },
-        }
-    }
-
-    /// The identity of the workload at `ip`: an enrolled pod of this node, else its mesh
-    /// config entry.
-    fn identity_at(&self, config: &MeshConfig, ip: IpAddr) -> Option<Identity> {
-        match self.local_pods.get(ip) {
-            Some(pod) => Some(Identity::clone(&pod.identity)),
-            None => config.workload_by_ip(ip).map(|w| w.identity()),
-        }
-    }
-}
-
 /// How metrics and access logs describe the workload at `ip`: by its mesh config entry, else
 /// as `pod` (an enrolled pod the config does not list), else not at all.
 fn describe<'a>(
@@ -102,6 +79,8 @@ fn describe<'a>(
 
 /// One pod as the proxy sees it.
 pub(crate) struct PodProxy {
+    /// The pod's Kubernetes uid: with its namespace and name, what joins it to its workload.
+    pub(crate) uid: String,
     pub(crate) name: String,
     /// Shared with every connection's record and authorization subject.
     pub(crate) namespace: Arc<str>,
@@ -110,17 +89,83 @@ pub(crate) struct PodProxy {
     pub(crate) netns: Netns,
     /// The pod's addresses: its own connections come from one of them.
     pub(crate) ips: Vec<IpAddr>,
-    pub(crate) identity: Arc<Identity>,
-    /// The mTLS server side of the pod's 15008, as `identity`.
-    pub(crate) hbone_acceptor: tokio_rustls::TlsAcceptor,
+    /// Who the pod is in the mesh; replaced when its workload arrives after enrollment.
+    serving_as: RwLock<Arc<ServingAs>>,
     /// The pod's share of the node's descriptor budget, charged by its connections.
     pub(crate) share: Arc<Share>,
     /// Cancelled when the pod is released: its connections end (sockets in a deleted pod's
     /// netns would otherwise keep the netns, and a drain waiting on them, alive).
-    pub(crate) released: CancellationToken,
+    released: CancellationToken,
+}
+
+/// A pod's identity and what serves as it, replaced as a whole.
+struct ServingAs {
+    identity: Arc<Identity>,
+    /// The mTLS server side of the pod's 15008, as `identity`.
+    hbone_acceptor: TlsAcceptor,
+    /// Cancelled when the pod is released or serves as another identity: a connection made as
+    /// this one ends.
+    connections: CancellationToken,
 }
 
 impl PodProxy {
+    pub(crate) fn new(
+        spec: &PodSpec,
+        netns: Netns,
+        share: Arc<Share>,
+        tls: &Mtls,
+        identity: Identity,
+    ) -> PodProxy {
+        let released = CancellationToken::new();
+        PodProxy {
+            uid: spec.uid.clone(),
+            name: spec.name.clone(),
+            namespace: spec.namespace.as_str().into(),
+            label: format!("{}/{}", spec.namespace, spec.name).into(),
+            netns,
+            ips: spec.ips.clone(),
+            serving_as: RwLock::new(ServingAs::new(tls, identity, &released)),
+            share,
+            released,
+        }
+    }
+
+    pub(crate) fn identity(&self) -> Arc<Identity> {
+        self.serving_as().identity.clone()
+    }
+
+    /// Resolves when a connection accepted now must end: the pod is released or serves as
+    /// another identity. Taken before the connection reads the pod's identity, so that one
+    /// which saw an identity later replaced always ends.
+    fn connection_ends(&self) -> WaitForCancellationFutureOwned {
+        self.serving_as().connections.clone().cancelled_owned()
+    }
+
+    fn serving_as(&self) -> Arc<ServingAs> {
+        self.serving_as
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Serves the pod as the identity `wanted` gives (called under the lock, so the last
+    /// caller's answer stands), ending its connections made as the one before; returns that
+    /// one if it was replaced.
+    fn serve_as(&self, tls: &Mtls, wanted: impl FnOnce() -> Identity) -> Option<Arc<Identity>> {
+        let mut serving_as = self.serving_as.write().unwrap_or_else(|p| p.into_inner());
+        let identity = wanted();
+        if *serving_as.identity == identity {
+            return None;
+        }
+        tls.store.prefetch(&identity);
+        let before = std::mem::replace(
+            &mut *serving_as,
+            ServingAs::new(tls, identity, &self.released),
+        );
+        before.connections.cancel();
+        Some(before.identity.clone())
+    }
+
     /// Ends every connection the proxy serves for the pod.
     pub(crate) fn release(&self) {
         self.released.cancel();
@@ -132,6 +177,16 @@ impl PodProxy {
             "k8s.namespace.name={},k8s.pod.name={},service.name={}",
             self.namespace, self.name, self.name
         )
+    }
+}
+
+impl ServingAs {
+    fn new(tls: &Mtls, identity: Identity, released: &CancellationToken) -> Arc<ServingAs> {
+        Arc::new(ServingAs {
+            hbone_acceptor: tls.acceptor(&identity),
+            identity: Arc::new(identity),
+            connections: released.child_token(),
+        })
     }
 }
 
@@ -159,10 +214,18 @@ impl LocalPods {
         }
     }
 
-    /// How many pods there are (a pod may have several addresses).
-    pub(crate) fn count(&self) -> usize {
+    /// Each pod once (a pod may have several addresses).
+    pub(crate) fn pods(&self) -> Vec<Arc<PodProxy>> {
         let local = self.0.read().unwrap_or_else(|p| p.into_inner());
-        let pods: HashSet<*const PodProxy> = local.values().map(Arc::as_ptr).collect();
-        pods.len()
+        let mut seen = HashSet::new();
+        local
+            .values()
+            .filter(|pod| seen.insert(Arc::as_ptr(pod)))
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.pods().len()
     }
 }

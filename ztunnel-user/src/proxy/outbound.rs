@@ -98,7 +98,7 @@ async fn set_up(
                 namespace: target.namespace.clone(),
                 source: client.ip(),
                 destination: to,
-                identity: Some(pod.identity.clone()),
+                identity: Some(pod.identity()),
             };
             let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
                 Ok(()) => ctx
@@ -154,7 +154,7 @@ fn labels(
     TrafficLabels::new(&Observed {
         reporter,
         source: describe(config, client.ip(), Some(pod)),
-        source_identity: Some(&pod.identity),
+        source_identity: Some(&pod.identity()),
         destination: target.and_then(|t| describe(config, t.ip(), None)),
         destination_identity: target_identity.as_ref(),
         service: config.service_at(destination).map(|s| &*s.service),
@@ -173,7 +173,7 @@ pub(super) async fn open_hbone(
     identities: Vec<Identity>,
 ) -> io::Result<HboneStream> {
     let key = PoolKey {
-        source_identity: pod.identity.clone(),
+        source_identity: pod.identity(),
         destination_identities: identities,
         destination: peer,
         source_ip: client.ip(),
@@ -186,7 +186,7 @@ pub(super) async fn open_hbone(
     let connect = || async {
         let tcp = ctx.connector.connect(&pod.netns, peer).await?;
         ctx.tls
-            .connect(&pod.identity, &key.destination_identities, tcp)
+            .connect(&key.source_identity, &key.destination_identities, tcp)
             .await
     };
     ctx.pool.open(&key, &request, connect).await
