@@ -125,9 +125,9 @@ fn workload(w: &Workload) -> wire::Workload {
         .iter()
         .map(|(key, ports)| {
             (
-                key.clone(),
+                key.to_owned(),
                 wire::PortList {
-                    ports: ports_of(ports),
+                    ports: ports_of(ports.iter()),
                 },
             )
         })
@@ -137,21 +137,21 @@ fn workload(w: &Workload) -> wire::Workload {
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         addresses: w.workload_ips.iter().map(|ip| ip_bytes(*ip)).collect(),
-        hostname: w.hostname.clone(),
-        network: w.network.clone(),
+        hostname: w.hostname.to_string(),
+        network: w.network.to_string(),
         tunnel_protocol: tunnel_protocol.into(),
         trust_domain: w.trust_domain.clone(),
         service_account: w.service_account.clone(),
-        waypoint: w.waypoint.as_ref().map(gateway),
+        waypoint: w.waypoint.as_deref().map(gateway),
         node: w.node.clone(),
-        canonical_name: w.canonical_name.clone(),
-        canonical_revision: w.canonical_revision.clone(),
+        canonical_name: w.canonical_name.to_string(),
+        canonical_revision: w.canonical_revision.to_string(),
         workload_type: workload_type.into(),
-        workload_name: w.workload_name.clone(),
+        workload_name: w.workload_name.to_string(),
         services,
         authorization_policies: w.authorization_policies.clone(),
         status: status.into(),
-        cluster_id: w.cluster_id.clone(),
+        cluster_id: w.cluster_id.to_string(),
         ..Default::default()
     }
 }
@@ -159,7 +159,7 @@ fn workload(w: &Workload) -> wire::Workload {
 /// The name istiod gives a pod's workload, `<cluster>//Pod/<namespace>/<name>`, not the
 /// pod's uid the file has: the daemons must join their pods to it by namespace, name and node.
 pub fn istiod_uid(w: &Workload) -> String {
-    let cluster = match w.cluster_id.as_str() {
+    let cluster = match &*w.cluster_id {
         "" => "Kubernetes",
         cluster => cluster,
     };
@@ -172,7 +172,7 @@ fn service(s: &Service) -> wire::Service {
         namespace: s.namespace.clone(),
         hostname: s.hostname.clone(),
         addresses: s.vips.iter().map(network_address).collect(),
-        ports: ports_of(&s.ports),
+        ports: ports_of(s.ports.iter().map(|(&from, &to)| (from, to))),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(gateway),
         ..Default::default()
@@ -204,10 +204,9 @@ fn network_address(address: &NetworkAddress) -> wire::NetworkAddress {
     }
 }
 
-fn ports_of(ports: &BTreeMap<u16, u16>) -> Vec<wire::Port> {
+fn ports_of(ports: impl Iterator<Item = (u16, u16)>) -> Vec<wire::Port> {
     ports
-        .iter()
-        .map(|(&service_port, &target_port)| wire::Port {
+        .map(|(service_port, target_port)| wire::Port {
             service_port: service_port.into(),
             target_port: target_port.into(),
             ..Default::default()

@@ -61,7 +61,7 @@ impl ProxyContext {
         let mut uids = HashSet::new();
         let mut names = HashSet::new();
         for workload in touched.iter().filter_map(|uid| config.workload_by_uid(uid)) {
-            uids.insert(workload.uid.as_str());
+            uids.insert(&*workload.uid);
             if workload.node == self.settings.node {
                 names.insert((workload.namespace.as_str(), workload.name.as_str()));
             }

@@ -94,7 +94,7 @@ impl Route {
         source: IpAddr,
         target: SocketAddr,
     ) -> Option<Route> {
-        let waypoint = config.workload_by_ip(target.ip())?.waypoint.as_ref()?;
+        let waypoint = config.workload_by_ip(target.ip())?.waypoint.as_deref()?;
         (!config.is_waypoint(waypoint, source)).then(|| via_waypoint(config, waypoint, target))
     }
 }

@@ -97,15 +97,12 @@ impl SideLabels {
                 .unwrap_or(fallback)
                 .to_owned()
         };
-        let workload = set(side.workload.map(|w| w.workload_name.as_str()), side.name);
+        let workload = set(side.workload.map(|w| &*w.workload_name), side.name);
         SideLabels {
-            canonical_service: set(side.workload.map(|w| w.canonical_name.as_str()), &workload),
-            canonical_revision: set(
-                side.workload.map(|w| w.canonical_revision.as_str()),
-                "latest",
-            ),
+            canonical_service: set(side.workload.map(|w| &*w.canonical_name), &workload),
+            canonical_revision: set(side.workload.map(|w| &*w.canonical_revision), "latest"),
             namespace: side.namespace.to_owned(),
-            cluster: set(side.workload.map(|w| w.cluster_id.as_str()), "Kubernetes"),
+            cluster: set(side.workload.map(|w| &*w.cluster_id), "Kubernetes"),
             workload,
         }
     }

@@ -41,7 +41,6 @@ use istio::security::string_match::MatchType;
 use istio::workload::{TunnelProtocol, WorkloadStatus, WorkloadType, address, gateway_address};
 use prost::{Message, Name};
 use prost_types::Any;
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -166,7 +165,7 @@ fn workload(w: istio::workload::Workload) -> Result<Workload, Problem> {
         })
         .collect::<Result<_, Problem>>()?;
     let workload = Workload {
-        uid: w.uid,
+        uid: w.uid.into(),
         name: w.name,
         namespace: w.namespace,
         service_account: or_default(w.service_account, DEFAULT_SERVICE_ACCOUNT),
@@ -175,16 +174,19 @@ fn workload(w: istio::workload::Workload) -> Result<Workload, Problem> {
         protocol,
         node: w.node,
         status,
-        waypoint: w.waypoint.map(|g| gateway(g, "waypoint")).transpose()?,
+        waypoint: w
+            .waypoint
+            .map(|g| gateway(g, "waypoint").map(Box::new))
+            .transpose()?,
         authorization_policies: w.authorization_policies,
         services,
-        canonical_name: w.canonical_name,
-        canonical_revision: w.canonical_revision,
-        workload_name: w.workload_name,
-        workload_type: workload_type.as_str_name().to_lowercase(),
-        hostname: w.hostname,
-        network: w.network,
-        cluster_id: w.cluster_id,
+        canonical_name: w.canonical_name.into(),
+        canonical_revision: w.canonical_revision.into(),
+        workload_name: w.workload_name.into(),
+        workload_type: workload_type.as_str_name().to_lowercase().into(),
+        hostname: w.hostname.into(),
+        network: w.network.into(),
+        cluster_id: w.cluster_id.into(),
     };
     workload.validate()?;
     Ok(workload)
@@ -243,10 +245,10 @@ fn network_address(
 }
 
 /// Service port -> target port.
-fn port_map(
+fn port_map<Ports: FromIterator<(u16, u16)>>(
     ports: &[istio::workload::Port],
     field: impl Fn() -> String,
-) -> Result<BTreeMap<u16, u16>, Problem> {
+) -> Result<Ports, Problem> {
     ports
         .iter()
         .map(|p| Ok((port(p.service_port, &field)?, port(p.target_port, &field)?)))

@@ -563,7 +563,7 @@ fn a_converted_batch_makes_a_model_that_finds_its_entries() {
     let a1 = config
         .workload_by_ip("10.244.1.2".parse().unwrap())
         .unwrap();
-    assert_eq!(a1.uid, A1);
+    assert_eq!(&*a1.uid, A1);
     let echo = config.service_at("10.96.0.10:80".parse().unwrap()).unwrap();
     assert_eq!(echo.key(), ECHO);
     assert!(

@@ -102,11 +102,11 @@ fn entries(file: &MeshFile) -> Vec<Change> {
         .iter()
         .map(|w| {
             let named_by_istiod = Workload {
-                uid: istiod_uid(w),
+                uid: istiod_uid(w).into(),
                 ..w.clone()
             };
             (
-                named_by_istiod.uid.clone(),
+                named_by_istiod.uid.to_string(),
                 Change::Workload(Arc::new(named_by_istiod)),
             )
         })

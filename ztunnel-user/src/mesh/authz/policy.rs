@@ -125,9 +125,36 @@ impl Match {
     pub fn is_empty(&self) -> bool {
         *self == Match::default()
     }
+
+    fn shrink_to_fit(&mut self) {
+        self.namespaces.shrink_to_fit();
+        self.not_namespaces.shrink_to_fit();
+        self.principals.shrink_to_fit();
+        self.not_principals.shrink_to_fit();
+        self.service_accounts.shrink_to_fit();
+        self.not_service_accounts.shrink_to_fit();
+        self.source_ips.shrink_to_fit();
+        self.not_source_ips.shrink_to_fit();
+        self.destination_ips.shrink_to_fit();
+        self.not_destination_ips.shrink_to_fit();
+        self.destination_ports.shrink_to_fit();
+        self.not_destination_ports.shrink_to_fit();
+    }
 }
 
 impl Policy {
+    /// Trims every list to its length (see `MeshFile::parse`).
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.rules.shrink_to_fit();
+        for rule in &mut self.rules {
+            rule.shrink_to_fit();
+            for clause in rule {
+                clause.shrink_to_fit();
+                clause.iter_mut().for_each(Match::shrink_to_fit);
+            }
+        }
+    }
+
     /// `namespace/name`, as workloads' `authorizationPolicies` name it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

@@ -7,19 +7,23 @@
 //! changes), and says what it touched.
 
 mod address;
+mod endpoints;
 mod file;
+mod ports;
 pub mod reload;
 mod service;
 mod workload;
 
 pub use address::{GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress};
 pub use file::{ConfigError, FileEntries, MeshFile};
+pub use ports::{PortMap, ServicePorts};
 pub use service::Service;
 pub(crate) use workload::DEFAULT_SERVICE_ACCOUNT;
 pub use workload::{HealthStatus, Protocol, Workload};
 
 use super::FieldError;
 use super::authz::{Connection, Decision, Denial, Policies, Policy, Subject, Target};
+use endpoints::Endpoints;
 use rand::seq::IndexedRandom;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -84,16 +88,16 @@ pub struct Updated {
 /// One version of the model with its lookups.
 #[derive(Clone, Default)]
 pub struct MeshConfig {
-    workloads: imbl::HashMap<Arc<str>, Arc<Workload>>,
-    by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
+    workloads: imbl::OrdMap<Arc<str>, Arc<Workload>>,
+    by_ip: imbl::OrdMap<IpAddr, Arc<Workload>>,
     /// By `namespace/hostname`.
-    services: imbl::HashMap<Arc<str>, KeyedService>,
+    services: imbl::OrdMap<Arc<str>, KeyedService>,
     /// By VIP (`service_at` checks the port).
-    services_by_vip: imbl::HashMap<IpAddr, KeyedService>,
+    services_by_vip: imbl::OrdMap<IpAddr, KeyedService>,
     /// The endpoints of each service key (whether that service is known yet or not), by uid.
-    endpoints: imbl::HashMap<Arc<str>, imbl::OrdMap<Arc<str>, Arc<Workload>>>,
+    endpoints: imbl::OrdMap<Arc<str>, Endpoints>,
     /// Policies by `namespace/name`; `policies` indexes them for checks.
-    policy_entries: imbl::HashMap<Arc<str>, Arc<Policy>>,
+    policy_entries: imbl::OrdMap<Arc<str>, Arc<Policy>>,
     pub policies: Arc<Policies>,
 }
 
@@ -155,7 +159,7 @@ impl MeshConfig {
                 }
                 Change::RemoveWorkload(uid) => {
                     if let Some(old) = next.unlink_workload(uid) {
-                        replaced.insert(uid.clone(), old);
+                        replaced.insert(old.uid.clone(), old);
                     }
                 }
                 Change::Service(service) => {
@@ -182,13 +186,16 @@ impl MeshConfig {
                         if let Some(old) = replaced.remove(&uid) {
                             let _gone = next.link_workload(old);
                         }
-                        refused.push(Refused { name: uid, problem });
+                        refused.push(Refused {
+                            name: uid.to_string(),
+                            problem,
+                        });
                         continue;
                     }
-                    touched.workloads.push(uid);
+                    touched.workloads.push(uid.to_string());
                 }
                 Change::RemoveWorkload(uid) => {
-                    if replaced.remove(&uid).is_some() {
+                    if replaced.remove(uid.as_str()).is_some() {
                         touched.workloads.push(uid);
                     }
                 }
@@ -247,10 +254,10 @@ impl MeshConfig {
             self.by_ip.remove(ip);
         }
         for key in old.services.keys() {
-            if let Some(endpoints) = self.endpoints.get_mut(key.as_str()) {
+            if let Some(endpoints) = self.endpoints.get_mut(key) {
                 endpoints.remove(uid);
                 if endpoints.is_empty() {
-                    self.endpoints.remove(key.as_str());
+                    self.endpoints.remove(key);
                 }
             }
         }
@@ -274,17 +281,16 @@ impl MeshConfig {
                 )));
             }
         }
-        let uid: Arc<str> = workload.uid.as_str().into();
         for ip in &workload.workload_ips {
             self.by_ip.insert(*ip, workload.clone());
         }
         for key in workload.services.keys() {
             self.endpoints
-                .entry(key.as_str().into())
+                .entry(key.into())
                 .or_default()
-                .insert(uid.clone(), workload.clone());
+                .insert(workload.clone());
         }
-        self.workloads.insert(uid, workload);
+        self.workloads.insert(workload.uid.clone(), workload);
         Ok(())
     }
 
@@ -398,12 +404,11 @@ impl MeshConfig {
         let healthy: Vec<&Workload> = self
             .endpoints
             .get(&service.key)?
-            .values()
-            .map(|w| &**w)
+            .iter()
             .filter(|w| w.status == HealthStatus::Healthy)
             .collect();
         let workload = *healthy.choose(&mut rand::rng())?;
-        let from_workload = workload.services[&*service.key].get(&port).copied();
+        let from_workload = workload.services.get(&service.key)?.get(port);
         let target_port = [from_workload, service.ports.get(&port).copied()]
             .into_iter()
             .flatten()
@@ -458,7 +463,7 @@ impl MeshConfig {
         self.waypoint_service(waypoint).is_some_and(|service| {
             self.endpoints
                 .get(&service.key)
-                .is_some_and(|endpoints| endpoints.contains_key(workload.uid.as_str()))
+                .is_some_and(|endpoints| endpoints.contains(&workload.uid))
         })
     }
 

@@ -1,7 +1,7 @@
 //! The model: parsing, lookups, and batches of changes.
 
 use super::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 const FILE: &str = "mesh.yaml";
 
@@ -138,7 +138,7 @@ fn one_change_touches_only_what_depends_on_it() {
     let before = updated.config;
     let mut moved: Workload = before.workload_by_uid("w7").unwrap().clone();
     moved.workload_ips = vec![ip("10.200.0.7")];
-    moved.services = [("demo/other".to_owned(), BTreeMap::new())].into();
+    moved.services = [("demo/other", PortMap::default())].into_iter().collect();
     let after = before.updated(vec![Change::Workload(Arc::new(moved))]);
     assert_eq!(
         after.touched,
@@ -149,18 +149,24 @@ fn one_change_touches_only_what_depends_on_it() {
     );
     let after = after.config;
     assert!(after.workload_by_ip(ip("10.0.0.7")).is_none());
-    assert_eq!(after.workload_by_ip(ip("10.200.0.7")).unwrap().uid, "w7");
+    assert_eq!(
+        after.workload_by_ip(ip("10.200.0.7")).unwrap().uid,
+        "w7".into()
+    );
     for uid in ["w0", "w8", "w9999"] {
         assert!(Arc::ptr_eq(&before.workloads[uid], &after.workloads[uid]));
     }
     let endpoints =
-        |config: &MeshConfig, key: &str| config.endpoints.get(key).map_or(0, imbl::OrdMap::len);
+        |config: &MeshConfig, key: &str| config.endpoints.get(key).map_or(0, Endpoints::len);
     assert_eq!(endpoints(&before, "demo/s7"), 100);
     assert_eq!(endpoints(&after, "demo/s7"), 99);
     assert_eq!(endpoints(&after, "demo/other"), 1);
     assert!(after.endpoints["demo/s8"].ptr_eq(&before.endpoints["demo/s8"]));
     // The version before is intact: a connection holding it sees no change.
-    assert_eq!(before.workload_by_ip(ip("10.0.0.7")).unwrap().uid, "w7");
+    assert_eq!(
+        before.workload_by_ip(ip("10.0.0.7")).unwrap().uid,
+        "w7".into()
+    );
 }
 
 #[test]
@@ -175,11 +181,11 @@ fn entries_may_trade_addresses_within_one_batch() {
     ]);
     assert!(updated.refused.is_empty(), "{:?}", updated.refused);
     assert_eq!(
-        updated.config.workload_by_ip(ip("10.0.0.0")).unwrap().uid,
+        &*updated.config.workload_by_ip(ip("10.0.0.0")).unwrap().uid,
         "w1"
     );
     assert_eq!(
-        updated.config.workload_by_ip(ip("10.0.0.1")).unwrap().uid,
+        &*updated.config.workload_by_ip(ip("10.0.0.1")).unwrap().uid,
         "w0"
     );
 }
@@ -203,8 +209,14 @@ fn a_conflicting_entry_is_refused_and_its_previous_version_stays() {
         ["w0: field workloadIps: 10.0.0.1 belongs to workload w1"]
     );
     let config = updated.config;
-    assert_eq!(config.workload_by_ip(ip("10.0.0.0")).unwrap().uid, "w0");
-    assert_eq!(config.workload_by_ip(ip("10.0.0.1")).unwrap().uid, "w1");
+    assert_eq!(
+        config.workload_by_ip(ip("10.0.0.0")).unwrap().uid,
+        "w0".into()
+    );
+    assert_eq!(
+        config.workload_by_ip(ip("10.0.0.1")).unwrap().uid,
+        "w1".into()
+    );
     assert!(config.service_at("10.0.0.2:80".parse().unwrap()).is_some());
     assert!(config.workload_by_uid("w2").is_none());
     assert_eq!(

@@ -1,12 +1,13 @@
 //! A workload entry of the mesh config, in Istio ztunnel's local-config shape.
 
 use super::address::GatewayAddress;
+use super::ports::ServicePorts;
 use crate::identity::Identity;
 use crate::mesh::FieldError;
 use crate::settings::DEFAULT_TRUST_DOMAIN;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 pub(crate) const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
@@ -33,7 +34,8 @@ pub enum HealthStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Workload {
-    pub uid: String,
+    /// Shared with the model's lookups, which key the workload by it.
+    pub uid: Arc<str>,
     pub name: String,
     pub namespace: String,
     #[serde(default = "default_service_account")]
@@ -48,32 +50,33 @@ pub struct Workload {
     pub node: String,
     #[serde(default)]
     pub status: HealthStatus,
-    /// The waypoint that handles traffic to this workload, if any.
+    /// The waypoint that handles traffic to this workload, if any (boxed: most have none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub waypoint: Option<GatewayAddress>,
+    pub waypoint: Option<Box<GatewayAddress>>,
     /// Keys (`namespace/name`) of the WorkloadSelector policies that select this workload.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorization_policies: Vec<String>,
     /// The services this workload is an endpoint of: `namespace/hostname` -> service port ->
     /// target port on this workload.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    #[serde(default, skip_serializing_if = "ServicePorts::is_empty")]
+    pub services: ServicePorts,
     /// Istio's descriptive fields: accepted so an Istio user's file loads, shown by the admin
-    /// API, not used for routing.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub canonical_name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub canonical_revision: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub workload_name: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub workload_type: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub hostname: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub network: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub cluster_id: String,
+    /// API, not used for routing. Boxed strings: mostly empty, and 8 bytes smaller each, which
+    /// keeps a workload in a smaller allocation class.
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub canonical_name: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub canonical_revision: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub workload_name: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub workload_type: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub hostname: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub network: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub cluster_id: Box<str>,
 }
 
 impl Workload {
@@ -93,7 +96,7 @@ impl Workload {
     /// Checks the fields serde cannot; the problem names the field.
     pub(crate) fn validate(&self) -> Result<(), FieldError> {
         for (field, value) in [
-            ("uid", &self.uid),
+            ("uid", &*self.uid),
             ("name", &self.name),
             ("namespace", &self.namespace),
             ("serviceAccount", &self.service_account),

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 use ztunnel_common::Addr;
 use ztunnel_common::maps::{
     PLAINTEXT_ALLOW, PLAINTEXT_DENY_NEEDS_IDENTITY, PLAINTEXT_DENY_POLICY,
@@ -73,7 +74,8 @@ pub(crate) struct MapsDiff {
 /// writes for someone else.
 #[derive(Default)]
 struct Indices {
-    by_name: HashMap<String, (u32, usize)>,
+    /// A workload's uid is the model's own string, not a copy.
+    by_name: HashMap<Arc<str>, (u32, usize)>,
     free: Vec<u32>,
     next: u32,
 }
@@ -85,7 +87,7 @@ impl Indices {
     }
 
     /// The index of `name`, with one more holder.
-    fn hold(&mut self, name: &str) -> u32 {
+    fn hold(&mut self, name: &Arc<str>) -> u32 {
         if let Some((index, holders)) = self.by_name.get_mut(name) {
             *holders += 1;
             return *index;
@@ -94,7 +96,7 @@ impl Indices {
             self.next += 1;
             self.next
         });
-        self.by_name.insert(name.to_owned(), (index, 1));
+        self.by_name.insert(name.clone(), (index, 1));
         index
     }
 
@@ -177,7 +179,7 @@ pub(crate) struct Staged {
     /// Each recomputed workload's uid, index and entry (`None`: it left).
     entries: Vec<(String, u32, Option<KernelWorkload>)>,
     /// The names whose indices the batch took, to give back if it is dropped.
-    held: Vec<(String, String)>,
+    held: Vec<(Arc<str>, Arc<str>)>,
     /// The names whose indices the batch lets go of, once it is in force.
     released: Vec<(String, String)>,
 }
@@ -220,10 +222,10 @@ impl WorkloadMap {
             }
             match next.workload_by_uid(&uid) {
                 Some(workload) => {
-                    let identity = workload.identity().to_string();
-                    let workload_index = self.workloads.hold(&uid);
+                    let identity: Arc<str> = workload.identity().to_string().into();
+                    let workload_index = self.workloads.hold(&workload.uid);
                     let identity_index = self.identities.hold(&identity);
-                    staged.held.push((uid.clone(), identity));
+                    staged.held.push((workload.uid.clone(), identity));
                     let entry = self.compute(next, workload, workload_index, identity_index);
                     staged.entries.push((uid, workload_index, Some(entry)));
                 }
@@ -383,7 +385,7 @@ impl WorkloadMap {
                 let index = self.workloads.index(&workload.uid)?;
                 let entry = self.entries.get(&index)?.entry(index, self.rules_written);
                 Some(IndexedWorkload {
-                    uid: workload.uid.clone(),
+                    uid: workload.uid.to_string(),
                     workload_index: index,
                     identity: workload.identity().to_string(),
                     identity_index: entry.identity,

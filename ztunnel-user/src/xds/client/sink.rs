@@ -156,7 +156,7 @@ pub(crate) fn apply_to_model<E>(
 /// The uid or key the model knows an added entry by.
 fn entry_key(change: &Change) -> Option<String> {
     match change {
-        Change::Workload(workload) => Some(workload.uid.clone()),
+        Change::Workload(workload) => Some(workload.uid.to_string()),
         Change::Service(service) => Some(service.key()),
         Change::Policy(policy) => Some(policy.key()),
         Change::RemoveWorkload(_) | Change::RemoveService(_) | Change::RemovePolicy(_) => None,
