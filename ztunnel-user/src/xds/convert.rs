@@ -358,11 +358,14 @@ fn each<T, U>(
     items: impl IntoIterator<Item = T>,
     convert: impl Fn(usize, T) -> Result<U, Problem>,
 ) -> Result<Vec<U>, Problem> {
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| convert(i, item))
-        .collect()
+    // Sized up front: collecting `Result`s loses the length, and a list grown from empty keeps
+    // room for four (a policy's one 288-byte match took 1.2 KB).
+    let items = items.into_iter();
+    let mut converted = Vec::with_capacity(items.size_hint().0);
+    for (i, item) in items.enumerate() {
+        converted.push(convert(i, item)?);
+    }
+    Ok(converted)
 }
 
 /// An IP as the wire carries it: 4 bytes (IPv4) or 16 (IPv6).
