@@ -24,6 +24,11 @@
 //!   be had, the opening failed whatever its status, as in Istio's ztunnel, or the stream ended
 //!   with another status): 10 ms doubling to 15 s, each delay jittered down to half of it. A
 //!   routine end resets the backoff. Every failure is logged once, with why.
+//! - Renewing: after a response over 4 MiB (a big cluster's first push) the client ends its
+//!   side of the stream once the ACK is queued, and opens a new one when istiod ends it (at
+//!   most once in 10 minutes): tonic keeps a receive buffer as large as the largest response
+//!   for the stream's life, and the new stream, presenting the versions held, costs istiod a
+//!   comparison and no push.
 
 mod connect;
 mod node;
@@ -51,11 +56,19 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tonic::codegen::StdError;
 use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// The largest response taken, as in Istio's ztunnel (tonic's default is 4 MiB).
 const MAX_RESPONSE_BYTES: usize = 200 * 1024 * 1024;
+/// After a response larger than this the stream is renewed: tonic's decoder keeps a receive
+/// buffer the size of the largest message for the stream's life (11 MB, 220 bytes a workload,
+/// after the first push of a 50,000-workload mesh).
+const RENEW_AFTER_BYTES: usize = 4 * 1024 * 1024;
+/// At most one renewal in this long: an istiod that answered each new stream with the whole
+/// mesh again would otherwise be asked for it for ever.
+const RENEWAL_INTERVAL: Duration = Duration::from_secs(600);
 /// The first delay after a failure, doubled at each failure in a row up to `MAX_BACKOFF`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -83,6 +96,8 @@ enum Ended {
     Failed(tonic::Status),
     #[error("istiod ended the stream")]
     Closed,
+    #[error("renewed after a response of {0} bytes, to free its receive buffer")]
+    Renewed(usize),
 }
 
 impl Ended {
@@ -97,7 +112,7 @@ impl Ended {
                     | tonic::Code::DeadlineExceeded
                     | tonic::Code::Unavailable
             ),
-            Ended::Closed => true,
+            Ended::Closed | Ended::Renewed(_) => true,
             Ended::Headers(_) | Ended::Connect(_) | Ended::Refused(_) => false,
         }
     }
@@ -126,10 +141,11 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
     pub async fn run(self) {
         let mut backoff = Backoff::default();
         let mut attempt: u64 = 0;
+        let mut last_renewal = None;
         loop {
             attempt = attempt.wrapping_add(1);
             self.shared.attempting();
-            let ended = self.stream(attempt).await;
+            let ended = self.stream(attempt, &mut last_renewal).await;
             let delay = if ended.routine() {
                 let delay = backoff.reset();
                 tracing::info!(attempt, reason = %ended, ?delay, "xds: reconnecting to istiod");
@@ -144,8 +160,10 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
         }
     }
 
-    /// One stream, from its opening to its end.
-    async fn stream(&self, attempt: u64) -> Ended {
+    /// One stream, from its opening to its end: istiod's, or a renewal's (after a response
+    /// over `RENEW_AFTER_BYTES`, at most once per `RENEWAL_INTERVAL`: the client half-closes
+    /// once its ACK is queued, so the ACK goes out, and istiod then ends the stream).
+    async fn stream(&self, attempt: u64, last_renewal: &mut Option<Instant>) -> Ended {
         let headers = match self.config.credentials.metadata().await {
             Ok(headers) => headers,
             Err(err) => return err.into(),
@@ -190,15 +208,33 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
         };
         self.shared.connected();
         tracing::info!(attempt, "xds: stream to istiod open");
+        let mut requests = Some(requests);
+        let mut renewing = None;
         loop {
-            match responses.message().await {
-                Ok(Some(response)) => {
-                    let reply = self.take(response);
-                    // If the stream is gone, the next read says why.
-                    let _ = requests.send(reply);
-                }
+            let response = match responses.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) | Err(_) if let Some(bytes) = renewing => return Ended::Renewed(bytes),
                 Ok(None) => return Ended::Closed,
                 Err(status) => return Ended::Failed(status),
+            };
+            let bytes = prost::Message::encoded_len(&response);
+            let reply = self.take(response);
+            // Half-closed: taken, but no longer answerable; the next stream says what is held.
+            let Some(open) = &requests else {
+                return Ended::Renewed(bytes);
+            };
+            // If the stream is gone, the next read says why.
+            let _ = open.send(reply);
+            let due = last_renewal.is_none_or(|at| at.elapsed() >= RENEWAL_INTERVAL);
+            if bytes > RENEW_AFTER_BYTES && due {
+                tracing::info!(
+                    attempt,
+                    bytes,
+                    "xds: a large response: renewing the stream once istiod ends it"
+                );
+                *last_renewal = Some(Instant::now());
+                renewing = Some(bytes);
+                requests = None;
             }
         }
     }

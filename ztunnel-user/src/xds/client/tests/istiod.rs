@@ -161,6 +161,17 @@ impl IstiodStream {
             .await;
     }
 
+    /// Waits until the client has ended its side of the stream.
+    pub(super) async fn half_closed(&mut self) {
+        let request = timeout(WAIT, self.requests.recv()).await.expect("in time");
+        assert!(request.is_none(), "{request:?}");
+    }
+
+    /// Whether the client's side of the stream is still open, sending nothing.
+    pub(super) async fn quiet(&mut self) -> bool {
+        timeout(WAIT, self.requests.recv()).await.is_err()
+    }
+
     /// Ends the stream with `status`.
     pub(super) fn fail(self, status: tonic::Status) {
         self.responses.send(Err(status)).unwrap();

@@ -378,23 +378,54 @@ async fn removals_reach_the_model() {
 }
 
 /// A response beyond tonic's default limit of 4 MiB (a big cluster's first push) is taken
-/// whole, as Istio's ztunnel takes up to 200 MiB.
+/// whole, as Istio's ztunnel takes up to 200 MiB; then the stream is renewed (its receive
+/// buffer goes with it), the new one presenting every version held; a second one within 10
+/// minutes is not.
 #[tokio::test(start_paused = true)]
-async fn a_response_over_4_mib_is_taken() {
+async fn a_response_over_4_mib_is_taken_then_the_stream_renewed_once() {
     let mut h = start(config(None), 0);
     let mut stream = h.subscribed().await;
     let count: u16 = 20_000;
-    let resources: Vec<Resource> = (0..count)
-        .map(|i| {
-            let name = format!("w{i}-{}", "x".repeat(200));
-            let [high, low] = i.to_be_bytes();
-            address_entry(&uid(&name), "1", workload(&name, &[10, 1, high, low]))
-        })
-        .collect();
-    let response = response(ADDRESS, "big", resources, &[]);
+    // Big bodies under short names: the new stream's request, which names every resource,
+    // stays under the 4 MiB istiod takes.
+    let big = |version: &str| {
+        let resources: Vec<Resource> = (0..count)
+            .map(|i| {
+                let name = format!("w{i}");
+                let [high, low] = i.to_be_bytes();
+                let mut body = workload(&name, &[10, 1, high, low]);
+                if let address::Type::Workload(w) = &mut body {
+                    w.hostname = format!("{name}.{}", "x".repeat(200));
+                }
+                address_entry(&uid(&name), version, body)
+            })
+            .collect();
+        response(ADDRESS, version, resources, &[])
+    };
+    let response = big("1");
     assert!(prost::Message::encoded_len(&response) > 4 * 1024 * 1024);
     stream.acked(response).await;
     assert_eq!(h.sink.mesh.current().workload_count(), usize::from(count));
+
+    stream.half_closed().await;
+    drop(stream);
+    let mut stream = h.next_stream().await;
+    let [address_request, _] = stream.initial_requests().await;
+    assert_eq!(
+        address_request.initial_resource_versions.len(),
+        usize::from(count)
+    );
+    let status = h.xds.status();
+    assert!(status.connected && status.attempts == 2, "{status:?}");
+    assert!(
+        status
+            .last_error
+            .unwrap()
+            .starts_with("renewed after a response of")
+    );
+
+    stream.acked(big("2")).await;
+    assert!(stream.quiet().await, "renewed twice within 10 minutes");
 }
 
 /// Ready once each type has had an ACKed response: a NACKed one does not count.
