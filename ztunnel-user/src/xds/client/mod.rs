@@ -25,8 +25,8 @@
 //!   with another status): 10 ms doubling to 15 s, each delay jittered down to half of it. A
 //!   routine end resets the backoff. Every failure is logged once, with why.
 //! - Renewing: after a response over 4 MiB (a big cluster's first push) the client ends its
-//!   side of the stream once the ACK is queued, and opens a new one when istiod ends it (at
-//!   most once in 10 minutes): tonic keeps a receive buffer as large as the largest response
+//!   side of the stream once istiod has sent nothing for a second, and opens a new one when
+//!   istiod ends it (at most once in 10 minutes): tonic keeps a receive buffer as large as the largest response
 //!   for the stream's life, and the new stream, presenting the versions held, costs istiod a
 //!   comparison and no push.
 
@@ -69,6 +69,9 @@ const RENEW_AFTER_BYTES: usize = 4 * 1024 * 1024;
 /// At most one renewal in this long: an istiod that answered each new stream with the whole
 /// mesh again would otherwise be asked for it for ever.
 const RENEWAL_INTERVAL: Duration = Duration::from_secs(600);
+/// A renewal waits until istiod has sent nothing for this long (it sends each type's
+/// response in turn), so that every response is ACKed on the stream it came on.
+const RENEW_QUIET: Duration = Duration::from_secs(1);
 /// The first delay after a failure, doubled at each failure in a row up to `MAX_BACKOFF`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
@@ -118,6 +121,14 @@ impl Ended {
     }
 }
 
+/// Sleeps until `at`; never returns without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn status_text(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
@@ -161,8 +172,9 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
     }
 
     /// One stream, from its opening to its end: istiod's, or a renewal's (after a response
-    /// over `RENEW_AFTER_BYTES`, at most once per `RENEWAL_INTERVAL`: the client half-closes
-    /// once its ACK is queued, so the ACK goes out, and istiod then ends the stream).
+    /// over `RENEW_AFTER_BYTES`, at most once per `RENEWAL_INTERVAL`: once istiod has been
+    /// quiet for `RENEW_QUIET`, the client ends its side, its ACKs sent, and istiod then ends
+    /// the stream).
     async fn stream(&self, attempt: u64, last_renewal: &mut Option<Instant>) -> Ended {
         let headers = match self.config.credentials.metadata().await {
             Ok(headers) => headers,
@@ -209,32 +221,47 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
         self.shared.connected();
         tracing::info!(attempt, "xds: stream to istiod open");
         let mut requests = Some(requests);
-        let mut renewing = None;
+        // A renewal asked for by a large response: when our side closes (once the stream has
+        // been quiet for `RENEW_QUIET`), and that response's size.
+        let mut renewal: Option<(Instant, usize)> = None;
         loop {
-            let response = match responses.message().await {
+            let close_at = renewal.filter(|_| requests.is_some()).map(|(at, _)| at);
+            let next = tokio::select! {
+                next = responses.message() => next,
+                () = sleep_until(close_at) => {
+                    tracing::info!(attempt, "xds: renewing the stream after a large response, once istiod ends it");
+                    *last_renewal = Some(Instant::now());
+                    requests = None;
+                    continue;
+                }
+            };
+            let response = match next {
                 Ok(Some(response)) => response,
-                Ok(None) | Err(_) if let Some(bytes) = renewing => return Ended::Renewed(bytes),
+                Ok(None) | Err(_) if requests.is_none() => {
+                    return Ended::Renewed(renewal.map_or(0, |(_, bytes)| bytes));
+                }
                 Ok(None) => return Ended::Closed,
                 Err(status) => return Ended::Failed(status),
             };
             let bytes = prost::Message::encoded_len(&response);
             let reply = self.take(response);
-            // Half-closed: taken, but no longer answerable; the next stream says what is held.
+            // Our side closed: taken, but no longer answerable; the next stream says what is
+            // held.
             let Some(open) = &requests else {
                 return Ended::Renewed(bytes);
             };
             // If the stream is gone, the next read says why.
             let _ = open.send(reply);
-            let due = last_renewal.is_none_or(|at| at.elapsed() >= RENEWAL_INTERVAL);
-            if bytes > RENEW_AFTER_BYTES && due {
-                tracing::info!(
-                    attempt,
-                    bytes,
-                    "xds: a large response: renewing the stream once istiod ends it"
-                );
-                *last_renewal = Some(Instant::now());
-                renewing = Some(bytes);
-                requests = None;
+            let quiet_from_now = Instant::now() + RENEW_QUIET;
+            match &mut renewal {
+                // istiod is still sending: wait for it to be done.
+                Some((close_at, _)) => *close_at = quiet_from_now,
+                None if bytes > RENEW_AFTER_BYTES
+                    && last_renewal.is_none_or(|at| at.elapsed() >= RENEWAL_INTERVAL) =>
+                {
+                    renewal = Some((quiet_from_now, bytes));
+                }
+                None => {}
             }
         }
     }

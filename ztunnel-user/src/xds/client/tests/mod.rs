@@ -378,9 +378,9 @@ async fn removals_reach_the_model() {
 }
 
 /// A response beyond tonic's default limit of 4 MiB (a big cluster's first push) is taken
-/// whole, as Istio's ztunnel takes up to 200 MiB; then the stream is renewed (its receive
-/// buffer goes with it), the new one presenting every version held; a second one within 10
-/// minutes is not.
+/// whole, as Istio's ztunnel takes up to 200 MiB; then, once istiod is quiet, the stream is
+/// renewed (its receive buffer goes with it), the new one presenting every version held; a
+/// second one within 10 minutes is not.
 #[tokio::test(start_paused = true)]
 async fn a_response_over_4_mib_is_taken_then_the_stream_renewed_once() {
     let mut h = start(config(None), 0);
@@ -402,10 +402,15 @@ async fn a_response_over_4_mib_is_taken_then_the_stream_renewed_once() {
             .collect();
         response(ADDRESS, version, resources, &[])
     };
-    let response = big("1");
-    assert!(prost::Message::encoded_len(&response) > 4 * 1024 * 1024);
-    stream.acked(response).await;
+    let first = big("1");
+    assert!(prost::Message::encoded_len(&first) > 4 * 1024 * 1024);
+    stream.acked(first).await;
     assert_eq!(h.sink.mesh.current().workload_count(), usize::from(count));
+    // istiod's next response, right after, is still taken and ACKed on this stream.
+    let policies = vec![policy("deny-ssh", "1")];
+    stream
+        .acked(response(AUTHORIZATION, "p1", policies, &[]))
+        .await;
 
     stream.half_closed().await;
     drop(stream);
@@ -416,7 +421,10 @@ async fn a_response_over_4_mib_is_taken_then_the_stream_renewed_once() {
         usize::from(count)
     );
     let status = h.xds.status();
-    assert!(status.connected && status.attempts == 2, "{status:?}");
+    assert!(
+        status.connected && status.ready && status.attempts == 2,
+        "{status:?}"
+    );
     assert!(
         status
             .last_error
