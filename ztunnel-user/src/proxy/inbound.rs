@@ -38,6 +38,7 @@ async fn set_up(
         stream,
         client,
         mut admitted,
+        serving_as,
     } = accepted;
     let (ctx, pod) = (&ctx, &pod);
     let destination = match ctx.capture.inbound_destination(&stream) {
@@ -64,7 +65,7 @@ async fn set_up(
         source: describe(&config, client.ip(), None),
         source_identity: None,
         destination: describe(&config, destination.ip(), Some(pod)),
-        destination_identity: Some(&pod.identity()),
+        destination_identity: Some(&serving_as.identity),
         service: None,
         mutual_tls: false,
     });
@@ -79,7 +80,8 @@ async fn set_up(
         identities,
     }) = Route::waypoint_of(&config, client.ip(), destination)
     {
-        open_hbone(ctx, pod, client, peer, authority, identities)
+        let identity = &serving_as.identity;
+        open_hbone(ctx, pod, identity, client, peer, authority, identities)
             .await
             .map(|hbone| Connected::over_hbone(stream, hbone))
             .map_err(ConnectionError::Io)

@@ -4,7 +4,7 @@
 
 use super::carry::{self, Carriage, Connected};
 use super::listeners::Accepted;
-use super::{PodProxy, ProxyContext, describe};
+use super::{PodProxy, ProxyContext, ServingAs, describe};
 use crate::api::Direction;
 use crate::hbone::server::{Incoming, handshake, serve_connection};
 use crate::identity::Identity;
@@ -39,13 +39,14 @@ pub(super) async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, accepted:
         stream,
         client,
         admitted: _admitted,
+        serving_as,
     } = accepted;
     let handshaking = match ctx.admission.begin_handshake(client.ip()) {
         Ok(handshaking) => handshaking,
         Err(refusal) => return ctx.refusals.refuse(refusal, &pod.label, client),
     };
     // Boxed: the handshakes' state is freed before the connection's long life begins.
-    let handshakes = Box::pin(handshakes(&ctx, &pod, stream, client));
+    let handshakes = Box::pin(handshakes(&ctx, &pod, &serving_as, stream, client));
     let Ok(handshaken) = tokio::time::timeout(ctx.admission.handshake_timeout(), handshakes).await
     else {
         return ctx
@@ -57,7 +58,13 @@ pub(super) async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, accepted:
         return;
     };
     let (shutdown, counts) = (ctx.shutdown.clone(), ctx.hbone_server.clone());
-    let streams = Streams { ctx, pod, peer };
+    let identity = serving_as.identity.clone();
+    let streams = Streams {
+        ctx,
+        pod,
+        identity,
+        peer,
+    };
     let serve = |incoming| streams.serve(incoming);
     if let Err(err) = serve_connection(connection, shutdown, counts, serve).await {
         tracing::debug!(pod = %streams.pod.label, peer = %streams.peer.addr, %err, "HBONE connection ended");
@@ -68,6 +75,8 @@ pub(super) async fn handle(ctx: Arc<ProxyContext>, pod: Arc<PodProxy>, accepted:
 struct Streams {
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
+    /// Who the pod is on this connection.
+    identity: Arc<Identity>,
     peer: Arc<Peer>,
 }
 
@@ -77,6 +86,7 @@ impl Streams {
         let set_up = set_up(
             self.ctx.clone(),
             self.pod.clone(),
+            self.identity.clone(),
             self.peer.clone(),
             incoming,
         );
@@ -88,6 +98,7 @@ impl Streams {
 async fn handshakes(
     ctx: &ProxyContext,
     pod: &PodProxy,
+    serving_as: &ServingAs,
     stream: TcpStream,
     client: SocketAddr,
 ) -> Option<(Connection<TlsStream<TcpStream>, Bytes>, Arc<Peer>)> {
@@ -98,7 +109,6 @@ async fn handshakes(
             return None;
         }
     };
-    let serving_as = pod.serving_as();
     let accepted = ctx
         .tls
         .accept(&serving_as.hbone_acceptor, &serving_as.identity, stream);
@@ -130,6 +140,7 @@ async fn handshakes(
 async fn set_up(
     ctx: Arc<ProxyContext>,
     pod: Arc<PodProxy>,
+    identity: Arc<Identity>,
     peer: Arc<Peer>,
     incoming: Incoming,
 ) -> Option<Carriage> {
@@ -157,7 +168,7 @@ async fn set_up(
         source: describe(&config, peer.addr.ip(), None),
         source_identity: Some(&peer.identity),
         destination: describe(&config, target.ip(), Some(pod)),
-        destination_identity: Some(&pod.identity()),
+        destination_identity: Some(&identity),
         service: None,
         mutual_tls: true,
     });

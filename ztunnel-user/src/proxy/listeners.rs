@@ -3,7 +3,7 @@
 //! proxy's mark.
 
 use super::admission::Admitted;
-use super::{PodProxy, ProxyContext, inbound, inbound_hbone, outbound};
+use super::{PodProxy, ProxyContext, ServingAs, inbound, inbound_hbone, outbound};
 use crate::host::netns::{Netns, NetnsError, domain_of, unspecified};
 use pin_project_lite::pin_project;
 use std::future::Future;
@@ -115,6 +115,8 @@ pub(super) struct Accepted {
     pub(super) client: SocketAddr,
     /// Its charge on the pod's share of the budget, held as long as the connection.
     pub(super) admitted: Admitted,
+    /// Who the pod is for this connection (it ends if the pod comes to serve as another).
+    pub(super) serving_as: Arc<ServingAs>,
 }
 
 /// Accepts until aborted, handing each admitted connection to `handle` on a task of its own;
@@ -141,11 +143,13 @@ async fn accept_loop<Handle, Handled>(
                 if let Err(err) = crate::host::tcp::configure(&stream) {
                     tracing::debug!(pod = %pod.label, %client, %err, "cannot set the TCP options");
                 }
-                let released = pod.connection_ends();
+                let serving_as = pod.serving_as();
+                let released = serving_as.connections.clone().cancelled_owned();
                 let accepted = Accepted {
                     stream,
                     client,
                     admitted,
+                    serving_as,
                 };
                 let handled = handle(ctx.clone(), pod.clone(), accepted);
                 tokio::spawn(UntilReleased { handled, released });
@@ -162,7 +166,7 @@ async fn accept_loop<Handle, Handled>(
 }
 
 pin_project! {
-    /// A connection's handler, cut short when it must end (`PodProxy::connection_ends`).
+    /// A connection's handler, cut short when it must end (`ServingAs::connections`).
     /// Written out rather than as an async block, which would store the handler's future twice
     /// (as its capture and as the local it awaits) and so double every connection's task.
     struct UntilReleased<Handled> {

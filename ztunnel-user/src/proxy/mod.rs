@@ -40,7 +40,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 /// What the proxy's handlers share.
 pub(crate) struct ProxyContext {
@@ -98,7 +98,8 @@ pub(crate) struct PodProxy {
     released: CancellationToken,
 }
 
-/// A pod's identity and what serves as it, replaced as a whole.
+/// A pod's identity and what serves as it, replaced as a whole. Each connection takes the one
+/// in force as it is accepted and is served as it throughout.
 struct ServingAs {
     identity: Arc<Identity>,
     /// The mTLS server side of the pod's 15008, as `identity`.
@@ -132,13 +133,6 @@ impl PodProxy {
 
     pub(crate) fn identity(&self) -> Arc<Identity> {
         self.serving_as().identity.clone()
-    }
-
-    /// Resolves when a connection accepted now must end: the pod is released or serves as
-    /// another identity. Taken before the connection reads the pod's identity, so that one
-    /// which saw an identity later replaced always ends.
-    fn connection_ends(&self) -> WaitForCancellationFutureOwned {
-        self.serving_as().connections.clone().cancelled_owned()
     }
 
     fn serving_as(&self) -> Arc<ServingAs> {

@@ -40,7 +40,9 @@ async fn set_up(
         stream,
         client,
         mut admitted,
+        serving_as,
     } = accepted;
+    let identity = &serving_as.identity;
     let (ctx, pod) = (&ctx, &pod);
     // Only the pod's own connections, sent here by capture, may go out as the pod: anything
     // else that reached 15001 (from another pod or node, or a direct connection to the port)
@@ -74,7 +76,10 @@ async fn set_up(
         ctx.refusals.refuse(refusal, &pod.label, client);
         return None;
     }
-    let labels = |reporter| labels(ctx, &config, reporter, pod, client, destination, &route);
+    let labels = |reporter| {
+        let source = (&**pod, &**identity);
+        labels(ctx, &config, reporter, source, client, destination, &route)
+    };
     let tracked = ctx.connections.record(
         Direction::Outbound,
         &pod.label,
@@ -98,7 +103,7 @@ async fn set_up(
                 namespace: target.namespace.clone(),
                 source: client.ip(),
                 destination: to,
-                identity: Some(pod.identity()),
+                identity: Some(identity.clone()),
             };
             let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
                 Ok(()) => ctx
@@ -123,7 +128,7 @@ async fn set_up(
             peer,
             authority,
             identities,
-        } => open_hbone(ctx, pod, client, peer, authority, identities)
+        } => open_hbone(ctx, pod, identity, client, peer, authority, identities)
             .await
             .map(|hbone| Connected::over_hbone(stream, hbone))
             .map_err(ConnectionError::Io),
@@ -144,7 +149,7 @@ fn labels(
     ctx: &ProxyContext,
     config: &MeshConfig,
     reporter: Reporter,
-    pod: &PodProxy,
+    (pod, identity): (&PodProxy, &Identity),
     client: SocketAddr,
     destination: SocketAddr,
     route: &Route,
@@ -154,7 +159,7 @@ fn labels(
     TrafficLabels::new(&Observed {
         reporter,
         source: describe(config, client.ip(), Some(pod)),
-        source_identity: Some(&pod.identity()),
+        source_identity: Some(identity),
         destination: target.and_then(|t| describe(config, t.ip(), None)),
         destination_identity: target_identity.as_ref(),
         service: config.service_at(destination).map(|s| &*s.service),
@@ -162,18 +167,19 @@ fn labels(
     })
 }
 
-/// A CONNECT stream to `peer` from the pod's netns and identity, for a connection from
-/// `client`.
+/// A CONNECT stream to `peer` from the pod's netns, as `identity` (the pod's for this
+/// connection), for a connection from `client`.
 pub(super) async fn open_hbone(
     ctx: &Arc<ProxyContext>,
-    pod: &Arc<PodProxy>,
+    pod: &PodProxy,
+    identity: &Arc<Identity>,
     client: SocketAddr,
     peer: SocketAddr,
     authority: SocketAddr,
     identities: Vec<Identity>,
 ) -> io::Result<HboneStream> {
     let key = PoolKey {
-        source_identity: pod.identity(),
+        source_identity: identity.clone(),
         destination_identities: identities,
         destination: peer,
         source_ip: client.ip(),

@@ -26,9 +26,9 @@
 //!   routine end resets the backoff. Every failure is logged once, with why.
 //! - Renewing: after a response over 4 MiB (a big cluster's first push) the client ends its
 //!   side of the stream once istiod has sent nothing for a second, and opens a new one when
-//!   istiod ends it (at most once in 10 minutes): tonic keeps a receive buffer as large as the largest response
-//!   for the stream's life, and the new stream, presenting the versions held, costs istiod a
-//!   comparison and no push.
+//!   istiod ends it (at most once in 10 minutes): tonic keeps a receive buffer as large as the
+//!   largest response for the stream's life, and the new stream, presenting the versions
+//!   held, costs istiod a comparison and no push.
 
 mod connect;
 mod node;
