@@ -47,11 +47,14 @@ struct Figures {
     /// From the file's replacement until the daemon logged it applied, or (from istiod)
     /// ACKed it.
     full_seen: Duration,
-    /// The daemon's own account (this build logs it): reading and parsing, then applying; or,
-    /// from istiod, nothing, then the time from istiod's push to the daemon's ACK.
+    /// The daemon's own account (this build logs it): reading and parsing, then applying (from
+    /// istiod: nothing read, then its time from each response's arrival to its answer).
     full_daemon: Option<(Duration, Duration)>,
+    /// From istiod only: the longest time from one of its pushes to the daemon's ACK of it.
+    full_push_to_ack: Option<Duration>,
     change_seen: Vec<Duration>,
     change_apply: Vec<Duration>,
+    change_push_to_ack: Vec<Duration>,
     idle_rss_kib: u64,
     rss_kib: u64,
     peak_rss_kib: u64,
@@ -118,26 +121,30 @@ fn measure(
     let idle_rss_kib = rss_kib(pid)?.0;
 
     let mut mesh = Synthetic::new(size);
-    let (full_seen, full_daemon) = apply(&mesh.text())?;
+    let full = apply(&mesh.text())?;
     std::thread::sleep(SETTLE);
     let (rss_kib, peak_rss_kib) = rss_kib(pid)?;
     let idle_ticks = ticks_over(pid, IDLE_WINDOW)?;
 
     let mut change_seen = Vec::with_capacity(changes);
     let mut change_apply = Vec::with_capacity(changes);
+    let mut change_push_to_ack = Vec::with_capacity(changes);
     for round in 0..changes {
         mesh.moved = round % 2 == 0;
-        let (seen, daemon) = apply(&mesh.text())?;
-        change_seen.push(seen);
-        change_apply.extend(daemon.map(|(_, apply)| apply));
+        let change = apply(&mesh.text())?;
+        change_seen.push(change.seen);
+        change_apply.extend(change.daemon.map(|(_, apply)| apply));
+        change_push_to_ack.extend(change.push_to_ack);
     }
     Ok(Figures {
         build: build.to_owned(),
         workloads: size,
-        full_seen,
-        full_daemon,
+        full_seen: full.seen,
+        full_daemon: full.daemon,
+        full_push_to_ack: full.push_to_ack,
         change_seen,
         change_apply,
+        change_push_to_ack,
         idle_rss_kib,
         rss_kib,
         peak_rss_kib,
@@ -221,19 +228,32 @@ impl Synthetic {
     }
 }
 
+/// One version of the mesh, applied: from the file's replacement until node1 had it, the
+/// daemon's own account if it logs one (read and parse, apply), and from istiod, the longest
+/// time from one of istiod's pushes of it to node1's ACK.
+struct Applied {
+    seen: Duration,
+    daemon: Option<(Duration, Duration)>,
+    push_to_ack: Option<Duration>,
+}
+
+/// node1's daemon's log lines that contain `marker`.
+fn node1_log_lines(marker: &str) -> Result<Vec<String>> {
+    let log_path = node_spec("node1")?.log_path();
+    let log = std::fs::read_to_string(&log_path)
+        .with_context(|| format!("reading {}", log_path.display()))?;
+    Ok(log
+        .lines()
+        .filter(|line| line.contains(marker))
+        .map(str::to_owned)
+        .collect())
+}
+
 /// Writes `text` as the lab's mesh config and waits for node1's daemon to log it applied:
 /// the time that took, and the daemon's own read and apply times if it logs them.
-fn apply_from_file(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
+fn apply_from_file(text: &str) -> Result<Applied> {
     let log_path = node_spec("node1")?.log_path();
-    let applied_lines = || -> Result<Vec<String>> {
-        let log = std::fs::read_to_string(&log_path)
-            .with_context(|| format!("reading {}", log_path.display()))?;
-        Ok(log
-            .lines()
-            .filter(|line| line.contains("mesh config applied"))
-            .map(str::to_owned)
-            .collect())
-    };
+    let applied_lines = || node1_log_lines("mesh config applied");
     let before = applied_lines()?.len();
     let seen = write_and_wait(
         text,
@@ -248,13 +268,18 @@ fn apply_from_file(text: &str) -> Result<(Duration, Option<(Duration, Duration)>
     let lines = applied_lines()?;
     let line = lines.last().expect("the line waited for");
     let field = |name| micros_field(line, name);
-    Ok((seen, field("read_us").zip(field("apply_us"))))
+    Ok(Applied {
+        seen,
+        daemon: field("read_us").zip(field("apply_us")),
+        push_to_ack: None,
+    })
 }
 
 /// Writes `text` as the lab's mesh config and waits until istiod says node1's daemon ACKed
 /// it for every type: the time that took (it includes istiod's poll of the file, up to
-/// 100 ms), and the longest time from one of istiod's pushes of it to the daemon's ACK.
-fn apply_from_istiod(text: &str) -> Result<(Duration, Option<(Duration, Duration)>)> {
+/// 100 ms), the daemon's own time for the responses that brought it (what it logs, summed),
+/// and the longest time from one of istiod's pushes of it to the daemon's ACK.
+fn apply_from_istiod(text: &str) -> Result<Applied> {
     let node1 = format!("peer={}:", node_spec("node1")?.underlay_ip);
     let acks = || -> Result<Vec<Duration>> {
         let log = std::fs::read_to_string(istiod::log_path())
@@ -265,7 +290,9 @@ fn apply_from_istiod(text: &str) -> Result<(Duration, Option<(Duration, Duration
             .filter_map(|line| micros_field(line, "after_us"))
             .collect())
     };
+    let responses = || node1_log_lines("xds: response applied");
     let before = acks()?.len();
+    let responses_before = responses()?.len();
     let version = istiod::digest(text.as_bytes());
     let synced = || Ok(istiod::synced_versions().get("node1") == Some(&version));
     let seen = write_and_wait(text, synced, || {
@@ -275,7 +302,17 @@ fn apply_from_istiod(text: &str) -> Result<(Duration, Option<(Duration, Duration
         )
     })?;
     let push_to_ack = acks()?.into_iter().skip(before).max().unwrap_or_default();
-    Ok((seen, Some((Duration::ZERO, push_to_ack))))
+    // A build that does not log its responses' times has no account of its own.
+    let took: Vec<Duration> = responses()?
+        .iter()
+        .skip(responses_before)
+        .filter_map(|line| micros_field(line, "took_us"))
+        .collect();
+    Ok(Applied {
+        seen,
+        daemon: (!took.is_empty()).then(|| (Duration::ZERO, took.iter().sum())),
+        push_to_ack: Some(push_to_ack),
+    })
 }
 
 /// Writes `text` as the lab's mesh config, then waits until `done`: the time from the write.
@@ -346,9 +383,12 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
             "The daemons take the mesh from the lab's istiod, which pushes each version of the \
              file as a delta-xDS difference. \"Seen\" runs from the file's replacement until \
              istiod has node1's ACK of it for every type (it includes istiod's poll of the \
-             file, up to 100 ms); \"daemon\" and \"apply\" are istiod's time from a push \
-             to node1's ACK of it (decode, apply to the model and the kernel maps, answer), the \
-             longest of the version's pushes (no read: shown as 0)."
+             file, up to 100 ms); \"daemon\" and \"apply\" are node1's own time from each \
+             response's arrival to its answer (conversion, apply to the model and the kernel \
+             maps), summed over the version's responses (no read: shown as 0); \"push to \
+             ACK\" is istiod's time from a push to node1's ACK of it, the longest of the \
+             version's pushes (it adds the transfer, the decode, and the wait of both sides' \
+             threads for a core: the other node's daemon takes the same push at once)."
         }
     };
     let mut out = format!(
@@ -356,30 +396,37 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
          workloads (100 namespaces, on other nodes), N/5 services, N/10 policies; then {changes} \
          changes of one workload's address. {how}\n\n\
          | build | workloads | full: seen (ms) | full: daemon read + apply (ms) | one change: \
-         seen, median (ms) | one change: apply median / p99 (ms) | RSS idle lab (MiB) | RSS (MiB) \
-         | per workload above idle (B) | peak RSS (MiB) | idle CPU ticks in {} s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         seen, median (ms) | one change: apply median / p99 (ms) | push to ACK: full; one \
+         change median / p99 (ms) | RSS idle lab (MiB) | RSS (MiB) | per workload above idle \
+         (B) | peak RSS (MiB) | idle CPU ticks in {} s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         IDLE_WINDOW.as_secs()
     );
     for f in all {
         let daemon = f.full_daemon.map_or("-".to_owned(), |(read, apply)| {
             format!("{} + {}", ms(read), ms(apply))
         });
-        let apply = if f.change_apply.is_empty() {
-            "-".to_owned()
-        } else {
-            format!(
-                "{} / {}",
-                ms(quantile(&f.change_apply, 0.5)),
-                ms(quantile(&f.change_apply, 0.99))
-            )
+        let median_and_p99 = |values: &[Duration]| {
+            if values.is_empty() {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{} / {}",
+                    ms(quantile(values, 0.5)),
+                    ms(quantile(values, 0.99))
+                )
+            }
         };
+        let apply = median_and_p99(&f.change_apply);
+        let push_to_ack = f.full_push_to_ack.map_or("-".to_owned(), |full| {
+            format!("{}; {}", ms(full), median_and_p99(&f.change_push_to_ack))
+        });
         let per_workload =
             (f.rss_kib.saturating_sub(f.idle_rss_kib) * 1024) / u64::from(f.workloads);
         let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {daemon} | {} | {apply} | {} | {} | {per_workload} | {} | {} |",
+            "| {} | {} | {} | {daemon} | {} | {apply} | {push_to_ack} | {} | {} | {per_workload} | {} | {} |",
             f.build,
             f.workloads,
             ms(f.full_seen),

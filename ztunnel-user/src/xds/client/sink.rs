@@ -10,6 +10,7 @@ use crate::mesh::Applied;
 use crate::mesh::config::{Change, MeshConfig, Refused};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// A type of resource the client subscribes to (every resource of it: wildcard).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -56,6 +57,17 @@ impl ResourceKind {
 pub struct Upsert {
     pub name: String,
     pub change: Change,
+}
+
+impl Upsert {
+    /// The name its version is held under: a workload's own uid when that is the name (as
+    /// istiod names workloads), so that the model and the versions share one string.
+    pub(super) fn held_name(&self) -> Arc<str> {
+        match &self.change {
+            Change::Workload(workload) if *workload.uid == *self.name => workload.uid.clone(),
+            _ => Arc::from(self.name.as_str()),
+        }
+    }
 }
 
 /// A resource that was not taken: its name and why, as a NACK lists it (`<name>: <reason>`).
