@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::{Instant, timeout};
 
 mod istiod;
+mod memory;
 mod reconnect;
 mod tls;
 
