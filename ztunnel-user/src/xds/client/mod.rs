@@ -30,6 +30,7 @@
 //!   largest response for the stream's life, and the new stream, presenting the versions
 //!   held, costs istiod a comparison and no push.
 
+mod call;
 mod connect;
 mod node;
 mod sink;
@@ -44,12 +45,10 @@ pub use sink::{Rejected, ResourceKind, SinkError, Upsert, XdsBatch, XdsSink};
 pub use state::{XdsAck, XdsHandle, XdsNack, XdsStatus, XdsTypeStatus};
 
 use super::proto::envoy::config::core::v3::Node;
-use super::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-};
+use super::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use super::proto::google::rpc::Status;
 use crate::istiod::{CredentialsError, Dial, channel_failure};
+use call::Ads;
 use rand::Rng;
 use state::{Settled, Shared};
 use std::collections::{HashMap, HashSet};
@@ -58,7 +57,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::codegen::StdError;
-use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// The largest response taken, as in Istio's ztunnel (tonic's default is 4 MiB).
 const MAX_RESPONSE_BYTES: usize = 200 * 1024 * 1024;
@@ -180,12 +178,8 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
             Ok(headers) => headers,
             Err(err) => return err.into(),
         };
-        let client = match self
-            .istiod
-            .dial(AggregatedDiscoveryServiceClient::with_origin)
-            .await
-        {
-            Ok(client) => client,
+        let ads = match self.istiod.dial(Ads::new).await {
+            Ok(ads) => ads,
             Err(err) => return Ended::Connect(err),
         };
         let (requests, outbound) = mpsc::unbounded_channel();
@@ -201,14 +195,8 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
             // The receiver is ours until the stream ends.
             let _ = requests.send(initial_request(kind, &node, versions));
         }
-        let mut request = tonic::Request::new(UnboundedReceiverStream::new(outbound));
-        *request.metadata_mut() = headers;
-        let mut responses = match client
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .delta_aggregated_resources(request)
-            .await
-        {
-            Ok(responses) => responses.into_inner(),
+        let mut responses = match ads.open(headers, outbound, MAX_RESPONSE_BYTES).await {
+            Ok(responses) => responses,
             // The channel connects at the first call: its failure comes as a status that
             // carries the channel's error, not one istiod sent.
             Err(status) => {
