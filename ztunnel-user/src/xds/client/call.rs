@@ -3,11 +3,10 @@
 //! own size, freed once sent. tonic encodes a stream's requests into one buffer that keeps
 //! the capacity of the largest for the stream's life, and a stream's first request presents
 //! every version held: 3.4 MB at 50,000 workloads, kept for as long as the stream lasts.
-//! The responses are decoded by tonic, as the generated client does.
+//! The responses are decoded by tonic, into `DeltaResponse`s.
 
-use super::super::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-};
+use super::super::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use super::response::DeltaResponse;
 use http::header::{CONTENT_TYPE, HeaderValue, TE};
 use http::uri::PathAndQuery;
 use http::{Method, Uri, Version};
@@ -51,7 +50,7 @@ where
         metadata: MetadataMap,
         requests: UnboundedReceiver<DeltaDiscoveryRequest>,
         max_response: usize,
-    ) -> Result<Streaming<DeltaDiscoveryResponse>, tonic::Status> {
+    ) -> Result<Streaming<DeltaResponse>, tonic::Status> {
         let frames = UnboundedReceiverStream::new(requests)
             .map(|request| Ok::<_, Infallible>(Frame::data(framed(&request))));
         let mut request = http::Request::new(tonic::body::Body::new(StreamBody::new(frames)));
@@ -75,8 +74,7 @@ where
             return Err(status);
         }
         let status = response.status();
-        let decoder =
-            ProstCodec::<DeltaDiscoveryRequest, DeltaDiscoveryResponse>::default().decoder();
+        let decoder = ProstCodec::<DeltaDiscoveryRequest, DeltaResponse>::default().decoder();
         Ok(Streaming::new_response(
             decoder,
             response.into_body(),

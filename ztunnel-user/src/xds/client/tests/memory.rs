@@ -72,13 +72,13 @@ impl XdsSink for MeshSink {
 }
 
 /// Channels to the scripted istiod in memory, each given once the test lets it through.
-struct Gated {
+pub(super) struct Gated {
     istiod: FakeIstiod,
     gate: Arc<tokio::sync::Semaphore>,
 }
 
 impl Gated {
-    fn new(istiod: FakeIstiod) -> Gated {
+    pub(super) fn new(istiod: FakeIstiod) -> Gated {
         Gated {
             istiod,
             gate: Arc::new(tokio::sync::Semaphore::new(0)),
@@ -240,12 +240,12 @@ fn encoded(type_url: &str, nonce: &str, resources: Vec<Resource>) -> Vec<u8> {
     response(type_url, nonce, resources, &[]).encode_to_vec()
 }
 
-/// Decodes `bytes` as tonic's codec does, and has the client take the response; returns how
-/// long it took.
+/// Decodes `bytes` as tonic's codec does (from its receive buffer), and has the client take
+/// the response; returns how long it took.
 fn take(client: &XdsClient<Gated, MeshSink>, bytes: &[u8]) -> Duration {
-    let response = DeltaDiscoveryResponse::decode(bytes).unwrap();
+    let response = DeltaResponse::decode(bytes::BytesMut::from(bytes)).unwrap();
     let started = std::time::Instant::now();
-    let reply = client.take(response);
+    let reply = client.take(response).unwrap();
     let took = started.elapsed();
     assert_eq!(reply.error_detail, None, "NACKed");
     took
