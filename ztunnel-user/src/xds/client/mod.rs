@@ -313,7 +313,10 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
         resources: Vec<Bytes>,
         removed: Vec<String>,
     ) -> Result<Option<String>, prost::DecodeError> {
-        let (converted, mut rejected) = sink::convert(kind, resources)?;
+        let sink::Converted {
+            upserts: converted,
+            mut rejected,
+        } = sink::convert(kind, resources)?;
         let (upserts, versions): (Vec<Upsert>, Vec<String>) = converted.into_iter().unzip();
         let names: Vec<Arc<str>> = upserts.iter().map(Upsert::held_name).collect();
         let batch = XdsBatch {

@@ -177,12 +177,19 @@ fn entry_key(change: &Change) -> Option<String> {
     }
 }
 
-/// The resources of a response of `kind`, each decoded and converted in turn: each one's
-/// upsert and version, or why it cannot be taken; or why one does not decode.
+/// A response's resources, converted: each good one's upsert and version, and why each of
+/// the others cannot be taken.
+pub(super) struct Converted {
+    pub(super) upserts: Vec<(Upsert, String)>,
+    pub(super) rejected: Vec<Rejected>,
+}
+
+/// The resources of a response of `kind`, each decoded and converted in turn; or why one does
+/// not decode.
 pub(super) fn convert(
     kind: ResourceKind,
     resources: Vec<Bytes>,
-) -> Result<(Vec<(Upsert, String)>, Vec<Rejected>), prost::DecodeError> {
+) -> Result<Converted, prost::DecodeError> {
     let mut upserts = Vec::with_capacity(resources.len());
     let mut rejected = Vec::new();
     for bytes in resources {
@@ -198,5 +205,5 @@ pub(super) fn convert(
             Err(rejection) => rejected.push(rejection),
         }
     }
-    Ok((upserts, rejected))
+    Ok(Converted { upserts, rejected })
 }

@@ -208,7 +208,7 @@ fn synthetic_policy(k: u32) -> Resource {
         name: format!("p-{k}"),
         namespace: format!("scale-{ns}"),
         scope: Scope::Namespace.into(),
-        action: if k % 2 == 0 {
+        action: if k.is_multiple_of(2) {
             Action::Allow
         } else {
             Action::Deny
@@ -284,7 +284,7 @@ fn synthetic_file() -> String {
     }
     text.push_str("policies:\n");
     for k in 0..POLICIES {
-        let action = if k % 2 == 0 { "Allow" } else { "Deny" };
+        let action = if k.is_multiple_of(2) { "Allow" } else { "Deny" };
         let _ = writeln!(
             text,
             "- {{name: p-{k}, namespace: scale-{ns}, scope: Namespace, action: {action}, \
@@ -357,7 +357,7 @@ fn memory_of_a_mesh_from_istiod() {
             let bytes = encoded(
                 ADDRESS,
                 &format!("c{round}"),
-                vec![synthetic_workload(0, round % 2 == 0)],
+                vec![synthetic_workload(0, round.is_multiple_of(2))],
             );
             take(&client, &bytes)
         })
