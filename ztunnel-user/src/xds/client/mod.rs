@@ -30,8 +30,10 @@
 //!   largest response for the stream's life, and the new stream, presenting the versions
 //!   held, costs istiod a comparison and no push.
 
+mod call;
 mod connect;
 mod node;
+mod response;
 mod sink;
 mod state;
 #[cfg(test)]
@@ -44,13 +46,13 @@ pub use sink::{Rejected, ResourceKind, SinkError, Upsert, XdsBatch, XdsSink};
 pub use state::{XdsAck, XdsHandle, XdsNack, XdsStatus, XdsTypeStatus};
 
 use super::proto::envoy::config::core::v3::Node;
-use super::proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-};
+use super::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use super::proto::google::rpc::Status;
 use crate::istiod::{CredentialsError, Dial, channel_failure};
+use bytes::Bytes;
+use call::Ads;
 use rand::Rng;
+use response::DeltaResponse;
 use state::{Settled, Shared};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -58,7 +60,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::codegen::StdError;
-use tonic::codegen::tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// The largest response taken, as in Istio's ztunnel (tonic's default is 4 MiB).
 const MAX_RESPONSE_BYTES: usize = 200 * 1024 * 1024;
@@ -180,12 +181,8 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
             Ok(headers) => headers,
             Err(err) => return err.into(),
         };
-        let client = match self
-            .istiod
-            .dial(AggregatedDiscoveryServiceClient::with_origin)
-            .await
-        {
-            Ok(client) => client,
+        let ads = match self.istiod.dial(Ads::new).await {
+            Ok(ads) => ads,
             Err(err) => return Ended::Connect(err),
         };
         let (requests, outbound) = mpsc::unbounded_channel();
@@ -201,14 +198,8 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
             // The receiver is ours until the stream ends.
             let _ = requests.send(initial_request(kind, &node, versions));
         }
-        let mut request = tonic::Request::new(UnboundedReceiverStream::new(outbound));
-        *request.metadata_mut() = headers;
-        let mut responses = match client
-            .max_decoding_message_size(MAX_RESPONSE_BYTES)
-            .delta_aggregated_resources(request)
-            .await
-        {
-            Ok(responses) => responses.into_inner(),
+        let mut responses = match ads.open(headers, outbound, MAX_RESPONSE_BYTES).await {
+            Ok(responses) => responses,
             // The channel connects at the first call: its failure comes as a status that
             // carries the channel's error, not one istiod sent.
             Err(status) => {
@@ -244,7 +235,12 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
                 Err(status) => return Ended::Failed(status),
             };
             let bytes = prost::Message::encoded_len(&response);
-            let reply = self.take(response);
+            // A resource that does not decode fails the response whole, nothing of it
+            // applied, as when tonic decoded the response whole.
+            let reply = match self.take(response) {
+                Ok(reply) => reply,
+                Err(err) => return Ended::Failed(tonic::Status::internal(err.to_string())),
+            };
             // Our side closed: taken, but no longer answerable; the next stream says what is
             // held.
             let Some(open) = &requests else {
@@ -266,19 +262,18 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
         }
     }
 
-    /// Takes one response; returns its ACK or NACK.
-    fn take(&self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-        let DeltaDiscoveryResponse {
+    /// Takes one response; returns its ACK or NACK, or why a resource of it does not decode.
+    fn take(&self, response: DeltaResponse) -> Result<DeltaDiscoveryRequest, prost::DecodeError> {
+        let DeltaResponse {
             type_url,
             nonce,
             resources,
             removed_resources,
-            ..
         } = response;
         let started = Instant::now();
         let (upserted, removed) = (resources.len(), removed_resources.len());
         let nack = match ResourceKind::from_type_url(&type_url) {
-            Some(kind) => self.apply(kind, &nonce, resources, removed_resources),
+            Some(kind) => self.apply(kind, &nonce, resources, removed_resources)?,
             None => Some(format!("{type_url}: not a type this client subscribes to")),
         };
         // The daemon's own time for a response, from its arrival to its answer: converting it
@@ -297,7 +292,7 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
                 tracing::warn!(type_url, nonce, upserted, removed, took_us, %message, "xds: NACK")
             }
         }
-        DeltaDiscoveryRequest {
+        Ok(DeltaDiscoveryRequest {
             type_url,
             response_nonce: nonce,
             error_detail: nack.map(|message| Status {
@@ -306,18 +301,22 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
                 details: Vec::new(),
             }),
             ..DeltaDiscoveryRequest::default()
-        }
+        })
     }
 
-    /// Applies a response of `kind` and records it; returns the NACK's message, if any.
+    /// Applies a response of `kind` and records it; returns the NACK's message, if any. If a
+    /// resource does not decode, nothing is applied or recorded.
     fn apply(
         &self,
         kind: ResourceKind,
         nonce: &str,
-        resources: Vec<super::proto::envoy::service::discovery::v3::Resource>,
+        resources: Vec<Bytes>,
         removed: Vec<String>,
-    ) -> Option<String> {
-        let (converted, mut rejected) = sink::convert(kind, resources);
+    ) -> Result<Option<String>, prost::DecodeError> {
+        let sink::Converted {
+            upserts: converted,
+            mut rejected,
+        } = sink::convert(kind, resources)?;
         let (upserts, versions): (Vec<Upsert>, Vec<String>) = converted.into_iter().unzip();
         let names: Vec<Arc<str>> = upserts.iter().map(Upsert::held_name).collect();
         let batch = XdsBatch {
@@ -359,7 +358,7 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
         if self.shared.settle(kind, settled) {
             tracing::info!("xds: every type has had an accepted response: ready");
         }
-        nack
+        Ok(nack)
     }
 }
 

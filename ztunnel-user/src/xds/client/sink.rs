@@ -6,8 +6,10 @@ use super::super::convert::{
     address_change, address_removal, authorization_change, authorization_removal,
 };
 use super::super::proto::envoy::service::discovery::v3::Resource;
+use super::response;
 use crate::mesh::Applied;
 use crate::mesh::config::{Change, MeshConfig, Refused};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -175,15 +177,23 @@ fn entry_key(change: &Change) -> Option<String> {
     }
 }
 
-/// The resources of a response of `kind`, converted: each one's upsert and version, or why it
-/// cannot be taken.
+/// A response's resources, converted: each good one's upsert and version, and why each of
+/// the others cannot be taken.
+pub(super) struct Converted {
+    pub(super) upserts: Vec<(Upsert, String)>,
+    pub(super) rejected: Vec<Rejected>,
+}
+
+/// The resources of a response of `kind`, each decoded and converted in turn; or why one does
+/// not decode.
 pub(super) fn convert(
     kind: ResourceKind,
-    resources: Vec<Resource>,
-) -> (Vec<(Upsert, String)>, Vec<Rejected>) {
+    resources: Vec<Bytes>,
+) -> Result<Converted, prost::DecodeError> {
     let mut upserts = Vec::with_capacity(resources.len());
     let mut rejected = Vec::new();
-    for resource in resources {
+    for bytes in resources {
+        let resource = response::resource(bytes)?;
         match kind.change(&resource) {
             Ok(change) => upserts.push((
                 Upsert {
@@ -195,5 +205,5 @@ pub(super) fn convert(
             Err(rejection) => rejected.push(rejection),
         }
     }
-    (upserts, rejected)
+    Ok(Converted { upserts, rejected })
 }

@@ -12,7 +12,8 @@ use super::super::proto::istio::workload::{
 use super::*;
 use crate::mesh::Mesh;
 use crate::mesh::kernel::memory::MemoryMaps;
-use istiod::{config, credentials, facts, refuse_three, start, start_with_token};
+use istiod::{FakeIstiod, config, credentials, facts, refuse_three, start, start_with_token};
+use memory::Gated;
 use prost_types::Any;
 use prost_types::value::Kind;
 use std::sync::Mutex;
@@ -20,6 +21,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::{Instant, timeout};
 
 mod istiod;
+mod memory;
 mod reconnect;
 mod tls;
 
@@ -187,6 +189,27 @@ fn string(value: &str) -> prost_types::Value {
 }
 
 // ---- tests -----------------------------------------------------------------------------
+
+/// A resource that does not decode fails its response whole, as when tonic decoded responses
+/// whole: nothing of it applied or held, no answer (the stream ends as failed).
+#[test]
+fn a_resource_that_does_not_decode_fails_the_response() {
+    let sink = Arc::new(ModelSink::new());
+    let client = XdsClient::new(config(None), Gated::new(FakeIstiod::new().0), sink.clone());
+    let response = response::DeltaResponse {
+        type_url: ADDRESS.into(),
+        nonce: "n1".into(),
+        // The second: a name of 5 bytes, cut after the first.
+        resources: vec![
+            prost::Message::encode_to_vec(&a1("1")).into(),
+            vec![0x0a, 5, b'x'].into(),
+        ],
+        removed_resources: Vec::new(),
+    };
+    assert!(client.take(response).is_err());
+    assert_eq!(sink.calls(), []);
+    assert!(client.handle().versions(ResourceKind::Address).is_empty());
+}
 
 #[test]
 fn the_node_is_named_as_istios_ztunnel_names_it() {
