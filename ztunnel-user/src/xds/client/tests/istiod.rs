@@ -185,6 +185,17 @@ async fn next_stream(streams: &mut UnboundedReceiver<IstiodStream>) -> IstiodStr
         .unwrap()
 }
 
+/// A `Dial` that never gives a channel: for a client whose responses the test hands over.
+pub(super) struct Unreachable;
+
+impl Dial for Unreachable {
+    type Channel = AggregatedDiscoveryServiceServer<FakeIstiod>;
+
+    async fn dial<Client>(&self, _: fn(Self::Channel, Uri) -> Client) -> Result<Client, StdError> {
+        Err("no istiod in this test".into())
+    }
+}
+
 /// Gives the client channels to `istiod` in memory, recording when; the first `failing` ones
 /// cannot be had.
 struct Dialer {

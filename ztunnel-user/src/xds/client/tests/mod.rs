@@ -12,8 +12,7 @@ use super::super::proto::istio::workload::{
 use super::*;
 use crate::mesh::Mesh;
 use crate::mesh::kernel::memory::MemoryMaps;
-use istiod::{FakeIstiod, config, credentials, facts, refuse_three, start, start_with_token};
-use memory::Gated;
+use istiod::{Unreachable, config, credentials, facts, refuse_three, start, start_with_token};
 use prost_types::Any;
 use prost_types::value::Kind;
 use std::sync::Mutex;
@@ -21,7 +20,6 @@ use std::sync::atomic::Ordering;
 use tokio::time::{Instant, timeout};
 
 mod istiod;
-mod memory;
 mod reconnect;
 mod tls;
 
@@ -195,7 +193,7 @@ fn string(value: &str) -> prost_types::Value {
 #[test]
 fn a_resource_that_does_not_decode_fails_the_response() {
     let sink = Arc::new(ModelSink::new());
-    let client = XdsClient::new(config(None), Gated::new(FakeIstiod::new().0), sink.clone());
+    let client = XdsClient::new(config(None), Unreachable, sink.clone());
     let response = response::DeltaResponse {
         type_url: ADDRESS.into(),
         nonce: "n1".into(),
