@@ -1,7 +1,9 @@
 //! The mesh config parser (`MeshConfig::parse`) on arbitrary text: it must answer, in time,
 //! with a config or an error and never panic; a config it accepts must survive being written
 //! out as YAML (its workloads, services and policies as `/config_dump` shows them) and read
-//! again unchanged.
+//! again unchanged; and read as a new version of the file after the written one, or before
+//! it, it must leave in force what a whole parse of it makes (the daemon compares versions
+//! entry by entry where it can).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -51,5 +53,12 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(workloads, again.sorted_workloads());
         assert_eq!(services, again.sorted_services());
         assert_eq!(config.policies.all(), again.policies.all());
+        for (first, second, whole) in [(&*written, text, &config), (text, &*written, &again)] {
+            let versions = ztunnel_user::fuzzing::mesh_file_versions(first, second);
+            let read = versions.unwrap_or_else(|err| panic!("a valid version refused: {err}"));
+            assert_eq!(read.sorted_workloads(), whole.sorted_workloads());
+            assert_eq!(read.sorted_services(), whole.sorted_services());
+            assert_eq!(read.policies.all(), whole.policies.all());
+        }
     });
 });

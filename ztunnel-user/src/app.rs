@@ -17,8 +17,8 @@ use crate::identity::{BuiltInSource, CertificateAuthority, CertificateSource, Ce
 use crate::istio_ca;
 use crate::istiod::IstiodEndpoint;
 use crate::mesh::Mesh;
+use crate::mesh::config::MeshConfig;
 use crate::mesh::config::reload::{self, ConfigFile};
-use crate::mesh::config::{FileEntries, MeshConfig, MeshFile};
 use crate::ops::admin::Admin;
 use crate::ops::api_server::{self, ApiServer};
 use crate::ops::http;
@@ -66,7 +66,8 @@ pub fn run(mut settings: Settings) -> Result<()> {
         .map(|path| Arc::new(ConfigFile::new(path)));
     // A missing or bad file leaves the daemon up but not ready until it is fixed.
     let reading = Instant::now();
-    let initial = config_file.as_ref().and_then(|file| file.read_if_changed());
+    let initial =
+        (config_file.as_ref()).and_then(|file| file.read_if_changed(&MeshConfig::default()));
     let read = reading.elapsed();
     let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -109,26 +110,17 @@ pub fn run(mut settings: Settings) -> Result<()> {
             handshake_timeout + delivery::CONNECT_TIMEOUT,
         ));
         pool.spawn_idle_release();
-        let (initial, applied) = match initial {
-            Some((hash, file)) => (Some(file), Some(hash)),
-            None => (None, None),
-        };
-        let summary = initial.as_ref().map(MeshFile::summary).unwrap_or_default();
-        // What the file put in the model: its next version is diffed against it, so that
-        // what istiod gives is left alone.
-        let mut file_entries = initial.as_ref().map(MeshFile::entries).unwrap_or_default();
         let source = |current: &MeshConfig| {
-            initial.map_or_else(Vec::new, |file| {
-                file.changes_from(current, &FileEntries::default())
-            })
+            let version = initial.as_ref();
+            version.map_or_else(Vec::new, |version| version.changes.changes(current))
         };
         let applying = Instant::now();
-        let (mesh, applied) =
+        let (mesh, initial) =
             match Mesh::new(source, config_file.clone(), &settings.node, datapath.as_ref()) {
-                Ok(mesh) => (mesh, applied),
+                Ok(mesh) => (mesh, initial),
                 // A file the kernel maps cannot take (a full one) is refused as it would be
                 // later: the daemon stays up, not ready, says why, and tries it again.
-                Err(err) if applied.is_some() => {
+                Err(err) if initial.is_some() => {
                     if let Some(file) = &config_file {
                         file.application_failed(err.to_string());
                     }
@@ -161,16 +153,14 @@ pub fn run(mut settings: Settings) -> Result<()> {
         let readiness = Arc::new(Readiness::default());
         if let Some(file) = &config_file {
             let waiting = format!("the mesh config {}", file.path().display());
-            match applied {
-                Some(hash) => file.applied(hash, &summary, took),
+            match initial {
+                Some(version) => file.applied(version, took),
                 None => readiness.pending(&waiting),
             }
-            let (reloading, ready) = (ctx.clone(), readiness.clone());
-            tokio::spawn(file.clone().watch(move |file| {
-                let entries = file.entries();
-                let applied = reloading
-                    .apply_changes(|current| file.changes_from(current, &file_entries))?;
-                file_entries = entries;
+            let (in_force, reloading, ready) = (ctx.clone(), ctx.clone(), readiness.clone());
+            let current = move || in_force.mesh.current();
+            tokio::spawn(file.clone().watch(current, move |changes| {
+                let applied = reloading.apply_changes(|current| changes.changes(current))?;
                 // A valid file's entries fit together: the model refuses none of them.
                 if let Some(refused) = applied.refused.first() {
                     anyhow::bail!("mesh config entry refused: {refused}");

@@ -1,17 +1,19 @@
 //! Entry points for the fuzz targets in `fuzz/` (cargo feature `fuzzing`, which no build of the
 //! product enables): the few things they drive that the crate otherwise keeps to itself. The
 //! parsers the targets fuzz are public already (`mesh::config::MeshConfig::parse`, `cni::run`,
-//! the `api` types); the HBONE server's handshake, connection loop and `Incoming` are not, so
+//! the `api` types); a new version of the mesh file is read against the one in force
+//! (`mesh_file_versions`); the HBONE server's handshake, connection loop and `Incoming` are not, so
 //! `hbone_connection` serves one connection with them the way the proxy's 15008 handler does at
 //! the wire level.
 
 use crate::cni::NetConf;
 use crate::hbone::OpenCounts;
 use crate::hbone::server::{Incoming, handshake, serve_connection};
+use crate::mesh::config::{ConfigError, FileIndex, MeshConfig};
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -20,6 +22,21 @@ use tokio::sync::watch;
 /// the configuration parses: a target checks it before letting the plugin run.
 pub fn cni_daemon_socket(stdin: &[u8]) -> Option<PathBuf> {
     NetConf::parse(stdin).ok().map(|conf| conf.api_socket)
+}
+
+/// The model the mesh file's versions `first` then `second` leave in force, each read as the
+/// daemon reads a new version of its file (compared with the one before entry by entry where
+/// it can be): a target checks it against the whole parse of `second`.
+pub fn mesh_file_versions(first: &str, second: &str) -> Result<MeshConfig, ConfigError> {
+    let path = Path::new("fuzz/mesh.yaml");
+    let mut index = FileIndex::default();
+    let mut model = MeshConfig::default();
+    for text in [first, second] {
+        let (changes, update) = index.read(path, text, &model)?;
+        model = model.updated(changes.changes(&model)).config;
+        index.commit(update);
+    }
+    Ok(model)
 }
 
 /// How the handler answers a CONNECT whose target the server's checks allow (where the proxy

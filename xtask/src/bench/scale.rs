@@ -47,13 +47,12 @@ struct Figures {
     /// From the file's replacement until the daemon logged it applied, or (from istiod)
     /// ACKed it.
     full_seen: Duration,
-    /// The daemon's own account (this build logs it): reading and parsing, then applying (from
-    /// istiod: nothing read, then its time from each response's arrival to its answer).
-    full_daemon: Option<(Duration, Duration)>,
+    /// The daemon's own account, if its build logs one.
+    full_daemon: Option<DaemonTook>,
     /// From istiod only: the longest time from one of its pushes to the daemon's ACK of it.
     full_push_to_ack: Option<Duration>,
     change_seen: Vec<Duration>,
-    change_apply: Vec<Duration>,
+    change_daemon: Vec<DaemonTook>,
     change_push_to_ack: Vec<Duration>,
     idle_rss_kib: u64,
     rss_kib: u64,
@@ -127,13 +126,13 @@ fn measure(
     let idle_ticks = ticks_over(pid, IDLE_WINDOW)?;
 
     let mut change_seen = Vec::with_capacity(changes);
-    let mut change_apply = Vec::with_capacity(changes);
+    let mut change_daemon = Vec::with_capacity(changes);
     let mut change_push_to_ack = Vec::with_capacity(changes);
     for round in 0..changes {
         mesh.moved = round % 2 == 0;
         let change = apply(&mesh.text())?;
         change_seen.push(change.seen);
-        change_apply.extend(change.daemon.map(|(_, apply)| apply));
+        change_daemon.extend(change.daemon);
         change_push_to_ack.extend(change.push_to_ack);
     }
     Ok(Figures {
@@ -143,7 +142,7 @@ fn measure(
         full_daemon: full.daemon,
         full_push_to_ack: full.push_to_ack,
         change_seen,
-        change_apply,
+        change_daemon,
         change_push_to_ack,
         idle_rss_kib,
         rss_kib,
@@ -233,8 +232,35 @@ impl Synthetic {
 /// time from one of istiod's pushes of it to node1's ACK.
 struct Applied {
     seen: Duration,
-    daemon: Option<(Duration, Duration)>,
+    daemon: Option<DaemonTook>,
     push_to_ack: Option<Duration>,
+}
+
+/// What node1's daemon logs a version took.
+#[derive(Clone, Copy)]
+enum DaemonTook {
+    /// From the file: reading it (and parsing what changed), then applying the changes to the
+    /// model and the kernel maps.
+    File { read: Duration, apply: Duration },
+    /// From istiod: from each response's arrival to its answer (conversion, apply), summed
+    /// over the version's responses.
+    Istiod { responses: Duration },
+}
+
+impl DaemonTook {
+    fn total(self) -> Duration {
+        match self {
+            DaemonTook::File { read, apply } => read + apply,
+            DaemonTook::Istiod { responses } => responses,
+        }
+    }
+
+    fn apply(self) -> Duration {
+        match self {
+            DaemonTook::File { apply, .. } => apply,
+            DaemonTook::Istiod { responses } => responses,
+        }
+    }
 }
 
 /// node1's daemon's log lines that contain `marker`.
@@ -270,7 +296,9 @@ fn apply_from_file(text: &str) -> Result<Applied> {
     let field = |name| micros_field(line, name);
     Ok(Applied {
         seen,
-        daemon: field("read_us").zip(field("apply_us")),
+        daemon: field("read_us")
+            .zip(field("apply_us"))
+            .map(|(read, apply)| DaemonTook::File { read, apply }),
         push_to_ack: None,
     })
 }
@@ -310,7 +338,9 @@ fn apply_from_istiod(text: &str) -> Result<Applied> {
         .collect();
     Ok(Applied {
         seen,
-        daemon: (!took.is_empty()).then(|| (Duration::ZERO, took.iter().sum())),
+        daemon: (!took.is_empty()).then(|| DaemonTook::Istiod {
+            responses: took.iter().sum(),
+        }),
         push_to_ack: Some(push_to_ack),
     })
 }
@@ -376,8 +406,9 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
             "The daemons read the file. \"Seen\" runs from the file's replacement to the \
              daemon's log line (it includes the daemon's wait for the writes to settle, 50 ms \
              with inotify; a build that polls the file adds up to its 500 ms poll); \"daemon\" \
-             is what the daemon logs it took (read and parse + apply to the model and the \
-             kernel maps)."
+             is what the daemon logs it took: reading the file (and parsing what changed: the \
+             whole file at first, then the entries whose text changed) + applying the changes \
+             to the model and the kernel maps."
         }
         ControlPlane::Istiod => {
             "The daemons take the mesh from the lab's istiod, which pushes each version of the \
@@ -385,7 +416,7 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
              istiod has node1's ACK of it for every type (it includes istiod's poll of the \
              file, up to 100 ms); \"daemon\" and \"apply\" are node1's own time from each \
              response's arrival to its answer (conversion, apply to the model and the kernel \
-             maps), summed over the version's responses (no read: shown as 0); \"push to \
+             maps), summed over the version's responses; \"push to \
              ACK\" is istiod's time from a push to node1's ACK of it, the longest of the \
              version's pushes (it adds the transfer, the decode, and the wait of both sides' \
              threads for a core: the other node's daemon takes the same push at once)."
@@ -396,15 +427,16 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
          workloads (100 namespaces, on other nodes), N/5 services, N/10 policies; then {changes} \
          changes of one workload's address. {how}\n\n\
          | build | workloads | full: seen (ms) | full: daemon read + apply (ms) | one change: \
-         seen, median (ms) | one change: apply median / p99 (ms) | push to ACK: full; one \
+         seen, median (ms) | one change: daemon median / p99 (ms) | one change: apply median (ms) | push to ACK: full; one \
          change median / p99 (ms) | RSS idle lab (MiB) | RSS (MiB) | per workload above idle \
          (B) | peak RSS (MiB) | idle CPU ticks in {} s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         IDLE_WINDOW.as_secs()
     );
     for f in all {
-        let daemon = f.full_daemon.map_or("-".to_owned(), |(read, apply)| {
-            format!("{} + {}", ms(read), ms(apply))
+        let daemon = f.full_daemon.map_or("-".to_owned(), |took| match took {
+            DaemonTook::File { read, apply } => format!("{} + {}", ms(read), ms(apply)),
+            DaemonTook::Istiod { responses } => ms(responses),
         });
         let median_and_p99 = |values: &[Duration]| {
             if values.is_empty() {
@@ -417,7 +449,14 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
                 )
             }
         };
-        let apply = median_and_p99(&f.change_apply);
+        let totals: Vec<Duration> = f.change_daemon.iter().map(|t| t.total()).collect();
+        let applies: Vec<Duration> = f.change_daemon.iter().map(|t| t.apply()).collect();
+        let change_daemon = median_and_p99(&totals);
+        let change_apply = if applies.is_empty() {
+            "-".to_owned()
+        } else {
+            ms(quantile(&applies, 0.5))
+        };
         let push_to_ack = f.full_push_to_ack.map_or("-".to_owned(), |full| {
             format!("{}; {}", ms(full), median_and_p99(&f.change_push_to_ack))
         });
@@ -426,7 +465,7 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
         let mib = |kib: u64| format!("{:.1}", kib as f64 / 1024.0);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {daemon} | {} | {apply} | {push_to_ack} | {} | {} | {per_workload} | {} | {} |",
+            "| {} | {} | {} | {daemon} | {} | {change_daemon} | {change_apply} | {push_to_ack} | {} | {} | {per_workload} | {} | {} |",
             f.build,
             f.workloads,
             ms(f.full_seen),

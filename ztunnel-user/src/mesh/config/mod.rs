@@ -15,7 +15,8 @@ mod service;
 mod workload;
 
 pub use address::{GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress};
-pub use file::{ConfigError, FileEntries, MeshFile};
+pub use file::{ConfigError, MeshFile};
+pub(crate) use file::{FileChanges, FileIndex, IndexUpdate};
 pub use ports::{PortMap, ServicePorts};
 pub use service::Service;
 pub(crate) use workload::DEFAULT_SERVICE_ACCOUNT;
@@ -126,9 +127,9 @@ pub struct Endpoint<'a> {
 impl MeshConfig {
     /// The model a valid file describes; `path` only names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<MeshConfig, ConfigError> {
-        let changes = MeshFile::parse(path, text)?
-            .changes_from(&MeshConfig::default(), &FileEntries::default());
-        let mut updated = MeshConfig::default().updated(changes);
+        let empty = MeshConfig::default();
+        let (file, _) = FileIndex::default().read(path, text, &empty)?;
+        let mut updated = empty.updated(file.changes(&empty));
         // A valid file's entries fit together, so nothing is refused; if something were, the
         // file is.
         match updated.refused.pop() {

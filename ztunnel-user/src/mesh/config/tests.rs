@@ -251,19 +251,25 @@ fn a_refused_service_keeps_its_version_in_force_and_absent_removals_touch_nothin
     assert!(updated.config.service_by_key("demo/s").is_none());
 }
 
+/// `text` read as the next version of the file `index` describes, against `current`; the
+/// index then describes it.
+fn read(index: &mut FileIndex, text: &str, current: &MeshConfig) -> Vec<Change> {
+    let (changes, update) = index.read(Path::new(FILE), text, current).unwrap();
+    index.commit(update);
+    changes.changes(current)
+}
+
 /// A file's changes make the model equal to the file: what differs, what is new, and the
 /// removal of what the file no longer has; an unchanged file makes none.
 #[test]
 fn a_file_becomes_the_changes_that_make_the_model_equal_to_it() {
-    let first = parse(SERVICES).unwrap();
+    let mut index = FileIndex::default();
+    let empty = MeshConfig::default();
+    let first = empty.updated(read(&mut index, SERVICES, &empty)).config;
     let edited = SERVICES
         .replace("status: Unhealthy", "status: Healthy")
         .replace("- {uid: wp,", "- {uid: wp2,");
-    let file = MeshFile::parse(Path::new(FILE), &edited).unwrap();
-    let before = MeshFile::parse(Path::new(FILE), SERVICES)
-        .unwrap()
-        .entries();
-    let changes = file.changes_from(&first, &before);
+    let changes = read(&mut index, &edited, &first);
     let names: Vec<String> = changes
         .iter()
         .map(|change| match change {
@@ -278,31 +284,26 @@ fn a_file_becomes_the_changes_that_make_the_model_equal_to_it() {
         updated.config.sorted_workloads(),
         parse(&edited).unwrap().sorted_workloads()
     );
-    let again = MeshFile::parse(Path::new(FILE), &edited).unwrap();
-    let before = MeshFile::parse(Path::new(FILE), &edited).unwrap().entries();
-    assert!(again.changes_from(&updated.config, &before).is_empty());
+    assert!(read(&mut index, &edited, &updated.config).is_empty());
 }
 
 /// With istiod feeding the model too, a new version of the file removes only what its
 /// version before held and it dropped: istiod's entries stay.
 #[test]
 fn a_file_leaves_the_entries_of_another_source_alone() {
-    let file = |text: &str| MeshFile::parse(Path::new(FILE), text).unwrap();
-    let first = file(SERVICES);
-    let before = first.entries();
-    let from_file = MeshConfig::default()
-        .updated(first.changes_from(&MeshConfig::default(), &FileEntries::default()))
-        .config;
+    let mut index = FileIndex::default();
+    let empty = MeshConfig::default();
+    let from_file = empty.updated(read(&mut index, SERVICES, &empty)).config;
     let with_istiod = from_file.updated(workloads(1)).config;
-    let edited = SERVICES.replace("- {uid: wp,", "- {uid: wp2,");
-    let changes = file(&edited).changes_from(&with_istiod, &before);
+    let edited = SERVICES.replace("- {uid: e2,", "- {uid: e2b,");
+    let changes = read(&mut index, &edited, &with_istiod);
     let config = with_istiod.updated(changes).config;
     assert!(
         config.workload_by_uid("w0").is_some(),
         "istiod's entry stays"
     );
-    assert!(config.workload_by_uid("wp").is_none());
-    assert!(config.workload_by_uid("wp2").is_some());
+    assert!(config.workload_by_uid("e2").is_none());
+    assert!(config.workload_by_uid("e2b").is_some());
 }
 
 #[test]

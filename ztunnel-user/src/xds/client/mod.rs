@@ -122,6 +122,49 @@ impl Ended {
     }
 }
 
+/// Our side of a stream: answering istiod, a renewal due or not; or closed for a renewal,
+/// waiting for istiod to end the stream.
+enum OurSide {
+    Open {
+        requests: mpsc::UnboundedSender<DeltaDiscoveryRequest>,
+        renewal: Option<Renewal>,
+    },
+    /// Closed after a response of `bytes`.
+    Closed { bytes: usize },
+}
+
+/// A renewal asked for by a response of `bytes`: our side closes at `close_at`, once istiod
+/// has been quiet for `RENEW_QUIET`.
+struct Renewal {
+    close_at: Instant,
+    bytes: usize,
+}
+
+impl OurSide {
+    fn close_at(&self) -> Option<Instant> {
+        match self {
+            OurSide::Open {
+                renewal: Some(renewal),
+                ..
+            } => Some(renewal.close_at),
+            _ => None,
+        }
+    }
+
+    /// Ends our side (the requests' sender dropped) for the renewal due.
+    fn closed(self) -> OurSide {
+        match self {
+            OurSide::Open {
+                renewal: Some(renewal),
+                ..
+            } => OurSide::Closed {
+                bytes: renewal.bytes,
+            },
+            other => other,
+        }
+    }
+}
+
 /// Sleeps until `at`; never returns without one.
 async fn sleep_until(at: Option<Instant>) {
     match at {
@@ -211,53 +254,55 @@ impl<D: Dial, S: XdsSink + ?Sized> XdsClient<D, S> {
         };
         self.shared.connected();
         tracing::info!(attempt, "xds: stream to istiod open");
-        let mut requests = Some(requests);
-        // A renewal asked for by a large response: when our side closes (once the stream has
-        // been quiet for `RENEW_QUIET`), and that response's size.
-        let mut renewal: Option<(Instant, usize)> = None;
+        let mut side = OurSide::Open {
+            requests,
+            renewal: None,
+        };
         loop {
-            let close_at = renewal.filter(|_| requests.is_some()).map(|(at, _)| at);
             let next = tokio::select! {
                 next = responses.message() => next,
-                () = sleep_until(close_at) => {
+                () = sleep_until(side.close_at()) => {
                     tracing::info!(attempt, "xds: renewing the stream after a large response, once istiod ends it");
                     *last_renewal = Some(Instant::now());
-                    requests = None;
+                    side = side.closed();
                     continue;
                 }
             };
-            let response = match next {
-                Ok(Some(response)) => response,
-                Ok(None) | Err(_) if requests.is_none() => {
-                    return Ended::Renewed(renewal.map_or(0, |(_, bytes)| bytes));
-                }
-                Ok(None) => return Ended::Closed,
-                Err(status) => return Ended::Failed(status),
+            let response = match (next, &side) {
+                (Ok(Some(response)), _) => response,
+                (Ok(None) | Err(_), OurSide::Closed { bytes }) => return Ended::Renewed(*bytes),
+                (Ok(None), OurSide::Open { .. }) => return Ended::Closed,
+                (Err(status), OurSide::Open { .. }) => return Ended::Failed(status),
             };
-            let bytes = prost::Message::encoded_len(&response);
+            // Only a response that could ask for a renewal is measured.
+            let may_renew = matches!(side, OurSide::Open { renewal: None, .. })
+                && last_renewal.is_none_or(|at| at.elapsed() >= RENEWAL_INTERVAL);
+            let bytes = may_renew.then(|| prost::Message::encoded_len(&response));
             // A resource that does not decode fails the response whole, nothing of it
             // applied, as when tonic decoded the response whole.
             let reply = match self.take(response) {
                 Ok(reply) => reply,
                 Err(err) => return Ended::Failed(tonic::Status::internal(err.to_string())),
             };
-            // Our side closed: taken, but no longer answerable; the next stream says what is
-            // held.
-            let Some(open) = &requests else {
-                return Ended::Renewed(bytes);
+            let (requests, renewal) = match &mut side {
+                // Taken, but no longer answerable: the next stream says what is held.
+                OurSide::Closed { bytes } => return Ended::Renewed(*bytes),
+                OurSide::Open { requests, renewal } => (requests, renewal),
             };
             // If the stream is gone, the next read says why.
-            let _ = open.send(reply);
+            let _ = requests.send(reply);
             let quiet_from_now = Instant::now() + RENEW_QUIET;
-            match &mut renewal {
+            match renewal {
                 // istiod is still sending: wait for it to be done.
-                Some((close_at, _)) => *close_at = quiet_from_now,
-                None if bytes > RENEW_AFTER_BYTES
-                    && last_renewal.is_none_or(|at| at.elapsed() >= RENEWAL_INTERVAL) =>
-                {
-                    renewal = Some((quiet_from_now, bytes));
+                Some(due) => due.close_at = quiet_from_now,
+                None => {
+                    if let Some(bytes) = bytes.filter(|bytes| *bytes > RENEW_AFTER_BYTES) {
+                        *renewal = Some(Renewal {
+                            close_at: quiet_from_now,
+                            bytes,
+                        });
+                    }
                 }
-                None => {}
             }
         }
     }

@@ -149,9 +149,12 @@ impl Held {
             return;
         }
         let mut batch: BTreeMap<_, _> = entries.collect();
-        // Likewise, so that the merge has no key to choose.
-        for name in batch.keys() {
-            self.versions.remove(name);
+        // Likewise, so that the merge has no key to choose (nothing to remove from an empty
+        // tree: the first push).
+        if !self.versions.is_empty() {
+            for name in batch.keys() {
+                self.versions.remove(name);
+            }
         }
         self.versions.append(&mut batch);
     }

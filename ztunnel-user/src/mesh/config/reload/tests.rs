@@ -18,10 +18,12 @@ fn workloads(count: usize) -> String {
     text
 }
 
-/// A config file watched in a temporary directory, with the summary of every content applied.
+/// A config file watched in a temporary directory, applied to a model, with the summary of
+/// every content applied.
 struct Watched {
     dir: tempfile::TempDir,
     file: Arc<ConfigFile>,
+    model: Arc<Mutex<Arc<MeshConfig>>>,
     applied: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -33,14 +35,19 @@ impl Watched {
         arrange(dir.path());
         let file = Arc::new(ConfigFile::new(dir.path().join(name)));
         let applied = Arc::new(Mutex::new(Vec::new()));
-        let recorded = applied.clone();
-        let task = tokio::spawn(file.clone().watch(move |config| {
-            recorded.lock().unwrap().push(config.summary());
+        let model = Arc::new(Mutex::new(Arc::new(MeshConfig::default())));
+        let (in_force, updated, recorded) = (model.clone(), model.clone(), applied.clone());
+        let current = move || in_force.lock().unwrap().clone();
+        let task = tokio::spawn(file.clone().watch(current, move |changes| {
+            let mut model = updated.lock().unwrap();
+            *model = Arc::new(model.updated(changes.changes(&model)).config);
+            recorded.lock().unwrap().push(changes.summary().to_owned());
             Ok::<(), std::convert::Infallible>(())
         }));
         Watched {
             dir,
             file,
+            model,
             applied,
             task,
         }
@@ -94,6 +101,9 @@ async fn a_write_in_place_is_applied() {
     std::fs::write(watched.path("mesh.yaml"), workloads(2)).unwrap();
     watched.wait_applied(2).await;
     assert_eq!(watched.file.status().generation, 2);
+    let model = watched.model.lock().unwrap().clone();
+    assert_eq!(model.workload_count(), 2);
+    assert!(model.workload_by_uid("w1").is_some());
 }
 
 #[tokio::test]
@@ -218,13 +228,13 @@ async fn a_config_whose_application_failed_is_applied_again() {
     let file = Arc::new(ConfigFile::new(path));
     let attempts = Arc::new(AtomicU32::new(0));
     let counted = attempts.clone();
-    let watching =
-        tokio::spawn(file.clone().watch(
-            move |_config| match counted.fetch_add(1, Ordering::Relaxed) {
-                0 => Err("ZT_WORKLOADS is full"),
-                _ => Ok(()),
-            },
-        ));
+    let current = || Arc::new(MeshConfig::default());
+    let watching = tokio::spawn(file.clone().watch(current, move |_changes| {
+        match counted.fetch_add(1, Ordering::Relaxed) {
+            0 => Err("ZT_WORKLOADS is full"),
+            _ => Ok(()),
+        }
+    }));
     tokio::time::sleep(RETRY_FIRST * 3).await;
     watching.abort();
     let status = file.status();
@@ -238,9 +248,10 @@ fn a_bad_file_is_refused_until_it_changes() {
     let path = dir.path().join("mesh.yaml");
     std::fs::write(&path, "workloads: [").unwrap();
     let file = ConfigFile::new(path.clone());
-    assert!(file.read_if_changed().is_none());
+    let empty = MeshConfig::default();
+    assert!(file.read_if_changed(&empty).is_none());
     assert!(file.status().rejected.is_some());
-    assert!(file.read_if_changed().is_none());
+    assert!(file.read_if_changed(&empty).is_none());
     std::fs::write(&path, "workloads: []\n").unwrap();
-    assert!(file.read_if_changed().is_some());
+    assert!(file.read_if_changed(&empty).is_some());
 }

@@ -1,12 +1,19 @@
 //! The mesh config file, in the camelCase shape of Istio ztunnel's local config (so an Istio
 //! user's file works as it is): read, validated as a whole (a bad entry refuses the file,
 //! naming the entry and the field), then turned into the changes that make the model in force
-//! equal to it.
+//! equal to it. A new version is compared with the one in force entry by entry where it can be
+//! (`index`, `layout`): only the entries whose text changed are parsed.
+
+mod index;
+mod layout;
+
+pub(crate) use index::{FileIndex, IndexUpdate};
 
 use super::{Change, GatewayAddress, GatewayDestination, MeshConfig, Service, Workload};
 use crate::mesh::FieldError;
 use crate::mesh::authz::Policy;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -32,14 +39,6 @@ pub enum ConfigError {
     },
 }
 
-/// The names of a file's entries, by kind.
-#[derive(Clone, Debug, Default)]
-pub struct FileEntries {
-    workloads: HashSet<String>,
-    services: HashSet<String>,
-    policies: HashSet<String>,
-}
-
 /// A valid file's entries.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -52,6 +51,61 @@ pub struct MeshFile {
     policies: Vec<Policy>,
 }
 
+/// What the file's diff needs of an entry, whatever its kind.
+trait FileEntry: DeserializeOwned {
+    /// The uid or key that names it in the model.
+    fn key(&self) -> Arc<str>;
+    /// Checks the fields serde cannot.
+    fn check(&self) -> Result<(), FieldError>;
+    /// serde grows a list as it reads it, with room for four entries at first: a policy's one
+    /// match took 1.2 KB of its 1.8. The entries go into the model at their lists' lengths.
+    fn trim(&mut self);
+}
+
+impl FileEntry for Workload {
+    fn key(&self) -> Arc<str> {
+        self.uid.clone()
+    }
+
+    fn check(&self) -> Result<(), FieldError> {
+        self.validate()
+    }
+
+    fn trim(&mut self) {
+        self.workload_ips.shrink_to_fit();
+        self.authorization_policies.shrink_to_fit();
+    }
+}
+
+impl FileEntry for Service {
+    fn key(&self) -> Arc<str> {
+        Service::key(self).into()
+    }
+
+    fn check(&self) -> Result<(), FieldError> {
+        self.validate()
+    }
+
+    fn trim(&mut self) {
+        self.vips.shrink_to_fit();
+        self.subject_alt_names.shrink_to_fit();
+    }
+}
+
+impl FileEntry for Policy {
+    fn key(&self) -> Arc<str> {
+        Policy::key(self).into()
+    }
+
+    fn check(&self) -> Result<(), FieldError> {
+        self.validate()
+    }
+
+    fn trim(&mut self) {
+        self.shrink_to_fit();
+    }
+}
+
 impl MeshFile {
     /// Parses and validates; `path` only names the file in errors.
     pub fn parse(path: &Path, text: &str) -> Result<MeshFile, ConfigError> {
@@ -60,7 +114,9 @@ impl MeshFile {
                 path: path.to_owned(),
                 source,
             })?;
-        file.shrink_lists();
+        file.workloads.iter_mut().for_each(FileEntry::trim);
+        file.services.iter_mut().for_each(FileEntry::trim);
+        file.policies.iter_mut().for_each(FileEntry::trim);
         file.validate()
             .map_err(|(entry, problem)| ConfigError::Invalid {
                 path: path.to_owned(),
@@ -68,20 +124,6 @@ impl MeshFile {
                 problem,
             })?;
         Ok(file)
-    }
-
-    /// serde grows a list as it reads it, with room for four entries at first: a policy's one
-    /// match took 1.2 KB of its 1.8. The entries go into the model at their lists' lengths.
-    fn shrink_lists(&mut self) {
-        for workload in &mut self.workloads {
-            workload.workload_ips.shrink_to_fit();
-            workload.authorization_policies.shrink_to_fit();
-        }
-        for service in &mut self.services {
-            service.vips.shrink_to_fit();
-            service.subject_alt_names.shrink_to_fit();
-        }
-        self.policies.iter_mut().for_each(Policy::shrink_to_fit);
     }
 
     pub fn workloads(&self) -> &[Workload] {
@@ -96,69 +138,17 @@ impl MeshFile {
         &self.policies
     }
 
-    /// How many workloads, services and policies the file holds, for the log.
-    pub(crate) fn summary(&self) -> String {
-        format!(
-            "{} workloads, {} services, {} policies",
+    fn summary(&self) -> String {
+        MeshFile::summary_of(
             self.workloads.len(),
             self.services.len(),
-            self.policies.len()
+            self.policies.len(),
         )
     }
 
-    /// The names of its entries: what a later version of the file is diffed against.
-    pub(crate) fn entries(&self) -> FileEntries {
-        FileEntries {
-            workloads: self.workloads.iter().map(|w| w.uid.to_string()).collect(),
-            services: self.services.iter().map(Service::key).collect(),
-            policies: self.policies.iter().map(Policy::key).collect(),
-        }
-    }
-
-    /// The changes that make `current` hold this file's entries as the file has them (those
-    /// that differ or are new), and no longer those of the file's version before (`before`)
-    /// that it dropped. Entries from another source (istiod) are left alone.
-    pub(crate) fn changes_from(self, current: &MeshConfig, before: &FileEntries) -> Vec<Change> {
-        let now = self.entries();
-        let mut changes: Vec<Change> = before
-            .workloads
-            .difference(&now.workloads)
-            .filter(|uid| current.workload_by_uid(uid).is_some())
-            .map(|uid| Change::RemoveWorkload(uid.clone()))
-            .collect();
-        changes.extend(
-            before
-                .services
-                .difference(&now.services)
-                .filter(|key| current.service_by_key(key).is_some())
-                .map(|key| Change::RemoveService(key.clone())),
-        );
-        changes.extend(
-            before
-                .policies
-                .difference(&now.policies)
-                .filter(|key| current.policies.get(key).is_some())
-                .map(|key| Change::RemovePolicy(key.clone())),
-        );
-        changes.extend(
-            self.workloads
-                .into_iter()
-                .filter(|w| current.workload_by_uid(&w.uid) != Some(w))
-                .map(|w| Change::Workload(Arc::new(w))),
-        );
-        changes.extend(
-            self.services
-                .into_iter()
-                .filter(|s| current.service_by_key(&s.key()) != Some(s))
-                .map(|s| Change::Service(Arc::new(s))),
-        );
-        changes.extend(
-            self.policies
-                .into_iter()
-                .filter(|p| current.policies.get(&p.key()) != Some(p))
-                .map(|p| Change::Policy(Arc::new(p))),
-        );
-        changes
+    /// How many workloads, services and policies a file holds, for the log.
+    fn summary_of(workloads: usize, services: usize, policies: usize) -> String {
+        format!("{workloads} workloads, {services} services, {policies} policies")
     }
 
     /// Checks every entry, and that uids, addresses, hostnames and policy keys are unique and
@@ -234,7 +224,98 @@ impl MeshFile {
     }
 }
 
+/// The changes a version of the file makes: the entries it adds or changes (those that equal
+/// the model's are left out when the changes are made), and the keys of the entries of the
+/// version before that it no longer has. Entries from another source (istiod) are left alone.
+#[derive(Debug)]
+pub(crate) struct FileChanges {
+    workloads: Vec<Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    policies: Vec<Arc<Policy>>,
+    removed: Removed,
+    summary: String,
+}
+
+/// Keys by kind.
+#[derive(Debug, Default)]
+struct Removed {
+    workloads: Vec<Arc<str>>,
+    services: Vec<Arc<str>>,
+    policies: Vec<Arc<str>>,
+}
+
+impl FileChanges {
+    /// Every entry of a file parsed whole.
+    fn whole(file: MeshFile, removed: Removed) -> FileChanges {
+        let summary = file.summary();
+        FileChanges {
+            workloads: file.workloads.into_iter().map(Arc::new).collect(),
+            services: file.services.into_iter().map(Arc::new).collect(),
+            policies: file.policies.into_iter().map(Arc::new).collect(),
+            removed,
+            summary,
+        }
+    }
+
+    /// The version's entries and removals, against the model in force.
+    pub(crate) fn changes(&self, current: &MeshConfig) -> Vec<Change> {
+        let removed = &self.removed;
+        let mut changes: Vec<Change> = removed
+            .workloads
+            .iter()
+            .filter(|uid| current.workload_by_uid(uid).is_some())
+            .map(|uid| Change::RemoveWorkload(uid.to_string()))
+            .collect();
+        changes.extend(
+            removed
+                .services
+                .iter()
+                .filter(|key| current.service_by_key(key).is_some())
+                .map(|key| Change::RemoveService(key.to_string())),
+        );
+        changes.extend(
+            removed
+                .policies
+                .iter()
+                .filter(|key| current.policies.get(key).is_some())
+                .map(|key| Change::RemovePolicy(key.to_string())),
+        );
+        changes.extend(
+            self.workloads
+                .iter()
+                .filter(|w| current.workload_by_uid(&w.uid) != Some(w))
+                .map(|w| Change::Workload(w.clone())),
+        );
+        changes.extend(
+            self.services
+                .iter()
+                .filter(|s| current.service_by_key(&s.key()) != Some(s))
+                .map(|s| Change::Service(s.clone())),
+        );
+        changes.extend(
+            self.policies
+                .iter()
+                .filter(|p| current.policies.get(&p.key()) != Some(p))
+                .map(|p| Change::Policy(p.clone())),
+        );
+        changes
+    }
+
+    /// How many workloads, services and policies the version holds, for the log.
+    pub(crate) fn summary(&self) -> &str {
+        &self.summary
+    }
+
+    /// How many entries were parsed: all of them when the version was parsed whole.
+    pub(crate) fn entries_parsed(&self) -> usize {
+        self.workloads.len() + self.services.len() + self.policies.len()
+    }
+}
+
 /// How errors name an entry: its kind, position and `namespace/name`.
 fn entry_name(kind: &str, index: usize, namespace: &str, name: &str) -> String {
     format!("{kind} #{index} ({namespace}/{name})")
 }
+
+#[cfg(test)]
+mod tests;
