@@ -52,7 +52,7 @@ struct Figures {
     /// From istiod only: the longest time from one of its pushes to the daemon's ACK of it.
     full_push_to_ack: Option<Duration>,
     change_seen: Vec<Duration>,
-    change_daemon: Vec<DaemonTook>,
+    change_daemon: Vec<(EntryKind, DaemonTook)>,
     change_push_to_ack: Vec<Duration>,
     idle_rss_kib: u64,
     rss_kib: u64,
@@ -129,10 +129,12 @@ fn measure(
     let mut change_daemon = Vec::with_capacity(changes);
     let mut change_push_to_ack = Vec::with_capacity(changes);
     for round in 0..changes {
-        mesh.moved = round % 2 == 0;
+        // Each kind twice in a row: changed, then back; every version one entry's change.
+        let kind = EntryKind::ALL[(round / 2) % EntryKind::ALL.len()];
+        mesh.changed = (round % 2 == 0).then_some(kind);
         let change = apply(&mesh.text())?;
         change_seen.push(change.seen);
-        change_daemon.extend(change.daemon);
+        change_daemon.extend(change.daemon.map(|took| (kind, took)));
         change_push_to_ack.extend(change.push_to_ack);
     }
     Ok(Figures {
@@ -153,17 +155,30 @@ fn measure(
 
 /// The lab's mesh config with `workloads` synthetic workloads in 100 namespaces (on 1,000
 /// nodes that are not the lab's), a fifth as many services (each workload an endpoint of one)
-/// and a tenth as many policies; `moved`: the first workload at another address.
+/// and a tenth as many policies; `changed`: the first entry of that kind changed (the
+/// workload at another address, the service with another VIP, the policy's action turned).
 struct Synthetic {
     workloads: u32,
-    moved: bool,
+    changed: Option<EntryKind>,
+}
+
+/// The kinds of entry the bench changes, one at a time.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EntryKind {
+    Workload,
+    Service,
+    Policy,
+}
+
+impl EntryKind {
+    const ALL: [EntryKind; 3] = [EntryKind::Workload, EntryKind::Service, EntryKind::Policy];
 }
 
 impl Synthetic {
     fn new(workloads: u32) -> Synthetic {
         Synthetic {
             workloads,
-            moved: false,
+            changed: None,
         }
     }
 
@@ -181,7 +196,7 @@ impl Synthetic {
         let mut extra = String::new();
         for i in 0..self.workloads {
             let service = i % services;
-            let ip = if i == 0 && self.moved {
+            let ip = if i == 0 && self.changed == Some(EntryKind::Workload) {
                 address(150, 0)
             } else {
                 address(100, i)
@@ -204,12 +219,21 @@ impl Synthetic {
                 "- {{name: svc-{j}, namespace: scale-{ns}, hostname: svc-{j}.scale-{ns}.svc, \
                  vips: [/{vip}], ports: {{80: 8080}}}}",
                 ns = j % 100,
-                vip = address(200, j),
+                vip = if j == 0 && self.changed == Some(EntryKind::Service) {
+                    address(210, 0)
+                } else {
+                    address(200, j)
+                },
             );
         }
         sections.push_str("policies:\n");
         for k in 0..policies {
-            let action = if k % 2 == 0 { "Allow" } else { "Deny" };
+            let turned = k == 0 && self.changed == Some(EntryKind::Policy);
+            let action = if (k % 2 == 0) != turned {
+                "Allow"
+            } else {
+                "Deny"
+            };
             let _ = writeln!(
                 sections,
                 "- {{name: p-{k}, namespace: scale-{ns}, scope: Namespace, action: {action}, \
@@ -425,9 +449,10 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
     let mut out = format!(
         "# Mesh size on node1's daemon\n\nEach size: the lab's 5 workloads plus N synthetic \
          workloads (100 namespaces, on other nodes), N/5 services, N/10 policies; then {changes} \
-         changes of one workload's address. {how}\n\n\
+         changes, each of one entry: a workload's address, a service's VIP, a policy's action, in \
+         turn, each changed and then back. {how}\n\n\
          | build | workloads | full: seen (ms) | full: daemon read + apply (ms) | one change: \
-         seen, median (ms) | one change: daemon median / p99 (ms) | one change: apply median (ms) | push to ACK: full; one \
+         seen, median (ms) | one change: daemon median / p99 (ms) | one change: apply median, workload / service / policy (ms) | push to ACK: full; one \
          change median / p99 (ms) | RSS idle lab (MiB) | RSS (MiB) | per workload above idle \
          (B) | peak RSS (MiB) | idle CPU ticks in {} s |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -449,14 +474,25 @@ fn report(all: &[Figures], changes: usize, control_plane: ControlPlane) -> Strin
                 )
             }
         };
-        let totals: Vec<Duration> = f.change_daemon.iter().map(|t| t.total()).collect();
-        let applies: Vec<Duration> = f.change_daemon.iter().map(|t| t.apply()).collect();
+        let totals: Vec<Duration> = f.change_daemon.iter().map(|(_, t)| t.total()).collect();
         let change_daemon = median_and_p99(&totals);
-        let change_apply = if applies.is_empty() {
-            "-".to_owned()
-        } else {
-            ms(quantile(&applies, 0.5))
-        };
+        let by_kind: Vec<String> = EntryKind::ALL
+            .iter()
+            .map(|kind| {
+                let applies: Vec<Duration> = f
+                    .change_daemon
+                    .iter()
+                    .filter(|(of, _)| of == kind)
+                    .map(|(_, took)| took.apply())
+                    .collect();
+                if applies.is_empty() {
+                    "-".to_owned()
+                } else {
+                    ms(quantile(&applies, 0.5))
+                }
+            })
+            .collect();
+        let change_apply = by_kind.join(" / ");
         let push_to_ack = f.full_push_to_ack.map_or("-".to_owned(), |full| {
             format!("{}; {}", ms(full), median_and_p99(&f.change_push_to_ack))
         });
@@ -502,30 +538,35 @@ mod tests {
         );
     }
 
-    /// The synthetic mesh is a valid config of the size asked, and a move changes one
-    /// workload's address only.
+    /// The synthetic mesh is a valid config of the size asked, and each change changes one
+    /// entry of its kind and nothing else.
     #[test]
-    fn the_synthetic_mesh_is_valid_and_a_move_changes_one_address() {
+    fn the_synthetic_mesh_is_valid_and_each_change_changes_one_entry() {
+        use ztunnel_user::mesh::config::MeshConfig;
+        fn differing<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+            a.iter().zip(b).filter(|(x, y)| x != y).count()
+        }
         let mut mesh = Synthetic::new(1000);
         let path = std::path::Path::new("scale.yaml");
-        let config = ztunnel_user::mesh::config::MeshConfig::parse(path, &mesh.text())
-            .expect("a valid config");
+        let parse = |text: &str| MeshConfig::parse(path, text).expect("a valid config");
+        let config = parse(&mesh.text());
         assert_eq!(config.workload_count(), 1000 + topology::PODS.len());
         assert_eq!(config.service_count(), 200);
-        assert_eq!(config.policies.all().len(), 100);
-        mesh.moved = true;
-        let moved = ztunnel_user::mesh::config::MeshConfig::parse(path, &mesh.text()).unwrap();
-        let first = |config: &ztunnel_user::mesh::config::MeshConfig| {
-            config
-                .workload_by_uid("scale-0")
-                .unwrap()
-                .workload_ips
-                .clone()
-        };
-        assert_ne!(first(&config), first(&moved));
-        assert_eq!(
-            config.workload_by_uid("scale-999"),
-            moved.workload_by_uid("scale-999")
-        );
+        assert_eq!(config.policies.len(), 100);
+        for kind in EntryKind::ALL {
+            mesh.changed = Some(kind);
+            let changed = parse(&mesh.text());
+            let counts = (
+                differing(&config.sorted_workloads(), &changed.sorted_workloads()),
+                differing(&config.sorted_services(), &changed.sorted_services()),
+                differing(&config.policies.all(), &changed.policies.all()),
+            );
+            let expected = match kind {
+                EntryKind::Workload => (1, 0, 0),
+                EntryKind::Service => (0, 1, 0),
+                EntryKind::Policy => (0, 0, 1),
+            };
+            assert_eq!(counts, expected);
+        }
     }
 }

@@ -143,7 +143,7 @@ impl Mesh {
                 .as_ref()
                 .map_or_else(ConfigStatus::default, |f| f.status()),
             services: config.service_count(),
-            policies: config.policies.all().len(),
+            policies: config.policies.len(),
             workloads: self
                 .kernel
                 .lock()

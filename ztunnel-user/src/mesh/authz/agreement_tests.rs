@@ -107,11 +107,10 @@ fn random_selection(rng: &mut StdRng) -> Vec<String> {
         .collect()
 }
 
-/// Whether policy `i` takes part in decisions on `target`: not a dry run, and of the target's
+/// Whether `policy` takes part in decisions on `target`: not a dry run, and of the target's
 /// namespace or selecting it (as Istio's ztunnel, the workload's own list of selecting
 /// policies is trusted).
-fn applies(p: &Policies, i: usize, target: &Target) -> bool {
-    let policy = &p.all()[i];
+fn applies(policy: &Policy, target: &Target) -> bool {
     let scoped = match policy.scope {
         Scope::Namespace => policy.namespace == target.namespace,
         Scope::WorkloadSelector => target
@@ -223,15 +222,18 @@ fn the_indices_never_hide_a_policy() {
                 identity: identities.choose(&mut rng).unwrap().as_ref(),
             };
             let facts = Facts::of(&connection);
-            let applying: Vec<usize> = (0..p.all().len())
-                .filter(|&i| applies(&p, i, &target))
+            let applying: Vec<Indexed> = p
+                .all()
+                .into_iter()
+                .filter(|policy| applies(policy, &target))
+                .map(Indexed::new)
                 .collect();
             let matching = |action: Action| {
                 applying
                     .iter()
-                    .any(|&i| p.all()[i].action == action && p.matches(i, &facts))
+                    .any(|i| i.policy.action == action && i.matches(&facts))
             };
-            let allows = applying.iter().any(|&i| p.all()[i].action == Action::Allow);
+            let allows = applying.iter().any(|i| i.policy.action == Action::Allow);
             let expected = !matching(Action::Deny) && (!allows || matching(Action::Allow));
             let allowed = p.check(&target, &connection) == Decision::Allow;
             denied += usize::from(!allowed);

@@ -13,7 +13,7 @@ pub use policy::{Action, Clause, Match, Policy, Rule, Scope, ServiceAccountMatch
 use crate::identity::Identity;
 use index::{Index, Keys, possible_ports};
 use ipnet::IpNet;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -74,22 +74,30 @@ impl fmt::Display for Denial {
     }
 }
 
-/// The policies of a config, indexed by what they apply to and by what they can match.
-#[derive(Default)]
+/// The policies of a config, indexed by what they apply to and by what they can match. Kept
+/// per group (the global policies, each namespace's, the WorkloadSelector ones by key) in
+/// persistent maps, so a new version rebuilds only the groups its changes touch and shares
+/// the others: one policy's change at 5,000 policies costs its namespace's few.
+#[derive(Clone, Default)]
 pub struct Policies {
-    policies: Vec<Arc<Policy>>,
-    /// Per policy: the destination ports it can match at all (None: any port), a quick
-    /// refusal before its rules are looked at.
-    ports: Vec<Option<HashSet<u16>>>,
-    global: Group,
-    by_namespace: HashMap<String, Group>,
+    global: Arc<Group>,
+    by_namespace: imbl::OrdMap<String, Arc<Group>>,
     /// WorkloadSelector policies by key.
-    selectable: HashMap<String, usize>,
+    selectable: imbl::OrdMap<String, Arc<Indexed>>,
+}
+
+/// A policy and the destination ports it can match at all (None: any port), a quick refusal
+/// before its rules are looked at.
+struct Indexed {
+    policy: Arc<Policy>,
+    ports: Option<HashSet<u16>>,
 }
 
 /// The policies of one scope group, split so a check only looks at those that can matter.
 #[derive(Default)]
 struct Group {
+    /// In the order of their keys; the indices index into it.
+    policies: Vec<Indexed>,
     enforced: ByAction,
     dry_run: ByAction,
 }
@@ -109,39 +117,55 @@ impl ByAction {
     }
 }
 
-/// What the matches compare, computed once per check.
-struct Facts<'a> {
-    source: IpAddr,
-    destination: IpAddr,
-    port: u16,
-    identity: Option<&'a Identity>,
-    /// `td/ns/<ns>/sa/<sa>`: the SPIFFE id without its scheme, as Istio matches principals.
-    principal: Option<String>,
+/// Which group a policy belongs to.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum GroupOf {
+    Global,
+    Namespace(String),
+    Selector,
 }
 
-impl Policies {
-    /// Indexes `policies` (validated, with unique keys), in the order of their keys.
-    pub fn new(mut policies: Vec<Arc<Policy>>) -> Policies {
+impl GroupOf {
+    fn of(policy: &Policy) -> GroupOf {
+        match policy.scope {
+            Scope::Global => GroupOf::Global,
+            Scope::Namespace => GroupOf::Namespace(policy.namespace.clone()),
+            Scope::WorkloadSelector => GroupOf::Selector,
+        }
+    }
+}
+
+/// A policy's change: its version before (if any) and after (if any).
+pub(crate) type PolicyChange = (Option<Arc<Policy>>, Option<Arc<Policy>>);
+
+impl Indexed {
+    fn new(policy: Arc<Policy>) -> Indexed {
+        let ports = possible_ports(&policy).map(HashSet::from_iter);
+        Indexed { policy, ports }
+    }
+
+    fn matches(&self, facts: &Facts) -> bool {
+        if self
+            .ports
+            .as_ref()
+            .is_some_and(|ports| !ports.contains(&facts.port))
+        {
+            return false;
+        }
+        self.policy.rules.iter().any(|rule| {
+            rule.iter().all(|clause| {
+                clause.is_empty() || clause.iter().any(|m| !m.is_empty() && facts.satisfy(m))
+            })
+        })
+    }
+}
+
+impl Group {
+    /// Indexes `policies` (validated, with unique keys).
+    fn new(mut policies: Vec<Arc<Policy>>) -> Group {
         policies.sort_by_cached_key(|p| p.key());
-        let mut index = Policies {
-            ports: policies
-                .iter()
-                .map(|p| possible_ports(p).map(HashSet::from_iter))
-                .collect(),
-            ..Policies::default()
-        };
+        let mut group = Group::default();
         for (i, policy) in policies.iter().enumerate() {
-            let group = match policy.scope {
-                Scope::Global => &mut index.global,
-                Scope::Namespace => index
-                    .by_namespace
-                    .entry(policy.namespace.clone())
-                    .or_default(),
-                Scope::WorkloadSelector => {
-                    index.selectable.insert(policy.key(), i);
-                    continue;
-                }
-            };
             let actions = if policy.dry_run {
                 &mut group.dry_run
             } else {
@@ -152,22 +176,85 @@ impl Policies {
                 Action::Allow => actions.allow.insert(i, policy),
             }
         }
-        index.policies = policies;
-        index
+        group.policies = policies.into_iter().map(Indexed::new).collect();
+        group
+    }
+
+    /// This group without the policies `removed` names, with those `added`.
+    fn edited(&self, removed: &HashSet<String>, added: Vec<Arc<Policy>>) -> Group {
+        let kept = self.policies.iter().map(|indexed| &indexed.policy);
+        let kept = kept.filter(|policy| !removed.contains(&policy.key()));
+        Group::new(kept.cloned().chain(added).collect())
+    }
+}
+
+impl Policies {
+    /// Indexes `policies` (validated, with unique keys).
+    pub fn new(policies: Vec<Arc<Policy>>) -> Policies {
+        Policies::default().updated(policies.into_iter().map(|p| (None, Some(p))))
+    }
+
+    /// The next version with `changes` made (each policy's version before, if any, and after,
+    /// if any); only the groups they touch are built again.
+    pub(crate) fn updated(&self, changes: impl IntoIterator<Item = PolicyChange>) -> Policies {
+        let mut edits: BTreeMap<GroupOf, (HashSet<String>, Vec<Arc<Policy>>)> = BTreeMap::new();
+        for (before, after) in changes {
+            if let Some(before) = before {
+                let edit = edits.entry(GroupOf::of(&before)).or_default();
+                edit.0.insert(before.key());
+            }
+            if let Some(after) = after {
+                edits.entry(GroupOf::of(&after)).or_default().1.push(after);
+            }
+        }
+        let mut next = self.clone();
+        for (group, (removed, added)) in edits {
+            match group {
+                GroupOf::Global => next.global = Arc::new(self.global.edited(&removed, added)),
+                GroupOf::Namespace(namespace) => {
+                    let before = self.by_namespace.get(&namespace);
+                    let group = before.map_or_else(
+                        || Group::new(added.clone()),
+                        |group| group.edited(&removed, added.clone()),
+                    );
+                    if group.policies.is_empty() {
+                        next.by_namespace.remove(&namespace);
+                    } else {
+                        next.by_namespace.insert(namespace, Arc::new(group));
+                    }
+                }
+                GroupOf::Selector => {
+                    for key in &removed {
+                        next.selectable.remove(key);
+                    }
+                    for policy in added {
+                        let indexed = Arc::new(Indexed::new(policy));
+                        next.selectable.insert(indexed.policy.key(), indexed);
+                    }
+                }
+            }
+        }
+        next
     }
 
     /// Every policy, in the order of their keys.
-    pub fn all(&self) -> &[Arc<Policy>] {
-        &self.policies
+    pub fn all(&self) -> Vec<Arc<Policy>> {
+        let groups = std::iter::once(&self.global).chain(self.by_namespace.values());
+        let grouped = groups.flat_map(|group| &group.policies);
+        let indexed = grouped.chain(self.selectable.values().map(|indexed| &**indexed));
+        let mut all: Vec<Arc<Policy>> = indexed.map(|i| i.policy.clone()).collect();
+        all.sort_by_cached_key(|p| p.key());
+        all
     }
 
-    /// The policy with the key `namespace/name`.
-    pub fn get(&self, key: &str) -> Option<&Policy> {
-        let at = self
-            .policies
-            .binary_search_by(|p| p.key().as_str().cmp(key))
-            .ok()?;
-        Some(&self.policies[at])
+    /// How many policies there are.
+    pub fn len(&self) -> usize {
+        let grouped: usize = self.by_namespace.values().map(|g| g.policies.len()).sum();
+        self.global.policies.len() + grouped + self.selectable.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Whether `connection` to `target` is allowed.
@@ -178,7 +265,7 @@ impl Policies {
         let dry_run = groups
             .iter()
             .any(|g| g.dry_run.deny.len() + g.dry_run.allow.len() > 0)
-            || selected.iter().any(|&i| self.policies[i].dry_run);
+            || selected.iter().any(|i| i.policy.dry_run);
         if dry_run {
             let shadow = self.decide(&groups, &selected, &facts, true);
             if shadow != decision {
@@ -196,13 +283,13 @@ impl Policies {
     }
 
     /// The scope groups and the selected WorkloadSelector policies that apply to `target`.
-    fn applicable(&self, target: &Target) -> (Vec<&Group>, Vec<usize>) {
-        let mut groups = vec![&self.global];
-        groups.extend(self.by_namespace.get(target.namespace));
+    fn applicable(&self, target: &Target) -> (Vec<&Group>, Vec<&Indexed>) {
+        let mut groups = vec![&*self.global];
+        groups.extend(self.by_namespace.get(target.namespace).map(|g| &**g));
         let selected = target
             .selected
             .iter()
-            .filter_map(|key| self.selectable.get(key).copied())
+            .filter_map(|key| self.selectable.get(key.as_str()).map(|i| &**i))
             .collect();
         (groups, selected)
     }
@@ -210,7 +297,7 @@ impl Policies {
     fn decide(
         &self,
         groups: &[&Group],
-        selected: &[usize],
+        selected: &[&Indexed],
         facts: &Facts,
         with_dry_run: bool,
     ) -> Decision {
@@ -220,29 +307,31 @@ impl Policies {
                 let dry_run = with_dry_run.then_some(&g.dry_run);
                 std::iter::once(&g.enforced)
                     .chain(dry_run)
-                    .map(move |actions| actions.of(action))
+                    .map(move |actions| (*g, actions.of(action)))
             })
         };
         let selected = |action: Action| {
-            selected.iter().copied().filter(move |&i| {
-                let policy = &self.policies[i];
-                policy.action == action && (with_dry_run || !policy.dry_run)
-            })
+            selected
+                .iter()
+                .copied()
+                .filter(move |i| i.policy.action == action && (with_dry_run || !i.policy.dry_run))
         };
         let matching = |action: Action| {
             indices(action)
-                .flat_map(|index| index.candidates(&keys))
+                .flat_map(|(group, index)| index.candidates(&keys).map(|i| &group.policies[i]))
                 .chain(selected(action))
-                .find(|&i| self.matches(i, facts))
+                .find(|i| i.matches(facts))
         };
         if let Some(deny) = matching(Action::Deny) {
             return Decision::Deny(Denial {
-                policy: Some(self.policies[deny].key()),
+                policy: Some(deny.policy.key()),
                 reason: DenyReason::DenyPolicy,
             });
         }
-        let allows =
-            indices(Action::Allow).map(Index::len).sum::<usize>() + selected(Action::Allow).count();
+        let allows = indices(Action::Allow)
+            .map(|(_, index)| index.len())
+            .sum::<usize>()
+            + selected(Action::Allow).count();
         if allows == 0 || matching(Action::Allow).is_some() {
             Decision::Allow
         } else {
@@ -252,21 +341,16 @@ impl Policies {
             })
         }
     }
+}
 
-    fn matches(&self, index: usize, facts: &Facts) -> bool {
-        let policy = &self.policies[index];
-        if self.ports[index]
-            .as_ref()
-            .is_some_and(|ports| !ports.contains(&facts.port))
-        {
-            return false;
-        }
-        policy.rules.iter().any(|rule| {
-            rule.iter().all(|clause| {
-                clause.is_empty() || clause.iter().any(|m| !m.is_empty() && facts.satisfy(m))
-            })
-        })
-    }
+/// What the matches compare, computed once per check.
+struct Facts<'a> {
+    source: IpAddr,
+    destination: IpAddr,
+    port: u16,
+    identity: Option<&'a Identity>,
+    /// `td/ns/<ns>/sa/<sa>`: the SPIFFE id without its scheme, as Istio matches principals.
+    principal: Option<String>,
 }
 
 impl<'a> Facts<'a> {

@@ -6,7 +6,7 @@
 //! nested or disjoint, so the most specific one containing a source fixes its class; one
 //! evaluation per (class, port) gives a table that an LPM trie looks up exactly.
 
-use super::{Connection, Decision, DenyReason, Facts, Match, Policies, Target};
+use super::{Connection, Decision, DenyReason, Facts, Match, Policies, Policy, Target};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -48,24 +48,18 @@ impl Policies {
     /// destination address (the kernel's table has no room for it) or it would be too large.
     pub fn plaintext_plan(&self, target: &Target) -> Option<PlaintextPlan> {
         let (groups, selected) = self.applicable(target);
-        let enforced: Vec<usize> = groups
-            .iter()
-            .flat_map(|g| [&g.enforced.deny, &g.enforced.allow])
-            .flat_map(|index| index.members())
-            .copied()
-            .chain(
-                selected
-                    .iter()
-                    .copied()
-                    .filter(|&i| !self.policies[i].dry_run),
-            )
-            .collect::<BTreeSet<usize>>()
-            .into_iter()
+        let grouped = groups.iter().flat_map(|g| {
+            let members = [&g.enforced.deny, &g.enforced.allow].map(|index| index.members());
+            members.into_iter().flatten().map(|&i| &g.policies[i])
+        });
+        let enforced: Vec<&Policy> = grouped
+            .chain(selected.iter().copied().filter(|i| !i.policy.dry_run))
+            .map(|i| &*i.policy)
             .collect();
         let matches = || {
             enforced
                 .iter()
-                .flat_map(|&i| self.policies[i].rules.iter().flatten().flatten())
+                .flat_map(|policy| policy.rules.iter().flatten().flatten())
         };
         if matches().any(|m| !m.destination_ips.is_empty() || !m.not_destination_ips.is_empty()) {
             return None;

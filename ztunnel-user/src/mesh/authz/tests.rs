@@ -496,3 +496,65 @@ fn the_file_shape_and_its_errors() {
         assert!(err.contains(expected), "{err} should contain {expected}");
     }
 }
+
+/// One policy's change builds its namespace's group again and shares every other group with
+/// the version before; the decisions follow the change, and removals and scope moves too.
+#[test]
+fn a_policy_change_builds_only_the_groups_it_touches() {
+    let policy = |namespace: usize, scope: &str, action: &str| -> Arc<Policy> {
+        let yaml = format!(
+            "{{name: p, namespace: n{namespace}, scope: {scope}, action: {action}, \
+             rules: [[[{{principals: [{{Exact: cluster.local/ns/n{namespace}/sa/x}}]}}]]]}}"
+        );
+        Arc::new(serde_yaml_ng::from_str(&yaml).unwrap())
+    };
+    let before = Policies::new((0..10).map(|n| policy(n, "Namespace", "Deny")).collect());
+    let denied = |policies: &Policies, namespace: &str| {
+        let target = Target {
+            namespace,
+            selected: &[],
+        };
+        let id = identity(namespace, "x");
+        let connection = Connection {
+            source: "10.0.1.5".parse().unwrap(),
+            destination: "10.0.2.2:8080".parse().unwrap(),
+            identity: Some(&id),
+        };
+        policies.check(&target, &connection) != Decision::Allow
+    };
+    assert!(denied(&before, "n3") && denied(&before, "n4"));
+
+    let after = before.updated([(
+        Some(policy(3, "Namespace", "Deny")),
+        Some(policy(3, "Namespace", "Allow")),
+    )]);
+    for n in 0..10 {
+        let namespace = format!("n{n}");
+        let shared = Arc::ptr_eq(
+            &before.by_namespace[&namespace],
+            &after.by_namespace[&namespace],
+        );
+        assert_eq!(shared, n != 3, "{namespace}");
+    }
+    assert!(Arc::ptr_eq(&before.global, &after.global));
+    assert!(!denied(&after, "n3") && denied(&after, "n4"));
+    assert_eq!(after.len(), 10);
+
+    // Removed: its group goes; moved to the selector scope: selected by key only.
+    let removed = after.updated([(Some(policy(4, "Namespace", "Deny")), None)]);
+    assert!(!removed.by_namespace.contains_key("n4") && !denied(&removed, "n4"));
+    let selector = removed.updated([(None, Some(policy(4, "WorkloadSelector", "Deny")))]);
+    assert!(!denied(&selector, "n4"), "not selected");
+    let target = Target {
+        namespace: "n4",
+        selected: &["n4/p".to_owned()],
+    };
+    let id = identity("n4", "x");
+    let connection = Connection {
+        source: "10.0.1.5".parse().unwrap(),
+        destination: "10.0.2.2:8080".parse().unwrap(),
+        identity: Some(&id),
+    };
+    assert_ne!(selector.check(&target, &connection), Decision::Allow);
+    assert_eq!(selector.len(), 10);
+}

@@ -178,6 +178,7 @@ impl MeshConfig {
             }
         }
         let mut refused = Vec::new();
+        let mut policy_changes = Vec::new();
         for change in changes {
             match change {
                 Change::Workload(workload) => {
@@ -221,8 +222,10 @@ impl MeshConfig {
                 }
                 Change::Policy(policy) => match policy.validate() {
                     Ok(()) => {
-                        next.policy_entries.insert(policy.key().into(), policy);
-                        touched.policies += 1;
+                        let before = next
+                            .policy_entries
+                            .insert(policy.key().into(), policy.clone());
+                        policy_changes.push((before, Some(policy)));
                     }
                     Err(problem) => refused.push(Refused {
                         name: policy.key(),
@@ -230,16 +233,15 @@ impl MeshConfig {
                     }),
                 },
                 Change::RemovePolicy(key) => {
-                    if next.policy_entries.remove(key.as_str()).is_some() {
-                        touched.policies += 1;
+                    if let Some(before) = next.policy_entries.remove(key.as_str()) {
+                        policy_changes.push((Some(before), None));
                     }
                 }
             }
         }
-        if touched.policies > 0 {
-            next.policies = Arc::new(Policies::new(
-                next.policy_entries.values().cloned().collect(),
-            ));
+        touched.policies = policy_changes.len();
+        if !policy_changes.is_empty() {
+            next.policies = Arc::new(self.policies.updated(policy_changes));
         }
         Updated {
             config: next,
@@ -386,6 +388,11 @@ impl MeshConfig {
     }
 
     /// The service with the key `namespace/hostname`.
+    /// The policy with the key `namespace/name`.
+    pub fn policy_by_key(&self, key: &str) -> Option<&Policy> {
+        self.policy_entries.get(key).map(|policy| &**policy)
+    }
+
     pub fn service_by_key(&self, key: &str) -> Option<&Service> {
         self.services.get(key).map(|s| &*s.service)
     }

@@ -277,7 +277,7 @@ impl FileChanges {
             removed
                 .policies
                 .iter()
-                .filter(|key| current.policies.get(key).is_some())
+                .filter(|key| current.policy_by_key(key).is_some())
                 .map(|key| Change::RemovePolicy(key.to_string())),
         );
         changes.extend(
@@ -295,7 +295,7 @@ impl FileChanges {
         changes.extend(
             self.policies
                 .iter()
-                .filter(|p| current.policies.get(&p.key()) != Some(p))
+                .filter(|p| current.policy_by_key(&p.key()) != Some(p))
                 .map(|p| Change::Policy(p.clone())),
         );
         changes
