@@ -6,6 +6,7 @@ use crate::command::ip_in;
 use crate::daemon::{self, ControlPlane, DaemonOptions};
 use crate::error::{LabError, Result};
 use crate::istiod;
+use crate::kube;
 use crate::mesh;
 use crate::netns;
 use crate::state::{Lab, Node, Pod};
@@ -85,6 +86,15 @@ fn build(daemons: Option<&DaemonOptions>) -> Result<Lab> {
             );
         }
     }
+    let kubernetes = daemons.is_some_and(|options| options.kubernetes);
+    if kubernetes {
+        let pid = kube::start_kube_api()?;
+        println!(
+            "up: Kubernetes API (fake-kube-apiserver, pid {pid}) on {}, no namespace labelled {}=ambient",
+            kube::address(),
+            kube::DATAPLANE_MODE
+        );
+    }
     let mut nodes = Vec::new();
     for node in &NODES {
         let daemon_pid = if with_ztunnel {
@@ -109,7 +119,7 @@ fn build(daemons: Option<&DaemonOptions>) -> Result<Lab> {
     }
     let mut pods = Vec::new();
     for pod in &PODS {
-        pods.push(add_pod(pod, with_ztunnel)?);
+        pods.push(add_pod(pod, with_ztunnel, kubernetes)?);
     }
     let lab = Lab {
         with_ztunnel,
@@ -197,9 +207,12 @@ fn connect_underlay() -> Result<()> {
     Ok(())
 }
 
-fn add_pod(pod: &PodSpec, with_ztunnel: bool) -> Result<Pod> {
+fn add_pod(pod: &PodSpec, with_ztunnel: bool, kubernetes: bool) -> Result<Pod> {
     netns::create(&pod.netns_name())?;
     cgroup::create(&pod.cgroup_path())?;
+    if kubernetes {
+        kube::start_sandbox(pod)?;
+    }
     let result = cni::cni_add(pod.name).map_err(|error| {
         if with_ztunnel {
             LabError::WithDaemonLog {
@@ -222,7 +235,8 @@ fn add_pod(pod: &PodSpec, with_ztunnel: bool) -> Result<Pod> {
             ),
         });
     }
-    let captured = with_ztunnel && !pod.excluded_from_capture();
+    // By label, none is captured until its namespace is labelled.
+    let captured = with_ztunnel && !kubernetes && !pod.excluded_from_capture();
     println!(
         "up: pod {} ({}/{} on {}): {}, {}",
         pod.name,

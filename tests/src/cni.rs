@@ -74,6 +74,7 @@ pub fn conflist(node: &NodeSpec, with_ztunnel: bool) -> Value {
     })
 }
 
+/// Writes the node's network config list (`conflist`), as its network plugin would.
 pub fn write_conflist(node: &NodeSpec, with_ztunnel: bool) -> Result<()> {
     let path = node.conflist_path();
     let text = serde_json::to_string_pretty(&conflist(node, with_ztunnel)).unwrap_or_default();
@@ -160,10 +161,15 @@ fn plugin_stdin(list: &Value, plugin: &Value, previous: Option<&Value>) -> Value
     config
 }
 
-/// ztunnel-cni from where the lab's daemons come from; ptp and host-local from Debian's.
-fn search_path() -> Result<String> {
+/// ztunnel-cni from the node's bin dir if installed there, else from where the lab's daemons
+/// come from; ptp and host-local from Debian's.
+fn search_path(node: &NodeSpec) -> Result<String> {
     let ours = DaemonOptions::load()?.daemon_bin_dir();
-    Ok(format!("{}:{SYSTEM_CNI_DIR}", ours.display()))
+    Ok(format!(
+        "{}:{}:{SYSTEM_CNI_DIR}",
+        node.cni_bin_dir().display(),
+        ours.display()
+    ))
 }
 
 fn find_plugin(kind: &str, search_path: &str) -> Option<PathBuf> {
@@ -183,7 +189,7 @@ fn invoke(
     previous: Option<&Value>,
 ) -> Result<Value> {
     let kind = plugin["type"].as_str().unwrap_or_default();
-    let cni_path = search_path()?;
+    let cni_path = search_path(pod.node)?;
     let binary = find_plugin(kind, &cni_path).ok_or_else(|| LabError::PluginNotFound {
         plugin: kind.to_owned(),
         search_path: cni_path.clone(),

@@ -81,6 +81,10 @@ pub struct DaemonOptions {
     pub env: Vec<(String, String)>,
     #[serde(default)]
     pub control_plane: ControlPlane,
+    /// Enroll pods by their labels in the lab's Kubernetes API (`fake-kube-apiserver`), as
+    /// the DaemonSet does, instead of every pod the CNI plugin is called for.
+    #[serde(default)]
+    pub kubernetes: bool,
 }
 
 impl DaemonOptions {
@@ -189,6 +193,9 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         ControlPlane::Istiod => {
             command.envs(crate::istiod::daemon_env(node));
         }
+    }
+    if options.kubernetes {
+        command.envs(crate::kube::daemon_env());
     }
     // After istiod's: a test may point one of them elsewhere.
     command.envs(options.env.iter().map(|(name, value)| (name, value)));

@@ -18,7 +18,7 @@ pub enum LabError {
     EmptyCommand,
     #[error("no pod or node named `{0}` in the lab (pods: a1 a2 b1 u1 w1, nodes: node1 node2)")]
     UnknownName(String),
-    #[error("{} is missing; build it first (`cargo build -p ztunnel-user -p fake-istiod -p ztunnel-lab --bins`) or point ZTUNNEL_BIN_DIR at it", path.display())]
+    #[error("{} is missing; build it first (`cargo build -p ztunnel-user -p fake-istiod -p fake-kube-apiserver -p ztunnel-lab --bins`) or point ZTUNNEL_BIN_DIR at it", path.display())]
     MissingBinary { path: PathBuf },
     #[error("CNI plugin `{plugin}` not found in CNI_PATH {search_path}")]
     PluginNotFound { plugin: String, search_path: String },

@@ -3,22 +3,19 @@
 //! binary (delta xDS and the Istio CA over TLS, serving the lab's mesh file), run in node1's
 //! netns as istiod runs as a pod on some node. node2 reaches it over the underlay.
 
-use crate::daemon::{is_alive, log_output_to, signal_and_wait};
+use crate::cluster_service;
+use crate::daemon::{is_alive, signal_and_wait};
 use crate::error::{LabError, Result};
-use crate::exec::Placement;
 use crate::topology::{self, NODES};
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 /// istiod's port for xDS and its CA.
 const PORT: u16 = 15012;
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+const PROGRAM: &str = "fake-istiod";
 /// The line the fake logs once it listens.
 const SERVING: &str = "serving";
 
@@ -84,57 +81,24 @@ pub fn start_istiod() -> Result<u32> {
             std::fs::write(&path, LAB_TOKEN).map_err(|e| LabError::io("writing", path, e))?;
         }
     }
-    let binary = topology::binary_in(&topology::bin_dir(), "fake-istiod")?;
-    let log_path = log_path();
-    let node = &NODES[0];
-    let mut command = Placement::new(&node.system_cgroup(), &node.netns_path(), true)?
-        .command(binary.as_os_str());
-    command
-        .arg("--listen")
-        .arg(address().to_string())
-        .arg("--mesh-config")
-        .arg(topology::MESH_CONFIG)
-        .arg("--ca-dir")
-        .arg(topology::CA_DIR)
-        .arg("--token-file")
-        .arg(accepted_token_path())
-        .arg("--proxy-status")
-        .arg(proxy_status_path())
-        .arg("--faults")
-        .arg(faults_path())
-        .stdin(Stdio::null());
-    log_output_to(&mut command, &log_path)?;
-    let logged_before = std::fs::metadata(&log_path).map_or(0, |m| m.len());
-    let child = command
-        .spawn()
-        .map_err(|e| istiod_error(format!("could not be started: {e}")))?;
-    let pid = child.id();
-    // Not waited for: it outlives us, as the daemons do.
-    drop(child);
+    let args = [
+        "--listen".to_owned(),
+        address().to_string(),
+        "--mesh-config".to_owned(),
+        topology::MESH_CONFIG.to_owned(),
+        "--ca-dir".to_owned(),
+        topology::CA_DIR.to_owned(),
+        "--token-file".to_owned(),
+        accepted_token_path().display().to_string(),
+        "--proxy-status".to_owned(),
+        proxy_status_path().display().to_string(),
+        "--faults".to_owned(),
+        faults_path().display().to_string(),
+    ];
+    let pid = cluster_service::start(PROGRAM, &args, &log_path(), SERVING)?;
     std::fs::write(pid_file(), pid.to_string())
         .map_err(|e| LabError::io("writing", pid_file(), e))?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if !is_alive(pid) {
-            return Err(istiod_error(format!(
-                "exited while starting; see {}",
-                log_path.display()
-            )));
-        }
-        let log = std::fs::read(&log_path).unwrap_or_default();
-        let new = log.get(logged_before as usize..).unwrap_or_default();
-        if String::from_utf8_lossy(new).contains(SERVING) {
-            return Ok(pid);
-        }
-        if Instant::now() >= deadline {
-            signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT);
-            return Err(istiod_error(format!(
-                "did not listen within {}s",
-                START_TIMEOUT.as_secs()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Ok(pid)
 }
 
 /// Stops istiod, if it runs; says whether it did.
@@ -142,8 +106,8 @@ pub fn stop_istiod() -> Result<bool> {
     let Some(pid) = istiod_pid() else {
         return Ok(false);
     };
-    if !signal_and_wait(pid, Signal::SIGTERM, STOP_TIMEOUT) {
-        signal_and_wait(pid, Signal::SIGKILL, STOP_TIMEOUT);
+    if !signal_and_wait(pid, Signal::SIGTERM, cluster_service::STOP_TIMEOUT) {
+        signal_and_wait(pid, Signal::SIGKILL, cluster_service::STOP_TIMEOUT);
     }
     let _ = std::fs::remove_file(pid_file());
     Ok(true)
@@ -265,8 +229,5 @@ fn signal_istiod(signal: Signal) -> Result<()> {
 }
 
 fn istiod_error(problem: String) -> LabError {
-    LabError::Command {
-        command: "fake-istiod".to_owned(),
-        detail: problem,
-    }
+    cluster_service::error(PROGRAM, problem)
 }

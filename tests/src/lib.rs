@@ -8,6 +8,7 @@
 mod bringup;
 pub mod capture;
 mod cgroup;
+mod cluster_service;
 mod cni;
 mod command;
 mod daemon;
@@ -15,6 +16,7 @@ mod endpoints;
 mod error;
 mod exec;
 pub mod istiod;
+pub mod kube;
 mod lock;
 pub mod mesh;
 mod netns;
@@ -25,7 +27,7 @@ pub mod topology;
 pub mod traffic;
 
 pub use bringup::{up, up_with, up_without_ztunnel};
-pub use cni::{CniResult, cni_add, cni_check, cni_del};
+pub use cni::{CniResult, cni_add, cni_check, cni_del, write_conflist};
 pub use command::run;
 pub use daemon::{
     CONTROL_PLANE_VARIABLE, ControlPlane, DaemonOptions, Started, daemon_cli, daemon_config_dump,

@@ -202,6 +202,12 @@ impl NodeSpec {
         self.dir().join("cni-results")
     }
 
+    /// The node's own CNI bin dir, where `ztunnel install-cni` puts the plugin; searched
+    /// first (it exists only once something installed there).
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir().join("cni-bin")
+    }
+
     /// The daemon's `--state-dir`: the records of its enrolled pods.
     pub fn daemon_state_dir(&self) -> PathBuf {
         self.dir().join("state")

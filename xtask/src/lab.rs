@@ -22,6 +22,11 @@ pub enum LabCommand {
         /// delta xDS, with Istio's CA).
         #[arg(long, value_enum, default_value_t = ztunnel_lab::ControlPlane::File)]
         control_plane: ztunnel_lab::ControlPlane,
+        /// Enroll pods as the DaemonSet does, by the label `istio.io/dataplane-mode=ambient` of
+        /// their namespace in a Kubernetes API: `fake` runs the lab's own API server (node1,
+        /// port 6443), which holds the lab's namespaces, none labelled, and pods.
+        #[arg(long, value_enum, conflicts_with = "without_ztunnel")]
+        kube: Option<KubeApi>,
     },
     /// Remove everything the lab and ztunnel created (also after a crashed or killed run).
     Down,
@@ -37,12 +42,20 @@ pub enum LabCommand {
     },
 }
 
+/// The Kubernetes API a lab's daemons read.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum KubeApi {
+    /// The lab's fake API server (`fake-kube-apiserver`).
+    Fake,
+}
+
 pub fn run(command: LabCommand) -> Result<ExitCode> {
     match command {
         LabCommand::Up {
             no_build,
             without_ztunnel,
             control_plane,
+            kube,
         } => {
             if !no_build {
                 build_binaries(without_ztunnel, false)?;
@@ -54,6 +67,7 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
             } else {
                 ztunnel_lab::up_with(&ztunnel_lab::DaemonOptions {
                     control_plane,
+                    kubernetes: kube.is_some(),
                     ..ztunnel_lab::DaemonOptions::default()
                 })?;
             }
@@ -75,7 +89,14 @@ pub fn run(command: LabCommand) -> Result<ExitCode> {
 pub fn build_binaries(without_ztunnel: bool, release: bool) -> Result<()> {
     let mut args = vec!["build", "-p", "ztunnel-lab"];
     if !without_ztunnel {
-        args.extend(["-p", "ztunnel-user", "-p", "fake-istiod"]);
+        args.extend([
+            "-p",
+            "ztunnel-user",
+            "-p",
+            "fake-istiod",
+            "-p",
+            "fake-kube-apiserver",
+        ]);
     }
     args.push("--bins");
     if release {

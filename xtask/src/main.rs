@@ -3,8 +3,10 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod image;
 mod lab;
 mod layers;
+mod manifests;
 mod setup;
 mod soak;
 mod test;
@@ -52,6 +54,15 @@ enum Command {
     Fuzz(fuzz::FuzzArgs),
     /// Run the product on the lab: enroll pods, send traffic, show what was captured, tear down.
     Demo(demo::DemoArgs),
+    /// Build the OCI image of ztunnel and ztunnel-cni offline, from scratch: the release
+    /// binaries, the loader and libraries they link, a minimal /etc; an OCI layout in
+    /// <OUTPUT>/oci tagged --tag, reproducible for a commit; prints its digest and size, and
+    /// how to push it with skopeo.
+    Image(image::ImageArgs),
+    /// Render the Kubernetes manifests (`kubectl kustomize deploy/`) to
+    /// target/manifests/ztunnel.yaml and validate them offline against the Kubernetes API's
+    /// schemas (kubernetes-validate --strict).
+    Manifests,
     /// The layers of ztunnel-user: its top-level modules, lowest first, each with the modules it
     /// uses; fails, naming a place for each edge, when their imports form a cycle.
     Layers,
@@ -71,6 +82,8 @@ fn main() -> Result<ExitCode> {
         Command::Bench(args) => bench::run(args).map(|()| ExitCode::SUCCESS),
         Command::Soak(args) => soak::run(args).map(|()| ExitCode::SUCCESS),
         Command::Fuzz(args) => fuzz::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Image(args) => image::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Manifests => manifests::run().map(|()| ExitCode::SUCCESS),
         Command::Layers => layers::run(),
         Command::VmTest(args) => vm::run(args).map(|()| ExitCode::SUCCESS),
     }

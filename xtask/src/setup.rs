@@ -5,7 +5,7 @@ use anyhow::{Context, Result, bail};
 use std::process::{Command, Output, Stdio};
 use ztunnel_common::cgroup2;
 
-const DEBIAN_PACKAGES: [&str; 17] = [
+const DEBIAN_PACKAGES: [&str; 19] = [
     "llvm-22-dev",
     "libpolly-22-dev",
     "libzstd-dev",
@@ -32,6 +32,9 @@ const DEBIAN_PACKAGES: [&str; 17] = [
     "qemu-system-x86",
     "busybox-static",
     "kmod",
+    // `cargo xtask image`: the OCI layout and its layers; skopeo pushes or exports the image.
+    "umoci",
+    "skopeo",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -41,6 +44,9 @@ const BPFFS: &str = "/sys/fs/bpf";
 const PYTHON_H2: &str = "h2>=4,<5";
 /// virtme-ng, which boots the kernels of `cargo xtask vm-test` over the host's own files.
 const VIRTME_NG_VERSION: &str = "1.42";
+/// kubernetes-validate, which `cargo xtask manifests` checks the rendered manifests with
+/// (the API's schemas are in the package: no cluster, no network).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 pub fn run() -> Result<()> {
     build_tools()?;
@@ -48,6 +54,11 @@ pub fn run() -> Result<()> {
     pip_package(
         &format!("virtme-ng=={VIRTME_NG_VERSION}"),
         virtme_ng_installed,
+    )?;
+    kubectl()?;
+    pip_package(
+        &format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"),
+        kubernetes_validate_installed,
     )?;
     bpffs()?;
     cgroup2()?;
@@ -94,17 +105,7 @@ fn debian_packages() -> Result<()> {
         return Ok(());
     }
     step(STEP, &format!("installing {}...", missing.join(" ")));
-    run_visibly(
-        Command::new("apt-get").arg("update"),
-        "apt-get update (are you root, is the network up?)",
-    )?;
-    run_visibly(
-        Command::new("apt-get")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .args(["install", "-y"])
-            .args(&missing),
-        "apt-get install (are you root?)",
-    )?;
+    apt_install(&missing)?;
     let still_missing = missing_packages()?;
     if !still_missing.is_empty() {
         bail!(
@@ -114,6 +115,21 @@ fn debian_packages() -> Result<()> {
     }
     step(STEP, "installed");
     Ok(())
+}
+
+/// `apt-get install` of `packages`, after refreshing the package lists.
+fn apt_install(packages: &[&str]) -> Result<()> {
+    run_visibly(
+        Command::new("apt-get").arg("update"),
+        "apt-get update (are you root, is the network up?)",
+    )?;
+    run_visibly(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(packages),
+        &format!("apt-get install {} (are you root?)", packages.join(" ")),
+    )
 }
 
 fn missing_packages() -> Result<Vec<&'static str>> {
@@ -313,6 +329,35 @@ fn pip_package(requirement: &str, installed: impl Fn() -> Result<bool>) -> Resul
     }
     step(&step_name, "installed");
     Ok(())
+}
+
+/// kubectl, which renders the manifests (`kubectl kustomize`): any that runs, else Debian's
+/// `kubernetes-client` (its kustomize renders `deploy/` as a newer kubectl does).
+fn kubectl() -> Result<()> {
+    const STEP: &str = "kubectl";
+    let runs = || {
+        output(Command::new("kubectl").args(["version", "--client"]))
+            .is_ok_and(|reported| reported.status.success())
+    };
+    if runs() {
+        step(STEP, "present");
+        return Ok(());
+    }
+    step(STEP, "installing kubernetes-client...");
+    apt_install(&["kubernetes-client"])?;
+    if !runs() {
+        bail!("kubernetes-client is installed but `kubectl version --client` fails");
+    }
+    step(STEP, "installed");
+    Ok(())
+}
+
+/// kubernetes-validate, for `cargo xtask manifests`: the pinned version, run as python3 runs
+/// it there?
+fn kubernetes_validate_installed() -> Result<bool> {
+    let reported = output(Command::new("python3").args(["-m", "kubernetes_validate", "--version"]))
+        .context("running python3 (install it: `cargo xtask manifests` needs it)")?;
+    Ok(String::from_utf8_lossy(&reported.stdout).trim() == KUBERNETES_VALIDATE_VERSION)
 }
 
 /// `h2`, for the independent HBONE peer (tests/hbone_peer): importable?

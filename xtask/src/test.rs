@@ -10,13 +10,15 @@ use tally::{Tally, tests_in_sources};
 use ztunnel_lab::topology;
 
 /// The crates whose tests need no lab (the eBPF crate only builds for the BPF target).
-const HOST_CRATES: [&str; 8] = [
+const HOST_CRATES: [&str; 10] = [
     "-p",
     "ztunnel-common",
     "-p",
     "ztunnel-user",
     "-p",
     "fake-istiod",
+    "-p",
+    "fake-kube-apiserver",
     "-p",
     "xtask",
 ];
@@ -44,18 +46,20 @@ const FUZZ_CLIPPY: [&str; 9] = [
 ];
 
 /// The Rust sources whose tests each phase runs (for the count it must reach).
-const HOST_TEST_SOURCES: [&str; 6] = [
+const HOST_TEST_SOURCES: [&str; 8] = [
     "ztunnel-common/src",
     "ztunnel-common/tests",
     "ztunnel-user/src",
     "ztunnel-user/tests",
     "tests/fake-istiod/src",
+    "tests/fake-kube/src",
+    "tests/fake-kube/tests",
     "xtask/src",
 ];
 const LAB_TEST_SOURCES: [&str; 2] = ["tests/src", "tests/tests"];
 /// The end-to-end suites run a second time with the daemons on the lab's istiod (delta xDS
 /// and Istio's CA) instead of the mesh file and the built-in CA.
-const ISTIOD_SUITES: [&str; 4] = ["datapath", "hbone", "policy", "restart"];
+const ISTIOD_SUITES: [&str; 5] = ["datapath", "hbone", "policy", "restart", "kubernetes"];
 const PEER_SELFTEST: &str = "tests/hbone_peer/test_peer_selftest.py";
 
 pub fn run() -> Result<()> {
@@ -75,6 +79,9 @@ pub fn run() -> Result<()> {
     crate::lab::build_binaries(false, false)?;
 
     let mut summary = Summary::default();
+    // The DaemonSet and the rest of deploy/, rendered as `kubectl apply -k` would and checked
+    // against the API's schemas; the unit tests check it against the daemon's settings.
+    summary.phase("Kubernetes manifests", crate::manifests::run);
     let host_tests = [
         &["test", "--lib", "--bins", "--tests", "--no-fail-fast"][..],
         &HOST_CRATES,
@@ -124,6 +131,13 @@ pub fn run() -> Result<()> {
     summary.always("lab down", || {
         Ok(ztunnel_lab::LabLock::acquire("test").and_then(|_lock| ztunnel_lab::down())?)
     });
+    // The release image, unpacked and run: its config, and both binaries under chroot into
+    // its root filesystem (so it carries every library they load).
+    summary.phase(
+        "container image: cargo xtask image, then `ztunnel --version` and `ztunnel-cni` \
+         (CNI_COMMAND=VERSION) under chroot into the unpacked image",
+        crate::image::check,
+    );
     // The same lab under the kernels most nodes run, with cgroup v2 at /sys/fs/cgroup.
     let kernels = crate::vm::DEFAULT_KERNELS.map(str::to_owned);
     summary.phase(&format!("the smoke under kernels {kernels:?}"), || {

@@ -377,7 +377,8 @@ fn find_file(dir: &Path, wanted: impl Fn(&str) -> bool) -> Result<PathBuf> {
     bail!("nothing of the kind in {}", dir.display())
 }
 
-fn run_checked(command: &mut Command, what: &str) -> Result<()> {
+/// Runs a tool with our stdout and stderr, failing unless it succeeds.
+pub(crate) fn run_checked(command: &mut Command, what: &str) -> Result<()> {
     let status = command
         .stdin(Stdio::null())
         .status()

@@ -40,10 +40,16 @@ pub enum Request {
         uid: String,
         container_id: String,
     },
-    /// Is this sandbox of the pod enrolled?
+    /// Is this sandbox of the pod enrolled (or, with Kubernetes enrollment, out of the mesh)?
     Check {
         uid: String,
         container_id: String,
+        /// The pod's namespace and name, by which Kubernetes enrollment reads its labels
+        /// (absent from older plugins' requests).
+        #[serde(default)]
+        namespace: String,
+        #[serde(default)]
+        name: String,
     },
     Status,
     /// Recent captured connections, newest last.
@@ -167,12 +173,27 @@ pub struct ConnectionRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Enrolled { pod: EnrolledPod },
-    Disenrolled { was_enrolled: bool },
-    Checked { enrolled: bool },
+    Enrolled {
+        pod: EnrolledPod,
+    },
+    Disenrolled {
+        was_enrolled: bool,
+    },
+    Checked {
+        enrolled: bool,
+    },
+    /// The pod is not in the mesh (`--enrollment kubernetes`: its labels keep it out), so there
+    /// is nothing to do for it.
+    NotInMesh {
+        reason: String,
+    },
     Status(Status),
-    Connections { connections: Vec<ConnectionRecord> },
-    Error { message: String },
+    Connections {
+        connections: Vec<ConnectionRecord>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,7 @@ use crate::host::{features, limits};
 use crate::identity::{BuiltInSource, CertificateAuthority, CertificateSource, CertificateStore};
 use crate::istio_ca;
 use crate::istiod::IstiodEndpoint;
+use crate::kube::{self, Kubernetes};
 use crate::mesh::Mesh;
 use crate::mesh::config::MeshConfig;
 use crate::mesh::config::reload::{self, ConfigFile};
@@ -29,7 +30,7 @@ use crate::pods::records::PodStates;
 use crate::pods::{PodCounts, Pods};
 use crate::proxy::ProxyContext;
 use crate::proxy::admission::Admission;
-use crate::settings::Settings;
+use crate::settings::{Enrollment, Settings};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::connections::ConnectionLog;
 use crate::telemetry::metrics::TrafficMetrics;
@@ -66,8 +67,9 @@ pub fn run(mut settings: Settings) -> Result<()> {
         .map(|path| Arc::new(ConfigFile::new(path)));
     // A missing or bad file leaves the daemon up but not ready until it is fixed.
     let reading = Instant::now();
-    let initial =
-        (config_file.as_ref()).and_then(|file| file.read_if_changed(&MeshConfig::default()));
+    let initial = config_file
+        .as_ref()
+        .and_then(|file| file.read_if_changed(&MeshConfig::default()));
     let read = reading.elapsed();
     let lifetime = Duration::from_secs(settings.cert_lifetime_secs);
     let env: Vec<(String, String)> = std::env::vars().collect();
@@ -172,15 +174,28 @@ pub fn run(mut settings: Settings) -> Result<()> {
         let xds = xds.map(|(config, istiod)| {
             start_xds(XdsClient::new(config, istiod, ctx.clone()), &settings, &readiness)
         });
+        let kubernetes = match settings.enrollment {
+            Enrollment::Cni => None,
+            Enrollment::Kubernetes => Some(
+                Kubernetes::connect(settings.kubeconfig.as_deref())
+                    .await
+                    .context("--enrollment kubernetes")?,
+            ),
+        };
         let listener = api_server::bind(&settings.api_socket)?;
         let pod_counts = Arc::new(PodCounts::default());
+        let pods = Arc::new(tokio::sync::Mutex::new(Pods::new(
+            ctx.clone(),
+            states,
+            node.pod_cgroups,
+            pod_counts.clone(),
+        )));
+        if let Some(kubernetes) = &kubernetes {
+            start_kubernetes_enrollment(kubernetes.clone(), &settings, pods.clone(), &readiness);
+        }
         let server = Arc::new(ApiServer {
-            pods: tokio::sync::Mutex::new(Pods::new(
-                ctx.clone(),
-                states,
-                node.pod_cgroups,
-                pod_counts.clone(),
-            )),
+            pods,
+            kubernetes,
             ctx: ctx.clone(),
             readiness: readiness.clone(),
             xds: xds.clone(),
@@ -249,6 +264,25 @@ fn start_xds(
         ready.done(&waiting);
     });
     handle
+}
+
+/// Starts enrolling pods by their labels in the Kubernetes API: the daemon is not ready until
+/// the namespaces and this node's pods were listed, and enrolls none before it is ready.
+fn start_kubernetes_enrollment(
+    kubernetes: Kubernetes,
+    settings: &Settings,
+    pods: Arc<tokio::sync::Mutex<Pods>>,
+    readiness: &Arc<Readiness>,
+) {
+    const LISTING: &str = "the Kubernetes API's namespaces and this node's pods";
+    readiness.pending(LISTING);
+    let (ready, listed) = (readiness.clone(), readiness.clone());
+    let hooks = kube::Hooks {
+        ready: Box::new(move || ready.check().is_ok()),
+        listed: Box::new(move || listed.done(LISTING)),
+    };
+    let reconciler = kube::Reconciler::new(kubernetes, settings.node.clone(), pods, hooks);
+    tokio::spawn(reconciler.run());
 }
 
 /// Serves the pods the previous run enrolled again, once the mesh config is in force from

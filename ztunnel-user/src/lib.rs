@@ -1,12 +1,12 @@
-//! The ztunnel node proxy: the daemon (`app`), the operator's CLI (`cli`) and the CNI plugin's
-//! logic (`cni`).
+//! The ztunnel node proxy: the daemon (`app`), the operator's CLI (`cli`), the CNI plugin's
+//! logic (`cni`) and its installer (`cni_install`).
 //!
 //! Top-level modules depend on each other in one direction only, roughly from the application
 //! down to the leaves (docs/ARCHITECTURE.md; `cargo xtask layers` prints the exact graph, and
 //! the test suite fails on a cycle):
 //!
 //! ```text
-//! app, cli, cni -> ops -> pods -> proxy -> {capture, hbone, delivery, telemetry}
+//! app, cli, cni, cni_install -> ops -> pods -> proxy -> {capture, hbone, delivery, telemetry}
 //!     -> {api, xds} -> mesh -> {identity, relay, host, settings}
 //! ```
 #![warn(unreachable_pub)]
@@ -16,6 +16,7 @@ pub mod app;
 mod capture;
 pub mod cli;
 pub mod cni;
+pub mod cni_install;
 mod delivery;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
@@ -24,6 +25,7 @@ pub mod host;
 pub mod identity;
 pub mod istio_ca;
 pub mod istiod;
+mod kube;
 pub mod mesh;
 mod ops;
 mod pods;

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::ffi::c_char;
 use ztunnel_user::settings::Settings;
-use ztunnel_user::{app, cli};
+use ztunnel_user::{app, cli, cni_install};
 
 /// jemalloc rather than glibc's malloc: its size classes fit what every open connection
 /// holds (tokio's tasks and I/O registrations are 128-byte aligned, which glibc serves by
@@ -37,6 +37,16 @@ enum Command {
     /// Run the node daemon: load the capture programs and serve enrolled pods. Every flag can
     /// also be set by the environment variable its help names.
     Run(Box<Settings>),
+    /// Put the ztunnel-cni plugin on this node: copy its binary into the CNI bin dir and append
+    /// its entry to the node's network config (the first in the config dir by name), then keep
+    /// it there while the network plugin rewrites or replaces its config. On SIGTERM or SIGINT
+    /// the entry stays: pods that start while the installer is away (a rolling update) wait
+    /// for the daemon rather than start uncaptured. Run by the DaemonSet in its own container.
+    InstallCni(cni_install::InstallArgs),
+    /// Take the ztunnel-cni plugin off this node: its entry out of the network configs (a
+    /// config the network plugin did not change since gets its original bytes back) and its
+    /// binary out of the CNI bin dir.
+    UninstallCni(cni_install::CniDirs),
     #[command(flatten)]
     Operator(cli::Command),
 }
@@ -44,6 +54,8 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(settings) => app::run(*settings),
+        Command::InstallCni(args) => Ok(cni_install::install(&args)?),
+        Command::UninstallCni(dirs) => Ok(cni_install::uninstall(&dirs)?),
         Command::Operator(command) => Ok(cli::run(command)?),
     }
 }

@@ -82,6 +82,17 @@ pub struct Settings {
         value_delimiter = ','
     )]
     pub exclude_inbound_ports: Vec<u16>,
+    /// Which pods are captured: every pod the CNI plugin is called for (`cni`), or, as Istio's
+    /// ambient mode does, those of namespaces (or pods) labelled
+    /// `istio.io/dataplane-mode=ambient` in the Kubernetes API (`kubernetes`), which also
+    /// enrolls and releases running pods as labels change and annotates captured pods
+    /// `ambient.istio.io/redirection: enabled` for istiod.
+    #[arg(long, env = "ZTUNNEL_ENROLLMENT", value_enum, default_value_t = Enrollment::Cni)]
+    pub enrollment: Enrollment,
+    /// The Kubernetes API for `--enrollment kubernetes` [default: the cluster the daemon's pod
+    /// runs in, by its service account].
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
     /// Mesh config (workloads, services, policies in Istio ztunnel's local config shape).
     /// Without it, every destination is outside the mesh and pods get their namespace's
     /// `default` identity.
@@ -310,6 +321,16 @@ pub struct IstiodSettings {
     /// This daemon's pod IP (downward API `status.podIP`).
     #[arg(long, env = "INSTANCE_IP", value_name = "IP")]
     pub instance_ip: Option<std::net::IpAddr>,
+}
+
+/// Which pods the daemon captures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enrollment {
+    /// Every pod the CNI plugin is called for, but those of its excluded namespaces.
+    Cni,
+    /// The pods Istio's ambient mode captures, by the labels in the Kubernetes API.
+    Kubernetes,
 }
 
 /// How enrolled pods' connections are brought to the proxy.

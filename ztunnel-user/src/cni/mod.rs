@@ -21,8 +21,8 @@ pub(crate) const CNI_VERSION: &str = "1.0.0";
 /// Config versions the plugin accepts. They all share the result shape the plugin reads.
 pub(crate) const SUPPORTED_VERSIONS: [&str; 4] = ["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
 
-const DEFAULT_TIMEOUT_SECONDS: f64 = 30.0;
-const DEFAULT_EXCLUDED_NAMESPACES: [&str; 1] = ["kube-system"];
+pub(crate) const DEFAULT_TIMEOUT_SECONDS: f64 = 30.0;
+pub(crate) const DEFAULT_EXCLUDED_NAMESPACES: [&str; 1] = ["kube-system"];
 
 /// Everything that makes the plugin fail, with the CNI error code each maps to.
 #[derive(Debug, thiserror::Error)]
@@ -382,6 +382,10 @@ fn add(invocation: &Invocation, netns: PathBuf) -> Result<Value, CniError> {
     let label = format!("{namespace}/{name}");
     match ask(conf, &Request::Enroll { pod }, "enroll", &label)? {
         Response::Enrolled { .. } => Ok(result),
+        Response::NotInMesh { reason } => {
+            info!("pod {label} is not in the mesh ({reason}); not capturing it");
+            Ok(result)
+        }
         other => Err(CniError::UnexpectedResponse(format!("{other:?}"))),
     }
 }
@@ -441,9 +445,11 @@ fn check(invocation: &Invocation) -> Result<(), CniError> {
     let request = Request::Check {
         uid: uid.to_owned(),
         container_id: container_id.clone(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
     };
     match ask(conf, &request, "check", &label)? {
-        Response::Checked { enrolled: true } => Ok(()),
+        Response::Checked { enrolled: true } | Response::NotInMesh { .. } => Ok(()),
         Response::Checked { enrolled: false } => Err(CniError::NotCaptured(label)),
         other => Err(CniError::UnexpectedResponse(format!("{other:?}"))),
     }

@@ -1,5 +1,6 @@
 //! Changes of a file, watched with inotify, for the files the daemon follows while it runs
-//! (the mesh config, istiod's root certificate): an idle daemon reads nothing.
+//! (the mesh config, istiod's root certificate): an idle daemon reads nothing. The CNI
+//! installer follows the network configs of a directory the same way.
 //!
 //! inotify through nix, on the daemon's tokio runtime (`AsyncFd`): the daemon runs on Linux
 //! only and already depends on nix, so the watch costs no thread and no crate, where `notify`
@@ -38,11 +39,47 @@ const CONFIGMAP_DATA: &str = "..data";
 /// `unwatched` and tried again after `WATCH_RETRY`; one that fails is set up again.
 pub(crate) async fn on_changes(
     path: &Path,
+    unwatched: impl FnMut(&WatchError) + Send,
+    changed: impl FnMut() -> Option<Duration> + Send,
+) {
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let followed = Followed::File {
+        path: path.to_owned(),
+        name: path.file_name().unwrap_or(path.as_os_str()).to_owned(),
+    };
+    follow(&dir, &followed, unwatched, changed).await;
+}
+
+/// `on_changes` for every entry of the directory `dir` whose name `wanted` accepts (created,
+/// written, replaced or removed), such as the CNI network configs of a node.
+pub(crate) async fn on_directory_changes(
+    dir: &Path,
+    wanted: fn(&OsStr) -> bool,
+    unwatched: impl FnMut(&WatchError) + Send,
+    changed: impl FnMut() -> Option<Duration> + Send,
+) {
+    follow(dir, &Followed::Names(wanted), unwatched, changed).await;
+}
+
+/// What a watch reports changes of.
+enum Followed {
+    /// One file of the directory, and what it leads to through symlinks.
+    File { path: PathBuf, name: OsString },
+    /// The directory's entries whose names pass the filter.
+    Names(fn(&OsStr) -> bool),
+}
+
+async fn follow(
+    dir: &Path,
+    followed: &Followed,
     mut unwatched: impl FnMut(&WatchError) + Send,
     mut changed: impl FnMut() -> Option<Duration> + Send,
 ) {
     loop {
-        let mut changes = match FileChanges::watch(path) {
+        let mut changes = match FileChanges::watch(dir, followed) {
             Ok(changes) => changes,
             Err(err) => {
                 unwatched(&err);
@@ -85,14 +122,13 @@ pub(crate) enum WatchError {
     DirectoryGone { dir: PathBuf, path: PathBuf },
 }
 
-/// The inotify watches that tell when the file may read differently: its directory, and its
-/// current target.
-struct FileChanges {
+/// The inotify watches that tell when what is followed may read differently: its directory,
+/// and a followed file's current target.
+struct FileChanges<'a> {
     inotify: AsyncFd<InotifyFd>,
     directory: WatchDescriptor,
     dir: PathBuf,
-    path: PathBuf,
-    name: OsString,
+    followed: &'a Followed,
 }
 
 /// nix's `Inotify` for tokio, which wants the raw descriptor.
@@ -104,14 +140,21 @@ impl AsRawFd for InotifyFd {
     }
 }
 
-impl FileChanges {
-    fn watch(path: &Path) -> Result<FileChanges, WatchError> {
-        let dir = match path.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
-            _ => PathBuf::from("."),
-        };
+impl Followed {
+    /// What errors name: the file, or the directory whose entries are followed.
+    fn path<'a>(&'a self, dir: &'a Path) -> &'a Path {
+        match self {
+            Followed::File { path, .. } => path,
+            Followed::Names(_) => dir,
+        }
+    }
+}
+
+impl<'a> FileChanges<'a> {
+    fn watch(dir: &Path, followed: &'a Followed) -> Result<FileChanges<'a>, WatchError> {
+        let path = followed.path(dir);
         let watch_error = |source| WatchError::Watch {
-            dir: dir.clone(),
+            dir: dir.to_owned(),
             path: path.to_owned(),
             source,
         };
@@ -119,7 +162,7 @@ impl FileChanges {
             Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).map_err(watch_error)?;
         let directory = inotify
             .add_watch(
-                &dir,
+                dir,
                 AddWatchFlags::IN_CREATE
                     | AddWatchFlags::IN_DELETE
                     | AddWatchFlags::IN_MOVED_FROM
@@ -142,24 +185,30 @@ impl FileChanges {
         Ok(FileChanges {
             inotify,
             directory,
-            name: path.file_name().unwrap_or(path.as_os_str()).to_owned(),
-            path: path.to_owned(),
-            dir,
+            dir: dir.to_owned(),
+            followed,
         })
+    }
+
+    fn path(&self) -> &Path {
+        self.followed.path(&self.dir)
     }
 
     /// Watches the file the path leads to now (through any symlinks) for writes in place:
     /// where a symlink leads out of the directory, its events would not name the file.
     fn follow_target(&self) {
+        let Followed::File { path, .. } = self.followed else {
+            return;
+        };
         let watched = self.inotify.get_ref().0.add_watch(
-            &self.path,
+            path,
             AddWatchFlags::IN_MODIFY | AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_ATTRIB,
         );
         match watched {
             // Missing: the directory's watch sees it appear.
             Ok(_) | Err(Errno::ENOENT) => {}
             Err(err) => {
-                tracing::warn!(path = %self.path.display(), %err, "cannot watch the file's target for writes in place; its directory is still watched")
+                tracing::warn!(path = %path.display(), %err, "cannot watch the file's target for writes in place; its directory is still watched")
             }
         }
     }
@@ -199,7 +248,7 @@ impl FileChanges {
             if event.wd == self.directory && event.mask.intersects(DIRECTORY_GONE) {
                 return Err(WatchError::DirectoryGone {
                     dir: self.dir.clone(),
-                    path: self.path.clone(),
+                    path: self.path().to_owned(),
                 });
             }
             touched |= self.touches_file(event);
@@ -209,7 +258,7 @@ impl FileChanges {
 
     fn wait_error(&self, source: std::io::Error) -> WatchError {
         WatchError::Wait {
-            path: self.path.clone(),
+            path: self.path().to_owned(),
             source,
         }
     }
@@ -220,10 +269,15 @@ impl FileChanges {
             return true;
         }
         if event.wd == self.directory {
-            return event
-                .name
-                .as_deref()
-                .is_some_and(|name| name == self.name || name == OsStr::new(CONFIGMAP_DATA));
+            let Some(name) = event.name.as_deref() else {
+                return false;
+            };
+            return match self.followed {
+                Followed::File { name: file, .. } => {
+                    name == file || name == OsStr::new(CONFIGMAP_DATA)
+                }
+                Followed::Names(wanted) => wanted(name),
+            };
         }
         // The target's watch; its IN_IGNORED (the old target is gone) follows an event of the
         // directory's.

@@ -3,6 +3,7 @@
 //! given by the operator so that several nodes share one trust root.
 
 use super::spiffe::Identity;
+use crate::host::files;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
@@ -12,9 +13,9 @@ use rustls::crypto::ring::sign::any_ecdsa_type;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, DirBuilder, File, Permissions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -311,28 +312,9 @@ fn set_validity(
     Ok(())
 }
 
-/// Writes `contents` to `path` through a temporary file and a rename, so a crash never leaves a
-/// half-written file; the file is created with `mode`.
+/// Writes `contents` to `path` in one step, with `mode`.
 fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), CaError> {
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    let write = || -> io::Result<()> {
-        // A leftover from a crash may have another mode: start afresh so `mode` applies.
-        match fs::remove_file(&temporary) {
-            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
-            _ => {}
-        }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temporary)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&temporary, path)
-    };
-    write().map_err(|source| CaError::Write {
+    files::write_atomically(path, contents, mode).map_err(|source| CaError::Write {
         path: path.to_owned(),
         source,
     })

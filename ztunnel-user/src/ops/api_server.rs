@@ -3,6 +3,7 @@
 
 use super::readiness::Readiness;
 use crate::api::{CertificateInfo, CounterValue, Request, Response, Status};
+use crate::kube::Kubernetes;
 use crate::pods::Pods;
 use crate::proxy::ProxyContext;
 use crate::xds::client::XdsHandle;
@@ -16,7 +17,9 @@ use tokio::sync::Mutex;
 const MAX_REQUEST: u64 = 64 * 1024;
 
 pub(crate) struct ApiServer {
-    pub(crate) pods: Mutex<Pods>,
+    pub(crate) pods: Arc<Mutex<Pods>>,
+    /// With `--enrollment kubernetes`: the API whose labels say which pods are in the mesh.
+    pub(crate) kubernetes: Option<Kubernetes>,
     pub(crate) ctx: Arc<ProxyContext>,
     pub(crate) readiness: Arc<Readiness>,
     /// The xDS client's view, when it runs.
@@ -171,6 +174,9 @@ impl ApiServer {
                         ),
                     };
                 }
+                if let Some(refusal) = self.outside_the_mesh(&pod.namespace, &pod.name).await {
+                    return refusal;
+                }
                 match self.pods.lock().await.enroll(pod) {
                     Ok(pod) => Response::Enrolled { pod },
                     Err(err) => {
@@ -185,13 +191,38 @@ impl ApiServer {
                 let was_enrolled = self.pods.lock().await.disenroll(&uid, Some(&container_id));
                 Response::Disenrolled { was_enrolled }
             }
-            Request::Check { uid, container_id } => Response::Checked {
-                enrolled: self.pods.lock().await.is_enrolled(&uid, &container_id),
-            },
+            Request::Check {
+                uid,
+                container_id,
+                namespace,
+                name,
+            } => {
+                if self.pods.lock().await.is_enrolled(&uid, &container_id) {
+                    return Response::Checked { enrolled: true };
+                }
+                let outside = self.outside_the_mesh(&namespace, &name).await;
+                outside.unwrap_or(Response::Checked { enrolled: false })
+            }
             Request::Status => Response::Status(self.status().await),
             Request::Connections => Response::Connections {
                 connections: self.ctx.connections.snapshot(),
             },
+        }
+    }
+
+    /// With Kubernetes enrollment, the answer for a pod of a CNI call that is not in the mesh
+    /// (or whose labels cannot be read: the runtime retries the call).
+    async fn outside_the_mesh(&self, namespace: &str, name: &str) -> Option<Response> {
+        let kubernetes = self.kubernetes.as_ref()?;
+        let label = format!("{namespace}/{name}");
+        match kubernetes.admits(namespace, name).await {
+            Ok(Ok(())) => None,
+            Ok(Err(skip)) => Some(Response::NotInMesh {
+                reason: skip.to_string(),
+            }),
+            Err(err) => Some(Response::Error {
+                message: format!("cannot tell whether {label} is in the mesh: {err}"),
+            }),
         }
     }
 }

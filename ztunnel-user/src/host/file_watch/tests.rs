@@ -1,5 +1,5 @@
 //! The watch against real files: a replacement by rename, a write in place, and a burst of
-//! writes each reported, the burst once.
+//! writes each reported, the burst once; and a directory's wanted entries.
 
 use super::*;
 use tokio::sync::mpsc;
@@ -51,6 +51,40 @@ async fn replacements_and_writes_in_place_are_reported_and_a_burst_once() {
     );
     // Another file of the directory is no change of this one.
     std::fs::write(dir.path().join("other"), "x").unwrap();
+    assert!(timeout(SETTLE_AT_MOST * 2, changes.recv()).await.is_err());
+    watch.abort();
+}
+
+#[tokio::test]
+async fn a_directory_reports_its_wanted_entries_created_replaced_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, mut changes) = mpsc::unbounded_channel();
+    let watched = dir.path().to_owned();
+    let wanted = |name: &OsStr| name.to_string_lossy().ends_with(".conflist");
+    let watch = tokio::spawn(async move {
+        let unwatched = |err: &WatchError| panic!("{err}");
+        on_directory_changes(&watched, wanted, unwatched, || {
+            let _ = report.send(());
+            None
+        })
+        .await;
+    });
+    next(&mut changes).await;
+
+    let path = dir.path().join("10-a.conflist");
+    std::fs::write(&path, "one").unwrap();
+    next(&mut changes).await;
+    let partial = dir.path().join("10-a.conflist.tmp");
+    std::fs::write(&partial, "two").unwrap();
+    std::fs::rename(&partial, &path).unwrap();
+    next(&mut changes).await;
+    std::fs::write(dir.path().join("05-b.conflist"), "three").unwrap();
+    next(&mut changes).await;
+    std::fs::remove_file(&path).unwrap();
+    next(&mut changes).await;
+
+    // Entries it does not want are no change.
+    std::fs::write(dir.path().join("notes.txt"), "x").unwrap();
     assert!(timeout(SETTLE_AT_MOST * 2, changes.recv()).await.is_err());
     watch.abort();
 }
