@@ -74,7 +74,7 @@ fn lookups(c: &mut Criterion) {
     let large_vip = SocketAddr::new(IpAddr::V4(service_vip(SERVICES)), 80);
     let service = config.service_at(vip).expect("the service");
     let large = config.service_at(large_vip).expect("the large service");
-    assert!(config.pick_endpoint(large, 80).is_some());
+    assert!(config.pick_endpoint(large, None, large_vip).is_some());
 
     let mut group = c.benchmark_group("mesh config, 10k workloads, 1k services");
     group.bench_function("workload by IP", |b| {
@@ -92,14 +92,14 @@ fn lookups(c: &mut Criterion) {
     group.bench_function("endpoint pick, 10 endpoints", |b| {
         b.iter(|| {
             config
-                .pick_endpoint(black_box(service), 80)
+                .pick_endpoint(black_box(service), None, vip)
                 .map(|e| e.address)
         })
     });
     group.bench_function("endpoint pick, 1,000 endpoints", |b| {
         b.iter(|| {
             config
-                .pick_endpoint(black_box(large), 80)
+                .pick_endpoint(black_box(large), None, large_vip)
                 .map(|e| e.address)
         })
     });

@@ -124,6 +124,9 @@ pub struct ConfigDump {
     pub workloads: Vec<Workload>,
     pub services: Vec<Service>,
     pub policies: Vec<Policy>,
+    /// Fields the entries set that this build reads but does not act on yet.
+    #[serde(default)]
+    pub accepted_not_used: Vec<String>,
 }
 
 /// The resource limits the daemon enforces, as resolved at start (`proxy::admission`).

@@ -11,8 +11,9 @@ use std::net::IpAddr;
 use ztunnel_lab::istiod::{BAD_ADDRESS, digest};
 use ztunnel_user::mesh::authz::{Match, Policy, StringMatch};
 use ztunnel_user::mesh::config::{
-    GatewayAddress, GatewayDestination, HealthStatus, MeshFile, NetworkAddress, Protocol, Service,
-    Workload,
+    GatewayAddress, GatewayDestination, HealthPolicy, HealthStatus, IpFamily, LoadBalancer,
+    LoadBalancerMode, LocalityScope, MeshFile, NetworkAddress, NetworkMode, Protocol, Service,
+    TunnelHeader, Workload,
 };
 use ztunnel_user::xds::proto::istio::{security, workload as wire};
 
@@ -152,6 +153,28 @@ fn workload(w: &Workload) -> wire::Workload {
         authorization_policies: w.authorization_policies.clone(),
         status: status.into(),
         cluster_id: w.cluster_id.to_string(),
+        locality: w.locality.as_deref().map(|l| wire::Locality {
+            region: l.region.to_string(),
+            zone: l.zone.to_string(),
+            subzone: l.subzone.to_string(),
+        }),
+        // Istio sends the capacity only when it is not the default.
+        capacity: (w.capacity != 1).then_some(w.capacity),
+        network_mode: match w.network_mode {
+            NetworkMode::Standard => wire::NetworkMode::Standard,
+            NetworkMode::HostNetwork => wire::NetworkMode::HostNetwork,
+        }
+        .into(),
+        network_gateway: w.network_gateway.as_deref().map(gateway),
+        native_tunnel: w.native_tunnel,
+        application_tunnel: w.application_tunnel.map(|t| wire::ApplicationTunnel {
+            protocol: match t.protocol {
+                TunnelHeader::None => wire::application_tunnel::Protocol::None,
+                TunnelHeader::Proxy => wire::application_tunnel::Protocol::Proxy,
+            }
+            .into(),
+            port: t.port.map_or(0, u32::from),
+        }),
         ..Default::default()
     }
 }
@@ -171,10 +194,60 @@ fn service(s: &Service) -> wire::Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
         hostname: s.hostname.clone(),
-        addresses: s.vips.iter().map(network_address).collect(),
+        addresses: s
+            .vips
+            .iter()
+            .map(network_address)
+            .chain(s.cidr_vips.iter().map(|vip| wire::NetworkAddress {
+                network: vip.network.clone(),
+                address: ip_bytes(vip.cidr.addr()),
+                length: Some(vip.cidr.prefix_len().into()),
+            }))
+            .collect(),
         ports: ports_of(s.ports.iter().map(|(&from, &to)| (from, to))),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(gateway),
+        load_balancing: s.load_balancer.as_ref().map(load_balancing),
+        ip_families: match s.ip_families {
+            None => wire::IpFamilies::Automatic,
+            Some(IpFamily::IPv4) => wire::IpFamilies::Ipv4Only,
+            Some(IpFamily::IPv6) => wire::IpFamilies::Ipv6Only,
+            Some(IpFamily::Dual) => wire::IpFamilies::Dual,
+        }
+        .into(),
+        canonical: s.canonical,
+        ..Default::default()
+    }
+}
+
+fn load_balancing(lb: &LoadBalancer) -> wire::LoadBalancing {
+    use wire::load_balancing::{HealthPolicy as Health, Mode, Scope};
+    wire::LoadBalancing {
+        routing_preference: lb
+            .routing_preferences
+            .iter()
+            .map(|scope| match scope {
+                LocalityScope::Region => Scope::Region,
+                LocalityScope::Zone => Scope::Zone,
+                LocalityScope::Subzone => Scope::Subzone,
+                LocalityScope::Node => Scope::Node,
+                LocalityScope::Cluster => Scope::Cluster,
+                LocalityScope::Network => Scope::Network,
+            })
+            .map(i32::from)
+            .collect(),
+        mode: match lb.mode {
+            LoadBalancerMode::Standard => Mode::UnspecifiedMode,
+            LoadBalancerMode::Strict => Mode::Strict,
+            LoadBalancerMode::Failover => Mode::Failover,
+            LoadBalancerMode::Passthrough => Mode::Passthrough,
+        }
+        .into(),
+        health_policy: match lb.health_policy {
+            HealthPolicy::OnlyHealthy => Health::OnlyHealthy,
+            HealthPolicy::AllowAll => Health::AllowAll,
+        }
+        .into(),
         ..Default::default()
     }
 }
@@ -201,6 +274,7 @@ fn network_address(address: &NetworkAddress) -> wire::NetworkAddress {
     wire::NetworkAddress {
         network: address.network.clone(),
         address: ip_bytes(address.ip),
+        length: None,
     }
 }
 

@@ -131,6 +131,12 @@ impl Mesh {
             }
         };
         kernel.commit(staged, rules);
+        for field in next.accepted_not_used_since(&current) {
+            tracing::warn!(
+                field,
+                "accepted, not used: this build reads the field but does not act on it yet (see accepted_not_used in /config_dump)"
+            );
+        }
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
         Ok(applied)
     }

@@ -79,6 +79,7 @@ impl Admin {
                 .iter()
                 .map(|p| Policy::clone(p))
                 .collect(),
+            accepted_not_used: config.accepted_not_used().map(str::to_owned).collect(),
         }
     }
 }

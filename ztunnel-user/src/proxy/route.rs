@@ -59,12 +59,17 @@ impl Route {
             if let Some(waypoint) = &service.waypoint
                 && !config.is_waypoint(waypoint, source)
             {
-                return via_waypoint(config, waypoint, destination);
+                return via_waypoint(config, waypoint, source, destination);
             }
-            let Some(endpoint) = config.pick_endpoint(service, destination.port()) else {
-                return Route::Unavailable(Unroutable::NoHealthyEndpoint(service.key.to_string()));
-            };
-            target = endpoint.address;
+            if !service.passes_through() {
+                let from = config.workload_by_ip(source);
+                let Some(endpoint) = config.pick_endpoint(service, from, destination) else {
+                    return Route::Unavailable(Unroutable::NoHealthyEndpoint(
+                        service.key.to_string(),
+                    ));
+                };
+                target = endpoint.address;
+            }
             extra_identities = service.extra_identities();
         }
         if let Some(route) = Route::waypoint_of(config, source, target) {
@@ -95,12 +100,18 @@ impl Route {
         target: SocketAddr,
     ) -> Option<Route> {
         let waypoint = config.workload_by_ip(target.ip())?.waypoint.as_deref()?;
-        (!config.is_waypoint(waypoint, source)).then(|| via_waypoint(config, waypoint, target))
+        (!config.is_waypoint(waypoint, source))
+            .then(|| via_waypoint(config, waypoint, source, target))
     }
 }
 
-fn via_waypoint(config: &MeshConfig, waypoint: &GatewayAddress, authority: SocketAddr) -> Route {
-    match config.resolve_waypoint(waypoint) {
+fn via_waypoint(
+    config: &MeshConfig,
+    waypoint: &GatewayAddress,
+    source: IpAddr,
+    authority: SocketAddr,
+) -> Route {
+    match config.resolve_waypoint(waypoint, config.workload_by_ip(source)) {
         Some(endpoint) => Route::Hbone {
             peer: endpoint.address,
             authority,

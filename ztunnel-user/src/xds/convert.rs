@@ -8,18 +8,22 @@
 //! `src/rbac.rs`), into the model of the local config:
 //! - `Workload`: uid, name, namespace, addresses, hostname, network, tunnel_protocol (a
 //!   sidecar's LEGACY_ISTIO_MTLS: TCP), trust_domain and service_account (empty: the
-//!   defaults), waypoint, node, canonical_name, canonical_revision, workload_type (lower case,
-//!   as Istio shows it), workload_name, services (service and target ports),
-//!   authorization_policies, status, cluster_id;
-//! - `Service`: name, namespace, hostname, addresses, ports (service and target),
-//!   subject_alt_names, waypoint;
+//!   defaults), waypoint, network_gateway, node, canonical_name, canonical_revision,
+//!   workload_type (lower case, as Istio shows it), workload_name, native_tunnel,
+//!   application_tunnel (port 0: unset), services (service and target ports),
+//!   authorization_policies, status, cluster_id, locality (all empty: unset), network_mode,
+//!   capacity (unset: 1);
+//! - `Service`: name, namespace, hostname, addresses (one with a `length` shorter than the
+//!   address is a CIDR VIP), ports (service and target), subject_alt_names, waypoint,
+//!   load_balancing (routing_preference, mode, health_policy), ip_families (AUTOMATIC:
+//!   unset), canonical;
 //! - `GatewayAddress`: the address or the hostname, hbone_mtls_port (unset: 15008, as in the
 //!   local config);
 //! - `Authorization`: every field.
 //!
-//! Not read yet, and never a reason to refuse: `Workload`'s network_gateway, native_tunnel,
-//! application_tunnel, locality, network_mode, extensions and capacity; `Service`'s
-//! load_balancing, ip_families, extensions and canonical; `Port`'s app_protocol.
+//! Not read, and never a reason to refuse, as in Istio's ztunnel: the `extensions` of both,
+//! `Port`'s app_protocol and `LoadBalancing`'s dns_connect_strategy (this proxy resolves no
+//! hostnames).
 //!
 //! Like Istio's ztunnel, an entry is keyed by its own uid or `namespace/hostname`, whatever the
 //! resource's name: the name only names the resource in errors. An address that is not 4 or
@@ -32,13 +36,17 @@ use super::proto::istio;
 use crate::mesh::FieldError;
 use crate::mesh::authz::{Action, Match, Policy, Scope, ServiceAccountMatch, StringMatch};
 use crate::mesh::config::{
-    Change, DEFAULT_SERVICE_ACCOUNT, GatewayAddress, GatewayDestination, HealthStatus, MeshConfig,
-    NamespacedHostname, NetworkAddress, Protocol, Service, Workload,
+    ApplicationTunnel, Change, DEFAULT_SERVICE_ACCOUNT, GatewayAddress, GatewayDestination,
+    HealthPolicy, HealthStatus, IpFamily, LoadBalancer, LoadBalancerMode, Locality, LocalityScope,
+    MeshConfig, NamespacedHostname, NetworkAddress, NetworkCidr, NetworkMode, Protocol, Service,
+    TunnelHeader, Workload,
 };
 use crate::settings::DEFAULT_TRUST_DOMAIN;
 use ipnet::IpNet;
 use istio::security::string_match::MatchType;
-use istio::workload::{TunnelProtocol, WorkloadStatus, WorkloadType, address, gateway_address};
+use istio::workload::{
+    IpFamilies, TunnelProtocol, WorkloadStatus, WorkloadType, address, gateway_address,
+};
 use prost::{Message, Name};
 use prost_types::Any;
 use std::net::IpAddr;
@@ -187,26 +195,124 @@ fn workload(w: istio::workload::Workload) -> Result<Workload, Problem> {
         hostname: w.hostname.into(),
         network: w.network.into(),
         cluster_id: w.cluster_id.into(),
+        locality: w
+            .locality
+            .map(|l| Locality {
+                region: l.region.into(),
+                zone: l.zone.into(),
+                subzone: l.subzone.into(),
+            })
+            .filter(|l| *l != Locality::default())
+            .map(Box::new),
+        capacity: w.capacity.unwrap_or(1),
+        network_mode: match known(w.network_mode, "network_mode")? {
+            istio::workload::NetworkMode::Standard => NetworkMode::Standard,
+            istio::workload::NetworkMode::HostNetwork => NetworkMode::HostNetwork,
+        },
+        network_gateway: w
+            .network_gateway
+            .map(|g| gateway(g, "network_gateway").map(Box::new))
+            .transpose()?,
+        native_tunnel: w.native_tunnel,
+        application_tunnel: w.application_tunnel.map(application_tunnel).transpose()?,
     };
     workload.validate()?;
     Ok(workload)
 }
 
+fn application_tunnel(t: istio::workload::ApplicationTunnel) -> Result<ApplicationTunnel, Problem> {
+    use istio::workload::application_tunnel::Protocol as Wire;
+    Ok(ApplicationTunnel {
+        protocol: match known(t.protocol, "application_tunnel.protocol")? {
+            Wire::None => TunnelHeader::None,
+            Wire::Proxy => TunnelHeader::Proxy,
+        },
+        port: match t.port {
+            0 => None,
+            other => Some(port(other, || "application_tunnel.port".to_owned())?),
+        },
+    })
+}
+
 fn service(s: istio::workload::Service) -> Result<Service, Problem> {
-    let vips = each(s.addresses, |i, address| {
-        network_address(address, || format!("addresses[{i}]"))
-    })?;
+    let mut vips = Vec::new();
+    let mut cidr_vips = Vec::new();
+    for (i, address) in s.addresses.into_iter().enumerate() {
+        let field = || format!("addresses[{i}]");
+        let length = address.length;
+        let vip = network_address(address, field)?;
+        let full = if vip.ip.is_ipv4() { 32 } else { 128 };
+        match length.filter(|&length| length != full) {
+            None => vips.push(vip),
+            Some(length) => {
+                let cidr = u8::try_from(length)
+                    .ok()
+                    .and_then(|length| IpNet::new(vip.ip, length).ok())
+                    .ok_or_else(|| {
+                        Problem::Unusable(format!(
+                            "{}: prefix length {length} is longer than {}",
+                            field(),
+                            vip.ip
+                        ))
+                    })?;
+                cidr_vips.push(NetworkCidr::new(vip.network, cidr));
+            }
+        }
+    }
     let service = Service {
         name: s.name,
         namespace: s.namespace,
         hostname: s.hostname,
         vips,
+        cidr_vips,
         ports: port_map(&s.ports, || "ports".to_owned())?,
         subject_alt_names: s.subject_alt_names,
         waypoint: s.waypoint.map(|g| gateway(g, "waypoint")).transpose()?,
+        load_balancer: s.load_balancing.map(load_balancer).transpose()?,
+        ip_families: match known(s.ip_families, "ip_families")? {
+            IpFamilies::Automatic => None,
+            IpFamilies::Ipv4Only => Some(IpFamily::IPv4),
+            IpFamilies::Ipv6Only => Some(IpFamily::IPv6),
+            IpFamilies::Dual => Some(IpFamily::Dual),
+        },
+        canonical: s.canonical,
+        // Istio's xDS carries endpoints on the workloads only.
+        endpoints: Default::default(),
     };
     service.validate()?;
     Ok(service)
+}
+
+fn load_balancer(lb: istio::workload::LoadBalancing) -> Result<LoadBalancer, Problem> {
+    use istio::workload::load_balancing::{HealthPolicy as WireHealth, Mode, Scope};
+    let routing_preferences = each(&lb.routing_preference, |i, &scope| {
+        Ok(match known(scope, "load_balancing.routing_preference")? {
+            Scope::Region => LocalityScope::Region,
+            Scope::Zone => LocalityScope::Zone,
+            Scope::Subzone => LocalityScope::Subzone,
+            Scope::Node => LocalityScope::Node,
+            Scope::Cluster => LocalityScope::Cluster,
+            Scope::Network => LocalityScope::Network,
+            Scope::UnspecifiedScope => {
+                return Err(Problem::Unusable(format!(
+                    "load_balancing.routing_preference[{i}]: UNSPECIFIED_SCOPE is not a scope"
+                )));
+            }
+        })
+    })?;
+    Ok(LoadBalancer {
+        routing_preferences,
+        mode: match known(lb.mode, "load_balancing.mode")? {
+            Mode::UnspecifiedMode => LoadBalancerMode::Standard,
+            Mode::Strict => LoadBalancerMode::Strict,
+            Mode::Failover => LoadBalancerMode::Failover,
+            Mode::Passthrough => LoadBalancerMode::Passthrough,
+        },
+        health_policy: match known(lb.health_policy, "load_balancing.health_policy")? {
+            WireHealth::OnlyHealthy => HealthPolicy::OnlyHealthy,
+            WireHealth::AllowAll => HealthPolicy::AllowAll,
+        },
+    })
 }
 
 fn gateway(g: istio::workload::GatewayAddress, field: &str) -> Result<GatewayAddress, Problem> {

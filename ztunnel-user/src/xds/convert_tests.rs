@@ -53,7 +53,7 @@ fn policy_any(policy: Authorization) -> Any {
     Any::from_msg(&policy).unwrap()
 }
 
-/// Pod a1 of the lab as istiod sends it, with fields the model does not read yet set too.
+/// Pod a1 of the lab as istiod sends it (a port's app_protocol set too, which no proxy reads).
 fn a1() -> Workload {
     Workload {
         uid: A1.into(),
@@ -67,6 +67,7 @@ fn a1() -> Workload {
             destination: Some(gateway_address::Destination::Address(NetworkAddress {
                 network: String::new(),
                 address: v4(10, 244, 2, 4),
+                length: None,
             })),
             hbone_mtls_port: 15008,
         }),
@@ -158,8 +159,8 @@ fn unset_fields_take_the_defaults_of_the_local_config() {
     );
 }
 
-/// The lab's echo service, with an IPv6 VIP on another network and a waypoint by hostname;
-/// its load balancing and IP families are not read yet.
+/// The lab's echo service, with an IPv6 VIP on another network, a waypoint by hostname,
+/// failover load balancing and both IP families.
 fn echo() -> Service {
     Service {
         name: "echo".into(),
@@ -169,10 +170,12 @@ fn echo() -> Service {
             NetworkAddress {
                 network: String::new(),
                 address: v4(10, 96, 0, 10),
+                length: None,
             },
             NetworkAddress {
                 network: "net1".into(),
                 address: v6(0x10),
+                length: None,
             },
         ],
         ports: vec![
@@ -196,6 +199,7 @@ fn echo() -> Service {
             hbone_mtls_port: 15008,
         }),
         load_balancing: Some(LoadBalancing {
+            routing_preference: vec![load_balancing::Scope::Zone.into()],
             mode: load_balancing::Mode::Failover.into(),
             ..Default::default()
         }),
@@ -215,6 +219,8 @@ vips: [/10.96.0.10, 'net1/fd00::10']
 ports: {80: 8080, 81: 0}
 subjectAltNames: [spiffe://cluster.local/ns/demo/sa/extra]
 waypoint: {destination: {namespace: demo, hostname: waypoint.demo.svc.cluster.local}}
+loadBalancer: {routingPreferences: [Zone], mode: Failover}
+ipFamilies: Dual
 ";
     let expected: config::Service = serde_yaml_ng::from_str(yaml).unwrap();
     assert_eq!(change, Change::Service(Arc::new(expected)));
@@ -380,6 +386,7 @@ fn bad_resources_are_refused_by_name() {
             destination: Some(gateway_address::Destination::Address(NetworkAddress {
                 network: String::new(),
                 address: vec![10, 244, 2],
+                length: None,
             })),
             hbone_mtls_port: 15008,
         }),
@@ -405,8 +412,19 @@ fn bad_resources_are_refused_by_name() {
         )]),
         ..a1()
     };
-    let headless = Service {
-        addresses: Vec::new(),
+    let long_prefix = Service {
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: v4(10, 97, 0, 0),
+            length: Some(33),
+        }],
+        ..echo()
+    };
+    let unspecified_scope = Service {
+        load_balancing: Some(LoadBalancing {
+            routing_preference: vec![2, 0],
+            ..Default::default()
+        }),
         ..echo()
     };
     let cases: Vec<(Any, &str)> = vec![
@@ -445,8 +463,12 @@ fn bad_resources_are_refused_by_name() {
             "services[\"demo/echo.demo.svc.cluster.local\"]: 70000 is not a port",
         ),
         (
-            service_any(headless),
-            "field vips must list at least one address",
+            service_any(long_prefix),
+            "addresses[0]: prefix length 33 is longer than 10.97.0.0",
+        ),
+        (
+            service_any(unspecified_scope),
+            "load_balancing.routing_preference[1]: UNSPECIFIED_SCOPE is not a scope",
         ),
         (
             Any::from_msg(&Address { r#type: None }).unwrap(),
@@ -571,7 +593,9 @@ fn a_converted_batch_makes_a_model_that_finds_its_entries() {
             .service_at("[fd00::10]:81".parse().unwrap())
             .is_some()
     );
-    let endpoint = config.pick_endpoint(echo, 80).unwrap();
+    let endpoint = config
+        .pick_endpoint(echo, None, "10.96.0.10:80".parse().unwrap())
+        .unwrap();
     assert_eq!(endpoint.address, "10.244.2.2:8080".parse().unwrap());
 }
 

@@ -66,6 +66,7 @@ fn pod_workload() -> Workload {
             destination: Some(gateway_address::Destination::Address(NetworkAddress {
                 network: "net".into(),
                 address: ipv4(10, 0, 0, 9),
+                length: None,
             })),
             hbone_mtls_port: 15008,
         }),
@@ -146,6 +147,7 @@ fn a_service_round_trips_inside_an_address() {
             addresses: vec![NetworkAddress {
                 network: String::new(),
                 address: ipv4(10, 96, 0, 10),
+                length: None,
             }],
             ports: vec![Port {
                 service_port: 80,
@@ -209,6 +211,7 @@ fn workload_fields_have_istios_numbers() {
         Some(gateway_address::Destination::Address(NetworkAddress {
             network: String::new(),
             address: vec![10, 0, 0, 9],
+            length: None,
         }))
     );
     let ports = &workload.services["ns/svc"].ports;

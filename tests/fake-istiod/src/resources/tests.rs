@@ -7,72 +7,8 @@ use std::sync::Arc;
 use ztunnel_user::mesh::config::{Change, Workload};
 use ztunnel_user::xds::convert::{address_change, authorization_change};
 
-/// Every field the file has, set (the lab's own file sets only some).
-const EVERY_FIELD: &str = r#"
-workloads:
-- uid: cluster1//Pod/demo/a1
-  name: a1
-  namespace: demo
-  serviceAccount: sa-a
-  trustDomain: example.org
-  workloadIps: [10.244.1.2, "fd00::2"]
-  protocol: HBONE
-  node: node1
-  status: Unhealthy
-  waypoint: {destination: {namespace: demo, hostname: waypoint.demo.svc.cluster.local}, hboneMtlsPort: 15009}
-  authorizationPolicies: [demo/allow-a]
-  services: {demo/echo.demo.svc.cluster.local: {80: 8080}}
-  canonicalName: a
-  canonicalRevision: v1
-  workloadName: a-deploy
-  workloadType: pod
-  hostname: a1.example.org
-  network: net1
-  clusterId: cluster1
-- uid: u1
-  name: u1
-  namespace: legacy
-  workloadIps: [10.244.2.3]
-  waypoint: {destination: /10.96.0.20}
-  workloadType: deployment
-services:
-- name: echo
-  namespace: demo
-  hostname: echo.demo.svc.cluster.local
-  vips: [net1/10.96.0.10, /fd00:96::10]
-  ports: {80: 8080, 443: 8443}
-  subjectAltNames: [spiffe://example.org/ns/demo/sa/extra]
-  waypoint: {destination: /10.96.0.20, hboneMtlsPort: 15008}
-- name: waypoint
-  namespace: demo
-  hostname: waypoint.demo.svc.cluster.local
-  vips: [/10.96.0.20]
-  ports: {15008: 15008}
-policies:
-- name: allow-a
-  namespace: demo
-  scope: WorkloadSelector
-  action: Allow
-  dryRun: true
-  rules:
-  - - - namespaces: [{Exact: demo}, {Prefix: de}]
-        notNamespaces: [{Suffix: mo}]
-        principals: [{Presence: []}]
-        notPrincipals: [{Exact: spiffe://example.org/ns/demo/sa/evil}]
-        serviceAccounts: [{namespace: demo, serviceAccount: sa-a}]
-        notServiceAccounts: [{namespace: demo, serviceAccount: sa-b}]
-        sourceIps: [10.244.0.0/16]
-        notSourceIps: ["fd00::/8"]
-        destinationIps: [10.96.0.10/32]
-        notDestinationIps: [10.97.0.0/16]
-        destinationPorts: [8080]
-        notDestinationPorts: [22]
-    - - {}
-- name: deny-all
-  namespace: legacy
-  scope: Namespace
-  action: Deny
-"#;
+/// Every field of the model, set (the lab's own file sets only some).
+const EVERY_FIELD: &str = include_str!("../../../fixtures/istio-every-field.yaml");
 
 fn file(text: &str) -> MeshFile {
     MeshFile::parse(Path::new("test.yaml"), text).expect("a valid mesh file")
@@ -134,7 +70,7 @@ fn entries(file: &MeshFile) -> Vec<Change> {
 fn every_field_of_the_file_reaches_the_daemon_unchanged() {
     let file = file(EVERY_FIELD);
     let snapshot = Snapshot::of(&file, String::new());
-    assert_eq!(snapshot.addresses.len(), 4);
+    assert_eq!(snapshot.addresses.len(), 7);
     assert_eq!(snapshot.authorizations.len(), 2);
     assert_eq!(read_back(&snapshot), entries(&file));
 }

@@ -1,6 +1,7 @@
-//! Addresses as Istio ztunnel's local config writes them: `network/ip` (or a bare IP), and the
-//! address of a waypoint.
+//! Addresses as Istio ztunnel's local config writes them: `network/ip` (or a bare IP), a
+//! prefix `network/ip/length`, and the address of a waypoint.
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::net::IpAddr;
@@ -33,18 +34,66 @@ impl fmt::Display for NetworkAddress {
     }
 }
 
-impl<'de> Deserialize<'de> for NetworkAddress {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
+/// A prefix on a network, written `network/address/length` (or `address/length`): a service
+/// reached at any address inside it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NetworkCidr {
+    pub network: String,
+    pub cidr: IpNet,
+}
+
+impl NetworkCidr {
+    /// The prefix `cidr` holds (host bits cleared: any address inside matches).
+    pub fn new(network: String, cidr: IpNet) -> NetworkCidr {
+        NetworkCidr {
+            network,
+            cidr: cidr.trunc(),
+        }
     }
 }
 
-impl Serialize for NetworkAddress {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+impl std::str::FromStr for NetworkCidr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        // A CIDR holds one '/', so a second one ends the network.
+        let (network, cidr) = match text.split_once('/') {
+            Some((network, rest)) if rest.contains('/') => (network, rest),
+            _ => ("", text),
+        };
+        let cidr: IpNet = cidr.parse().map_err(|_| {
+            format!("{text:?} is not a prefix (network/address/length or address/length)")
+        })?;
+        Ok(NetworkCidr::new(network.to_owned(), cidr))
     }
 }
+
+impl fmt::Display for NetworkCidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.cidr)
+    }
+}
+
+/// Both written as text (`network/...`).
+macro_rules! serde_as_text {
+    ($type:ty) => {
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl Serialize for $type {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+    };
+}
+
+serde_as_text!(NetworkAddress);
+serde_as_text!(NetworkCidr);
 
 /// Where a waypoint is: an address (of a workload or of a service's VIP) or a service by
 /// namespace and hostname.

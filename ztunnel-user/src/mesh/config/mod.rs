@@ -9,23 +9,29 @@
 mod address;
 mod endpoints;
 mod file;
+mod load_balancing;
 mod ports;
 pub mod reload;
 mod service;
 mod workload;
 
-pub use address::{GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress};
+pub use address::{
+    GatewayAddress, GatewayDestination, NamespacedHostname, NetworkAddress, NetworkCidr,
+};
 pub use file::{ConfigError, MeshFile};
 pub(crate) use file::{FileChanges, FileIndex, IndexUpdate};
+pub use load_balancing::{HealthPolicy, IpFamily, LoadBalancer, LoadBalancerMode, LocalityScope};
 pub use ports::{PortMap, ServicePorts};
-pub use service::Service;
+pub use service::{Service, ServiceEndpoint};
 pub(crate) use workload::DEFAULT_SERVICE_ACCOUNT;
-pub use workload::{HealthStatus, Protocol, Workload};
+pub use workload::{
+    ApplicationTunnel, HealthStatus, Locality, NetworkMode, Protocol, TunnelHeader, Workload,
+};
 
 use super::FieldError;
 use super::authz::{Connection, Decision, Denial, Policies, Policy, Subject, Target};
 use endpoints::Endpoints;
-use rand::seq::IndexedRandom;
+use ipnet::IpNet;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -95,11 +101,18 @@ pub struct MeshConfig {
     services: imbl::OrdMap<Arc<str>, KeyedService>,
     /// By VIP (`service_at` checks the port).
     services_by_vip: imbl::OrdMap<IpAddr, KeyedService>,
+    /// By CIDR VIP, with how many prefixes of each family and length there are (the lengths
+    /// a lookup tries, longest first).
+    services_by_cidr: imbl::OrdMap<IpNet, KeyedService>,
+    cidr_lengths: imbl::OrdMap<(bool, u8), usize>,
     /// The endpoints of each service key (whether that service is known yet or not), by uid.
     endpoints: imbl::OrdMap<Arc<str>, Endpoints>,
     /// Policies by `namespace/name`; `policies` indexes them for checks.
     policy_entries: imbl::OrdMap<Arc<str>, Arc<Policy>>,
     pub policies: Arc<Policies>,
+    /// Every field an entry has set whose behaviour this build does not have, since the
+    /// first version (so each is reported once).
+    accepted_not_used: imbl::OrdSet<&'static str>,
 }
 
 /// A service as the model holds it: with its key, made once (connections routed to it look its
@@ -253,8 +266,10 @@ impl MeshConfig {
     /// Takes the workload `uid` out of every lookup; returns it.
     fn unlink_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
-        for ip in &old.workload_ips {
-            self.by_ip.remove(ip);
+        if old.owns_its_addresses() {
+            for ip in &old.workload_ips {
+                self.by_ip.remove(ip);
+            }
         }
         for key in old.services.keys() {
             if let Some(endpoints) = self.endpoints.get_mut(key) {
@@ -270,7 +285,12 @@ impl MeshConfig {
     /// Puts `workload` into every lookup, unless it is invalid or an address is taken.
     fn link_workload(&mut self, workload: Arc<Workload>) -> Result<(), FieldError> {
         workload.validate()?;
-        for ip in &workload.workload_ips {
+        // A host-network workload shares its node's address: never found by it.
+        let addresses: &[IpAddr] = match workload.owns_its_addresses() {
+            true => &workload.workload_ips,
+            false => &[],
+        };
+        for ip in addresses {
             if let Some(holder) = self.by_ip.get(ip) {
                 return Err(FieldError::new(format!(
                     "field workloadIps: {ip} belongs to workload {}",
@@ -284,9 +304,10 @@ impl MeshConfig {
                 )));
             }
         }
-        for ip in &workload.workload_ips {
+        for ip in addresses {
             self.by_ip.insert(*ip, workload.clone());
         }
+        self.accepted_not_used.extend(workload.accepted_not_used());
         for key in workload.services.keys() {
             self.endpoints
                 .entry(key.into())
@@ -302,6 +323,15 @@ impl MeshConfig {
         let old = self.services.remove(key)?;
         for vip in &old.vips {
             self.services_by_vip.remove(&vip.ip);
+        }
+        for vip in &old.cidr_vips {
+            self.services_by_cidr.remove(&vip.cidr);
+            let length = cidr_length(&vip.cidr);
+            let left = self.cidr_lengths.get(&length).map_or(0, |n| n - 1);
+            match left {
+                0 => self.cidr_lengths.remove(&length),
+                n => self.cidr_lengths.insert(length, n),
+            };
         }
         Some(old.service)
     }
@@ -319,12 +349,25 @@ impl MeshConfig {
                 )));
             }
         }
+        for vip in &service.cidr_vips {
+            if let Some(holder) = self.services_by_cidr.get(&vip.cidr) {
+                return Err(FieldError::new(format!(
+                    "field cidrVips: {} is a prefix of service {}",
+                    vip.cidr, holder.key
+                )));
+            }
+        }
+        self.accepted_not_used.extend(service.accepted_not_used());
         let keyed = KeyedService {
             key: service.key().into(),
             service,
         };
         for vip in &keyed.vips {
             self.services_by_vip.insert(vip.ip, keyed.clone());
+        }
+        for vip in &keyed.cidr_vips {
+            self.services_by_cidr.insert(vip.cidr, keyed.clone());
+            *self.cidr_lengths.entry(cidr_length(&vip.cidr)).or_default() += 1;
         }
         self.services.insert(keyed.key.clone(), keyed);
         Ok(())
@@ -397,25 +440,52 @@ impl MeshConfig {
         self.services.get(key).map(|s| &*s.service)
     }
 
-    /// The service a connection to `address` is for: one of its VIPs and one of its ports.
+    /// The service a connection to `address` is for: one of its VIPs, else (unless a
+    /// workload has the address) the longest of its CIDR VIPs holding it; and one of its ports.
     pub fn service_at(&self, address: SocketAddr) -> Option<&KeyedService> {
-        let service = self.services_by_vip.get(&address.ip())?;
+        let ip = address.ip();
+        let service = match self.services_by_vip.get(&ip) {
+            Some(service) => service,
+            None if self.cidr_lengths.is_empty() || self.by_ip.contains_key(&ip) => return None,
+            None => self.service_by_cidr(ip)?,
+        };
         service
             .ports
             .contains_key(&address.port())
             .then_some(service)
     }
 
-    /// One healthy endpoint of `service` for its `port`, chosen at random (the default load
-    /// balancing of Istio's ztunnel), with the port mapped to the endpoint's target port.
-    pub fn pick_endpoint(&self, service: &KeyedService, port: u16) -> Option<Endpoint<'_>> {
-        let healthy: Vec<&Workload> = self
-            .endpoints
-            .get(&service.key)?
-            .iter()
-            .filter(|w| w.status == HealthStatus::Healthy)
-            .collect();
-        let workload = *healthy.choose(&mut rand::rng())?;
+    fn service_by_cidr(&self, ip: IpAddr) -> Option<&KeyedService> {
+        self.cidr_lengths
+            .keys()
+            .rev()
+            .filter(|(v6, _)| *v6 == ip.is_ipv6())
+            .find_map(|&(_, length)| {
+                let prefix = IpNet::new(ip, length).ok()?.trunc();
+                self.services_by_cidr.get(&prefix)
+            })
+    }
+
+    /// The endpoint of `service` for a connection from `source` (a workload of the model, if
+    /// known) to `destination` (a VIP and port of it), chosen by the service's load balancer
+    /// (`load_balancing`), with the port mapped to the endpoint's target port.
+    pub fn pick_endpoint(
+        &self,
+        service: &KeyedService,
+        source: Option<&Workload>,
+        destination: SocketAddr,
+    ) -> Option<Endpoint<'_>> {
+        let port = destination.port();
+        let endpoints = self.endpoints.get(&service.key)?.iter();
+        let family_ok = |w: &&Workload| {
+            load_balancing::endpoint_ip(w, service.ip_families, destination.ip()).is_some()
+        };
+        let workload = load_balancing::choose(
+            service.load_balancer.as_ref(),
+            source,
+            endpoints.filter(family_ok),
+        )?;
+        let ip = load_balancing::endpoint_ip(workload, service.ip_families, destination.ip())?;
         let from_workload = workload.services.get(&service.key)?.get(port);
         let target_port = [from_workload, service.ports.get(&port).copied()]
             .into_iter()
@@ -424,8 +494,23 @@ impl MeshConfig {
             .unwrap_or(port);
         Some(Endpoint {
             workload,
-            address: SocketAddr::new(workload.workload_ips[0], target_port),
+            address: SocketAddr::new(ip, target_port),
         })
+    }
+
+    /// The fields entries have set whose behaviour this build does not have: accepted, shown,
+    /// not acted on.
+    pub fn accepted_not_used(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.accepted_not_used.iter().copied()
+    }
+
+    /// Those of `accepted_not_used` that `before` (an earlier version) did not have.
+    pub(crate) fn accepted_not_used_since<'a>(
+        &'a self,
+        before: &'a MeshConfig,
+    ) -> impl Iterator<Item = &'static str> + 'a {
+        self.accepted_not_used()
+            .filter(|field| !before.accepted_not_used.contains(field))
     }
 
     /// The service a waypoint names, when it is not a workload's address.
@@ -437,7 +522,11 @@ impl MeshConfig {
     }
 
     /// The workload that serves as the waypoint for a connection, and where it takes HBONE.
-    pub(crate) fn resolve_waypoint(&self, waypoint: &GatewayAddress) -> Option<Endpoint<'_>> {
+    pub(crate) fn resolve_waypoint(
+        &self,
+        waypoint: &GatewayAddress,
+        source: Option<&Workload>,
+    ) -> Option<Endpoint<'_>> {
         if let GatewayDestination::Address(address) = &waypoint.destination
             && let Some(workload) = self.workload_by_ip(address.ip)
         {
@@ -447,7 +536,12 @@ impl MeshConfig {
             });
         }
         let service = self.waypoint_service(waypoint)?;
-        let endpoint = self.pick_endpoint(service, *service.ports.keys().next()?)?;
+        let port = *service.ports.keys().next()?;
+        let vip = match &waypoint.destination {
+            GatewayDestination::Address(address) => address.ip,
+            GatewayDestination::Hostname(_) => service.vips.first()?.ip,
+        };
+        let endpoint = self.pick_endpoint(service, source, SocketAddr::new(vip, port))?;
         Some(Endpoint {
             address: SocketAddr::new(endpoint.address.ip(), waypoint.hbone_mtls_port),
             ..endpoint
@@ -503,6 +597,11 @@ impl MeshConfig {
             },
         }
     }
+}
+
+/// The lookup key of a prefix's family and length.
+fn cidr_length(cidr: &IpNet) -> (bool, u8) {
+    (matches!(cidr, IpNet::V6(_)), cidr.prefix_len())
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! A service entry of the mesh config: VIPs and ports in front of the workloads that list the
 //! service (Istio ztunnel's local-config shape).
 
-use super::address::{GatewayAddress, NetworkAddress};
+use super::address::{GatewayAddress, NetworkAddress, NetworkCidr};
+use super::load_balancing::{IpFamily, LoadBalancer, LoadBalancerMode};
+use super::workload::HealthStatus;
 use crate::identity::Identity;
 use crate::mesh::FieldError;
 use serde::{Deserialize, Serialize};
@@ -16,6 +18,9 @@ pub struct Service {
     pub hostname: String,
     #[serde(default)]
     pub vips: Vec<NetworkAddress>,
+    /// Prefixes: the service at any address in one (the longest prefix wins).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidr_vips: Vec<NetworkCidr>,
     /// Service port -> target port (0: the same port); only these ports are served.
     #[serde(default)]
     pub ports: BTreeMap<u16, u16>,
@@ -24,12 +29,51 @@ pub struct Service {
     pub subject_alt_names: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<GatewayAddress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Unset: any family, the one the client dialled first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_families: Option<IpFamily>,
+    /// Preferred in lookups by hostname outside the client's namespace.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub canonical: bool,
+    /// Endpoints listed on the service (Istio's local config allows it; the workloads'
+    /// `services` say the same), by workload uid.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoints: BTreeMap<String, ServiceEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEndpoint {
+    pub workload_uid: String,
+    #[serde(default)]
+    pub port: BTreeMap<u16, u16>,
+    #[serde(default)]
+    pub status: HealthStatus,
 }
 
 impl Service {
     /// `namespace/hostname`, as workloads' `services` maps name it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
+    }
+
+    /// Whether connections to it keep their destination (no endpoint is chosen).
+    pub fn passes_through(&self) -> bool {
+        self.load_balancer
+            .as_ref()
+            .is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough)
+    }
+
+    /// The fields set here whose behaviour this build does not have (see `unused`).
+    pub(crate) fn accepted_not_used(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.canonical, "service.canonical"),
+            (!self.endpoints.is_empty(), "service.endpoints"),
+        ]
+        .into_iter()
+        .filter_map(|(set, field)| set.then_some(field))
     }
 
     /// The identities of `subject_alt_names` (validated to parse).
@@ -53,9 +97,6 @@ impl Service {
         }
         if self.namespace.contains('/') {
             return Err(FieldError::new("field namespace must not contain '/'"));
-        }
-        if self.vips.is_empty() {
-            return Err(FieldError::new("field vips must list at least one address"));
         }
         if self.ports.is_empty() {
             return Err(FieldError::new(

@@ -23,12 +23,57 @@ pub enum Protocol {
     Tcp,
 }
 
-/// Only healthy workloads are chosen as a service's endpoints.
+/// Only healthy workloads are chosen as a service's endpoints (unless the service's load
+/// balancer allows all).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 pub enum HealthStatus {
     #[default]
     Healthy,
     Unhealthy,
+}
+
+/// How a workload's addresses are to be taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum NetworkMode {
+    /// Its addresses are its own: traffic to them is traffic to it.
+    #[default]
+    Standard,
+    /// It runs on its node's network and shares the node's address with every other such
+    /// workload: it is never looked up by address.
+    HostNetwork,
+}
+
+/// Where a workload runs, for locality-aware load balancing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub region: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub zone: Box<str>,
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub subzone: Box<str>,
+}
+
+/// What an application that takes tunnel information directly expects from the last proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApplicationTunnel {
+    pub protocol: TunnelHeader,
+    /// The port to deliver to instead of the connection's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// Istio's `ApplicationTunnel.Protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub enum TunnelHeader {
+    /// The bytes as they come.
+    #[serde(rename = "NONE")]
+    None,
+    /// A PROXY protocol v2 header first, with the source's identity.
+    #[serde(rename = "PROXY")]
+    Proxy,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -77,6 +122,25 @@ pub struct Workload {
     pub network: Box<str>,
     #[serde(default, skip_serializing_if = "str::is_empty")]
     pub cluster_id: Box<str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<Box<Locality>>,
+    /// Its share of a service's connections relative to the other endpoints' (1 when unset;
+    /// 0: never chosen).
+    #[serde(
+        default = "default_capacity",
+        skip_serializing_if = "is_default_capacity"
+    )]
+    pub capacity: u32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub network_mode: NetworkMode,
+    /// The east-west gateway that reaches it from another network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_gateway: Option<Box<GatewayAddress>>,
+    /// It takes tunnelled traffic itself.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub native_tunnel: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub application_tunnel: Option<ApplicationTunnel>,
 }
 
 impl Workload {
@@ -86,6 +150,26 @@ impl Workload {
             namespace: self.namespace.clone(),
             service_account: self.service_account.clone(),
         }
+    }
+
+    /// Whether traffic to its addresses is traffic to it (not so on the host network).
+    pub fn owns_its_addresses(&self) -> bool {
+        self.network_mode == NetworkMode::Standard
+    }
+
+    /// The fields set here whose behaviour this build does not have (see `unused`).
+    pub(crate) fn accepted_not_used(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.network_gateway.is_some(), "workload.networkGateway"),
+            (self.native_tunnel, "workload.nativeTunnel"),
+            (
+                self.application_tunnel.is_some(),
+                "workload.applicationTunnel",
+            ),
+            (!self.hostname.is_empty(), "workload.hostname"),
+        ]
+        .into_iter()
+        .filter_map(|(set, field)| set.then_some(field))
     }
 
     /// `namespace/name`, for logs.
@@ -131,6 +215,18 @@ impl Workload {
         }
         Ok(())
     }
+}
+
+fn default_capacity() -> u32 {
+    1
+}
+
+fn is_default_capacity(capacity: &u32) -> bool {
+    *capacity == default_capacity()
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 fn default_service_account() -> String {

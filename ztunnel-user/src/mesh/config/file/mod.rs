@@ -163,7 +163,12 @@ impl MeshFile {
                 let problem = format!("field uid {} is used by an earlier workload", workload.uid);
                 return Err((entry(), FieldError::new(problem)));
             }
-            for ip in &workload.workload_ips {
+            // Host-network workloads share their node's address.
+            let owned = workload
+                .workload_ips
+                .iter()
+                .filter(|_| workload.owns_its_addresses());
+            for ip in owned {
                 if addresses.insert(*ip, "workload").is_some() {
                     let problem = format!("field workloadIps: {ip} belongs to an earlier workload");
                     return Err((entry(), FieldError::new(problem)));
@@ -171,6 +176,7 @@ impl MeshFile {
             }
         }
         let mut hostnames = HashSet::new();
+        let mut prefixes = HashMap::new();
         for (index, service) in self.services.iter().enumerate() {
             let entry = || entry_name("service", index, &service.namespace, &service.name);
             service.validate().map_err(|p| (entry(), p))?;
@@ -181,6 +187,15 @@ impl MeshFile {
             for vip in &service.vips {
                 if addresses.insert(vip.ip, "service").is_some() {
                     let problem = format!("field vips: {} is already in use", vip.ip);
+                    return Err((entry(), FieldError::new(problem)));
+                }
+            }
+            for vip in &service.cidr_vips {
+                if let Some(holder) = prefixes.insert(vip.cidr, service.key()) {
+                    let problem = format!(
+                        "field cidrVips: {} is a prefix of service {holder}",
+                        vip.cidr
+                    );
                     return Err((entry(), FieldError::new(problem)));
                 }
             }

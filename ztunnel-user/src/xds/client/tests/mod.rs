@@ -109,6 +109,7 @@ fn echo_service() -> address::Type {
         addresses: vec![NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 10],
+            length: None,
         }],
         ports: vec![Port {
             service_port: 80,

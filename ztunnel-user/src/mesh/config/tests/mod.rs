@@ -3,13 +3,13 @@
 use super::*;
 use std::collections::HashSet;
 
-const FILE: &str = "mesh.yaml";
+pub(super) const FILE: &str = "mesh.yaml";
 
-fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
+pub(super) fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
     MeshConfig::parse(Path::new(FILE), text)
 }
 
-fn addr(text: &str) -> SocketAddr {
+pub(super) fn addr(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
 
@@ -39,7 +39,7 @@ fn an_istio_style_workload_list() {
     assert!(config.workload_by_ip("10.0.0.1".parse().unwrap()).is_none());
 }
 
-const SERVICES: &str = "\
+pub(super) const SERVICES: &str = "\
 workloads:
 - {uid: e1, name: e1, namespace: demo, workloadIps: [10.0.1.1], protocol: HBONE,
    services: {demo/echo.demo.svc: {80: 8081}}}
@@ -73,14 +73,20 @@ fn services_resolve_to_healthy_endpoints_with_their_target_ports() {
     let echo = config.service_at(addr("10.96.0.10:80")).unwrap();
     let mut seen = HashSet::new();
     for _ in 0..200 {
-        let endpoint = config.pick_endpoint(echo, 80).unwrap();
+        let endpoint = config
+            .pick_endpoint(echo, None, addr("10.96.0.10:80"))
+            .unwrap();
         seen.insert(endpoint.address);
     }
     // e1 maps 80 to its own 8081; e2 takes the service's 8080; unhealthy e3 never.
     let expected: HashSet<SocketAddr> = [addr("10.0.1.1:8081"), addr("10.0.2.1:8080")].into();
     assert_eq!(seen, expected);
     // Target port 0 means the service port itself.
-    let port_81 = config.pick_endpoint(echo, 81).unwrap().address.port();
+    let port_81 = config
+        .pick_endpoint(echo, None, addr("10.96.0.10:81"))
+        .unwrap()
+        .address
+        .port();
     assert_eq!(port_81, 81);
     assert_eq!(
         echo.extra_identities()[0].to_string(),
@@ -93,7 +99,7 @@ fn waypoints_resolve_and_know_their_own_traffic() {
     let config = parse(SERVICES).unwrap();
     let b1 = config.workload_by_uid("b1").unwrap();
     let waypoint = b1.waypoint.as_ref().unwrap();
-    let endpoint = config.resolve_waypoint(waypoint).unwrap();
+    let endpoint = config.resolve_waypoint(waypoint, None).unwrap();
     assert_eq!(endpoint.address, addr("10.0.2.9:15008"));
     assert_eq!(endpoint.workload.service_account, "waypoint");
     assert!(config.is_waypoint(waypoint, "10.0.2.9".parse().unwrap()));
@@ -101,7 +107,7 @@ fn waypoints_resolve_and_know_their_own_traffic() {
     // A waypoint named by service hostname: any of the service's endpoints is it.
     let service = config.service_at(addr("10.96.0.11:80")).unwrap();
     let by_name = service.waypoint.as_ref().unwrap();
-    let endpoint = config.resolve_waypoint(by_name).unwrap();
+    let endpoint = config.resolve_waypoint(by_name, None).unwrap();
     assert_eq!(endpoint.address.port(), 15008);
     assert!(config.is_waypoint(by_name, "10.0.2.1".parse().unwrap()));
     assert!(!config.is_waypoint(by_name, "10.0.2.9".parse().unwrap()));
@@ -124,7 +130,7 @@ fn workloads(count: u32) -> Vec<Change> {
         .collect()
 }
 
-fn ip(text: &str) -> IpAddr {
+pub(super) fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 
@@ -394,3 +400,5 @@ fn an_enrolled_pod_is_its_workload_by_uid_else_by_namespace_name_and_node() {
     // The same name on another node is another pod.
     assert_eq!(account("7c6d", "a3"), None);
 }
+
+mod istio_model;
