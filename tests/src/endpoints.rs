@@ -29,6 +29,17 @@ impl PodServer {
         PodServer::spawn(pod, "lab-tool", &["serve", "--port", &port.to_string()])
     }
 
+    /// Starts `lab-tool serve` reading a PROXY protocol v2 header first on each connection
+    /// (an app behind an application tunnel); its reports carry the header.
+    pub fn start_proxy_protocol(pod: &str, port: u16) -> Result<PodServer> {
+        let port = port.to_string();
+        PodServer::spawn(
+            pod,
+            "lab-tool",
+            &["serve", "--port", &port, "--proxy-protocol"],
+        )
+    }
+
     /// Starts `lab-tool serve` with a listen backlog of `backlog`, accepting nothing for
     /// `accept_after`: an app whose accept queue is full.
     pub fn start_stalled(

@@ -20,6 +20,7 @@ pub mod kube;
 mod lock;
 pub mod mesh;
 mod netns;
+pub mod proxy_protocol;
 mod state;
 mod status;
 mod teardown;

@@ -4,7 +4,8 @@ use crate::error::{LabError, Result};
 use crate::topology::{MESH_CONFIG, PODS, TRUST_DOMAIN};
 use std::fmt::Write as _;
 
-/// Every lab pod as a workload, with the protocol its `hbone` flag says.
+/// Every lab pod as a workload, with the protocol its `hbone` flag says and its node's
+/// locality.
 pub fn mesh_config() -> String {
     mesh_config_with(&MeshChanges::default())
 }
@@ -27,7 +28,7 @@ pub fn mesh_config_with(changes: &MeshChanges) -> String {
         let protocol = if pod.hbone { "HBONE" } else { "TCP" };
         let _ = write!(
             yaml,
-            "- uid: {uid}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {sa}\n  trustDomain: {TRUST_DOMAIN}\n  workloadIps: [{ip}]\n  protocol: {protocol}\n  node: {node}\n",
+            "- uid: {uid}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {sa}\n  trustDomain: {TRUST_DOMAIN}\n  workloadIps: [{ip}]\n  protocol: {protocol}\n  node: {node}\n  locality: {{region: {region}, zone: {zone}}}\n",
             uid = pod.uid,
             name = pod.name,
             namespace = pod.namespace,
@@ -38,6 +39,8 @@ pub fn mesh_config_with(changes: &MeshChanges) -> String {
                 .map_or(pod.service_account, |(_, account)| *account),
             ip = pod.expected_ip(),
             node = pod.node.name,
+            region = pod.node.region,
+            zone = pod.node.zone,
         );
         for (name, fields) in changes.workload_fields {
             if *name == pod.name {
@@ -73,5 +76,34 @@ mod tests {
         assert!(yaml.contains("workloadIps: [10.244.1.3]\n  protocol: HBONE\n  node: node1"));
         assert!(yaml.contains("workloadIps: [10.244.2.3]\n  protocol: TCP\n  node: node2"));
         assert!(yaml.contains("name: w1\n  namespace: foreign\n  serviceAccount: default\n  trustDomain: cluster.local\n  workloadIps: [10.244.2.4]\n  protocol: HBONE"));
+    }
+
+    #[test]
+    fn every_workload_is_in_its_nodes_zone() {
+        let yaml = mesh_config();
+        let in_zone = |zone: &str| {
+            yaml.matches(&format!("  locality: {{region: lab, zone: {zone}}}\n"))
+                .count()
+        };
+        // a1 and a2 on node1; b1, u1 and w1 on node2.
+        assert_eq!((in_zone("zone-a"), in_zone("zone-b")), (2, 3));
+        assert!(yaml.contains("node: node1\n  locality: {region: lab, zone: zone-a}\n"));
+        assert!(yaml.contains("node: node2\n  locality: {region: lab, zone: zone-b}\n"));
+    }
+
+    #[test]
+    fn the_daemon_reads_every_workloads_locality() {
+        let path = std::path::Path::new(MESH_CONFIG);
+        let file = ztunnel_user::mesh::config::MeshFile::parse(path, &mesh_config())
+            .expect("the lab's mesh config loads");
+        assert_eq!(file.workloads().len(), PODS.len());
+        for workload in file.workloads() {
+            let pod = crate::topology::pod_spec(&workload.name).expect("a lab pod");
+            let locality = workload.locality.as_deref().expect("a locality");
+            assert_eq!(
+                (&*locality.region, &*locality.zone),
+                (pod.node.region, pod.node.zone)
+            );
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! The fixed shape of the lab: two nodes, four pods, and where each of their pieces lives.
-//! Scripts and tests rely on these names, so they are constants rather than configuration.
+//! The fixed shape of the lab: two nodes (in two zones of one region), five pods, and where
+//! each of their pieces lives. Scripts and tests rely on these names, so they are constants
+//! rather than configuration.
 
 use crate::error::{LabError, Result};
 use sha2::{Digest, Sha256};
@@ -58,6 +59,10 @@ pub struct NodeSpec {
     pub underlay_ip: Ipv4Addr,
     /// The /24 the node's pods get their addresses from.
     pub pod_subnet: Ipv4Addr,
+    /// Where the node is, as Kubernetes' `topology.kubernetes.io/region` and `/zone` labels
+    /// say: its pods' workloads carry it, for locality-aware load balancing.
+    pub region: &'static str,
+    pub zone: &'static str,
 }
 
 #[derive(Debug)]
@@ -78,11 +83,15 @@ pub const NODES: [NodeSpec; 2] = [
         name: "node1",
         underlay_ip: Ipv4Addr::new(10, 99, 0, 1),
         pod_subnet: Ipv4Addr::new(10, 244, 1, 0),
+        region: "lab",
+        zone: "zone-a",
     },
     NodeSpec {
         name: "node2",
         underlay_ip: Ipv4Addr::new(10, 99, 0, 2),
         pod_subnet: Ipv4Addr::new(10, 244, 2, 0),
+        region: "lab",
+        zone: "zone-b",
     },
 ];
 

@@ -2,6 +2,7 @@
 //! a client that streams deterministic bytes and checks the server saw exactly those; and the
 //! reports `load-tool` (the benchmark's traffic) prints.
 
+use crate::proxy_protocol::{ProxyHeader, read_header};
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt,
     socket, sockopt,
@@ -50,6 +51,9 @@ pub struct ServerReport {
     pub local: SocketAddr,
     pub bytes: u64,
     pub sha256: String,
+    /// The PROXY header read first, by a server told to expect one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyHeader>,
 }
 
 /// What the client prints.
@@ -102,6 +106,8 @@ pub struct ServeOptions {
     /// How long to listen before accepting the first connection: an app whose accept queue
     /// fills up.
     pub accept_after: Duration,
+    /// Read a PROXY protocol v2 header first (an app behind an application tunnel).
+    pub proxy_protocol: bool,
 }
 
 impl Default for ServeOptions {
@@ -111,6 +117,7 @@ impl Default for ServeOptions {
             // Deep enough for the tests' bursts of a thousand simultaneous connections.
             backlog: 4096,
             accept_after: Duration::ZERO,
+            proxy_protocol: false,
         }
     }
 }
@@ -128,10 +135,10 @@ pub fn serve(
     for stream in listener.incoming() {
         let stream = stream.map_err(io_error("accepting"))?;
         if options.once {
-            return answer(stream);
+            return answer(stream, options.proxy_protocol);
         }
         std::thread::spawn(move || {
-            if let Err(error) = answer(stream) {
+            if let Err(error) = answer(stream, options.proxy_protocol) {
                 eprintln!("lab-tool serve: {error}");
             }
         });
@@ -139,7 +146,7 @@ pub fn serve(
     Ok(())
 }
 
-fn answer(mut stream: TcpStream) -> Result<(), TrafficError> {
+fn answer(mut stream: TcpStream, proxy_protocol: bool) -> Result<(), TrafficError> {
     let peer = stream
         .peer_addr()
         .map_err(io_error("reading the peer address"))?;
@@ -152,6 +159,10 @@ fn answer(mut stream: TcpStream) -> Result<(), TrafficError> {
     stream
         .set_write_timeout(Some(SERVER_IDLE_TIMEOUT))
         .map_err(io_error("setting the idle timeout"))?;
+    let proxy = match proxy_protocol {
+        true => Some(read_header(&mut stream).map_err(io_error("reading the PROXY header"))?),
+        false => None,
+    };
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
     let mut buffer = vec![0u8; CHUNK];
@@ -170,6 +181,7 @@ fn answer(mut stream: TcpStream) -> Result<(), TrafficError> {
         local,
         bytes,
         sha256: hex(&hasher.finalize()),
+        proxy,
     };
     let line = serde_json::to_string(&report).unwrap_or_default();
     println!("{line}");

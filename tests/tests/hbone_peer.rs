@@ -9,6 +9,8 @@ use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Lines};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
@@ -171,15 +173,26 @@ fn peer_in_w1(
     mode: &str,
     extra: &[&str],
 ) -> (Child, Lines<BufReader<ChildStdout>>) {
+    peer_in_w1_on(s, mode, 15008, extra)
+}
+
+/// `peer_in_w1`, listening on `port`.
+fn peer_in_w1_on(
+    s: &LabSession,
+    mode: &str,
+    port: u16,
+    extra: &[&str],
+) -> (Child, Lines<BufReader<ChildStdout>>) {
     let w1 = s.ip("w1");
-    let (cert, key) = peer_certificate(mode, &spiffe("foreign", "default"));
+    let name = format!("{mode}-{port}");
+    let (cert, key) = peer_certificate(&name, &spiffe("foreign", "default"));
     let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
     let argv = [
         "python3",
         &peer_script(),
         mode,
         "--listen",
-        &format!("{w1}:15008"),
+        &format!("{w1}:{port}"),
         "--ca",
         root.to_str().unwrap(),
         "--cert",
@@ -387,6 +400,81 @@ fn traffic_to_a_service_with_a_waypoint_goes_to_it_with_the_vip() {
         0,
         "the waypoint saw only the VIP's connection"
     );
+}
+
+/// A service with a weighted set of waypoints (Istio's waypoint canary): each connection goes
+/// through one of them, drawn by weight; a weight of 0 takes none.
+#[test]
+fn a_weighted_waypoint_set_shares_the_connections_by_weight() {
+    let s = LabSession::start();
+    let _b1_app = serve("b1", APP_PORT);
+    let (b1, w1) = (s.ip("b1"), s.ip("w1"));
+    let vip = "10.96.0.10";
+    let with_weights = |primary: u32, canary: u32| {
+        echo_service(
+            vip,
+            &format!(
+                "  waypoint: {{destination: /{w1}}}
+  weightedWaypoints:
+                   - {{waypoint: {{destination: /{w1}, hboneMtlsPort: 15008}}, weight: {primary}}}
+                   - {{waypoint: {{destination: /{w1}, hboneMtlsPort: 15009}}, weight: {canary}}}
+"
+            ),
+        )
+    };
+    let route = format!("{vip}:80={b1}:{APP_PORT}");
+    let (mut primary, primary_lines) = peer_in_w1_on(&s, "waypoint", 15008, &["--route", &route]);
+    let (mut canary, canary_lines) = peer_in_w1_on(&s, "waypoint", 15009, &["--route", &route]);
+    let (primary_seen, canary_seen) = (count_lines(primary_lines), count_lines(canary_lines));
+    let send_all = |sections: &str, connections: usize| {
+        apply_mesh(
+            &s.lab,
+            &MeshChanges {
+                workload_fields: &[("b1", ECHO_ENDPOINT)],
+                sections,
+                ..MeshChanges::default()
+            },
+        );
+        for _ in 0..connections {
+            let report = send("a1", format!("{vip}:80").parse().unwrap(), KIB);
+            assert_eq!(report.server.peer.ip(), w1, "through a waypoint");
+        }
+    };
+    // 3 to 1: both take some (the canary none of 40 has odds of 1 in 100,000).
+    send_all(&with_weights(3, 1), 40);
+    eventually("both waypoints to log their streams", || {
+        primary_seen.load(Ordering::SeqCst) + canary_seen.load(Ordering::SeqCst) == 40
+    });
+    let (to_primary, to_canary) = (
+        primary_seen.load(Ordering::SeqCst),
+        canary_seen.load(Ordering::SeqCst),
+    );
+    assert!(
+        to_primary > to_canary && to_canary > 0,
+        "{to_primary} to {to_canary}"
+    );
+    // Promoted: the canary takes everything.
+    send_all(&with_weights(0, 1), 10);
+    eventually("the canary to log its streams", || {
+        canary_seen.load(Ordering::SeqCst) == to_canary + 10
+    });
+    assert_eq!(primary_seen.load(Ordering::SeqCst), to_primary);
+    for peer in [&mut primary, &mut canary] {
+        let _ = peer.kill();
+        let _ = peer.wait();
+    }
+}
+
+/// A count of the lines `lines` gives, kept up to date by a thread of its own.
+fn count_lines(lines: Lines<BufReader<ChildStdout>>) -> Arc<AtomicUsize> {
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    std::thread::spawn(move || {
+        for _ in lines.map_while(Result::ok) {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    count
 }
 
 #[test]

@@ -80,7 +80,10 @@ fn a_service_vip_is_balanced_across_endpoints_on_both_nodes() {
     let last = failed.last().expect("a1's record");
     assert_eq!(
         last.error.as_deref(),
-        Some("service demo/echo.demo.svc.cluster.local has no healthy endpoint"),
+        Some(
+            "service demo/echo.demo.svc.cluster.local has no endpoint to choose \
+             (none healthy, or none its routing preferences allow)"
+        ),
         "{last:?}"
     );
 }

@@ -59,7 +59,15 @@ const HOST_TEST_SOURCES: [&str; 8] = [
 const LAB_TEST_SOURCES: [&str; 2] = ["tests/src", "tests/tests"];
 /// The end-to-end suites run a second time with the daemons on the lab's istiod (delta xDS
 /// and Istio's CA) instead of the mesh file and the built-in CA.
-const ISTIOD_SUITES: [&str; 5] = ["datapath", "hbone", "policy", "restart", "kubernetes"];
+const ISTIOD_SUITES: [&str; 7] = [
+    "datapath",
+    "hbone",
+    "policy",
+    "restart",
+    "kubernetes",
+    "locality",
+    "app_tunnel",
+];
 const PEER_SELFTEST: &str = "tests/hbone_peer/test_peer_selftest.py";
 
 pub fn run() -> Result<()> {

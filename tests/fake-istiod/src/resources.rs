@@ -207,6 +207,14 @@ fn service(s: &Service) -> wire::Service {
         ports: ports_of(s.ports.iter().map(|(&from, &to)| (from, to))),
         subject_alt_names: s.subject_alt_names.clone(),
         waypoint: s.waypoint.as_ref().map(gateway),
+        weighted_waypoints: s
+            .weighted_waypoints
+            .iter()
+            .map(|w| wire::WeightedWaypoint {
+                waypoint: Some(gateway(&w.waypoint)),
+                weight: w.weight,
+            })
+            .collect(),
         load_balancing: s.load_balancer.as_ref().map(load_balancing),
         ip_families: match s.ip_families {
             None => wire::IpFamilies::Automatic,

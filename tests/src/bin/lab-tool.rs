@@ -31,6 +31,10 @@ enum Command {
         /// Listen this long before accepting anything (an app whose accept queue fills up).
         #[arg(long, default_value_t = 0)]
         accept_after_ms: u64,
+        /// Read a PROXY protocol v2 header first and report it (an app behind an application
+        /// tunnel).
+        #[arg(long)]
+        proxy_protocol: bool,
     },
     /// Stream deterministic pseudo-random bytes to a server and check its report.
     Send {
@@ -77,11 +81,13 @@ fn main() -> Result<()> {
             once,
             backlog,
             accept_after_ms,
+            proxy_protocol,
         } => {
             let options = ServeOptions {
                 once,
                 backlog,
                 accept_after: Duration::from_millis(accept_after_ms),
+                proxy_protocol,
             };
             traffic::serve(port, options, || {
                 // The caller waits for this line before connecting.

@@ -5,7 +5,10 @@
 //! and to upstreams outside the pod (the pod's own address, the proxy's mark, which capture
 //! skips).
 
+mod app_tunnel;
 pub(crate) mod routing;
+
+pub(crate) use app_tunnel::AppTunnel;
 
 use crate::capture::Datapath;
 use crate::host::netns::{Netns, domain_of};
@@ -13,6 +16,7 @@ use socket2::Socket;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use ztunnel_common::ports;
 
@@ -87,6 +91,25 @@ impl Connector {
         }
         self.deliver_once(netns, SocketAddr::new(source.ip(), 0), dst)
             .await
+    }
+
+    /// `deliver`, to an app that may take tunnel information itself (`tunnel`): to the port
+    /// it asks, with what it reads first (a PROXY header) written.
+    pub(crate) async fn deliver_to_app(
+        &self,
+        netns: &Netns,
+        source: SocketAddr,
+        dst: SocketAddr,
+        tunnel: Option<AppTunnel<'_>>,
+    ) -> io::Result<Delivery> {
+        let Some(tunnel) = tunnel else {
+            return self.deliver(netns, source, dst).await;
+        };
+        let mut delivery = self.deliver(netns, source, tunnel.port(dst)).await?;
+        if let Some(preamble) = tunnel.preamble(dst) {
+            delivery.app.write_all(&preamble).await?;
+        }
+        Ok(delivery)
     }
 
     async fn deliver_once(

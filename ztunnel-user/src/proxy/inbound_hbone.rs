@@ -6,6 +6,7 @@ use super::carry::{self, Carriage, Connected};
 use super::listeners::Accepted;
 use super::{PodProxy, ProxyContext, ServingAs, describe};
 use crate::api::Direction;
+use crate::delivery::AppTunnel;
 use crate::hbone::server::{Incoming, handshake, serve_connection};
 use crate::identity::Identity;
 use crate::mesh::authz::Subject;
@@ -188,7 +189,11 @@ async fn set_up(
     }
     // The 200 goes out only once the app accepted: the client learns of a refusal.
     let source = delivery_source(client, peer.addr);
-    let app = match ctx.connector.deliver(&pod.netns, source, target).await {
+    let tunnel = AppTunnel::of(&config, target, client, &peer.identity);
+    let delivery = ctx
+        .connector
+        .deliver_to_app(&pod.netns, source, target, tunnel);
+    let app = match delivery.await {
         Ok(app) => app,
         Err(err) => {
             tracing::info!(pod = %pod.label, %client, %target, %err, "delivery to the app failed");

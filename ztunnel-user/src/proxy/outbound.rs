@@ -6,6 +6,7 @@ use super::listeners::Accepted;
 use super::route::Route;
 use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
+use crate::delivery::AppTunnel;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
 use crate::identity::Identity;
 use crate::mesh::authz::Subject;
@@ -106,11 +107,13 @@ async fn set_up(
                 identity: Some(identity.clone()),
             };
             let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
-                Ok(()) => ctx
-                    .connector
-                    .deliver(&target.netns, client, to)
-                    .await
-                    .map_err(ConnectionError::Io),
+                Ok(()) => {
+                    let tunnel = AppTunnel::of(&config, to, client, identity);
+                    ctx.connector
+                        .deliver_to_app(&target.netns, client, to, tunnel)
+                        .await
+                        .map_err(ConnectionError::Io)
+                }
                 Err(denial) => Err(ConnectionError::Denied(denial)),
             };
             match connected {

@@ -56,8 +56,10 @@ impl Route {
         let mut target = destination;
         let mut extra_identities = Vec::new();
         if let Some(service) = config.service_at(destination) {
-            if let Some(waypoint) = &service.waypoint
-                && !config.is_waypoint(waypoint, source)
+            // A waypoint's own connections to the service are not sent to a waypoint again.
+            let from_waypoint = || service.waypoints().any(|w| config.is_waypoint(w, source));
+            if let Some(waypoint) = service.waypoint_for_connection()
+                && !from_waypoint()
             {
                 return via_waypoint(config, waypoint, source, destination);
             }

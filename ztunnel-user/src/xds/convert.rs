@@ -15,8 +15,8 @@
 //!   capacity (unset: 1);
 //! - `Service`: name, namespace, hostname, addresses (one with a `length` shorter than the
 //!   address is a CIDR VIP), ports (service and target), subject_alt_names, waypoint,
-//!   load_balancing (routing_preference, mode, health_policy), ip_families (AUTOMATIC:
-//!   unset), canonical;
+//!   weighted_waypoints, load_balancing (routing_preference, mode, health_policy), ip_families
+//!   (AUTOMATIC: unset), canonical;
 //! - `GatewayAddress`: the address or the hostname, hbone_mtls_port (unset: 15008, as in the
 //!   local config);
 //! - `Authorization`: every field.
@@ -39,7 +39,7 @@ use crate::mesh::config::{
     ApplicationTunnel, Change, DEFAULT_SERVICE_ACCOUNT, GatewayAddress, GatewayDestination,
     HealthPolicy, HealthStatus, IpFamily, LoadBalancer, LoadBalancerMode, Locality, LocalityScope,
     MeshConfig, NamespacedHostname, NetworkAddress, NetworkCidr, NetworkMode, Protocol, Service,
-    TunnelHeader, Workload,
+    TunnelHeader, WeightedWaypoint, Workload,
 };
 use crate::settings::DEFAULT_TRUST_DOMAIN;
 use ipnet::IpNet;
@@ -268,6 +268,16 @@ fn service(s: istio::workload::Service) -> Result<Service, Problem> {
         ports: port_map(&s.ports, || "ports".to_owned())?,
         subject_alt_names: s.subject_alt_names,
         waypoint: s.waypoint.map(|g| gateway(g, "waypoint")).transpose()?,
+        weighted_waypoints: each(s.weighted_waypoints, |i, w| {
+            let field = format!("weighted_waypoints[{i}].waypoint");
+            let waypoint = w
+                .waypoint
+                .ok_or_else(|| Problem::Unusable(format!("{field}: unset")))?;
+            Ok(WeightedWaypoint {
+                waypoint: gateway(waypoint, &field)?,
+                weight: w.weight,
+            })
+        })?,
         load_balancer: s.load_balancing.map(load_balancer).transpose()?,
         ip_families: match known(s.ip_families, "ip_families")? {
             IpFamilies::Automatic => None,

@@ -22,7 +22,7 @@ pub use file::{ConfigError, MeshFile};
 pub(crate) use file::{FileChanges, FileIndex, IndexUpdate};
 pub use load_balancing::{HealthPolicy, IpFamily, LoadBalancer, LoadBalancerMode, LocalityScope};
 pub use ports::{PortMap, ServicePorts};
-pub use service::{Service, ServiceEndpoint};
+pub use service::{Service, ServiceEndpoint, WeightedWaypoint};
 pub(crate) use workload::DEFAULT_SERVICE_ACCOUNT;
 pub use workload::{
     ApplicationTunnel, HealthStatus, Locality, NetworkMode, Protocol, TunnelHeader, Workload,
@@ -40,7 +40,9 @@ use std::sync::Arc;
 /// Why the config offers nothing that can take a connection.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Unroutable {
-    #[error("service {0} has no healthy endpoint")]
+    #[error(
+        "service {0} has no endpoint to choose (none healthy, or none its routing preferences allow)"
+    )]
     NoHealthyEndpoint(String),
     #[error("waypoint {0:?} has no healthy instance")]
     NoWaypointInstance(GatewayDestination),

@@ -6,6 +6,7 @@ use super::load_balancing::{IpFamily, LoadBalancer, LoadBalancerMode};
 use super::workload::HealthStatus;
 use crate::identity::Identity;
 use crate::mesh::FieldError;
+use rand::seq::IndexedRandom;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -27,8 +28,14 @@ pub struct Service {
     /// Identities an endpoint may present besides its own workload identity.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
+    /// The primary waypoint: the one older proxies use, and this one when
+    /// `weighted_waypoints` is empty or weighs nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waypoint: Option<GatewayAddress>,
+    /// A weighted set of waypoints (Istio's waypoint canary): each connection takes one, drawn
+    /// by weight.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weighted_waypoints: Vec<WeightedWaypoint>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancer>,
     /// Unset: any family, the one the client dialled first.
@@ -45,6 +52,14 @@ pub struct Service {
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedWaypoint {
+    pub waypoint: GatewayAddress,
+    /// Relative to the set's other weights; 0: none of the connections.
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEndpoint {
     pub workload_uid: String,
     #[serde(default)]
@@ -57,6 +72,22 @@ impl Service {
     /// `namespace/hostname`, as workloads' `services` maps name it.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
+    }
+
+    /// The waypoint one connection to the service goes through: one of the weighted set,
+    /// drawn by weight, else the primary.
+    pub fn waypoint_for_connection(&self) -> Option<&GatewayAddress> {
+        self.weighted_waypoints
+            .choose_weighted(&mut rand::rng(), |w| w.weight)
+            .map(|w| &w.waypoint)
+            .ok()
+            .or(self.waypoint.as_ref())
+    }
+
+    /// Every waypoint a connection to the service may go through.
+    pub fn waypoints(&self) -> impl Iterator<Item = &GatewayAddress> {
+        let weighted = self.weighted_waypoints.iter().map(|w| &w.waypoint);
+        self.waypoint.iter().chain(weighted)
     }
 
     /// Whether connections to it keep their destination (no endpoint is chosen).

@@ -162,10 +162,6 @@ impl Workload {
         [
             (self.network_gateway.is_some(), "workload.networkGateway"),
             (self.native_tunnel, "workload.nativeTunnel"),
-            (
-                self.application_tunnel.is_some(),
-                "workload.applicationTunnel",
-            ),
             (!self.hostname.is_empty(), "workload.hostname"),
         ]
         .into_iter()

@@ -122,7 +122,7 @@ impl FileIndex {
         let texts = texts.unwrap_or_default();
         let mut waypoint_targets = WaypointTargets::default();
         let waypoints = file.workloads.iter().filter_map(|w| w.waypoint.as_deref());
-        let waypoints = waypoints.chain(file.services.iter().filter_map(|s| s.waypoint.as_ref()));
+        let waypoints = waypoints.chain(file.services.iter().flat_map(Service::waypoints));
         for waypoint in waypoints {
             match &waypoint.destination {
                 GatewayDestination::Address(address) => {
@@ -200,7 +200,10 @@ impl FileIndex {
     ) -> bool {
         let targets = &self.waypoint_targets;
         let new_name_none = workloads.changed.iter().all(|w| w.waypoint.is_none())
-            && services.changed.iter().all(|s| s.waypoint.is_none());
+            && services
+                .changed
+                .iter()
+                .all(|s| s.waypoints().next().is_none());
         let old_workloads_untied = workloads.patch.vanished.iter().all(|uid| {
             current.workload_by_uid(uid).is_some_and(|old| {
                 old.waypoint.is_none()
@@ -213,7 +216,7 @@ impl FileIndex {
         let old_services_untied = services.patch.vanished.iter().all(|key| {
             !targets.hostnames.contains(&**key)
                 && current.service_by_key(key).is_some_and(|old| {
-                    old.waypoint.is_none()
+                    old.waypoints().next().is_none()
                         && !old
                             .vips
                             .iter()

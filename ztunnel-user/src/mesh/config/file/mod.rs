@@ -213,9 +213,9 @@ impl MeshFile {
                 let entry = || entry_name("workload", i, &w.namespace, &w.name);
                 Some((entry(), w.waypoint.as_deref()?))
             })
-            .chain(self.services.iter().enumerate().filter_map(|(i, s)| {
-                let entry = || entry_name("service", i, &s.namespace, &s.name);
-                Some((entry(), s.waypoint.as_ref()?))
+            .chain(self.services.iter().enumerate().flat_map(|(i, s)| {
+                let entry = move || entry_name("service", i, &s.namespace, &s.name);
+                s.waypoints().map(move |waypoint| (entry(), waypoint))
             }));
         for (entry, waypoint) in waypoints {
             if !known(waypoint) {

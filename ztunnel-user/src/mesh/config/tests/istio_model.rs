@@ -4,7 +4,7 @@
 
 use super::super::*;
 use super::{FILE, SERVICES, addr, ip, parse};
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 const DRAWS: usize = 2000;
 
@@ -315,10 +315,9 @@ fn every_new_field_round_trips_through_serde() {
 }
 
 /// What `EVERY_NEW_FIELD` sets that this build does not act on.
-const NOT_USED: [&str; 6] = [
+const NOT_USED: [&str; 5] = [
     "service.canonical",
     "service.endpoints",
-    "workload.applicationTunnel",
     "workload.hostname",
     "workload.nativeTunnel",
     "workload.networkGateway",
@@ -366,10 +365,56 @@ fn the_model_shows_every_field_of_istios_model_back() {
         config.accepted_not_used().collect::<Vec<_>>(),
         [
             "service.canonical",
-            "workload.applicationTunnel",
             "workload.hostname",
             "workload.nativeTunnel",
             "workload.networkGateway",
         ]
     );
+}
+
+/// A service with a primary waypoint at 10.0.9.1 and the weighted set `weighted` (YAML).
+fn with_waypoints(weighted: &str) -> Service {
+    let text = format!(
+        "{{name: s, namespace: demo, hostname: s, vips: [10.96.9.1], ports: {{80: 0}}, \
+          waypoint: {{destination: /10.0.9.1}}, weightedWaypoints: {weighted}}}"
+    );
+    serde_yaml_ng::from_str(&text).unwrap()
+}
+
+/// How many of `DRAWS` connections each waypoint address takes.
+fn waypoint_shares(service: &Service) -> BTreeMap<IpAddr, usize> {
+    let mut shares = BTreeMap::new();
+    for _ in 0..DRAWS {
+        let waypoint = service.waypoint_for_connection().expect("a waypoint");
+        let GatewayDestination::Address(address) = &waypoint.destination else {
+            panic!("waypoints here are addresses")
+        };
+        *shares.entry(address.ip).or_default() += 1;
+    }
+    shares
+}
+
+#[test]
+fn each_connection_takes_a_weighted_waypoint_by_weight() {
+    let service = with_waypoints(
+        "[{waypoint: {destination: /10.0.9.2}, weight: 3}, \
+          {waypoint: {destination: /10.0.9.3}, weight: 1}]",
+    );
+    let shares = waypoint_shares(&service);
+    let canary = shares[&ip("10.0.9.3")] as f64 / DRAWS as f64;
+    assert!((0.15..0.35).contains(&canary), "{shares:?}");
+    assert!(!shares.contains_key(&ip("10.0.9.1")), "{shares:?}");
+    assert_eq!(service.waypoints().count(), 3);
+}
+
+#[test]
+fn an_empty_or_weightless_set_leaves_the_primary_waypoint() {
+    for weighted in ["[]", "[{waypoint: {destination: /10.0.9.2}, weight: 0}]"] {
+        let shares = waypoint_shares(&with_waypoints(weighted));
+        assert_eq!(
+            shares,
+            BTreeMap::from([(ip("10.0.9.1"), DRAWS)]),
+            "{weighted}"
+        );
+    }
 }
