@@ -123,7 +123,7 @@ impl Kubernetes {
             .patch(name, &PatchParams::default(), &Patch::Merge(patch))
             .await
             .map_err(|source| KubeError::Api {
-                what: format!("annotating pod {namespace}/{name}"),
+                what: format!("annotating pod {}", label_of(pod)),
                 source,
             })?;
         Ok(())
@@ -321,13 +321,13 @@ impl Reconciler {
     }
 
     async fn reconcile_pod(&self, uid: &str, sandboxes: &mut Option<Sandboxes>) {
-        let enrolled = self.pods.lock().await.is_enrolled(uid, "");
         let Some(pod) = self.node_pods.objects.get(uid) else {
-            if enrolled && self.pods.lock().await.disenroll(uid, None) {
+            if self.pods.lock().await.disenroll(uid, None) {
                 tracing::info!(%uid, "kubernetes: released a pod no longer on this node");
             }
             return;
         };
+        let enrolled = self.pods.lock().await.is_enrolled(uid, "");
         let label = label_of(pod);
         let namespace_labels = (pod.metadata.namespace.as_ref())
             .and_then(|ns| self.namespaces.objects.get(ns))

@@ -5,6 +5,7 @@
 //! pods enroll without a CNI ADD: those running before the daemon, or before their namespace
 //! was labelled.
 
+use crate::pods::pod_uid_of_cgroup_name;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -87,14 +88,10 @@ fn pod_of_cgroup(text: &str) -> Option<(String, String)> {
     Some((uid, container_id))
 }
 
-/// The pod uid in a kubelet pod cgroup's name: `pod<uid>` (cgroupfs driver) or
-/// `kubepods[-<qos>]-pod<uid with underscores>.slice` (systemd driver).
+/// The pod uid of a path component that is a kubelet pod cgroup (a uid as the API server makes
+/// them, so that no other cgroup named `pod...` passes).
 fn pod_uid_of_component(name: &str) -> Option<String> {
-    let uid = match name.strip_suffix(".slice") {
-        Some(slice) => slice.rsplit_once("-pod")?.1.replace('_', "-"),
-        None => name.strip_prefix("pod")?.to_owned(),
-    };
-    is_uid(&uid).then_some(uid)
+    pod_uid_of_cgroup_name(name).filter(|uid| is_uid(uid))
 }
 
 /// A uid as the API server makes them (8-4-4-4-12 hex digits).

@@ -22,16 +22,20 @@ pub(crate) enum CgroupError {
 
 /// Whether a cgroup directory name is the one the kubelet gives pod `uid`.
 fn is_pod_cgroup_name(name: &str, uid: &str) -> bool {
-    if uid.is_empty() {
-        return false;
-    }
-    if name == format!("pod{uid}") {
-        return true;
-    }
-    let systemd_form = format!("pod{}.slice", uid.replace('-', "_"));
-    name.ends_with(&systemd_form)
-        && (name.len() == systemd_form.len()
-            || name[..name.len() - systemd_form.len()].ends_with('-'))
+    !uid.is_empty() && pod_uid_of_cgroup_name(name).as_deref() == Some(uid)
+}
+
+/// The pod uid a kubelet pod cgroup's name holds: `pod<uid>` (cgroupfs driver) or
+/// `[<prefix>-]pod<uid with underscores>.slice` (systemd driver).
+pub(crate) fn pod_uid_of_cgroup_name(name: &str) -> Option<String> {
+    let uid = match name.strip_suffix(".slice") {
+        Some(slice) => {
+            let start = slice.rfind("-pod").map_or(0, |dash| dash + 1);
+            slice[start..].strip_prefix("pod")?.replace('_', "-")
+        }
+        None => name.strip_prefix("pod")?.to_owned(),
+    };
+    (!uid.is_empty()).then_some(uid)
 }
 
 /// The pod's cgroup directory below `root`, breadth first.

@@ -15,6 +15,8 @@ pub(crate) mod records;
 mod restore;
 mod waiting;
 
+pub(crate) use cgroup::pod_uid_of_cgroup_name;
+
 use crate::api::{EnrolledPod, PodSpec};
 use crate::capture::{CaptureError, CapturedPod, DatapathError, PodLinks};
 use crate::delivery::routing::{self, RoutingError};
