@@ -34,6 +34,10 @@ pub struct Settings {
     /// Name of this node: the mesh config's workloads with this `node` are served here.
     #[arg(long, env = "NODE_NAME", default_value = "node")]
     pub node: String,
+    /// The network this node's pods are on (Istio's `NETWORK`; empty: the default network).
+    /// A workload on another network is reached through its network's gateway.
+    #[arg(long, env = "NETWORK", default_value = "")]
+    pub network: String,
     /// Unix socket for the CNI plugin and the CLI.
     #[arg(long, env = "ZTUNNEL_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
     pub api_socket: PathBuf,

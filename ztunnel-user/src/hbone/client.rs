@@ -15,6 +15,7 @@
 //! the streams that want the same key wait for that one and share its outcome.
 
 use super::OpenCounts;
+use super::stream_io::StreamIo;
 use crate::identity::Identity;
 use crate::relay::h2::io_error;
 use bytes::Bytes;
@@ -86,6 +87,13 @@ pub(crate) struct HboneStream {
     pub(crate) send: SendStream<Bytes>,
     pub(crate) recv: RecvStream,
     pub(crate) slot: StreamSlot,
+}
+
+impl HboneStream {
+    /// The stream as a byte stream, for a connection carried inside it.
+    pub(crate) fn into_io(self) -> StreamIo<StreamSlot> {
+        StreamIo::new(self.send, self.recv, self.slot)
+    }
 }
 
 struct PooledConnection {

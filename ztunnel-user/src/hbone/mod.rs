@@ -1,12 +1,14 @@
 //! HBONE: TCP connections carried as HTTP/2 CONNECT streams over mutual TLS, wire-compatible
 //! with Istio's ztunnel (port 15008). This module knows the wire only: the client's pool and
 //! requests (`client`), the server's handshake, request checks and status codes (`server`,
-//! which hands each accepted stream to a handler), and the TLS handshakes (`mtls`). What a
+//! which hands each accepted stream to a handler), the TLS handshakes (`mtls`), and a stream
+//! as a byte stream for an HBONE connection inside another (`stream_io`). What a
 //! stream carries and for whom is the proxy's business.
 
 pub mod client;
 pub(crate) mod mtls;
 pub mod server;
+pub(crate) mod stream_io;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

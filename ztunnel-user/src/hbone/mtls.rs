@@ -5,7 +5,9 @@ use crate::identity::tls::{client_config, peer_identity, server_config};
 use crate::identity::{CertificateStore, Identity};
 use rustls::pki_types::ServerName;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
 
@@ -17,12 +19,12 @@ pub(crate) struct Mtls {
 impl Mtls {
     /// The client handshake as `local`, accepting only a server presenting one of `expected`.
     /// Waits for `local`'s certificate first (the handshake only reads what the store holds).
-    pub(crate) async fn connect(
+    pub(crate) async fn connect<IO: AsyncRead + AsyncWrite + Unpin>(
         &self,
         local: &Identity,
         expected: &[Identity],
-        tcp: TcpStream,
-    ) -> io::Result<client::TlsStream<TcpStream>> {
+        io: IO,
+    ) -> io::Result<client::TlsStream<IO>> {
         self.store
             .certificate(local)
             .await
@@ -33,9 +35,10 @@ impl Mtls {
             self.store.roots(),
             expected.to_vec(),
         );
-        // SNI is disabled in the config: the name is only a placeholder rustls requires.
-        let name = ServerName::IpAddress(tcp.peer_addr()?.ip().into());
-        TlsConnector::from(config).connect(name, tcp).await
+        // SNI is disabled in the config and the peer is checked by its SPIFFE identity: the
+        // name is only a placeholder rustls requires.
+        let name = ServerName::IpAddress(IpAddr::from(Ipv4Addr::UNSPECIFIED).into());
+        TlsConnector::from(config).connect(name, io).await
     }
 
     /// The server handshake as `local` with its `acceptor`, once `local`'s certificate is

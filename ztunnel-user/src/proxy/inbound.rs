@@ -74,14 +74,9 @@ async fn set_up(
             .record(Direction::Inbound, &pod.label, client, destination, labels);
     // A client that bypassed the pod's waypoint is sent to it; the waypoint's own
     // connections are not (`waypoint_of`).
-    let connected = if let Some(Route::Hbone {
-        peer,
-        authority,
-        identities,
-    }) = Route::waypoint_of(&config, client.ip(), destination)
-    {
-        let identity = &serving_as.identity;
-        open_hbone(ctx, pod, identity, client, peer, authority, identities)
+    let via_waypoint = Route::waypoint_of(&config, client.ip(), destination);
+    let connected = if let Some(Route::Hbone(hop)) = via_waypoint {
+        open_hbone(ctx, pod, &serving_as.identity, client, &hop)
             .await
             .map(|hbone| Connected::over_hbone(stream, hbone))
             .map_err(ConnectionError::Io)

@@ -3,7 +3,7 @@
 
 use super::carry::{self, Carriage, Connected};
 use super::listeners::Accepted;
-use super::route::Route;
+use super::route::{Hop, Route};
 use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
 use crate::delivery::AppTunnel;
@@ -127,14 +127,16 @@ async fn set_up(
                 }
             }
         }
-        Route::Hbone {
-            peer,
-            authority,
-            identities,
-        } => open_hbone(ctx, pod, identity, client, peer, authority, identities)
+        Route::Hbone(hop) => open_hbone(ctx, pod, identity, client, &hop)
             .await
             .map(|hbone| Connected::over_hbone(stream, hbone))
             .map_err(ConnectionError::Io),
+        Route::DoubleHbone { gateway, inner } => {
+            open_double_hbone(ctx, pod, identity, client, &gateway, &inner)
+                .await
+                .map(|hbone| Connected::over_hbone(stream, hbone))
+                .map_err(ConnectionError::Io)
+        }
         Route::Passthrough { target } => ctx
             .connector
             .connect(&pod.netns, target)
@@ -170,33 +172,66 @@ fn labels(
     })
 }
 
-/// A CONNECT stream to `peer` from the pod's netns, as `identity` (the pod's for this
-/// connection), for a connection from `client`.
+/// A CONNECT stream over `hop`, its connection made from the pod's netns, as `identity`
+/// (the pod's for this connection), for a connection from `client`.
 pub(super) async fn open_hbone(
     ctx: &Arc<ProxyContext>,
     pod: &PodProxy,
     identity: &Arc<Identity>,
     client: SocketAddr,
-    peer: SocketAddr,
-    authority: SocketAddr,
-    identities: Vec<Identity>,
+    hop: &Hop,
 ) -> io::Result<HboneStream> {
-    let key = PoolKey {
-        source_identity: identity.clone(),
-        destination_identities: identities,
-        destination: peer,
-        source_ip: client.ip(),
-    };
-    let request = ConnectRequest {
-        authority,
-        client,
-        baggage: pod.baggage(),
-    };
+    let (key, request) = stream_of(pod, identity, client, hop);
     let connect = || async {
-        let tcp = ctx.connector.connect(&pod.netns, peer).await?;
+        let tcp = ctx.connector.connect(&pod.netns, hop.peer).await?;
         ctx.tls
             .connect(&key.source_identity, &key.destination_identities, tcp)
             .await
     };
     ctx.pool.open(&key, &request, connect).await
+}
+
+/// A CONNECT stream over `inner`, whose connection is carried by a CONNECT stream over
+/// `gateway` (double HBONE): the inner TLS, inside the outer, checks the workload's identity.
+async fn open_double_hbone(
+    ctx: &Arc<ProxyContext>,
+    pod: &PodProxy,
+    identity: &Arc<Identity>,
+    client: SocketAddr,
+    gateway: &Hop,
+    inner: &Hop,
+) -> io::Result<HboneStream> {
+    let (key, request) = stream_of(pod, identity, client, inner);
+    let connect = || async {
+        let outer = open_hbone(ctx, pod, identity, client, gateway).await?;
+        ctx.tls
+            .connect(
+                &key.source_identity,
+                &key.destination_identities,
+                outer.into_io(),
+            )
+            .await
+    };
+    ctx.pool.open(&key, &request, connect).await
+}
+
+/// The pool key of `hop`'s connection and the CONNECT request for it.
+fn stream_of(
+    pod: &PodProxy,
+    identity: &Arc<Identity>,
+    client: SocketAddr,
+    hop: &Hop,
+) -> (PoolKey, ConnectRequest) {
+    let key = PoolKey {
+        source_identity: identity.clone(),
+        destination_identities: hop.identities.clone(),
+        destination: hop.peer,
+        source_ip: client.ip(),
+    };
+    let request = ConnectRequest {
+        authority: hop.authority,
+        client,
+        baggage: pod.baggage(),
+    };
+    (key, request)
 }

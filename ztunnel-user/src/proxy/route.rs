@@ -1,10 +1,10 @@
 //! How the proxy reaches a destination: the one place that resolves services to endpoints,
-//! sends traffic through waypoints, and chooses between the same-node path, HBONE and plain
-//! TCP.
+//! sends traffic through waypoints and through other networks' gateways, and chooses between
+//! the same-node path, HBONE and plain TCP.
 
 use super::{PodProxy, ProxyContext};
 use crate::identity::Identity;
-use crate::mesh::config::{GatewayAddress, MeshConfig, Protocol, Unroutable};
+use crate::mesh::config::{GatewayAddress, MeshConfig, Protocol, Unroutable, Workload};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use ztunnel_common::ports;
@@ -16,13 +16,12 @@ pub(super) enum Route {
         pod: Arc<PodProxy>,
         target: SocketAddr,
     },
-    /// An HBONE stream to `peer` (a workload's 15008 or a waypoint), asking for `authority`;
-    /// the peer must present one of `identities`.
-    Hbone {
-        peer: SocketAddr,
-        authority: SocketAddr,
-        identities: Vec<Identity>,
-    },
+    /// An HBONE stream to a workload's 15008 or a waypoint.
+    Hbone(Hop),
+    /// A workload on another network, through that network's gateway (double HBONE): an HBONE
+    /// stream to the gateway carries the HBONE connection to the workload, each with its own
+    /// TLS and identity check.
+    DoubleHbone { gateway: Hop, inner: Hop },
     /// Outside the mesh: plain TCP.
     Passthrough { target: SocketAddr },
     /// Nothing can take the connection (a service without a healthy endpoint, a waypoint
@@ -30,12 +29,20 @@ pub(super) enum Route {
     Unavailable(Unroutable),
 }
 
+/// One HBONE hop: the connection to `peer`, which must present one of `identities`, and the
+/// CONNECT for `authority` on it.
+pub(super) struct Hop {
+    pub(super) peer: SocketAddr,
+    pub(super) identities: Vec<Identity>,
+    pub(super) authority: SocketAddr,
+}
+
 impl Route {
     /// Where the connection is sent: the workload (or VIP, through a waypoint) it reaches.
     pub(super) fn target(&self) -> Option<SocketAddr> {
         match self {
             Route::SameNode { target, .. } | Route::Passthrough { target } => Some(*target),
-            Route::Hbone { authority, .. } => Some(*authority),
+            Route::Hbone(hop) | Route::DoubleHbone { inner: hop, .. } => Some(hop.authority),
             Route::Unavailable(_) => None,
         }
     }
@@ -43,7 +50,10 @@ impl Route {
     /// Whether both ends are known by their mesh identities: over HBONE, or between two pods
     /// of this node.
     pub(super) fn carries_identities(&self) -> bool {
-        matches!(self, Route::SameNode { .. } | Route::Hbone { .. })
+        matches!(
+            self,
+            Route::SameNode { .. } | Route::Hbone(_) | Route::DoubleHbone { .. }
+        )
     }
 
     /// The route of a connection from `source` (a pod of this node) to `destination`.
@@ -66,7 +76,7 @@ impl Route {
             if !service.passes_through() {
                 let from = config.workload_by_ip(source);
                 let Some(endpoint) = config.pick_endpoint(service, from, destination) else {
-                    return Route::Unavailable(Unroutable::NoHealthyEndpoint(
+                    return Route::Unavailable(Unroutable::ServiceWithoutEndpoint(
                         service.key.to_string(),
                     ));
                 };
@@ -84,11 +94,17 @@ impl Route {
             Some(workload) if workload.protocol == Protocol::Hbone => {
                 let mut identities = vec![workload.identity()];
                 identities.extend(extra_identities);
-                Route::Hbone {
+                let hop = Hop {
                     peer: SocketAddr::new(target.ip(), ports::HBONE),
-                    authority: target,
                     identities,
+                    authority: target,
+                };
+                let from = config.workload_by_ip(source);
+                let here = from.map_or(&*ctx.settings.network, |w| &w.network);
+                if *workload.network == *here {
+                    return Route::Hbone(hop);
                 }
+                through_network_gateway(config, workload, from, hop)
             }
             _ => Route::Passthrough { target },
         }
@@ -107,18 +123,50 @@ impl Route {
     }
 }
 
+/// The route to `inner`'s workload on another network: through the gateway it names.
+fn through_network_gateway(
+    config: &MeshConfig,
+    workload: &Workload,
+    source: Option<&Workload>,
+    inner: Hop,
+) -> Route {
+    let unreachable = || {
+        Route::Unavailable(Unroutable::NetworkWithoutGateway {
+            workload: workload.label(),
+            network: workload.network.to_string(),
+        })
+    };
+    let Some(gateway) = workload.network_gateway.as_deref() else {
+        return unreachable();
+    };
+    match config.resolve_gateway(gateway, source) {
+        Some(endpoint) => Route::DoubleHbone {
+            gateway: Hop {
+                peer: endpoint.address,
+                identities: vec![endpoint.workload.identity()],
+                // The gateway connects this to the workload's HBONE port.
+                authority: inner.peer,
+            },
+            inner,
+        },
+        None => unreachable(),
+    }
+}
+
 fn via_waypoint(
     config: &MeshConfig,
     waypoint: &GatewayAddress,
     source: IpAddr,
     authority: SocketAddr,
 ) -> Route {
-    match config.resolve_waypoint(waypoint, config.workload_by_ip(source)) {
-        Some(endpoint) => Route::Hbone {
+    match config.resolve_gateway(waypoint, config.workload_by_ip(source)) {
+        Some(endpoint) => Route::Hbone(Hop {
             peer: endpoint.address,
-            authority,
             identities: vec![endpoint.workload.identity()],
-        },
-        None => Route::Unavailable(Unroutable::NoWaypointInstance(waypoint.destination.clone())),
+            authority,
+        }),
+        None => Route::Unavailable(Unroutable::WaypointWithoutInstance(
+            waypoint.destination.clone(),
+        )),
     }
 }

@@ -3,9 +3,9 @@
 //! whose SPIFFE identity is checked. Certificates are read from the [`CertificateStore`] at
 //! each handshake (never fetched there), so renewals reach new connections only.
 //!
-//! `rustls` wants a server name to connect: callers pass the peer's address
-//! (`ServerName::IpAddress`). SNI is disabled, so it is never sent, and the verifier checks
-//! identities rather than names.
+//! `rustls` wants a server name to connect: callers pass a placeholder address
+//! (`ServerName::IpAddress`; an HBONE connection inside another has no address of its own).
+//! SNI is disabled, so it is never sent, and the verifier checks identities rather than names.
 
 use super::certs::CertificateStore;
 use super::spiffe::Identity;

@@ -43,9 +43,13 @@ pub(crate) enum Unroutable {
     #[error(
         "service {0} has no endpoint to choose (none healthy, or none its routing preferences allow)"
     )]
-    NoHealthyEndpoint(String),
+    ServiceWithoutEndpoint(String),
     #[error("waypoint {0:?} has no healthy instance")]
-    NoWaypointInstance(GatewayDestination),
+    WaypointWithoutInstance(GatewayDestination),
+    #[error(
+        "workload {workload} is on another network ({network:?}) and no gateway to it is known"
+    )]
+    NetworkWithoutGateway { workload: String, network: String },
 }
 
 /// One change of the model: an entry added or replaced (by its uid or key), or removed.
@@ -523,8 +527,9 @@ impl MeshConfig {
         }
     }
 
-    /// The workload that serves as the waypoint for a connection, and where it takes HBONE.
-    pub(crate) fn resolve_waypoint(
+    /// The workload that serves as a gateway (a waypoint, or another network's east-west
+    /// gateway) for a connection from `source`, and where it takes HBONE.
+    pub(crate) fn resolve_gateway(
         &self,
         waypoint: &GatewayAddress,
         source: Option<&Workload>,

@@ -160,7 +160,6 @@ impl Workload {
     /// The fields set here whose behaviour this build does not have (see `unused`).
     pub(crate) fn accepted_not_used(&self) -> impl Iterator<Item = &'static str> {
         [
-            (self.network_gateway.is_some(), "workload.networkGateway"),
             (self.native_tunnel, "workload.nativeTunnel"),
             (!self.hostname.is_empty(), "workload.hostname"),
         ]

@@ -99,7 +99,7 @@ fn waypoints_resolve_and_know_their_own_traffic() {
     let config = parse(SERVICES).unwrap();
     let b1 = config.workload_by_uid("b1").unwrap();
     let waypoint = b1.waypoint.as_ref().unwrap();
-    let endpoint = config.resolve_waypoint(waypoint, None).unwrap();
+    let endpoint = config.resolve_gateway(waypoint, None).unwrap();
     assert_eq!(endpoint.address, addr("10.0.2.9:15008"));
     assert_eq!(endpoint.workload.service_account, "waypoint");
     assert!(config.is_waypoint(waypoint, "10.0.2.9".parse().unwrap()));
@@ -107,7 +107,7 @@ fn waypoints_resolve_and_know_their_own_traffic() {
     // A waypoint named by service hostname: any of the service's endpoints is it.
     let service = config.service_at(addr("10.96.0.11:80")).unwrap();
     let by_name = service.waypoint.as_ref().unwrap();
-    let endpoint = config.resolve_waypoint(by_name, None).unwrap();
+    let endpoint = config.resolve_gateway(by_name, None).unwrap();
     assert_eq!(endpoint.address.port(), 15008);
     assert!(config.is_waypoint(by_name, "10.0.2.1".parse().unwrap()));
     assert!(!config.is_waypoint(by_name, "10.0.2.9".parse().unwrap()));
