@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """An independent HBONE peer: HTTP/2 CONNECT over mutual TLS 1.3, as Istio's ztunnel speaks it.
 
-Three modes (run with --help for details):
+Four modes (run with --help for details):
 
   client  connects to an HBONE server, checks its TLS identity and HTTP/2 SETTINGS, then runs
           the requests listed in a JSON spec file and prints one JSON report on stdout.
@@ -15,6 +15,10 @@ Three modes (run with --help for details):
           server mode, and relays each accepted CONNECT stream over a new HBONE connection of
           its own to the workload its authority routes to (--route), both ways, passing on
           END_STREAM and RST_STREAM; prints one JSON line per stream.
+  gateway plays an Istio east-west gateway: accepts HBONE connections like the server mode
+          and relays each accepted CONNECT stream over a plain TCP connection to its
+          authority, bytes unchanged (double HBONE: the inner connection passes through);
+          prints one JSON line when it starts relaying a stream and one when it ends.
 
 It shares no code with the project's Rust proxy, so the end-to-end tests can hold the proxy
 against a second, separately written implementation of the same contract.
@@ -1168,6 +1172,22 @@ class UpstreamLeg:
     # Why the connection is unusable (closed, GOAWAY, error), once it is.
     lost: str | None = None
 
+    @property
+    def sock(self) -> socket.socket:
+        """The socket to select on."""
+        return self.tls
+
+    def queue_frames(self) -> None:
+        """Moves what the HTTP/2 state machine has to send into `out`."""
+        self.out += self.connection.data_to_send()
+
+    def reset(self, code: int) -> None:
+        """Resets the leg's one stream with `code`, if the connection still takes frames."""
+        try:
+            self.connection.reset_stream(UPSTREAM_STREAM, code)
+        except H2Error:
+            pass
+
     def close(self) -> None:
         """Says GOAWAY if still possible, then closes the socket."""
         if self.lost is None:
@@ -1191,7 +1211,7 @@ class UpstreamOutcome:
     status: int
     reason: str
     identity: str | None = None
-    leg: UpstreamLeg | None = None
+    leg: UpstreamLeg | RawLeg | None = None
     # Events that arrived with the response (early DATA, END_STREAM, ...), not yet handled.
     events: list[Event] = field(default_factory=list)
 
@@ -1309,7 +1329,7 @@ class Relay:
     authority: str
     upstream: str
     forwarded_for: str
-    leg: UpstreamLeg | None = None
+    leg: UpstreamLeg | RawLeg | None = None
     upstream_identity: str | None = None
     # Bytes received on one side and not yet sent on the other. They are acknowledged (their
     # flow-control window given back) only once sent on, so each buffer stays within a window.
@@ -1411,9 +1431,9 @@ class WaypointConnection:
             if leg is None or leg.lost:
                 continue
             try:
-                leg.out += leg.connection.data_to_send()
-                send_pending(leg.tls, leg.out)
-                self.watch(leg.tls, bool(leg.out), relay)
+                leg.queue_frames()
+                send_pending(leg.sock, leg.out)
+                self.watch(leg.sock, bool(leg.out), relay)
             except OSError as error:
                 self.lose_upstream(relay, f"sending failed: {describe_os_error(error)}")
 
@@ -1498,7 +1518,7 @@ class WaypointConnection:
     def dial(self, stream_id: int, upstream: tuple[str, int],
              headers: list[tuple[str, str]]) -> None:
         try:
-            outcome = open_upstream(upstream, headers, self.context, self.config)
+            outcome = self.open_upstream(upstream, headers)
         except Exception:  # A bug in the peer: the stream must still be answered.
             self.output.error(f"{self.client}: internal error:\n{traceback.format_exc()}")
             outcome = UpstreamOutcome(503, "internal error in the waypoint")
@@ -1512,6 +1532,11 @@ class WaypointConnection:
                 return
         if outcome.leg is not None:
             outcome.leg.close()
+
+    def open_upstream(self, upstream: tuple[str, int],
+                      headers: list[tuple[str, str]]) -> UpstreamOutcome:
+        """The blocking dial of one stream's upstream (in a helper thread)."""
+        return open_upstream(upstream, headers, self.context, self.config)
 
     def take_outcomes(self) -> None:
         try:
@@ -1535,7 +1560,7 @@ class WaypointConnection:
                 continue
             relay.leg = outcome.leg
             self.connection.send_headers(stream_id, [(":status", "200")])
-            self.selector.register(relay.leg.tls, selectors.EVENT_READ, relay)
+            self.selector.register(relay.leg.sock, selectors.EVENT_READ, relay)
             for event in outcome.events:
                 self.on_upstream(relay, event)
             self.read_upstream(relay)
@@ -1602,7 +1627,7 @@ class WaypointConnection:
         if leg is None or leg.lost is not None:
             return
         leg.lost = why
-        self.selector.unregister(leg.tls)
+        self.selector.unregister(leg.sock)
 
     # -- relaying ------------------------------------------------------------------------------
 
@@ -1656,12 +1681,9 @@ class WaypointConnection:
         leg = relay.leg
         if leg is not None:
             if leg.lost is None:
-                self.selector.unregister(leg.tls)
+                self.selector.unregister(leg.sock)
                 if reset_up is not None:
-                    try:
-                        leg.connection.reset_stream(UPSTREAM_STREAM, reset_up)
-                    except H2Error:
-                        pass
+                    leg.reset(reset_up)
             leg.close()
         self.log_relay(relay, 200, reason)
 
@@ -1708,7 +1730,124 @@ def send_within_window(connection: H2Connection, stream_id: int, buffer: bytearr
     return moved
 
 
+# ---------------------------------------------------------------------------------------------
+# Gateway mode
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RawLeg:
+    """An east-west gateway's TCP connection onwards for one stream: bytes as they come."""
+
+    sock: socket.socket
+    out: bytearray = field(default_factory=bytearray)
+    lost: str | None = None
+
+    def queue_frames(self) -> None:
+        """Nothing to frame: `pump` puts the bytes in `out` itself."""
+
+    def reset(self, code: int) -> None:
+        """TCP has no stream to reset: closing the connection says it."""
+
+    def close(self) -> None:
+        if self.lost is None:
+            self.lost = "closed by the gateway"
+        self.sock.close()
+
+
+class GatewayConnection(WaypointConnection):
+    """One downstream connection of an east-west gateway (Istio's multi-network): each
+    CONNECT's authority (with --route, its route) is dialled over plain TCP, and the stream's
+    bytes are relayed both ways unchanged. For double HBONE the authority is the destination's
+    HBONE port, so the inner connection's TLS runs end to end through the gateway."""
+
+    def on_request(self, stream_id: int, header_list: list[tuple[str, str]]) -> None:
+        """As the waypoint, and says at once which streams it relays: a double-HBONE stream
+        lasts as long as the inner connection, which its client pools."""
+        super().on_request(stream_id, header_list)
+        relay = self.relays.get(stream_id)
+        if relay is not None:
+            self.output.record({
+                "event": "relaying",
+                "client": self.client,
+                "client_identity": self.identity,
+                "stream_id": stream_id,
+                "authority": relay.authority,
+                "upstream": relay.upstream,
+            })
+
+    def open_upstream(self, upstream: tuple[str, int],
+                      headers: list[tuple[str, str]]) -> UpstreamOutcome:
+        target = format_address(*upstream)
+        try:
+            sock = socket.create_connection(upstream, timeout=self.config.timeout)
+        except OSError as error:
+            return UpstreamOutcome(503, f"cannot connect to {target}: "
+                                   f"{describe_os_error(error)}")
+        sock.setblocking(False)
+        return UpstreamOutcome(200, "relayed", None, RawLeg(sock))
+
+    def read_upstream(self, relay: Relay) -> None:
+        leg = relay.leg
+        while leg is not None and leg.lost is None:
+            try:
+                data = leg.sock.recv(READ_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self.lose_upstream(relay, describe_os_error(error))
+                return
+            if not data:
+                # The upstream is done (an HBONE peer closes both ways): what it sent goes
+                # on, then END_STREAM.
+                relay.upstream_ended = True
+                self.lose_upstream(relay, "the upstream closed the connection")
+                return
+            relay.to_downstream += data
+
+    def pump(self, relay: Relay) -> None:
+        leg = relay.leg
+        if leg is None:
+            return  # Still dialling.
+        try:
+            if leg.lost is None:
+                moved = len(relay.to_upstream)
+                if moved:
+                    leg.out += relay.to_upstream
+                    relay.to_upstream.clear()
+                    self.connection.acknowledge_received_data(moved, relay.stream_id)
+                    relay.bytes_up += moved
+                if relay.client_ended and not relay.sent_end_up:
+                    send_pending(leg.sock, leg.out)
+                    if not leg.out:
+                        leg.sock.shutdown(socket.SHUT_WR)
+                        relay.sent_end_up = True
+            relay.bytes_down += send_within_window(self.connection, relay.stream_id,
+                                                   relay.to_downstream)
+            if relay.upstream_ended and not relay.to_downstream and not relay.sent_end_down:
+                self.connection.end_stream(relay.stream_id)
+                relay.sent_end_down = True
+        except (H2Error, OSError) as error:
+            self.finish(relay, f"relaying failed: {error!r}",
+                        reset_down=ErrorCodes.CONNECT_ERROR)
+            return
+        if relay.sent_end_down and (relay.sent_end_up or leg.lost is not None):
+            self.finish(relay, "relayed")
+        elif leg.lost is not None and not relay.upstream_ended:
+            self.finish(relay, f"upstream connection lost: {leg.lost}",
+                        reset_down=ErrorCodes.CONNECT_ERROR)
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    return run_relay(args, "gateway", GatewayConnection)
+
+
 def run_waypoint(args: argparse.Namespace) -> int:
+    return run_relay(args, "waypoint", WaypointConnection)
+
+
+def run_relay(args: argparse.Namespace, mode: str,
+              connection: type[WaypointConnection]) -> int:
     server_context = tls_context("server", args.ca, args.cert, args.key)
     client_context = tls_context("client", args.ca, args.cert, args.key)
     routes: dict[str, tuple[str, int]] = {}
@@ -1717,10 +1856,10 @@ def run_waypoint(args: argparse.Namespace) -> int:
             raise UsageError(f"--route {authority} is given twice with different upstreams")
     config = WaypointConfig(args.expect_client_trust_domain, routes,
                             args.upstream_hbone_port, args.timeout)
-    output = Output("waypoint")
+    output = Output(mode)
 
     def serve(tls: ssl.SSLSocket, client: str, identity: str) -> None:
-        WaypointConnection(tls, client, identity, client_context, config, output).serve()
+        connection(tls, client, identity, client_context, config, output).serve()
 
     return listen_and_serve(args, server_context, output, serve)
 
@@ -1818,6 +1957,27 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the HBONE port of upstream workloads' nodes "
                           "(default: %(default)s)")
     waypoint.set_defaults(run=run_waypoint)
+
+    gateway = modes.add_parser(
+        "gateway",
+        help="relay HBONE streams onwards over TCP like an Istio east-west gateway",
+        description="Accept HBONE connections like the server mode and relay each accepted "
+        "CONNECT over a new TCP connection to its authority (or the authority's --route), "
+        "the bytes unchanged both ways: for double HBONE the authority is the destination's "
+        "HBONE port and the inner connection's TLS runs end to end. Prints 'ready' once "
+        "listening, one JSON line (event 'relaying') per stream it starts relaying and one "
+        "per finished stream.",
+    )
+    gateway.add_argument("--listen", required=True, type=address_argument(True),
+                         metavar="IP:PORT",
+                         help="address to listen on, e.g. 10.0.0.3:15008 (port 0: any free port)")
+    tls_options(gateway)
+    gateway.add_argument("--expect-client-trust-domain", required=True, metavar="DOMAIN",
+                         help="the trust domain the client's SPIFFE identity must be in")
+    gateway.add_argument("--route", type=route_argument, action="append", default=[],
+                         metavar="AUTHORITY=IP:PORT",
+                         help="relay CONNECTs to AUTHORITY to IP:PORT instead (may be repeated)")
+    gateway.set_defaults(run=run_gateway, upstream_hbone_port=15008)
     return parser
 
 

@@ -874,5 +874,95 @@ class WaypointSelfTest(unittest.TestCase):
             self.assertEqual(completed.stdout, "")
 
 
+
+# ---------------------------------------------------------------------------------------------
+
+GATEWAY_ID = "spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway"
+APP_IP = "127.0.0.7"  # a plain TCP app behind the gateway
+
+
+class TcpApp:
+    """A plain TCP server: reads each connection to its end, then answers one JSON line with
+    the byte count and SHA-256, as `peer.py server` answers a stream."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.listener = socket.create_server(address)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _answer(conn: socket.socket) -> None:
+        with conn:
+            digest, count = hashlib.sha256(), 0
+            while data := conn.recv(65536):
+                digest.update(data)
+                count += len(data)
+            reply = {"bytes": count, "sha256": digest.hexdigest()}
+            conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class GatewaySelfTest(unittest.TestCase):
+    """client -> gateway -> a plain TCP app: the stream's bytes pass unchanged both ways, with
+    END_STREAM as the app's EOF and the app's close as END_STREAM."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.tmp = tempfile.TemporaryDirectory(prefix="hbone-gateway-")
+        cls.pki = Pki(Path(cls.tmp.name), "mesh")
+        cls.client_cert = cls.pki.leaf("client", CLIENT_ID)
+        cls.app_port = free_port()
+        cls.app = TcpApp((APP_IP, cls.app_port))
+        cls.gateway_port = free_port()
+        cls.gateway = PeerListener("gateway", f"{HOST}:{cls.gateway_port}", cls.pki.cert,
+                                   *cls.pki.leaf("gateway", GATEWAY_ID))
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.gateway.stop()
+        cls.app.close()
+        cls.tmp.cleanup()
+
+    def run_client(self, checks: list[dict[str, Any]]) -> dict[str, Any]:
+        spec = Path(self.tmp.name) / "spec.json"
+        spec.write_text(json.dumps(checks))
+        cert, key = self.client_cert
+        completed = subprocess.run(
+            [sys.executable, str(PEER), "client", "--connect", f"{HOST}:{self.gateway_port}",
+             "--ca", str(self.pki.cert), "--cert", str(cert), "--key", str(key),
+             "--expect-identity", GATEWAY_ID, "--check", str(spec), "--timeout", "10"],
+            capture_output=True, text=True, timeout=PROCESS_TIMEOUT)
+        self.assertNotIn("Traceback", completed.stderr + "".join(self.gateway.stderr))
+        return {check["name"]: check for check in json.loads(completed.stdout)["checks"]}
+
+    def test_relays_bytes_to_a_tcp_upstream_and_back(self) -> None:
+        app = f"{APP_IP}:{self.app_port}"
+        nowhere = f"{NOWHERE_IP}:{self.app_port}"
+        checks = self.run_client([
+            {"name": "app", "authority": app, "expect_status": 200, "send": 300_000,
+             "expect_reply_json": True},
+            {"name": "nowhere", "authority": nowhere, "expect_status": 503},
+        ])
+        self.assertTrue(checks["app"]["ok"], checks["app"])
+        self.assertTrue(checks["nowhere"]["ok"], checks["nowhere"])
+        relaying = self.gateway.wait_for_records(lambda r: r["event"] == "relaying", count=2)
+        self.assertEqual({r["authority"] for r in relaying}, {app, nowhere})
+        self.assertTrue(all(r["client_identity"] == CLIENT_ID for r in relaying))
+        done = self.gateway.wait_for_records(
+            lambda r: r["event"] == "stream" and r["authority"] == app)
+        self.assertEqual(len(done), 1, done)
+        self.assertEqual(done[0]["bytes_up"], 300_000)
+        self.assertEqual(done[0]["reason"], "relayed")
+
+
 if __name__ == "__main__":
     unittest.main()

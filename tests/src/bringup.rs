@@ -144,6 +144,8 @@ fn create_node(node: &NodeSpec, with_ztunnel: bool) -> Result<()> {
         ("net.ipv4.ip_forward", "1"),
         ("net.ipv4.conf.all.rp_filter", "0"),
         ("net.ipv4.conf.default.rp_filter", "0"),
+        // The node routes its pods' IPv6 traffic too (dual stack).
+        ("net.ipv6.conf.all.forwarding", "1"),
     ] {
         netns::set_sysctl(&node.netns_path(), key, value)?;
     }
@@ -156,16 +158,18 @@ fn create_node(node: &NodeSpec, with_ztunnel: bool) -> Result<()> {
     }
     cni::write_conflist(node, with_ztunnel)?;
     println!(
-        "up: node {}: netns {}, pod subnet {}, CNI config {}",
+        "up: node {}: netns {}, pod subnets {} and {}, CNI config {}",
         node.name,
         node.netns_name(),
         node.subnet_cidr(),
+        node.subnet6_cidr(),
         node.conflist_path().display()
     );
     Ok(())
 }
 
-/// One veth pair between the two nodes, and a route on each to the other's pod subnet.
+/// One veth pair between the two nodes, and a route on each to the other's pod subnets (IPv4
+/// and IPv6).
 fn connect_underlay() -> Result<()> {
     let [first, second] = &NODES;
     ip_in(
@@ -187,22 +191,28 @@ fn connect_underlay() -> Result<()> {
         let netns = node.netns_name();
         let address = format!("{}/24", node.underlay_ip);
         ip_in(&netns, &["addr", "add", &address, "dev", UNDERLAY_IFNAME])?;
+        // No duplicate address detection: the link has two ends, both ours, and a tentative
+        // address would hold the first packets back for a second or two.
+        let address6 = format!("{}/64", node.underlay_ip6);
+        let add6 = ["addr", "add", &address6, "dev", UNDERLAY_IFNAME, "nodad"];
+        ip_in(&netns, &add6)?;
         ip_in(&netns, &["link", "set", UNDERLAY_IFNAME, "up"])?;
         let peer = node.peer();
-        ip_in(
-            &netns,
-            &[
-                "route",
-                "add",
-                &peer.subnet_cidr(),
-                "via",
-                &peer.underlay_ip.to_string(),
-            ],
-        )?;
+        for (subnet, via) in [
+            (peer.subnet_cidr(), peer.underlay_ip.to_string()),
+            (peer.subnet6_cidr(), peer.underlay_ip6.to_string()),
+        ] {
+            ip_in(&netns, &["route", "add", &subnet, "via", &via])?;
+        }
     }
     println!(
-        "up: underlay {UNDERLAY_IFNAME}: {} {} <-> {} {}",
-        first.name, first.underlay_ip, second.name, second.underlay_ip
+        "up: underlay {UNDERLAY_IFNAME}: {} {} {} <-> {} {} {}",
+        first.name,
+        first.underlay_ip,
+        first.underlay_ip6,
+        second.name,
+        second.underlay_ip,
+        second.underlay_ip6
     );
     Ok(())
 }
@@ -224,26 +234,27 @@ fn add_pod(pod: &PodSpec, with_ztunnel: bool, kubernetes: bool) -> Result<Pod> {
             error
         }
     })?;
-    if with_ztunnel && result.ip != pod.expected_ip() {
+    let given = (result.ip, result.ip6);
+    let expected = (pod.expected_ip(), Some(pod.expected_ip6()));
+    if with_ztunnel && given != expected {
         // The mesh config was written with the expected addresses.
         return Err(LabError::Command {
             command: format!("CNI ADD of {}", pod.name),
             detail: format!(
-                "host-local gave {} instead of {}, which the mesh config lists",
-                result.ip,
-                pod.expected_ip()
+                "host-local gave {given:?} instead of {expected:?}, which the mesh config lists"
             ),
         });
     }
     // By label, none is captured until its namespace is labelled.
     let captured = with_ztunnel && !kubernetes && !pod.excluded_from_capture();
     println!(
-        "up: pod {} ({}/{} on {}): {}, {}",
+        "up: pod {} ({}/{} on {}): {} {}, {}",
         pod.name,
         pod.namespace,
         pod.name,
         pod.node.name,
         result.ip,
+        result.ip6.map(|ip| ip.to_string()).unwrap_or_default(),
         if captured { "captured" } else { "not captured" }
     );
     Ok(Pod {
@@ -254,6 +265,7 @@ fn add_pod(pod: &PodSpec, with_ztunnel: bool, kubernetes: bool) -> Result<Pod> {
         container_id: pod.container_id(),
         service_account: pod.service_account.to_owned(),
         ip: result.ip,
+        ip6: result.ip6,
         netns: pod.netns_path(),
         cgroup: pod.cgroup_path(),
         captured,

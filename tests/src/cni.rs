@@ -9,7 +9,7 @@ use crate::topology::{EXCLUDED_NAMESPACES, NodeSpec, POD_IFNAME, PodSpec, SYSTEM
 use crate::{command, state, topology};
 use serde_json::{Value, json};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -42,8 +42,19 @@ impl Operation {
 pub struct CniResult {
     /// The pod's IPv4 address, from the result's `ips`.
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address, from the result's `ips` (the lab's ranges are dual stack).
+    pub ip6: Option<Ipv6Addr>,
     /// The whole result of the last plugin, as cached.
     pub raw: Value,
+}
+
+impl CniResult {
+    /// Both addresses, IPv4 first, as the plugin passes them to the daemon.
+    pub fn ips(&self) -> Vec<std::net::IpAddr> {
+        let mut ips = vec![self.ip.into()];
+        ips.extend(self.ip6.map(std::net::IpAddr::from));
+        ips
+    }
 }
 
 /// The node's network config list. `with_ztunnel` chains the ztunnel-cni plugin after ptp; a
@@ -54,8 +65,9 @@ pub fn conflist(node: &NodeSpec, with_ztunnel: bool) -> Value {
         "ipMasq": false,
         "ipam": {
             "type": "host-local",
-            "ranges": [[{ "subnet": node.subnet_cidr() }]],
-            "routes": [{ "dst": "0.0.0.0/0" }],
+            // Dual stack: one address of each family per pod.
+            "ranges": [[{ "subnet": node.subnet_cidr() }], [{ "subnet": node.subnet6_cidr() }]],
+            "routes": [{ "dst": "0.0.0.0/0" }, { "dst": "::/0" }],
             "dataDir": node.ipam_dir(),
         },
     })];
@@ -96,12 +108,13 @@ pub fn cni_add(pod: &str) -> Result<CniResult> {
         )?);
     }
     let raw = previous.unwrap_or(Value::Null);
-    let ip = first_ipv4(&raw).ok_or_else(|| LabError::NoPodAddress {
+    let ip = first_address(&raw).ok_or_else(|| LabError::NoPodAddress {
         pod: pod.name.to_owned(),
     })?;
+    let ip6 = first_address(&raw);
     cache_result(pod, &list, &raw)?;
-    state::record_pod_ip(pod.name, ip)?;
-    Ok(CniResult { ip, raw })
+    state::record_pod_ips(pod.name, ip, ip6)?;
+    Ok(CniResult { ip, ip6, raw })
 }
 
 /// CNI DEL: the plugins in reverse order, each given the cached ADD result (if any).
@@ -272,7 +285,8 @@ fn invoke(
     }
 }
 
-fn first_ipv4(result: &Value) -> Option<Ipv4Addr> {
+/// The first address of the result's `ips` that parses as an `Address` (IPv4 or IPv6).
+fn first_address<Address: std::str::FromStr>(result: &Value) -> Option<Address> {
     result["ips"].as_array()?.iter().find_map(|ip| {
         let address = ip["address"].as_str()?;
         address.split('/').next()?.parse().ok()

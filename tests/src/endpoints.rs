@@ -8,7 +8,7 @@ use crate::traffic::{
 };
 use serde::de::DeserializeOwned;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddrV4;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
@@ -145,7 +145,7 @@ impl Drop for PodServer {
 /// the connect and every read and write.
 pub fn send_from(
     pod: &str,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     bytes: u64,
     mark: Option<u32>,
     timeout: Duration,
@@ -159,12 +159,15 @@ pub fn send_from(
 /// `send_from`, from the local address and port `bind` (bound with SO_REUSEADDR first).
 pub fn send_bound_from(
     pod: &str,
-    bind: SocketAddrV4,
-    to: SocketAddrV4,
+    bind: impl Into<SocketAddr>,
+    to: impl Into<SocketAddr>,
     bytes: u64,
     timeout: Duration,
 ) -> Result<SendReport> {
-    let options = [("bytes", bytes.to_string()), ("bind", bind.to_string())];
+    let options = [
+        ("bytes", bytes.to_string()),
+        ("bind", bind.into().to_string()),
+    ];
     let args = client_args("send", to, &options);
     run_tool(pod, "lab-tool", args, timeout)
 }
@@ -172,7 +175,7 @@ pub fn send_bound_from(
 /// `send_from` with a pause of `pause` halfway through, the connection held open.
 pub fn send_pausing_from(
     pod: &str,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     bytes: u64,
     pause: Duration,
     timeout: Duration,
@@ -189,7 +192,7 @@ pub fn send_pausing_from(
 /// each exchanging `bytes`.
 pub fn burst_from(
     pod: &str,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     connections: usize,
     bytes: u64,
     timeout: Duration,
@@ -208,7 +211,7 @@ pub fn burst_from(
 /// report at all.
 pub fn burst_outcome_from(
     pod: &str,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     connections: usize,
     bytes: u64,
     timeout: Duration,
@@ -390,8 +393,8 @@ fn run_tool<Report: DeserializeOwned>(
 }
 
 /// A client's command line: `<mode> --to <to>` and `--<name> <value>` for each option.
-fn client_args(mode: &str, to: SocketAddrV4, options: &[(&str, String)]) -> Vec<String> {
-    let mut args = vec![mode.to_owned(), "--to".into(), to.to_string()];
+fn client_args(mode: &str, to: impl Into<SocketAddr>, options: &[(&str, String)]) -> Vec<String> {
+    let mut args = vec![mode.to_owned(), "--to".into(), to.into().to_string()];
     for (name, value) in options {
         args.extend([format!("--{name}"), value.clone()]);
     }

@@ -8,7 +8,7 @@ use crate::error::{LabError, Result};
 use crate::exec::{Placement, exec_node};
 use crate::topology::{self, NODES, PODS, PodSpec};
 use serde_json::{Value, json};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -65,7 +65,7 @@ pub fn start_kube_api() -> Result<u32> {
         request("POST", "/api/v1/namespaces", &namespace_object(namespace))?;
     }
     for pod in &PODS {
-        create_pod(pod, Some(pod.expected_ip()))?;
+        create_pod(pod, &[pod.expected_ip().into(), pod.expected_ip6().into()])?;
     }
     Ok(pid)
 }
@@ -74,15 +74,13 @@ fn namespace_object(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 }
 
-/// Creates the pod in the API as the scheduler leaves it: on its node, and running at `ip`,
-/// or pending (no address: its sandbox's CNI ADD is still to come). The fake keeps the given
-/// uid, by which the pod's cgroup is named.
-pub fn create_pod(pod: &PodSpec, ip: Option<Ipv4Addr>) -> Result<()> {
-    let status = match ip {
-        Some(ip) => {
-            json!({"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]})
-        }
-        None => json!({"phase": "Pending"}),
+/// Creates the pod in the API as the scheduler leaves it: on its node, and running at `ips`
+/// (the first is `podIP`), or pending when there are none (its sandbox's CNI ADD is still to
+/// come). The fake keeps the given uid, by which the pod's cgroup is named.
+pub fn create_pod(pod: &PodSpec, ips: &[IpAddr]) -> Result<()> {
+    let status = match ips.is_empty() {
+        false => running_status(ips),
+        true => json!({"phase": "Pending"}),
     };
     let object = json!({
         "apiVersion": "v1",
@@ -99,10 +97,15 @@ pub fn create_pod(pod: &PodSpec, ip: Option<Ipv4Addr>) -> Result<()> {
     request("POST", &path, &object).map(drop)
 }
 
-/// What the kubelet reports once the pod's sandbox has its address.
-pub fn report_running(pod: &PodSpec, ip: Ipv4Addr) -> Result<()> {
-    let ip = ip.to_string();
-    let patch = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+/// A running pod's status with its addresses, as the kubelet reports them.
+fn running_status(ips: &[IpAddr]) -> Value {
+    let listed: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+    json!({"phase": "Running", "podIP": ips.first().map(IpAddr::to_string), "podIPs": listed})
+}
+
+/// What the kubelet reports once the pod's sandbox has its addresses.
+pub fn report_running(pod: &PodSpec, ips: &[IpAddr]) -> Result<()> {
+    let patch = json!({"status": running_status(ips)});
     let path = format!(
         "/api/v1/namespaces/{}/pods/{}/status",
         pod.namespace, pod.name

@@ -4,8 +4,8 @@ use crate::error::{LabError, Result};
 use crate::topology::{MESH_CONFIG, PODS, TRUST_DOMAIN};
 use std::fmt::Write as _;
 
-/// Every lab pod as a workload, with the protocol its `hbone` flag says and its node's
-/// locality.
+/// Every lab pod as a workload, with both its addresses (IPv4 first), the protocol its `hbone`
+/// flag says and its node's locality.
 pub fn mesh_config() -> String {
     mesh_config_with(&MeshChanges::default())
 }
@@ -28,7 +28,7 @@ pub fn mesh_config_with(changes: &MeshChanges) -> String {
         let protocol = if pod.hbone { "HBONE" } else { "TCP" };
         let _ = write!(
             yaml,
-            "- uid: {uid}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {sa}\n  trustDomain: {TRUST_DOMAIN}\n  workloadIps: [{ip}]\n  protocol: {protocol}\n  node: {node}\n  locality: {{region: {region}, zone: {zone}}}\n",
+            "- uid: {uid}\n  name: {name}\n  namespace: {namespace}\n  serviceAccount: {sa}\n  trustDomain: {TRUST_DOMAIN}\n  workloadIps: [{ip}, {ip6}]\n  protocol: {protocol}\n  node: {node}\n  locality: {{region: {region}, zone: {zone}}}\n",
             uid = pod.uid,
             name = pod.name,
             namespace = pod.namespace,
@@ -38,6 +38,7 @@ pub fn mesh_config_with(changes: &MeshChanges) -> String {
                 .find(|(name, _)| *name == pod.name)
                 .map_or(pod.service_account, |(_, account)| *account),
             ip = pod.expected_ip(),
+            ip6 = pod.expected_ip6(),
             node = pod.node.name,
             region = pod.node.region,
             zone = pod.node.zone,
@@ -73,9 +74,13 @@ mod tests {
     fn lists_every_pod_with_its_expected_address() {
         let yaml = mesh_config();
         assert!(yaml.contains("name: a1\n  namespace: demo\n  serviceAccount: sa-a"));
-        assert!(yaml.contains("workloadIps: [10.244.1.3]\n  protocol: HBONE\n  node: node1"));
-        assert!(yaml.contains("workloadIps: [10.244.2.3]\n  protocol: TCP\n  node: node2"));
-        assert!(yaml.contains("name: w1\n  namespace: foreign\n  serviceAccount: default\n  trustDomain: cluster.local\n  workloadIps: [10.244.2.4]\n  protocol: HBONE"));
+        assert!(yaml.contains(
+            "workloadIps: [10.244.1.3, fd00:10:244:1::3]\n  protocol: HBONE\n  node: node1"
+        ));
+        assert!(yaml.contains(
+            "workloadIps: [10.244.2.3, fd00:10:244:2::3]\n  protocol: TCP\n  node: node2"
+        ));
+        assert!(yaml.contains("name: w1\n  namespace: foreign\n  serviceAccount: default\n  trustDomain: cluster.local\n  workloadIps: [10.244.2.4, fd00:10:244:2::4]\n  protocol: HBONE"));
     }
 
     #[test]

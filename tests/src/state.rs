@@ -3,7 +3,7 @@
 use crate::error::{LabError, Result};
 use crate::topology::STATE_DIR;
 use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -38,10 +38,22 @@ pub struct Pod {
     pub container_id: String,
     pub service_account: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (the lab is dual stack; absent in a state written before).
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
     pub netns: PathBuf,
     pub cgroup: PathBuf,
     /// Enrolled by the ztunnel-cni plugin, as opposed to excluded by namespace.
     pub captured: bool,
+}
+
+impl Pod {
+    /// The pod's addresses, IPv4 first, as the CNI plugin passes them to the daemon.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        let mut ips = vec![IpAddr::V4(self.ip)];
+        ips.extend(self.ip6.map(IpAddr::V6));
+        ips
+    }
 }
 
 pub fn state_path() -> PathBuf {
@@ -99,11 +111,12 @@ fn update(change: impl FnOnce(&mut Lab)) -> Result<()> {
     lab.save()
 }
 
-/// A pod re-added through CNI may get a new address.
-pub(crate) fn record_pod_ip(pod: &str, ip: Ipv4Addr) -> Result<()> {
+/// A pod re-added through CNI may get new addresses.
+pub(crate) fn record_pod_ips(pod: &str, ip: Ipv4Addr, ip6: Option<Ipv6Addr>) -> Result<()> {
     update(|lab| {
         if let Some(entry) = lab.pods.iter_mut().find(|entry| entry.name == pod) {
             entry.ip = ip;
+            entry.ip6 = ip6;
         }
     })
 }

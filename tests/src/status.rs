@@ -53,8 +53,8 @@ pub fn status() -> Result<()> {
     }
     println!();
     println!(
-        "{:<5} {:<6} {:<10} {:<15} CAPTURE",
-        "POD", "NODE", "NAMESPACE", "IP"
+        "{:<5} {:<6} {:<10} {:<15} {:<20} CAPTURE",
+        "POD", "NODE", "NAMESPACE", "IP", "IPV6"
     );
     for pod in &lab.pods {
         let capture = if pod.captured {
@@ -64,8 +64,9 @@ pub fn status() -> Result<()> {
         } else {
             "none".to_owned()
         };
+        let ip6 = pod.ip6.map(|ip| ip.to_string()).unwrap_or_default();
         println!(
-            "{:<5} {:<6} {:<10} {:<15} {capture}",
+            "{:<5} {:<6} {:<10} {:<15} {ip6:<20} {capture}",
             pod.name, pod.node, pod.namespace, pod.ip
         );
     }

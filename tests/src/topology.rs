@@ -4,7 +4,7 @@
 
 use crate::error::{LabError, Result};
 use sha2::{Digest, Sha256};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 use ztunnel_common::cgroup2::{self, Cgroup2, Cgroup2Error};
@@ -57,8 +57,12 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 pub struct NodeSpec {
     pub name: &'static str,
     pub underlay_ip: Ipv4Addr,
+    /// The node's IPv6 address on the underlay (a /64 shared by both ends).
+    pub underlay_ip6: Ipv6Addr,
     /// The /24 the node's pods get their addresses from.
     pub pod_subnet: Ipv4Addr,
+    /// The /64 the node's pods get their IPv6 addresses from (the lab is dual stack).
+    pub pod_subnet6: Ipv6Addr,
     /// Where the node is, as Kubernetes' `topology.kubernetes.io/region` and `/zone` labels
     /// say: its pods' workloads carry it, for locality-aware load balancing.
     pub region: &'static str,
@@ -82,21 +86,25 @@ pub const NODES: [NodeSpec; 2] = [
     NodeSpec {
         name: "node1",
         underlay_ip: Ipv4Addr::new(10, 99, 0, 1),
+        underlay_ip6: Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 1),
         pod_subnet: Ipv4Addr::new(10, 244, 1, 0),
+        pod_subnet6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0),
         region: "lab",
         zone: "zone-a",
     },
     NodeSpec {
         name: "node2",
         underlay_ip: Ipv4Addr::new(10, 99, 0, 2),
+        underlay_ip6: Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2),
         pod_subnet: Ipv4Addr::new(10, 244, 2, 0),
+        pod_subnet6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0),
         region: "lab",
         zone: "zone-b",
     },
 ];
 
 /// In the order they are added, which fixes their addresses (a1 .1.2, a2 .1.3, b1 .2.2,
-/// u1 .2.3, w1 .2.4).
+/// u1 .2.3, w1 .2.4; the same last numbers in the nodes' IPv6 ranges).
 pub const PODS: [PodSpec; 5] = [
     PodSpec {
         name: "a1",
@@ -164,6 +172,10 @@ impl NodeSpec {
 
     pub fn subnet_cidr(&self) -> String {
         format!("{}/24", self.pod_subnet)
+    }
+
+    pub fn subnet6_cidr(&self) -> String {
+        format!("{}/64", self.pod_subnet6)
     }
 
     /// The other node: the underlay is a single link between the two.
@@ -250,13 +262,25 @@ impl PodSpec {
     /// The address host-local gives the pod in a fresh lab: pods are added in `PODS` order, and
     /// each node hands out its subnet from .2 upwards.
     pub fn expected_ip(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.node.pod_subnet.octets();
+        Ipv4Addr::new(a, b, c, 2 + self.index_on_node())
+    }
+
+    /// The IPv6 address host-local gives the pod in a fresh lab: the same order, from ::2 of
+    /// the node's /64 upwards (a1 fd00:10:244:1::2, ..., w1 fd00:10:244:2::4).
+    pub fn expected_ip6(&self) -> Ipv6Addr {
+        let mut segments = self.node.pod_subnet6.segments();
+        segments[7] = 2 + u16::from(self.index_on_node());
+        Ipv6Addr::from(segments)
+    }
+
+    fn index_on_node(&self) -> u8 {
         let index = PODS
             .iter()
             .filter(|p| p.node.name == self.node.name)
             .position(|p| p.name == self.name)
             .unwrap_or(0);
-        let [a, b, c, _] = self.node.pod_subnet.octets();
-        Ipv4Addr::new(a, b, c, 2 + index as u8)
+        u8::try_from(index).unwrap_or(u8::MAX)
     }
 
     pub fn netns_name(&self) -> String {

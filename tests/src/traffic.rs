@@ -4,14 +4,14 @@
 
 use crate::proxy_protocol::{ProxyHeader, read_header};
 use nix::sys::socket::{
-    AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, connect, listen, setsockopt,
+    AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, connect, listen, setsockopt,
     socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -122,17 +122,34 @@ impl Default for ServeOptions {
     }
 }
 
-/// Listens on 0.0.0.0:`port` and reports every connection (to the client and to stdout);
-/// `on_ready` runs once the socket listens.
+/// Listens on 0.0.0.0:`port` and [::]:`port` and reports every connection (to the client and
+/// to stdout); `on_ready` runs once the sockets listen.
 pub fn serve(
     port: u16,
     options: ServeOptions,
     on_ready: impl FnOnce(),
 ) -> Result<(), TrafficError> {
-    let listener = listen_all(port, options.backlog)?;
+    // Two sockets rather than one dual-stack socket, so that an IPv4 client is reported with
+    // its IPv4 address, not a v4-mapped IPv6 one.
+    let listeners = [
+        listen_all(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port, options.backlog)?,
+        listen_all(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port, options.backlog)?,
+    ];
     on_ready();
     std::thread::sleep(options.accept_after);
-    for stream in listener.incoming() {
+    let (accepted, incoming) = std::sync::mpsc::channel();
+    for listener in listeners {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if accepted.send(stream).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(accepted);
+    for stream in incoming {
         let stream = stream.map_err(io_error("accepting"))?;
         if options.once {
             return answer(stream, options.proxy_protocol);
@@ -197,7 +214,7 @@ pub struct SendOptions {
     pub mark: Option<u32>,
     /// The local address and port to bind to (with SO_REUSEADDR) before connecting, as a
     /// client that picks its own port does.
-    pub bind: Option<SocketAddrV4>,
+    pub bind: Option<SocketAddr>,
     /// A pause halfway through the bytes, with the connection held open (to have a
     /// connection open across an event, such as a proxy draining).
     pub pause: Duration,
@@ -207,11 +224,7 @@ pub struct SendOptions {
 
 /// Connects, streams `bytes` pseudo-random bytes, and checks the server's report against what
 /// was sent.
-pub fn send(
-    to: SocketAddrV4,
-    bytes: u64,
-    options: SendOptions,
-) -> Result<SendReport, TrafficError> {
+pub fn send(to: SocketAddr, bytes: u64, options: SendOptions) -> Result<SendReport, TrafficError> {
     let stream = connect_with(to, &options)?;
     exchange(stream, to, bytes, options.pause)
 }
@@ -220,7 +233,7 @@ pub fn send(
 /// the server's report.
 fn exchange(
     mut stream: TcpStream,
-    to: SocketAddrV4,
+    to: SocketAddr,
     bytes: u64,
     pause: Duration,
 ) -> Result<SendReport, TrafficError> {
@@ -274,32 +287,41 @@ fn exchange(
     })
 }
 
-/// Listens on 0.0.0.0:`port` with SO_REUSEADDR (a restarted server rebinds at once).
-fn listen_all(port: u16, backlog: i32) -> Result<TcpListener, TrafficError> {
-    let what = format!("listening on 0.0.0.0:{port}");
+/// The socket family of `address`.
+fn family(address: &SocketAddr) -> AddressFamily {
+    match address {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+/// Listens on the wildcard `ip`:`port` with SO_REUSEADDR (a restarted server rebinds at once);
+/// an IPv6 socket takes IPv6 only.
+fn listen_all(ip: IpAddr, port: u16, backlog: i32) -> Result<TcpListener, TrafficError> {
+    let address = SocketAddr::new(ip, port);
+    let what = format!("listening on {address}");
     let nix_error = |cause: nix::errno::Errno| TrafficError::Io {
         what: what.clone(),
         cause: cause.into(),
     };
     let fd = socket(
-        AddressFamily::Inet,
+        family(&address),
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
     .map_err(nix_error)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(nix_error)?;
-    bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port)),
-    )
-    .map_err(nix_error)?;
+    if address.is_ipv6() {
+        setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(nix_error)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(address)).map_err(nix_error)?;
     listen(&fd, Backlog::new(backlog).map_err(nix_error)?).map_err(nix_error)?;
     Ok(TcpListener::from(fd))
 }
 
 /// std cannot set a socket option between socket() and connect(), so the socket is made here.
-fn connect_with(to: SocketAddrV4, options: &SendOptions) -> Result<TcpStream, TrafficError> {
+fn connect_with(to: SocketAddr, options: &SendOptions) -> Result<TcpStream, TrafficError> {
     let (mark, timeout) = (options.mark, options.timeout);
     let nix_error = |what: &str| {
         let what = what.to_owned();
@@ -308,23 +330,15 @@ fn connect_with(to: SocketAddrV4, options: &SendOptions) -> Result<TcpStream, Tr
             cause: errno.into(),
         }
     };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(nix_error("creating a socket"))?;
+    let fd = socket(family(&to), SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(nix_error("creating a socket"))?;
     if let Some(mark) = mark {
         setsockopt(&fd, sockopt::Mark, &mark).map_err(nix_error("setting SO_MARK"))?;
     }
     if let Some(local) = options.bind {
         setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(nix_error("setting SO_REUSEADDR"))?;
-        nix::sys::socket::bind(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            &SockaddrIn::from(local),
-        )
-        .map_err(nix_error(&format!("binding {local}")))?;
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(local))
+            .map_err(nix_error(&format!("binding {local}")))?;
     }
     // Linux bounds a blocking connect() by the send timeout.
     let limit = TimeVal::new(
@@ -333,7 +347,7 @@ fn connect_with(to: SocketAddrV4, options: &SendOptions) -> Result<TcpStream, Tr
     );
     setsockopt(&fd, sockopt::SendTimeout, &limit).map_err(nix_error("setting the timeout"))?;
     setsockopt(&fd, sockopt::ReceiveTimeout, &limit).map_err(nix_error("setting the timeout"))?;
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))
         .map_err(nix_error(&format!("connecting to {to}")))?;
     Ok(TcpStream::from(fd))
 }
@@ -349,7 +363,7 @@ pub struct BurstReport {
 
 /// Opens `connections` connections to `to` at once (all are connected before any sends), then
 /// runs `send`'s exchange of `bytes` on each, concurrently.
-pub fn burst(to: SocketAddrV4, connections: usize, bytes: u64, timeout: Duration) -> BurstReport {
+pub fn burst(to: SocketAddr, connections: usize, bytes: u64, timeout: Duration) -> BurstReport {
     let all_connected = std::sync::Arc::new(std::sync::Barrier::new(connections));
     let workers: Vec<_> = (0..connections)
         .map(|_| {

@@ -35,7 +35,7 @@ fn add_check_del_against_a_running_daemon() {
         uid: a1.uid.clone(),
         container_id: a1.container_id.clone(),
         netns: a1.netns.clone(),
-        ips: vec![a1.ip.into()],
+        ips: a1.ips(),
     };
     match api::call(
         socket,

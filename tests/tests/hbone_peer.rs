@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use support::*;
+use ztunnel_common::ports::DEFAULT_MARK;
 use ztunnel_lab::mesh::MeshChanges;
 use ztunnel_lab::topology::{CA_DIR, STATE_DIR, TRUST_DOMAIN, workspace_root};
+use ztunnel_user::api::Direction;
 use ztunnel_user::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE};
 
 fn peer_script() -> String {
@@ -380,7 +382,11 @@ fn traffic_to_a_service_with_a_waypoint_goes_to_it_with_the_vip() {
     let route = format!("{vip}:80={b1}:{APP_PORT}");
     let (mut peer, mut lines) = peer_in_w1(&s, "waypoint", &["--route", &route]);
 
-    let report = send("a1", format!("{vip}:80").parse().unwrap(), MIB);
+    let report = send(
+        "a1",
+        format!("{vip}:80").parse::<std::net::SocketAddr>().unwrap(),
+        MIB,
+    );
     assert_eq!(report.server.bytes, MIB);
     assert_eq!(report.server.peer.ip(), w1, "b1's app sees the waypoint");
     assert_eq!(next_report(&b1_app).peer.ip(), w1);
@@ -436,7 +442,11 @@ fn a_weighted_waypoint_set_shares_the_connections_by_weight() {
             },
         );
         for _ in 0..connections {
-            let report = send("a1", format!("{vip}:80").parse().unwrap(), KIB);
+            let report = send(
+                "a1",
+                format!("{vip}:80").parse::<std::net::SocketAddr>().unwrap(),
+                KIB,
+            );
             assert_eq!(report.server.peer.ip(), w1, "through a waypoint");
         }
     };
@@ -475,6 +485,57 @@ fn count_lines(lines: Lines<BufReader<ChildStdout>>) -> Arc<AtomicUsize> {
         }
     });
     count
+}
+
+/// A workload on another network is reached through that network's east-west gateway (the
+/// peer in w1, gateway mode) by double HBONE: the outer stream, as a1 and checked against the
+/// gateway's identity, asks for b1's HBONE port; the inner connection inside it is a1's own
+/// mutual TLS with b1's proxy, which delivers to b1's app from the gateway's address. Node1
+/// has no route to b1 (another network), so nothing but the gateway can carry it.
+#[test]
+fn a_workload_on_another_network_is_reached_through_its_gateway() {
+    let s = LabSession::start();
+    let b1_app = serve("b1", APP_PORT);
+    let (b1, w1) = (s.ip("b1"), s.ip("w1"));
+    let cut_off = format!("{b1}/32");
+    run_in_node("node1", &["ip", "route", "add", "unreachable", &cut_off]);
+    // A socket with the proxy's mark is not captured: a1 itself cannot reach b1.
+    let direct =
+        ztunnel_lab::send_from("a1", s.addr("b1", APP_PORT), KIB, Some(DEFAULT_MARK), QUICK);
+    assert!(direct.is_err(), "node1 still routes to b1: {direct:?}");
+    let behind_gateway = format!(
+        "  network: net2\n  networkGateway: {{destination: /{w1}, hboneMtlsPort: 15008}}\n"
+    );
+    apply_mesh(
+        &s.lab,
+        &MeshChanges {
+            workload_fields: &[("b1", &behind_gateway)],
+            ..MeshChanges::default()
+        },
+    );
+    let (mut gateway, mut lines) = peer_in_w1(&s, "gateway", &[]);
+
+    let report = send("a1", s.addr("b1", APP_PORT), 2 * MIB);
+    assert_eq!(report.server.bytes, 2 * MIB);
+    assert_eq!(report.server.peer.ip(), w1, "b1's app sees the gateway");
+    assert_eq!(next_report(&b1_app).peer.ip(), w1);
+    // b1's proxy took the inner connection as a1's: the inner TLS ran end to end.
+    let inbound = closed_connections(&s.lab, "node2", Direction::Inbound);
+    let delivered = inbound.last().expect("b1's inbound record");
+    assert_eq!(delivered.source_identity, spiffe("demo", "sa-a"));
+    assert_eq!(
+        delivered.original_destination,
+        s.addr("b1", APP_PORT).into()
+    );
+    // The gateway relays one stream, for a1, to b1's HBONE port (the stream lasts as long as
+    // a1's proxy keeps the inner connection).
+    let relaying = next_json(&mut lines);
+    assert_eq!(relaying["event"], "relaying", "{relaying:#}");
+    assert_eq!(relaying["authority"], format!("{b1}:15008"));
+    assert_eq!(relaying["upstream"], format!("{b1}:15008"));
+    assert_eq!(relaying["client_identity"], spiffe("demo", "sa-a"));
+    let _ = gateway.kill();
+    let _ = gateway.wait();
 }
 
 #[test]

@@ -112,7 +112,7 @@ fn a_pod_opts_out_and_a_new_pod_is_captured_by_its_cni_add() {
     // sandbox's CNI ADD, which captures it before anything in it runs.
     kube::delete_pod(a2).unwrap();
     ztunnel_lab::cni_del("a2").unwrap();
-    kube::create_pod(a2, None).unwrap();
+    kube::create_pod(a2, &[]).unwrap();
     let added = ztunnel_lab::cni_add("a2").unwrap();
     let node1 = status(&s.lab, "node1");
     let enrolled_a2 = node1.pods.iter().find(|pod| pod.name == "a2");
@@ -122,6 +122,6 @@ fn a_pod_opts_out_and_a_new_pod_is_captured_by_its_cni_add() {
         "captured by the CNI ADD itself: {:?}",
         node1.pods
     );
-    kube::report_running(a2, added.ip).unwrap();
+    kube::report_running(a2, &added.ips()).unwrap();
     eventually("the API marks a2 captured", || marked("a2"));
 }

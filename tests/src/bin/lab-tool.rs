@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::io::Write;
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 use ztunnel_lab::traffic::{self, ServeOptions};
 
@@ -38,9 +38,9 @@ enum Command {
     },
     /// Stream deterministic pseudo-random bytes to a server and check its report.
     Send {
-        /// The server, as IP:PORT.
+        /// The server, as IP:PORT or [IPV6]:PORT.
         #[arg(long)]
-        to: SocketAddrV4,
+        to: SocketAddr,
         /// How many bytes to send.
         #[arg(long)]
         bytes: u64,
@@ -49,7 +49,7 @@ enum Command {
         mark: Option<u32>,
         /// Bind to this address and port first (with SO_REUSEADDR).
         #[arg(long, value_name = "IP:PORT")]
-        bind: Option<SocketAddrV4>,
+        bind: Option<SocketAddr>,
         /// Pause this long halfway through, holding the connection open.
         #[arg(long, default_value_t = 0)]
         pause_ms: u64,
@@ -59,9 +59,9 @@ enum Command {
     },
     /// Open many connections at once, then run `send`'s exchange on each concurrently.
     Burst {
-        /// The server, as IP:PORT.
+        /// The server, as IP:PORT or [IPV6]:PORT.
         #[arg(long)]
-        to: SocketAddrV4,
+        to: SocketAddr,
         /// How many connections to hold open at the same time.
         #[arg(long)]
         connections: usize,

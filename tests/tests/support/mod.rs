@@ -55,6 +55,21 @@ impl LabSession {
     pub fn addr(&self, pod: &str, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.lab.pod(pod).expect("pod").ip, port)
     }
+
+    /// The pod's IPv6 address (the lab is dual stack).
+    pub fn ip6(&self, pod: &str) -> IpAddr {
+        IpAddr::V6(
+            self.lab
+                .pod(pod)
+                .expect("pod")
+                .ip6
+                .expect("an IPv6 address"),
+        )
+    }
+
+    pub fn addr6(&self, pod: &str, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip6(pod), port)
+    }
 }
 
 impl Drop for LabSession {
@@ -96,17 +111,18 @@ pub fn next_report(server: &PodServer) -> ServerReport {
 /// (the connection stays open meanwhile); joining the thread gives the outcome.
 pub fn send_pausing(
     pod: &'static str,
-    to: SocketAddrV4,
+    to: impl Into<SocketAddr>,
     bytes: u64,
     pause: Duration,
     timeout: Duration,
 ) -> std::thread::JoinHandle<ztunnel_lab::Result<SendReport>> {
+    let to = to.into();
     std::thread::spawn(move || ztunnel_lab::send_pausing_from(pod, to, bytes, pause, timeout))
 }
 
 /// Sends `bytes` from `pod` to `to` and returns the report; the tool itself checks that the
 /// server received exactly those bytes (length and SHA-256).
-pub fn send(pod: &str, to: SocketAddrV4, bytes: u64) -> SendReport {
+pub fn send(pod: &str, to: impl Into<SocketAddr>, bytes: u64) -> SendReport {
     send_from(pod, to, bytes, None, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -272,13 +288,24 @@ pub fn eventually_within(what: &str, limit: Duration, condition: impl Fn() -> bo
 
 /// Output of a command run inside a pod (or node) netns.
 pub fn run_in(pod: &str, argv: &[&str]) -> String {
-    let output = ztunnel_lab::exec(pod, argv)
-        .expect("exec")
-        .output()
-        .expect("run");
+    run_checked(ztunnel_lab::exec(pod, argv), pod, argv)
+}
+
+/// `run_in` on a node (in its netns).
+pub fn run_in_node(node: &str, argv: &[&str]) -> String {
+    run_checked(exec_node(node, argv), node, argv)
+}
+
+/// Runs `command` (`argv` in `place`) to success; its standard output.
+fn run_checked(
+    command: ztunnel_lab::Result<std::process::Command>,
+    place: &str,
+    argv: &[&str],
+) -> String {
+    let output = command.expect("exec").output().expect("run");
     assert!(
         output.status.success(),
-        "{argv:?} in {pod}: {}",
+        "{argv:?} in {place}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
@@ -431,7 +458,8 @@ pub const QUICK: Duration = Duration::from_secs(5);
 /// A connection `pod -> to` that must not get through; returns the client's error.
 /// It must be refused or closed by a proxy or the kernel, not time out: a connection that
 /// merely got lost proves no policy.
-pub fn denied(pod: &str, to: SocketAddrV4) -> String {
+pub fn denied(pod: &str, to: impl Into<SocketAddr>) -> String {
+    let to = to.into();
     let error = match send_from(pod, to, 4 * KIB, None, QUICK) {
         Ok(report) => panic!("{pod} -> {to} got through: {report:?}"),
         Err(err) => err.to_string(),
@@ -473,7 +501,7 @@ pub fn enroll_again(lab: &Lab, node: &str, pod: &str) -> api::EnrolledPod {
             uid: pod.uid.clone(),
             container_id: pod.container_id.clone(),
             netns: pod.netns.clone(),
-            ips: vec![IpAddr::V4(pod.ip)],
+            ips: pod.ips(),
         },
     };
     match call(lab, node, request) {

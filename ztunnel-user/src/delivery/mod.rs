@@ -118,6 +118,15 @@ impl Connector {
         source: SocketAddr,
         dst: SocketAddr,
     ) -> io::Result<Delivery> {
+        // The socket is of the app's family and binds the client's address: across families
+        // that cannot work, and the kernel would only say ENOPROTOOPT (IPV6_TRANSPARENT on an
+        // IPv4 socket). The caller must give the client's address of the app's family.
+        if source.is_ipv4() != dst.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("cannot deliver from {source} to {dst}: the families differ"),
+            ));
+        }
         let socket = self.socket(netns, dst, ports::DELIVERY_MARK)?;
         match source {
             SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,

@@ -36,7 +36,7 @@ use crate::telemetry::labels::Described;
 use crate::telemetry::refusals::Refusals;
 use admission::{Admission, Share};
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
@@ -129,6 +129,20 @@ impl PodProxy {
             share,
             released,
         }
+    }
+
+    /// The pod's address (with the client's port) that a connection from `client` to `to`
+    /// leaves from: the client's own when the families match, else the pod's address of
+    /// `to`'s family (a dual-stack service whose `ipFamilies` is not the one dialled). With no
+    /// address of that family it stays the client's, and the delivery refuses it.
+    pub(crate) fn address_towards(&self, client: SocketAddr, to: SocketAddr) -> SocketAddr {
+        if client.is_ipv4() == to.is_ipv4() {
+            return client;
+        }
+        self.ips
+            .iter()
+            .find(|ip| ip.is_ipv4() == to.is_ipv4())
+            .map_or(client, |ip| SocketAddr::new(*ip, client.port()))
     }
 
     pub(crate) fn identity(&self) -> Arc<Identity> {

@@ -93,24 +93,25 @@ async fn set_up(
             pod: ref target,
             target: to,
         } => {
+            let from = pod.address_towards(client, to);
             let mut delivered = ctx.connections.record(
                 Direction::Inbound,
                 &target.label,
-                client,
+                from,
                 to,
                 labels(Reporter::Destination),
             );
             let subject = Subject {
                 namespace: target.namespace.clone(),
-                source: client.ip(),
+                source: from.ip(),
                 destination: to,
                 identity: Some(identity.clone()),
             };
             let connected = match ctx.authorize(&config, target, &mut delivered, subject) {
                 Ok(()) => {
-                    let tunnel = AppTunnel::of(&config, to, client, identity);
+                    let tunnel = AppTunnel::of(&config, to, from, identity);
                     ctx.connector
-                        .deliver_to_app(&target.netns, client, to, tunnel)
+                        .deliver_to_app(&target.netns, from, to, tunnel)
                         .await
                         .map_err(ConnectionError::Io)
                 }
