@@ -11,7 +11,11 @@ use crate::mesh;
 use crate::netns;
 use crate::state::{Lab, Node, Pod};
 use crate::teardown::down;
-use crate::topology::{BPFFS_MOUNT, NODES, NodeSpec, PODS, PodSpec, UNDERLAY_IFNAME, cgroup2};
+use crate::topology::{
+    self, BPFFS_MOUNT, NETWORK_GATEWAY, NODES, NodeSpec, PODS, PodSpec, REMOTE_LINK_IFNAME,
+    REMOTE_LINK_IP, REMOTE_LINK_IP6, UNDERLAY_IFNAME, cgroup2,
+};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Brings the whole lab up from scratch (tearing down leftovers first): two nodes, each with
 /// its ztunnel daemon, and the four pods added through the CNI chain including ztunnel-cni.
@@ -168,52 +172,95 @@ fn create_node(node: &NodeSpec, with_ztunnel: bool) -> Result<()> {
     Ok(())
 }
 
-/// One veth pair between the two nodes, and a route on each to the other's pod subnets (IPv4
-/// and IPv6).
+/// The underlay. node1 and node2 are one network: a veth pair, each routing to the other's pod
+/// subnets. node3 is another network, linked to node1, which routes to nothing of it but its
+/// east-west gateway's addresses (as to a load balancer's); node3 routes back to node1's pods
+/// and to node1's underlay address, where istiod and the Kubernetes API listen.
 fn connect_underlay() -> Result<()> {
-    let [first, second] = &NODES;
-    ip_in(
-        &first.netns_name(),
-        &[
-            "link",
-            "add",
-            UNDERLAY_IFNAME,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            UNDERLAY_IFNAME,
-            "netns",
-            &second.netns_name(),
-        ],
-    )?;
-    for node in &NODES {
-        let netns = node.netns_name();
-        let address = format!("{}/24", node.underlay_ip);
-        ip_in(&netns, &["addr", "add", &address, "dev", UNDERLAY_IFNAME])?;
-        // No duplicate address detection: the link has two ends, both ours, and a tentative
-        // address would hold the first packets back for a second or two.
-        let address6 = format!("{}/64", node.underlay_ip6);
-        let add6 = ["addr", "add", &address6, "dev", UNDERLAY_IFNAME, "nodad"];
-        ip_in(&netns, &add6)?;
-        ip_in(&netns, &["link", "set", UNDERLAY_IFNAME, "up"])?;
-        let peer = node.peer();
-        for (subnet, via) in [
-            (peer.subnet_cidr(), peer.underlay_ip.to_string()),
-            (peer.subnet6_cidr(), peer.underlay_ip6.to_string()),
-        ] {
-            ip_in(&netns, &["route", "add", &subnet, "via", &via])?;
+    let [node1, node2, node3] = &NODES;
+    let (one, two) = (LinkEnd::underlay(node1), LinkEnd::underlay(node2));
+    link(&one, &two)?;
+    route(node1, &node2.pod_subnets(), &two)?;
+    route(node2, &node1.pod_subnets(), &one)?;
+
+    let near = LinkEnd {
+        node: node1,
+        ifname: REMOTE_LINK_IFNAME,
+        ip: REMOTE_LINK_IP,
+        ip6: REMOTE_LINK_IP6,
+    };
+    let far = LinkEnd::underlay(node3);
+    link(&near, &far)?;
+    let gateway = topology::pod_spec(NETWORK_GATEWAY)?;
+    let gateway_addresses = [
+        format!("{}/32", gateway.expected_ip()),
+        format!("{}/128", gateway.expected_ip6()),
+    ];
+    route(node1, &gateway_addresses, &far)?;
+    let [pods, pods6] = node1.pod_subnets();
+    let control_plane = format!("{}/32", node1.underlay_ip);
+    route(node3, &[pods, pods6, control_plane], &near)
+}
+
+/// One end of a veth pair between two nodes.
+struct LinkEnd {
+    node: &'static NodeSpec,
+    ifname: &'static str,
+    ip: Ipv4Addr,
+    ip6: Ipv6Addr,
+}
+
+impl LinkEnd {
+    /// The node's end of the link that carries its underlay addresses.
+    fn underlay(node: &'static NodeSpec) -> LinkEnd {
+        LinkEnd {
+            node,
+            ifname: UNDERLAY_IFNAME,
+            ip: node.underlay_ip,
+            ip6: node.underlay_ip6,
         }
     }
+}
+
+/// A veth pair from `a` to `b`, each end with its addresses (a /24 and a /64) and up.
+fn link(a: &LinkEnd, b: &LinkEnd) -> Result<()> {
+    let b_netns = b.node.netns_name();
+    let add = [
+        "link", "add", a.ifname, "type", "veth", "peer", "name", b.ifname, "netns", &b_netns,
+    ];
+    ip_in(&a.node.netns_name(), &add)?;
+    for end in [a, b] {
+        let netns = end.node.netns_name();
+        let address = format!("{}/24", end.ip);
+        ip_in(&netns, &["addr", "add", &address, "dev", end.ifname])?;
+        // No duplicate address detection: the link has two ends, both ours, and a tentative
+        // address would hold the first packets back for a second or two.
+        let address6 = format!("{}/64", end.ip6);
+        ip_in(
+            &netns,
+            &["addr", "add", &address6, "dev", end.ifname, "nodad"],
+        )?;
+        ip_in(&netns, &["link", "set", end.ifname, "up"])?;
+    }
     println!(
-        "up: underlay {UNDERLAY_IFNAME}: {} {} {} <-> {} {} {}",
-        first.name,
-        first.underlay_ip,
-        first.underlay_ip6,
-        second.name,
-        second.underlay_ip,
-        second.underlay_ip6
+        "up: link {} {} {} {} <-> {} {} {} {}",
+        a.node.name, a.ifname, a.ip, a.ip6, b.node.name, b.ifname, b.ip, b.ip6
     );
+    Ok(())
+}
+
+/// Routes on `node` to each of `destinations` (IPv4 or IPv6 prefixes) through `via`.
+fn route(node: &NodeSpec, destinations: &[String], via: &LinkEnd) -> Result<()> {
+    for destination in destinations {
+        let gateway = match destination.contains(':') {
+            true => via.ip6.to_string(),
+            false => via.ip.to_string(),
+        };
+        ip_in(
+            &node.netns_name(),
+            &["route", "add", destination, "via", &gateway],
+        )?;
+    }
     Ok(())
 }
 

@@ -179,6 +179,8 @@ pub fn start_daemon_until(node: &str, until: Started) -> Result<u32> {
         .arg(node.daemon_state_dir())
         .arg("--trust-domain")
         .arg(topology::TRUST_DOMAIN)
+        .arg("--network")
+        .arg(node.network)
         .args(options.args())
         .stdin(Stdio::null());
     log_output_to(&mut command, &node.log_path())?;

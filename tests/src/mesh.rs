@@ -1,11 +1,12 @@
 //! The mesh config the lab's daemons run from (Istio ztunnel's local config shape).
 
 use crate::error::{LabError, Result};
-use crate::topology::{MESH_CONFIG, PODS, TRUST_DOMAIN};
+use crate::topology::{self, MESH_CONFIG, NETWORK_GATEWAY, PODS, PodSpec, TRUST_DOMAIN};
 use std::fmt::Write as _;
 
 /// Every lab pod as a workload, with both its addresses (IPv4 first), the protocol its `hbone`
-/// flag says and its node's locality.
+/// flag says, its node's locality and, off the default network, its node's network and that
+/// network's gateway.
 pub fn mesh_config() -> String {
     mesh_config_with(&MeshChanges::default())
 }
@@ -43,6 +44,17 @@ pub fn mesh_config_with(changes: &MeshChanges) -> String {
             region = pod.node.region,
             zone = pod.node.zone,
         );
+        if !pod.node.network.is_empty() {
+            let _ = writeln!(yaml, "  network: {}", pod.node.network);
+        }
+        if let Some(gateway) = network_gateway(pod) {
+            let _ = writeln!(
+                yaml,
+                "  networkGateway: {{destination: {}/{}, hboneMtlsPort: 15008}}",
+                gateway.node.network,
+                gateway.expected_ip()
+            );
+        }
         for (name, fields) in changes.workload_fields {
             if *name == pod.name {
                 yaml.push_str(fields);
@@ -52,6 +64,13 @@ pub fn mesh_config_with(changes: &MeshChanges) -> String {
     yaml.push_str(changes.extra_workloads);
     yaml.push_str(changes.sections);
     yaml
+}
+
+/// The east-west gateway in front of `pod`'s network, unless the pod is on the default
+/// network or is the gateway.
+fn network_gateway(pod: &PodSpec) -> Option<&'static PodSpec> {
+    let gateway = topology::pod_spec(NETWORK_GATEWAY).ok()?;
+    (!pod.node.network.is_empty() && pod.name != gateway.name).then_some(gateway)
 }
 
 pub fn write_mesh_config() -> Result<()> {
@@ -90,10 +109,24 @@ mod tests {
             yaml.matches(&format!("  locality: {{region: lab, zone: {zone}}}\n"))
                 .count()
         };
-        // a1 and a2 on node1; b1, u1 and w1 on node2.
-        assert_eq!((in_zone("zone-a"), in_zone("zone-b")), (2, 3));
+        // a1 and a2 on node1; b1, u1 and w1 on node2; c1 and g1 on node3.
+        let zones = ["zone-a", "zone-b", "zone-c"].map(in_zone);
+        assert_eq!(zones, [2, 3, 2]);
         assert!(yaml.contains("node: node1\n  locality: {region: lab, zone: zone-a}\n"));
         assert!(yaml.contains("node: node2\n  locality: {region: lab, zone: zone-b}\n"));
+    }
+
+    #[test]
+    fn the_other_networks_pods_are_behind_its_gateway() {
+        let yaml = mesh_config();
+        let behind = "  network: net2\n  networkGateway: {destination: net2/10.244.3.3, hboneMtlsPort: 15008}\n";
+        assert!(yaml.contains(&format!(
+            "node: node3\n  locality: {{region: lab, zone: zone-c}}\n{behind}"
+        )));
+        // c1 is behind g1; g1, the gateway, is not behind itself; node1's and node2's pods
+        // are on the default network.
+        assert_eq!(yaml.matches("networkGateway").count(), 1);
+        assert_eq!(yaml.matches("  network: net2\n").count(), 2);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The fixed shape of the lab: two nodes (in two zones of one region), five pods, and where
-//! each of their pieces lives. Scripts and tests rely on these names, so they are constants
+//! The fixed shape of the lab: three nodes (in three zones of one region; node3 on another
+//! network, behind an east-west gateway), seven pods, and where each of their pieces lives. Scripts and tests rely on these names, so they are constants
 //! rather than configuration.
 
 use crate::error::{LabError, Result};
@@ -43,8 +43,14 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf/ztunnel-lab";
 pub const EXCLUDED_NAMESPACES: [&str; 3] = ["kube-system", "legacy", "foreign"];
 /// The interface every pod gets from the CNI chain.
 pub const POD_IFNAME: &str = "eth0";
-/// Name of the underlay veth at both ends.
+/// Name of the underlay veth at both ends (node1-node2, and node3's end of its link).
 pub const UNDERLAY_IFNAME: &str = "ul0";
+/// node1's end of the link to node3, the other network, and its address there.
+pub const REMOTE_LINK_IFNAME: &str = "ul1";
+pub const REMOTE_LINK_IP: Ipv4Addr = Ipv4Addr::new(10, 99, 1, 1);
+pub const REMOTE_LINK_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 1, 0, 0, 0, 0, 1);
+/// The other network's east-west gateway: the one pod of node3 that node1 can reach.
+pub const NETWORK_GATEWAY: &str = "g1";
 /// Where Debian's containernetworking-plugins installs ptp, host-local, ...
 pub const SYSTEM_CNI_DIR: &str = "/usr/lib/cni";
 /// The mesh config every node's daemon runs from.
@@ -67,6 +73,9 @@ pub struct NodeSpec {
     /// say: its pods' workloads carry it, for locality-aware load balancing.
     pub region: &'static str,
     pub zone: &'static str,
+    /// Istio's network the node is on (empty: the default one). Its pods are reached from
+    /// another network only through its `NETWORK_GATEWAY`.
+    pub network: &'static str,
 }
 
 #[derive(Debug)]
@@ -77,12 +86,12 @@ pub struct PodSpec {
     pub uid: &'static str,
     pub service_account: &'static str,
     /// Listed as an HBONE workload in the mesh config. True for the captured pods, and for
-    /// `w1`, whose 15008 is served by the independent HBONE peer (standing in for a pod behind
-    /// Istio's own ztunnel) rather than by our daemon.
+    /// `w1` and `g1`, whose 15008 is served by the independent HBONE peer (standing in for a
+    /// pod behind Istio's own ztunnel, or an east-west gateway) rather than by our daemon.
     pub hbone: bool,
 }
 
-pub const NODES: [NodeSpec; 2] = [
+pub const NODES: [NodeSpec; 3] = [
     NodeSpec {
         name: "node1",
         underlay_ip: Ipv4Addr::new(10, 99, 0, 1),
@@ -91,6 +100,7 @@ pub const NODES: [NodeSpec; 2] = [
         pod_subnet6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0),
         region: "lab",
         zone: "zone-a",
+        network: "",
     },
     NodeSpec {
         name: "node2",
@@ -100,12 +110,23 @@ pub const NODES: [NodeSpec; 2] = [
         pod_subnet6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 2, 0, 0, 0, 0),
         region: "lab",
         zone: "zone-b",
+        network: "",
+    },
+    NodeSpec {
+        name: "node3",
+        underlay_ip: Ipv4Addr::new(10, 99, 1, 3),
+        underlay_ip6: Ipv6Addr::new(0xfd00, 0x99, 1, 0, 0, 0, 0, 3),
+        pod_subnet: Ipv4Addr::new(10, 244, 3, 0),
+        pod_subnet6: Ipv6Addr::new(0xfd00, 0x10, 0x244, 3, 0, 0, 0, 0),
+        region: "lab",
+        zone: "zone-c",
+        network: "net2",
     },
 ];
 
 /// In the order they are added, which fixes their addresses (a1 .1.2, a2 .1.3, b1 .2.2,
-/// u1 .2.3, w1 .2.4; the same last numbers in the nodes' IPv6 ranges).
-pub const PODS: [PodSpec; 5] = [
+/// u1 .2.3, w1 .2.4, c1 .3.2, g1 .3.3; the same last numbers in the nodes' IPv6 ranges).
+pub const PODS: [PodSpec; 7] = [
     PodSpec {
         name: "a1",
         node: &NODES[0],
@@ -146,6 +167,23 @@ pub const PODS: [PodSpec; 5] = [
         hbone: true,
         service_account: "default",
     },
+    PodSpec {
+        name: "c1",
+        node: &NODES[2],
+        namespace: "demo",
+        uid: "00000000-0000-4000-8000-0000000000e1",
+        hbone: true,
+        service_account: "sa-c",
+    },
+    // Unenrolled like w1, so the independent HBONE peer can serve its 15008 as the gateway.
+    PodSpec {
+        name: "g1",
+        node: &NODES[2],
+        namespace: "foreign",
+        uid: "00000000-0000-4000-8000-0000000000f1",
+        hbone: true,
+        service_account: "default",
+    },
 ];
 
 pub fn node_spec(name: &str) -> Result<&'static NodeSpec> {
@@ -178,13 +216,9 @@ impl NodeSpec {
         format!("{}/64", self.pod_subnet6)
     }
 
-    /// The other node: the underlay is a single link between the two.
-    pub fn peer(&self) -> &'static NodeSpec {
-        if self.name == NODES[0].name {
-            &NODES[1]
-        } else {
-            &NODES[0]
-        }
+    /// Both pod subnets, IPv4 first.
+    pub fn pod_subnets(&self) -> [String; 2] {
+        [self.subnet_cidr(), self.subnet6_cidr()]
     }
 
     pub fn pods(&self) -> impl Iterator<Item = &'static PodSpec> + use<'_> {

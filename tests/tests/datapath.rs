@@ -175,7 +175,7 @@ fn proxy_connections_are_never_captured_again() {
 #[test]
 fn cni_del_leaves_nothing_behind_and_add_captures_again() {
     let s = LabSession::start();
-    let enrolled = 3; // a1, a2, b1
+    let enrolled = 4; // a1, a2, b1, c1
     assert_eq!(our_link_count(), HOOKS_PER_POD * enrolled);
     assert_eq!(
         pinned_map_len::<u64, PodInfo>(&s.lab, "node1", names::PODS),

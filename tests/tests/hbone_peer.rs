@@ -15,6 +15,7 @@ use std::time::Duration;
 use support::*;
 use ztunnel_common::ports::DEFAULT_MARK;
 use ztunnel_lab::mesh::MeshChanges;
+use ztunnel_lab::send_from;
 use ztunnel_lab::topology::{CA_DIR, STATE_DIR, TRUST_DOMAIN, workspace_root};
 use ztunnel_user::api::Direction;
 use ztunnel_user::identity::{ROOT_CERT_FILE, ROOT_KEY_FILE};
@@ -185,8 +186,20 @@ fn peer_in_w1_on(
     port: u16,
     extra: &[&str],
 ) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let w1 = s.ip("w1");
-    let name = format!("{mode}-{port}");
+    peer_in(s, "w1", mode, port, extra)
+}
+
+/// The peer in `pod` (unenrolled, in namespace `foreign` with the default service account, as
+/// w1 and g1 are), as the pod's identity, listening on `port`.
+fn peer_in(
+    s: &LabSession,
+    pod: &str,
+    mode: &str,
+    port: u16,
+    extra: &[&str],
+) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let ip = s.ip(pod);
+    let name = format!("{pod}-{mode}-{port}");
     let (cert, key) = peer_certificate(&name, &spiffe("foreign", "default"));
     let root = Path::new(CA_DIR).join(ROOT_CERT_FILE);
     let argv = [
@@ -194,7 +207,7 @@ fn peer_in_w1_on(
         &peer_script(),
         mode,
         "--listen",
-        &format!("{w1}:{port}"),
+        &format!("{ip}:{port}"),
         "--ca",
         root.to_str().unwrap(),
         "--cert",
@@ -204,7 +217,7 @@ fn peer_in_w1_on(
         "--expect-client-trust-domain",
         TRUST_DOMAIN,
     ];
-    let mut peer = ztunnel_lab::exec("w1", &[&argv[..], extra].concat())
+    let mut peer = ztunnel_lab::exec(pod, &[&argv[..], extra].concat())
         .unwrap()
         .stdout(Stdio::piped())
         .spawn()
@@ -487,52 +500,41 @@ fn count_lines(lines: Lines<BufReader<ChildStdout>>) -> Arc<AtomicUsize> {
     count
 }
 
-/// A workload on another network is reached through that network's east-west gateway (the
-/// peer in w1, gateway mode) by double HBONE: the outer stream, as a1 and checked against the
-/// gateway's identity, asks for b1's HBONE port; the inner connection inside it is a1's own
-/// mutual TLS with b1's proxy, which delivers to b1's app from the gateway's address. Node1
-/// has no route to b1 (another network), so nothing but the gateway can carry it.
+/// A workload on another network is reached through that network's east-west gateway by
+/// double HBONE. c1 is on node3, network `net2`, of which node1 routes to nothing but the
+/// gateway g1 (the peer, gateway mode). The outer stream, as a1 and checked against the
+/// gateway's identity, asks for c1's HBONE port; the inner connection inside it is a1's own
+/// mutual TLS with node3's proxy, which delivers to c1's app from the gateway's address.
 #[test]
 fn a_workload_on_another_network_is_reached_through_its_gateway() {
     let s = LabSession::start();
-    let b1_app = serve("b1", APP_PORT);
-    let (b1, w1) = (s.ip("b1"), s.ip("w1"));
-    let cut_off = format!("{b1}/32");
-    run_in_node("node1", &["ip", "route", "add", "unreachable", &cut_off]);
-    // A socket with the proxy's mark is not captured: a1 itself cannot reach b1.
-    let direct =
-        ztunnel_lab::send_from("a1", s.addr("b1", APP_PORT), KIB, Some(DEFAULT_MARK), QUICK);
-    assert!(direct.is_err(), "node1 still routes to b1: {direct:?}");
-    let behind_gateway = format!(
-        "  network: net2\n  networkGateway: {{destination: /{w1}, hboneMtlsPort: 15008}}\n"
-    );
-    apply_mesh(
-        &s.lab,
-        &MeshChanges {
-            workload_fields: &[("b1", &behind_gateway)],
-            ..MeshChanges::default()
-        },
-    );
-    let (mut gateway, mut lines) = peer_in_w1(&s, "gateway", &[]);
+    let c1_app = serve("c1", APP_PORT);
+    let (c1, g1) = (s.ip("c1"), s.ip("g1"));
+    // A socket with the proxy's mark is not captured: a1 itself cannot reach c1.
+    let direct = send_from("a1", s.addr("c1", APP_PORT), KIB, Some(DEFAULT_MARK), QUICK);
+    assert!(direct.is_err(), "node1 routes to c1: {direct:?}");
+    // Without its gateway at work, the workload cannot be reached at all.
+    denied("a1", s.addr("c1", APP_PORT));
+    let (mut gateway, mut lines) = peer_in(&s, "g1", "gateway", 15008, &[]);
 
-    let report = send("a1", s.addr("b1", APP_PORT), 2 * MIB);
+    let report = send("a1", s.addr("c1", APP_PORT), 2 * MIB);
     assert_eq!(report.server.bytes, 2 * MIB);
-    assert_eq!(report.server.peer.ip(), w1, "b1's app sees the gateway");
-    assert_eq!(next_report(&b1_app).peer.ip(), w1);
-    // b1's proxy took the inner connection as a1's: the inner TLS ran end to end.
-    let inbound = closed_connections(&s.lab, "node2", Direction::Inbound);
-    let delivered = inbound.last().expect("b1's inbound record");
+    assert_eq!(report.server.peer.ip(), g1, "c1's app sees the gateway");
+    assert_eq!(next_report(&c1_app).peer.ip(), g1);
+    // node3's proxy took the inner connection as a1's: the inner TLS ran end to end.
+    let inbound = closed_connections(&s.lab, "node3", Direction::Inbound);
+    let delivered = inbound.last().expect("c1's inbound record");
     assert_eq!(delivered.source_identity, spiffe("demo", "sa-a"));
     assert_eq!(
         delivered.original_destination,
-        s.addr("b1", APP_PORT).into()
+        s.addr("c1", APP_PORT).into()
     );
-    // The gateway relays one stream, for a1, to b1's HBONE port (the stream lasts as long as
+    // The gateway relays one stream, for a1, to c1's HBONE port (the stream lasts as long as
     // a1's proxy keeps the inner connection).
     let relaying = next_json(&mut lines);
     assert_eq!(relaying["event"], "relaying", "{relaying:#}");
-    assert_eq!(relaying["authority"], format!("{b1}:15008"));
-    assert_eq!(relaying["upstream"], format!("{b1}:15008"));
+    assert_eq!(relaying["authority"], format!("{c1}:15008"));
+    assert_eq!(relaying["upstream"], format!("{c1}:15008"));
     assert_eq!(relaying["client_identity"], spiffe("demo", "sa-a"));
     let _ = gateway.kill();
     let _ = gateway.wait();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use support::*;
 use ztunnel_lab::istiod::{CaAnswer, Faults};
 use ztunnel_lab::mesh::MeshChanges;
+use ztunnel_lab::topology::PODS;
 use ztunnel_lab::{ControlPlane, DaemonOptions, Started, istiod};
 use ztunnel_user::api::Direction;
 use ztunnel_user::xds::client::XdsStatus;
@@ -86,6 +87,11 @@ fn wait_xds(s: &LabSession, node: &str, within: Duration, done: impl Fn(&XdsStat
     }
 }
 
+/// istiod's log text for a stream opened by a daemon that holds every lab workload.
+fn held_every_workload() -> String {
+    format!("held={}", PODS.len())
+}
+
 /// The lines of istiod's log that hold `text`.
 fn istiod_log_lines(text: &str) -> Vec<String> {
     std::fs::read_to_string(istiod::log_path())
@@ -104,12 +110,15 @@ fn the_mesh_and_the_certificates_come_from_istiod_and_a_change_arrives_as_a_delt
         assert!(status.connected && status.ready, "{node}: {status:?}");
         // Every workload of the file, and no policy yet, as Address and Authorization.
         let held: Vec<usize> = status.types.iter().map(|t| t.resources).collect();
-        assert_eq!(held, [5, 0], "{node}: {status:?}");
+        assert_eq!(held, [PODS.len(), 0], "{node}: {status:?}");
         // The same on /metrics.
         let metrics = scrape(node);
         assert_eq!(sample(&metrics, "ztunnel_xds_connected", &[]), 1.0);
         let address = [("type_url", "type.googleapis.com/istio.workload.Address")];
-        assert_eq!(sample(&metrics, "ztunnel_xds_resources", &address), 5.0);
+        assert_eq!(
+            sample(&metrics, "ztunnel_xds_resources", &address),
+            PODS.len() as f64
+        );
     }
     // Each captured pod's identity was signed by istiod's CA, asked for by its node.
     for identity in ["ns/demo/sa/sa-a", "ns/demo/sa/sa-b"] {
@@ -166,10 +175,10 @@ fn while_istiod_is_away_the_daemons_serve_what_they_hold_and_catch_up_when_it_re
     denied("a1", s.addr("b1", APP_PORT));
     let reopened = istiod_log_lines("xDS stream opened").len() - opened_before;
     assert!(reopened >= 2, "{reopened} streams opened after the restart");
-    let resubscribed = istiod_log_lines("held=5");
+    let resubscribed = istiod_log_lines(&held_every_workload());
     assert!(
         resubscribed.len() >= 2,
-        "the daemons did not present the 5 addresses they hold: {resubscribed:?}"
+        "the daemons did not present the addresses they hold: {resubscribed:?}"
     );
 }
 
@@ -218,7 +227,7 @@ fn after_goaway_or_an_ended_stream_the_daemons_are_back_at_once_with_their_state
     istiod::drop_streams().expect("ending the streams");
     wait_reconnected(&s, before, Duration::from_secs(2));
     // Each came back with the versions it held: nothing to send but the first responses.
-    assert!(istiod_log_lines("held=5").len() >= 4);
+    assert!(istiod_log_lines(&held_every_workload()).len() >= 4);
     apply_mesh(&s.lab, &deny_sa_a());
     denied("a1", s.addr("b1", APP_PORT));
 }
@@ -240,8 +249,8 @@ fn a_resource_no_proxy_can_take_is_nacked_by_name_and_its_siblings_are_applied()
         let status = xds(&s, node);
         let nack = status.types[0].last_nack.clone().unwrap();
         assert!(nack.message.contains(istiod::BAD_ADDRESS), "{nack:?}");
-        // The 5 workloads and the new one are held; the bad one is not.
-        assert_eq!(status.types[0].resources, 6, "{status:?}");
+        // The lab's workloads and the new one are held; the bad one is not.
+        assert_eq!(status.types[0].resources, PODS.len() + 1, "{status:?}");
         let workloads = mesh_status(&s.lab, node).workloads;
         assert!(
             workloads

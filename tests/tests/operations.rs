@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
-use ztunnel_lab::topology::{MESH_CONFIG, node_spec};
+use ztunnel_lab::topology::{MESH_CONFIG, PODS, node_spec};
 use ztunnel_lab::{DaemonOptions, Started};
 
 /// A port a policy denies, and one nothing listens on.
@@ -377,7 +377,7 @@ fn the_admin_api_and_the_cli_show_the_running_node() {
     assert_eq!(dump["settings"]["node"], "node1");
     assert_eq!(dump["settings"]["config"], MESH_CONFIG);
     assert_eq!(dump["settings"]["capture"], "ebpf");
-    assert_eq!(dump["workloads"].as_array().unwrap().len(), 5);
+    assert_eq!(dump["workloads"].as_array().unwrap().len(), PODS.len());
     assert_eq!(
         dump["pods"][0]["links"].as_array().unwrap().len(),
         HOOKS_PER_POD

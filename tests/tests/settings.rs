@@ -12,9 +12,9 @@ use ztunnel_user::api::Direction;
 
 const EXCLUDED_PORT: u16 = 9090;
 const EXCLUDED_INBOUND_PORT: u16 = 9091;
-/// `--max-workload-addresses` for the capacity test: room for the lab's workloads (ten
-/// addresses: the lab is dual stack) and a few.
-const WORKLOAD_CAPACITY: usize = 16;
+/// `--max-workload-addresses` for the capacity test: room for the lab's workloads (14
+/// addresses: seven pods, dual stack) and a few.
+const WORKLOAD_CAPACITY: usize = 24;
 
 fn with_env(env: &[(&str, &str)]) -> DaemonOptions {
     DaemonOptions {

@@ -288,24 +288,13 @@ pub fn eventually_within(what: &str, limit: Duration, condition: impl Fn() -> bo
 
 /// Output of a command run inside a pod (or node) netns.
 pub fn run_in(pod: &str, argv: &[&str]) -> String {
-    run_checked(ztunnel_lab::exec(pod, argv), pod, argv)
-}
-
-/// `run_in` on a node (in its netns).
-pub fn run_in_node(node: &str, argv: &[&str]) -> String {
-    run_checked(exec_node(node, argv), node, argv)
-}
-
-/// Runs `command` (`argv` in `place`) to success; its standard output.
-fn run_checked(
-    command: ztunnel_lab::Result<std::process::Command>,
-    place: &str,
-    argv: &[&str],
-) -> String {
-    let output = command.expect("exec").output().expect("run");
+    let output = ztunnel_lab::exec(pod, argv)
+        .expect("exec")
+        .output()
+        .expect("run");
     assert!(
         output.status.success(),
-        "{argv:?} in {place}: {}",
+        "{argv:?} in {pod}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
