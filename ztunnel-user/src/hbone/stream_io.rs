@@ -4,7 +4,7 @@
 //! back flow-control credit as the bytes are consumed, and writes wait for credit, so memory
 //! stays bounded by the windows, as on the relay path.
 
-use crate::relay::h2::io_error;
+use crate::relay::h2::{io_error, poll_send_credit};
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use std::io;
@@ -71,17 +71,7 @@ impl<Guard: Unpin> AsyncWrite for StreamIo<Guard> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        this.send.reserve_capacity(buf.len());
-        let granted = match ready!(this.send.poll_capacity(cx)) {
-            Some(granted) => granted.map_err(io_error)?,
-            None => {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "HBONE stream closed by the peer",
-                )));
-            }
-        };
-        let written = granted.min(buf.len());
+        let written = ready!(poll_send_credit(&mut this.send, buf.len(), cx))?;
         this.send
             .send_data(Bytes::copy_from_slice(&buf[..written]), false)
             .map_err(io_error)?;

@@ -88,17 +88,8 @@ impl Upload {
         while !self.done {
             if !self.pending.is_empty() {
                 // Wait for credit so memory stays bounded by the peer's window.
-                self.send.reserve_capacity(self.pending.len());
-                let granted = match ready!(self.send.poll_capacity(cx)) {
-                    Some(granted) => granted.map_err(io_error)?,
-                    None => {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::BrokenPipe,
-                            "HBONE stream closed by the peer",
-                        )));
-                    }
-                };
-                let chunk = self.pending.split_to(granted.min(self.pending.len()));
+                let granted = ready!(poll_send_credit(&mut self.send, self.pending.len(), cx))?;
+                let chunk = self.pending.split_to(granted);
                 self.send.send_data(chunk, false).map_err(io_error)?;
                 continue;
             }
@@ -168,6 +159,23 @@ fn next_read_size(size: usize, read: usize) -> usize {
 }
 
 /// An h2 error as the `io::Error` every connection step reports.
+/// Asks for `wanted` bytes of the peer's flow-control window and waits until some is granted:
+/// what may be sent now (at most `wanted`). A stream the peer reset or closed is a broken pipe.
+pub(crate) fn poll_send_credit(
+    send: &mut SendStream<Bytes>,
+    wanted: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    send.reserve_capacity(wanted);
+    match ready!(send.poll_capacity(cx)) {
+        Some(granted) => Poll::Ready(granted.map(|granted| granted.min(wanted)).map_err(io_error)),
+        None => Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "HBONE stream closed by the peer",
+        ))),
+    }
+}
+
 pub(crate) fn io_error(err: h2::Error) -> io::Error {
     if err.is_io() {
         err.into_io()
