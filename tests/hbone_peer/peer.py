@@ -1887,6 +1887,20 @@ def build_parser() -> argparse.ArgumentParser:
         mode.add_argument("--timeout", type=positive_float, default=10.0, metavar="SECONDS",
                           help="limit for every network wait (default: %(default)s)")
 
+    def relay_options(mode: argparse.ArgumentParser, trust_domain_help: str) -> None:
+        """The options the relaying modes (waypoint, gateway) share."""
+        mode.add_argument("--listen", required=True, type=address_argument(True),
+                          metavar="IP:PORT",
+                          help="address to listen on, e.g. 10.0.0.3:15008 (port 0: any free port)")
+        tls_options(mode)
+        mode.add_argument("--expect-client-trust-domain", required=True, metavar="DOMAIN",
+                          help=trust_domain_help)
+        mode.add_argument("--route", type=route_argument, action="append", default=[],
+                          metavar="AUTHORITY=IP:PORT",
+                          help="relay CONNECTs to AUTHORITY (a service VIP:port, say) to "
+                          "IP:PORT instead (may be repeated; unrouted authorities go to "
+                          "themselves)")
+
     client = modes.add_parser(
         "client",
         help="check an HBONE server",
@@ -1940,18 +1954,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(503 when it gave none). Prints 'ready' once listening and one JSON line per "
         "finished stream.",
     )
-    waypoint.add_argument("--listen", required=True, type=address_argument(True),
-                          metavar="IP:PORT",
-                          help="address to listen on, e.g. 10.0.0.3:15008 (port 0: any free port)")
-    tls_options(waypoint)
-    waypoint.add_argument("--expect-client-trust-domain", required=True, metavar="DOMAIN",
-                          help="the trust domain the SPIFFE identities of clients and of "
-                          "upstreams must be in")
-    waypoint.add_argument("--route", type=route_argument, action="append", default=[],
-                          metavar="AUTHORITY=IP:PORT",
-                          help="relay CONNECTs to AUTHORITY (a service VIP:port, say) to the "
-                          "workload IP:PORT (may be repeated; unrouted authorities go to "
-                          "themselves)")
+    relay_options(waypoint, "the trust domain the SPIFFE identities of clients and of "
+                  "upstreams must be in")
     waypoint.add_argument("--upstream-hbone-port", type=address_port, default=15008,
                           metavar="PORT",
                           help="the HBONE port of upstream workloads' nodes "
@@ -1968,15 +1972,7 @@ def build_parser() -> argparse.ArgumentParser:
         "listening, one JSON line (event 'relaying') per stream it starts relaying and one "
         "per finished stream.",
     )
-    gateway.add_argument("--listen", required=True, type=address_argument(True),
-                         metavar="IP:PORT",
-                         help="address to listen on, e.g. 10.0.0.3:15008 (port 0: any free port)")
-    tls_options(gateway)
-    gateway.add_argument("--expect-client-trust-domain", required=True, metavar="DOMAIN",
-                         help="the trust domain the client's SPIFFE identity must be in")
-    gateway.add_argument("--route", type=route_argument, action="append", default=[],
-                         metavar="AUTHORITY=IP:PORT",
-                         help="relay CONNECTs to AUTHORITY to IP:PORT instead (may be repeated)")
+    relay_options(gateway, "the trust domain the client's SPIFFE identity must be in")
     gateway.set_defaults(run=run_gateway, upstream_hbone_port=15008)
     return parser
 
