@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use support::*;
 use ztunnel_lab::mesh::MeshChanges;
+use ztunnel_lab::traffic::SendReport;
 use ztunnel_user::api::{ConnectionRecord, Direction};
 
 /// The echo service's IPv6 VIP (`vips: [/fd00:96::10]`) and, for the dual-stack service, its
@@ -243,6 +244,12 @@ fn apply_dual_stack_service(s: &LabSession, endpoints: &[(&str, &str)], extra: &
     );
 }
 
+/// The app at `to` accepted the connection, which came from `from`.
+fn assert_reached(report: &SendReport, to: SocketAddr, from: IpAddr) {
+    assert_eq!(report.server.local, to, "{report:?}");
+    assert_eq!(report.server.peer.ip(), from, "{report:?}");
+}
+
 #[test]
 fn ip_families_decides_the_family_a_dual_stack_service_is_reached_by() {
     let s = LabSession::start();
@@ -254,21 +261,15 @@ fn ip_families_decides_the_family_a_dual_stack_service_is_reached_by() {
     // Without ipFamilies the dialled family wins: each VIP leads to b1's address of its family.
     apply_dual_stack_service(&s, &endpoints, "");
     let report = send("a1", vip6, 4 * KIB);
-    assert_eq!(report.server.local, s.addr6("b1", APP_PORT), "{report:?}");
-    assert_eq!(report.server.peer.ip(), s.ip6("a1"));
+    assert_reached(&report, s.addr6("b1", APP_PORT), s.ip6("a1"));
     let report = send("a1", vip4, 4 * KIB);
-    assert_eq!(report.server.local, s.addr("b1", APP_PORT).into());
+    assert_reached(&report, s.addr("b1", APP_PORT).into(), s.ip("a1"));
 
     // ipFamilies: IPv4: the IPv6 VIP leads to b1's IPv4 address, carried from a1's IPv4 one.
     apply_dual_stack_service(&s, &endpoints, "  ipFamilies: IPv4\n");
     for _ in 0..4 {
         let report = send("a1", vip6, 4 * KIB);
-        assert_eq!(
-            report.server.local,
-            s.addr("b1", APP_PORT).into(),
-            "{report:?}"
-        );
-        assert_eq!(report.server.peer.ip(), s.ip("a1"), "{report:?}");
+        assert_reached(&report, s.addr("b1", APP_PORT).into(), s.ip("a1"));
     }
     let records = closed_connections(&s.lab, "node1", Direction::Outbound);
     let last = records.last().expect("a1's records");
@@ -276,8 +277,7 @@ fn ip_families_decides_the_family_a_dual_stack_service_is_reached_by() {
     // And IPv6 the other way round.
     apply_dual_stack_service(&s, &endpoints, "  ipFamilies: IPv6\n");
     let report = send("a1", vip4, 4 * KIB);
-    assert_eq!(report.server.local, s.addr6("b1", APP_PORT), "{report:?}");
-    assert_eq!(report.server.peer.ip(), s.ip6("a1"), "{report:?}");
+    assert_reached(&report, s.addr6("b1", APP_PORT), s.ip6("a1"));
     while b1_app.next_report(Duration::from_millis(200)).is_ok() {}
 }
 
@@ -291,10 +291,5 @@ fn ip_families_ipv4_on_the_same_node() {
     apply_dual_stack_service(&s, &[("a2", ECHO_ENDPOINT)], "  ipFamilies: IPv4\n");
     let vip6: SocketAddr = format!("[{VIP6}]:{ECHO_PORT}").parse().expect("the VIP");
     let report = send("a1", vip6, 4 * KIB);
-    assert_eq!(
-        report.server.local,
-        s.addr("a2", APP_PORT).into(),
-        "{report:?}"
-    );
-    assert_eq!(report.server.peer.ip(), s.ip("a1"), "{report:?}");
+    assert_reached(&report, s.addr("a2", APP_PORT).into(), s.ip("a1"));
 }

@@ -5,7 +5,7 @@ mod tally;
 use anyhow::{Context, Result, bail, ensure};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tally::{Tally, tests_in_sources};
 use ztunnel_lab::topology;
 
@@ -71,6 +71,7 @@ const ISTIOD_SUITES: [&str; 7] = [
 const PEER_SELFTEST: &str = "tests/hbone_peer/test_peer_selftest.py";
 
 pub fn run() -> Result<()> {
+    let mut summary = Summary::new();
     crate::setup::run()?;
     cargo("format check", &["fmt", "--all", "--check"])?;
     cargo("format check of the fuzz targets", &FUZZ_FMT)?;
@@ -85,8 +86,8 @@ pub fn run() -> Result<()> {
     cargo("clippy", &clippy)?;
     cargo("clippy of the fuzz targets", &FUZZ_CLIPPY)?;
     crate::lab::build_binaries(false, false)?;
+    summary.prepared = summary.started.elapsed();
 
-    let mut summary = Summary::default();
     // The DaemonSet and the rest of deploy/, rendered as `kubectl apply -k` would and checked
     // against the API's schemas; the unit tests check it against the daemon's settings.
     summary.phase("Kubernetes manifests", crate::manifests::run);
@@ -164,10 +165,19 @@ pub fn run() -> Result<()> {
 }
 
 /// Every phase of the run and how it ended, printed at the end: a phase that failed, or that
-/// did not run because one before it failed, fails the run and is named.
-#[derive(Default)]
+/// did not run because one before it failed, fails the run and is named. Each phase's time is
+/// shown, so the run's budget (CI gives it 90 minutes) can be watched phase by phase.
 struct Summary {
-    phases: Vec<(String, Outcome)>,
+    started: Instant,
+    /// Set-up, format checks, clippy and the build, before the first phase.
+    prepared: Duration,
+    phases: Vec<Phase>,
+}
+
+struct Phase {
+    name: String,
+    outcome: Outcome,
+    took: Duration,
 }
 
 enum Outcome {
@@ -177,16 +187,32 @@ enum Outcome {
 }
 
 impl Summary {
+    fn new() -> Self {
+        Summary {
+            started: Instant::now(),
+            prepared: Duration::ZERO,
+            phases: Vec::new(),
+        }
+    }
+
     fn failed(&self) -> bool {
         self.phases
             .iter()
-            .any(|(_, outcome)| !matches!(outcome, Outcome::Passed(_)))
+            .any(|phase| !matches!(phase.outcome, Outcome::Passed(_)))
+    }
+
+    fn record(&mut self, name: &str, outcome: Outcome, started: Instant) {
+        self.phases.push(Phase {
+            name: name.to_owned(),
+            outcome,
+            took: started.elapsed(),
+        });
     }
 
     /// Runs `phase` unless an earlier one failed.
     fn phase(&mut self, name: &str, phase: impl FnOnce() -> Result<()>) {
         if self.failed() {
-            self.phases.push((name.to_owned(), Outcome::NotRun));
+            self.record(name, Outcome::NotRun, Instant::now());
         } else {
             self.always(name, phase);
         }
@@ -195,20 +221,22 @@ impl Summary {
     /// Runs `phase` whatever happened before (the lab's teardown).
     fn always(&mut self, name: &str, phase: impl FnOnce() -> Result<()>) {
         println!("test: {name}");
+        let started = Instant::now();
         let outcome = match phase() {
             Ok(()) => Outcome::Passed("passed".to_owned()),
             Err(error) => Outcome::Failed(format!("{error:#}")),
         };
-        self.phases.push((name.to_owned(), outcome));
+        self.record(name, outcome, started);
     }
 
     /// Runs the tests of `cargo args` with `env` set, which must account for every test in
     /// `sources`.
     fn tests(&mut self, name: &str, args: &[&str], sources: &[&str], env: &[(&str, &str)]) {
         if self.failed() {
-            self.phases.push((name.to_owned(), Outcome::NotRun));
+            self.record(name, Outcome::NotRun, Instant::now());
             return;
         }
+        let started = Instant::now();
         let outcome = match run_tests(name, args, sources, env) {
             Ok((tally, expected)) => match tally.problem(expected) {
                 None => Outcome::Passed(tally.to_string()),
@@ -216,19 +244,25 @@ impl Summary {
             },
             Err(error) => Outcome::Failed(format!("{error:#}")),
         };
-        self.phases.push((name.to_owned(), outcome));
+        self.record(name, outcome, started);
     }
 
     fn print(&self) -> Result<()> {
         println!("\ntest: summary");
-        for (name, outcome) in &self.phases {
-            let (verdict, detail) = match outcome {
+        println!(
+            "  {:>5}s  set-up, format, clippy and build",
+            self.prepared.as_secs()
+        );
+        for phase in &self.phases {
+            let (verdict, detail) = match &phase.outcome {
                 Outcome::Passed(detail) => ("PASS", detail.as_str()),
                 Outcome::Failed(detail) => ("FAIL", detail.as_str()),
                 Outcome::NotRun => ("NOT RUN", "an earlier phase failed"),
             };
-            println!("  {verdict:<7} {name}: {detail}");
+            let (took, name) = (phase.took.as_secs(), &phase.name);
+            println!("  {took:>5}s  {verdict:<7} {name}: {detail}");
         }
+        println!("  {:>5}s  in all", self.started.elapsed().as_secs());
         if self.failed() {
             bail!("the test suite failed (see the summary above)");
         }
