@@ -17,8 +17,8 @@ use crate::topology::{
 };
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-/// Brings the whole lab up from scratch (tearing down leftovers first): two nodes, each with
-/// its ztunnel daemon, and the four pods added through the CNI chain including ztunnel-cni.
+/// Brings the whole lab up from scratch (tearing down leftovers first): the nodes, each with
+/// its ztunnel daemon, and their pods added through the CNI chain including ztunnel-cni.
 /// On failure everything is torn down again.
 pub fn up() -> Result<Lab> {
     up_with(&DaemonOptions::default())
@@ -150,6 +150,8 @@ fn create_node(node: &NodeSpec, with_ztunnel: bool) -> Result<()> {
         ("net.ipv4.conf.default.rp_filter", "0"),
         // The node routes its pods' IPv6 traffic too (dual stack).
         ("net.ipv6.conf.all.forwarding", "1"),
+        // No duplicate address detection on the bridge: see `add_pod`.
+        ("net.ipv6.conf.default.accept_dad", "0"),
     ] {
         netns::set_sysctl(&node.netns_path(), key, value)?;
     }
@@ -266,6 +268,9 @@ fn route(node: &NodeSpec, destinations: &[String], via: &LinkEnd) -> Result<()> 
 
 fn add_pod(pod: &PodSpec, with_ztunnel: bool, kubernetes: bool) -> Result<Pod> {
     netns::create(&pod.netns_name())?;
+    // Every address is host-local's, so none can be a duplicate; with detection on, the bridge
+    // plugin waits about two seconds per pod for its IPv6 address to leave the tentative state.
+    netns::set_sysctl(&pod.netns_path(), "net.ipv6.conf.default.accept_dad", "0")?;
     cgroup::create(&pod.cgroup_path())?;
     if kubernetes {
         kube::start_sandbox(pod)?;

@@ -66,7 +66,7 @@ enum Command {
     /// The layers of ztunnel-user: its top-level modules, lowest first, each with the modules it
     /// uses; fails, naming a place for each edge, when their imports form a cycle.
     Layers,
-    /// The local lab: two nodes and four pods in network namespaces, wired by real CNI plugins.
+    /// The local lab: three nodes and their pods in network namespaces, wired by real CNI plugins.
     Lab {
         #[command(subcommand)]
         command: lab::LabCommand,

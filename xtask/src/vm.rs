@@ -51,7 +51,7 @@ const SMOKE: [(&str, &[&str]); 4] = [
 
 /// How long one boot may take, the smoke included, before it counts as hung.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20 * 60);
-/// The guest's size: the lab's two nodes, five pods and daemons fit in well under 1 GiB.
+/// The guest's size: the lab's nodes, pods and daemons fit in well under 1 GiB.
 const GUEST_CPUS: &str = "2";
 const GUEST_MEMORY: &str = "2G";
 
