@@ -259,6 +259,42 @@ fn silent_connections_cannot_take_a_node_down() {
     drop((hbone, http));
 }
 
+/// A peer that vanishes without a FIN or RST is found dead: the proxies hold an app's
+/// connection with keepalive at both ends, the one a1's proxy accepted from the app (set on the
+/// listener, inherited by what it accepts) and the delivery b1's proxy opened to the app.
+#[test]
+fn the_proxies_hold_the_apps_connections_with_keepalive() {
+    let s = LabSession::start();
+    let b1_app = serve("b1", APP_PORT);
+    let to = s.addr("b1", APP_PORT);
+    let pause = Duration::from_secs(3);
+    let sender = send_pausing("a1", to, MIB, pause, Duration::from_secs(30));
+    let accepted_from_app = format!("( sport = :{} )", ztunnel_common::ports::OUTBOUND);
+    let delivered_to_app = format!("( dport = :{APP_PORT} )");
+    eventually("both proxies hold the connection", || {
+        !established("a1", &accepted_from_app).is_empty()
+            && !established("b1", &delivered_to_app).is_empty()
+    });
+    for (pod, filter) in [("a1", &accepted_from_app), ("b1", &delivered_to_app)] {
+        let sockets = established(pod, filter);
+        assert!(
+            sockets
+                .iter()
+                .all(|socket| socket.contains("timer:(keepalive")),
+            "{pod}: {sockets:?}"
+        );
+    }
+    sender.join().unwrap().expect("a1's transfer");
+    assert_eq!(next_report(&b1_app).bytes, MIB);
+}
+
+/// The established TCP sockets in `pod`'s netns that `filter` (an `ss` filter) selects, with
+/// their timers.
+fn established(pod: &str, filter: &str) -> Vec<String> {
+    let listing = run_in(pod, &["ss", "-tnoH", "state", "established", filter]);
+    listing.lines().map(str::to_owned).collect()
+}
+
 /// The count of `reason` refusals on `node` now.
 fn refused_now(node: &str, reason: &str) -> f64 {
     sample(

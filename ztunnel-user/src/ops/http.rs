@@ -85,9 +85,11 @@ pub(crate) struct BindError {
     pub source: std::io::Error,
 }
 
+/// A listener whose accepted connections have the daemon's TCP options (they inherit them).
 pub(crate) async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr)
-        .await
+    let listener = TcpListener::bind(addr).await;
+    listener
+        .and_then(|listener| crate::host::tcp::configure(&listener).map(|()| listener))
         .map_err(|source| BindError { addr, what, source })
 }
 
@@ -139,9 +141,6 @@ pub(crate) async fn serve<Handler, Handled>(
                 continue;
             }
         };
-        if let Err(err) = crate::host::tcp::configure(&stream) {
-            tracing::debug!(endpoint = admittance.name, %peer, %err, "cannot set the TCP options");
-        }
         let handler = handler.clone();
         let connection =
             http.serve_connection(

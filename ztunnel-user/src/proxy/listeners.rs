@@ -99,6 +99,8 @@ fn listen(netns: &Netns, addr: SocketAddr, mark: u32) -> Result<TcpListener, Lis
     let setup = || -> io::Result<TcpListener> {
         socket.set_mark(mark)?;
         socket.set_reuse_address(true)?;
+        // Set once here: every connection accepted inherits them.
+        crate::host::tcp::configure(&socket)?;
         if addr.is_ipv6() {
             socket.set_only_v6(true)?;
         }
@@ -140,9 +142,6 @@ async fn accept_loop<Handle, Handled>(
                         continue;
                     }
                 };
-                if let Err(err) = crate::host::tcp::configure(&stream) {
-                    tracing::debug!(pod = %pod.label, %client, %err, "cannot set the TCP options");
-                }
                 let serving_as = pod.serving_as();
                 let released = serving_as.connections.clone().cancelled_owned();
                 let accepted = Accepted {
