@@ -2,7 +2,7 @@
 //! its netns): attached and pinned under `pods/<uid>/`, found again by a restarted daemon and
 //! moved on to its programs, or unpinned (which detaches them).
 
-use super::{Datapath, DatapathError, bpf_link, lock, program};
+use super::{Datapath, DatapathError, lock, program, syscalls};
 use aya::Ebpf;
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::{CgroupSockAddr, SkLookup, SockOps};
@@ -180,7 +180,7 @@ fn replace_program(ebpf: &Ebpf, hook: Hook, path: &Path) -> Result<(), DatapathE
         .ok_or(DatapathError::Missing(name))?
         .fd()
         .map_err(|source| DatapathError::Program { name, source })?;
-    bpf_link::replace_program(path, program.as_fd()).map_err(|source| {
+    syscalls::replace_program(path, program.as_fd()).map_err(|source| {
         let path = path.to_owned();
         if source.raw_os_error() == Some(libc::ENOLINK) {
             DatapathError::LinkTargetGone { path }

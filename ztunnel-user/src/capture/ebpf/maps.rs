@@ -3,18 +3,18 @@
 //! original destinations of captured connections, the delivery announcements, and the
 //! counters.
 
-use super::{Datapath, DatapathError, lock, take_map};
+use super::{Datapath, DatapathError, lock, syscalls, take_map};
 use crate::mesh::kernel::{KernelMaps, MapsDiff, MeshMaps, mapped_prefix};
 use crate::settings::Settings;
 use aya::Ebpf;
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
+use aya::maps::{Array, HashMap as BpfHashMap, IterableMap, MapData, MapError};
 use ipnet::IpNet;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use ztunnel_common::maps::{
-    EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, FlowKey, PlaintextRuleKey, PodInfo,
+    EXCLUDE_INBOUND, EXCLUDE_OUTBOUND, FlowKey, OrigDst, PlaintextRuleKey, PodInfo,
     Settings as KernelSettings, names,
 };
 use ztunnel_common::{Addr, Counter, ports};
@@ -116,13 +116,17 @@ impl Datapath {
     /// Takes the original destination of the captured connection from `client` to its pod's
     /// outbound listener: capture recorded it under the whole four-tuple, the pod's own
     /// address and port to the same address's 15001, so no other connection can take it.
+    /// One system call looks it up and deletes it, on every new connection.
     pub(crate) fn take_orig_dst(&self, client: SocketAddr) -> Option<SocketAddr> {
         let to_proxy = SocketAddr::new(client.ip(), ports::OUTBOUND);
         let key = flow_key(client, to_proxy);
-        let mut map = lock(&self.orig_dst);
-        let orig = map.get(&key, 0).ok()?;
-        // Best effort: the LRU evicts it anyway if the delete fails.
-        let _ = map.remove(&key);
+        let orig: OrigDst = match syscalls::take(self.orig_dst.map().fd().as_fd(), &key) {
+            Ok(orig) => orig?,
+            Err(err) => {
+                tracing::debug!(%client, %err, "cannot take the original destination");
+                return None;
+            }
+        };
         Some(SocketAddr::new(IpAddr::from(orig.addr), orig.port))
     }
 

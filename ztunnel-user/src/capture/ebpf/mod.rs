@@ -1,6 +1,6 @@
 //! The kernel side of eBPF capture, from userspace: loading the programs (`load`, here), the
 //! pinned maps a restart adopts or replaces (`pins`), each pod's bpf_links (`links`, moved on
-//! to new programs with `bpf_link`) and the map operations the daemon makes (`maps`).
+//! to new programs by `syscalls`) and the map operations the daemon makes (`maps`).
 //!
 //! Layout under the bpffs directory (`--bpffs`):
 //!
@@ -13,11 +13,11 @@
 //! connections are refused: nothing listens where they are steered), and the next run adopts
 //! the maps and the links.
 
-mod bpf_link;
 mod links;
 mod logging;
 mod maps;
 mod pins;
+mod syscalls;
 
 pub(crate) use links::{PodLinks, detach_pod};
 
@@ -97,7 +97,8 @@ pub(crate) struct Datapath {
     pin_dir: PathBuf,
     ebpf: Mutex<Ebpf>,
     pods: Mutex<BpfHashMap<MapData, u64, PodInfo>>,
-    orig_dst: Mutex<BpfHashMap<MapData, FlowKey, OrigDst>>,
+    /// Only read by `BPF_MAP_LOOKUP_AND_DELETE_ELEM`, which needs no exclusive access.
+    orig_dst: BpfHashMap<MapData, FlowKey, OrigDst>,
     listeners: Mutex<SockHash<MapData, Addr>>,
     deliveries: Mutex<BpfHashMap<MapData, FlowKey, u8>>,
     workloads: Mutex<BpfHashMap<MapData, Addr, WorkloadEntry>>,
@@ -207,7 +208,7 @@ impl Datapath {
 
         Ok(Datapath {
             pods: Mutex::new(take_map(&mut ebpf, names::PODS)?),
-            orig_dst: Mutex::new(orig_dst),
+            orig_dst,
             listeners: Mutex::new(take_map(&mut ebpf, names::INBOUND_LISTENERS)?),
             deliveries: Mutex::new(deliveries),
             workloads: Mutex::new(take_map(&mut ebpf, names::WORKLOADS)?),

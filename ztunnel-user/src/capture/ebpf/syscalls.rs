@@ -1,9 +1,11 @@
-//! `BPF_LINK_UPDATE` on a pinned link. aya 0.14 makes this call only inside its XDP and tc
-//! attach code, so the two system calls it takes are made here.
+//! The `bpf(2)` commands aya 0.14 does not offer here: `BPF_LINK_UPDATE` on a pinned link
+//! (aya makes it only inside its XDP and tc attach code), and `BPF_MAP_LOOKUP_AND_DELETE_ELEM`
+//! on a hash map (aya has it only for queues and stacks).
 
 use aya_obj::generated::{bpf_attr, bpf_cmd};
 use std::ffi::CString;
 use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -18,6 +20,27 @@ pub(super) fn replace_program(path: &Path, program: BorrowedFd<'_>) -> io::Resul
     attr.link_update.link_fd = fd_number(link.as_raw_fd());
     attr.link_update.__bindgen_anon_1.new_prog_fd = fd_number(program.as_raw_fd());
     bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
+}
+
+/// Takes the value at `key` out of the hash map `map` in one call (Linux 5.14 for hash maps):
+/// the value, deleted, or `None` if there was none.
+pub(super) fn take<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    key: &K,
+) -> io::Result<Option<V>> {
+    let mut value = MaybeUninit::<V>::uninit();
+    let mut attr = zeroed_attr();
+    // SAFETY: writing plain integers into the union's map-element member.
+    let element = unsafe { &mut attr.__bindgen_anon_2 };
+    element.map_fd = fd_number(map.as_raw_fd());
+    element.key = std::ptr::from_ref(key) as u64;
+    element.__bindgen_anon_1.value = value.as_mut_ptr() as u64;
+    match bpf(bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        // SAFETY: the kernel wrote the whole value (the map's value size is V's).
+        Ok(_) => Ok(Some(unsafe { value.assume_init() })),
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(err) => Err(err),
+    }
 }
 
 /// `BPF_OBJ_GET`: a new descriptor for the object pinned at `path`.
@@ -45,7 +68,7 @@ fn fd_number(fd: i32) -> u32 {
 
 fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a valid bpf_attr of the size passed, alive for the whole call; any
-    // path it points to outlives the call too.
+    // path, key or value it points to outlives the call too.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
