@@ -15,6 +15,8 @@ use tokio::sync::Mutex;
 
 /// Requests are one line; anything longer is not ours.
 const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a refused client has to send its request before it is answered anyway.
+const REFUSED_READ: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) struct ApiServer {
     pub(crate) pods: Arc<Mutex<Pods>>,
@@ -86,6 +88,16 @@ async fn reply(mut stream: UnixStream, response: Response) {
     }
 }
 
+/// Tells a client that may not use the API why, once it has sent its request (or after
+/// `REFUSED_READ`): closing before reading it would fail the client's write (EPIPE) before it
+/// could read the reason.
+async fn refuse(mut stream: UnixStream, refused: Refusal) {
+    let (mut request, mut limited) = (Vec::new(), BufReader::new((&mut stream).take(MAX_REQUEST)));
+    let _ = tokio::time::timeout(REFUSED_READ, limited.read_until(b'\n', &mut request)).await;
+    let message = refused.to_string();
+    reply(stream, Response::Error { message }).await;
+}
+
 impl ApiServer {
     pub(crate) async fn serve(self: Arc<Self>, listener: UnixListener) {
         loop {
@@ -96,8 +108,7 @@ impl ApiServer {
                     }
                     Err(refused) => {
                         tracing::warn!(%refused, "API request refused");
-                        let message = refused.to_string();
-                        tokio::spawn(reply(stream, Response::Error { message }));
+                        tokio::spawn(refuse(stream, refused));
                     }
                 },
                 Err(err) => {
