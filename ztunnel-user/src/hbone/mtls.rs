@@ -1,6 +1,7 @@
 //! Mutual TLS for HBONE connections, with the configurations of `identity::tls` and the
 //! certificates of the node's certificate store.
 
+use crate::host::tcp::TcpTransport;
 use crate::identity::tls::{client_config, peer_identity, server_config};
 use crate::identity::{CertificateStore, Identity};
 use rustls::pki_types::ServerName;
@@ -50,12 +51,12 @@ impl Mtls {
         acceptor: &TlsAcceptor,
         local: &Identity,
         tcp: TcpStream,
-    ) -> io::Result<(server::TlsStream<TcpStream>, Identity)> {
+    ) -> io::Result<(server::TlsStream<TcpTransport>, Identity)> {
         self.store
             .certificate(local)
             .await
             .map_err(io::Error::other)?;
-        let tls = acceptor.accept(tcp).await?;
+        let tls = acceptor.accept(TcpTransport::new(tcp)).await?;
         let identity = peer_identity(tls.get_ref().1).ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::PermissionDenied,

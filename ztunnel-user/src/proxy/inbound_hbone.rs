@@ -8,6 +8,7 @@ use super::{PodProxy, ProxyContext, ServingAs, describe};
 use crate::api::Direction;
 use crate::delivery::AppTunnel;
 use crate::hbone::server::{Incoming, handshake, serve_connection};
+use crate::host::tcp::TcpTransport;
 use crate::identity::Identity;
 use crate::mesh::authz::Subject;
 use crate::telemetry::connections::ConnectionError;
@@ -102,7 +103,7 @@ async fn handshakes(
     serving_as: &ServingAs,
     stream: TcpStream,
     client: SocketAddr,
-) -> Option<(Connection<TlsStream<TcpStream>, Bytes>, Arc<Peer>)> {
+) -> Option<(Connection<TlsStream<TcpTransport>, Bytes>, Arc<Peer>)> {
     let local = match stream.local_addr() {
         Ok(local) => local,
         Err(err) => {

@@ -8,6 +8,7 @@ use super::{PodProxy, ProxyContext, describe};
 use crate::api::Direction;
 use crate::delivery::AppTunnel;
 use crate::hbone::client::{ConnectRequest, HboneStream, PoolKey};
+use crate::host::tcp::TcpTransport;
 use crate::identity::Identity;
 use crate::mesh::authz::Subject;
 use crate::mesh::config::MeshConfig;
@@ -185,6 +186,7 @@ pub(super) async fn open_hbone(
     let (key, request) = stream_of(pod, identity, client, hop);
     let connect = || async {
         let tcp = ctx.connector.connect(&pod.netns, hop.peer).await?;
+        let tcp = TcpTransport::new(tcp);
         ctx.tls
             .connect(&key.source_identity, &key.destination_identities, tcp)
             .await

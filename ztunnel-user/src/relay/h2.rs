@@ -4,6 +4,7 @@
 //! written from its own buffers.
 
 use super::{both_directions, unless_would_block};
+use crate::host::tcp::read_to_the_end;
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use socket2::SockRef;
@@ -95,12 +96,14 @@ impl Upload {
             }
             ready!(tcp.poll_read_ready(cx))?;
             let mut buffer = BytesMut::with_capacity(self.read_size);
+            let wanted = buffer.capacity();
             match unless_would_block(tcp.try_read_buf(&mut buffer))? {
                 Some(0) => {
                     self.send.send_data(Bytes::new(), true).map_err(io_error)?;
                     self.done = true;
                 }
                 Some(read) => {
+                    read_to_the_end(tcp, read, wanted);
                     self.total += read as u64;
                     self.read_size = next_read_size(self.read_size, read);
                     self.pending = buffer.freeze();

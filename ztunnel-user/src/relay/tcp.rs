@@ -5,6 +5,7 @@
 //! connection holds no pipe and no buffer, and a short one never pays for a pipe.
 
 use super::{both_directions, unless_would_block};
+use crate::host::tcp::read_to_the_end;
 use socket2::SockRef;
 use std::future::Future;
 use std::io;
@@ -104,6 +105,8 @@ impl Pump {
             match unless_would_block(spliced)? {
                 Some(0) => self.pass_on_eof(to)?,
                 Some(read) => {
+                    // The pipe was empty: a short splice emptied the socket.
+                    read_to_the_end(from, read, PIPE_SIZE);
                     self.in_pipe = read;
                     self.total += read as u64;
                 }
@@ -135,6 +138,7 @@ impl Pump {
             Some(read) => read,
             None => return Poll::Ready(Ok(())),
         };
+        read_to_the_end(from, read, COPY_SIZE);
         self.total += read as u64;
         let written = unless_would_block(to.try_write(&buffer[..read]))?.unwrap_or(0);
         self.unwritten.extend_from_slice(&buffer[written..read]);
