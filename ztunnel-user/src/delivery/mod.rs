@@ -65,6 +65,7 @@ impl Connector {
     /// address.
     pub(crate) async fn connect(&self, netns: &Netns, dst: SocketAddr) -> io::Result<TcpStream> {
         let socket = self.socket(netns, dst, self.mark)?;
+        crate::host::tcp::configure(&socket)?;
         connect(socket, dst).await
     }
 
@@ -128,6 +129,7 @@ impl Connector {
             ));
         }
         let socket = self.socket(netns, dst, ports::DELIVERY_MARK)?;
+        crate::host::tcp::configure_loopback(&socket)?;
         match source {
             SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
             SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
@@ -159,7 +161,6 @@ impl Connector {
         let socket: Socket = netns
             .tcp_socket(domain_of(dst.ip()))
             .map_err(io::Error::other)?;
-        crate::host::tcp::configure(&socket)?;
         socket.set_mark(mark)?;
         Ok(socket)
     }
