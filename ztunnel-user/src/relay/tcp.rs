@@ -105,8 +105,10 @@ impl Pump {
             match unless_would_block(spliced)? {
                 Some(0) => self.pass_on_eof(to)?,
                 Some(read) => {
-                    // The pipe was empty: a short splice emptied the socket.
-                    read_to_the_end(from, read, PIPE_SIZE);
+                    // Never marked drained here: a splice also stops short when the pipe's
+                    // slots are full (one per fragment of the socket's buffers), with bytes left
+                    // in the socket, and then no new event would come if the sender waits on
+                    // its window.
                     self.in_pipe = read;
                     self.total += read as u64;
                 }
