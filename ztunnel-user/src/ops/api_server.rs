@@ -88,12 +88,20 @@ async fn reply(mut stream: UnixStream, response: Response) {
     }
 }
 
+/// The request line, at most `MAX_REQUEST` bytes.
+async fn read_request(stream: &mut UnixStream) -> std::io::Result<String> {
+    let mut line = String::new();
+    BufReader::new(stream.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    Ok(line)
+}
+
 /// Tells a client that may not use the API why, once it has sent its request (or after
 /// `REFUSED_READ`): closing before reading it would fail the client's write (EPIPE) before it
 /// could read the reason.
 async fn refuse(mut stream: UnixStream, refused: Refusal) {
-    let (mut request, mut limited) = (Vec::new(), BufReader::new((&mut stream).take(MAX_REQUEST)));
-    let _ = tokio::time::timeout(REFUSED_READ, limited.read_until(b'\n', &mut request)).await;
+    let _ = tokio::time::timeout(REFUSED_READ, read_request(&mut stream)).await;
     let message = refused.to_string();
     reply(stream, Response::Error { message }).await;
 }
@@ -120,12 +128,8 @@ impl ApiServer {
     }
 
     async fn answer(self: Arc<Self>, mut stream: UnixStream) {
-        let mut line = String::new();
-        let response = match BufReader::new((&mut stream).take(MAX_REQUEST))
-            .read_line(&mut line)
-            .await
-        {
-            Ok(_) => match serde_json::from_str::<Request>(&line) {
+        let response = match read_request(&mut stream).await {
+            Ok(line) => match serde_json::from_str::<Request>(&line) {
                 Ok(request) => self.handle(request).await,
                 Err(err) => Response::Error {
                     message: format!("malformed request: {err}"),
